@@ -1,0 +1,99 @@
+//! The state directory: the admin token and the generated TLS certificate.
+//!
+//! Both are created on first start and kept, so a restart keeps the token an operator
+//! already copied and the certificate clients already pinned.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::store::write_atomic;
+
+pub const TOKEN_FILE: &str = "admin.token";
+pub const CERT_FILE: &str = "cert.pem";
+pub const KEY_FILE: &str = "key.pem";
+
+pub struct State {
+    pub dir: PathBuf,
+    pub token: String,
+    pub token_path: PathBuf,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+pub fn prepare(dir: &Path) -> Result<State, String> {
+    fs::create_dir_all(dir).map_err(|e| format!("state_dir {}: {e}", dir.display()))?;
+    // The directory holds the token and a private key: owner only.
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    let token_path = dir.join(TOKEN_FILE);
+    let token = match fs::read_to_string(&token_path) {
+        Ok(t) if valid_token(t.trim()) => t.trim().to_string(),
+        _ => {
+            let t = new_token()?;
+            write_atomic(&token_path, format!("{t}\n").as_bytes(), 0o600)
+                .map_err(|e| format!("{}: {e}", token_path.display()))?;
+            t
+        }
+    };
+    let cert_path = dir.join(CERT_FILE);
+    let key_path = dir.join(KEY_FILE);
+    if !cert_path.exists() || !key_path.exists() {
+        let (cert, key) = self_signed()?;
+        write_atomic(&key_path, key.as_bytes(), 0o600)
+            .map_err(|e| format!("{}: {e}", key_path.display()))?;
+        write_atomic(&cert_path, cert.as_bytes(), 0o644)
+            .map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    }
+    Ok(State {
+        dir: dir.to_path_buf(),
+        token,
+        token_path,
+        cert_path,
+        key_path,
+    })
+}
+
+fn valid_token(t: &str) -> bool {
+    t.len() >= 32 && t.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// 256 random bits from the system CSPRNG, as hex.
+fn new_token() -> Result<String, String> {
+    use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+    let mut b = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| "the system random generator failed".to_string())?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn self_signed() -> Result<(String, String), String> {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "portico".into());
+    let names = vec![host, "localhost".to_string()];
+    let ck = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| format!("generating a self-signed certificate: {e}"))?;
+    Ok((ck.cert.pem(), ck.key_pair.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_once_and_keeps() {
+        let dir = std::env::temp_dir().join(format!("portico-state-{}", std::process::id()));
+        let a = prepare(&dir).unwrap();
+        assert!(valid_token(&a.token));
+        let mode = fs::metadata(&a.token_path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let cert = fs::read_to_string(&a.cert_path).unwrap();
+        assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+        let b = prepare(&dir).unwrap();
+        assert_eq!(a.token, b.token);
+        assert_eq!(cert, fs::read_to_string(&b.cert_path).unwrap());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

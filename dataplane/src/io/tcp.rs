@@ -1,0 +1,361 @@
+//! STUN over TCP (RFC 8489 §6.2.2): the same server behind a stream framing.
+//!
+//! One thread with mio serves every TCP listener: STUN over TCP is a small share of the
+//! traffic (clients behind UDP-hostile firewalls), so it does not need a thread per core.
+//! Each connection is bounded: a fixed input buffer (a message larger than a UDP one is a
+//! framing error), a capped output queue, a deadline for the first message and an idle
+//! timeout, a cap on connections in total and per source address. The listeners are bound
+//! without `SO_REUSEPORT`, so a second dataplane on the same addresses fails at start instead
+//! of silently sharing the UDP ports.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use portico_shared::counters::Counter;
+use portico_shared::shm::WorkerCounters;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::uring::PAYLOAD_CAPACITY;
+use super::{SettingsWatch, Shared, TICK};
+use crate::server::{Action, Server, Transport};
+use crate::stun;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub per_source: usize,
+    pub first_message: Duration,
+    pub idle: Duration,
+    pub max_output: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 4096,
+            per_source: 64,
+            first_message: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+            max_output: 64 * 1024,
+        }
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: usize,
+    input: Box<[u8]>,
+    in_len: usize,
+    output: Vec<u8>,
+    opened: Instant,
+    last_message: Option<Instant>,
+    writable_interest: bool,
+}
+
+pub fn bind_listeners(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, String> {
+    addrs
+        .iter()
+        .map(|a| {
+            tcp_listener(*a)
+                .map(TcpListener::from_std)
+                .map_err(|e| format!("turn.listen {a}: tcp bind: {e}"))
+        })
+        .collect()
+}
+
+fn tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+pub fn run(
+    counter_block: usize,
+    shared: Arc<Shared>,
+    mut listeners: Vec<TcpListener>,
+    limits: Limits,
+) -> io::Result<()> {
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(256);
+    for (i, l) in listeners.iter_mut().enumerate() {
+        poll.registry().register(l, Token(i), Interest::READABLE)?;
+    }
+    let base = listeners.len();
+    let stats = shared.shm.segment().counters(counter_block);
+    let mut server = Server::new(shared.current_settings());
+    let mut watch = SettingsWatch::new(&shared);
+    let mut conns: Vec<Option<Conn>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
+    let mut live = 0usize;
+    let mut work = vec![0u8; PAYLOAD_CAPACITY];
+    let mut last_sweep = Instant::now();
+    while !shared.stopping() {
+        if let Err(e) = poll.poll(&mut events, Some(TICK)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        watch.refresh(&shared, &mut server);
+        let now = Instant::now();
+        for ev in events.iter() {
+            let t = ev.token().0;
+            if t < base {
+                accept_all(
+                    &mut listeners[t],
+                    t,
+                    base,
+                    &poll,
+                    &mut conns,
+                    &mut free,
+                    &mut per_source,
+                    &mut live,
+                    &limits,
+                    stats,
+                    now,
+                );
+                continue;
+            }
+            let idx = t - base;
+            let close = match conns.get_mut(idx).and_then(|c| c.as_mut()) {
+                Some(c) => serve(c, &mut server, &mut work, &limits, stats, now, &poll, t),
+                None => false,
+            };
+            if close {
+                drop_conn(
+                    idx,
+                    &poll,
+                    &mut conns,
+                    &mut free,
+                    &mut per_source,
+                    &mut live,
+                );
+            }
+        }
+        if now.duration_since(last_sweep) >= TICK {
+            last_sweep = now;
+            for idx in 0..conns.len() {
+                let expired = conns[idx].as_ref().is_some_and(|c| match c.last_message {
+                    None => now.duration_since(c.opened) > limits.first_message,
+                    Some(t) => now.duration_since(t) > limits.idle,
+                });
+                if expired {
+                    drop_conn(
+                        idx,
+                        &poll,
+                        &mut conns,
+                        &mut free,
+                        &mut per_source,
+                        &mut live,
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn accept_all(
+    listener: &mut TcpListener,
+    listener_index: usize,
+    base: usize,
+    poll: &Poll,
+    conns: &mut Vec<Option<Conn>>,
+    free: &mut Vec<usize>,
+    per_source: &mut HashMap<IpAddr, usize>,
+    live: &mut usize,
+    limits: &Limits,
+    stats: &WorkerCounters,
+    now: Instant,
+) {
+    loop {
+        let (mut stream, peer) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // Out of descriptors or a connection reset before accept: try again next turn.
+            Err(_) => return,
+        };
+        let src = peer.ip().to_canonical();
+        let n = per_source.get(&src).copied().unwrap_or(0);
+        if *live >= limits.max_connections || n >= limits.per_source {
+            stats.incr(Counter::TcpRejected);
+            continue;
+        }
+        let idx = free.pop().unwrap_or_else(|| {
+            conns.push(None);
+            conns.len() - 1
+        });
+        if poll
+            .registry()
+            .register(&mut stream, Token(base + idx), Interest::READABLE)
+            .is_err()
+        {
+            free.push(idx);
+            stats.incr(Counter::TcpRejected);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        stats.incr(Counter::TcpAccepted);
+        *per_source.entry(src).or_insert(0) += 1;
+        *live += 1;
+        conns[idx] = Some(Conn {
+            stream,
+            peer,
+            listener: listener_index,
+            input: vec![0u8; PAYLOAD_CAPACITY].into_boxed_slice(),
+            in_len: 0,
+            output: Vec::new(),
+            opened: now,
+            last_message: None,
+            writable_interest: false,
+        });
+    }
+}
+
+fn drop_conn(
+    idx: usize,
+    poll: &Poll,
+    conns: &mut [Option<Conn>],
+    free: &mut Vec<usize>,
+    per_source: &mut HashMap<IpAddr, usize>,
+    live: &mut usize,
+) {
+    if let Some(mut c) = conns.get_mut(idx).and_then(|c| c.take()) {
+        let _ = poll.registry().deregister(&mut c.stream);
+        let src = c.peer.ip().to_canonical();
+        if let Some(n) = per_source.get_mut(&src) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_source.remove(&src);
+            }
+        }
+        *live = live.saturating_sub(1);
+        free.push(idx);
+    }
+}
+
+/// Reads what is there, answers every complete message, flushes. Returns true to close.
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    c: &mut Conn,
+    server: &mut Server,
+    work: &mut [u8],
+    limits: &Limits,
+    stats: &WorkerCounters,
+    now: Instant,
+    poll: &Poll,
+    token: usize,
+) -> bool {
+    loop {
+        if c.in_len == c.input.len() {
+            // A full buffer without a complete message: the frame is too large.
+            stats.incr(Counter::DropTcpFraming);
+            return true;
+        }
+        match c.stream.read(&mut c.input[c.in_len..]) {
+            Ok(0) => return true,
+            Ok(n) => {
+                c.in_len += n;
+                stats.add(Counter::RxBytes, n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+        // Frame as we go so a client that pipelines many requests is served without the
+        // buffer filling up.
+        if frame_all(c, server, work, limits, stats, now) {
+            return true;
+        }
+    }
+    if frame_all(c, server, work, limits, stats, now) {
+        return true;
+    }
+    flush(c, stats, poll, token)
+}
+
+fn frame_all(
+    c: &mut Conn,
+    server: &mut Server,
+    work: &mut [u8],
+    limits: &Limits,
+    stats: &WorkerCounters,
+    now: Instant,
+) -> bool {
+    let mut start = 0;
+    while c.in_len - start >= stun::HEADER_LEN {
+        let pending = &c.input[start..c.in_len];
+        let Some(total) = stun::message_len_from_header(pending) else {
+            stats.incr(Counter::DropTcpFraming);
+            return true;
+        };
+        if total > work.len() {
+            stats.incr(Counter::DropTcpFraming);
+            return true;
+        }
+        if pending.len() < total {
+            break;
+        }
+        work[..total].copy_from_slice(&pending[..total]);
+        start += total;
+        c.last_message = Some(now);
+        stats.incr(Counter::RxPackets);
+        let action = server.handle(now, Transport::Tcp, c.listener, c.peer, work, total, stats);
+        if let Action::Reply { len, .. } = action {
+            if c.output.len() + len > limits.max_output {
+                return true;
+            }
+            c.output.extend_from_slice(&work[..len]);
+            stats.incr(Counter::TxPackets);
+        }
+    }
+    c.input.copy_within(start..c.in_len, 0);
+    c.in_len -= start;
+    false
+}
+
+fn flush(c: &mut Conn, stats: &WorkerCounters, poll: &Poll, token: usize) -> bool {
+    while !c.output.is_empty() {
+        match c.stream.write(&c.output) {
+            Ok(0) => return true,
+            Ok(n) => {
+                stats.add(Counter::TxBytes, n as u64);
+                c.output.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+    }
+    let want_write = !c.output.is_empty();
+    if want_write != c.writable_interest {
+        let interest = if want_write {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        if poll
+            .registry()
+            .reregister(&mut c.stream, Token(token), interest)
+            .is_err()
+        {
+            return true;
+        }
+        c.writable_interest = want_write;
+    }
+    false
+}

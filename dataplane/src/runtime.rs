@@ -1,0 +1,248 @@
+//! Process life of the dataplane: attach to shared memory, start one worker per core and the
+//! TCP thread, then watch signals, the configuration generation and the heartbeat until told
+//! to stop.
+
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use portico_shared::config::{Config, IoMode};
+use portico_shared::counters::Counter;
+use portico_shared::shm::{Driver, SharedMemory, MAX_WORKERS};
+
+use crate::io::{self, Shared};
+use crate::server::Settings;
+
+/// Waits this long for the control plane to publish a first configuration.
+const CONFIG_WAIT: Duration = Duration::from_secs(10);
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn read_config(shm: &SharedMemory) -> Result<Option<(u64, Config)>, String> {
+    match shm.segment().read_config() {
+        None => Ok(None),
+        Some((generation, text)) => {
+            let text = String::from_utf8(text)
+                .map_err(|_| "configuration in shared memory is not UTF-8".to_string())?;
+            let config = Config::from_toml(&text)
+                .map_err(|e| format!("configuration in shared memory: {e}"))?;
+            Ok(Some((generation, config)))
+        }
+    }
+}
+
+/// Chooses the driver, honouring `turn.io`.
+fn choose_driver(mode: IoMode) -> Result<Driver, String> {
+    match mode {
+        IoMode::Epoll => Ok(Driver::Epoll),
+        IoMode::IoUring => io::io_uring_available()
+            .map(|_| Driver::IoUring)
+            .map_err(|e| format!("turn.io = \"io_uring\": {e}")),
+        IoMode::Auto => match io::io_uring_available() {
+            Ok(()) => Ok(Driver::IoUring),
+            Err(e) => {
+                tracing::warn!("{e}; using the epoll driver");
+                Ok(Driver::Epoll)
+            }
+        },
+    }
+}
+
+fn pin_to_core(worker: usize) {
+    let cores = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(worker % cores).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// Runs the dataplane attached to the named segment until SIGTERM or SIGINT.
+pub fn run(shm_name: &str) -> Result<(), String> {
+    // Block the signals before any thread starts so that only the signalfd sees them.
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        mask.add(s);
+    }
+    mask.thread_block()
+        .map_err(|e| format!("blocking signals: {e}"))?;
+    let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| format!("signalfd: {e}"))?;
+
+    let shm = SharedMemory::attach(shm_name).map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + CONFIG_WAIT;
+    let (mut generation, config) = loop {
+        if let Some(c) = read_config(&shm)? {
+            break c;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "no configuration appeared in shared memory {shm_name} within {}s",
+                CONFIG_WAIT.as_secs()
+            ));
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+
+    let driver = choose_driver(config.turn.io)?;
+    let workers = config.worker_count().clamp(1, MAX_WORKERS);
+    let settings = Settings::from_config(&config);
+    let addrs = settings.endpoints.addrs().to_vec();
+    // Bind everything before starting any thread, so a bad address fails the start cleanly.
+    let tcp_listeners = io::tcp::bind_listeners(&addrs)?;
+    let mut sockets: Vec<Vec<UdpSocket>> = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        sockets.push(io::bind_all(&addrs)?);
+    }
+    tracing::info!(
+        driver = driver.name(),
+        workers,
+        listen = ?addrs,
+        "dataplane started"
+    );
+
+    let shared = Arc::new(Shared {
+        shm,
+        stop: AtomicBool::new(false),
+        settings_generation: AtomicU64::new(0),
+        settings: Mutex::new(Arc::new(settings)),
+    });
+    let seg = shared.shm.segment();
+    seg.header.driver.store(driver as u32, Ordering::Relaxed);
+    seg.header.workers.store(workers as u32, Ordering::Relaxed);
+    seg.header
+        .dataplane_pid
+        .store(std::process::id(), Ordering::Relaxed);
+    seg.header
+        .dataplane_started_ms
+        .store(unix_ms(), Ordering::Relaxed);
+    seg.header
+        .dataplane_heartbeat_ms
+        .store(unix_ms(), Ordering::Relaxed);
+    seg.header
+        .config_applied
+        .store(generation, Ordering::Release);
+
+    let mut handles = Vec::new();
+    for (i, socks) in sockets.into_iter().enumerate() {
+        let sh = Arc::clone(&shared);
+        let h = thread::Builder::new()
+            .name(format!("portico-w{i}"))
+            .spawn(move || {
+                pin_to_core(i);
+                let r = match driver {
+                    Driver::IoUring => io::uring::run(i, Arc::clone(&sh), socks),
+                    _ => io::epoll::run(i, Arc::clone(&sh), socks),
+                };
+                if let Err(e) = r {
+                    tracing::error!(worker = i, "worker failed: {e}");
+                    // A dead worker would silently black-hole its share of flows: stop the
+                    // whole dataplane so the supervisor restarts it.
+                    sh.stop.store(true, Ordering::Relaxed);
+                }
+            })
+            .map_err(|e| format!("spawning worker {i}: {e}"))?;
+        handles.push(h);
+    }
+    {
+        let sh = Arc::clone(&shared);
+        let h = thread::Builder::new()
+            .name("portico-tcp".into())
+            .spawn(move || {
+                if let Err(e) = io::tcp::run(
+                    MAX_WORKERS,
+                    Arc::clone(&sh),
+                    tcp_listeners,
+                    Default::default(),
+                ) {
+                    tracing::error!("tcp thread failed: {e}");
+                    sh.stop.store(true, Ordering::Relaxed);
+                }
+            })
+            .map_err(|e| format!("spawning tcp thread: {e}"))?;
+        handles.push(h);
+    }
+
+    let mut exit_reason = "stopped";
+    while !shared.stopping() {
+        match sfd.read_signal() {
+            Ok(Some(info)) => {
+                let sig = info.ssi_signo as i32;
+                if sig == Signal::SIGHUP as i32 {
+                    // The control plane owns the configuration file; it re-publishes on
+                    // its own SIGHUP. Here a HUP only re-reads shared memory, below.
+                    tracing::info!("SIGHUP: re-reading configuration from shared memory");
+                    generation = 0;
+                } else {
+                    exit_reason = "signal";
+                    shared.stop.store(true, Ordering::Relaxed);
+                    break;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("signalfd read: {e}"),
+        }
+        seg.header
+            .dataplane_heartbeat_ms
+            .store(unix_ms(), Ordering::Relaxed);
+        if seg.config_generation() != generation {
+            match read_config(&shared.shm) {
+                Ok(Some((g, c))) => {
+                    generation = g;
+                    apply(&shared, &config, &c, g);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // Keep running on the last good configuration.
+                    generation = seg.config_generation();
+                    tracing::error!("{e}; keeping the running configuration");
+                }
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    let seg = shared.shm.segment();
+    seg.header.dataplane_pid.store(0, Ordering::Relaxed);
+    seg.header.workers.store(0, Ordering::Relaxed);
+    tracing::info!(reason = exit_reason, "dataplane stopped");
+    Ok(())
+}
+
+/// Applies a new configuration to the running workers. Settings that need new sockets or
+/// threads (listen addresses, worker count, driver) apply only at the next start; say so.
+fn apply(shared: &Shared, started_with: &Config, new: &Config, generation: u64) {
+    let needs_restart = started_with.turn.listen != new.turn.listen
+        || started_with.turn.workers != new.turn.workers
+        || started_with.turn.io != new.turn.io
+        || started_with.stun.alternate_ip != new.stun.alternate_ip
+        || started_with.stun.alternate_port != new.stun.alternate_port;
+    if needs_restart {
+        tracing::warn!(
+            generation,
+            "turn.listen, turn.workers, turn.io and stun.alternate_* take effect when the dataplane restarts"
+        );
+    }
+    let mut settings = Settings::from_config(new);
+    // Keep the socket table the workers were started with.
+    settings.endpoints = shared.current_settings().endpoints.clone();
+    shared.publish_settings(settings);
+    let seg = shared.shm.segment();
+    seg.counters(MAX_WORKERS).incr(Counter::ConfigApplied);
+    seg.header
+        .config_applied
+        .store(generation, Ordering::Release);
+    tracing::info!(generation, "configuration applied");
+}

@@ -1,0 +1,476 @@
+//! The configuration model: one typed tree, loaded from TOML, validated whole.
+//!
+//! Both processes use this module: the control plane reads the operator's file, validates it
+//! and writes its canonical TOML form into shared memory; the dataplane parses that text with
+//! the same code. Unknown keys are errors (a typo must not silently fall back to a default),
+//! and every semantic check names the key, the value and the rule, for example
+//! `turn.relay_ports: "70000-80000" is not a port range (1-65535)`.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::addr::{Cidr, CidrList};
+
+/// A configuration error a person can act on: the key, and what is wrong with its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.problem)
+        } else {
+            write!(f, "{}: {}", self.key, self.problem)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the admin token, the generated certificate and persisted state live.
+    pub state_dir: PathBuf,
+    /// `error`, `warn`, `info`, `debug` or `trace`, or a full `tracing` filter; `RUST_LOG`
+    /// overrides it.
+    pub log_level: String,
+    pub turn: TurnConfig,
+    pub stun: StunConfig,
+    pub api: ApiConfig,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            state_dir: PathBuf::from("./portico-state"),
+            log_level: "info".into(),
+            turn: TurnConfig::default(),
+            stun: StunConfig::default(),
+            api: ApiConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// UDP and TCP addresses STUN/TURN listens on.
+    pub listen: Vec<SocketAddr>,
+    pub realm: String,
+    /// Local address relay sockets bind to; unset means the first listen address's IP, or
+    /// the unspecified address of its family.
+    pub relay_ip: Option<IpAddr>,
+    /// Address advertised in XOR-RELAYED-ADDRESS when a static NAT map sits in front of the box.
+    pub external_ip: Option<IpAddr>,
+    /// `"low-high"`, inclusive.
+    pub relay_ports: String,
+    /// TURN REST API secrets; the first signs new credentials, all verify (rollover).
+    #[serde(
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub shared_secret: Vec<String>,
+    pub users: Vec<TurnUser>,
+    pub allow_peers: Vec<String>,
+    pub deny_peers: Vec<String>,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+    pub io: IoMode,
+}
+
+impl Default for TurnConfig {
+    fn default() -> TurnConfig {
+        TurnConfig {
+            listen: vec![
+                SocketAddr::from(([0, 0, 0, 0], 3478)),
+                SocketAddr::from(([0u16; 8], 3478)),
+            ],
+            realm: "portico".into(),
+            relay_ip: None,
+            external_ip: None,
+            relay_ports: "16384-32767".into(),
+            shared_secret: Vec::new(),
+            users: Vec::new(),
+            allow_peers: Vec::new(),
+            deny_peers: Vec::new(),
+            workers: 0,
+            io: IoMode::Auto,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TurnUser {
+    pub name: String,
+    /// Clear-text password; or give `key` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// The long-term key MD5(name:realm:password) as 32 hex digits, so the file need not hold
+    /// the password itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoMode {
+    /// io_uring where the kernel allows it, epoll otherwise.
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+impl fmt::Display for IoMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IoMode::Auto => "auto",
+            IoMode::IoUring => "io_uring",
+            IoMode::Epoll => "epoll",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StunConfig {
+    /// SOFTWARE attribute in responses; empty hides it.
+    pub software: String,
+    /// RFC 5780: the second IP address of the box. With `alternate_port`, the server also
+    /// listens on every combination of primary/alternate IP and port, and answers
+    /// CHANGE-REQUEST, so clients can discover their NAT's mapping and filtering behaviour.
+    pub alternate_ip: Option<IpAddr>,
+    pub alternate_port: Option<u16>,
+}
+
+impl Default for StunConfig {
+    fn default() -> StunConfig {
+        StunConfig {
+            software: concat!("Portico ", env!("CARGO_PKG_VERSION")).into(),
+            alternate_ip: None,
+            alternate_port: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8088)),
+        }
+    }
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// An inclusive range of UDP ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+impl PortRange {
+    pub fn parse(s: &str) -> Result<PortRange, String> {
+        let bad = || format!("\"{s}\" is not a port range (1-65535)");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let low: u32 = a.trim().parse().map_err(|_| bad())?;
+        let high: u32 = b.trim().parse().map_err(|_| bad())?;
+        if low == 0 || high > 65535 {
+            return Err(bad());
+        }
+        if low > high {
+            return Err(format!("\"{s}\": the low port is above the high port"));
+        }
+        Ok(PortRange {
+            low: low as u16,
+            high: high as u16,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.high - self.low) + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| toml_error(&e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The canonical TOML form, as written to shared memory and to the state dir.
+    pub fn to_toml(&self) -> String {
+        // Serialising plain structs of strings, numbers and arrays cannot fail.
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks everything serde cannot: ranges, lists, cross-key rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(err("state_dir", "must not be empty"));
+        }
+        let t = &self.turn;
+        if t.listen.is_empty() {
+            return Err(err("turn.listen", "needs at least one address"));
+        }
+        for (i, a) in t.listen.iter().enumerate() {
+            if a.port() == 0 {
+                return Err(err("turn.listen", format!("\"{a}\" needs a port")));
+            }
+            if t.listen[..i].contains(a) {
+                return Err(err("turn.listen", format!("\"{a}\" is listed twice")));
+            }
+        }
+        if t.realm.is_empty() || t.realm.len() > 127 {
+            return Err(err(
+                "turn.realm",
+                format!("\"{}\" must be 1 to 127 characters", t.realm),
+            ));
+        }
+        PortRange::parse(&t.relay_ports).map_err(|e| err("turn.relay_ports", e))?;
+        for s in &t.shared_secret {
+            if s.is_empty() {
+                return Err(err("turn.shared_secret", "a secret must not be empty"));
+            }
+        }
+        for (i, u) in t.users.iter().enumerate() {
+            let key = format!("turn.users[{i}]");
+            if u.name.is_empty() || u.name.len() > 512 {
+                return Err(err(&key, "name must be 1 to 512 bytes"));
+            }
+            match (&u.password, &u.key) {
+                (Some(_), Some(_)) => {
+                    return Err(err(&key, "give either password or key, not both"));
+                }
+                (None, None) => return Err(err(&key, "needs a password or a key")),
+                (None, Some(k)) => {
+                    if k.len() != 32 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(err(
+                            &format!("{key}.key"),
+                            "must be 32 hex digits: MD5(name:realm:password)",
+                        ));
+                    }
+                }
+                (Some(_), None) => {}
+            }
+            if t.users[..i].iter().any(|o| o.name == u.name) {
+                return Err(err(&key, format!("user \"{}\" is listed twice", u.name)));
+            }
+        }
+        parse_cidrs("turn.allow_peers", &t.allow_peers)?;
+        parse_cidrs("turn.deny_peers", &t.deny_peers)?;
+        if t.workers > crate::shm::MAX_WORKERS {
+            return Err(err(
+                "turn.workers",
+                format!("{} is more than {}", t.workers, crate::shm::MAX_WORKERS),
+            ));
+        }
+        if self.stun.software.len() > 763 {
+            return Err(err("stun.software", "is longer than 763 bytes (RFC 8489)"));
+        }
+        match (self.stun.alternate_ip, self.stun.alternate_port) {
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(err(
+                    "stun.alternate_ip",
+                    "RFC 5780 needs both stun.alternate_ip and stun.alternate_port",
+                ));
+            }
+            (Some(ip), Some(port)) => {
+                if ip.is_unspecified() {
+                    return Err(err("stun.alternate_ip", "must be a specific address"));
+                }
+                let primary = t
+                    .listen
+                    .iter()
+                    .find(|a| a.is_ipv4() == ip.is_ipv4())
+                    .ok_or_else(|| {
+                        err(
+                            "stun.alternate_ip",
+                            format!("{ip}: turn.listen has no address of the same family"),
+                        )
+                    })?;
+                if primary.ip().is_unspecified() {
+                    return Err(err(
+                        "stun.alternate_ip",
+                        format!(
+                            "RFC 5780 needs a specific primary address: turn.listen has {primary}"
+                        ),
+                    ));
+                }
+                if primary.ip() == ip || primary.port() == port {
+                    return Err(err(
+                        "stun.alternate_ip",
+                        "alternate address and port must both differ from the primary ones",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn relay_port_range(&self) -> PortRange {
+        PortRange::parse(&self.turn.relay_ports).unwrap_or(PortRange {
+            low: 16384,
+            high: 32767,
+        })
+    }
+
+    pub fn allow_peers(&self) -> CidrList {
+        CidrList::new(parse_cidrs("", &self.turn.allow_peers).unwrap_or_default())
+    }
+
+    pub fn deny_peers(&self) -> CidrList {
+        CidrList::new(parse_cidrs("", &self.turn.deny_peers).unwrap_or_default())
+    }
+
+    /// The worker count to run: the configured one, or one per core.
+    pub fn worker_count(&self) -> usize {
+        if self.turn.workers > 0 {
+            self.turn.workers
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(crate::shm::MAX_WORKERS)
+        }
+    }
+}
+
+fn parse_cidrs(key: &str, list: &[String]) -> Result<Vec<Cidr>, ConfigError> {
+    list.iter()
+        .map(|s| s.parse::<Cidr>().map_err(|e| err(key, e)))
+        .collect()
+}
+
+/// toml's own message already shows the line, the column and the offending text.
+fn toml_error(e: &toml::de::Error) -> ConfigError {
+    ConfigError {
+        key: String::new(),
+        problem: e.to_string().trim_end().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_round_trips() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let back = Config::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_toml("[turn]\nlisten_on = [\"0.0.0.0:1\"]\n").unwrap_err();
+        assert!(e.to_string().contains("listen_on"), "{e}");
+        let e = Config::from_toml("bogus = 1\n").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_port_range_names_key_value_and_rule() {
+        let e = Config::from_toml("[turn]\nrelay_ports = \"70000-80000\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "turn.relay_ports: \"70000-80000\" is not a port range (1-65535)"
+        );
+        let e = Config::from_toml("[turn]\nrelay_ports = \"2000-1000\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("turn.relay_ports:"), "{e}");
+    }
+
+    #[test]
+    fn shared_secret_accepts_one_or_many() {
+        let c = Config::from_toml("[turn]\nshared_secret = \"s1\"\n").unwrap();
+        assert_eq!(c.turn.shared_secret, vec!["s1"]);
+        let c = Config::from_toml("[turn]\nshared_secret = [\"s2\", \"s1\"]\n").unwrap();
+        assert_eq!(c.turn.shared_secret, vec!["s2", "s1"]);
+    }
+
+    #[test]
+    fn users_need_exactly_one_secret_form() {
+        let e = Config::from_toml("[turn]\nusers = [{ name = \"a\" }]\n").unwrap_err();
+        assert_eq!(e.key, "turn.users[0]");
+        let e =
+            Config::from_toml("[turn]\nusers = [{ name = \"a\", key = \"zz\" }]\n").unwrap_err();
+        assert_eq!(e.key, "turn.users[0].key");
+        Config::from_toml(
+            "[turn]\nusers = [{ name = \"a\", key = \"0123456789abcdef0123456789ABCDEF\" }]\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn peers_must_be_cidrs() {
+        let e = Config::from_toml("[turn]\nallow_peers = [\"10.0.0.0/40\"]\n").unwrap_err();
+        assert_eq!(e.key, "turn.allow_peers");
+        let c = Config::from_toml("[turn]\nallow_peers = [\"10.1.0.0/16\"]\n").unwrap();
+        assert!(c.allow_peers().contains("10.1.2.3".parse().unwrap()));
+    }
+
+    #[test]
+    fn rfc5780_needs_specific_distinct_addresses() {
+        let e = Config::from_toml("[stun]\nalternate_ip = \"127.0.0.2\"\nalternate_port = 3479\n")
+            .unwrap_err();
+        assert!(e.problem.contains("specific primary"), "{e}");
+        Config::from_toml(
+            "[turn]\nlisten = [\"127.0.0.1:3478\"]\n[stun]\nalternate_ip = \"127.0.0.2\"\nalternate_port = 3479\n",
+        )
+        .unwrap();
+        let e = Config::from_toml("[stun]\nalternate_port = 3479\n").unwrap_err();
+        assert_eq!(e.key, "stun.alternate_ip");
+    }
+
+    #[test]
+    fn io_mode_names() {
+        let c = Config::from_toml("[turn]\nio = \"io_uring\"\n").unwrap();
+        assert_eq!(c.turn.io, IoMode::IoUring);
+        assert!(Config::from_toml("[turn]\nio = \"uring\"\n").is_err());
+    }
+}

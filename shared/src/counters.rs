@@ -1,0 +1,91 @@
+//! Names of the dataplane's per-worker counters.
+//!
+//! A counter is one `u64` slot in each worker's counter block in shared memory. The dataplane
+//! only ever adds to its own worker's slots; the control plane reads all of them and exposes
+//! them as Prometheus metrics. Both sides index the slots through [`Counter`], so adding a
+//! counter is one line here (and a layout version bump in [`crate::shm`] when the slot count
+//! changes).
+
+macro_rules! counters {
+    ($( $variant:ident => $metric:literal [$($lk:literal = $lv:literal),*] $help:literal; )*) => {
+        /// One counter slot per variant, in declaration order.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Counter { $($variant),* }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant),*];
+
+            /// Metric family name, without the `portico_` prefix and `_total` suffix.
+            pub fn metric(self) -> &'static str {
+                match self { $(Counter::$variant => $metric),* }
+            }
+
+            /// Label pairs that tell this slot apart within its family.
+            pub fn labels(self) -> &'static [(&'static str, &'static str)] {
+                match self { $(Counter::$variant => &[$(($lk, $lv)),*]),* }
+            }
+
+            pub fn help(self) -> &'static str {
+                match self { $(Counter::$variant => $help),* }
+            }
+        }
+    };
+}
+
+counters! {
+    RxPackets => "dataplane_rx_packets" [] "Datagrams received on listen sockets.";
+    RxBytes => "dataplane_rx_bytes" [] "Bytes received on listen sockets.";
+    TxPackets => "dataplane_tx_packets" [] "Datagrams sent from listen sockets.";
+    TxBytes => "dataplane_tx_bytes" [] "Bytes sent from listen sockets.";
+    SendErrors => "dataplane_send_errors" [] "Sends the kernel refused.";
+    TcpAccepted => "dataplane_tcp_connections" ["result" = "accepted"] "TCP connections to STUN/TURN listeners.";
+    TcpRejected => "dataplane_tcp_connections" ["result" = "rejected"] "TCP connections to STUN/TURN listeners.";
+    StunBindingSuccess => "stun_requests" ["result" = "success"] "STUN Binding requests by result.";
+    StunBindingUnknownAttribute => "stun_requests" ["result" = "unknown_attribute"] "STUN Binding requests by result.";
+    StunBindingBadRequest => "stun_requests" ["result" = "bad_request"] "STUN Binding requests by result.";
+    StunBindingIndication => "stun_indications" [] "STUN Binding indications (keep-alives) received.";
+    DropTooShort => "dataplane_drops" ["reason" = "too_short"] "Packets dropped, by reason.";
+    DropNotStun => "dataplane_drops" ["reason" = "not_stun"] "Packets dropped, by reason.";
+    DropBadLength => "dataplane_drops" ["reason" = "bad_length"] "Packets dropped, by reason.";
+    DropBadAttribute => "dataplane_drops" ["reason" = "bad_attribute"] "Packets dropped, by reason.";
+    DropBadFingerprint => "dataplane_drops" ["reason" = "bad_fingerprint"] "Packets dropped, by reason.";
+    DropUnexpectedClass => "dataplane_drops" ["reason" = "unexpected_class"] "Packets dropped, by reason.";
+    DropUnknownMethod => "dataplane_drops" ["reason" = "unknown_method"] "Packets dropped, by reason.";
+    DropTruncated => "dataplane_drops" ["reason" = "truncated"] "Packets dropped, by reason.";
+    DropNoBuffer => "dataplane_drops" ["reason" = "no_buffer"] "Packets dropped, by reason.";
+    DropBadSource => "dataplane_drops" ["reason" = "bad_source"] "Packets dropped, by reason.";
+    DropTcpFraming => "dataplane_drops" ["reason" = "tcp_framing"] "Packets dropped, by reason.";
+    ConfigApplied => "dataplane_config_applied" [] "Configuration generations the dataplane applied.";
+    LoopTurns => "dataplane_loop_turns" [] "Turns of the worker event loops.";
+}
+
+/// Slots reserved per worker; more than [`Counter::ALL`] so counters can be added without
+/// moving the blocks of later workers.
+pub const COUNTER_SLOTS: usize = 128;
+
+const _: () = assert!(Counter::ALL.len() <= COUNTER_SLOTS);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_index_their_slots_in_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+
+    #[test]
+    fn a_family_has_one_help_text_and_distinct_labels() {
+        for a in Counter::ALL {
+            for b in Counter::ALL {
+                if a != b && a.metric() == b.metric() {
+                    assert_eq!(a.help(), b.help());
+                    assert_ne!(a.labels(), b.labels());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! `portico-shared` holds only what both Portico processes must agree on:
+//!
+//! * [`config`]: the typed configuration model, its TOML form and its validation. The
+//!   control plane loads and validates it; the dataplane receives the same text through shared
+//!   memory and parses it with the same code, so the two can never disagree about a key.
+//! * [`shm`]: the shared-memory segment between `portico` and `portico-dataplane`: a versioned
+//!   header, the configuration block and the per-worker counters. All `unsafe` of the segment
+//!   lives there.
+//! * [`counters`]: the names of the per-worker counters, shared so the control plane can turn
+//!   them into Prometheus metrics without knowing dataplane internals.
+//! * [`addr`]: CIDR lists used by peer policy and access limitation.
+
+pub mod addr;
+pub mod config;
+pub mod counters;
+pub mod shm;

@@ -1,0 +1,521 @@
+//! The shared-memory segment between `portico` (control plane) and `portico-dataplane`.
+//!
+//! One POSIX shared-memory object (`/dev/shm/portico-<hash of the state dir>`) holds:
+//!
+//! * a [`Header`] with a magic number and a layout version, so a process built from another
+//!   layout refuses to attach with a clear error instead of misreading memory;
+//! * a [`ConfigBlock`]: the canonical TOML of the running configuration under a sequence lock.
+//!   The control plane is the only writer; the dataplane polls the generation (one atomic
+//!   load) and re-reads the text when it changes, so a new configuration needs no restart;
+//! * one [`WorkerCounters`] block per dataplane thread: each block has exactly one writer (its
+//!   worker), so increments are a plain load and store without a locked instruction, and the
+//!   control plane reads them without ever stopping the dataplane.
+//!
+//! The object is named after the state dir so a restarted control plane finds the segment of
+//! a dataplane that outlived it.
+//!
+//! # Safety
+//!
+//! All `unsafe` code of the segment is in this module. The invariants that make it sound:
+//!
+//! 1. The mapping is `MAP_SHARED`, page aligned, and at least `size_of::<Segment>()` bytes
+//!    long (checked with `fstat` before a reference is made), so `&Segment` points at valid,
+//!    suitably aligned memory for as long as the [`SharedMemory`] value lives; the reference
+//!    handed out borrows from it and `Drop` unmaps.
+//! 2. Every field of [`Segment`] is an atomic integer or an array of them. Any bit pattern,
+//!    including the zeroes of a fresh object, is a valid value, and concurrent access from
+//!    other processes is only ever through atomic operations, so there is no data race in the
+//!    Rust sense even though another process writes the same memory.
+//! 3. A creator fills the header and only then publishes `magic` and `layout_version` with
+//!    `Release`; an attacher reads them with `Acquire` before it trusts anything else.
+
+use std::ffi::CString;
+use std::fmt;
+use std::mem::size_of;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::mman::{mmap, munmap, shm_open, shm_unlink, MapFlags, ProtFlags};
+use nix::sys::stat::{fstat, Mode};
+
+use crate::counters::{Counter, COUNTER_SLOTS};
+
+/// "PORTICO" and a format byte, as a little-endian u64.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"PORTICO\x01");
+/// Bump on every change to the layout of [`Segment`].
+pub const LAYOUT_VERSION: u32 = 1;
+pub const MAX_WORKERS: usize = 64;
+/// Counter blocks: one per worker plus one for the TCP thread, which also writes counters.
+pub const COUNTER_BLOCKS: usize = MAX_WORKERS + 1;
+pub const CONFIG_CAPACITY: usize = 256 * 1024;
+
+/// Which packet driver the dataplane runs, as published in [`Header::driver`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Driver {
+    Unknown = 0,
+    IoUring = 1,
+    Epoll = 2,
+}
+
+impl Driver {
+    pub fn from_u32(v: u32) -> Driver {
+        match v {
+            1 => Driver::IoUring,
+            2 => Driver::Epoll,
+            _ => Driver::Unknown,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::Unknown => "unknown",
+            Driver::IoUring => "io_uring",
+            Driver::Epoll => "epoll",
+        }
+    }
+}
+
+#[repr(C, align(64))]
+pub struct Header {
+    pub magic: AtomicU64,
+    pub layout_version: AtomicU32,
+    /// Workers the running dataplane started (its counter blocks `0..workers` are live).
+    pub workers: AtomicU32,
+    pub controlplane_pid: AtomicU32,
+    pub dataplane_pid: AtomicU32,
+    /// A [`Driver`] value.
+    pub driver: AtomicU32,
+    pub _reserved: AtomicU32,
+    /// Unix time in milliseconds, refreshed by the dataplane every 100 ms while it runs.
+    pub dataplane_heartbeat_ms: AtomicU64,
+    pub dataplane_started_ms: AtomicU64,
+    /// The configuration generation every worker has applied.
+    pub config_applied: AtomicU64,
+}
+
+#[repr(C, align(64))]
+pub struct ConfigBlock {
+    /// Sequence lock: odd while the writer is inside; the generation is `seq / 2`.
+    seq: AtomicU64,
+    len: AtomicU64,
+    words: [AtomicU64; CONFIG_CAPACITY / 8],
+}
+
+#[repr(C, align(64))]
+pub struct WorkerCounters {
+    slots: [AtomicU64; COUNTER_SLOTS],
+}
+
+#[repr(C)]
+pub struct Segment {
+    pub header: Header,
+    pub config: ConfigBlock,
+    counters: [WorkerCounters; COUNTER_BLOCKS],
+}
+
+impl WorkerCounters {
+    /// Adds to a slot. Only the one thread that owns this block may call it: the load and
+    /// store are not one atomic step, which is what keeps the packet path free of locked
+    /// instructions.
+    #[inline]
+    pub fn add(&self, c: Counter, n: u64) {
+        let slot = &self.slots[c as usize];
+        slot.store(
+            slot.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    #[inline]
+    pub fn incr(&self, c: Counter) {
+        self.add(c, 1);
+    }
+
+    pub fn get(&self, c: Counter) -> u64 {
+        self.slots[c as usize].load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+pub enum ConfigWriteError {
+    TooLarge(usize),
+}
+
+impl fmt::Display for ConfigWriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigWriteError::TooLarge(n) => write!(
+                f,
+                "configuration is {n} bytes, shared memory holds at most {CONFIG_CAPACITY}"
+            ),
+        }
+    }
+}
+
+impl Segment {
+    pub fn counters(&self, block: usize) -> &WorkerCounters {
+        &self.counters[block.min(COUNTER_BLOCKS - 1)]
+    }
+
+    /// Sum of one counter over every block.
+    pub fn total(&self, c: Counter) -> u64 {
+        self.counters.iter().map(|b| b.get(c)).sum()
+    }
+
+    /// The generation of the configuration now in the block (0: none written yet).
+    pub fn config_generation(&self) -> u64 {
+        self.config.seq.load(Ordering::Acquire) / 2
+    }
+
+    /// Publishes new configuration text; returns its generation. Single writer: the control
+    /// plane.
+    pub fn write_config(&self, text: &[u8]) -> Result<u64, ConfigWriteError> {
+        if text.len() > CONFIG_CAPACITY {
+            return Err(ConfigWriteError::TooLarge(text.len()));
+        }
+        let c = &self.config;
+        let seq = c.seq.load(Ordering::Relaxed) & !1;
+        c.seq.store(seq + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        for (i, chunk) in text.chunks(8).enumerate() {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            c.words[i].store(u64::from_le_bytes(w), Ordering::Relaxed);
+        }
+        c.len.store(text.len() as u64, Ordering::Relaxed);
+        c.seq.store(seq + 2, Ordering::Release);
+        Ok((seq + 2) / 2)
+    }
+
+    /// Copies out a consistent configuration text and its generation, or `None` when none
+    /// was written yet. Retries while the writer is inside (it never stays long).
+    pub fn read_config(&self) -> Option<(u64, Vec<u8>)> {
+        let c = &self.config;
+        for _ in 0..10_000 {
+            let s1 = c.seq.load(Ordering::Acquire);
+            if s1 == 0 {
+                return None;
+            }
+            if s1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let len = (c.len.load(Ordering::Relaxed) as usize).min(CONFIG_CAPACITY);
+            let mut out = Vec::with_capacity(len + 8);
+            for w in &c.words[..len.div_ceil(8)] {
+                out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+            }
+            out.truncate(len);
+            fence(Ordering::Acquire);
+            if c.seq.load(Ordering::Relaxed) == s1 {
+                return Some((s1 / 2, out));
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug)]
+pub enum ShmError {
+    Os {
+        what: &'static str,
+        name: String,
+        errno: Errno,
+    },
+    NotPortico {
+        name: String,
+    },
+    Version {
+        name: String,
+        found: u32,
+    },
+    TooSmall {
+        name: String,
+        size: usize,
+    },
+}
+
+impl fmt::Display for ShmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ShmError::Os { what, name, errno } => {
+                write!(f, "shared memory {name}: {what} failed: {}", errno.desc())
+            }
+            ShmError::NotPortico { name } => {
+                write!(f, "shared memory {name} is not a Portico segment")
+            }
+            ShmError::Version { name, found } => write!(
+                f,
+                "shared memory {name} has layout version {found}, this build speaks version \
+                 {LAYOUT_VERSION}: stop the other Portico processes (or remove /dev/shm{name}) \
+                 and start both from the same build"
+            ),
+            ShmError::TooSmall { name, size } => write!(
+                f,
+                "shared memory {name} is {size} bytes, smaller than the {} this layout needs",
+                size_of::<Segment>()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ShmError {}
+
+/// A mapping of the segment; unmapped on drop (the object itself stays until unlinked).
+pub struct SharedMemory {
+    ptr: NonNull<Segment>,
+    len: usize,
+    name: String,
+}
+
+// SAFETY: the mapping is only accessed through `&Segment`, whose fields are all atomics
+// (invariant 2), so sharing and sending it between threads is sound.
+unsafe impl Send for SharedMemory {}
+unsafe impl Sync for SharedMemory {}
+
+impl SharedMemory {
+    /// The object name for a state dir: stable across restarts, distinct per installation.
+    pub fn name_for_state_dir(state_dir: &Path) -> String {
+        let canon = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+        // FNV-1a: a stable hash (std's is randomly seeded per process).
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in canon.as_os_str().as_encoded_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("/portico-{h:016x}")
+    }
+
+    /// Creates a fresh segment, replacing any object of that name.
+    pub fn create(name: &str) -> Result<SharedMemory, ShmError> {
+        let cname = c_name(name)?;
+        let _ = shm_unlink(cname.as_c_str());
+        let fd = shm_open(
+            cname.as_c_str(),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(|errno| os("shm_open", name, errno))?;
+        let len = size_of::<Segment>();
+        nix::unistd::ftruncate(&fd, len as i64).map_err(|errno| os("ftruncate", name, errno))?;
+        let shm = map(fd, len, name)?;
+        let h = &shm.segment().header;
+        h.controlplane_pid
+            .store(std::process::id(), Ordering::Relaxed);
+        h.layout_version.store(LAYOUT_VERSION, Ordering::Release);
+        h.magic.store(MAGIC, Ordering::Release);
+        Ok(shm)
+    }
+
+    /// Attaches to an existing segment, refusing one of another layout.
+    pub fn attach(name: &str) -> Result<SharedMemory, ShmError> {
+        let cname = c_name(name)?;
+        let fd = shm_open(cname.as_c_str(), OFlag::O_RDWR, Mode::empty())
+            .map_err(|errno| os("shm_open", name, errno))?;
+        let size = fstat(fd.as_raw_fd())
+            .map_err(|errno| os("fstat", name, errno))?
+            .st_size as usize;
+        if size < size_of::<Header>() {
+            return Err(ShmError::NotPortico { name: name.into() });
+        }
+        // Read the header through a mapping of its own size before trusting the rest.
+        let header_map = map_raw(&fd, size_of::<Header>(), name)?;
+        // SAFETY: the mapping is at least size_of::<Header>() bytes, page aligned, and Header
+        // is all atomics (invariants 1 and 2).
+        let header = unsafe { header_map.cast::<Header>().as_ref() };
+        let magic = header.magic.load(Ordering::Acquire);
+        let version = header.layout_version.load(Ordering::Acquire);
+        // SAFETY: unmapping the mapping made just above; `header` is not used after this.
+        let _ = unsafe { munmap(header_map, size_of::<Header>()) };
+        if magic != MAGIC {
+            return Err(ShmError::NotPortico { name: name.into() });
+        }
+        if version != LAYOUT_VERSION {
+            return Err(ShmError::Version {
+                name: name.into(),
+                found: version,
+            });
+        }
+        if size < size_of::<Segment>() {
+            return Err(ShmError::TooSmall {
+                name: name.into(),
+                size,
+            });
+        }
+        map(fd, size_of::<Segment>(), name)
+    }
+
+    /// Removes the object's name; mappings stay valid until dropped.
+    pub fn unlink(name: &str) {
+        if let Ok(c) = CString::new(name) {
+            let _ = shm_unlink(c.as_c_str());
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn segment(&self) -> &Segment {
+        // SAFETY: invariants 1 and 2: the mapping is live while `self` is, is large enough and
+        // aligned, and every field is an atomic.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` describe the mapping made in `map`; no reference derived from it
+        // outlives `self` because `segment()` borrows `self`.
+        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn c_name(name: &str) -> Result<CString, ShmError> {
+    if !name.starts_with('/') || name[1..].contains('/') || name.len() > 250 {
+        return Err(os("shm_open", name, Errno::EINVAL));
+    }
+    CString::new(name).map_err(|_| os("shm_open", name, Errno::EINVAL))
+}
+
+fn os(what: &'static str, name: &str, errno: Errno) -> ShmError {
+    ShmError::Os {
+        what,
+        name: name.into(),
+        errno,
+    }
+}
+
+fn map_raw(fd: &OwnedFd, len: usize, name: &str) -> Result<NonNull<libc::c_void>, ShmError> {
+    let nz = NonZeroUsize::new(len).ok_or_else(|| os("mmap", name, Errno::EINVAL))?;
+    // SAFETY: a fresh shared mapping of a file descriptor we own; no existing memory is
+    // affected. The result is page aligned.
+    unsafe {
+        mmap(
+            None,
+            nz,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            fd,
+            0,
+        )
+    }
+    .map_err(|errno| os("mmap", name, errno))
+}
+
+fn map(fd: OwnedFd, len: usize, name: &str) -> Result<SharedMemory, ShmError> {
+    let ptr = map_raw(&fd, len, name)?;
+    // The descriptor can close: the mapping keeps the object alive.
+    drop(fd);
+    Ok(SharedMemory {
+        ptr: ptr.cast(),
+        len,
+        name: name.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unique(tag: &str) -> String {
+        format!("/portico-test-{tag}-{}", std::process::id())
+    }
+
+    #[test]
+    fn config_round_trips_and_generation_advances() {
+        let name = unique("cfg");
+        let a = SharedMemory::create(&name).unwrap();
+        let b = SharedMemory::attach(&name).unwrap();
+        assert_eq!(b.segment().read_config(), None);
+        let g1 = a.segment().write_config(b"state_dir = \"x\"\n").unwrap();
+        assert_eq!(g1, 1);
+        assert_eq!(
+            b.segment().read_config(),
+            Some((1, b"state_dir = \"x\"\n".to_vec()))
+        );
+        let long = vec![b'#'; 1001];
+        let g2 = a.segment().write_config(&long).unwrap();
+        assert_eq!(g2, 2);
+        assert_eq!(b.segment().config_generation(), 2);
+        assert_eq!(b.segment().read_config().unwrap().1, long);
+        assert!(a
+            .segment()
+            .write_config(&vec![0; CONFIG_CAPACITY + 1])
+            .is_err());
+        SharedMemory::unlink(&name);
+    }
+
+    #[test]
+    fn counters_are_visible_across_mappings() {
+        let name = unique("ctr");
+        let a = SharedMemory::create(&name).unwrap();
+        let b = SharedMemory::attach(&name).unwrap();
+        a.segment().counters(3).add(Counter::RxPackets, 5);
+        a.segment().counters(0).incr(Counter::RxPackets);
+        assert_eq!(b.segment().counters(3).get(Counter::RxPackets), 5);
+        assert_eq!(b.segment().total(Counter::RxPackets), 6);
+        SharedMemory::unlink(&name);
+    }
+
+    #[test]
+    fn another_layout_version_is_refused_with_a_clear_error() {
+        let name = unique("ver");
+        let a = SharedMemory::create(&name).unwrap();
+        a.segment()
+            .header
+            .layout_version
+            .store(LAYOUT_VERSION + 1, Ordering::Release);
+        let e = SharedMemory::attach(&name).err().unwrap();
+        let msg = e.to_string();
+        assert!(msg.contains("layout version 2"), "{msg}");
+        assert!(msg.contains("this build speaks version 1"), "{msg}");
+        SharedMemory::unlink(&name);
+        assert!(SharedMemory::attach(&name).is_err());
+    }
+
+    #[test]
+    fn a_foreign_object_is_not_attached() {
+        let name = unique("foreign");
+        let c = CString::new(name.clone()).unwrap();
+        let fd = shm_open(
+            c.as_c_str(),
+            OFlag::O_CREAT | OFlag::O_RDWR,
+            Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        nix::unistd::ftruncate(&fd, 4096).unwrap();
+        let e = SharedMemory::attach(&name).err().unwrap();
+        assert!(matches!(e, ShmError::NotPortico { .. }), "{e}");
+        SharedMemory::unlink(&name);
+    }
+
+    #[test]
+    fn readers_never_see_a_torn_config() {
+        let name = unique("torn");
+        let a = SharedMemory::create(&name).unwrap();
+        let b = SharedMemory::attach(&name).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..2000u32 {
+                    let byte = b'a' + (i % 26) as u8;
+                    let text = vec![byte; 100 + (i as usize % 3000)];
+                    a.segment().write_config(&text).unwrap();
+                }
+            });
+            s.spawn(|| {
+                for _ in 0..2000 {
+                    if let Some((_, text)) = b.segment().read_config() {
+                        assert!(text.iter().all(|c| *c == text[0]));
+                    }
+                }
+            });
+        });
+        SharedMemory::unlink(&name);
+    }
+}
