@@ -8,3 +8,4 @@ pub mod io;
 pub mod runtime;
 pub mod server;
 pub mod stun;
+pub mod turn;

@@ -16,6 +16,7 @@ use portico_shared::shm::{Driver, SharedMemory, MAX_WORKERS};
 
 use crate::io::{self, Shared};
 use crate::server::Settings;
+use crate::turn::TurnShared;
 
 /// Waits this long for the control plane to publish a first configuration.
 const CONFIG_WAIT: Duration = Duration::from_secs(10);
@@ -96,7 +97,10 @@ pub fn run(shm_name: &str) -> Result<(), String> {
 
     let driver = choose_driver(config.turn.io)?;
     let workers = config.worker_count().clamp(1, MAX_WORKERS);
-    let settings = Settings::from_config(&config);
+    let mut secret = [0u8; 32];
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut secret)
+        .map_err(|_| "the system random generator failed".to_string())?;
+    let settings = Settings::from_config(&config, &secret);
     let addrs = settings.endpoints.addrs().to_vec();
     // Bind everything before starting any thread, so a bad address fails the start cleanly.
     let tcp_listeners = io::tcp::bind_listeners(&addrs)?;
@@ -116,6 +120,8 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         stop: AtomicBool::new(false),
         settings_generation: AtomicU64::new(0),
         settings: Mutex::new(Arc::new(settings)),
+        turn: Arc::new(TurnShared::default()),
+        secret,
     });
     let seg = shared.shm.segment();
     seg.header.driver.store(driver as u32, Ordering::Relaxed);
@@ -235,7 +241,7 @@ fn apply(shared: &Shared, started_with: &Config, new: &Config, generation: u64) 
             "turn.listen, turn.workers, turn.io and stun.alternate_* take effect when the dataplane restarts"
         );
     }
-    let mut settings = Settings::from_config(new);
+    let mut settings = Settings::from_config(new, &shared.secret);
     // Keep the socket table the workers were started with.
     settings.endpoints = shared.current_settings().endpoints.clone();
     shared.publish_settings(settings);

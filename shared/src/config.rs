@@ -71,9 +71,14 @@ pub struct TurnConfig {
     /// UDP and TCP addresses STUN/TURN listens on.
     pub listen: Vec<SocketAddr>,
     pub realm: String,
-    /// Local address relay sockets bind to; unset means the first listen address's IP, or
-    /// the unspecified address of its family.
-    pub relay_ip: Option<IpAddr>,
+    /// Local addresses relay sockets bind to, at most one per family (a string or a list).
+    /// Unset: a specific listen address of each family, else the address of the interface
+    /// the default route leaves from.
+    #[serde(
+        deserialize_with = "one_or_many_ip",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub relay_ip: Vec<IpAddr>,
     /// Address advertised in XOR-RELAYED-ADDRESS when a static NAT map sits in front of the box.
     pub external_ip: Option<IpAddr>,
     /// `"low-high"`, inclusive.
@@ -90,6 +95,25 @@ pub struct TurnConfig {
     /// Worker threads; 0 means one per core.
     pub workers: usize,
     pub io: IoMode,
+    /// Seconds a nonce stays valid before a request gets 438 Stale Nonce.
+    pub nonce_lifetime: u64,
+    /// Allocation lifetime in seconds when the client asks for less (RFC 8656: 600).
+    pub default_lifetime: u32,
+    /// Longest allocation lifetime in seconds a client may ask for.
+    pub max_lifetime: u32,
+    /// Allocations on the whole server.
+    pub max_allocations: usize,
+    /// Allocations per user name (REST API names count per name).
+    pub max_allocations_per_user: usize,
+    /// Permissions (peer IPs) per allocation.
+    pub max_permissions: usize,
+    /// Channels per allocation.
+    pub max_channels: usize,
+    /// Relayed bytes per second per allocation and direction; 0 means no cap.
+    pub max_bandwidth: u64,
+    /// Error responses (401 challenges and other failures) per source IP per second; above
+    /// it requests are dropped so Portico cannot be used as a reflector.
+    pub error_rate: u32,
 }
 
 impl Default for TurnConfig {
@@ -100,7 +124,7 @@ impl Default for TurnConfig {
                 SocketAddr::from(([0u16; 8], 3478)),
             ],
             realm: "portico".into(),
-            relay_ip: None,
+            relay_ip: Vec::new(),
             external_ip: None,
             relay_ports: "16384-32767".into(),
             shared_secret: Vec::new(),
@@ -109,6 +133,15 @@ impl Default for TurnConfig {
             deny_peers: Vec::new(),
             workers: 0,
             io: IoMode::Auto,
+            nonce_lifetime: 600,
+            default_lifetime: 600,
+            max_lifetime: 3600,
+            max_allocations: 8192,
+            max_allocations_per_user: 256,
+            max_permissions: 32,
+            max_channels: 32,
+            max_bandwidth: 0,
+            error_rate: 10,
         }
     }
 }
@@ -187,6 +220,19 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
     enum OneOrMany {
         One(String),
         Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+fn one_or_many_ip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(IpAddr),
+        Many(Vec<IpAddr>),
     }
     Ok(match OneOrMany::deserialize(d)? {
         OneOrMany::One(s) => vec![s],
@@ -294,6 +340,58 @@ impl Config {
             if t.users[..i].iter().any(|o| o.name == u.name) {
                 return Err(err(&key, format!("user \"{}\" is listed twice", u.name)));
             }
+        }
+        let v4 = t.relay_ip.iter().filter(|ip| ip.is_ipv4()).count();
+        if v4 > 1 || t.relay_ip.len() - v4 > 1 {
+            return Err(err("turn.relay_ip", "at most one address per family"));
+        }
+        if let Some(ip) = t
+            .relay_ip
+            .iter()
+            .find(|ip| ip.is_unspecified() || ip.is_multicast())
+        {
+            return Err(err(
+                "turn.relay_ip",
+                format!("{ip} is not a unicast address"),
+            ));
+        }
+        if t.nonce_lifetime < 30 || t.nonce_lifetime > 86_400 {
+            return Err(err(
+                "turn.nonce_lifetime",
+                format!("{} is not between 30 and 86400 seconds", t.nonce_lifetime),
+            ));
+        }
+        if t.default_lifetime < 60 || t.default_lifetime > t.max_lifetime {
+            return Err(err(
+                "turn.default_lifetime",
+                format!(
+                    "{} must be at least 60 and at most turn.max_lifetime ({})",
+                    t.default_lifetime, t.max_lifetime
+                ),
+            ));
+        }
+        if t.max_lifetime > 86_400 {
+            return Err(err(
+                "turn.max_lifetime",
+                format!("{} is more than 86400 seconds", t.max_lifetime),
+            ));
+        }
+        for (key, v, max) in [
+            ("turn.max_allocations", t.max_allocations, 1_000_000),
+            (
+                "turn.max_allocations_per_user",
+                t.max_allocations_per_user,
+                1_000_000,
+            ),
+            ("turn.max_permissions", t.max_permissions, 1024),
+            ("turn.max_channels", t.max_channels, 4096),
+        ] {
+            if v == 0 || v > max {
+                return Err(err(key, format!("{v} is not between 1 and {max}")));
+            }
+        }
+        if t.error_rate == 0 {
+            return Err(err("turn.error_rate", "must be at least 1 per second"));
         }
         parse_cidrs("turn.allow_peers", &t.allow_peers)?;
         parse_cidrs("turn.deny_peers", &t.deny_peers)?;

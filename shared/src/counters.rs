@@ -29,6 +29,12 @@ macro_rules! counters {
             pub fn help(self) -> &'static str {
                 match self { $(Counter::$variant => $help),* }
             }
+
+            /// Families whose name ends in `_active` are gauges (they go down as well as up);
+            /// all others only ever grow.
+            pub fn is_gauge(self) -> bool {
+                self.metric().ends_with("_active")
+            }
         }
     };
 }
@@ -56,6 +62,35 @@ counters! {
     DropNoBuffer => "dataplane_drops" ["reason" = "no_buffer"] "Packets dropped, by reason.";
     DropBadSource => "dataplane_drops" ["reason" = "bad_source"] "Packets dropped, by reason.";
     DropTcpFraming => "dataplane_drops" ["reason" = "tcp_framing"] "Packets dropped, by reason.";
+    TurnAllocationsActive => "turn_allocations_active" [] "TURN allocations now active.";
+    TurnAllocationsCreated => "turn_allocations_created" [] "TURN allocations created.";
+    TurnAllocationsExpired => "turn_allocations_ended" ["reason" = "expired"] "TURN allocations ended, by reason.";
+    TurnAllocationsDeleted => "turn_allocations_ended" ["reason" = "deleted"] "TURN allocations ended, by reason.";
+    TurnPermissionsActive => "turn_permissions_active" [] "TURN permissions now installed.";
+    TurnPermissionsCreated => "turn_permissions_created" [] "TURN permissions installed.";
+    TurnChannelsActive => "turn_channels_active" [] "TURN channels now bound.";
+    TurnChannelsCreated => "turn_channels_created" [] "TURN channels bound.";
+    TurnRequestsOk => "turn_requests" ["result" = "success"] "TURN requests by result.";
+    TurnRequestsError => "turn_requests" ["result" = "error"] "TURN requests by result.";
+    TurnChallenges => "turn_challenges" [] "401 challenges sent to requests without credentials.";
+    TurnAuthBadIntegrity => "turn_auth_failures" ["reason" = "bad_integrity"] "TURN authentication failures, by reason.";
+    TurnAuthUnknownUser => "turn_auth_failures" ["reason" = "unknown_user"] "TURN authentication failures, by reason.";
+    TurnAuthExpired => "turn_auth_failures" ["reason" = "expired_credentials"] "TURN authentication failures, by reason.";
+    TurnAuthStaleNonce => "turn_auth_failures" ["reason" = "stale_nonce"] "TURN authentication failures, by reason.";
+    TurnAuthWrongUser => "turn_auth_failures" ["reason" = "wrong_credentials"] "TURN authentication failures, by reason.";
+    TurnPeerDeniedSpecial => "turn_peer_denied" ["reason" = "special_purpose"] "Peers refused by the peer policy, by reason.";
+    TurnPeerDeniedConfigured => "turn_peer_denied" ["reason" = "configured"] "Peers refused by the peer policy, by reason.";
+    TurnQuotaRejected => "turn_quota_rejected" [] "Requests refused by a quota (486, 508).";
+    RelayClientToPeerPackets => "relay_packets" ["direction" = "client_to_peer"] "Relayed packets, by direction.";
+    RelayPeerToClientPackets => "relay_packets" ["direction" = "peer_to_client"] "Relayed packets, by direction.";
+    RelayClientToPeerBytes => "relay_bytes" ["direction" = "client_to_peer"] "Relayed payload bytes, by direction.";
+    RelayPeerToClientBytes => "relay_bytes" ["direction" = "peer_to_client"] "Relayed payload bytes, by direction.";
+    DropNoAllocation => "dataplane_drops" ["reason" = "no_allocation"] "Packets dropped, by reason.";
+    DropNoPermission => "dataplane_drops" ["reason" = "no_permission"] "Packets dropped, by reason.";
+    DropNoChannel => "dataplane_drops" ["reason" = "no_channel"] "Packets dropped, by reason.";
+    DropBandwidth => "dataplane_drops" ["reason" = "bandwidth"] "Packets dropped, by reason.";
+    DropRateLimited => "dataplane_drops" ["reason" = "rate_limited"] "Packets dropped, by reason.";
+    DropBadChannelData => "dataplane_drops" ["reason" = "bad_channel_data"] "Packets dropped, by reason.";
     ConfigApplied => "dataplane_config_applied" [] "Configuration generations the dataplane applied.";
     LoopTurns => "dataplane_loop_turns" [] "Turns of the worker event loops.";
 }

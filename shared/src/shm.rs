@@ -131,6 +131,17 @@ impl WorkerCounters {
         );
     }
 
+    /// For gauges: one block's value may go below zero when another worker added what this
+    /// one removes; the sum over all blocks is what is meaningful.
+    #[inline]
+    pub fn sub(&self, c: Counter, n: u64) {
+        let slot = &self.slots[c as usize];
+        slot.store(
+            slot.load(Ordering::Relaxed).wrapping_sub(n),
+            Ordering::Relaxed,
+        );
+    }
+
     #[inline]
     pub fn incr(&self, c: Counter) {
         self.add(c, 1);
@@ -162,9 +173,12 @@ impl Segment {
         &self.counters[block.min(COUNTER_BLOCKS - 1)]
     }
 
-    /// Sum of one counter over every block.
+    /// Sum of one counter over every block (wrapping, so gauges whose per-block values went
+    /// "negative" still sum right).
     pub fn total(&self, c: Counter) -> u64 {
-        self.counters.iter().map(|b| b.get(c)).sum()
+        self.counters
+            .iter()
+            .fold(0u64, |acc, b| acc.wrapping_add(b.get(c)))
     }
 
     /// The generation of the configuration now in the block (0: none written yet).

@@ -1,41 +1,98 @@
 //! The epoll driver (mio): the fallback where io_uring is not allowed, for instance under a
 //! container's seccomp profile. Same sans-IO server, same buffer discipline: one buffer per
-//! worker, the reply written over the request and sent before the next receive.
+//! worker, the datagram received after [`HEADROOM`] bytes, the reply written in place and
+//! sent before the next receive.
 
 use std::io;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Registry, Token};
 use portico_shared::counters::Counter;
 
+use super::relay::{self, Slots};
 use super::uring::PAYLOAD_CAPACITY;
-use super::{SettingsWatch, Shared, TICK};
-use crate::server::{Action, Server, Transport};
+use super::{SettingsWatch, Shared, BUF_SIZE, TICK};
+use crate::server::{Action, Now, Transport, HEADROOM};
+use crate::turn::RelayIo;
 
 /// Datagrams read from one socket before the others get a turn. mio is edge-triggered, so a
 /// socket cut off by this budget is revisited on the next turn without waiting.
 const BUDGET: usize = 64;
 
+struct Relays<'r> {
+    slots: Slots<mio::net::UdpSocket>,
+    registry: &'r Registry,
+    /// Sockets with data to read, by socket index.
+    pending: Vec<bool>,
+}
+
+impl Relays<'_> {
+    fn mark(&mut self, index: usize) {
+        if index >= self.pending.len() {
+            self.pending.resize(index + 1, false);
+        }
+        self.pending[index] = true;
+    }
+}
+
+impl RelayIo for Relays<'_> {
+    fn open(&mut self, addr: SocketAddr, dont_fragment: bool) -> io::Result<usize> {
+        let s = relay::bind(addr)?;
+        self.adopt(s, dont_fragment)
+    }
+
+    fn reserve(&mut self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        relay::bind(addr)
+    }
+
+    fn adopt(&mut self, socket: UdpSocket, dont_fragment: bool) -> io::Result<usize> {
+        relay::prepare(&socket, dont_fragment)?;
+        let mut s = mio::net::UdpSocket::from_std(socket);
+        let index = self.slots.next_index();
+        self.registry
+            .register(&mut s, Token(index), Interest::READABLE)?;
+        self.slots.insert(s);
+        // Data may already be queued (a reservation redeemed late): look once.
+        self.mark(index);
+        Ok(index)
+    }
+
+    fn close(&mut self, index: usize) {
+        if let Some((mut s, _)) = self.slots.remove(index) {
+            let _ = self.registry.deregister(&mut s);
+        }
+        if let Some(p) = self.pending.get_mut(index) {
+            *p = false;
+        }
+    }
+}
+
 pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Result<()> {
     let mut poll = Poll::new()?;
-    let mut events = Events::with_capacity(64);
-    let mut socks: Vec<mio::net::UdpSocket> = sockets
+    let registry = poll.registry().try_clone()?;
+    let mut events = Events::with_capacity(256);
+    let mut listen: Vec<mio::net::UdpSocket> = sockets
         .into_iter()
         .map(mio::net::UdpSocket::from_std)
         .collect();
-    for (i, s) in socks.iter_mut().enumerate() {
-        poll.registry().register(s, Token(i), Interest::READABLE)?;
+    for (i, s) in listen.iter_mut().enumerate() {
+        registry.register(s, Token(i), Interest::READABLE)?;
     }
-    let mut server = Server::new(shared.current_settings());
+    let mut relays = Relays {
+        slots: Slots::new(listen.len()),
+        registry: &registry,
+        pending: vec![false; listen.len()],
+    };
+    let mut server = shared.new_server(index);
     let mut watch = SettingsWatch::new(&shared);
     let stats = shared.shm.segment().counters(index);
-    // Same capacity as an io_uring buffer's payload area, plus one byte to detect truncation.
-    let mut buf = vec![0u8; PAYLOAD_CAPACITY + 1];
-    let mut pending = vec![false; socks.len()];
+    // Same layout as an io_uring buffer: headroom, then the datagram (one byte more than
+    // fits, to detect truncation).
+    let mut buf = vec![0u8; BUF_SIZE + 1];
     while !shared.stopping() {
-        let timeout = if pending.iter().any(|p| *p) {
+        let timeout = if relays.pending.iter().any(|p| *p) {
             Duration::ZERO
         } else {
             TICK
@@ -48,22 +105,27 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
         stats.incr(Counter::LoopTurns);
         watch.refresh(&shared, &mut server);
         for ev in events.iter() {
-            if let Some(p) = pending.get_mut(ev.token().0) {
-                *p = true;
-            }
+            relays.mark(ev.token().0);
         }
-        let now = Instant::now();
-        for i in 0..socks.len() {
-            if !pending[i] {
+        let now = Now::read();
+        for i in 0..relays.pending.len() {
+            if !relays.pending[i] {
                 continue;
             }
-            pending[i] = false;
+            relays.pending[i] = false;
             for n in 0..=BUDGET {
                 if n == BUDGET {
-                    pending[i] = true;
+                    relays.mark(i);
                     break;
                 }
-                let (len, from) = match socks[i].recv_from(&mut buf) {
+                let received = match listen.get(i) {
+                    Some(s) => s.recv_from(&mut buf[HEADROOM..]),
+                    None => match relays.slots.get(i) {
+                        Some(s) => s.recv_from(&mut buf[HEADROOM..]),
+                        None => break,
+                    },
+                };
+                let (len, from) = match received {
                     Ok(x) => x,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -80,21 +142,39 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
                     Transport::Udp,
                     i,
                     from,
-                    &mut buf[..PAYLOAD_CAPACITY],
+                    &mut buf[..BUF_SIZE],
+                    HEADROOM,
                     len,
+                    &mut relays,
                     stats,
                 );
-                if let Action::Reply { len, socket, to } = action {
-                    match socks.get(socket).map(|s| s.send_to(&buf[..len], to)) {
-                        Some(Ok(n)) => {
+                if let Action::Send {
+                    offset,
+                    len,
+                    socket,
+                    to,
+                } = action
+                {
+                    let data = &buf[offset..offset + len];
+                    let sent = match listen.get(socket) {
+                        Some(s) => s.send_to(data, to),
+                        None => match relays.slots.get(socket) {
+                            Some(s) => s.send_to(data, to),
+                            None => Err(io::Error::from(io::ErrorKind::NotFound)),
+                        },
+                    };
+                    match sent {
+                        Ok(n) => {
                             stats.incr(Counter::TxPackets);
                             stats.add(Counter::TxBytes, n as u64);
                         }
-                        _ => stats.incr(Counter::SendErrors),
+                        Err(_) => stats.incr(Counter::SendErrors),
                     }
                 }
             }
         }
+        server.tick(now, &mut relays, stats);
     }
+    server.shutdown(&mut relays, stats);
     Ok(())
 }

@@ -10,7 +10,9 @@
 
 pub mod bufring;
 pub mod epoll;
+pub mod relay;
 pub mod sockaddr;
+pub mod sockopt;
 pub mod tcp;
 pub mod uring;
 
@@ -24,6 +26,7 @@ use portico_shared::shm::SharedMemory;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::server::{Server, Settings};
+use crate::turn::TurnShared;
 
 /// How long a driver may sleep before it looks at the stop flag and the configuration.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -39,6 +42,10 @@ pub struct Shared {
     /// Bumped when `settings` changes; a worker compares it once per loop turn.
     pub settings_generation: AtomicU64,
     pub settings: Mutex<Arc<Settings>>,
+    /// Quotas and reservations common to all workers.
+    pub turn: Arc<TurnShared>,
+    /// Keys the stateless TURN nonces; drawn once per process so nonces survive reloads.
+    pub secret: [u8; 32],
 }
 
 impl Shared {
@@ -51,6 +58,21 @@ impl Shared {
             Ok(g) => Arc::clone(&g),
             Err(p) => Arc::clone(&p.into_inner()),
         }
+    }
+
+    /// A protocol core for worker `index`.
+    pub fn new_server(&self, index: usize) -> Server {
+        let seed = u64::from_le_bytes([
+            self.secret[0],
+            self.secret[1],
+            self.secret[2],
+            self.secret[3],
+            self.secret[4],
+            self.secret[5],
+            self.secret[6],
+            self.secret[7],
+        ]) ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        Server::new(self.current_settings(), Arc::clone(&self.turn), seed)
     }
 
     pub fn publish_settings(&self, s: Settings) {

@@ -21,9 +21,10 @@ use portico_shared::shm::WorkerCounters;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::uring::PAYLOAD_CAPACITY;
-use super::{SettingsWatch, Shared, TICK};
-use crate::server::{Action, Server, Transport};
+use super::{SettingsWatch, Shared, BUF_SIZE, TICK};
+use crate::server::{Action, Now, Server, Transport, HEADROOM};
 use crate::stun;
+use crate::turn::NoRelay;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -94,13 +95,13 @@ pub fn run(
     }
     let base = listeners.len();
     let stats = shared.shm.segment().counters(counter_block);
-    let mut server = Server::new(shared.current_settings());
+    let mut server = shared.new_server(counter_block);
     let mut watch = SettingsWatch::new(&shared);
     let mut conns: Vec<Option<Conn>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
     let mut live = 0usize;
-    let mut work = vec![0u8; PAYLOAD_CAPACITY];
+    let mut work = vec![0u8; BUF_SIZE];
     let mut last_sweep = Instant::now();
     while !shared.stopping() {
         if let Err(e) = poll.poll(&mut events, Some(TICK)) {
@@ -109,7 +110,7 @@ pub fn run(
             }
         }
         watch.refresh(&shared, &mut server);
-        let now = Instant::now();
+        let now = Now::read();
         for ev in events.iter() {
             let t = ev.token().0;
             if t < base {
@@ -124,7 +125,7 @@ pub fn run(
                     &mut live,
                     &limits,
                     stats,
-                    now,
+                    now.mono,
                 );
                 continue;
             }
@@ -144,6 +145,7 @@ pub fn run(
                 );
             }
         }
+        let now = now.mono;
         if now.duration_since(last_sweep) >= TICK {
             last_sweep = now;
             for idx in 0..conns.len() {
@@ -256,7 +258,7 @@ fn serve(
     work: &mut [u8],
     limits: &Limits,
     stats: &WorkerCounters,
-    now: Instant,
+    now: Now,
     poll: &Poll,
     token: usize,
 ) -> bool {
@@ -294,7 +296,7 @@ fn frame_all(
     work: &mut [u8],
     limits: &Limits,
     stats: &WorkerCounters,
-    now: Instant,
+    now: Now,
 ) -> bool {
     let mut start = 0;
     while c.in_len - start >= stun::HEADER_LEN {
@@ -303,23 +305,33 @@ fn frame_all(
             stats.incr(Counter::DropTcpFraming);
             return true;
         };
-        if total > work.len() {
+        if total > PAYLOAD_CAPACITY {
             stats.incr(Counter::DropTcpFraming);
             return true;
         }
         if pending.len() < total {
             break;
         }
-        work[..total].copy_from_slice(&pending[..total]);
+        work[HEADROOM..HEADROOM + total].copy_from_slice(&pending[..total]);
         start += total;
-        c.last_message = Some(now);
+        c.last_message = Some(now.mono);
         stats.incr(Counter::RxPackets);
-        let action = server.handle(now, Transport::Tcp, c.listener, c.peer, work, total, stats);
-        if let Action::Reply { len, .. } = action {
+        let action = server.handle(
+            now,
+            Transport::Tcp,
+            c.listener,
+            c.peer,
+            work,
+            HEADROOM,
+            total,
+            &mut NoRelay,
+            stats,
+        );
+        if let Action::Send { offset, len, .. } = action {
             if c.output.len() + len > limits.max_output {
                 return true;
             }
-            c.output.extend_from_slice(&work[..len]);
+            c.output.extend_from_slice(&work[offset..offset + len]);
             stats.incr(Counter::TxPackets);
         }
     }

@@ -1,27 +1,28 @@
 //! The io_uring driver: one ring per worker thread.
 //!
-//! Each socket has one multishot `recvmsg` armed; the kernel writes each datagram, with its
-//! source address in front, into a buffer it takes from the worker's provided-buffer ring.
-//! The server rewrites the buffer in place, and the reply goes out with a `sendmsg` that
-//! points into the same buffer; the buffer returns to the ring when that send completes. All
-//! submissions of one loop turn go to the kernel in the single `io_uring_enter` that also
-//! waits for the next completions. Nothing on this path allocates or locks: the `msghdr`s the
-//! kernel reads live in per-buffer slots allocated once at start.
+//! Each socket (listen and relay) has one multishot `recvmsg` armed; the kernel writes each
+//! datagram, with its source address in front, into a buffer it takes from the worker's
+//! provided-buffer ring. The server rewrites the buffer in place, and the reply or relayed
+//! packet goes out with a `sendmsg` that points into the same buffer; the buffer returns to
+//! the ring when that send completes. All submissions of one loop turn go to the kernel in the
+//! single `io_uring_enter` that also waits for the next completions. Nothing on this path
+//! allocates or locks: the `msghdr`s the kernel reads live in per-buffer slots allocated once.
 
 use std::io;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Instant;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use portico_shared::counters::Counter;
 use portico_shared::shm::WorkerCounters;
 
 use super::bufring::BufRing;
+use super::relay::{self, Slots};
 use super::sockaddr::{self, SOCKADDR_LEN};
 use super::{SettingsWatch, Shared, BUF_SIZE, TICK};
-use crate::server::{Action, Server, Transport};
+use crate::server::{Action, Now, Server, Transport, HEADROOM};
+use crate::turn::RelayIo;
 
 /// Buffers per worker: enough to absorb a burst of a few thousand datagrams while replies
 /// are in flight.
@@ -33,17 +34,24 @@ const CQ_ENTRIES: u32 = 8192;
 const CQ_BATCH: usize = 256;
 
 /// Layout the kernel writes at the start of each multishot `recvmsg` buffer
-/// (`struct io_uring_recvmsg_out`), then the name, then the payload.
+/// (`struct io_uring_recvmsg_out`), then the name area, then the payload.
 const RECVMSG_OUT_LEN: usize = 16;
-/// Where the datagram starts in a buffer: fixed, because the kernel reserves the full
-/// `msg_namelen` whatever the real address length.
-pub const PAYLOAD_OFFSET: usize = RECVMSG_OUT_LEN + SOCKADDR_LEN;
-/// Room for a datagram (and for the reply written over it).
+/// The name area the kernel reserves (whatever the real address length): sized so the
+/// payload starts at [`HEADROOM`].
+const NAME_AREA: usize = HEADROOM - RECVMSG_OUT_LEN;
+/// Where the datagram starts in a buffer.
+pub const PAYLOAD_OFFSET: usize = HEADROOM;
+/// Room for a datagram; what is left after it is tailroom for padding.
 pub const PAYLOAD_CAPACITY: usize = BUF_SIZE - PAYLOAD_OFFSET;
 
 const KIND_RECV: u64 = 1 << 56;
 const KIND_SEND: u64 = 2 << 56;
+const KIND_CANCEL: u64 = 3 << 56;
 const KIND_MASK: u64 = 0xff << 56;
+
+fn recv_data(index: usize, generation: u16) -> u64 {
+    KIND_RECV | u64::from(generation) << 32 | index as u64
+}
 
 /// A send's kernel-visible arguments; one per buffer id, so a send never needs memory of its
 /// own.
@@ -53,14 +61,52 @@ struct SendSlot {
     name: [u8; SOCKADDR_LEN],
 }
 
+/// Relay sockets plus the ring work their opening and closing needs, queued by the core
+/// (through [`RelayIo`]) and submitted by the loop.
+struct Relays {
+    slots: Slots<UdpSocket>,
+    to_arm: Vec<usize>,
+    to_cancel: Vec<u64>,
+}
+
+impl RelayIo for Relays {
+    fn open(&mut self, addr: SocketAddr, dont_fragment: bool) -> io::Result<usize> {
+        let s = relay::bind(addr)?;
+        self.adopt(s, dont_fragment)
+    }
+
+    fn reserve(&mut self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        relay::bind(addr)
+    }
+
+    fn adopt(&mut self, socket: UdpSocket, dont_fragment: bool) -> io::Result<usize> {
+        relay::prepare(&socket, dont_fragment)?;
+        let (index, _) = self.slots.insert(socket);
+        self.to_arm.push(index);
+        Ok(index)
+    }
+
+    fn close(&mut self, index: usize) {
+        if let Some((sock, generation)) = self.slots.remove(index) {
+            // The pending multishot receive holds its own reference to the socket; cancel it
+            // so the kernel lets go. Its last completion carries the old generation and is
+            // ignored.
+            self.to_cancel.push(recv_data(index, generation));
+            drop(sock);
+        }
+    }
+}
+
 struct Worker {
     // Field order is drop order: the ring (and its registration of `bufs`) goes first.
     ring: IoUring,
     bufs: BufRing,
-    sockets: Vec<UdpSocket>,
-    recv_hdrs: Box<[libc::msghdr]>,
+    listen: Vec<UdpSocket>,
+    relays: Relays,
+    /// One `msghdr` for every receive: the kernel only reads its name and control lengths.
+    recv_hdr: Box<libc::msghdr>,
     send_slots: Box<[SendSlot]>,
-    rearm: Vec<bool>,
+    rearm_listen: Vec<bool>,
 }
 
 fn zeroed_msghdr() -> libc::msghdr {
@@ -103,18 +149,12 @@ fn build_ring() -> io::Result<IoUring> {
 }
 
 impl Worker {
-    fn new(sockets: Vec<UdpSocket>) -> io::Result<Worker> {
+    fn new(listen: Vec<UdpSocket>) -> io::Result<Worker> {
         let ring = build_ring()?;
         let bufs = BufRing::new(BUFFERS, BUF_SIZE, BUFFER_GROUP)?;
         bufs.register(&ring)?;
-        let recv_hdrs = sockets
-            .iter()
-            .map(|_| {
-                let mut h = zeroed_msghdr();
-                h.msg_namelen = SOCKADDR_LEN as u32;
-                h
-            })
-            .collect();
+        let mut recv_hdr = Box::new(zeroed_msghdr());
+        recv_hdr.msg_namelen = NAME_AREA as u32;
         let send_slots = (0..BUFFERS)
             .map(|_| SendSlot {
                 hdr: zeroed_msghdr(),
@@ -125,15 +165,28 @@ impl Worker {
                 name: [0; SOCKADDR_LEN],
             })
             .collect();
-        let rearm = vec![true; sockets.len()];
+        let rearm_listen = vec![true; listen.len()];
+        let first = listen.len();
         Ok(Worker {
             ring,
             bufs,
-            sockets,
-            recv_hdrs,
+            listen,
+            relays: Relays {
+                slots: Slots::new(first),
+                to_arm: Vec::with_capacity(64),
+                to_cancel: Vec::with_capacity(64),
+            },
+            recv_hdr,
             send_slots,
-            rearm,
+            rearm_listen,
         })
+    }
+
+    fn fd(&self, index: usize) -> Option<i32> {
+        match self.listen.get(index) {
+            Some(s) => Some(s.as_raw_fd()),
+            None => self.relays.slots.get(index).map(|s| s.as_raw_fd()),
+        }
     }
 
     /// Queues an entry, flushing the submission queue once if it is full.
@@ -151,19 +204,39 @@ impl Worker {
             .map_err(|_| io::Error::new(io::ErrorKind::WouldBlock, "submission queue full"))
     }
 
-    fn arm_receives(&mut self) -> io::Result<()> {
-        for i in 0..self.sockets.len() {
-            if !self.rearm[i] {
-                continue;
+    fn arm(&mut self, index: usize, generation: u16) -> io::Result<()> {
+        let Some(fd) = self.fd(index) else {
+            return Ok(());
+        };
+        let e = opcode::RecvMsgMulti::new(types::Fd(fd), &*self.recv_hdr, self.bufs.group())
+            .build()
+            .user_data(recv_data(index, generation));
+        // SAFETY: `recv_hdr` is boxed and lives as long as the ring (field order); the buffer
+        // group is registered.
+        unsafe { self.push(&e) }
+    }
+
+    /// Submits the ring work queued this turn: receives to (re-)arm, receives to cancel.
+    fn queue_ring_work(&mut self) -> io::Result<()> {
+        for i in 0..self.listen.len() {
+            if self.rearm_listen[i] {
+                self.arm(i, 0)?;
+                self.rearm_listen[i] = false;
             }
-            let fd = types::Fd(self.sockets[i].as_raw_fd());
-            let e = opcode::RecvMsgMulti::new(fd, &self.recv_hdrs[i], self.bufs.group())
+        }
+        while let Some(index) = self.relays.to_arm.pop() {
+            if let Some(g) = self.relays.slots.generation(index) {
+                if self.relays.slots.get(index).is_some() {
+                    self.arm(index, g)?;
+                }
+            }
+        }
+        while let Some(data) = self.relays.to_cancel.pop() {
+            let e = opcode::AsyncCancel::new(data)
                 .build()
-                .user_data(KIND_RECV | i as u64);
-            // SAFETY: recv_hdrs is a boxed slice that lives as long as the ring (field order),
-            // and the buffer group is registered.
+                .user_data(KIND_CANCEL);
+            // SAFETY: a cancel refers to no memory of ours.
             unsafe { self.push(&e)? };
-            self.rearm[i] = false;
         }
         Ok(())
     }
@@ -172,24 +245,41 @@ impl Worker {
         &mut self,
         cqe: &cqueue::Entry,
         server: &mut Server,
-        now: Instant,
+        now: Now,
         stats: &WorkerCounters,
     ) {
-        let socket = (cqe.user_data() & 0xffff) as usize;
+        let data = cqe.user_data();
+        let index = (data & 0xffff_ffff) as usize;
+        let generation = ((data >> 32) & 0xffff) as u16;
         let flags = cqe.flags();
-        if !cqueue::more(flags) && socket < self.rearm.len() {
-            self.rearm[socket] = true;
+        let is_listen = index < self.listen.len();
+        let current = is_listen || self.relays.slots.is_current(index, generation);
+        if !cqueue::more(flags) && current {
+            if is_listen {
+                self.rearm_listen[index] = true;
+            } else {
+                self.relays.to_arm.push(index);
+            }
         }
         let res = cqe.result();
+        let bid = cqueue::buffer_select(flags);
         if res < 0 {
             if -res == libc::ENOBUFS {
                 stats.incr(Counter::DropNoBuffer);
             }
+            if let Some(bid) = bid {
+                self.bufs.give_back(bid);
+            }
             return;
         }
-        let Some(bid) = cqueue::buffer_select(flags) else {
+        let Some(bid) = bid else {
             return;
         };
+        if !current {
+            // A datagram for a relay socket closed since: nobody to give it to.
+            self.bufs.give_back(bid);
+            return;
+        }
         let filled = res as usize;
         // SAFETY: the completion delivered `bid` to us (invariant 2 of bufring); the slice is
         // dropped before the buffer is given back or sent.
@@ -213,16 +303,23 @@ impl Worker {
         let action = server.handle(
             now,
             Transport::Udp,
-            socket,
+            index,
             from,
-            &mut buf[PAYLOAD_OFFSET..],
+            buf,
+            PAYLOAD_OFFSET,
             len,
+            &mut self.relays,
             stats,
         );
         match action {
             Action::Drop => self.bufs.give_back(bid),
-            Action::Reply { len, socket, to } => {
-                if self.send(bid, len, socket, to).is_err() {
+            Action::Send {
+                offset,
+                len,
+                socket,
+                to,
+            } => {
+                if self.send(bid, offset, len, socket, to).is_err() {
                     stats.incr(Counter::SendErrors);
                     self.bufs.give_back(bid);
                 }
@@ -233,22 +330,23 @@ impl Worker {
     fn send(
         &mut self,
         bid: u16,
+        offset: usize,
         len: usize,
         socket: usize,
-        to: std::net::SocketAddr,
+        to: SocketAddr,
     ) -> io::Result<()> {
         let fd = self
-            .sockets
-            .get(socket)
-            .map(|s| s.as_raw_fd())
+            .fd(socket)
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        if offset + len > BUF_SIZE {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
         let base = self.bufs.buf_ptr(bid);
         let slot = &mut self.send_slots[usize::from(bid)];
         let namelen = sockaddr::encode(to, &mut slot.name);
-        // SAFETY: PAYLOAD_OFFSET + len <= BUF_SIZE because the server writes replies inside
-        // the slice it was given.
-        slot.iov.iov_base = unsafe { base.add(PAYLOAD_OFFSET) }.cast();
-        slot.iov.iov_len = len.min(PAYLOAD_CAPACITY);
+        // SAFETY: offset + len <= BUF_SIZE (checked above), inside buffer `bid`.
+        slot.iov.iov_base = unsafe { base.add(offset) }.cast();
+        slot.iov.iov_len = len;
         slot.hdr.msg_name = slot.name.as_mut_ptr().cast();
         slot.hdr.msg_namelen = namelen;
         slot.hdr.msg_iov = &mut slot.iov;
@@ -277,13 +375,13 @@ impl Worker {
 /// Runs one worker until the dataplane stops.
 pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Result<()> {
     let mut w = Worker::new(sockets)?;
-    let mut server = Server::new(shared.current_settings());
+    let mut server = shared.new_server(index);
     let mut watch = SettingsWatch::new(&shared);
     let stats = shared.shm.segment().counters(index);
     let ts = types::Timespec::from(TICK);
     let args = types::SubmitArgs::new().timespec(&ts);
     let mut batch: Vec<cqueue::Entry> = Vec::with_capacity(CQ_BATCH);
-    w.arm_receives()?;
+    w.queue_ring_work()?;
     while !shared.stopping() {
         match w.ring.submitter().submit_with_args(1, &args) {
             Ok(_) => {}
@@ -296,7 +394,7 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
         }
         stats.incr(Counter::LoopTurns);
         watch.refresh(&shared, &mut server);
-        let now = Instant::now();
+        let now = Now::read();
         loop {
             batch.clear();
             batch.extend(w.ring.completion().take(CQ_BATCH));
@@ -312,8 +410,10 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
             }
             w.bufs.publish();
         }
+        server.tick(now, &mut w.relays, stats);
         w.bufs.publish();
-        w.arm_receives()?;
+        w.queue_ring_work()?;
     }
+    server.shutdown(&mut w.relays, stats);
     Ok(())
 }

@@ -167,7 +167,8 @@ pub(super) fn respond(
     match success(settings, req, socket, send_socket, from, buf) {
         Ok(len) => {
             stats.incr(Counter::StunBindingSuccess);
-            Action::Reply {
+            Action::Send {
+                offset: 0,
                 len,
                 socket: send_socket,
                 to,
@@ -288,7 +289,8 @@ fn build_error(
         finish(settings, req, w)
     })();
     match built {
-        Ok(len) => Action::Reply {
+        Ok(len) => Action::Send {
+            offset: 0,
             len,
             socket,
             to: from,

@@ -18,7 +18,13 @@ use portico_shared::counters::Counter;
 use portico_shared::shm::WorkerCounters;
 
 use crate::stun::{self, Class, Message, ParseError};
+use crate::turn::{Datagram, RelayIo, Turn, TurnSettings, TurnShared};
 pub use endpoints::Endpoints;
+
+/// Free bytes a driver leaves in front of every received datagram: room to prepend a
+/// ChannelData (4 bytes) or Data-indication header (up to 48 bytes) without moving the data.
+/// The io_uring driver's kernel-written header and source address occupy exactly this space.
+pub const HEADROOM: usize = 80;
 
 /// How a message reached the server; some STUN attributes only mean something over UDP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,33 +33,56 @@ pub enum Transport {
     Tcp,
 }
 
+/// The time, read once per loop turn by the driver: monotonic for timers, Unix seconds for
+/// nonces and REST credential expiry.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub mono: Instant,
+    pub unix: u64,
+}
+
+impl Now {
+    pub fn read() -> Now {
+        Now {
+            mono: Instant::now(),
+            unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+}
+
 /// What the driver does with the buffer after [`Server::handle`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Nothing to send; the buffer is free again.
     Drop,
-    /// Send `buf[..len]` from the worker's socket `socket` to `to` (over TCP: back on the
+    /// Send `buf[offset..offset + len]` from socket `socket` to `to` (over TCP: back on the
     /// connection, `socket` and `to` are then the connection's own).
-    Reply {
+    Send {
+        offset: usize,
         len: usize,
         socket: usize,
         to: SocketAddr,
     },
 }
 
-/// Settings derived from the configuration, shared read-only by all workers.
-#[derive(Debug)]
+/// Settings derived from one configuration generation, shared read-only by all workers.
 pub struct Settings {
     pub endpoints: Endpoints,
     /// SOFTWARE attribute value; empty hides it.
     pub software: String,
+    pub turn: TurnSettings,
 }
 
 impl Settings {
-    pub fn from_config(config: &Config) -> Settings {
+    /// `secret` keys the stateless nonces; it is drawn once per dataplane process.
+    pub fn from_config(config: &Config, secret: &[u8; 32]) -> Settings {
         Settings {
             endpoints: Endpoints::from_config(config),
             software: config.stun.software.clone(),
+            turn: TurnSettings::from_config(config, secret),
         }
     }
 }
@@ -61,15 +90,25 @@ impl Settings {
 /// One per worker thread.
 pub struct Server {
     settings: Arc<Settings>,
+    turn: Turn,
 }
 
 impl Server {
-    pub fn new(settings: Arc<Settings>) -> Server {
-        Server { settings }
+    /// `seed` varies per worker (rate-limiter hashing and indication transaction ids).
+    pub fn new(settings: Arc<Settings>, shared: Arc<TurnShared>, seed: u64) -> Server {
+        let first_relay = settings.endpoints.len();
+        Server {
+            settings,
+            turn: Turn::new(shared, first_relay, seed),
+        }
     }
 
     pub fn settings(&self) -> &Arc<Settings> {
         &self.settings
+    }
+
+    pub fn turn(&self) -> &Turn {
+        &self.turn
     }
 
     /// Applies a new configuration; takes effect from the next packet.
@@ -77,16 +116,30 @@ impl Server {
         self.settings = settings;
     }
 
-    /// Handles the message in `buf[..len]`, received on socket `socket` from `from`.
-    /// `buf` is the whole buffer: a reply may be longer than the request.
+    /// Timers: call once per loop turn.
+    pub fn tick(&mut self, now: Now, io: &mut dyn RelayIo, stats: &WorkerCounters) {
+        self.turn.sweep(now, io, stats);
+    }
+
+    /// Ends every allocation (shutdown).
+    pub fn shutdown(&mut self, io: &mut dyn RelayIo, stats: &WorkerCounters) {
+        self.turn.clear(io, stats);
+    }
+
+    /// Handles the datagram in `buf[start..start + len]`, received on socket `socket` from
+    /// `from`. `buf[..start]` is headroom and the rest of `buf` tailroom: a reply may be
+    /// written anywhere in `buf`, and the returned action says where it is.
+    #[allow(clippy::too_many_arguments)]
     pub fn handle(
         &mut self,
-        _now: Instant,
+        now: Now,
         transport: Transport,
         socket: usize,
         from: SocketAddr,
         buf: &mut [u8],
+        start: usize,
         len: usize,
+        io: &mut dyn RelayIo,
         stats: &WorkerCounters,
     ) -> Action {
         let from = canonical(from);
@@ -94,25 +147,65 @@ impl Server {
             stats.incr(Counter::DropBadSource);
             return Action::Drop;
         }
-        let Some(data) = buf.get(..len) else {
+        if start.checked_add(len).is_none_or(|end| end > buf.len()) {
             stats.incr(Counter::DropBadLength);
             return Action::Drop;
+        }
+        let d = Datagram {
+            socket,
+            from,
+            start,
+            len,
         };
-        let msg = match Message::parse(data) {
-            Ok(m) => m,
+        let settings = Arc::clone(&self.settings);
+        if self.turn.is_relay_socket(socket) {
+            return self.turn.on_peer_data(&settings.turn, d, buf, now, stats);
+        }
+        // ChannelData starts with 0b01; STUN with 0b00 (RFC 8656 §12).
+        if transport == Transport::Udp && len >= 4 && buf[start] & 0xC0 == 0x40 {
+            return self
+                .turn
+                .on_channel_data(&settings.turn, d, buf, now, stats);
+        }
+        let (class, method) = match Message::parse(&buf[start..start + len]) {
+            Ok(m) => {
+                if m.class() == Class::Indication && m.method() == stun::method::SEND {
+                    if transport == Transport::Tcp {
+                        stats.incr(Counter::DropUnknownMethod);
+                        return Action::Drop;
+                    }
+                    return self
+                        .turn
+                        .on_send_indication(&settings.turn, d, &m, now, stats);
+                }
+                (m.class(), m.method())
+            }
             Err(e) => {
                 stats.incr(drop_counter(e));
                 return Action::Drop;
             }
         };
-        match (msg.class(), msg.method()) {
+        match (class, method) {
             (Class::Request, stun::method::BINDING) => {
-                let request = binding::Request::read(&msg, transport);
-                binding::respond(&self.settings, &request, socket, from, buf, stats)
+                let request = match Message::parse(&buf[start..start + len]) {
+                    Ok(m) => binding::Request::read(&m, transport),
+                    Err(_) => return Action::Drop,
+                };
+                binding::respond(&settings, &request, socket, from, buf, stats)
             }
             (Class::Indication, stun::method::BINDING) => {
                 stats.incr(Counter::StunBindingIndication);
                 Action::Drop
+            }
+            (
+                Class::Request,
+                stun::method::ALLOCATE
+                | stun::method::REFRESH
+                | stun::method::CREATE_PERMISSION
+                | stun::method::CHANNEL_BIND,
+            ) if transport == Transport::Udp => {
+                self.turn
+                    .on_request(&settings.turn, &settings.software, d, buf, now, io, stats)
             }
             (Class::Request | Class::Indication, _) => {
                 stats.incr(Counter::DropUnknownMethod);

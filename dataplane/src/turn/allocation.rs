@@ -1,0 +1,186 @@
+//! One TURN allocation and the per-worker table of them.
+//!
+//! Allocations are owned by the worker whose listen socket received the Allocate: the kernel
+//! spreads `SO_REUSEPORT` traffic by the 4-tuple, so every later packet of that client 5-tuple
+//! reaches the same worker, and the relay socket is that worker's too. The table is therefore
+//! private to its worker: lookups on the packet path take no lock and share no cache line.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::auth::{Integrity, Key};
+
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+
+#[derive(Clone, Copy, Debug)]
+pub struct Permission {
+    pub ip: IpAddr,
+    pub expires: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Channel {
+    pub number: u16,
+    pub peer: SocketAddr,
+    pub expires: Instant,
+}
+
+/// A byte budget refilled continuously: the optional per-allocation bandwidth cap.
+#[derive(Clone, Copy, Debug)]
+pub struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    pub fn new(now: Instant, rate: u64) -> Bucket {
+        Bucket {
+            tokens: rate as f64,
+            last: now,
+        }
+    }
+
+    /// Takes `n` bytes if the budget allows; `rate` 0 means unlimited.
+    pub fn take(&mut self, now: Instant, rate: u64, n: usize) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * rate as f64).min(rate as f64);
+        if self.tokens >= n as f64 {
+            self.tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Traffic {
+    pub packets_to_peer: u64,
+    pub bytes_to_peer: u64,
+    pub packets_to_client: u64,
+    pub bytes_to_client: u64,
+}
+
+#[derive(Debug)]
+pub struct Allocation {
+    pub id: u64,
+    pub client: SocketAddr,
+    /// Listen socket the client talks to; replies and relayed data leave from it.
+    pub listen_socket: usize,
+    pub relay_socket: usize,
+    /// Address the relay socket is bound to.
+    pub relay_local: SocketAddr,
+    /// Address told to the client (external_ip when behind a static NAT map).
+    pub relay_public: SocketAddr,
+    pub created: Instant,
+    pub expires: Instant,
+    /// Transaction of the Allocate that made it: a retransmission gets the same answer.
+    pub tid: [u8; 12],
+    pub username: Box<str>,
+    pub key: Key,
+    pub integrity: Integrity,
+    pub reservation_token: Option<[u8; 8]>,
+    pub permissions: Vec<Permission>,
+    pub channels: Vec<Channel>,
+    pub traffic: Traffic,
+    pub up: Bucket,
+    pub down: Bucket,
+}
+
+impl Allocation {
+    pub fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions
+            .iter()
+            .any(|p| p.ip == ip && p.expires > now)
+    }
+
+    pub fn channel_by_number(&self, number: u16, now: Instant) -> Option<&Channel> {
+        self.channels
+            .iter()
+            .find(|c| c.number == number && c.expires > now)
+    }
+
+    pub fn channel_by_peer(&self, peer: SocketAddr, now: Instant) -> Option<&Channel> {
+        self.channels
+            .iter()
+            .find(|c| c.peer == peer && c.expires > now)
+    }
+}
+
+/// The allocations of one worker, found by client 5-tuple or by relay socket.
+#[derive(Default)]
+pub struct Table {
+    slots: Vec<Option<Allocation>>,
+    free: Vec<usize>,
+    by_client: HashMap<(SocketAddr, usize), usize>,
+    by_relay: HashMap<usize, usize>,
+}
+
+impl Table {
+    pub fn len(&self) -> usize {
+        self.by_client.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_client.is_empty()
+    }
+
+    pub fn by_client(&self, client: SocketAddr, listen_socket: usize) -> Option<usize> {
+        self.by_client.get(&(client, listen_socket)).copied()
+    }
+
+    pub fn by_relay(&self, socket: usize) -> Option<usize> {
+        self.by_relay.get(&socket).copied()
+    }
+
+    pub fn get(&self, slot: usize) -> Option<&Allocation> {
+        self.slots.get(slot).and_then(|s| s.as_ref())
+    }
+
+    pub fn get_mut(&mut self, slot: usize) -> Option<&mut Allocation> {
+        self.slots.get_mut(slot).and_then(|s| s.as_mut())
+    }
+
+    pub fn insert(&mut self, a: Allocation) -> usize {
+        let key = (a.client, a.listen_socket);
+        let relay = a.relay_socket;
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slots[s] = Some(a);
+                s
+            }
+            None => {
+                self.slots.push(Some(a));
+                self.slots.len() - 1
+            }
+        };
+        self.by_client.insert(key, slot);
+        self.by_relay.insert(relay, slot);
+        slot
+    }
+
+    pub fn remove(&mut self, slot: usize) -> Option<Allocation> {
+        let a = self.slots.get_mut(slot)?.take()?;
+        self.by_client.remove(&(a.client, a.listen_socket));
+        self.by_relay.remove(&a.relay_socket);
+        self.free.push(slot);
+        Some(a)
+    }
+
+    pub fn slots(&self) -> impl Iterator<Item = (usize, &Allocation)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|a| (i, a)))
+    }
+
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+}

@@ -1,0 +1,420 @@
+//! TURN over UDP (RFC 8656): allocations, permissions, channels, Send/Data indications and
+//! ChannelData, as a sans-IO core.
+//!
+//! The core decides; the driver does the I/O. Opening and closing relay sockets goes through
+//! [`RelayIo`], implemented by each driver (and by a fake in the tests). Relayed data never
+//! moves: a ChannelData or Send payload is sent from where it lies in the receive buffer, and
+//! data from a peer gets its ChannelData or Data-indication header written into the headroom
+//! in front of it.
+
+pub mod allocation;
+pub mod auth;
+pub mod policy;
+pub mod ratelimit;
+mod requests;
+pub mod settings;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use portico_shared::counters::Counter;
+use portico_shared::shm::WorkerCounters;
+
+use crate::server::{Action, Now};
+use crate::stun::{self, attr};
+use allocation::{Allocation, Table};
+pub use settings::TurnSettings;
+
+/// Channel numbers accepted in ChannelBind. RFC 8656 allows 0x4000-0x4FFF; RFC 5766 allowed
+/// up to 0x7FFE, and clients of that era (coturn's own test client among them) still pick
+/// numbers above 0x4FFF. Both ranges demultiplex the same way (first two bits 01), so the
+/// wider one costs nothing and keeps those clients working.
+pub const CHANNEL_NUMBERS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFE;
+
+/// Socket operations the core asks of its driver.
+pub trait RelayIo {
+    /// Binds a relay socket to `addr` and starts receiving on it; returns its socket index.
+    fn open(&mut self, addr: SocketAddr, dont_fragment: bool) -> io::Result<usize>;
+    /// Binds a socket without receiving on it: an EVEN-PORT reservation held for a later
+    /// Allocate, possibly on another worker.
+    fn reserve(&mut self, addr: SocketAddr) -> io::Result<UdpSocket>;
+    /// Starts receiving on a reserved socket; returns its socket index.
+    fn adopt(&mut self, socket: UdpSocket, dont_fragment: bool) -> io::Result<usize>;
+    /// Stops receiving on a relay socket and closes it.
+    fn close(&mut self, socket: usize);
+}
+
+/// A driver without relay sockets (the TCP thread): every open fails, so Allocate answers
+/// 508.
+pub struct NoRelay;
+
+impl RelayIo for NoRelay {
+    fn open(&mut self, _: SocketAddr, _: bool) -> io::Result<usize> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    fn reserve(&mut self, _: SocketAddr) -> io::Result<UdpSocket> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    fn adopt(&mut self, _: UdpSocket, _: bool) -> io::Result<usize> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    fn close(&mut self, _: usize) {}
+}
+
+/// A reserved relay port (EVEN-PORT with R bit), redeemable once by RESERVATION-TOKEN.
+pub struct Reservation {
+    pub socket: UdpSocket,
+    pub addr: SocketAddr,
+    pub expires: Instant,
+}
+
+/// State shared by all workers of the process (not by configuration generations): quotas
+/// and reservations. Touched only by Allocate and by expiry, never per relayed packet.
+#[derive(Default)]
+pub struct TurnShared {
+    pub allocations: AtomicUsize,
+    pub per_user: Mutex<HashMap<Box<str>, usize>>,
+    pub reservations: Mutex<HashMap<[u8; 8], Reservation>>,
+    pub next_id: AtomicU64,
+}
+
+impl TurnShared {
+    fn release_user(&self, user: &str) {
+        if let Ok(mut m) = self.per_user.lock() {
+            if let Some(n) = m.get_mut(user) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(user);
+                }
+            }
+        }
+    }
+}
+
+/// Where the payload of an incoming datagram sits in its buffer; the bytes before `start`
+/// are free headroom for headers.
+#[derive(Clone, Copy, Debug)]
+pub struct Datagram {
+    pub socket: usize,
+    pub from: SocketAddr,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Per-worker TURN state.
+pub struct Turn {
+    shared: Arc<TurnShared>,
+    table: Table,
+    limiter: ratelimit::ErrorLimiter,
+    /// Cheap generator for Data-indication transaction ids, which need not be secret.
+    tid_state: u64,
+    last_sweep: Option<Instant>,
+    /// Relay socket indices start here; lower indices are listen sockets.
+    pub first_relay_socket: usize,
+}
+
+impl Turn {
+    pub fn new(shared: Arc<TurnShared>, first_relay_socket: usize, seed: u64) -> Turn {
+        Turn {
+            shared,
+            table: Table::default(),
+            limiter: ratelimit::ErrorLimiter::new(seed),
+            tid_state: seed | 1,
+            last_sweep: None,
+            first_relay_socket,
+        }
+    }
+
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    pub fn is_relay_socket(&self, socket: usize) -> bool {
+        socket >= self.first_relay_socket
+    }
+
+    fn next_tid(&mut self) -> [u8; 12] {
+        let mut t = [0u8; 12];
+        for chunk in t.chunks_mut(4) {
+            self.tid_state ^= self.tid_state << 13;
+            self.tid_state ^= self.tid_state >> 7;
+            self.tid_state ^= self.tid_state << 17;
+            chunk.copy_from_slice(&(self.tid_state as u32).to_ne_bytes());
+        }
+        t
+    }
+
+    /// ChannelData from a client (RFC 8656 §12.4): forward the payload from where it lies.
+    pub fn on_channel_data(
+        &mut self,
+        settings: &TurnSettings,
+        d: Datagram,
+        buf: &[u8],
+        now: Now,
+        stats: &WorkerCounters,
+    ) -> Action {
+        let Some(h) = buf.get(d.start..d.start + 4) else {
+            stats.incr(Counter::DropBadChannelData);
+            return Action::Drop;
+        };
+        let number = u16::from_be_bytes([h[0], h[1]]);
+        let len = usize::from(u16::from_be_bytes([h[2], h[3]]));
+        // Over UDP the datagram may carry up to 3 bytes of padding after the data.
+        if !CHANNEL_NUMBERS.contains(&number) || len + 4 > d.len || d.len > len + 4 + 3 {
+            stats.incr(Counter::DropBadChannelData);
+            return Action::Drop;
+        }
+        let Some(slot) = self.table.by_client(d.from, d.socket) else {
+            stats.incr(Counter::DropNoAllocation);
+            return Action::Drop;
+        };
+        let Some(a) = self.table.get_mut(slot) else {
+            return Action::Drop;
+        };
+        let Some(peer) = a.channel_by_number(number, now.mono).map(|c| c.peer) else {
+            stats.incr(Counter::DropNoChannel);
+            return Action::Drop;
+        };
+        if !a.up.take(now.mono, settings.max_bandwidth, len) {
+            stats.incr(Counter::DropBandwidth);
+            return Action::Drop;
+        }
+        a.traffic.packets_to_peer += 1;
+        a.traffic.bytes_to_peer += len as u64;
+        stats.incr(Counter::RelayClientToPeerPackets);
+        stats.add(Counter::RelayClientToPeerBytes, len as u64);
+        Action::Send {
+            offset: d.start + 4,
+            len,
+            socket: a.relay_socket,
+            to: peer,
+        }
+    }
+
+    /// A Send indication (RFC 8656 §11.2): DATA goes to XOR-PEER-ADDRESS if permitted.
+    pub fn on_send_indication(
+        &mut self,
+        settings: &TurnSettings,
+        d: Datagram,
+        msg: &stun::Message<'_>,
+        now: Now,
+        stats: &WorkerCounters,
+    ) -> Action {
+        let Some(slot) = self.table.by_client(d.from, d.socket) else {
+            stats.incr(Counter::DropNoAllocation);
+            return Action::Drop;
+        };
+        let tid = msg.transaction_id();
+        let mut peer = None;
+        let mut data = None;
+        for a in msg.attributes() {
+            match a.typ {
+                attr::XOR_PEER_ADDRESS if peer.is_none() => {
+                    peer = attr::decode_xor_address(a.value, &tid).ok();
+                }
+                attr::DATA if data.is_none() => {
+                    // Offset of the value inside the datagram.
+                    data = Some((a.offset + 4, a.value.len()));
+                }
+                _ => {}
+            }
+        }
+        let (Some(peer), Some((off, len))) = (peer, data) else {
+            stats.incr(Counter::DropBadAttribute);
+            return Action::Drop;
+        };
+        let Some(a) = self.table.get_mut(slot) else {
+            return Action::Drop;
+        };
+        let peer = SocketAddr::new(policy::canonical(peer.ip()), peer.port());
+        if peer.is_ipv4() != a.relay_local.is_ipv4() || !a.has_permission(peer.ip(), now.mono) {
+            stats.incr(Counter::DropNoPermission);
+            return Action::Drop;
+        }
+        if !a.up.take(now.mono, settings.max_bandwidth, len) {
+            stats.incr(Counter::DropBandwidth);
+            return Action::Drop;
+        }
+        a.traffic.packets_to_peer += 1;
+        a.traffic.bytes_to_peer += len as u64;
+        stats.incr(Counter::RelayClientToPeerPackets);
+        stats.add(Counter::RelayClientToPeerBytes, len as u64);
+        Action::Send {
+            offset: d.start + off,
+            len,
+            socket: a.relay_socket,
+            to: peer,
+        }
+    }
+
+    /// A datagram from a peer on a relay socket: to the client as ChannelData when a
+    /// channel is bound, else as a Data indication, the header written in front of the data.
+    pub fn on_peer_data(
+        &mut self,
+        settings: &TurnSettings,
+        d: Datagram,
+        buf: &mut [u8],
+        now: Now,
+        stats: &WorkerCounters,
+    ) -> Action {
+        let Some(slot) = self.table.by_relay(d.socket) else {
+            stats.incr(Counter::DropNoAllocation);
+            return Action::Drop;
+        };
+        let tid = self.next_tid();
+        let Some(a) = self.table.get_mut(slot) else {
+            return Action::Drop;
+        };
+        let from = SocketAddr::new(policy::canonical(d.from.ip()), d.from.port());
+        if !a.has_permission(from.ip(), now.mono) {
+            stats.incr(Counter::DropNoPermission);
+            return Action::Drop;
+        }
+        if d.len > usize::from(u16::MAX) || !a.down.take(now.mono, settings.max_bandwidth, d.len) {
+            stats.incr(Counter::DropBandwidth);
+            return Action::Drop;
+        }
+        let (offset, total) = match a.channel_by_peer(from, now.mono) {
+            Some(ch) if d.start >= 4 => {
+                let o = d.start - 4;
+                buf[o..o + 2].copy_from_slice(&ch.number.to_be_bytes());
+                buf[o + 2..o + 4].copy_from_slice(&(d.len as u16).to_be_bytes());
+                (o, d.len + 4)
+            }
+            _ => match data_indication(buf, d, from, &tid) {
+                Some(x) => x,
+                None => {
+                    stats.incr(Counter::DropTruncated);
+                    return Action::Drop;
+                }
+            },
+        };
+        a.traffic.packets_to_client += 1;
+        a.traffic.bytes_to_client += d.len as u64;
+        stats.incr(Counter::RelayPeerToClientPackets);
+        stats.add(Counter::RelayPeerToClientBytes, d.len as u64);
+        Action::Send {
+            offset,
+            len: total,
+            socket: a.listen_socket,
+            to: a.client,
+        }
+    }
+
+    /// Ends an allocation: closes its relay socket and gives back its quota.
+    fn end(
+        &mut self,
+        slot: usize,
+        io: &mut dyn RelayIo,
+        stats: &WorkerCounters,
+        reason: Counter,
+    ) -> Option<Allocation> {
+        let a = self.table.remove(slot)?;
+        io.close(a.relay_socket);
+        self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
+        self.shared.release_user(&a.username);
+        stats.sub(Counter::TurnAllocationsActive, 1);
+        stats.sub(Counter::TurnPermissionsActive, a.permissions.len() as u64);
+        stats.sub(Counter::TurnChannelsActive, a.channels.len() as u64);
+        stats.incr(reason);
+        tracing::info!(
+            id = a.id,
+            client = %a.client,
+            relay = %a.relay_public,
+            user = %a.username,
+            reason = if reason == Counter::TurnAllocationsExpired { "expired" } else { "deleted" },
+            "allocation ended"
+        );
+        Some(a)
+    }
+
+    /// Expires allocations, permissions and channels; at most once per second of `now`.
+    pub fn sweep(&mut self, now: Now, io: &mut dyn RelayIo, stats: &WorkerCounters) {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.mono.saturating_duration_since(t).as_millis() < 1000)
+        {
+            return;
+        }
+        self.last_sweep = Some(now.mono);
+        let expired: Vec<usize> = self
+            .table
+            .slots()
+            .filter(|(_, a)| a.expires <= now.mono)
+            .map(|(i, _)| i)
+            .collect();
+        for slot in expired {
+            self.end(slot, io, stats, Counter::TurnAllocationsExpired);
+        }
+        for slot in 0..self.table.slot_count() {
+            if let Some(a) = self.table.get_mut(slot) {
+                let p = a.permissions.len();
+                a.permissions.retain(|p| p.expires > now.mono);
+                let c = a.channels.len();
+                a.channels.retain(|c| c.expires > now.mono);
+                stats.sub(
+                    Counter::TurnPermissionsActive,
+                    (p - a.permissions.len()) as u64,
+                );
+                stats.sub(Counter::TurnChannelsActive, (c - a.channels.len()) as u64);
+            }
+        }
+        if let Ok(mut r) = self.shared.reservations.try_lock() {
+            r.retain(|_, v| v.expires > now.mono);
+        }
+    }
+
+    /// Deletes every allocation (dataplane shutdown), so quotas and gauges stay right.
+    pub fn clear(&mut self, io: &mut dyn RelayIo, stats: &WorkerCounters) {
+        let all: Vec<usize> = self.table.slots().map(|(i, _)| i).collect();
+        for slot in all {
+            self.end(slot, io, stats, Counter::TurnAllocationsDeleted);
+        }
+    }
+}
+
+/// Writes a Data indication header (and padding) around the peer data at `d.start`.
+/// Returns the offset and length of the whole message.
+fn data_indication(
+    buf: &mut [u8],
+    d: Datagram,
+    peer: SocketAddr,
+    tid: &[u8; 12],
+) -> Option<(usize, usize)> {
+    let peer_attr = if peer.is_ipv4() { 12 } else { 24 };
+    let head = stun::HEADER_LEN + peer_attr + 4;
+    let offset = d.start.checked_sub(head)?;
+    let padded = d.len.div_ceil(4) * 4;
+    if d.start + padded > buf.len() {
+        return None;
+    }
+    let written = {
+        let mut w = stun::MessageWriter::new(
+            &mut buf[offset..d.start - 4],
+            stun::Class::Indication,
+            stun::method::DATA,
+            tid,
+        )
+        .ok()?;
+        w.add_xor_address(attr::XOR_PEER_ADDRESS, peer).ok()?;
+        w.finish()
+    };
+    if written != head - 4 {
+        return None;
+    }
+    let a = d.start - 4;
+    buf[a..a + 2].copy_from_slice(&attr::DATA.to_be_bytes());
+    buf[a + 2..a + 4].copy_from_slice(&(d.len as u16).to_be_bytes());
+    buf[d.start + d.len..d.start + padded].fill(0);
+    let total = head + padded;
+    let body = (total - stun::HEADER_LEN) as u16;
+    buf[offset + 2..offset + 4].copy_from_slice(&body.to_be_bytes());
+    Some((offset, total))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,726 @@
+//! TURN requests: Allocate, Refresh, CreatePermission, ChannelBind (RFC 8656 §7–§12).
+//!
+//! A request is read into a [`Req`] on the stack first, because the response is written
+//! over it in the same buffer.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use portico_shared::counters::Counter;
+use portico_shared::shm::WorkerCounters;
+
+use super::allocation::{
+    Allocation, Bucket, Channel, Permission, Traffic, CHANNEL_LIFETIME, PERMISSION_LIFETIME,
+};
+use super::auth::{AuthError, Authed, Integrity, NONCE_BYTES};
+use super::policy::{self, Denied};
+use super::{Datagram, RelayIo, Reservation, Turn, TurnSettings};
+use crate::server::{Action, Now};
+use crate::stun::{attr, method, Class, Message, MessageWriter};
+
+const MAX_UNKNOWN: usize = 8;
+const MAX_PEERS: usize = 8;
+const UDP: u8 = 17;
+const FAMILY_V4: u8 = 0x01;
+const FAMILY_V6: u8 = 0x02;
+/// How long an EVEN-PORT reservation is held (RFC 8656 §7.2 suggests about 30 s).
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// Random probes for a free relay port before giving up with 508.
+const PORT_TRIES: usize = 40;
+
+struct Req {
+    method: u16,
+    tid: [u8; 12],
+    unknown: [u16; MAX_UNKNOWN],
+    n_unknown: usize,
+    malformed: bool,
+    transport: Option<u8>,
+    lifetime: Option<u32>,
+    dont_fragment: bool,
+    even_port: Option<bool>,
+    token: Option<[u8; 8]>,
+    family: Option<u8>,
+    additional_family: Option<u8>,
+    channel: Option<u16>,
+    peers: [Option<SocketAddr>; MAX_PEERS],
+    n_peers: usize,
+}
+
+impl Req {
+    fn read(msg: &Message<'_>) -> Req {
+        let tid = msg.transaction_id();
+        let mut r = Req {
+            method: msg.method(),
+            tid,
+            unknown: [0; MAX_UNKNOWN],
+            n_unknown: 0,
+            malformed: false,
+            transport: None,
+            lifetime: None,
+            dont_fragment: false,
+            even_port: None,
+            token: None,
+            family: None,
+            additional_family: None,
+            channel: None,
+            peers: [None; MAX_PEERS],
+            n_peers: 0,
+        };
+        for a in msg.attributes() {
+            match a.typ {
+                attr::REQUESTED_TRANSPORT => match attr::decode_requested_transport(a.value) {
+                    Ok(t) => r.transport = Some(t),
+                    Err(_) => r.malformed = true,
+                },
+                attr::LIFETIME => match attr::decode_u32(a.value) {
+                    Ok(l) => r.lifetime = Some(l),
+                    Err(_) => r.malformed = true,
+                },
+                attr::DONT_FRAGMENT => r.dont_fragment = true,
+                attr::EVEN_PORT => match attr::decode_even_port(a.value) {
+                    Ok(reserve) => r.even_port = Some(reserve),
+                    Err(_) => r.malformed = true,
+                },
+                attr::RESERVATION_TOKEN => match <[u8; 8]>::try_from(a.value) {
+                    Ok(t) => r.token = Some(t),
+                    Err(_) => r.malformed = true,
+                },
+                attr::REQUESTED_ADDRESS_FAMILY => match attr::decode_address_family(a.value) {
+                    Ok(f) => r.family = Some(f),
+                    Err(_) => r.malformed = true,
+                },
+                attr::ADDITIONAL_ADDRESS_FAMILY => match attr::decode_address_family(a.value) {
+                    Ok(f) => r.additional_family = Some(f),
+                    Err(_) => r.malformed = true,
+                },
+                attr::CHANNEL_NUMBER => match attr::decode_channel_number(a.value) {
+                    Ok(c) => r.channel = Some(c),
+                    Err(_) => r.malformed = true,
+                },
+                attr::XOR_PEER_ADDRESS => match attr::decode_xor_address(a.value, &tid) {
+                    Ok(p) if r.n_peers < MAX_PEERS => {
+                        r.peers[r.n_peers] = Some(p);
+                        r.n_peers += 1;
+                    }
+                    Ok(_) => r.malformed = true,
+                    Err(_) => r.malformed = true,
+                },
+                attr::USERNAME
+                | attr::USERHASH
+                | attr::REALM
+                | attr::NONCE
+                | attr::MESSAGE_INTEGRITY
+                | attr::MESSAGE_INTEGRITY_SHA256
+                | attr::DATA => {}
+                t if attr::is_comprehension_required(t) => {
+                    if r.n_unknown < MAX_UNKNOWN && !r.unknown[..r.n_unknown].contains(&t) {
+                        r.unknown[r.n_unknown] = t;
+                        r.n_unknown += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        r
+    }
+
+    fn peers(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.peers[..self.n_peers].iter().flatten().copied()
+    }
+}
+
+/// What a successful request adds to its response.
+enum Success {
+    Allocate {
+        relayed: SocketAddr,
+        lifetime: u32,
+        token: Option<[u8; 8]>,
+        family_error: bool,
+    },
+    Refresh {
+        lifetime: u32,
+    },
+    Empty,
+}
+
+/// An error response: code and reason phrase.
+#[derive(Clone, Copy)]
+struct Failure(u16, &'static str);
+
+const BAD_REQUEST: Failure = Failure(400, "Bad Request");
+const FORBIDDEN: Failure = Failure(403, "Forbidden");
+const MISMATCH: Failure = Failure(437, "Allocation Mismatch");
+const WRONG_CREDENTIALS: Failure = Failure(441, "Wrong Credentials");
+const UNSUPPORTED_TRANSPORT: Failure = Failure(442, "Unsupported Transport Protocol");
+const FAMILY_NOT_SUPPORTED: Failure = Failure(440, "Address Family not Supported");
+const FAMILY_MISMATCH: Failure = Failure(443, "Peer Address Family Mismatch");
+const QUOTA: Failure = Failure(486, "Allocation Quota Reached");
+const CAPACITY: Failure = Failure(508, "Insufficient Capacity");
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // The system CSPRNG does not fail on Linux; a zero fallback only biases the port pick.
+    let _ = SystemRandom::new().fill(&mut b);
+    u32::from_ne_bytes(b)
+}
+
+impl Turn {
+    /// Handles a TURN request in `buf[d.start..d.start + d.len]`; the response is written at
+    /// the start of `buf`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_request(
+        &mut self,
+        s: &TurnSettings,
+        software: &str,
+        d: Datagram,
+        buf: &mut [u8],
+        now: Now,
+        io: &mut dyn RelayIo,
+        stats: &WorkerCounters,
+    ) -> Action {
+        let parsed = match Message::parse(&buf[d.start..d.start + d.len]) {
+            Ok(m) => {
+                let auth = s.credentials.authenticate(&m, d.from, now.unix);
+                Some((Req::read(&m), auth))
+            }
+            Err(_) => None,
+        };
+        let Some((req, auth)) = parsed else {
+            stats.incr(Counter::DropBadAttribute);
+            return Action::Drop;
+        };
+        let authed = match auth {
+            Ok(a) => a,
+            Err(e) => {
+                stats.incr(match e {
+                    AuthError::Challenge => Counter::TurnChallenges,
+                    AuthError::StaleNonce => Counter::TurnAuthStaleNonce,
+                    AuthError::UnknownUser => Counter::TurnAuthUnknownUser,
+                    AuthError::Expired => Counter::TurnAuthExpired,
+                    AuthError::BadIntegrity => Counter::TurnAuthBadIntegrity,
+                    AuthError::BadRequest => Counter::TurnRequestsError,
+                });
+                if e != AuthError::Challenge {
+                    tracing::debug!(source = %d.from, method = req.method, reason = ?e, "TURN authentication failed");
+                }
+                if !self.limiter.allow(d.from.ip(), now.mono, s.error_rate) {
+                    stats.incr(Counter::DropRateLimited);
+                    return Action::Drop;
+                }
+                let f = Failure(e.code(), e.reason());
+                let challenge = matches!(e.code(), 401 | 438);
+                return write_error(s, software, &req, d, buf, f, None, challenge, now);
+            }
+        };
+        if req.n_unknown > 0 {
+            stats.incr(Counter::TurnRequestsError);
+            let f = Failure(420, "Unknown Attribute");
+            return write_error(s, software, &req, d, buf, f, Some(&authed), false, now);
+        }
+        let result = if req.malformed {
+            Err(BAD_REQUEST)
+        } else {
+            match req.method {
+                method::ALLOCATE => self.allocate(s, &req, &authed, d, now, io, stats),
+                method::REFRESH => self.refresh(s, &req, &authed, d, now, io, stats),
+                method::CREATE_PERMISSION => {
+                    self.create_permission(s, &req, &authed, d, now, stats)
+                }
+                method::CHANNEL_BIND => self.channel_bind(s, &req, &authed, d, now, stats),
+                _ => Err(BAD_REQUEST),
+            }
+        };
+        match result {
+            Ok(success) => {
+                stats.incr(Counter::TurnRequestsOk);
+                write_success(software, &req, d, buf, &success, &authed)
+            }
+            Err(f) => {
+                stats.incr(Counter::TurnRequestsError);
+                tracing::debug!(client = %d.from, method = req.method, code = f.0, "TURN request refused");
+                write_error(s, software, &req, d, buf, f, Some(&authed), false, now)
+            }
+        }
+    }
+
+    /// The allocation of this client 5-tuple, checked to belong to the same user (441).
+    fn own_allocation(&self, d: Datagram, authed: &Authed) -> Result<usize, Failure> {
+        let slot = self.table.by_client(d.from, d.socket).ok_or(MISMATCH)?;
+        match self.table.get(slot) {
+            Some(a) if *a.username == *authed.username => Ok(slot),
+            Some(_) => Err(WRONG_CREDENTIALS),
+            None => Err(MISMATCH),
+        }
+    }
+
+    fn lifetime(s: &TurnSettings, requested: Option<u32>) -> Duration {
+        match requested {
+            Some(l) => Duration::from_secs(u64::from(l))
+                .max(s.default_lifetime)
+                .min(s.max_lifetime),
+            None => s.default_lifetime,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn allocate(
+        &mut self,
+        s: &TurnSettings,
+        req: &Req,
+        authed: &Authed,
+        d: Datagram,
+        now: Now,
+        io: &mut dyn RelayIo,
+        stats: &WorkerCounters,
+    ) -> Result<Success, Failure> {
+        if let Some(slot) = self.table.by_client(d.from, d.socket) {
+            // A retransmission of the Allocate that made it gets the same answer (RFC 8656
+            // §7.2 rule 2); anything else is a mismatch.
+            return match self.table.get(slot) {
+                Some(a) if a.tid == req.tid && *a.username == *authed.username => {
+                    Ok(Success::Allocate {
+                        relayed: a.relay_public,
+                        lifetime: a.expires.saturating_duration_since(now.mono).as_secs() as u32,
+                        token: None,
+                        family_error: false,
+                    })
+                }
+                _ => Err(MISMATCH),
+            };
+        }
+        match req.transport {
+            None => return Err(BAD_REQUEST),
+            Some(UDP) => {}
+            Some(_) => return Err(UNSUPPORTED_TRANSPORT),
+        }
+        if req.token.is_some() && (req.even_port.is_some() || req.family.is_some()) {
+            return Err(BAD_REQUEST);
+        }
+        if req.family.is_some() && req.additional_family.is_some() {
+            return Err(BAD_REQUEST);
+        }
+        let v4 = match req.family {
+            None | Some(FAMILY_V4) => true,
+            Some(FAMILY_V6) => false,
+            Some(_) => return Err(FAMILY_NOT_SUPPORTED),
+        };
+        // Dual allocation (ADDITIONAL-ADDRESS-FAMILY IPv6) is not offered: the IPv4 relay is
+        // allocated and the IPv6 part reported failed, as RFC 8656 §7.2 allows.
+        let family_error = req.additional_family == Some(FAMILY_V6);
+        if req.additional_family == Some(FAMILY_V4) {
+            return Err(BAD_REQUEST);
+        }
+
+        // Quotas: server-wide, then per user.
+        let total = self.shared.allocations.fetch_add(1, Ordering::Relaxed);
+        if total >= s.max_allocations {
+            self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
+            stats.incr(Counter::TurnQuotaRejected);
+            return Err(CAPACITY);
+        }
+        let user_ok = match self.shared.per_user.lock() {
+            Ok(mut m) => {
+                let n = m.entry(authed.username.clone()).or_insert(0);
+                if *n >= s.max_allocations_per_user {
+                    false
+                } else {
+                    *n += 1;
+                    true
+                }
+            }
+            Err(_) => false,
+        };
+        if !user_ok {
+            self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
+            stats.incr(Counter::TurnQuotaRejected);
+            return Err(QUOTA);
+        }
+        let opened = self.open_relay(s, req, v4, io);
+        let (socket, local, token) = match opened {
+            Ok(x) => x,
+            Err(f) => {
+                self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
+                self.shared.release_user(&authed.username);
+                stats.incr(Counter::TurnQuotaRejected);
+                return Err(f);
+            }
+        };
+        let lifetime = Self::lifetime(s, req.lifetime);
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let relay_public = s.public_address(local);
+        let a = Allocation {
+            id,
+            client: d.from,
+            listen_socket: d.socket,
+            relay_socket: socket,
+            relay_local: local,
+            relay_public,
+            created: now.mono,
+            expires: now.mono + lifetime,
+            tid: req.tid,
+            username: authed.username.clone(),
+            key: authed.key,
+            integrity: authed.integrity,
+            reservation_token: token,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            traffic: Traffic::default(),
+            up: Bucket::new(now.mono, s.max_bandwidth),
+            down: Bucket::new(now.mono, s.max_bandwidth),
+        };
+        self.table.insert(a);
+        stats.incr(Counter::TurnAllocationsCreated);
+        stats.add(Counter::TurnAllocationsActive, 1);
+        tracing::info!(
+            id,
+            client = %d.from,
+            relay = %relay_public,
+            user = %authed.username,
+            lifetime = lifetime.as_secs(),
+            "allocation created"
+        );
+        Ok(Success::Allocate {
+            relayed: relay_public,
+            lifetime: lifetime.as_secs() as u32,
+            token,
+            family_error,
+        })
+    }
+
+    /// Binds the relay socket: a redeemed reservation, an even port (with its odd neighbour
+    /// reserved when asked), or a random port of the range.
+    fn open_relay(
+        &mut self,
+        s: &TurnSettings,
+        req: &Req,
+        v4: bool,
+        io: &mut dyn RelayIo,
+    ) -> Result<(usize, SocketAddr, Option<[u8; 8]>), Failure> {
+        if let Some(token) = req.token {
+            let r = self
+                .shared
+                .reservations
+                .lock()
+                .ok()
+                .and_then(|mut m| m.remove(&token))
+                .ok_or(CAPACITY)?;
+            let addr = r.addr;
+            let socket = io
+                .adopt(r.socket, req.dont_fragment)
+                .map_err(|_| CAPACITY)?;
+            return Ok((socket, addr, None));
+        }
+        let ip = s.relay_ip(v4).ok_or(FAMILY_NOT_SUPPORTED)?;
+        let (low, high) = (s.ports.low, s.ports.high);
+        let span = u32::from(high - low) + 1;
+        for _ in 0..PORT_TRIES {
+            let mut port = (u32::from(low) + random_u32() % span) as u16;
+            if req.even_port.is_some() {
+                port &= !1;
+                if port < low || port.checked_add(1).is_none_or(|p| p > high) {
+                    continue;
+                }
+            }
+            let addr = SocketAddr::new(ip, port);
+            let reserve = req.even_port == Some(true);
+            let odd = if reserve {
+                match io.reserve(SocketAddr::new(ip, port + 1)) {
+                    Ok(sock) => Some(sock),
+                    Err(_) => continue,
+                }
+            } else {
+                None
+            };
+            let Ok(socket) = io.open(addr, req.dont_fragment) else {
+                continue;
+            };
+            let token = match odd {
+                Some(sock) => {
+                    let mut t = [0u8; 8];
+                    let _ = SystemRandom::new().fill(&mut t);
+                    if let Ok(mut m) = self.shared.reservations.lock() {
+                        m.insert(
+                            t,
+                            Reservation {
+                                socket: sock,
+                                addr: SocketAddr::new(ip, port + 1),
+                                expires: std::time::Instant::now() + RESERVATION_LIFETIME,
+                            },
+                        );
+                    }
+                    Some(t)
+                }
+                None => None,
+            };
+            return Ok((socket, addr, token));
+        }
+        Err(CAPACITY)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn refresh(
+        &mut self,
+        s: &TurnSettings,
+        req: &Req,
+        authed: &Authed,
+        d: Datagram,
+        now: Now,
+        io: &mut dyn RelayIo,
+        stats: &WorkerCounters,
+    ) -> Result<Success, Failure> {
+        let slot = self.own_allocation(d, authed)?;
+        if let (Some(f), Some(a)) = (req.family, self.table.get(slot)) {
+            if (f == FAMILY_V4) != a.relay_local.is_ipv4() {
+                return Err(FAMILY_MISMATCH);
+            }
+        }
+        if req.lifetime == Some(0) {
+            self.end(slot, io, stats, Counter::TurnAllocationsDeleted);
+            return Ok(Success::Refresh { lifetime: 0 });
+        }
+        let lifetime = Self::lifetime(s, req.lifetime);
+        if let Some(a) = self.table.get_mut(slot) {
+            a.expires = now.mono + lifetime;
+        }
+        Ok(Success::Refresh {
+            lifetime: lifetime.as_secs() as u32,
+        })
+    }
+
+    /// Checks a peer against family and policy; counts refusals.
+    fn check_peer(
+        s: &TurnSettings,
+        a: &Allocation,
+        peer: SocketAddr,
+        stats: &WorkerCounters,
+    ) -> Result<SocketAddr, Failure> {
+        let canon = policy::canonical(peer.ip());
+        if canon.is_ipv4() != a.relay_local.is_ipv4() {
+            return Err(FAMILY_MISMATCH);
+        }
+        match s.policy.check(peer.ip(), peer.port()) {
+            Ok(ip) => Ok(SocketAddr::new(ip, peer.port())),
+            Err(reason) => {
+                stats.incr(match reason {
+                    Denied::SpecialPurpose => Counter::TurnPeerDeniedSpecial,
+                    Denied::Configured => Counter::TurnPeerDeniedConfigured,
+                });
+                tracing::debug!(client = %a.client, peer = %peer, ?reason, "peer refused");
+                Err(FORBIDDEN)
+            }
+        }
+    }
+
+    fn permit(
+        s: &TurnSettings,
+        a: &mut Allocation,
+        ip: IpAddr,
+        now: Now,
+        stats: &WorkerCounters,
+    ) -> Result<(), Failure> {
+        let expires = now.mono + PERMISSION_LIFETIME;
+        if let Some(p) = a.permissions.iter_mut().find(|p| p.ip == ip) {
+            p.expires = expires;
+            return Ok(());
+        }
+        if a.permissions.len() >= s.max_permissions {
+            stats.incr(Counter::TurnQuotaRejected);
+            return Err(CAPACITY);
+        }
+        a.permissions.push(Permission { ip, expires });
+        stats.incr(Counter::TurnPermissionsCreated);
+        stats.add(Counter::TurnPermissionsActive, 1);
+        Ok(())
+    }
+
+    fn create_permission(
+        &mut self,
+        s: &TurnSettings,
+        req: &Req,
+        authed: &Authed,
+        d: Datagram,
+        now: Now,
+        stats: &WorkerCounters,
+    ) -> Result<Success, Failure> {
+        let slot = self.own_allocation(d, authed)?;
+        let a = self.table.get_mut(slot).ok_or(MISMATCH)?;
+        if req.n_peers == 0 {
+            return Err(BAD_REQUEST);
+        }
+        // All or nothing: every peer is checked before any permission is installed.
+        let mut ips = [None; MAX_PEERS];
+        for (i, peer) in req.peers().enumerate() {
+            ips[i] = Some(Self::check_peer(s, a, peer, stats)?.ip());
+        }
+        let new = ips
+            .iter()
+            .flatten()
+            .filter(|ip| !a.permissions.iter().any(|p| p.ip == **ip))
+            .count();
+        if a.permissions.len() + new > s.max_permissions {
+            stats.incr(Counter::TurnQuotaRejected);
+            return Err(CAPACITY);
+        }
+        for ip in ips.into_iter().flatten() {
+            Self::permit(s, a, ip, now, stats)?;
+        }
+        Ok(Success::Empty)
+    }
+
+    fn channel_bind(
+        &mut self,
+        s: &TurnSettings,
+        req: &Req,
+        authed: &Authed,
+        d: Datagram,
+        now: Now,
+        stats: &WorkerCounters,
+    ) -> Result<Success, Failure> {
+        let slot = self.own_allocation(d, authed)?;
+        let a = self.table.get_mut(slot).ok_or(MISMATCH)?;
+        let (Some(number), Some(peer), 1) = (req.channel, req.peers[0], req.n_peers) else {
+            return Err(BAD_REQUEST);
+        };
+        if !super::CHANNEL_NUMBERS.contains(&number) {
+            return Err(BAD_REQUEST);
+        }
+        let peer = Self::check_peer(s, a, peer, stats)?;
+        // RFC 8656 §12.2: a number bound to another peer, or a peer bound to another number,
+        // is refused; the same pair refreshes.
+        if a.channels
+            .iter()
+            .any(|c| (c.number == number) != (c.peer == peer))
+        {
+            return Err(BAD_REQUEST);
+        }
+        let expires = now.mono + CHANNEL_LIFETIME;
+        match a.channels.iter_mut().find(|c| c.number == number) {
+            Some(c) => c.expires = expires,
+            None => {
+                if a.channels.len() >= s.max_channels {
+                    stats.incr(Counter::TurnQuotaRejected);
+                    return Err(CAPACITY);
+                }
+                a.channels.push(Channel {
+                    number,
+                    peer,
+                    expires,
+                });
+                stats.incr(Counter::TurnChannelsCreated);
+                stats.add(Counter::TurnChannelsActive, 1);
+            }
+        }
+        Self::permit(s, a, peer.ip(), now, stats)?;
+        Ok(Success::Empty)
+    }
+}
+
+fn writer<'b>(buf: &'b mut [u8], req: &Req, class: Class) -> Option<MessageWriter<'b>> {
+    MessageWriter::new(buf, class, req.method, &req.tid).ok()
+}
+
+fn seal(mut w: MessageWriter<'_>, software: &str, authed: Option<&Authed>) -> Option<usize> {
+    if !software.is_empty() {
+        w.add_attribute(attr::SOFTWARE, software.as_bytes()).ok()?;
+    }
+    if let Some(a) = authed {
+        match a.integrity {
+            Integrity::Sha1 => w.add_message_integrity(a.key.bytes()).ok()?,
+            Integrity::Sha256 => w.add_message_integrity_sha256(a.key.bytes()).ok()?,
+        }
+    }
+    w.add_fingerprint().ok()?;
+    Some(w.finish())
+}
+
+fn reply(len: Option<usize>, d: Datagram) -> Action {
+    match len {
+        Some(len) => Action::Send {
+            offset: 0,
+            len,
+            socket: d.socket,
+            to: d.from,
+        },
+        None => Action::Drop,
+    }
+}
+
+fn write_success(
+    software: &str,
+    req: &Req,
+    d: Datagram,
+    buf: &mut [u8],
+    success: &Success,
+    authed: &Authed,
+) -> Action {
+    let len = (|| {
+        let mut w = writer(buf, req, Class::SuccessResponse)?;
+        match *success {
+            Success::Allocate {
+                relayed,
+                lifetime,
+                token,
+                family_error,
+            } => {
+                w.add_xor_address(attr::XOR_RELAYED_ADDRESS, relayed).ok()?;
+                w.add_u32(attr::LIFETIME, lifetime).ok()?;
+                if let Some(t) = token {
+                    w.add_attribute(attr::RESERVATION_TOKEN, &t).ok()?;
+                }
+                w.add_xor_address(attr::XOR_MAPPED_ADDRESS, d.from).ok()?;
+                if family_error {
+                    // ADDRESS-ERROR-CODE: family 0x02 (IPv6), then an ERROR-CODE-shaped body.
+                    let reason = b"Address Family not Supported";
+                    let mut v = [0u8; 4 + 28];
+                    v[0] = FAMILY_V6;
+                    v[2] = 4;
+                    v[3] = 40;
+                    v[4..].copy_from_slice(reason);
+                    w.add_attribute(attr::ADDRESS_ERROR_CODE, &v).ok()?;
+                }
+            }
+            Success::Refresh { lifetime } => w.add_u32(attr::LIFETIME, lifetime).ok()?,
+            Success::Empty => {}
+        }
+        seal(w, software, Some(authed))
+    })();
+    reply(len, d)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_error(
+    s: &TurnSettings,
+    software: &str,
+    req: &Req,
+    d: Datagram,
+    buf: &mut [u8],
+    f: Failure,
+    authed: Option<&Authed>,
+    challenge: bool,
+    now: Now,
+) -> Action {
+    let len = (|| {
+        let mut w = writer(buf, req, Class::ErrorResponse)?;
+        w.add_error_code(f.0, f.1).ok()?;
+        if f.0 == 420 {
+            w.add_unknown_attributes(&req.unknown[..req.n_unknown])
+                .ok()?;
+        }
+        if challenge {
+            let mut nonce = [0u8; NONCE_BYTES];
+            s.credentials.nonce(d.from, now.unix, &mut nonce);
+            w.add_attribute(attr::REALM, s.credentials.realm().as_bytes())
+                .ok()?;
+            w.add_attribute(attr::NONCE, &nonce).ok()?;
+            w.add_attribute(
+                attr::PASSWORD_ALGORITHMS,
+                s.credentials.password_algorithms(),
+            )
+            .ok()?;
+        }
+        seal(w, software, authed)
+    })();
+    reply(len, d)
+}

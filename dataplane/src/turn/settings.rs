@@ -1,0 +1,120 @@
+//! TURN settings derived from one configuration generation, shared read-only by workers.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use portico_shared::config::{Config, PortRange};
+
+use super::auth::Credentials;
+use super::policy::PeerPolicy;
+
+pub struct TurnSettings {
+    pub credentials: Credentials,
+    pub policy: PeerPolicy,
+    /// Address relay sockets bind to, per family.
+    pub relay_v4: Option<IpAddr>,
+    pub relay_v6: Option<IpAddr>,
+    /// Advertised relay address when a static NAT map sits in front (same family only).
+    pub external_ip: Option<IpAddr>,
+    pub ports: PortRange,
+    pub default_lifetime: Duration,
+    pub max_lifetime: Duration,
+    pub max_allocations: usize,
+    pub max_allocations_per_user: usize,
+    pub max_permissions: usize,
+    pub max_channels: usize,
+    pub max_bandwidth: u64,
+    pub error_rate: u32,
+}
+
+/// The local address of the interface the default route of a family leaves from. A UDP
+/// `connect` only consults the routing table; nothing is sent.
+fn route_source(probe: SocketAddr) -> Option<IpAddr> {
+    let any: SocketAddr = if probe.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = UdpSocket::bind(any).ok()?;
+    s.connect(probe).ok()?;
+    Some(s.local_addr().ok()?.ip()).filter(|ip| !ip.is_unspecified())
+}
+
+fn pick_relay(config: &Config, v4: bool) -> Option<IpAddr> {
+    if let Some(ip) = config.turn.relay_ip.iter().find(|ip| ip.is_ipv4() == v4) {
+        return Some(*ip);
+    }
+    if let Some(a) = config
+        .turn
+        .listen
+        .iter()
+        .find(|a| a.is_ipv4() == v4 && !a.ip().is_unspecified())
+    {
+        return Some(a.ip());
+    }
+    // Only wildcard listeners of this family (or none): use the default route's source.
+    if !config.turn.listen.iter().any(|a| a.is_ipv4() == v4) {
+        return None;
+    }
+    let probe: SocketAddr = if v4 {
+        "192.0.2.1:9".parse().ok()?
+    } else {
+        "[2001:db8::1]:9".parse().ok()?
+    };
+    route_source(probe).or(if v4 {
+        Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    } else {
+        None
+    })
+}
+
+impl TurnSettings {
+    pub fn from_config(config: &Config, nonce_secret: &[u8; 32]) -> TurnSettings {
+        let t = &config.turn;
+        let relay_v4 = pick_relay(config, true);
+        let relay_v6 = pick_relay(config, false);
+        let ports = config.relay_port_range();
+        let mut own: Vec<IpAddr> = [relay_v4, relay_v6, t.external_ip]
+            .into_iter()
+            .flatten()
+            .collect();
+        own.dedup();
+        TurnSettings {
+            credentials: Credentials::from_config(config, nonce_secret),
+            policy: PeerPolicy::new(
+                config.allow_peers(),
+                config.deny_peers(),
+                own,
+                (ports.low, ports.high),
+            ),
+            relay_v4,
+            relay_v6,
+            external_ip: t.external_ip,
+            ports,
+            default_lifetime: Duration::from_secs(u64::from(t.default_lifetime)),
+            max_lifetime: Duration::from_secs(u64::from(t.max_lifetime)),
+            max_allocations: t.max_allocations,
+            max_allocations_per_user: t.max_allocations_per_user,
+            max_permissions: t.max_permissions,
+            max_channels: t.max_channels,
+            max_bandwidth: t.max_bandwidth,
+            error_rate: t.error_rate,
+        }
+    }
+
+    pub fn relay_ip(&self, v4: bool) -> Option<IpAddr> {
+        if v4 {
+            self.relay_v4
+        } else {
+            self.relay_v6
+        }
+    }
+
+    /// The address clients are told for a relay bound at `local`.
+    pub fn public_address(&self, local: SocketAddr) -> SocketAddr {
+        match self.external_ip {
+            Some(ext) if ext.is_ipv4() == local.is_ipv4() => SocketAddr::new(ext, local.port()),
+            _ => local,
+        }
+    }
+}
