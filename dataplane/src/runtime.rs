@@ -122,6 +122,7 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         settings: Mutex::new(Arc::new(settings)),
         turn: Arc::new(TurnShared::default()),
         secret,
+        workers,
     });
     let seg = shared.shm.segment();
     seg.header.driver.store(driver as u32, Ordering::Relaxed);

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::addr::{Cidr, CidrList};
+use crate::proxy_config::ProxyConfig;
 
 /// A configuration error a person can act on: the key, and what is wrong with its value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +52,7 @@ pub struct Config {
     pub turn: TurnConfig,
     pub stun: StunConfig,
     pub api: ApiConfig,
+    pub proxy: ProxyConfig,
 }
 
 impl Default for Config {
@@ -61,6 +63,7 @@ impl Default for Config {
             turn: TurnConfig::default(),
             stun: StunConfig::default(),
             api: ApiConfig::default(),
+            proxy: ProxyConfig::default(),
         }
     }
 }
@@ -401,6 +404,7 @@ impl Config {
                 format!("{} is more than {}", t.workers, crate::shm::MAX_WORKERS),
             ));
         }
+        self.proxy.validate()?;
         if self.stun.software.len() > 763 {
             return Err(err("stun.software", "is longer than 763 bytes (RFC 8489)"));
         }

@@ -13,4 +13,5 @@
 pub mod addr;
 pub mod config;
 pub mod counters;
+pub mod proxy_config;
 pub mod shm;

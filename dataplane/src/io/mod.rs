@@ -25,8 +25,12 @@ use std::time::Duration;
 use portico_shared::shm::SharedMemory;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::server::Now;
 use crate::server::{Server, Settings};
-use crate::turn::TurnShared;
+use crate::turn::allocation::Allocation;
+use crate::turn::{AllocationSink, NoSink, TurnShared};
+use portico_shared::shm::{AllocInfo, ALLOC_RECORDS, MAX_WORKERS};
+use std::collections::HashMap;
 
 /// How long a driver may sleep before it looks at the stop flag and the configuration.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -46,6 +50,8 @@ pub struct Shared {
     pub turn: Arc<TurnShared>,
     /// Keys the stateless TURN nonces; drawn once per process so nonces survive reloads.
     pub secret: [u8; 32],
+    /// Worker threads started (they split the allocation records).
+    pub workers: usize,
 }
 
 impl Shared {
@@ -60,8 +66,9 @@ impl Shared {
         }
     }
 
-    /// A protocol core for worker `index`.
-    pub fn new_server(&self, index: usize) -> Server {
+    /// A protocol core for worker `index` (or the TCP thread, whose index is past the
+    /// workers').
+    pub fn new_server(self: &Arc<Self>, index: usize) -> Server {
         let seed = u64::from_le_bytes([
             self.secret[0],
             self.secret[1],
@@ -72,7 +79,17 @@ impl Shared {
             self.secret[6],
             self.secret[7],
         ]) ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        Server::new(self.current_settings(), Arc::clone(&self.turn), seed)
+        let sink: Box<dyn AllocationSink> = if index < MAX_WORKERS && self.workers > 0 {
+            let per = ALLOC_RECORDS / self.workers;
+            Box::new(ShmSink {
+                shared: Arc::clone(self),
+                records: (index * per..(index + 1) * per).rev().collect(),
+                by_id: HashMap::new(),
+            })
+        } else {
+            Box::new(NoSink)
+        };
+        Server::new(self.current_settings(), Arc::clone(&self.turn), seed, sink)
     }
 
     pub fn publish_settings(&self, s: Settings) {
@@ -82,6 +99,65 @@ impl Shared {
             Err(p) => *p.into_inner() = s,
         }
         self.settings_generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Publishes a worker's allocations into its share of the shared-memory records.
+struct ShmSink {
+    shared: Arc<Shared>,
+    /// Free record indices of this worker.
+    records: Vec<usize>,
+    by_id: HashMap<u64, usize>,
+}
+
+impl AllocationSink for ShmSink {
+    fn publish(&mut self, a: &Allocation, now: Now) {
+        let idx = match self.by_id.get(&a.id) {
+            Some(i) => *i,
+            None => match self.records.pop() {
+                Some(i) => {
+                    self.by_id.insert(a.id, i);
+                    i
+                }
+                // More allocations than records: the rest are served but not listed.
+                None => return,
+            },
+        };
+        let age = now.mono.saturating_duration_since(a.created).as_secs();
+        let left = a.expires.saturating_duration_since(now.mono).as_secs();
+        if let Some(r) = self.shared.shm.segment().record(idx) {
+            r.publish(&AllocInfo {
+                id: a.id,
+                client: a.client,
+                relay: a.relay_public,
+                created_unix: now.unix.saturating_sub(age),
+                expires_unix: now.unix + left,
+                permissions: a.permissions.len() as u32,
+                channels: a.channels.len() as u32,
+                packets_to_peer: a.traffic.packets_to_peer,
+                bytes_to_peer: a.traffic.bytes_to_peer,
+                packets_to_client: a.traffic.packets_to_client,
+                bytes_to_client: a.traffic.bytes_to_client,
+                username: a.username.chars().take(64).collect(),
+            });
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(idx) = self.by_id.remove(&id) {
+            if let Some(r) = self.shared.shm.segment().record(idx) {
+                r.clear();
+            }
+            self.records.push(idx);
+        }
+    }
+
+    fn deletes(&mut self, out: &mut Vec<u64>) {
+        out.extend(self.shared.shm.segment().pending_deletes());
+    }
+
+    fn deleted(&mut self, id: u64) {
+        self.shared.shm.segment().done_delete(id);
     }
 }
 

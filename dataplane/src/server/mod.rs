@@ -18,7 +18,7 @@ use portico_shared::counters::Counter;
 use portico_shared::shm::WorkerCounters;
 
 use crate::stun::{self, Class, Message, ParseError};
-use crate::turn::{Datagram, RelayIo, Turn, TurnSettings, TurnShared};
+use crate::turn::{AllocationSink, Datagram, RelayIo, Turn, TurnSettings, TurnShared};
 pub use endpoints::Endpoints;
 
 /// Free bytes a driver leaves in front of every received datagram: room to prepend a
@@ -95,11 +95,16 @@ pub struct Server {
 
 impl Server {
     /// `seed` varies per worker (rate-limiter hashing and indication transaction ids).
-    pub fn new(settings: Arc<Settings>, shared: Arc<TurnShared>, seed: u64) -> Server {
+    pub fn new(
+        settings: Arc<Settings>,
+        shared: Arc<TurnShared>,
+        seed: u64,
+        sink: Box<dyn AllocationSink>,
+    ) -> Server {
         let first_relay = settings.endpoints.len();
         Server {
             settings,
-            turn: Turn::new(shared, first_relay, seed),
+            turn: Turn::new(shared, first_relay, seed, sink),
         }
     }
 

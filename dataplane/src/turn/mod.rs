@@ -48,6 +48,27 @@ pub trait RelayIo {
     fn close(&mut self, socket: usize);
 }
 
+/// Where the core reports its allocations so the control plane can list them, and where it
+/// learns which ones the control plane wants deleted.
+pub trait AllocationSink {
+    fn publish(&mut self, a: &Allocation, now: Now);
+    fn remove(&mut self, id: u64);
+    /// Appends the ids the control plane asked to delete (they may belong to other workers).
+    fn deletes(&mut self, out: &mut Vec<u64>);
+    /// Acknowledges a delete request this worker carried out.
+    fn deleted(&mut self, id: u64);
+}
+
+/// For cores whose allocations nobody lists (tests, the TCP thread).
+pub struct NoSink;
+
+impl AllocationSink for NoSink {
+    fn publish(&mut self, _: &Allocation, _: Now) {}
+    fn remove(&mut self, _: u64) {}
+    fn deletes(&mut self, _: &mut Vec<u64>) {}
+    fn deleted(&mut self, _: u64) {}
+}
+
 /// A driver without relay sockets (the TCP thread): every open fails, so Allocate answers
 /// 508.
 pub struct NoRelay;
@@ -115,10 +136,17 @@ pub struct Turn {
     last_sweep: Option<Instant>,
     /// Relay socket indices start here; lower indices are listen sockets.
     pub first_relay_socket: usize,
+    pub(crate) sink: Box<dyn AllocationSink>,
+    kills: Vec<u64>,
 }
 
 impl Turn {
-    pub fn new(shared: Arc<TurnShared>, first_relay_socket: usize, seed: u64) -> Turn {
+    pub fn new(
+        shared: Arc<TurnShared>,
+        first_relay_socket: usize,
+        seed: u64,
+        sink: Box<dyn AllocationSink>,
+    ) -> Turn {
         Turn {
             shared,
             table: Table::default(),
@@ -126,6 +154,8 @@ impl Turn {
             tid_state: seed | 1,
             last_sweep: None,
             first_relay_socket,
+            sink,
+            kills: Vec::new(),
         }
     }
 
@@ -315,6 +345,7 @@ impl Turn {
     ) -> Option<Allocation> {
         let a = self.table.remove(slot)?;
         io.close(a.relay_socket);
+        self.sink.remove(a.id);
         self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
         self.shared.release_user(&a.username);
         stats.sub(Counter::TurnAllocationsActive, 1);
@@ -332,8 +363,20 @@ impl Turn {
         Some(a)
     }
 
-    /// Expires allocations, permissions and channels; at most once per second of `now`.
+    /// Carries out the control plane's delete requests (every call), then expires
+    /// allocations, permissions and channels and republishes traffic figures (at most once
+    /// per second of `now`).
     pub fn sweep(&mut self, now: Now, io: &mut dyn RelayIo, stats: &WorkerCounters) {
+        self.kills.clear();
+        self.sink.deletes(&mut self.kills);
+        for i in 0..self.kills.len() {
+            let id = self.kills[i];
+            let slot = self.table.slots().find(|(_, a)| a.id == id).map(|(s, _)| s);
+            if let Some(slot) = slot {
+                self.end(slot, io, stats, Counter::TurnAllocationsDeleted);
+                self.sink.deleted(id);
+            }
+        }
         if self
             .last_sweep
             .is_some_and(|t| now.mono.saturating_duration_since(t).as_millis() < 1000)

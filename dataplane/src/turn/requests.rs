@@ -370,7 +370,10 @@ impl Turn {
             up: Bucket::new(now.mono, s.max_bandwidth),
             down: Bucket::new(now.mono, s.max_bandwidth),
         };
-        self.table.insert(a);
+        let slot = self.table.insert(a);
+        if let Some(a) = self.table.get(slot) {
+            self.sink.publish(a, now);
+        }
         stats.incr(Counter::TurnAllocationsCreated);
         stats.add(Counter::TurnAllocationsActive, 1);
         tracing::info!(
@@ -484,6 +487,9 @@ impl Turn {
         if let Some(a) = self.table.get_mut(slot) {
             a.expires = now.mono + lifetime;
         }
+        if let Some(a) = self.table.get(slot) {
+            self.sink.publish(a, now);
+        }
         Ok(Success::Refresh {
             lifetime: lifetime.as_secs() as u32,
         })
@@ -566,6 +572,7 @@ impl Turn {
         for ip in ips.into_iter().flatten() {
             Self::permit(s, a, ip, now, stats)?;
         }
+        self.sink.publish(a, now);
         Ok(Success::Empty)
     }
 
@@ -613,6 +620,7 @@ impl Turn {
             }
         }
         Self::permit(s, a, peer.ip(), now, stats)?;
+        self.sink.publish(a, now);
         Ok(Success::Empty)
     }
 }
