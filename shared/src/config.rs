@@ -576,3 +576,19 @@ mod tests {
         assert!(Config::from_toml("[turn]\nio = \"uring\"\n").is_err());
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// The documented example must stay a valid configuration, equal to the defaults it
+    /// claims to show.
+    #[test]
+    fn example_parses_and_shows_the_defaults() {
+        let text = include_str!("../../portico.example.toml");
+        let c = Config::from_toml(text).unwrap();
+        let mut d = Config::default();
+        d.proxy = c.proxy.clone();
+        assert_eq!(c, d);
+    }
+}
