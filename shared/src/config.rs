@@ -53,6 +53,7 @@ pub struct Config {
     pub stun: StunConfig,
     pub api: ApiConfig,
     pub proxy: ProxyConfig,
+    pub fraud: FraudConfig,
 }
 
 impl Default for Config {
@@ -64,6 +65,7 @@ impl Default for Config {
             stun: StunConfig::default(),
             api: ApiConfig::default(),
             proxy: ProxyConfig::default(),
+            fraud: FraudConfig::default(),
         }
     }
 }
@@ -213,6 +215,91 @@ impl Default for ApiConfig {
     fn default() -> ApiConfig {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8088)),
+        }
+    }
+}
+
+/// Fraud detection (reference: "Fraud Detection", "Blacklist/Whitelist Details").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FraudConfig {
+    /// Suspicious events from one source within a minute that put it on the blacklist;
+    /// 0 turns automatic blacklisting off.
+    pub suspicious_per_minute: u32,
+    /// How long an automatic blacklist entry lasts: minutes as a number, or a duration with
+    /// a unit ("30s", "10m", "2h").
+    pub blacklist_minutes: Minutes,
+    /// Sources never blocked: addresses or CIDR blocks.
+    pub whitelist: Vec<String>,
+    /// IPv6 sources are counted and blocked per prefix of this length (one subscriber
+    /// usually holds a whole /64); IPv4 sources per address.
+    pub ipv6_prefix: u8,
+    /// STUN/TURN requests per second from one source above which the dataplane reports a
+    /// suspicious event (once per second while it lasts); 0 turns the check off.
+    pub request_rate: u32,
+    /// Sources tracked at once by the counting table; when full, the quietest is evicted.
+    pub max_tracked_sources: usize,
+}
+
+impl Default for FraudConfig {
+    fn default() -> FraudConfig {
+        FraudConfig {
+            suspicious_per_minute: 20,
+            blacklist_minutes: Minutes(std::time::Duration::from_secs(600)),
+            whitelist: Vec::new(),
+            ipv6_prefix: 64,
+            request_rate: 500,
+            max_tracked_sources: 65_536,
+        }
+    }
+}
+
+impl FraudConfig {
+    pub fn whitelist(&self) -> CidrList {
+        CidrList::new(parse_cidrs("", &self.whitelist).unwrap_or_default())
+    }
+}
+
+/// A duration written as minutes (`10`) or with a unit (`"30s"`, `"10m"`, `"2h"`, `"1d"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Minutes(pub std::time::Duration);
+
+impl Minutes {
+    pub fn parse(s: &str) -> Result<Minutes, String> {
+        let s = s.trim();
+        let bad =
+            || format!("\"{s}\" is not a duration (a number of minutes, or 30s, 10m, 2h, 1d)");
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        let secs = match unit.trim() {
+            "" | "m" | "min" => n * 60,
+            "s" => n,
+            "h" => n * 3600,
+            "d" => n * 86_400,
+            _ => return Err(bad()),
+        };
+        Ok(Minutes(std::time::Duration::from_secs(secs)))
+    }
+}
+
+impl Serialize for Minutes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}s", self.0.as_secs()))
+    }
+}
+
+impl<'de> Deserialize<'de> for Minutes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Minutes, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Minutes(std::time::Duration::from_secs(n * 60))),
+            Raw::Text(t) => Minutes::parse(&t).map_err(serde::de::Error::custom),
         }
     }
 }
@@ -405,6 +492,26 @@ impl Config {
             ));
         }
         self.proxy.validate()?;
+        let f = &self.fraud;
+        parse_cidrs("fraud.whitelist", &f.whitelist)?;
+        if f.blacklist_minutes.0.as_secs() == 0 || f.blacklist_minutes.0.as_secs() > 366 * 86_400 {
+            return Err(err(
+                "fraud.blacklist_minutes",
+                "must be between 1 second and a year",
+            ));
+        }
+        if !(32..=128).contains(&f.ipv6_prefix) {
+            return Err(err(
+                "fraud.ipv6_prefix",
+                format!("{} is not between 32 and 128", f.ipv6_prefix),
+            ));
+        }
+        if f.max_tracked_sources < 16 || f.max_tracked_sources > 10_000_000 {
+            return Err(err(
+                "fraud.max_tracked_sources",
+                format!("{} is not between 16 and 10000000", f.max_tracked_sources),
+            ));
+        }
         if self.stun.software.len() > 763 {
             return Err(err("stun.software", "is longer than 763 bytes (RFC 8489)"));
         }
@@ -567,6 +674,20 @@ mod tests {
         .unwrap();
         let e = Config::from_toml("[stun]\nalternate_port = 3479\n").unwrap_err();
         assert_eq!(e.key, "stun.alternate_ip");
+    }
+
+    #[test]
+    fn fraud_durations_take_minutes_or_units() {
+        let c = Config::from_toml("[fraud]\nblacklist_minutes = 5\n").unwrap();
+        assert_eq!(c.fraud.blacklist_minutes.0.as_secs(), 300);
+        let c = Config::from_toml("[fraud]\nblacklist_minutes = \"30s\"\n").unwrap();
+        assert_eq!(c.fraud.blacklist_minutes.0.as_secs(), 30);
+        let c = Config::from_toml("[fraud]\nblacklist_minutes = \"2h\"\n").unwrap();
+        assert_eq!(c.fraud.blacklist_minutes.0.as_secs(), 7200);
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        assert!(Config::from_toml("[fraud]\nblacklist_minutes = \"soon\"\n").is_err());
+        let e = Config::from_toml("[fraud]\nwhitelist = [\"nope\"]\n").unwrap_err();
+        assert_eq!(e.key, "fraud.whitelist");
     }
 
     #[test]

@@ -91,6 +91,7 @@ counters! {
     DropBandwidth => "dataplane_drops" ["reason" = "bandwidth"] "Packets dropped, by reason.";
     DropRateLimited => "dataplane_drops" ["reason" = "rate_limited"] "Packets dropped, by reason.";
     DropBadChannelData => "dataplane_drops" ["reason" = "bad_channel_data"] "Packets dropped, by reason.";
+    DropBlacklisted => "dataplane_drops" ["reason" = "blacklisted"] "Packets dropped, by reason.";
     ConfigApplied => "dataplane_config_applied" [] "Configuration generations the dataplane applied.";
     LoopTurns => "dataplane_loop_turns" [] "Turns of the worker event loops.";
 }

@@ -48,7 +48,7 @@ use crate::counters::{Counter, COUNTER_SLOTS};
 /// "PORTICO" and a format byte, as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PORTICO\x01");
 /// Bump on every change to the layout of [`Segment`].
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 pub const MAX_WORKERS: usize = 64;
 /// Counter blocks: one per worker plus one for the TCP thread, which also writes counters.
 pub const COUNTER_BLOCKS: usize = MAX_WORKERS + 1;
@@ -58,6 +58,10 @@ pub const CONFIG_CAPACITY: usize = 256 * 1024;
 pub const ALLOC_RECORDS: usize = 16 * 1024;
 /// Pending "delete allocation" requests from the control plane.
 pub const KILL_SLOTS: usize = 64;
+/// Blacklist hash table size (a power of two); the control plane keeps it at most half full.
+pub const BLACKLIST_SLOTS: usize = 1 << 16;
+/// Suspicious-event ring per counter block (worker or TCP thread).
+pub const EVENT_SLOTS: usize = 1024;
 
 /// Which packet driver the dataplane runs, as published in [`Header::driver`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,6 +291,308 @@ impl AllocRecord {
     }
 }
 
+/// One blacklisted address or IPv6 prefix, under its own sequence lock: the control plane
+/// writes, every worker reads on every packet without locking.
+#[repr(C)]
+struct BlacklistEntry {
+    seq: AtomicU64,
+    hi: AtomicU64,
+    lo: AtomicU64,
+    /// prefix length << 56 | expiry (Unix seconds); 0 with a key set: a tombstone that keeps
+    /// probe chains intact; all zero: never used.
+    meta: AtomicU64,
+}
+
+/// The blacklist the control plane decides and the dataplane enforces: open addressing with
+/// linear probing, keys are IPv6 addresses (IPv4 as IPv4-mapped) with a prefix length (128
+/// for one address, 64 for an IPv6 /64).
+#[repr(C, align(64))]
+pub struct Blacklist {
+    /// Bumped on every change, so workers know when to re-check existing allocations.
+    generation: AtomicU64,
+    /// Live entries; zero lets the packet path skip the lookup entirely.
+    live: AtomicU64,
+    used: AtomicU64,
+    entries: [BlacklistEntry; BLACKLIST_SLOTS],
+}
+
+const META_EXPIRY: u64 = (1 << 56) - 1;
+
+fn ip_key(ip: std::net::IpAddr, prefix: u8) -> (u64, u64) {
+    let bits = match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        std::net::IpAddr::V6(v6) => u128::from(v6),
+    };
+    let masked = if prefix >= 128 {
+        bits
+    } else {
+        bits & !(u128::MAX >> prefix)
+    };
+    ((masked >> 64) as u64, masked as u64)
+}
+
+fn slot_of(hi: u64, lo: u64, prefix: u8) -> usize {
+    let mut h = hi ^ lo.rotate_left(29) ^ u64::from(prefix);
+    h = (h ^ (h >> 31)).wrapping_mul(0x7fb5_d329_728e_a185);
+    h = (h ^ (h >> 27)).wrapping_mul(0x81da_def4_bc2d_d44d);
+    (h as usize) & (BLACKLIST_SLOTS - 1)
+}
+
+impl BlacklistEntry {
+    /// (hi, lo, meta) read consistently.
+    fn read(&self) -> (u64, u64, u64) {
+        loop {
+            let s1 = self.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let v = (
+                self.hi.load(Ordering::Relaxed),
+                self.lo.load(Ordering::Relaxed),
+                self.meta.load(Ordering::Relaxed),
+            );
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == s1 {
+                return v;
+            }
+        }
+    }
+
+    fn write(&self, hi: u64, lo: u64, meta: u64) {
+        let seq = self.seq.load(Ordering::Relaxed) & !1;
+        self.seq.store(seq + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.hi.store(hi, Ordering::Relaxed);
+        self.lo.store(lo, Ordering::Relaxed);
+        self.meta.store(meta, Ordering::Relaxed);
+        self.seq.store(seq + 2, Ordering::Release);
+    }
+}
+
+impl Blacklist {
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn live(&self) -> u64 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    fn find(&self, hi: u64, lo: u64, prefix: u8) -> Option<(usize, u64)> {
+        let start = slot_of(hi, lo, prefix);
+        for i in 0..BLACKLIST_SLOTS {
+            let idx = (start + i) & (BLACKLIST_SLOTS - 1);
+            let (h, l, meta) = self.entries[idx].read();
+            if h == 0 && l == 0 && meta == 0 {
+                return None;
+            }
+            if h == hi && l == lo && (meta >> 56) as u8 == prefix && meta != 0 {
+                return Some((idx, meta & META_EXPIRY));
+            }
+        }
+        None
+    }
+
+    /// Whether `ip` (or, for IPv6, its /64) is blocked at `now_unix`. Lock-free and
+    /// allocation-free: this runs for every packet while the list is non-empty.
+    pub fn is_blocked(&self, ip: std::net::IpAddr, now_unix: u64) -> bool {
+        if self.live.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let ip = ip.to_canonical();
+        let (hi, lo) = ip_key(ip, 128);
+        if matches!(self.find(hi, lo, 128), Some((_, exp)) if exp > now_unix) {
+            return true;
+        }
+        if ip.is_ipv6() {
+            let (hi, lo) = ip_key(ip, 64);
+            if matches!(self.find(hi, lo, 64), Some((_, exp)) if exp > now_unix) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Adds or updates an entry (control plane only: single writer). `prefix` is 128 for one
+    /// address (IPv4 included) or 64 for an IPv6 /64. False when the table is full.
+    pub fn insert(&self, ip: std::net::IpAddr, prefix: u8, expires_unix: u64) -> bool {
+        let prefix = if ip.to_canonical().is_ipv4() {
+            128
+        } else {
+            prefix.min(128)
+        };
+        let (hi, lo) = ip_key(ip, prefix);
+        let meta = u64::from(prefix) << 56 | expires_unix.clamp(1, META_EXPIRY);
+        if let Some((idx, _)) = self.find(hi, lo, prefix) {
+            self.entries[idx].write(hi, lo, meta);
+            self.generation.fetch_add(1, Ordering::Release);
+            return true;
+        }
+        if self.used.load(Ordering::Relaxed) as usize >= BLACKLIST_SLOTS / 2 {
+            return false;
+        }
+        let start = slot_of(hi, lo, prefix);
+        for i in 0..BLACKLIST_SLOTS {
+            let idx = (start + i) & (BLACKLIST_SLOTS - 1);
+            let (h, l, m) = self.entries[idx].read();
+            let never_used = h == 0 && l == 0 && m == 0;
+            let tombstone = m == 0 && !never_used;
+            if never_used || tombstone {
+                self.entries[idx].write(hi, lo, meta);
+                if never_used {
+                    self.used.fetch_add(1, Ordering::Relaxed);
+                }
+                self.live.fetch_add(1, Ordering::Relaxed);
+                self.generation.fetch_add(1, Ordering::Release);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Removes an entry (control plane only).
+    pub fn remove(&self, ip: std::net::IpAddr, prefix: u8) -> bool {
+        let prefix = if ip.to_canonical().is_ipv4() {
+            128
+        } else {
+            prefix.min(128)
+        };
+        let (hi, lo) = ip_key(ip, prefix);
+        match self.find(hi, lo, prefix) {
+            Some((idx, _)) => {
+                // Keep the key as a tombstone so later entries of the chain stay reachable.
+                self.entries[idx].write(hi, lo, 0);
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                self.generation.fetch_add(1, Ordering::Release);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Empties the table (control plane only), e.g. before writing its whole list again.
+    pub fn clear(&self) {
+        for e in &self.entries {
+            let (h, l, m) = e.read();
+            if h != 0 || l != 0 || m != 0 {
+                e.write(0, 0, 0);
+            }
+        }
+        self.used.store(0, Ordering::Relaxed);
+        self.live.store(0, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// What a suspicious event from the dataplane is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A TURN request with credentials that did not verify (wrong password, unknown user,
+    /// expired REST credential).
+    AuthFailure = 1,
+    /// A CreatePermission/ChannelBind to a peer the policy refuses.
+    PeerDenied = 2,
+    /// STUN/TURN requests from one source above the configured rate.
+    RateExceeded = 3,
+}
+
+impl EventKind {
+    pub fn from_u8(v: u8) -> Option<EventKind> {
+        match v {
+            1 => Some(EventKind::AuthFailure),
+            2 => Some(EventKind::PeerDenied),
+            3 => Some(EventKind::RateExceeded),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::AuthFailure => "turn_auth_failure",
+            EventKind::PeerDenied => "turn_peer_denied",
+            EventKind::RateExceeded => "stun_rate_exceeded",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub ip: std::net::IpAddr,
+    pub unix: u64,
+}
+
+#[repr(C)]
+struct EventEntry {
+    hi: AtomicU64,
+    lo: AtomicU64,
+    meta: AtomicU64,
+}
+
+/// Single-producer (one worker), single-consumer (the control plane) ring of events. When it
+/// is full, new events are dropped and counted: the dataplane never waits for the control
+/// plane.
+#[repr(C, align(64))]
+pub struct EventRing {
+    head: AtomicU64,
+    _pad1: [u64; 7],
+    tail: AtomicU64,
+    _pad2: [u64; 7],
+    dropped: AtomicU64,
+    entries: [EventEntry; EVENT_SLOTS],
+}
+
+impl EventRing {
+    /// Producer side (the owning worker only).
+    pub fn push(&self, e: Event) -> bool {
+        let h = self.head.load(Ordering::Relaxed);
+        let t = self.tail.load(Ordering::Acquire);
+        if h.wrapping_sub(t) >= EVENT_SLOTS as u64 {
+            self.dropped
+                .store(self.dropped.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            return false;
+        }
+        let slot = &self.entries[(h as usize) % EVENT_SLOTS];
+        let (hi, lo) = ip_key(e.ip, 128);
+        slot.hi.store(hi, Ordering::Relaxed);
+        slot.lo.store(lo, Ordering::Relaxed);
+        slot.meta.store(
+            (e.kind as u64) << 56 | (e.unix & META_EXPIRY),
+            Ordering::Relaxed,
+        );
+        self.head.store(h.wrapping_add(1), Ordering::Release);
+        true
+    }
+
+    /// Consumer side (the control plane only): hands every pending event to `f`.
+    pub fn drain(&self, mut f: impl FnMut(Event)) {
+        let t = self.tail.load(Ordering::Relaxed);
+        let h = self.head.load(Ordering::Acquire);
+        let mut i = t;
+        while i != h {
+            let slot = &self.entries[(i as usize) % EVENT_SLOTS];
+            let hi = slot.hi.load(Ordering::Relaxed);
+            let lo = slot.lo.load(Ordering::Relaxed);
+            let meta = slot.meta.load(Ordering::Relaxed);
+            let v6 = std::net::Ipv6Addr::from(u128::from(hi) << 64 | u128::from(lo));
+            if let Some(kind) = EventKind::from_u8((meta >> 56) as u8) {
+                f(Event {
+                    kind,
+                    ip: std::net::IpAddr::V6(v6).to_canonical(),
+                    unix: meta & META_EXPIRY,
+                });
+            }
+            i = i.wrapping_add(1);
+        }
+        self.tail.store(h, Ordering::Release);
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
 #[repr(C)]
 pub struct Segment {
     pub header: Header,
@@ -294,6 +600,8 @@ pub struct Segment {
     counters: [WorkerCounters; COUNTER_BLOCKS],
     kill: [AtomicU64; KILL_SLOTS],
     records: [AllocRecord; ALLOC_RECORDS],
+    pub blacklist: Blacklist,
+    events: [EventRing; COUNTER_BLOCKS],
 }
 
 impl WorkerCounters {
@@ -357,6 +665,18 @@ impl Segment {
         self.counters
             .iter()
             .fold(0u64, |acc, b| acc.wrapping_add(b.get(c)))
+    }
+
+    /// The event ring of a counter block (worker index, or `MAX_WORKERS` for the TCP thread).
+    pub fn events(&self, block: usize) -> &EventRing {
+        &self.events[block.min(COUNTER_BLOCKS - 1)]
+    }
+
+    /// Drains every ring.
+    pub fn drain_events(&self, mut f: impl FnMut(Event)) {
+        for r in &self.events {
+            r.drain(&mut f);
+        }
     }
 
     pub fn record(&self, i: usize) -> Option<&AllocRecord> {
@@ -700,8 +1020,14 @@ mod tests {
             .store(LAYOUT_VERSION + 1, Ordering::Release);
         let e = SharedMemory::attach(&name).err().unwrap();
         let msg = e.to_string();
-        assert!(msg.contains("layout version 3"), "{msg}");
-        assert!(msg.contains("this build speaks version 2"), "{msg}");
+        assert!(
+            msg.contains(&format!("layout version {}", LAYOUT_VERSION + 1)),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&format!("this build speaks version {LAYOUT_VERSION}")),
+            "{msg}"
+        );
         SharedMemory::unlink(&name);
         assert!(SharedMemory::attach(&name).is_err());
     }
@@ -756,6 +1082,97 @@ mod tests {
         assert_eq!(a.segment().pending_deletes().collect::<Vec<_>>(), vec![42]);
         a.segment().done_delete(42);
         assert_eq!(a.segment().pending_deletes().count(), 0);
+        SharedMemory::unlink(&name);
+    }
+
+    #[test]
+    fn blacklist_blocks_addresses_and_ipv6_prefixes_until_expiry() {
+        let name = unique("bl");
+        let a = SharedMemory::create(&name).unwrap();
+        let b = SharedMemory::attach(&name).unwrap();
+        let bl = &a.segment().blacklist;
+        let seen = &b.segment().blacklist;
+        let v4: std::net::IpAddr = "198.51.100.9".parse().unwrap();
+        assert!(!seen.is_blocked(v4, 100));
+        let g0 = seen.generation();
+        assert!(bl.insert(v4, 32, 200));
+        assert!(seen.generation() > g0);
+        assert!(seen.is_blocked(v4, 100));
+        assert!(seen.is_blocked("::ffff:198.51.100.9".parse().unwrap(), 100));
+        assert!(!seen.is_blocked(v4, 200), "expired at 200");
+        assert!(!seen.is_blocked("198.51.100.10".parse().unwrap(), 100));
+        let v6: std::net::IpAddr = "2001:db8:1:2::5".parse().unwrap();
+        assert!(bl.insert(v6, 64, 500));
+        assert!(seen.is_blocked("2001:db8:1:2:ffff::1".parse().unwrap(), 100));
+        assert!(!seen.is_blocked("2001:db8:1:3::1".parse().unwrap(), 100));
+        assert!(bl.remove(v4, 128));
+        assert!(!seen.is_blocked(v4, 100));
+        assert!(seen.is_blocked("2001:db8:1:2::7".parse().unwrap(), 100));
+        // Many entries, then removal of some: the rest stay reachable through tombstones.
+        for i in 0..5000u32 {
+            assert!(bl.insert(
+                std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
+                128,
+                900
+            ));
+        }
+        for i in (0..5000u32).step_by(2) {
+            assert!(bl.remove(
+                std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
+                128
+            ));
+        }
+        for i in 0..5000u32 {
+            let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert_eq!(seen.is_blocked(ip, 100), i % 2 == 1, "{ip}");
+        }
+        assert_eq!(seen.live(), 2501);
+        bl.clear();
+        assert_eq!(seen.live(), 0);
+        assert!(!seen.is_blocked("2001:db8:1:2::7".parse().unwrap(), 100));
+        SharedMemory::unlink(&name);
+    }
+
+    #[test]
+    fn event_rings_carry_events_and_drop_when_full() {
+        let name = unique("ev");
+        let a = SharedMemory::create(&name).unwrap();
+        let b = SharedMemory::attach(&name).unwrap();
+        let ring = a.segment().events(1);
+        let ip: std::net::IpAddr = "2001:db8::7".parse().unwrap();
+        assert!(ring.push(Event {
+            kind: EventKind::AuthFailure,
+            ip,
+            unix: 77
+        }));
+        assert!(ring.push(Event {
+            kind: EventKind::PeerDenied,
+            ip: "192.0.2.1".parse().unwrap(),
+            unix: 78
+        }));
+        let mut got = Vec::new();
+        b.segment().drain_events(|e| got.push(e));
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            got[0],
+            Event {
+                kind: EventKind::AuthFailure,
+                ip,
+                unix: 77
+            }
+        );
+        assert_eq!(got[1].ip, "192.0.2.1".parse::<std::net::IpAddr>().unwrap());
+        for i in 0..EVENT_SLOTS + 10 {
+            ring.push(Event {
+                kind: EventKind::RateExceeded,
+                ip,
+                unix: i as u64,
+            });
+        }
+        assert_eq!(ring.dropped(), 10);
+        let mut n = 0;
+        b.segment().drain_events(|_| n += 1);
+        assert_eq!(n, EVENT_SLOTS);
         SharedMemory::unlink(&name);
     }
 

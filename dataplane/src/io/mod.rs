@@ -28,8 +28,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::server::Now;
 use crate::server::{Server, Settings};
 use crate::turn::allocation::Allocation;
-use crate::turn::{AllocationSink, NoSink, TurnShared};
-use portico_shared::shm::{AllocInfo, ALLOC_RECORDS, MAX_WORKERS};
+use crate::turn::{AllocationSink, TurnShared};
+use portico_shared::shm::{AllocInfo, Event, EventKind, ALLOC_RECORDS, MAX_WORKERS};
 use std::collections::HashMap;
 
 /// How long a driver may sleep before it looks at the stop flag and the configuration.
@@ -79,16 +79,20 @@ impl Shared {
             self.secret[6],
             self.secret[7],
         ]) ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let sink: Box<dyn AllocationSink> = if index < MAX_WORKERS && self.workers > 0 {
+        // Workers split the allocation records; the TCP thread (index MAX_WORKERS) has no
+        // allocations but reports events and honours the blacklist like the workers.
+        let records = if index < MAX_WORKERS && self.workers > 0 {
             let per = ALLOC_RECORDS / self.workers;
-            Box::new(ShmSink {
-                shared: Arc::clone(self),
-                records: (index * per..(index + 1) * per).rev().collect(),
-                by_id: HashMap::new(),
-            })
+            (index * per..(index + 1) * per).rev().collect()
         } else {
-            Box::new(NoSink)
+            Vec::new()
         };
+        let sink: Box<dyn AllocationSink> = Box::new(ShmSink {
+            events: index,
+            shared: Arc::clone(self),
+            records,
+            by_id: HashMap::new(),
+        });
         Server::new(self.current_settings(), Arc::clone(&self.turn), seed, sink)
     }
 
@@ -104,6 +108,8 @@ impl Shared {
 
 /// Publishes a worker's allocations into its share of the shared-memory records.
 struct ShmSink {
+    /// Index of this worker's event ring.
+    events: usize,
     shared: Arc<Shared>,
     /// Free record indices of this worker.
     records: Vec<usize>,
@@ -158,6 +164,22 @@ impl AllocationSink for ShmSink {
 
     fn deleted(&mut self, id: u64) {
         self.shared.shm.segment().done_delete(id);
+    }
+
+    fn blocked(&self, ip: std::net::IpAddr, unix: u64) -> bool {
+        self.shared.shm.segment().blacklist.is_blocked(ip, unix)
+    }
+
+    fn blacklist_generation(&self) -> u64 {
+        self.shared.shm.segment().blacklist.generation()
+    }
+
+    fn report(&mut self, kind: EventKind, ip: std::net::IpAddr, unix: u64) {
+        self.shared
+            .shm
+            .segment()
+            .events(self.events)
+            .push(Event { kind, ip, unix });
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use portico_shared::counters::Counter;
-use portico_shared::shm::WorkerCounters;
+use portico_shared::shm::{Blacklist, WorkerCounters};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::uring::PAYLOAD_CAPACITY;
@@ -115,6 +115,8 @@ pub fn run(
             let t = ev.token().0;
             if t < base {
                 accept_all(
+                    &shared.shm.segment().blacklist,
+                    now.unix,
                     &mut listeners[t],
                     t,
                     base,
@@ -171,6 +173,8 @@ pub fn run(
 
 #[allow(clippy::too_many_arguments)]
 fn accept_all(
+    blacklist: &Blacklist,
+    unix: u64,
     listener: &mut TcpListener,
     listener_index: usize,
     base: usize,
@@ -192,6 +196,10 @@ fn accept_all(
             Err(_) => return,
         };
         let src = peer.ip().to_canonical();
+        if blacklist.is_blocked(src, unix) {
+            stats.incr(Counter::DropBlacklisted);
+            continue;
+        }
         let n = per_source.get(&src).copied().unwrap_or(0);
         if *live >= limits.max_connections || n >= limits.per_source {
             stats.incr(Counter::TcpRejected);

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use portico_shared::config::Config;
 use portico_shared::counters::Counter;
-use portico_shared::shm::WorkerCounters;
+use portico_shared::shm::{EventKind, WorkerCounters};
 
 use crate::stun::{self, Class, Message, ParseError};
 use crate::turn::{AllocationSink, Datagram, RelayIo, Turn, TurnSettings, TurnShared};
@@ -74,6 +74,8 @@ pub struct Settings {
     /// SOFTWARE attribute value; empty hides it.
     pub software: String,
     pub turn: TurnSettings,
+    /// Requests per second per source above which a suspicious event is reported.
+    pub request_rate: u32,
 }
 
 impl Settings {
@@ -83,6 +85,7 @@ impl Settings {
             endpoints: Endpoints::from_config(config),
             software: config.stun.software.clone(),
             turn: TurnSettings::from_config(config, secret),
+            request_rate: config.fraud.request_rate,
         }
     }
 }
@@ -91,6 +94,7 @@ impl Settings {
 pub struct Server {
     settings: Arc<Settings>,
     turn: Turn,
+    meter: crate::turn::ratelimit::RequestMeter,
 }
 
 impl Server {
@@ -105,6 +109,7 @@ impl Server {
         Server {
             settings,
             turn: Turn::new(shared, first_relay, seed, sink),
+            meter: crate::turn::ratelimit::RequestMeter::new(seed),
         }
     }
 
@@ -152,6 +157,10 @@ impl Server {
             stats.incr(Counter::DropBadSource);
             return Action::Drop;
         }
+        if self.turn.sink.blocked(from.ip(), now.unix) {
+            stats.incr(Counter::DropBlacklisted);
+            return Action::Drop;
+        }
         if start.checked_add(len).is_none_or(|end| end > buf.len()) {
             stats.incr(Counter::DropBadLength);
             return Action::Drop;
@@ -174,6 +183,13 @@ impl Server {
         }
         let (class, method) = match Message::parse(&buf[start..start + len]) {
             Ok(m) => {
+                if m.class() == Class::Request
+                    && self.meter.over(from.ip(), now.unix, settings.request_rate)
+                {
+                    self.turn
+                        .sink
+                        .report(EventKind::RateExceeded, from.ip(), now.unix);
+                }
                 if m.class() == Class::Indication && m.method() == stun::method::SEND {
                     if transport == Transport::Tcp {
                         stats.incr(Counter::DropUnknownMethod);

@@ -16,13 +16,13 @@ pub mod settings;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use portico_shared::counters::Counter;
-use portico_shared::shm::WorkerCounters;
+use portico_shared::shm::{EventKind, WorkerCounters};
 
 use crate::server::{Action, Now};
 use crate::stun::{self, attr};
@@ -57,6 +57,16 @@ pub trait AllocationSink {
     fn deletes(&mut self, out: &mut Vec<u64>);
     /// Acknowledges a delete request this worker carried out.
     fn deleted(&mut self, id: u64);
+    /// Whether a source is on the control plane's blacklist.
+    fn blocked(&self, _ip: IpAddr, _unix: u64) -> bool {
+        false
+    }
+    /// Changes whenever the blacklist changes.
+    fn blacklist_generation(&self) -> u64 {
+        0
+    }
+    /// Reports a suspicious event to the control plane's fraud engine.
+    fn report(&mut self, _kind: EventKind, _ip: IpAddr, _unix: u64) {}
 }
 
 /// For cores whose allocations nobody lists (tests, the TCP thread).
@@ -138,6 +148,7 @@ pub struct Turn {
     pub first_relay_socket: usize,
     pub(crate) sink: Box<dyn AllocationSink>,
     kills: Vec<u64>,
+    blacklist_seen: u64,
 }
 
 impl Turn {
@@ -156,6 +167,7 @@ impl Turn {
             first_relay_socket,
             sink,
             kills: Vec::new(),
+            blacklist_seen: 0,
         }
     }
 
@@ -375,6 +387,21 @@ impl Turn {
             if let Some(slot) = slot {
                 self.end(slot, io, stats, Counter::TurnAllocationsDeleted);
                 self.sink.deleted(id);
+            }
+        }
+        // A source just blacklisted loses its allocations (RFC-wise a server may end an
+        // allocation at any time; the client sees its refreshes fail).
+        let g = self.sink.blacklist_generation();
+        if g != self.blacklist_seen {
+            self.blacklist_seen = g;
+            let blocked: Vec<usize> = self
+                .table
+                .slots()
+                .filter(|(_, a)| self.sink.blocked(a.client.ip(), now.unix))
+                .map(|(i, _)| i)
+                .collect();
+            for slot in blocked {
+                self.end(slot, io, stats, Counter::TurnAllocationsDeleted);
             }
         }
         if self

@@ -39,11 +39,15 @@ impl ErrorLimiter {
     }
 
     fn index(&self, ip: IpAddr) -> usize {
+        Self::hash(self.seed, ip)
+    }
+
+    fn hash(seed: u64, ip: IpAddr) -> usize {
         let bits: u128 = match ip {
             IpAddr::V4(v4) => u128::from(u32::from(v4)),
             IpAddr::V6(v6) => u128::from(v6),
         };
-        let mut h = self.seed ^ 0x9e37_79b9_7f4a_7c15;
+        let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
         for part in [bits as u64, (bits >> 64) as u64] {
             h = (h ^ part).wrapping_mul(0xff51_afd7_ed55_8ccd);
             h ^= h >> 33;
@@ -81,6 +85,36 @@ impl ErrorLimiter {
     }
 }
 
+/// Counts requests per source within the current second, to notice a source above the
+/// configured rate. Same fixed table as [`ErrorLimiter`]: constant memory under a flood.
+pub struct RequestMeter {
+    slots: Box<[(Option<IpAddr>, u64, u32)]>,
+    seed: u64,
+}
+
+impl RequestMeter {
+    pub fn new(seed: u64) -> RequestMeter {
+        RequestMeter {
+            slots: vec![(None, 0, 0); SLOTS].into_boxed_slice(),
+            seed: seed.rotate_left(17),
+        }
+    }
+
+    /// Counts one request; true exactly once per second in which `ip` goes above `rate`.
+    pub fn over(&mut self, ip: IpAddr, unix: u64, rate: u32) -> bool {
+        if rate == 0 {
+            return false;
+        }
+        let i = ErrorLimiter::hash(self.seed, ip);
+        let s = &mut self.slots[i];
+        if s.0 != Some(ip) || s.1 != unix {
+            *s = (Some(ip), unix, 0);
+        }
+        s.2 = s.2.saturating_add(1);
+        s.2 == rate + 1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +131,16 @@ mod tests {
         assert!(l.allow(ip, t0 + Duration::from_millis(150), 10));
         let other: IpAddr = "198.51.100.2".parse().unwrap();
         assert!(l.allow(other, t0, 10));
+    }
+
+    #[test]
+    fn meter_fires_once_per_second_above_the_rate() {
+        let mut m = RequestMeter::new(3);
+        let ip: IpAddr = "2001:db8::1".parse().unwrap();
+        let fired: Vec<bool> = (0..12).map(|_| m.over(ip, 100, 10)).collect();
+        assert_eq!(fired.iter().filter(|f| **f).count(), 1);
+        assert!(fired[10]);
+        assert!(!m.over(ip, 101, 10));
+        assert!(!m.over(ip, 101, 0));
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use portico_shared::counters::Counter;
-use portico_shared::shm::WorkerCounters;
+use portico_shared::shm::{EventKind, WorkerCounters};
 
 use super::allocation::{
     Allocation, Bucket, Channel, Permission, Traffic, CHANNEL_LIFETIME, PERMISSION_LIFETIME,
@@ -202,6 +202,13 @@ impl Turn {
                     AuthError::BadIntegrity => Counter::TurnAuthBadIntegrity,
                     AuthError::BadRequest => Counter::TurnRequestsError,
                 });
+                if matches!(
+                    e,
+                    AuthError::UnknownUser | AuthError::Expired | AuthError::BadIntegrity
+                ) {
+                    self.sink
+                        .report(EventKind::AuthFailure, d.from.ip(), now.unix);
+                }
                 if e != AuthError::Challenge {
                     tracing::debug!(source = %d.from, method = req.method, reason = ?e, "TURN authentication failed");
                 }
@@ -239,6 +246,10 @@ impl Turn {
             }
             Err(f) => {
                 stats.incr(Counter::TurnRequestsError);
+                if f.0 == 403 {
+                    self.sink
+                        .report(EventKind::PeerDenied, d.from.ip(), now.unix);
+                }
                 tracing::debug!(client = %d.from, method = req.method, code = f.0, "TURN request refused");
                 write_error(s, software, &req, d, buf, f, Some(&authed), false, now)
             }
