@@ -708,8 +708,10 @@ mod example_file {
     fn example_parses_and_shows_the_defaults() {
         let text = include_str!("../../portico.example.toml");
         let c = Config::from_toml(text).unwrap();
-        let mut d = Config::default();
-        d.proxy = c.proxy.clone();
+        let d = Config {
+            proxy: c.proxy.clone(),
+            ..Config::default()
+        };
         assert_eq!(c, d);
     }
 }

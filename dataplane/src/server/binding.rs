@@ -14,10 +14,6 @@ use portico_shared::shm::WorkerCounters;
 use super::{Action, Settings, Transport};
 use crate::stun::{self, attr, Class, Message, MessageWriter};
 
-/// At most this many unknown attributes are listed back in a 420: enough to tell the client
-/// what is wrong, and it keeps the error response small whatever the request holds.
-const MAX_UNKNOWN: usize = 8;
-
 /// ICE attributes (RFC 8445) a client may leave in a check it also sends to the server.
 const ICE_PRIORITY: u16 = 0x0024;
 const ICE_USE_CANDIDATE: u16 = 0x0025;
@@ -29,8 +25,7 @@ pub(super) struct Request {
     change_ip: bool,
     change_port: bool,
     response_port: Option<u16>,
-    unknown: [u16; MAX_UNKNOWN],
-    unknown_len: usize,
+    unknown: attr::UnknownList,
     bad: Option<&'static str>,
     transport: Transport,
 }
@@ -44,8 +39,7 @@ impl Request {
             change_ip: false,
             change_port: false,
             response_port: None,
-            unknown: [0; MAX_UNKNOWN],
-            unknown_len: 0,
+            unknown: attr::UnknownList::default(),
             bad: None,
             transport,
         };
@@ -74,12 +68,7 @@ impl Request {
                 | attr::PADDING
                 | ICE_PRIORITY
                 | ICE_USE_CANDIDATE => {}
-                t if attr::is_comprehension_required(t) => {
-                    if r.unknown_len < MAX_UNKNOWN && !r.unknown[..r.unknown_len].contains(&t) {
-                        r.unknown[r.unknown_len] = t;
-                        r.unknown_len += 1;
-                    }
-                }
+                t if attr::is_comprehension_required(t) => r.unknown.note(t),
                 _ => {}
             }
         }
@@ -110,7 +99,7 @@ pub(super) fn respond(
     buf: &mut [u8],
     stats: &WorkerCounters,
 ) -> Action {
-    if req.unknown_len > 0 {
+    if !req.unknown.is_empty() {
         stats.incr(Counter::StunBindingUnknownAttribute);
         return error(
             settings,
@@ -119,7 +108,7 @@ pub(super) fn respond(
             from,
             buf,
             420,
-            &req.unknown[..req.unknown_len],
+            req.unknown.as_slice(),
         );
     }
     if let Some(reason) = req.bad {

@@ -406,3 +406,30 @@ mod tests {
         assert!(decode_password_algorithm(&[]).is_err());
     }
 }
+
+/// Comprehension-required attributes a request carried that its handler does not know,
+/// collected for the UNKNOWN-ATTRIBUTES of a 420 response. At most eight are kept: enough
+/// to tell the client what is wrong, and the error response stays small whatever the
+/// request holds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UnknownList {
+    list: [u16; 8],
+    len: usize,
+}
+
+impl UnknownList {
+    pub fn note(&mut self, typ: u16) {
+        if self.len < self.list.len() && !self.list[..self.len].contains(&typ) {
+            self.list[self.len] = typ;
+            self.len += 1;
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u16] {
+        &self.list[..self.len]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}

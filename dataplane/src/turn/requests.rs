@@ -20,7 +20,6 @@ use super::{Datagram, RelayIo, Reservation, Turn, TurnSettings};
 use crate::server::{Action, Now};
 use crate::stun::{attr, method, Class, Message, MessageWriter};
 
-const MAX_UNKNOWN: usize = 8;
 const MAX_PEERS: usize = 8;
 const UDP: u8 = 17;
 const FAMILY_V4: u8 = 0x01;
@@ -33,8 +32,7 @@ const PORT_TRIES: usize = 40;
 struct Req {
     method: u16,
     tid: [u8; 12],
-    unknown: [u16; MAX_UNKNOWN],
-    n_unknown: usize,
+    unknown: attr::UnknownList,
     malformed: bool,
     transport: Option<u8>,
     lifetime: Option<u32>,
@@ -54,8 +52,7 @@ impl Req {
         let mut r = Req {
             method: msg.method(),
             tid,
-            unknown: [0; MAX_UNKNOWN],
-            n_unknown: 0,
+            unknown: attr::UnknownList::default(),
             malformed: false,
             transport: None,
             lifetime: None,
@@ -114,12 +111,7 @@ impl Req {
                 | attr::MESSAGE_INTEGRITY
                 | attr::MESSAGE_INTEGRITY_SHA256
                 | attr::DATA => {}
-                t if attr::is_comprehension_required(t) => {
-                    if r.n_unknown < MAX_UNKNOWN && !r.unknown[..r.n_unknown].contains(&t) {
-                        r.unknown[r.n_unknown] = t;
-                        r.n_unknown += 1;
-                    }
-                }
+                t if attr::is_comprehension_required(t) => r.unknown.note(t),
                 _ => {}
             }
         }
@@ -221,7 +213,7 @@ impl Turn {
                 return write_error(s, software, &req, d, buf, f, None, challenge, now);
             }
         };
-        if req.n_unknown > 0 {
+        if !req.unknown.is_empty() {
             stats.incr(Counter::TurnRequestsError);
             let f = Failure(420, "Unknown Attribute");
             return write_error(s, software, &req, d, buf, f, Some(&authed), false, now);
@@ -724,8 +716,7 @@ fn write_error(
         let mut w = writer(buf, req, Class::ErrorResponse)?;
         w.add_error_code(f.0, f.1).ok()?;
         if f.0 == 420 {
-            w.add_unknown_attributes(&req.unknown[..req.n_unknown])
-                .ok()?;
+            w.add_unknown_attributes(req.unknown.as_slice()).ok()?;
         }
         if challenge {
             let mut nonce = [0u8; NONCE_BYTES];
