@@ -171,7 +171,9 @@ impl Server {
             start,
             len,
         };
-        let settings = Arc::clone(&self.settings);
+        // A plain borrow, not an Arc clone: a reference-count update per packet would bounce
+        // one cache line between all workers.
+        let settings: &Settings = &self.settings;
         if self.turn.is_relay_socket(socket) {
             return self.turn.on_peer_data(&settings.turn, d, buf, now, stats);
         }
@@ -212,7 +214,7 @@ impl Server {
                     Ok(m) => binding::Request::read(&m, transport),
                     Err(_) => return Action::Drop,
                 };
-                binding::respond(&settings, &request, socket, from, buf, stats)
+                binding::respond(settings, &request, socket, from, buf, stats)
             }
             (Class::Indication, stun::method::BINDING) => {
                 stats.incr(Counter::StunBindingIndication);

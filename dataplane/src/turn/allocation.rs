@@ -113,13 +113,71 @@ impl Allocation {
     }
 }
 
+/// A keyed multiply-xorshift hash for the client lookup on the packet path: several times
+/// cheaper than SipHash, and the per-process random key keeps collisions unpredictable (the
+/// table only ever holds authenticated allocations, bounded by quota).
+#[derive(Clone)]
+pub struct FastState(u64);
+
+impl Default for FastState {
+    fn default() -> FastState {
+        use std::hash::{BuildHasher, RandomState};
+        FastState(RandomState::new().hash_one(0x5eed_u64) | 1)
+    }
+}
+
+pub struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        let h = self.0;
+        (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (h >> 32)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(w));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(23) ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_u16(&mut self, v: u16) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(u64::from(v));
+    }
+
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+}
+
+impl std::hash::BuildHasher for FastState {
+    type Hasher = FastHasher;
+    fn build_hasher(&self) -> FastHasher {
+        FastHasher(self.0)
+    }
+}
+
 /// The allocations of one worker, found by client 5-tuple or by relay socket.
 #[derive(Default)]
 pub struct Table {
     slots: Vec<Option<Allocation>>,
     free: Vec<usize>,
-    by_client: HashMap<(SocketAddr, usize), usize>,
-    by_relay: HashMap<usize, usize>,
+    by_client: HashMap<(SocketAddr, usize), usize, FastState>,
+    /// Relay socket index -> slot + 1 (0: none); socket indices are small and dense.
+    by_relay: Vec<u32>,
 }
 
 impl Table {
@@ -136,7 +194,10 @@ impl Table {
     }
 
     pub fn by_relay(&self, socket: usize) -> Option<usize> {
-        self.by_relay.get(&socket).copied()
+        match self.by_relay.get(socket) {
+            Some(&v) if v > 0 => Some(v as usize - 1),
+            _ => None,
+        }
     }
 
     pub fn get(&self, slot: usize) -> Option<&Allocation> {
@@ -161,14 +222,19 @@ impl Table {
             }
         };
         self.by_client.insert(key, slot);
-        self.by_relay.insert(relay, slot);
+        if relay >= self.by_relay.len() {
+            self.by_relay.resize(relay + 1, 0);
+        }
+        self.by_relay[relay] = slot as u32 + 1;
         slot
     }
 
     pub fn remove(&mut self, slot: usize) -> Option<Allocation> {
         let a = self.slots.get_mut(slot)?.take()?;
         self.by_client.remove(&(a.client, a.listen_socket));
-        self.by_relay.remove(&a.relay_socket);
+        if let Some(v) = self.by_relay.get_mut(a.relay_socket) {
+            *v = 0;
+        }
         self.free.push(slot);
         Some(a)
     }
