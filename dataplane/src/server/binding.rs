@@ -99,21 +99,16 @@ pub(super) fn respond(
     buf: &mut [u8],
     stats: &WorkerCounters,
 ) -> Action {
+    let fail = |buf: &mut [u8], code: u16, reason: &str, unknown: &[u16]| {
+        build_error(settings, req, socket, from, buf, code, reason, unknown)
+    };
     if !req.unknown.is_empty() {
         stats.incr(Counter::StunBindingUnknownAttribute);
-        return error(
-            settings,
-            req,
-            socket,
-            from,
-            buf,
-            420,
-            req.unknown.as_slice(),
-        );
+        return fail(buf, 420, "Unknown Attribute", req.unknown.as_slice());
     }
     if let Some(reason) = req.bad {
         stats.incr(Counter::StunBindingBadRequest);
-        return error_reason(settings, req, socket, from, buf, 400, reason);
+        return fail(buf, 400, reason, &[]);
     }
     let siblings = settings.endpoints.siblings(socket);
     let send_socket = match (req.change_ip, req.change_port, siblings) {
@@ -123,27 +118,11 @@ pub(super) fn respond(
         // send that in their first test).
         (_, _, None) => {
             stats.incr(Counter::StunBindingUnknownAttribute);
-            return error(
-                settings,
-                req,
-                socket,
-                from,
-                buf,
-                420,
-                &[attr::CHANGE_REQUEST],
-            );
+            return fail(buf, 420, "Unknown Attribute", &[attr::CHANGE_REQUEST]);
         }
         (_, _, Some(_)) if req.transport == Transport::Tcp => {
             stats.incr(Counter::StunBindingBadRequest);
-            return error_reason(
-                settings,
-                req,
-                socket,
-                from,
-                buf,
-                400,
-                "CHANGE-REQUEST needs UDP",
-            );
+            return fail(buf, 400, "CHANGE-REQUEST needs UDP", &[]);
         }
         (true, true, Some(s)) => s.change_both,
         (true, false, Some(s)) => s.change_ip,
@@ -223,39 +202,6 @@ fn finish(settings: &Settings, req: &Request, mut w: MessageWriter<'_>) -> Resul
         w.add_fingerprint().map_err(drop)?;
     }
     Ok(w.finish())
-}
-
-fn error(
-    settings: &Settings,
-    req: &Request,
-    socket: usize,
-    from: SocketAddr,
-    buf: &mut [u8],
-    code: u16,
-    unknown: &[u16],
-) -> Action {
-    build_error(
-        settings,
-        req,
-        socket,
-        from,
-        buf,
-        code,
-        "Unknown Attribute",
-        unknown,
-    )
-}
-
-fn error_reason(
-    settings: &Settings,
-    req: &Request,
-    socket: usize,
-    from: SocketAddr,
-    buf: &mut [u8],
-    code: u16,
-    reason: &str,
-) -> Action {
-    build_error(settings, req, socket, from, buf, code, reason, &[])
 }
 
 #[allow(clippy::too_many_arguments)]

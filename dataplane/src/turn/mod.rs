@@ -221,20 +221,7 @@ impl Turn {
             stats.incr(Counter::DropNoChannel);
             return Action::Drop;
         };
-        if !a.up.take(now.mono, settings.max_bandwidth, len) {
-            stats.incr(Counter::DropBandwidth);
-            return Action::Drop;
-        }
-        a.traffic.packets_to_peer += 1;
-        a.traffic.bytes_to_peer += len as u64;
-        stats.incr(Counter::RelayClientToPeerPackets);
-        stats.add(Counter::RelayClientToPeerBytes, len as u64);
-        Action::Send {
-            offset: d.start + 4,
-            len,
-            socket: a.relay_socket,
-            to: peer,
-        }
+        to_peer(a, settings, now, stats, d.start + 4, len, peer)
     }
 
     /// A Send indication (RFC 8656 §11.2): DATA goes to XOR-PEER-ADDRESS if permitted.
@@ -277,20 +264,7 @@ impl Turn {
             stats.incr(Counter::DropNoPermission);
             return Action::Drop;
         }
-        if !a.up.take(now.mono, settings.max_bandwidth, len) {
-            stats.incr(Counter::DropBandwidth);
-            return Action::Drop;
-        }
-        a.traffic.packets_to_peer += 1;
-        a.traffic.bytes_to_peer += len as u64;
-        stats.incr(Counter::RelayClientToPeerPackets);
-        stats.add(Counter::RelayClientToPeerBytes, len as u64);
-        Action::Send {
-            offset: d.start + off,
-            len,
-            socket: a.relay_socket,
-            to: peer,
-        }
+        to_peer(a, settings, now, stats, d.start + off, len, peer)
     }
 
     /// A datagram from a peer on a relay socket: to the client as ChannelData when a
@@ -444,6 +418,33 @@ impl Turn {
         for slot in all {
             self.end(slot, io, stats, Counter::TurnAllocationsDeleted);
         }
+    }
+}
+
+/// Client-to-peer data at `buf[offset..offset + len]`: bandwidth cap, accounting, send from
+/// the relay socket.
+fn to_peer(
+    a: &mut Allocation,
+    settings: &TurnSettings,
+    now: Now,
+    stats: &WorkerCounters,
+    offset: usize,
+    len: usize,
+    peer: SocketAddr,
+) -> Action {
+    if !a.up.take(now.mono, settings.max_bandwidth, len) {
+        stats.incr(Counter::DropBandwidth);
+        return Action::Drop;
+    }
+    a.traffic.packets_to_peer += 1;
+    a.traffic.bytes_to_peer += len as u64;
+    stats.incr(Counter::RelayClientToPeerPackets);
+    stats.add(Counter::RelayClientToPeerBytes, len as u64);
+    Action::Send {
+        offset,
+        len,
+        socket: a.relay_socket,
+        to: peer,
     }
 }
 
