@@ -63,6 +63,7 @@ impl Request {
                 | attr::MESSAGE_INTEGRITY
                 | attr::MESSAGE_INTEGRITY_SHA256
                 | attr::USERHASH
+                | attr::PASSWORD_ALGORITHM
                 | attr::REALM
                 | attr::NONCE
                 | attr::PADDING

@@ -260,7 +260,13 @@ impl Turn {
             return Action::Drop;
         };
         let peer = SocketAddr::new(policy::canonical(peer.ip()), peer.port());
-        if peer.is_ipv4() != a.relay_local.is_ipv4() || !a.has_permission(peer.ip(), now.mono) {
+        // Permissions are per IP address, but the exception for the server's own relays is
+        // per port range: check the policy again so a permission for this box's address
+        // cannot reach its other services.
+        if peer.is_ipv4() != a.relay_local.is_ipv4()
+            || !a.has_permission(peer.ip(), now.mono)
+            || settings.policy.check(peer.ip(), peer.port()).is_err()
+        {
             stats.incr(Counter::DropNoPermission);
             return Action::Drop;
         }

@@ -86,6 +86,8 @@ impl Req {
                 },
                 attr::REQUESTED_ADDRESS_FAMILY => match attr::decode_address_family(a.value) {
                     Ok(f) => r.family = Some(f),
+                    // A well-formed attribute naming a family we do not know: 440, not 400.
+                    Err(attr::AttrError::BadFamily) => r.family = Some(0),
                     Err(_) => r.malformed = true,
                 },
                 attr::ADDITIONAL_ADDRESS_FAMILY => match attr::decode_address_family(a.value) {
@@ -106,6 +108,7 @@ impl Req {
                 },
                 attr::USERNAME
                 | attr::USERHASH
+                | attr::PASSWORD_ALGORITHM
                 | attr::REALM
                 | attr::NONCE
                 | attr::MESSAGE_INTEGRITY
@@ -286,8 +289,8 @@ impl Turn {
                     Ok(Success::Allocate {
                         relayed: a.relay_public,
                         lifetime: a.expires.saturating_duration_since(now.mono).as_secs() as u32,
-                        token: None,
-                        family_error: false,
+                        token: a.reservation_token,
+                        family_error: req.additional_family == Some(FAMILY_V6),
                     })
                 }
                 _ => Err(MISMATCH),
