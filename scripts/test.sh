@@ -1,5 +1,102 @@
 #!/usr/bin/env bash
-# Runs every Portico test. Filled in by the test harness work; see README.
-set -euo pipefail
+# The one test command: installs the third-party tools the tests run against Portico, then
+# checks formatting, lints, builds, and runs every test (unit, integration, interop).
+# Also what CI runs (.ci/run), as root on a fresh Debian 12 clone.
+#
+# Exit status is non-zero when any step fails; every step runs regardless, so one run
+# shows all problems. The last line is "N passed, N failed" over all cargo test results.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-cargo test --workspace
+ROOT=$(pwd)
+
+# Tools the tests need, as "debian-package:command-it-provides". Add a pair per new tool
+# (e.g. nginx:nginx slapd:slapd ldap-utils:ldapsearch kamailio:kamailio
+# prometheus:prometheus); a package is installed when one of its commands is missing.
+REQUIRED_TOOLS="
+coturn:turnutils_stunclient
+coturn:turnutils_natdiscovery
+coturn:turnutils_uclient
+coturn:turnutils_peer
+stun-client:stun
+iproute2:ip
+"
+
+# Upper bounds per step, so a hung test cannot use up CI's time; normal runs are far below.
+FMT_LIMIT=5m
+CLIPPY_LIMIT=25m
+BUILD_LIMIT=25m
+TEST_LIMIT=30m
+
+# shellcheck source=lib/common.sh
+source "$ROOT/scripts/lib/common.sh"
+# shellcheck source=lib/install.sh
+source "$ROOT/scripts/lib/install.sh"
+
+START=$(date +%s)
+declare -a FAILED_STEPS=()
+
+section "Tools"
+if ! install_missing_tools "$REQUIRED_TOOLS"; then
+    echo "FATAL: could not install the tools the tests need (see above)." >&2
+    echo "0 passed, 1 failed"
+    exit 1
+fi
+
+section "Environment"
+uname -srm
+cargo --version
+rustc --version
+for c in $(tool_commands "$REQUIRED_TOOLS"); do
+    printf '  %-24s %s\n' "$c" "$(command -v "$c")"
+done
+if ! ip -6 addr show dev lo 2>/dev/null | grep -q '::1/128'; then
+    echo "warning: ::1 is not configured on lo; the IPv6 tests will fail" >&2
+fi
+# Failed integration tests keep their temp dirs for the post-mortem; drop old ones.
+find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'portico-it-*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
+
+section "cargo fmt --all -- --check"
+step fmt "$FMT_LIMIT" cargo fmt --all -- --check
+
+section "cargo clippy --workspace --all-targets -- -D warnings"
+step clippy "$CLIPPY_LIMIT" cargo clippy --workspace --all-targets -- -D warnings
+
+section "cargo build --workspace"
+# Builds portico-dataplane beside portico, which the integration tests start.
+step build "$BUILD_LIMIT" cargo build --workspace
+
+section "cargo test --workspace"
+TEST_LOG=$(mktemp "${TMPDIR:-/tmp}/portico-test-log.XXXXXX")
+# RUST_BACKTRACE=0: a failing assertion message is what matters, and it stays readable.
+RUST_BACKTRACE=0 timeout --kill-after=30s "$TEST_LIMIT" \
+    cargo test --workspace --no-fail-fast 2>&1 | tee "$TEST_LOG"
+TEST_STATUS=${PIPESTATUS[0]}
+if [ "$TEST_STATUS" -eq 124 ]; then
+    echo "cargo test did not finish within $TEST_LIMIT" >&2
+fi
+[ "$TEST_STATUS" -eq 0 ] || FAILED_STEPS+=("test")
+
+# Hard links of portico made by test processes that found a stale portico-dataplane (see
+# controlplane/tests/common/server.rs); only those of processes that have ended.
+for d in "${TMPDIR:-/tmp}"/portico-it-bin-*; do
+    [ -d "$d" ] && ! kill -0 "${d##*-}" 2>/dev/null && rm -rf "$d"
+done
+
+read -r PASSED FAILED < <(sum_test_results "$TEST_LOG")
+rm -f "$TEST_LOG"
+if [ "$TEST_STATUS" -ne 0 ] && [ "$FAILED" -eq 0 ]; then
+    # cargo test failed without a failing test: it did not build, or it was killed.
+    FAILED=1
+fi
+
+section "Summary"
+echo "took $(( $(date +%s) - START )) s"
+if [ "${#FAILED_STEPS[@]}" -eq 0 ]; then
+    echo "all steps passed: fmt clippy build test"
+    STATUS=0
+else
+    echo "FAILED steps: ${FAILED_STEPS[*]}"
+    STATUS=1
+fi
+echo "$PASSED passed, $FAILED failed"
+exit "$STATUS"

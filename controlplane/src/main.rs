@@ -1,20 +1,29 @@
 //! `portico`: the control plane. It loads and validates the configuration, prepares the
-//! state directory, creates the shared memory, and starts and supervises the dataplane.
+//! state directory, creates (or re-attaches to) the shared memory, starts and supervises the
+//! dataplane, and serves the REST API and Prometheus metrics.
 
+mod api;
 mod config;
+mod control;
+mod fraud;
+mod metrics;
+mod proxy;
 mod state;
 mod supervisor;
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use portico_shared::shm::{Driver, SharedMemory};
+use portico_shared::shm::{Driver, SharedMemory, ShmError};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
 use tracing_subscriber::EnvFilter;
 
-use supervisor::{Backoff, Dataplane};
+use control::{Control, LogReload};
+use supervisor::Dataplane;
 
 #[derive(Parser)]
 #[command(
@@ -49,14 +58,39 @@ enum Cmd {
     },
 }
 
+fn filter_or_info(level: &str) -> EnvFilter {
+    EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Logging for the dataplane subcommand: `RUST_LOG`, else the level it was given.
 fn init_logging(level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| filter_or_info(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
+}
+
+/// Logging for the control plane: like [`init_logging`], but a later change of `log_level`
+/// applies at once, unless `RUST_LOG` (which wins) is set.
+fn init_reloadable_logging(level: &str) -> Option<LogReload> {
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_set = from_env.is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(from_env.unwrap_or_else(|| filter_or_info(level)))
+        .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal())
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    builder.init();
+    if env_set {
+        return None;
+    }
+    Some(Box::new(move |level: &str| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    }))
 }
 
 fn main() {
@@ -80,101 +114,179 @@ fn main() {
 
 fn run(config_file: Option<&Path>) -> Result<(), String> {
     let loaded = config::load(config_file)?;
-    init_logging(&loaded.config.log_level);
+    let log_reload = init_reloadable_logging(&loaded.config.log_level);
     let state = state::prepare(&loaded.config.state_dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
-    rt.block_on(serve(loaded, state))
+    rt.block_on(serve(loaded, state, log_reload))
 }
 
-async fn serve(loaded: config::Loaded, state: state::State) -> Result<(), String> {
-    let mut config = loaded.config;
-    let shm_name = SharedMemory::name_for_state_dir(&state.dir);
-    let (shm, adopted) = match SharedMemory::attach(&shm_name) {
-        Ok(shm) => match supervisor::live_dataplane(&shm) {
-            Some(pid) => (shm, Some(pid)),
-            None => (
-                SharedMemory::create(&shm_name).map_err(|e| e.to_string())?,
-                None,
-            ),
-        },
-        Err(_) => (
-            SharedMemory::create(&shm_name).map_err(|e| e.to_string())?,
-            None,
-        ),
-    };
-    shm.segment()
-        .header
-        .controlplane_pid
-        .store(std::process::id(), Ordering::Relaxed);
-    shm.segment()
-        .write_config(config.to_toml().as_bytes())
-        .map_err(|e| e.to_string())?;
-
-    let mut dataplane = match adopted {
-        Some(pid) => {
-            tracing::info!(pid, "re-attached to the running dataplane");
-            Dataplane::adopt(pid)
+/// Attaches to the segment of a dataplane that outlived an earlier `portico`, or creates a
+/// fresh segment. Returns the segment and the pid of the dataplane to adopt, if any.
+async fn open_segment(name: &str) -> Result<(SharedMemory, Option<u32>), String> {
+    match SharedMemory::attach(name) {
+        Ok(shm) => {
+            let other = shm
+                .segment()
+                .header
+                .controlplane_pid
+                .load(Ordering::Relaxed);
+            if other != std::process::id() && supervisor::is_control_plane(other) {
+                return Err(format!(
+                    "another portico (pid {other}) already runs on this state dir; stop it first"
+                ));
+            }
+            if let Some(pid) = supervisor::find_running(&shm).await {
+                return Ok((shm, Some(pid)));
+            }
         }
-        None => Dataplane::start(&shm, &config.log_level).await?,
-    };
-    let driver = Driver::from_u32(shm.segment().header.driver.load(Ordering::Relaxed));
-    tracing::info!(
-        config = %loaded.path.display(),
-        state_dir = %state.dir.display(),
-        admin_token = %state.token_path.display(),
-        dataplane_pid = dataplane.pid(),
-        driver = driver.name(),
-        "portico is running: STUN/TURN on {:?}",
-        config.turn.listen
-    );
+        Err(e @ ShmError::Version { .. }) => {
+            tracing::warn!("{e}; replacing it with a fresh segment");
+        }
+        Err(_) => {}
+    }
+    let shm = SharedMemory::create(name).map_err(|e| e.to_string())?;
+    Ok((shm, None))
+}
 
+async fn serve(
+    loaded: config::Loaded,
+    state: state::State,
+    log_reload: Option<LogReload>,
+) -> Result<(), String> {
+    let config = loaded.config;
+    // Absolute, so status and logs say exactly which file is the source of truth.
+    let config_path = std::fs::canonicalize(&loaded.path).unwrap_or(loaded.path);
+    config::store::remove_stale_temps(&config_path);
+    // Bound first: a taken API port fails the start before any dataplane is touched.
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .map_err(|e| format!("api.listen {}: {e}", config.api.listen))?;
+    let shm_name = SharedMemory::name_for_state_dir(&state.dir);
+    // Handlers first: a signal that arrives while the dataplane starts must stop it in order,
+    // not kill `portico` and leave an orphan dataplane holding the ports.
     let sig = |k: SignalKind| signal(k).map_err(|e| format!("installing signal handler: {e}"));
     let mut sigint = sig(SignalKind::interrupt())?;
     let mut sigterm = sig(SignalKind::terminate())?;
     let mut sighup = sig(SignalKind::hangup())?;
-    let mut backoff = Backoff::new();
-    let mut restarts = 0u64;
+    let (shm, adopted) = open_segment(&shm_name).await?;
+    let shm = Arc::new(shm);
+    let seg = shm.segment();
+    seg.header
+        .controlplane_pid
+        .store(std::process::id(), Ordering::Relaxed);
+    // The file is the source of truth: publish it unless the dataplane already runs on exactly
+    // this text (republishing would make it re-apply for nothing).
+    let text = config.to_toml();
+    if seg.read_config().map(|(_, t)| t) != Some(text.clone().into_bytes()) {
+        seg.write_config(text.as_bytes())
+            .map_err(|e| e.to_string())?;
+    }
+
+    let log_level = config.log_level.clone();
+    let listen = config.turn.listen.clone();
+    let api_listen = config.api.listen;
+    let fraud = fraud::task::Fraud::start(Arc::clone(&shm), &state.dir, &config.fraud)?;
+    let control = Arc::new(Control::new(
+        Arc::clone(&shm),
+        config,
+        config_path.clone(),
+        state.token.clone(),
+        log_reload,
+        fraud,
+    ));
+    let dataplane = match adopted {
+        Some(pid) => {
+            tracing::info!(pid, "re-attached to the running dataplane");
+            Dataplane::adopt(pid)
+        }
+        None => match Dataplane::start(&shm, &log_level).await {
+            Ok(d) => d,
+            Err(e) => {
+                SharedMemory::unlink(&shm_name);
+                return Err(e);
+            }
+        },
+    };
+    // Reverse proxy: follows `[proxy]` of the running configuration; its suspicious events
+    // go to the log until fraud detection consumes them.
+    let (proxy_events, mut proxy_events_rx) = tokio::sync::mpsc::channel(4096);
+    let proxy_control = Arc::clone(&control);
+    let proxy_task = tokio::spawn(proxy::run(
+        move || proxy_control.config().proxy,
+        proxy::CertPaths {
+            cert: state.cert_path.clone(),
+            key: state.key_path.clone(),
+        },
+        proxy_events,
+        Arc::new(proxy::metrics::ProxyMetrics::default()),
+        Arc::new(|_| false),
+    ));
+    tokio::spawn(async move {
+        while let Some(e) = proxy_events_rx.recv().await {
+            tracing::info!(source = %e.source, service_type = %e.service_type, "suspicious request: {}", e.reason);
+        }
+    });
+    let driver = Driver::from_u32(seg.header.driver.load(Ordering::Relaxed));
+    tracing::info!(
+        config = %config_path.display(),
+        state_dir = %state.dir.display(),
+        certificate = %state.cert_path.display(),
+        private_key = %state.key_path.display(),
+        dataplane_pid = dataplane.pid(),
+        driver = driver.name(),
+        "portico is running: STUN/TURN on {listen:?}, API on http://{api_listen}/api/v1/"
+    );
+    if state.token_created {
+        tracing::info!(
+            "admin token (new; kept in {}): {}",
+            state.token_path.display(),
+            state.token
+        );
+    }
+    tracing::info!(
+        "try: curl -H \"Authorization: Bearer $(cat {})\" http://{api_listen}/api/v1/status",
+        state.token_path.display()
+    );
+
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let supervisor = tokio::spawn(supervisor::supervise(
+        Arc::clone(&control),
+        dataplane,
+        stop_rx,
+    ));
+    let app = api::router(Arc::clone(&control))
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let mut api_server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut result = Ok(());
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sighup.recv() => {
-                match config::load_file(&loaded.path) {
-                    Ok(c) => match shm.segment().write_config(c.to_toml().as_bytes()) {
-                        Ok(g) => {
-                            tracing::info!(generation = g, file = %loaded.path.display(), "configuration reloaded");
-                            config = c;
-                        }
-                        Err(e) => tracing::error!("configuration not applied: {e}"),
-                    },
-                    Err(e) => tracing::error!("configuration not reloaded, keeping the running one: {e}"),
-                }
+                let _ = control.reload_file().await;
             }
-            how = dataplane.exited() => {
-                let ran = dataplane.started.elapsed();
-                let delay = backoff.delay(ran);
-                restarts += 1;
-                tracing::error!(restarts, "dataplane exited ({how}); restarting in {delay:?}");
-                tokio::time::sleep(delay).await;
-                dataplane = loop {
-                    match Dataplane::start(&shm, &config.log_level).await {
-                        Ok(d) => break d,
-                        Err(e) => {
-                            let delay = backoff.delay(Duration::ZERO);
-                            tracing::error!("dataplane restart failed: {e}; retrying in {delay:?}");
-                            tokio::time::sleep(delay).await;
-                        }
-                    }
+            r = &mut api_server => {
+                let e = match r {
+                    Ok(Ok(())) => "the API server stopped".to_string(),
+                    Ok(Err(e)) => format!("the API server failed: {e}"),
+                    Err(e) => format!("the API server task failed: {e}"),
                 };
+                tracing::error!("{e}");
+                result = Err(e);
+                break;
             }
         }
     }
     tracing::info!("stopping");
-    dataplane.stop().await;
+    proxy_task.abort();
+    api_server.abort();
+    let _ = stop_tx.send(());
+    let _ = supervisor.await;
     SharedMemory::unlink(&shm_name);
     tracing::info!("stopped");
-    Ok(())
+    result
 }

@@ -17,6 +17,8 @@ pub struct State {
     pub dir: PathBuf,
     pub token: String,
     pub token_path: PathBuf,
+    /// The token was generated on this start (first start, or the file was missing).
+    pub token_created: bool,
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
 }
@@ -26,13 +28,13 @@ pub fn prepare(dir: &Path) -> Result<State, String> {
     // The directory holds the token and a private key: owner only.
     let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
     let token_path = dir.join(TOKEN_FILE);
-    let token = match fs::read_to_string(&token_path) {
-        Ok(t) if valid_token(t.trim()) => t.trim().to_string(),
+    let (token, token_created) = match fs::read_to_string(&token_path) {
+        Ok(t) if valid_token(t.trim()) => (t.trim().to_string(), false),
         _ => {
             let t = new_token()?;
             write_atomic(&token_path, format!("{t}\n").as_bytes(), 0o600)
                 .map_err(|e| format!("{}: {e}", token_path.display()))?;
-            t
+            (t, true)
         }
     };
     let cert_path = dir.join(CERT_FILE);
@@ -48,6 +50,7 @@ pub fn prepare(dir: &Path) -> Result<State, String> {
         dir: dir.to_path_buf(),
         token,
         token_path,
+        token_created,
         cert_path,
         key_path,
     })
@@ -87,12 +90,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("portico-state-{}", std::process::id()));
         let a = prepare(&dir).unwrap();
         assert!(valid_token(&a.token));
+        assert!(a.token_created);
         let mode = fs::metadata(&a.token_path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let cert = fs::read_to_string(&a.cert_path).unwrap();
         assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
         let b = prepare(&dir).unwrap();
         assert_eq!(a.token, b.token);
+        assert!(!b.token_created);
         assert_eq!(cert, fs::read_to_string(&b.cert_path).unwrap());
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -1,39 +1,60 @@
-//! Starts, watches and stops the dataplane process.
+//! Starts, watches, restarts and stops the dataplane process.
 //!
 //! The dataplane runs in its own process group so that a Ctrl-C in the terminal reaches only
 //! `portico`, which then stops the dataplane in order. It is not killed when `portico` dies:
 //! a restarted `portico` finds it through the shared-memory header (pid and a fresh
-//! heartbeat) and adopts it instead of starting a second one.
+//! heartbeat) and adopts it instead of starting a second one, so relaying goes on untouched
+//! while the control plane is away.
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use portico_shared::shm::SharedMemory;
 use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
 
-/// A dataplane whose heartbeat is older than this is considered gone.
+use crate::control::Control;
+
+/// A dataplane whose heartbeat is older than this is not adopted as it is.
 const HEARTBEAT_STALE_MS: u64 = 2_000;
+/// How long a restarted `portico` waits for a stale heartbeat to move before it declares the
+/// dataplane hung: a loaded machine can delay the dataplane's main loop for a moment.
+const ADOPT_GRACE: Duration = Duration::from_secs(3);
+/// A running dataplane whose heartbeat stops for this long is hung: killed and restarted.
+/// Generous, because a false alarm would interrupt relayed media.
+const WATCHDOG_MS: u64 = 5_000;
 /// How long the dataplane gets to come up (publish its pid) on start.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an adopted dataplane (not our child, so no SIGCHLD) and the heartbeat are polled.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Overrides the dataplane program; used by tests so a stale `portico-dataplane` left in the
+/// target directory is never picked up.
+pub const DATAPLANE_ENV: &str = "PORTICO_DATAPLANE";
 
 fn unix_ms() -> u64 {
     portico_dataplane::runtime::unix_ms()
 }
 
-/// How to start the dataplane: the `portico-dataplane` binary beside this executable, or,
-/// where only `portico` was built (`cargo run` builds one binary), this executable's own
-/// `dataplane` subcommand. Either way it is a separate process.
+/// How to start the dataplane: `$PORTICO_DATAPLANE`, else the `portico-dataplane` binary
+/// beside this executable, or, where only `portico` was built (`cargo run` builds one
+/// binary), this executable's own `dataplane` subcommand. Either way it is a separate process.
 pub fn dataplane_command(shm_name: &str, log_level: &str) -> (PathBuf, Vec<String>) {
     let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("portico"));
-    let beside = me.with_file_name("portico-dataplane");
+    let chosen = match std::env::var_os(DATAPLANE_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => me.with_file_name("portico-dataplane"),
+    };
     let mut args = Vec::new();
-    let program = if beside.is_file() {
-        beside
+    let is_me = std::fs::canonicalize(&chosen).ok() == std::fs::canonicalize(&me).ok();
+    let program = if chosen.is_file() && !is_me {
+        chosen
     } else {
         args.push("dataplane".to_string());
         me
@@ -47,16 +68,91 @@ pub fn dataplane_command(shm_name: &str, log_level: &str) -> (PathBuf, Vec<Strin
     (program, args)
 }
 
-fn alive(pid: u32) -> bool {
-    pid != 0 && kill(Pid::from_raw(pid as i32), None).is_ok()
+/// Alive and not a zombie: an orphaned dataplane that died is a zombie until its new parent
+/// reaps it, and `kill(pid, 0)` alone would call it alive.
+pub fn alive(pid: u32) -> bool {
+    if pid == 0 || kill(Pid::from_raw(pid as i32), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the parenthesised command name, which may hold spaces.
+        Ok(stat) => !matches!(
+            stat.rfind(')')
+                .and_then(|i| stat[i + 1..].trim_start().chars().next()),
+            Some('Z') | Some('X')
+        ),
+        Err(_) => false,
+    }
 }
 
-/// The pid of a dataplane already running on this segment, if there is one.
+/// Whether `pid` is a live `portico` control plane (not a `portico dataplane`), so a second
+/// one on the same state dir can refuse to start instead of fighting over the dataplane.
+pub fn is_control_plane(pid: u32) -> bool {
+    if !alive(pid) {
+        return false;
+    }
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+    let is_portico = args
+        .first()
+        .is_some_and(|a| a.rsplit(|b| *b == b'/').next() == Some(b"portico".as_slice()));
+    is_portico && args.get(1).copied() != Some(b"dataplane".as_slice())
+}
+
+/// Whether `pid` is a dataplane serving this segment, not some process that reused the pid.
+fn serves_segment(pid: u32, shm_name: &str) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmd) => cmd.split(|b| *b == 0).any(|arg| arg == shm_name.as_bytes()),
+        Err(_) => false,
+    }
+}
+
+fn heartbeat_age_ms(shm: &SharedMemory) -> u64 {
+    let beat = shm
+        .segment()
+        .header
+        .dataplane_heartbeat_ms
+        .load(Ordering::Relaxed);
+    unix_ms().saturating_sub(beat)
+}
+
+/// The pid of a dataplane running on this segment with a fresh heartbeat, if there is one.
 pub fn live_dataplane(shm: &SharedMemory) -> Option<u32> {
-    let h = &shm.segment().header;
-    let pid = h.dataplane_pid.load(Ordering::Relaxed);
-    let beat = h.dataplane_heartbeat_ms.load(Ordering::Relaxed);
-    (alive(pid) && unix_ms().saturating_sub(beat) < HEARTBEAT_STALE_MS).then_some(pid)
+    let pid = shm.segment().header.dataplane_pid.load(Ordering::Relaxed);
+    (alive(pid) && heartbeat_age_ms(shm) < HEARTBEAT_STALE_MS).then_some(pid)
+}
+
+/// Finds a dataplane a previous `portico` left running on this segment. One whose heartbeat
+/// stays stale is hung: it is killed, so that the caller starts a fresh one instead of
+/// leaving it holding the listen ports.
+pub async fn find_running(shm: &SharedMemory) -> Option<u32> {
+    let pid = shm.segment().header.dataplane_pid.load(Ordering::Relaxed);
+    if !alive(pid) || !serves_segment(pid, shm.name()) {
+        return None;
+    }
+    let deadline = Instant::now() + ADOPT_GRACE;
+    loop {
+        if heartbeat_age_ms(shm) < HEARTBEAT_STALE_MS {
+            return Some(pid);
+        }
+        if !alive(pid) {
+            return None;
+        }
+        if Instant::now() > deadline {
+            tracing::warn!(
+                pid,
+                "the running dataplane's heartbeat is stale; killing it"
+            );
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            while alive(pid) {
+                tokio::time::sleep(POLL).await;
+            }
+            return None;
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 pub enum Process {
@@ -100,9 +196,10 @@ impl Dataplane {
             }
             if Instant::now() > deadline {
                 let _ = child.start_kill();
+                let _ = child.wait().await;
                 return Err("the dataplane did not come up within 10 s".into());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(Dataplane {
             process: Process::Child(child),
@@ -117,37 +214,114 @@ impl Dataplane {
         }
     }
 
-    /// Resolves when the dataplane process has ended, with a description of how.
-    pub async fn exited(&mut self) -> String {
-        match &mut self.process {
-            Process::Child(c) => match c.wait().await {
-                Ok(s) => s.to_string(),
-                Err(e) => format!("wait failed: {e}"),
-            },
-            Process::Adopted(pid) => {
-                while alive(*pid) {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+    /// Resolves when the dataplane process has ended, with a description of how. A dataplane
+    /// whose heartbeat stops while its process lives is hung and gets killed here.
+    pub async fn exited(&mut self, shm: &SharedMemory) -> String {
+        let pid = self.pid();
+        let mut watchdog_fired = false;
+        loop {
+            match &mut self.process {
+                Process::Child(c) => {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        return if watchdog_fired {
+                            format!("killed by the watchdog: {status}")
+                        } else {
+                            status.to_string()
+                        };
+                    }
                 }
-                "adopted dataplane is gone".into()
+                Process::Adopted(p) => {
+                    if !alive(*p) {
+                        return if watchdog_fired {
+                            "killed by the watchdog".into()
+                        } else {
+                            "the adopted dataplane is gone".into()
+                        };
+                    }
+                }
+            }
+            if !watchdog_fired && heartbeat_age_ms(shm) > WATCHDOG_MS {
+                tracing::error!(pid, "dataplane heartbeat stopped for 5 s; killing it");
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                watchdog_fired = true;
+            }
+            match &mut self.process {
+                // SIGCHLD wakes this at once; the timeout keeps the heartbeat watched.
+                Process::Child(c) => {
+                    let _ = tokio::time::timeout(POLL, c.wait()).await;
+                }
+                Process::Adopted(_) => tokio::time::sleep(POLL).await,
             }
         }
     }
 
     /// SIGTERM, then SIGKILL if it does not stop in time.
-    pub async fn stop(mut self) {
+    pub async fn stop(mut self, shm: &SharedMemory) {
         let pid = self.pid();
         if pid == 0 {
             return;
         }
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-        if tokio::time::timeout(STOP_TIMEOUT, self.exited())
+        if tokio::time::timeout(STOP_TIMEOUT, self.exited(shm))
             .await
             .is_err()
         {
             tracing::warn!(pid, "dataplane did not stop in time; killing it");
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            let _ = tokio::time::timeout(STOP_TIMEOUT, self.exited()).await;
+            let _ = tokio::time::timeout(STOP_TIMEOUT, self.exited(shm)).await;
         }
+    }
+}
+
+/// Keeps a dataplane running until `stop` fires, then stops it. Every restart is counted in
+/// the control plane's metrics and logged.
+pub async fn supervise(
+    control: Arc<Control>,
+    mut dataplane: Dataplane,
+    stop: oneshot::Receiver<()>,
+) {
+    let shm = &control.shm;
+    let mut stop = stop;
+    let mut backoff = Backoff::new();
+    loop {
+        let how = tokio::select! {
+            _ = &mut stop => {
+                dataplane.stop(shm).await;
+                return;
+            }
+            how = dataplane.exited(shm) => how,
+        };
+        let delay = backoff.delay(dataplane.started.elapsed());
+        control
+            .shm
+            .segment()
+            .header
+            .dataplane_restarts
+            .fetch_add(1, Ordering::Relaxed);
+        let restarts = control.metrics.dataplane_restarts.inc() + 1;
+        tracing::error!(
+            pid = dataplane.pid(),
+            restarts,
+            "dataplane exited ({how}); restarting in {delay:?}"
+        );
+        let mut delay = delay;
+        dataplane = loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            // Not raced against `stop`: a start abandoned half way would leave an orphan.
+            match Dataplane::start(shm, &control.log_level()).await {
+                Ok(d) => {
+                    tracing::info!(pid = d.pid(), restarts, "dataplane restarted");
+                    break d;
+                }
+                Err(e) => {
+                    delay = backoff.delay(Duration::ZERO);
+                    tracing::error!("dataplane restart failed: {e}; retrying in {delay:?}");
+                }
+            }
+        };
     }
 }
 
@@ -195,5 +369,25 @@ mod tests {
         }
         assert_eq!(b.delay(Duration::ZERO), Duration::from_secs(8));
         assert_eq!(b.delay(Duration::from_secs(60)), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn this_process_is_alive_and_pid_zero_is_not() {
+        assert!(alive(std::process::id()));
+        assert!(!alive(0));
+    }
+
+    #[test]
+    fn a_reaped_child_is_not_alive_and_a_zombie_is_not_either() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited but not reaped yet: a zombie.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!alive(pid), "a zombie counts as dead");
+        child.wait().unwrap();
+        assert!(!alive(pid));
     }
 }

@@ -1,1 +1,74 @@
-fn main() {}
+//! `portico-perf`: see the crate docs and perf/README.md.
+
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use portico_perf::{bench_report, echo_server, stun_load, udp};
+
+#[derive(Parser)]
+#[command(
+    name = "portico-perf",
+    version,
+    about = "Load generators and benchmark helpers for Portico"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// STUN Binding load: throughput, loss, round-trip latency, server CPU per request.
+    /// Exit status 3 when not a single transaction succeeded.
+    Stun(stun_load::StunArgs),
+    /// Minimal STUN Binding responder (and UDP echo), to measure the generator's ceiling.
+    EchoServer(echo_server::EchoArgs),
+    /// Summarises a directory of JSON run reports as Markdown (scripts/bench.sh uses it).
+    BenchReport(bench_report::BenchReportArgs),
+    /// Prints a port free for both UDP and TCP on --ip (for scripts).
+    FreePort {
+        #[arg(long, default_value = "127.0.0.1")]
+        ip: IpAddr,
+    },
+}
+
+/// Exit status when a load run completed no transaction at all (scripts probe with it).
+const EXIT_NOTHING_COMPLETED: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Stun(args) => stun_load::run(&args).map(|r| {
+            print!("{}", r.text());
+            if r.completed == 0 {
+                ExitCode::from(EXIT_NOTHING_COMPLETED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }),
+        Cmd::EchoServer(args) => echo_server::EchoServer::start(&args).and_then(|s| {
+            println!("listening on {}", s.local);
+            let _ = std::io::stdout().flush();
+            s.wait().map(|n| {
+                println!("answered {n} datagrams");
+                ExitCode::SUCCESS
+            })
+        }),
+        Cmd::BenchReport(args) => bench_report::run(&args).map(|()| ExitCode::SUCCESS),
+        Cmd::FreePort { ip } => udp::free_port(ip)
+            .map(|p| {
+                println!("{p}");
+                ExitCode::SUCCESS
+            })
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("portico-perf: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -48,7 +48,7 @@ use crate::counters::{Counter, COUNTER_SLOTS};
 /// "PORTICO" and a format byte, as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PORTICO\x01");
 /// Bump on every change to the layout of [`Segment`].
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 pub const MAX_WORKERS: usize = 64;
 /// Counter blocks: one per worker plus one for the TCP thread, which also writes counters.
 pub const COUNTER_BLOCKS: usize = MAX_WORKERS + 1;
@@ -105,6 +105,9 @@ pub struct Header {
     pub dataplane_started_ms: AtomicU64,
     /// The configuration generation every worker has applied.
     pub config_applied: AtomicU64,
+    /// Dataplane restarts by supervisors of this segment: kept here so the count survives a
+    /// control-plane restart.
+    pub dataplane_restarts: AtomicU64,
 }
 
 #[repr(C, align(64))]

@@ -40,6 +40,39 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     result
 }
 
+/// Removes temp files that a writer killed between create and rename left beside `path`
+/// (`.NAME.tmp-PID` of a process that no longer exists). They never replace the real file,
+/// but would pile up over crashes.
+pub fn remove_stale_temps(path: &Path) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Some(name) = path.file_name() else {
+        return;
+    };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = pid > 0
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                == Err(nix::errno::Errno::ESRCH);
+        if gone && fs::remove_file(e.path()).is_ok() {
+            tracing::info!(file = %e.path().display(), "removed a temp file left by a killed writer");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,6 +96,27 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
             .collect();
         assert!(leftovers.is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stale_temps_of_dead_writers_are_removed() {
+        let dir = std::env::temp_dir().join(format!("portico-stale-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("portico.toml");
+        write_atomic(&p, b"x", 0o600).unwrap();
+        // A pid above the kernel's maximum cannot be running.
+        let dead = dir.join(".portico.toml.tmp-2147483647");
+        let mine = dir.join(format!(".portico.toml.tmp-{}", std::process::id()));
+        let other = dir.join(".other.toml.tmp-2147483647");
+        for f in [&dead, &mine, &other] {
+            fs::write(f, b"partial").unwrap();
+        }
+        remove_stale_temps(&p);
+        assert!(!dead.exists());
+        assert!(mine.exists(), "a live writer's temp file stays");
+        assert!(other.exists(), "another file's temp file stays");
+        assert_eq!(fs::read(&p).unwrap(), b"x");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

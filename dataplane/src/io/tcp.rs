@@ -307,6 +307,16 @@ fn frame_all(
     now: Now,
 ) -> bool {
     let mut start = 0;
+    // Refuse what is not STUN as early as its first bytes say so (a TLS ClientHello, an HTTP
+    // request): the first byte of a STUN message has its top two bits clear, and over TCP
+    // only RFC 5389+ clients exist, so the magic cookie must follow.
+    let head = &c.input[..c.in_len];
+    if head.first().is_some_and(|b| b & 0xC0 != 0)
+        || (head.len() >= 8 && head[4..8] != stun::MAGIC_COOKIE.to_be_bytes())
+    {
+        stats.incr(Counter::DropTcpFraming);
+        return true;
+    }
     while c.in_len - start >= stun::HEADER_LEN {
         let pending = &c.input[start..c.in_len];
         let Some(total) = stun::message_len_from_header(pending) else {

@@ -218,7 +218,17 @@ fn build_error(
 ) -> Action {
     let built = (|| {
         let mut w = req.writer(buf, Class::ErrorResponse)?;
-        w.add_error_code(code, reason).map_err(drop)?;
+        if req.legacy {
+            // RFC 3489 §11.2.9: the reason phrase is a multiple of four bytes; its clients
+            // step over attributes by the unpadded length.
+            let mut padded = [b' '; 128];
+            let n = reason.len().min(124);
+            padded[..n].copy_from_slice(&reason.as_bytes()[..n]);
+            let text = std::str::from_utf8(&padded[..n.div_ceil(4) * 4]).map_err(drop)?;
+            w.add_error_code(code, text).map_err(drop)?;
+        } else {
+            w.add_error_code(code, reason).map_err(drop)?;
+        }
         if !unknown.is_empty() {
             w.add_unknown_attributes(unknown).map_err(drop)?;
         }

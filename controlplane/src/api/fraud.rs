@@ -1,0 +1,107 @@
+//! `/api/v1/fraud/entries`: the blacklist and whitelist shared by the reverse proxy and the
+//! TURN server (reference: "Blacklist/Whitelist Details").
+
+use std::net::IpAddr;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState};
+use crate::fraud::{Entry, Kind};
+
+fn describe(e: &Entry) -> Value {
+    json!({
+        "source": e.source.to_string(),
+        "kind": e.kind,
+        "origin": e.origin,
+        "created_at": e.created_unix,
+        "expires_at": e.expires_unix,
+        "note": e.note,
+    })
+}
+
+fn parse_ip(s: &str) -> Result<IpAddr, ApiError> {
+    // Accept "2001:db8::/64" as its address: the entry is found by the address.
+    let addr = s.split('/').next().unwrap_or(s);
+    addr.parse()
+        .map_err(|_| ApiError::bad_request(format!("\"{s}\" is not an IP address")))
+}
+
+pub async fn list(State(control): State<AppState>) -> Json<Value> {
+    let entries: Vec<Value> = control.fraud.entries().iter().map(describe).collect();
+    Json(json!({ "entries": entries }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewEntry {
+    /// An address; for IPv6 optionally with a prefix length ("2001:db8::/64").
+    ip: String,
+    kind: Kind,
+    /// Seconds from now; absent: until removed.
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    note: String,
+}
+
+pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let e: NewEntry = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be {{\"ip\", \"kind\": \"black\"|\"white\", \"ttl_seconds\"?, \"note\"?}}: {e}"
+        ))
+    })?;
+    let ip = parse_ip(&e.ip)?;
+    let prefix = match e.ip.split_once('/') {
+        Some((_, p)) => Some(p.parse::<u8>().ok().filter(|p| *p <= 128).ok_or_else(|| {
+            ApiError::bad_request(format!("\"{}\" has a bad prefix length", e.ip))
+        })?),
+        None => None,
+    };
+    if e.note.len() > 512 {
+        return Err(ApiError::bad_request("note: at most 512 bytes"));
+    }
+    let expires = e.ttl_seconds.map(|t| unix_now().saturating_add(t));
+    let entry = control.fraud.add(ip, prefix, e.kind, expires, e.note);
+    Ok((StatusCode::CREATED, Json(describe(&entry))).into_response())
+}
+
+pub async fn remove(
+    State(control): State<AppState>,
+    Path(ip): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let addr = parse_ip(&ip)?;
+    match control.fraud.remove(addr) {
+        Some(_) => Ok(StatusCode::NO_CONTENT),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no entry for {ip}"),
+        )),
+    }
+}
+
+pub async fn whitelist(
+    State(control): State<AppState>,
+    Path(ip): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let addr = parse_ip(&ip)?;
+    match control.fraud.whitelist(addr) {
+        Some(e) => Ok(Json(describe(&e))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no entry for {ip}"),
+        )),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,443 @@
+//! Fraud detection: one blacklist for the reverse proxy and the TURN server.
+//!
+//! Suspicious events (rejections by the proxy or its targets, failed TURN authentication,
+//! refused peers, request floods) are counted per source over a sliding minute; past
+//! `fraud.suspicious_per_minute` the source is blacklisted for `fraud.blacklist_minutes`
+//! and drops off by itself. Whitelisted sources are never blocked. Operators add, remove and
+//! convert entries through the API; every entry is persisted in the state dir, so manual
+//! entries and running automatic ones survive a restart.
+//!
+//! The engine itself is plain data with time passed in ([`Engine`]); [`task`] drives it:
+//! it drains the dataplane's event rings and the proxy's channel, expires entries, mirrors
+//! blocking entries into the shared-memory blacklist the dataplane checks on every packet,
+//! and writes the state file.
+
+pub mod counter;
+pub mod store;
+pub mod task;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+
+use portico_shared::addr::CidrList;
+use portico_shared::config::FraudConfig;
+use serde::{Deserialize, Serialize};
+
+/// A counted and blockable source: an IPv4 address, or an IPv6 prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Source {
+    pub ip: IpAddr,
+    pub prefix: u8,
+}
+
+impl Source {
+    /// IPv4 (also IPv4-mapped) per address, IPv6 per `v6_prefix`.
+    pub fn of(ip: IpAddr, v6_prefix: u8) -> Source {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => Source {
+                ip: IpAddr::V4(v4),
+                prefix: 32,
+            },
+            IpAddr::V6(v6) => {
+                let p = v6_prefix.min(128);
+                let mask = if p == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(p))
+                };
+                Source {
+                    ip: IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask)),
+                    prefix: p,
+                }
+            }
+        }
+    }
+
+    /// The prefix length in the dataplane's table (IPv4 as IPv4-mapped /128).
+    pub fn shm_prefix(&self) -> u8 {
+        if self.ip.is_ipv4() {
+            128
+        } else {
+            self.prefix
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.ip.is_ipv4() || self.prefix == 128 {
+            write!(f, "{}", self.ip)
+        } else {
+            write!(f, "{}/{}", self.ip, self.prefix)
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Black,
+    White,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Put there by the engine after too many suspicious events.
+    Auto,
+    /// Put there by an operator.
+    Manual,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub source: Source,
+    pub kind: Kind,
+    pub origin: Origin,
+    pub created_unix: u64,
+    /// None: until removed.
+    pub expires_unix: Option<u64>,
+    #[serde(default)]
+    pub note: String,
+}
+
+/// A change the driver must mirror into the dataplane and the state file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Block(Source, u64),
+    Unblock(Source),
+}
+
+pub struct Engine {
+    threshold: u32,
+    duration_secs: u64,
+    whitelist_cfg: CidrList,
+    v6_prefix: u8,
+    counts: counter::Counter,
+    entries: HashMap<Source, Entry>,
+    /// Set whenever `entries` changes; the driver persists and clears it.
+    pub dirty: bool,
+}
+
+impl Engine {
+    pub fn new(cfg: &FraudConfig, seed: u64) -> Engine {
+        Engine {
+            threshold: cfg.suspicious_per_minute,
+            duration_secs: cfg.blacklist_minutes.0.as_secs(),
+            whitelist_cfg: cfg.whitelist(),
+            v6_prefix: cfg.ipv6_prefix,
+            counts: counter::Counter::new(cfg.max_tracked_sources, seed),
+            entries: HashMap::new(),
+            dirty: false,
+        }
+    }
+
+    /// New settings; entries and counts are kept.
+    pub fn reconfigure(&mut self, cfg: &FraudConfig) {
+        self.threshold = cfg.suspicious_per_minute;
+        self.duration_secs = cfg.blacklist_minutes.0.as_secs();
+        self.whitelist_cfg = cfg.whitelist();
+        self.v6_prefix = cfg.ipv6_prefix;
+    }
+
+    pub fn source(&self, ip: IpAddr) -> Source {
+        Source::of(ip, self.v6_prefix)
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.counts.len()
+    }
+
+    fn whitelisted(&self, ip: IpAddr, source: &Source) -> bool {
+        self.whitelist_cfg.contains(ip.to_canonical())
+            || self
+                .entries
+                .get(source)
+                .is_some_and(|e| e.kind == Kind::White)
+    }
+
+    /// Whether `ip` is blocked now (the proxy asks this at accept time).
+    pub fn is_blocked(&self, ip: IpAddr, now: u64) -> bool {
+        let s = self.source(ip);
+        if self.whitelisted(ip, &s) {
+            return false;
+        }
+        let exact = Source::of(ip, 128);
+        [s, exact].iter().any(|k| {
+            self.entries
+                .get(k)
+                .is_some_and(|e| e.kind == Kind::Black && e.expires_unix.is_none_or(|x| x > now))
+        })
+    }
+
+    /// Counts a suspicious event; returns the change when it blacklists the source.
+    pub fn suspicious(&mut self, ip: IpAddr, now: u64) -> Option<Change> {
+        let s = self.source(ip);
+        if self.whitelisted(ip, &s) || self.threshold == 0 {
+            return None;
+        }
+        if self.entries.get(&s).is_some_and(|e| e.kind == Kind::Black) {
+            return None;
+        }
+        let n = self.counts.hit(s, now);
+        if n <= self.threshold {
+            return None;
+        }
+        self.counts.forget(&s);
+        let expires = now + self.duration_secs;
+        self.entries.insert(
+            s,
+            Entry {
+                source: s,
+                kind: Kind::Black,
+                origin: Origin::Auto,
+                created_unix: now,
+                expires_unix: Some(expires),
+                note: format!("{n} suspicious events within a minute"),
+            },
+        );
+        self.dirty = true;
+        Some(Change::Block(s, expires))
+    }
+
+    /// Adds or replaces a manual entry.
+    pub fn add(
+        &mut self,
+        ip: IpAddr,
+        prefix: Option<u8>,
+        kind: Kind,
+        expires_unix: Option<u64>,
+        note: String,
+        now: u64,
+    ) -> (Entry, Vec<Change>) {
+        let source = match prefix {
+            Some(p) => Source::of(ip, if ip.to_canonical().is_ipv4() { 32 } else { p }),
+            None => self.source(ip),
+        };
+        let e = Entry {
+            source,
+            kind,
+            origin: Origin::Manual,
+            created_unix: now,
+            expires_unix,
+            note,
+        };
+        let mut changes = Vec::new();
+        if self
+            .entries
+            .get(&source)
+            .is_some_and(|old| old.kind == Kind::Black)
+        {
+            changes.push(Change::Unblock(source));
+        }
+        if kind == Kind::Black {
+            changes.push(Change::Block(source, expires_unix.unwrap_or(u64::MAX >> 8)));
+        } else {
+            self.counts.forget(&source);
+        }
+        self.entries.insert(source, e.clone());
+        self.dirty = true;
+        (e, changes)
+    }
+
+    /// Finds the entry for an address given as the API names it (an address inside an IPv6
+    /// prefix finds the prefix entry).
+    pub fn lookup(&self, ip: IpAddr) -> Option<&Entry> {
+        self.entries
+            .get(&Source::of(ip, 128))
+            .or_else(|| self.entries.get(&self.source(ip)))
+    }
+
+    pub fn remove(&mut self, ip: IpAddr) -> Option<(Entry, Vec<Change>)> {
+        let key = self.lookup(ip)?.source;
+        let e = self.entries.remove(&key)?;
+        self.dirty = true;
+        let changes = if e.kind == Kind::Black {
+            vec![Change::Unblock(key)]
+        } else {
+            Vec::new()
+        };
+        Some((e, changes))
+    }
+
+    /// Turns a blacklist entry into a permanent whitelist entry (reference: "the RP
+    /// administrator can change the blacklist entry into a whitelist entry").
+    pub fn to_whitelist(&mut self, ip: IpAddr, now: u64) -> Option<(Entry, Vec<Change>)> {
+        let key = self.lookup(ip)?.source;
+        let e = self.entries.get_mut(&key)?;
+        let was_black = e.kind == Kind::Black;
+        e.kind = Kind::White;
+        e.origin = Origin::Manual;
+        e.expires_unix = None;
+        e.created_unix = now;
+        let e = e.clone();
+        self.counts.forget(&key);
+        self.dirty = true;
+        let changes = if was_black {
+            vec![Change::Unblock(key)]
+        } else {
+            Vec::new()
+        };
+        Some((e, changes))
+    }
+
+    /// Drops expired entries.
+    pub fn expire(&mut self, now: u64) -> Vec<Change> {
+        let gone: Vec<Source> = self
+            .entries
+            .values()
+            .filter(|e| e.expires_unix.is_some_and(|x| x <= now))
+            .map(|e| e.source)
+            .collect();
+        let mut changes = Vec::new();
+        for s in gone {
+            if let Some(e) = self.entries.remove(&s) {
+                tracing::info!(source = %s, kind = ?e.kind, "fraud list entry expired");
+                if e.kind == Kind::Black {
+                    changes.push(Change::Unblock(s));
+                }
+                self.dirty = true;
+            }
+        }
+        changes
+    }
+
+    pub fn entries(&self) -> Vec<Entry> {
+        let mut v: Vec<Entry> = self.entries.values().cloned().collect();
+        v.sort_by_key(|e| (e.created_unix, e.source.to_string()));
+        v
+    }
+
+    /// Restores persisted entries (already-expired ones are skipped).
+    pub fn restore(&mut self, entries: Vec<Entry>, now: u64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for e in entries {
+            if e.expires_unix.is_some_and(|x| x <= now) {
+                continue;
+            }
+            if e.kind == Kind::Black {
+                changes.push(Change::Block(
+                    e.source,
+                    e.expires_unix.unwrap_or(u64::MAX >> 8),
+                ));
+            }
+            self.entries.insert(e.source, e);
+        }
+        changes
+    }
+
+    pub fn count_by_kind(&self) -> (usize, usize) {
+        let black = self
+            .entries
+            .values()
+            .filter(|e| e.kind == Kind::Black)
+            .count();
+        (black, self.entries.len() - black)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(threshold: u32) -> Engine {
+        let mut c = FraudConfig {
+            suspicious_per_minute: threshold,
+            ..FraudConfig::default()
+        };
+        c.whitelist = vec!["192.0.2.0/24".into()];
+        Engine::new(&c, 9)
+    }
+
+    #[test]
+    fn blacklists_past_the_threshold_and_expires() {
+        let mut e = engine(3);
+        let ip: IpAddr = "198.51.100.4".parse().unwrap();
+        for t in 0..3 {
+            assert_eq!(e.suspicious(ip, 1000 + t), None);
+            assert!(!e.is_blocked(ip, 1000 + t));
+        }
+        let change = e.suspicious(ip, 1003).unwrap();
+        assert_eq!(change, Change::Block(e.source(ip), 1003 + 600));
+        assert!(e.is_blocked(ip, 1004));
+        assert!(!e.is_blocked("198.51.100.5".parse().unwrap(), 1004));
+        assert_eq!(e.expire(1602), vec![]);
+        assert_eq!(e.expire(1603), vec![Change::Unblock(e.source(ip))]);
+        assert!(!e.is_blocked(ip, 1603));
+        // Counting starts again from zero.
+        assert_eq!(e.suspicious(ip, 1604), None);
+    }
+
+    #[test]
+    fn events_spread_over_more_than_a_minute_do_not_add_up() {
+        let mut e = engine(3);
+        let ip: IpAddr = "198.51.100.4".parse().unwrap();
+        for t in 0..10 {
+            assert_eq!(e.suspicious(ip, 1000 + t * 30), None);
+        }
+    }
+
+    #[test]
+    fn whitelisted_sources_are_never_blocked() {
+        let mut e = engine(1);
+        let ip: IpAddr = "192.0.2.77".parse().unwrap();
+        for t in 0..100 {
+            assert_eq!(e.suspicious(ip, 1000 + t), None);
+        }
+        let other: IpAddr = "203.0.113.9".parse().unwrap();
+        e.add(other, None, Kind::White, None, "office".into(), 1000);
+        for t in 0..100 {
+            assert_eq!(e.suspicious(other, 1000 + t), None);
+        }
+        assert!(!e.is_blocked(other, 2000));
+    }
+
+    #[test]
+    fn ipv6_is_counted_per_64() {
+        let mut e = engine(2);
+        for (i, t) in (0..3).zip(1000..) {
+            let ip: IpAddr = format!("2001:db8:5:6::{}", i + 1).parse().unwrap();
+            let r = e.suspicious(ip, t);
+            assert_eq!(r.is_some(), i == 2);
+        }
+        assert!(e.is_blocked("2001:db8:5:6:ffff::9".parse().unwrap(), 1005));
+        assert!(!e.is_blocked("2001:db8:5:7::1".parse().unwrap(), 1005));
+    }
+
+    #[test]
+    fn manual_entries_and_conversion_to_whitelist() {
+        let mut e = engine(1);
+        let ip: IpAddr = "198.51.100.20".parse().unwrap();
+        let (entry, changes) = e.add(ip, None, Kind::Black, None, "abuse".into(), 10);
+        assert_eq!(entry.origin, Origin::Manual);
+        assert_eq!(changes.len(), 1);
+        assert!(e.is_blocked(ip, 1_000_000));
+        let (w, changes) = e.to_whitelist(ip, 20).unwrap();
+        assert_eq!(w.kind, Kind::White);
+        assert_eq!(changes, vec![Change::Unblock(e.source(ip))]);
+        assert!(!e.is_blocked(ip, 30));
+        assert!(e.remove(ip).is_some());
+        assert!(e.remove(ip).is_none());
+    }
+
+    #[test]
+    fn restore_skips_expired_entries() {
+        let mut a = engine(1);
+        let ip: IpAddr = "198.51.100.30".parse().unwrap();
+        a.suspicious(ip, 100);
+        a.suspicious(ip, 101);
+        a.add(
+            "198.51.100.31".parse().unwrap(),
+            None,
+            Kind::Black,
+            Some(150),
+            String::new(),
+            100,
+        );
+        let mut b = engine(1);
+        let changes = b.restore(a.entries(), 200);
+        assert_eq!(changes.len(), 1);
+        assert!(b.is_blocked(ip, 300));
+        assert!(!b.is_blocked("198.51.100.31".parse().unwrap(), 200));
+    }
+}

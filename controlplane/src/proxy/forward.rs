@@ -1,0 +1,287 @@
+//! Connections to targets and byte relaying.
+//!
+//! The proxy terminates the client's connection and opens its own to the target (reference:
+//! "Asymmetrical Connections"), so either side may be plain or TLS. Relaying keeps half-closes
+//! (a client that shuts down its sending side still gets the whole answer) and enforces one
+//! idle timeout for the pair: a connection is idle only when neither direction moved.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+
+use super::route::{Route, Target};
+use super::sniff::Monitor;
+use super::Snapshot;
+
+/// Any byte stream the proxy relays: TCP or TLS over TCP, either side.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+pub type BoxStream = Box<dyn Stream>;
+
+pub const BUF: usize = 16 * 1024;
+
+/// When either direction of a connection pair last moved bytes.
+#[derive(Clone)]
+pub struct Activity {
+    start: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    pub fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Reads with the pair's idle timeout: waits on while the other direction is busy.
+    pub async fn read<R: AsyncRead + Unpin + ?Sized>(
+        &self,
+        r: &mut R,
+        buf: &mut [u8],
+        idle: Duration,
+    ) -> io::Result<usize> {
+        loop {
+            let wait = idle.saturating_sub(self.idle_for());
+            if wait.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+            }
+            if let Ok(r) = tokio::time::timeout(wait, r.read(buf)).await {
+                let n = r?;
+                self.touch();
+                return Ok(n);
+            }
+        }
+    }
+}
+
+/// The PROXY protocol v2 header (haproxy's proxy-protocol.txt, section 2.2) for a TCP
+/// connection from `src` to `dst`. Mixed families are sent as IPv6 with the IPv4 one mapped.
+pub fn proxy_v2_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    const SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+    let mut h = SIG.to_vec();
+    h.push(0x21); // version 2, PROXY command
+    match (src, dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+            h.push(0x11); // TCP over IPv4
+            h.extend_from_slice(&12u16.to_be_bytes());
+            h.extend_from_slice(&s.ip().octets());
+            h.extend_from_slice(&d.ip().octets());
+            h.extend_from_slice(&s.port().to_be_bytes());
+            h.extend_from_slice(&d.port().to_be_bytes());
+        }
+        _ => {
+            let v6 = |a: SocketAddr| match a {
+                SocketAddr::V4(a) => a.ip().to_ipv6_mapped(),
+                SocketAddr::V6(a) => *a.ip(),
+            };
+            h.push(0x21); // TCP over IPv6
+            h.extend_from_slice(&36u16.to_be_bytes());
+            h.extend_from_slice(&v6(src).octets());
+            h.extend_from_slice(&v6(dst).octets());
+            h.extend_from_slice(&src.port().to_be_bytes());
+            h.extend_from_slice(&dst.port().to_be_bytes());
+        }
+    }
+    h
+}
+
+/// Opens the connection to a target: TCP, the PROXY header if the service wants one, then TLS
+/// if the target port is a TLS one. The whole setup is bounded by `connect_timeout`.
+pub async fn connect(
+    snap: &Snapshot,
+    route: &Route,
+    target: Target,
+    client: SocketAddr,
+    local: SocketAddr,
+) -> Result<BoxStream, String> {
+    let limit = Duration::from_secs(snap.limits.connect_timeout);
+    tokio::time::timeout(limit, connect_inner(snap, route, target, client, local))
+        .await
+        .unwrap_or_else(|_| Err(format!("no connection within {}s", limit.as_secs())))
+}
+
+async fn connect_inner(
+    snap: &Snapshot,
+    route: &Route,
+    target: Target,
+    client: SocketAddr,
+    local: SocketAddr,
+) -> Result<BoxStream, String> {
+    let addr = format!("{}:{}", bracket(&route.host), target.port);
+    let mut tcp = TcpStream::connect((route.host.as_str(), target.port))
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    if route.service.proxy_protocol {
+        tcp.write_all(&proxy_v2_header(client, local))
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+    }
+    if !target.tls {
+        return Ok(Box::new(tcp));
+    }
+    let name = route
+        .server_name
+        .clone()
+        .ok_or_else(|| format!("{addr}: no valid TLS name for the target"))?;
+    let config = if route.service.check_certificate {
+        Arc::clone(&snap.client_tls)
+    } else {
+        Arc::clone(&snap.client_tls_unverified)
+    };
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("{addr}: TLS: {e}"))?;
+    Ok(Box::new(tls))
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// Copies one direction until EOF, then half-closes the writer. Target-to-client traffic
+/// passes through `monitor`, whose findings go to `on_reject`.
+pub async fn pump<R, W>(
+    mut r: R,
+    mut w: W,
+    activity: &Activity,
+    idle: Duration,
+    mut monitor: Option<Box<dyn Monitor>>,
+    on_reject: &(dyn Fn(String) + Sync),
+) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    let mut total = 0u64;
+    loop {
+        let n = activity.read(&mut r, &mut buf, idle).await?;
+        if n == 0 {
+            break;
+        }
+        if let Some(m) = monitor.as_mut() {
+            for what in m.feed(&buf[..n]) {
+                on_reject(what);
+            }
+        }
+        w.write_all(&buf[..n]).await?;
+        activity.touch();
+        total += n as u64;
+    }
+    w.shutdown().await?;
+    Ok(total)
+}
+
+/// Relays both directions until both are done; an error or idle timeout on either ends both.
+pub async fn relay(
+    client: (ReadHalf<BoxStream>, WriteHalf<BoxStream>),
+    target: (ReadHalf<BoxStream>, WriteHalf<BoxStream>),
+    idle: Duration,
+    monitor: Option<Box<dyn Monitor>>,
+    on_reject: &(dyn Fn(String) + Sync),
+) -> io::Result<()> {
+    let activity = Activity::new();
+    activity.touch();
+    let none = |_: String| {};
+    let up = pump(client.0, target.1, &activity, idle, None, &none);
+    let down = pump(target.0, client.1, &activity, idle, monitor, on_reject);
+    tokio::try_join!(up, down).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_v2_layout() {
+        let h = proxy_v2_header(
+            "192.0.2.1:1234".parse().unwrap(),
+            "198.51.100.2:443".parse().unwrap(),
+        );
+        assert_eq!(&h[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(h[12], 0x21);
+        assert_eq!(h[13], 0x11);
+        assert_eq!(u16::from_be_bytes([h[14], h[15]]), 12);
+        assert_eq!(&h[16..20], &[192, 0, 2, 1]);
+        assert_eq!(&h[20..24], &[198, 51, 100, 2]);
+        assert_eq!(u16::from_be_bytes([h[24], h[25]]), 1234);
+        assert_eq!(u16::from_be_bytes([h[26], h[27]]), 443);
+        assert_eq!(h.len(), 28);
+        let h6 = proxy_v2_header(
+            "[2001:db8::1]:5".parse().unwrap(),
+            "10.0.0.1:6".parse().unwrap(),
+        );
+        assert_eq!(h6[13], 0x21);
+        assert_eq!(h6.len(), 16 + 36);
+        assert_eq!(&h6[32 + 10..32 + 16], &[0xff, 0xff, 10, 0, 0, 1]);
+    }
+
+    #[tokio::test]
+    async fn relay_keeps_half_close_and_times_out() {
+        let (a, mut a_peer) = tokio::io::duplex(1024);
+        let (b, mut b_peer) = tokio::io::duplex(1024);
+        let a: BoxStream = Box::new(a);
+        let b: BoxStream = Box::new(b);
+        let seen = std::sync::Mutex::new(Vec::new());
+        let on = |s: String| seen.lock().unwrap().push(s);
+        let relay = relay(
+            tokio::io::split(a),
+            tokio::io::split(b),
+            Duration::from_millis(300),
+            None,
+            &on,
+        );
+        let peers = async {
+            a_peer.write_all(b"ping").await.unwrap();
+            a_peer.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            b_peer.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"ping");
+            // The client half-closed; the answer still reaches it.
+            b_peer.write_all(b"pong").await.unwrap();
+            b_peer.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            a_peer.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, b"pong");
+        };
+        let (r, ()) = tokio::join!(relay, peers);
+        r.unwrap();
+
+        let (a, _a_peer) = tokio::io::duplex(64);
+        let (b, _b_peer) = tokio::io::duplex(64);
+        let t0 = Instant::now();
+        let r = super::relay(
+            tokio::io::split(Box::new(a) as BoxStream),
+            tokio::io::split(Box::new(b) as BoxStream),
+            Duration::from_millis(200),
+            None,
+            &on,
+        )
+        .await;
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+}

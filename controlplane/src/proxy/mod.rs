@@ -1,0 +1,396 @@
+//! The reverse proxy (reference: "Reverse Proxy"): one listener per configured service type,
+//! TLS termination, routing on the content of each request, access limitation, and
+//! suspicious-event reporting for fraud detection.
+//!
+//! Layout: [`sniff`] knows protocols (sans-IO), [`route`] maps names to targets, [`access`]
+//! holds the access rules, [`tls`] both TLS sides, [`forward`] target connections and byte
+//! relaying, [`http`] the per-request HTTP loop, [`stream`] first-message routing for the
+//! other protocols, [`events`] and [`metrics`] what is reported. This file owns listeners,
+//! connection limits and configuration changes.
+//!
+//! Configuration is followed by polling a getter once a second: a changed `[proxy]` section
+//! is applied to new connections (listeners are re-bound when their address changed), and the
+//! certificate files are re-read when their modification time changes, so a renewed
+//! certificate is picked up without a restart and without dropping a connection.
+
+pub mod access;
+pub mod events;
+pub mod forward;
+pub mod http;
+pub mod metrics;
+pub mod route;
+pub mod sniff;
+pub mod stream;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use portico_shared::addr::CidrList;
+use portico_shared::proxy_config::{PerType, ProxyConfig, ProxyLimits, Redirect, ServiceType};
+use rustls::{ClientConfig, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use self::access::canonical_ip;
+use self::events::{Events, Reason, SuspiciousEvent};
+use self::forward::BoxStream;
+use self::metrics::ProxyMetrics;
+use self::route::{Route, Routes};
+use self::tls::CertResolver;
+
+/// The generated certificate and key in the state dir, used when `[proxy.tls]` names none.
+#[derive(Debug, Clone)]
+pub struct CertPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Everything a connection needs from the configuration, fixed for the connection's life.
+pub struct Snapshot {
+    pub routes: Routes,
+    pub limits: ProxyLimits,
+    pub trusted: CidrList,
+    pub redirect: PerType<Redirect>,
+    pub client_tls: Arc<ClientConfig>,
+    pub client_tls_unverified: Arc<ClientConfig>,
+    server_https: Arc<ServerConfig>,
+    server_other: Arc<ServerConfig>,
+}
+
+impl Snapshot {
+    fn build(c: &ProxyConfig, resolver: &Arc<CertResolver>) -> Result<Snapshot, String> {
+        let (roots, _) = tls::root_store(c.tls.ca_file.as_deref())?;
+        let (client_tls, client_tls_unverified) = tls::client_configs(roots, &[])?;
+        Ok(Snapshot {
+            routes: Routes::new(&c.services),
+            limits: c.limits.clone(),
+            trusted: c.trusted_proxies(),
+            redirect: c.redirect.clone(),
+            client_tls,
+            client_tls_unverified,
+            server_https: tls::server_config(Arc::clone(resolver), &[b"http/1.1"])?,
+            server_other: tls::server_config(Arc::clone(resolver), &[])?,
+        })
+    }
+
+    pub fn routes_by_index(&self, i: usize) -> &Route {
+        self.routes.get(i)
+    }
+
+    fn server_tls(&self, t: ServiceType) -> Arc<ServerConfig> {
+        if t == ServiceType::Https {
+            Arc::clone(&self.server_https)
+        } else {
+            Arc::clone(&self.server_other)
+        }
+    }
+}
+
+/// Says whether a source is blacklisted (by fraud detection); its connections are closed
+/// at once, before any byte is read.
+pub type Blocked = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
+
+/// Runs the proxy for as long as the task lives. `current` returns the configuration in
+/// force; it is polled once a second.
+pub async fn run<F>(
+    current: F,
+    defaults: CertPaths,
+    events: mpsc::Sender<SuspiciousEvent>,
+    metrics: Arc<ProxyMetrics>,
+    blocked: Blocked,
+) where
+    F: Fn() -> ProxyConfig + Send + 'static,
+{
+    let resolver = Arc::new(CertResolver::default());
+    let events = Events::new(events, Arc::clone(&metrics));
+    let limiter = Arc::new(Limiter::default());
+    let mut shared: Option<Arc<RwLock<Arc<Snapshot>>>> = None;
+    let mut listeners: HashMap<ServiceType, (SocketAddr, JoinHandle<()>)> = HashMap::new();
+    let mut applied: Option<ProxyConfig> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let cfg = current();
+        let (cert, key) = match (&cfg.tls.cert, &cfg.tls.key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => (defaults.cert.clone(), defaults.key.clone()),
+        };
+        let has_tls = cfg.listen.iter().any(|(t, _)| t.is_tls());
+        if has_tls || resolver.has_key() {
+            match resolver.refresh(&cert, &key) {
+                Ok(true) => {
+                    tracing::info!(cert = %cert.display(), "proxy certificate loaded");
+                    metrics.cert_reload(true);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!("proxy certificate not (re)loaded: {e}");
+                    metrics.cert_reload(false);
+                }
+            }
+        }
+        if applied.as_ref() == Some(&cfg) {
+            continue;
+        }
+        let snap = match Snapshot::build(&cfg, &resolver) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!("proxy configuration not applied: {e}");
+                applied = Some(cfg);
+                continue;
+            }
+        };
+        let shared = match &shared {
+            Some(s) => {
+                *s.write().unwrap_or_else(PoisonError::into_inner) = snap;
+                Arc::clone(s)
+            }
+            None => {
+                let s = Arc::new(RwLock::new(snap));
+                shared = Some(Arc::clone(&s));
+                s
+            }
+        };
+        for t in ServiceType::ALL {
+            let want = cfg.listen.get(t).copied();
+            let have = listeners.get(&t).map(|(a, _)| *a);
+            if want == have {
+                continue;
+            }
+            if let Some((a, h)) = listeners.remove(&t) {
+                h.abort();
+                tracing::info!("proxy stopped listening for {t} on {a}");
+            }
+            let Some(addr) = want else { continue };
+            if matches!(t, ServiceType::H323 | ServiceType::H323Tls) {
+                tracing::warn!("proxy.listen.{t}: H.323 is not proxied yet; not listening");
+                continue;
+            }
+            match TcpListener::bind(addr).await {
+                Ok(l) => {
+                    tracing::info!("proxy listening for {t} on {addr}");
+                    let task = tokio::spawn(accept_loop(
+                        l,
+                        t,
+                        Arc::clone(&shared),
+                        events.clone(),
+                        Arc::clone(&limiter),
+                        Arc::clone(&blocked),
+                    ));
+                    listeners.insert(t, (addr, task));
+                }
+                Err(e) => tracing::error!("proxy.listen.{t} {addr}: {e}"),
+            }
+        }
+        applied = Some(cfg);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    stype: ServiceType,
+    shared: Arc<RwLock<Arc<Snapshot>>>,
+    events: Events,
+    limiter: Arc<Limiter>,
+    blocked: Blocked,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!("proxy accept ({stype}): {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let source = canonical_ip(peer.ip());
+        if blocked(source) {
+            events.metrics().refused_blocked.inc();
+            continue;
+        }
+        let snap = Arc::clone(&shared.read().unwrap_or_else(PoisonError::into_inner));
+        let slot = match limiter.acquire(source, &snap.limits) {
+            Ok(s) => s,
+            Err(Full::Total) => {
+                events.metrics().refused_full.inc();
+                continue;
+            }
+            Err(Full::PerSource) => {
+                events.report(source, stype, Reason::TooManyConnections);
+                continue;
+            }
+        };
+        tokio::spawn(handle(tcp, peer, stype, snap, events.clone(), slot));
+    }
+}
+
+async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    stype: ServiceType,
+    snap: Arc<Snapshot>,
+    events: Events,
+    _slot: Slot,
+) {
+    let _open = OpenConn::new(&events, stype);
+    let _ = tcp.set_nodelay(true);
+    let local = match tcp.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let source = canonical_ip(peer.ip());
+    let first_deadline =
+        tokio::time::Instant::now() + Duration::from_secs(snap.limits.first_message_timeout);
+    let client: BoxStream = if stype.is_tls() {
+        let acceptor = tokio_rustls::TlsAcceptor::from(snap.server_tls(stype));
+        match tokio::time::timeout_at(first_deadline, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => Box::new(s),
+            Ok(Err(e)) => {
+                events.report(source, stype, Reason::TlsHandshake(e.to_string()));
+                return;
+            }
+            Err(_) => {
+                events.report(source, stype, Reason::FirstMessageTimeout);
+                return;
+            }
+        }
+    } else {
+        Box::new(tcp)
+    };
+    match stype {
+        ServiceType::Http | ServiceType::Https => {
+            let conn = http::Conn {
+                peer,
+                local,
+                stype,
+                snap,
+                events: events.clone(),
+                first_deadline,
+            };
+            http::serve(client, conn).await;
+        }
+        other => {
+            if let Some(sniffer) = sniff::for_type(other) {
+                let conn = stream::Conn {
+                    peer,
+                    local,
+                    stype,
+                    snap,
+                    events: events.clone(),
+                    first_deadline,
+                    sniffer,
+                };
+                stream::serve(client, conn).await;
+            }
+        }
+    }
+}
+
+/// Counts a connection as open in the metrics for exactly as long as it lives.
+struct OpenConn<'a> {
+    events: &'a Events,
+    stype: ServiceType,
+}
+
+impl<'a> OpenConn<'a> {
+    fn new(events: &'a Events, stype: ServiceType) -> OpenConn<'a> {
+        events.metrics().accepted(stype);
+        OpenConn { events, stype }
+    }
+}
+
+impl Drop for OpenConn<'_> {
+    fn drop(&mut self) {
+        self.events.metrics().closed(self.stype);
+    }
+}
+
+enum Full {
+    Total,
+    PerSource,
+}
+
+/// Connection counts, total and per source address.
+#[derive(Default)]
+struct Limiter {
+    state: Mutex<LimiterState>,
+}
+
+#[derive(Default)]
+struct LimiterState {
+    total: usize,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+/// One counted connection; dropping it gives the slot back.
+struct Slot {
+    limiter: Arc<Limiter>,
+    source: IpAddr,
+}
+
+impl Limiter {
+    fn acquire(self: &Arc<Self>, source: IpAddr, limits: &ProxyLimits) -> Result<Slot, Full> {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.total >= limits.max_connections {
+            return Err(Full::Total);
+        }
+        let n = s.per_source.entry(source).or_insert(0);
+        if *n >= limits.max_connections_per_ip {
+            return Err(Full::PerSource);
+        }
+        *n += 1;
+        s.total += 1;
+        Ok(Slot {
+            limiter: Arc::clone(self),
+            source,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self
+            .limiter
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        s.total = s.total.saturating_sub(1);
+        if let Some(n) = s.per_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                s.per_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_counts_per_source_and_total() {
+        let l = Arc::new(Limiter::default());
+        let limits = ProxyLimits {
+            max_connections: 3,
+            max_connections_per_ip: 2,
+            ..ProxyLimits::default()
+        };
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let s1 = l.acquire(a, &limits).ok().unwrap();
+        let _s2 = l.acquire(a, &limits).ok().unwrap();
+        assert!(matches!(l.acquire(a, &limits), Err(Full::PerSource)));
+        let _s3 = l.acquire(b, &limits).ok().unwrap();
+        assert!(matches!(l.acquire(b, &limits), Err(Full::Total)));
+        drop(s1);
+        assert!(l.acquire(a, &limits).is_ok());
+    }
+}

@@ -1,0 +1,145 @@
+//! Service lookup: from the name a request carries to a target (reference: "Service Name
+//! Definition"). Names compare case-insensitively and without a trailing dot, as DNS does.
+
+use std::collections::HashMap;
+
+use portico_shared::addr::CidrList;
+use portico_shared::proxy_config::{PerType, ProxyService, ServiceType};
+use rustls::pki_types::ServerName;
+
+use super::tls;
+
+/// One `[[proxy.services]]` entry, prepared for lookups.
+#[derive(Debug)]
+pub struct Route {
+    pub index: usize,
+    pub name: String,
+    pub host: String,
+    pub service: ProxyService,
+    pub allow: PerType<CidrList>,
+    /// SNI and the name the target's certificate must carry; `None` if it is not a valid
+    /// server name (then TLS to the target fails with a clear reason).
+    pub server_name: Option<ServerName<'static>>,
+}
+
+/// Where a request of some type goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub port: u16,
+    pub tls: bool,
+}
+
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    Found(&'a Route, Target),
+    /// No service has this name.
+    Unknown,
+    /// The service exists but has no target port for this protocol.
+    NotOffered(&'a Route),
+}
+
+#[derive(Debug, Default)]
+pub struct Routes {
+    routes: Vec<Route>,
+    by_name: HashMap<String, usize>,
+}
+
+/// Lower case, no trailing dot.
+pub fn canonical_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl Routes {
+    pub fn new(services: &[ProxyService]) -> Routes {
+        let mut routes = Vec::with_capacity(services.len());
+        let mut by_name = HashMap::new();
+        for (index, s) in services.iter().enumerate() {
+            let name = canonical_name(&s.name);
+            let mut allow = PerType::default();
+            for t in ServiceType::ALL {
+                let list = s.allow_list(t);
+                match t {
+                    ServiceType::Http => allow.http = list,
+                    ServiceType::Https => allow.https = list,
+                    ServiceType::Sip => allow.sip = list,
+                    ServiceType::Sips => allow.sips = list,
+                    ServiceType::H323 => allow.h323 = list,
+                    ServiceType::H323Tls => allow.h323_tls = list,
+                    ServiceType::Ldap => allow.ldap = list,
+                    ServiceType::Ldaps => allow.ldaps = list,
+                }
+            }
+            let sni = s.target_name.as_deref().unwrap_or(&s.host);
+            by_name.entry(name.clone()).or_insert(index);
+            routes.push(Route {
+                index,
+                name,
+                host: s.host.clone(),
+                service: s.clone(),
+                allow,
+                server_name: tls::server_name(sni).ok(),
+            });
+        }
+        Routes { routes, by_name }
+    }
+
+    /// The route at `index` (as given by [`Route::index`] of this same table).
+    pub fn get(&self, index: usize) -> &Route {
+        &self.routes[index]
+    }
+
+    pub fn lookup(&self, name: &str, t: ServiceType) -> Lookup<'_> {
+        let Some(&i) = self.by_name.get(&canonical_name(name)) else {
+            return Lookup::Unknown;
+        };
+        let r = &self.routes[i];
+        match r.service.target(t) {
+            Some((port, tls)) => Lookup::Found(r, Target { port, tls }),
+            None => Lookup::NotOffered(r),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, f: impl FnOnce(&mut ProxyService)) -> ProxyService {
+        let mut s: ProxyService =
+            toml::from_str(&format!("name = \"{name}\"\nhost = \"10.0.0.1\"\n")).unwrap();
+        f(&mut s);
+        s
+    }
+
+    #[test]
+    fn encryption_kept_or_taken_from_the_only_port() {
+        let routes = Routes::new(&[
+            svc("both.example", |s| {
+                s.http = Some(80);
+                s.https = Some(443);
+            }),
+            svc("tls-only.example", |s| s.ldaps = Some(636)),
+            svc("plain-only.example", |s| s.sip = Some(5060)),
+        ]);
+        let t = |n: &str, ty| match routes.lookup(n, ty) {
+            Lookup::Found(_, t) => Some((t.port, t.tls)),
+            _ => None,
+        };
+        assert_eq!(t("both.example", ServiceType::Http), Some((80, false)));
+        assert_eq!(t("BOTH.example.", ServiceType::Https), Some((443, true)));
+        assert_eq!(t("tls-only.example", ServiceType::Ldap), Some((636, true)));
+        assert_eq!(t("tls-only.example", ServiceType::Ldaps), Some((636, true)));
+        assert_eq!(
+            t("plain-only.example", ServiceType::Sips),
+            Some((5060, false))
+        );
+        assert!(matches!(
+            routes.lookup("both.example", ServiceType::Ldap),
+            Lookup::NotOffered(_)
+        ));
+        assert!(matches!(
+            routes.lookup("nope.example", ServiceType::Http),
+            Lookup::Unknown
+        ));
+    }
+}

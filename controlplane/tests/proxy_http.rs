@@ -1,0 +1,656 @@
+//! The reverse proxy for HTTP and HTTPS against real nginx virtual hosts, driven by curl,
+//! openssl and raw sockets.
+
+mod proxy_common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use proxy_common::*;
+
+struct Env {
+    dir: TempDir,
+    pki: Pki,
+    nginx: Nginx,
+    portico: Portico,
+    http: u16,
+    https: u16,
+}
+
+/// nginx with alpha.test and beta.test, and portico in front on one HTTP and one HTTPS port.
+fn env(tag: &str, services_extra: &str, proxy_extra: &str) -> Env {
+    let dir = TempDir::new(tag);
+    let pki = Pki::new(&dir.0, "test");
+    let nginx = Nginx::start(&dir, &pki);
+    let (cert, key) = pki.leaf(
+        "proxy",
+        &["alpha.test", "beta.test", "localhost", "127.0.0.1"],
+    );
+    let (http, https) = (free_port(), free_port());
+    let toml = format!(
+        "[proxy]\n{proxy_extra}\n\
+         [proxy.listen]\nhttp = \"127.0.0.1:{http}\"\nhttps = \"127.0.0.1:{https}\"\n\n\
+         [proxy.tls]\ncert = \"{}\"\nkey = \"{}\"\nca_file = \"{}\"\n\n\
+         [proxy.limits]\nfirst_message_timeout = 2\nidle_timeout = 10\nmax_connections_per_ip = 200\n\n\
+         [[proxy.services]]\nname = \"alpha.test\"\nhost = \"127.0.0.1\"\ntarget_name = \"alpha.internal\"\n\
+         http = {}\nhttps = {}\nurls = [\"/\", \"/app/\", \"/files/\", \"/deny\"]\n\n\
+         [[proxy.services]]\nname = \"beta.test\"\nhost = \"127.0.0.1\"\nhttp = {}\n\n\
+         {services_extra}",
+        cert.display(),
+        key.display(),
+        pki.ca_path.display(),
+        nginx.alpha,
+        nginx.alpha_tls,
+        nginx.beta,
+    );
+    let portico = Portico::start(tag, &toml, &[http, https]);
+    Env {
+        dir,
+        pki,
+        nginx,
+        portico,
+        http,
+        https,
+    }
+}
+
+impl Env {
+    fn ca(&self) -> String {
+        self.pki.ca_path.display().to_string()
+    }
+}
+
+#[test]
+fn routes_by_host_over_http_and_https_with_forwarding_headers() {
+    let e = env("route", "", "");
+    let ca = e.ca();
+    // Plain to plain; Host port and case do not matter.
+    let (code, body) = curl("http", "alpha.test", e.http, "/", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.starts_with(&format!(
+            "alpha {} GET / xff=[127.0.0.1] proto=[http]",
+            e.nginx.alpha
+        )),
+        "{body}"
+    );
+    let (code, body) = curl("http", "BETA.test", e.http, "/x?q=1", &[]);
+    assert_eq!(code, 200);
+    assert!(
+        body.starts_with(&format!("beta {} GET /x?q=1", e.nginx.beta)),
+        "{body}"
+    );
+    // TLS to TLS: alpha has both ports, so HTTPS goes to its TLS port, verified against the CA.
+    let (code, body) = curl("https", "alpha.test", e.https, "/", &["--cacert", &ca]);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.starts_with(&format!(
+            "alpha-tls {} GET / xff=[127.0.0.1] proto=[https]",
+            e.nginx.alpha_tls
+        )),
+        "{body}"
+    );
+    // TLS to plain: beta has only a plain port.
+    let (code, body) = curl("https", "beta.test", e.https, "/", &["--cacert", &ca]);
+    assert_eq!(code, 200);
+    assert!(
+        body.starts_with(&format!(
+            "beta {} GET / xff=[127.0.0.1] proto=[https]",
+            e.nginx.beta
+        )),
+        "{body}"
+    );
+    // A client's own X-Forwarded-For/-Proto are not trusted: replaced, not appended to.
+    let (_, body) = curl(
+        "http",
+        "alpha.test",
+        e.http,
+        "/",
+        &[
+            "-H",
+            "X-Forwarded-For: 6.6.6.6",
+            "-H",
+            "X-Forwarded-Proto: https",
+        ],
+    );
+    assert!(body.contains("xff=[127.0.0.1] proto=[http]"), "{body}");
+    // Keep-alive: curl reuses one connection for both URLs; each request is routed and checked.
+    let (code, body) = curl(
+        "http",
+        "alpha.test",
+        e.http,
+        "/one",
+        &["-o", "-", &format!("http://alpha.test:{}/two", e.http)],
+    );
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("GET /one") && body.contains("GET /two"),
+        "{body}"
+    );
+}
+
+#[test]
+fn trusted_proxy_forwarding_headers_are_kept() {
+    let e = env("trusted", "", "trusted_proxies = [\"127.0.0.0/8\"]");
+    let (_, body) = curl(
+        "http",
+        "alpha.test",
+        e.http,
+        "/",
+        &[
+            "-H",
+            "X-Forwarded-For: 192.0.2.9",
+            "-H",
+            "X-Forwarded-Proto: https",
+        ],
+    );
+    assert!(
+        body.contains("xff=[192.0.2.9, 127.0.0.1] proto=[https]"),
+        "{body}"
+    );
+}
+
+#[test]
+fn rejections_answer_and_report() {
+    let extra = "[[proxy.services]]\nname = \"closed.test\"\nhost = \"127.0.0.1\"\nhttp = 1\nallow_from = { http = [\"10.0.0.0/8\", \"fd00::/8\"] }\n\n\
+                 [[proxy.services]]\nname = \"ldaponly.test\"\nhost = \"127.0.0.1\"\nldap = 1\n";
+    let e = env("reject", extra, "");
+    let (code, _) = curl("http", "nobody.test", e.http, "/", &[]);
+    assert_eq!(code, 421);
+    e.portico
+        .wait_log("suspicious request: unknown service name \"nobody.test\"");
+    let (code, _) = curl("http", "ldaponly.test", e.http, "/", &[]);
+    assert_eq!(code, 421);
+    e.portico.wait_log("has no target for this type");
+    let (code, _) = curl("http", "closed.test", e.http, "/", &[]);
+    assert_eq!(code, 403);
+    e.portico
+        .wait_log("suspicious request: source not in allow_from");
+    // The target's own refusal counts too.
+    let (code, body) = curl("http", "alpha.test", e.http, "/deny", &[]);
+    assert_eq!((code, body.as_str()), (401, "denied\n"));
+    e.portico.wait_log("target rejected the request: HTTP 401");
+    // Garbage is answered with 400 and reported.
+    let out = raw_exchange(e.http, b"BLAH\r\n\r\n", Duration::from_secs(5));
+    assert!(
+        out.starts_with(b"HTTP/1.1 400 "),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    e.portico.wait_log("malformed request");
+    // A head over the limit gets 431.
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: alpha.test\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let out = raw_exchange(e.http, big.as_bytes(), Duration::from_secs(5));
+    assert!(
+        out.starts_with(b"HTTP/1.1 431 "),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    // Smuggling-shaped framing is refused.
+    let out = raw_exchange(
+        e.http,
+        b"POST / HTTP/1.1\r\nHost: alpha.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(
+        out.starts_with(b"HTTP/1.1 400 "),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+#[test]
+fn url_allow_list_with_normalisation() {
+    let e = env("urls", "", "");
+    // alpha.test allows "/", "/app/", "/files/", "/deny": "/" ends with a slash, so only
+    // top-level paths pass it; "/app/" allows files directly below it.
+    for (path, want) in [
+        ("/index.html", 200),
+        ("/app/main.js", 200),
+        ("/app/sub/main.js", 404),
+        ("/secret/x", 404),
+        ("/app/../secret/x", 404),
+        ("/app/%2e%2e/secret/x", 404),
+        ("/app//sub/x", 404),
+        ("/app/.%2fx", 400),
+        ("/app%2Fsub%2Fx", 400),
+        ("/../../etc/passwd", 400),
+        ("/app/./main.js", 200),
+    ] {
+        let (code, body) = curl("http", "alpha.test", e.http, path, &["--path-as-is"]);
+        assert_eq!(code, want, "{path}: {body}");
+    }
+    // What passes is what the target receives: the normalised path.
+    let (_, body) = curl(
+        "http",
+        "alpha.test",
+        e.http,
+        "/app/./x/../main.js",
+        &["--path-as-is"],
+    );
+    assert!(body.contains("GET /app/main.js "), "{body}");
+    e.portico.wait_log("URL \"/secret/x\" not allowed");
+    // Per request on one connection: the second request is refused, the first answered.
+    let req = "GET /app/a HTTP/1.1\r\nHost: alpha.test\r\n\r\nGET /secret/b HTTP/1.1\r\nHost: alpha.test\r\n\r\n";
+    let out = String::from_utf8_lossy(&raw_exchange(
+        e.http,
+        req.as_bytes(),
+        Duration::from_secs(5),
+    ))
+    .to_string();
+    let first = out.find("HTTP/1.1 200").expect(&out);
+    let second = out.find("HTTP/1.1 404").expect(&out);
+    assert!(first < second, "{out}");
+    // Another service on the same connection: 421 after the first answer.
+    let req =
+        "GET /a HTTP/1.1\r\nHost: alpha.test\r\n\r\nGET /b HTTP/1.1\r\nHost: beta.test\r\n\r\n";
+    let out = String::from_utf8_lossy(&raw_exchange(
+        e.http,
+        req.as_bytes(),
+        Duration::from_secs(5),
+    ))
+    .to_string();
+    assert!(
+        out.contains("alpha") && out.contains("HTTP/1.1 421"),
+        "{out}"
+    );
+    assert!(!out.contains("beta "), "{out}");
+}
+
+#[test]
+fn upstream_certificates_are_verified_unless_disabled() {
+    // The untrusted target is configured twice: verified (default) and not.
+    let dir = TempDir::new("verify2");
+    let pki = Pki::new(&dir.0, "test");
+    let nginx = Nginx::start(&dir, &pki);
+    let (cert, key) = pki.leaf("proxy", &["strict.test", "lax.test"]);
+    let http = free_port();
+    let toml = format!(
+        "[proxy.listen]\nhttp = \"127.0.0.1:{http}\"\n[proxy.tls]\ncert = \"{}\"\nkey = \"{}\"\nca_file = \"{}\"\n\
+         [[proxy.services]]\nname = \"strict.test\"\nhost = \"127.0.0.1\"\ntarget_name = \"alpha.internal\"\nhttps = {u}\n\
+         [[proxy.services]]\nname = \"lax.test\"\nhost = \"127.0.0.1\"\nhttps = {u}\nverify_target = false\n\
+         [[proxy.services]]\nname = \"good.test\"\nhost = \"127.0.0.1\"\ntarget_name = \"alpha.internal\"\nhttps = {g}\n\
+         [[proxy.services]]\nname = \"wrongname.test\"\nhost = \"127.0.0.1\"\ntarget_name = \"other.internal\"\nhttps = {g}\n",
+        cert.display(),
+        key.display(),
+        pki.ca_path.display(),
+        u = nginx.untrusted_tls,
+        g = nginx.alpha_tls,
+    );
+    let p = Portico::start("verify2", &toml, &[http]);
+    assert_eq!(curl("http", "strict.test", http, "/", &[]).0, 502);
+    p.wait_log("target unreachable");
+    let (code, body) = curl("http", "lax.test", http, "/", &[]);
+    assert_eq!(code, 200);
+    assert!(body.starts_with("untrusted "), "{body}");
+    let (code, body) = curl("http", "good.test", http, "/", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("proto=[http]"), "{body}");
+    assert_eq!(curl("http", "wrongname.test", http, "/", &[]).0, 502);
+}
+
+#[test]
+fn large_bodies_both_ways_and_chunked_uploads() {
+    let e = env("bodies", "", "");
+    let data: Vec<u8> = (0..6_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let src = e.dir.path("upload.bin");
+    std::fs::write(&src, &data).unwrap();
+    let src_s = src.display().to_string();
+    let (code, _) = curl(
+        "http",
+        "alpha.test",
+        e.http,
+        "/files/big.bin",
+        &["-T", &src_s],
+    );
+    assert!(code == 201 || code == 204, "{code}");
+    let stored = std::fs::read(e.nginx.www.join("files/big.bin")).unwrap_or_else(|err| {
+        panic!(
+            "{err}; nginx log: {}",
+            std::fs::read_to_string(e.dir.path("nginx-error.log")).unwrap_or_default()
+        )
+    });
+    assert_eq!(stored, data);
+    // Chunked upload (curl streams stdin-like input with Transfer-Encoding: chunked).
+    let (code, _) = curl(
+        "https",
+        "alpha.test",
+        e.https,
+        "/files/chunked.bin",
+        &[
+            "--cacert",
+            &e.ca(),
+            "-T",
+            &src_s,
+            "-H",
+            "Transfer-Encoding: chunked",
+        ],
+    );
+    assert!(code == 201 || code == 204, "{code}");
+    assert_eq!(
+        std::fs::read(e.nginx.www.join("files/chunked.bin")).unwrap(),
+        data
+    );
+    // Download through HTTPS.
+    let out = e.dir.path("down.bin");
+    let o = run(
+        &program("curl", "curl"),
+        &[
+            "-sS",
+            "--fail",
+            "--cacert",
+            &e.ca(),
+            "--resolve",
+            &format!("alpha.test:{}:127.0.0.1", e.https),
+            "-o",
+            &out.display().to_string(),
+            &format!("https://alpha.test:{}/files/big.bin", e.https),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+}
+
+#[test]
+fn half_close_and_target_going_away() {
+    // A target that answers only after the client half-closed, then one that dies mid-body.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tport = target.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        // 1: read until EOF (the proxy passes the client's half-close on), then answer.
+        let (mut s, _) = target.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        let tail = got[got.len() - 3..].to_vec();
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n")
+            .unwrap();
+        s.write_all(&tail).unwrap();
+        drop(s);
+        // 2: promise 1000 bytes, send 10, vanish.
+        let (mut s, _) = target.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            .unwrap();
+        drop(s);
+        // 3: PROXY v2 header first.
+        let (mut s, _) = target.accept().unwrap();
+        let mut h = [0u8; 28];
+        s.read_exact(&mut h).unwrap();
+        let _ = s.read(&mut buf).unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .unwrap();
+        h
+    });
+    let toml_svc = format!(
+        "[[proxy.services]]\nname = \"raw.test\"\nhost = \"127.0.0.1\"\nhttp = {tport}\n\n\
+         [[proxy.services]]\nname = \"pp.test\"\nhost = \"127.0.0.1\"\nhttp = {tport}\nproxy_protocol = true\n"
+    );
+    let e = env("halfclose", &toml_svc, "");
+    let mut c = TcpStream::connect(("127.0.0.1", e.http)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"POST /x HTTP/1.1\r\nHost: raw.test\r\nContent-Length: 3\r\n\r\nabc")
+        .unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 200 OK") && out.ends_with("\r\n\r\nabc"),
+        "{out}"
+    );
+    // The target dies mid-body: the client sees the partial body, then a clean close.
+    let t0 = Instant::now();
+    let out = raw_exchange(
+        e.http,
+        b"GET / HTTP/1.1\r\nHost: raw.test\r\n\r\n",
+        Duration::from_secs(8),
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "closed promptly");
+    assert!(String::from_utf8_lossy(&out).ends_with("0123456789"));
+    let out = raw_exchange(
+        e.http,
+        b"GET / HTTP/1.1\r\nHost: pp.test\r\n\r\n",
+        Duration::from_secs(8),
+    );
+    assert!(String::from_utf8_lossy(&out).ends_with("ok"));
+    let h = server.join().unwrap();
+    assert_eq!(&h[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    assert_eq!((h[12], h[13]), (0x21, 0x11));
+    assert_eq!(&h[16..20], &[127, 0, 0, 1], "client address");
+    assert_eq!(u16::from_be_bytes([h[26], h[27]]), e.http, "proxy port");
+}
+
+#[test]
+fn slow_clients_do_not_starve_others_and_limits_hold() {
+    let e = env("slowloris", "", "");
+    // 40 clients from other loopback addresses dribble a head that never ends.
+    let mut slow = Vec::new();
+    for i in 0..40u8 {
+        let mut t = connect_from([127, 0, 1, 2 + i], e.http);
+        t.write_all(b"GET / HTTP/1.1\r\nHost: alp").unwrap();
+        slow.push(t);
+    }
+    // Everyone else is served at once meanwhile.
+    let t0 = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(curl("http", "alpha.test", e.http, "/", &[]).0, 200);
+    }
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    // The slow ones are cut off at first_message_timeout (2 s) with 408.
+    for mut s in slow {
+        s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+        let _ = s.write_all(b"ha");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(
+            out.starts_with(b"HTTP/1.1 408 "),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    e.portico.wait_log("no complete request in time");
+}
+
+#[test]
+fn per_source_connection_limit() {
+    let dir = TempDir::new("perip2");
+    let pki = Pki::new(&dir.0, "test");
+    let nginx = Nginx::start(&dir, &pki);
+    let http = free_port();
+    let toml = format!(
+        "[proxy.listen]\nhttp = \"127.0.0.1:{http}\"\n[proxy.limits]\nmax_connections_per_ip = 3\n\
+         [[proxy.services]]\nname = \"alpha.test\"\nhost = \"127.0.0.1\"\nhttp = {}\n",
+        nginx.alpha
+    );
+    let p = Portico::start("perip2", &toml, &[http]);
+    std::thread::sleep(Duration::from_millis(200));
+    let held: Vec<TcpStream> = (0..3).map(|_| connect_from([127, 0, 0, 9], http)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fourth = connect_from([127, 0, 0, 9], http);
+    fourth
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let _ = fourth.write_all(b"GET / HTTP/1.1\r\nHost: alpha.test\r\n\r\n");
+    let mut out = Vec::new();
+    let r = fourth.read_to_end(&mut out);
+    // Closed without an answer: EOF, or a reset because the request was never read.
+    assert!(out.is_empty(), "fourth connection answered: {r:?} {out:?}");
+    p.wait_log("too many connections from this address");
+    // Another source is still served.
+    assert_eq!(curl("http", "alpha.test", http, "/", &[]).0, 200);
+    drop(held);
+}
+
+#[test]
+fn redirect_rule_and_certificate_reload() {
+    let dir = TempDir::new("redirect2");
+    let pki = Pki::new(&dir.0, "test");
+    let nginx = Nginx::start(&dir, &pki);
+    let (cert, key) = pki.leaf("proxy", &["alpha.test"]);
+    let (http, https) = (free_port(), free_port());
+    let toml = format!(
+        "[proxy.listen]\nhttp = \"127.0.0.1:{http}\"\nhttps = \"127.0.0.1:{https}\"\n\
+         [proxy.redirect]\nhttp = {{ scheme = \"https\", port = {https} }}\n\
+         [proxy.tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [[proxy.services]]\nname = \"alpha.test\"\nhost = \"127.0.0.1\"\nhttp = {}\n",
+        cert.display(),
+        key.display(),
+        nginx.alpha
+    );
+    let p = Portico::start("redirect2", &toml, &[http, https]);
+    let (code, _) = curl(
+        "http",
+        "alpha.test",
+        http,
+        "/a/../b?x=1",
+        &["--path-as-is", "-D", "/dev/stderr"],
+    );
+    assert_eq!(code, 308);
+    let out = run(
+        &program("curl", "curl"),
+        &[
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "--resolve",
+            &format!("alpha.test:{http}:127.0.0.1"),
+            &format!("http://alpha.test:{http}/b?x=1"),
+        ],
+        &[],
+    );
+    assert!(
+        text(&out).contains(&format!("Location: https://alpha.test:{https}/b?x=1")),
+        "{}",
+        text(&out)
+    );
+    // Unknown names are not redirected anywhere.
+    assert_eq!(curl("http", "evil.test", http, "/", &[]).0, 421);
+    // Following the redirect lands on the HTTPS listener.
+    let ca = pki.ca_path.display().to_string();
+    let (code, body) = curl(
+        "http",
+        "alpha.test",
+        http,
+        "/hello",
+        &[
+            "-L",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &format!("alpha.test:{https}:127.0.0.1"),
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("proto=[https]"), "{body}");
+
+    // Certificate reload: a connection made before keeps working; new handshakes get the new
+    // certificate.
+    let serial = |port: u16| -> String {
+        let o = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo | timeout 10 openssl s_client -connect 127.0.0.1:{port} -servername alpha.test 2>/dev/null | openssl x509 -noout -serial"
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let before = serial(https);
+    assert!(before.starts_with("serial="), "{before}");
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert))
+        .with_no_client_auth(),
+    );
+    let name = rustls::pki_types::ServerName::try_from("alpha.test").unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut sock = TcpStream::connect(("127.0.0.1", https)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    tls.write_all(b"GET /1 HTTP/1.1\r\nHost: alpha.test\r\n\r\n")
+        .unwrap();
+    assert!(read_until(&mut tls, "GET /1").contains("GET /1"));
+    let (c2, k2) = pki.leaf("proxy-new", &["alpha.test"]);
+    std::fs::copy(&k2, &key).unwrap();
+    std::fs::copy(&c2, &cert).unwrap();
+    let t0 = Instant::now();
+    let mut after = before.clone();
+    while after == before && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(300));
+        after = serial(https);
+    }
+    assert!(
+        after.starts_with("serial=") && after != before,
+        "{before} -> {after}"
+    );
+    tls.write_all(b"GET /2 HTTP/1.1\r\nHost: alpha.test\r\n\r\n")
+        .unwrap();
+    assert!(
+        read_until(&mut tls, "GET /2").contains("GET /2"),
+        "old connection still served"
+    );
+    p.wait_log("proxy certificate loaded");
+}
+
+/// Reads until `needle` arrived or the stream stops giving data.
+fn read_until(r: &mut impl Read, needle: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).to_string()
+}
+
+#[derive(Debug)]
+struct AnyCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

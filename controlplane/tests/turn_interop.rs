@@ -1,0 +1,231 @@
+//! coturn's TURN test client `turnutils_uclient` relays through Portico to coturn's echo peer
+//! `turnutils_peer` (Debian package `coturn`), in the client's four modes: ChannelData (the
+//! default), Send/Data indications (`-s`), each with and without the RTCP allocation that
+//! uses EVEN-PORT and RESERVATION-TOKEN (`-c` turns it off); with long-term credentials and
+//! with TURN REST API credentials (`-W`). Every packet must come back: the client prints
+//! `Total lost packets 0 (0.000000%)` and as many received messages as it sent.
+//!
+//! These clients are known to work against Portico with no loss, so a failure here is a
+//! regression. A missing tool fails the test.
+
+mod common;
+mod turn_common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::ports::free_port;
+use common::server::{Portico, LOCAL4};
+use common::tools::{require, run, Run};
+use portico_shared::counters::Counter;
+use std::net::SocketAddr;
+use turn_common::{turn_setup, CoturnPeer, PASSWORD, SHARED_SECRET, USER};
+
+/// Messages per client and clients per run: bounded load, a few seconds at 20 ms spacing.
+const MESSAGES: u64 = 100;
+const CLIENTS: u64 = 4;
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn uclient() -> PathBuf {
+    require("turnutils_uclient", "coturn")
+}
+
+fn peer_tool() -> PathBuf {
+    require("turnutils_peer", "coturn")
+}
+
+enum Creds {
+    LongTerm,
+    Rest,
+    WrongPassword,
+}
+
+/// The client's own totals: (sent, received) from its last `start_mclient: tot_send_msgs=`
+/// line.
+fn totals(text: &str) -> Option<(u64, u64)> {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("start_mclient: tot_send_msgs="))?;
+    let num = |key: &str| -> Option<u64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((num("tot_send_msgs=")?, num("tot_recv_msgs=")?))
+}
+
+/// Runs the client against `p` with `flags`, relaying to `peer`.
+fn run_uclient(p: &Portico, peer: SocketAddr, flags: &[&str], creds: &Creds) -> Run {
+    let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    match creds {
+        Creds::LongTerm => args.extend(["-u".into(), USER.into(), "-w".into(), PASSWORD.into()]),
+        Creds::WrongPassword => {
+            args.extend(["-u".into(), USER.into(), "-w".into(), "wrong".into()])
+        }
+        Creds::Rest => args.extend([
+            "-u".into(),
+            "dave".into(),
+            "-W".into(),
+            SHARED_SECRET.into(),
+        ]),
+    }
+    args.extend([
+        "-p".into(),
+        p.layout.port.to_string(),
+        "-e".into(),
+        peer.ip().to_string(),
+        "-r".into(),
+        peer.port().to_string(),
+        "-n".into(),
+        MESSAGES.to_string(),
+        "-m".into(),
+        CLIENTS.to_string(),
+        "-l".into(),
+        "172".into(),
+        "127.0.0.1".into(),
+    ]);
+    run(&uclient(), &args, LIMIT)
+}
+
+/// One uclient run in `flags` mode with `creds`; asserts no loss, and that the traffic
+/// really went through this Portico.
+fn relays_without_loss(io: &'static str, flags: &[&str], creds: Creds) {
+    let tool = uclient();
+    let p = Portico::start_tagged("turn-interop", turn_setup(io, true));
+    let peer = CoturnPeer::start(&peer_tool(), SocketAddr::new(LOCAL4, free_port(&[LOCAL4])));
+    let r = run_uclient(&p, peer.addr, flags, &creds);
+    let what = format!("{} {flags:?}", tool.display());
+    assert!(
+        !r.timed_out,
+        "{what} did not finish within {LIMIT:?}:\n{}",
+        r.text
+    );
+    assert_eq!(r.code, Some(0), "{what} failed:\n{}", r.text);
+    assert!(
+        r.text.contains("Total lost packets 0 (0.000000%)"),
+        "{what} lost packets:\n{}",
+        r.text
+    );
+    let (sent, received) =
+        totals(&r.text).unwrap_or_else(|| panic!("{what}: no totals line:\n{}", r.text));
+    assert_eq!(sent, MESSAGES * CLIENTS, "{what} sent:\n{}", r.text);
+    assert_eq!(received, sent, "{what} received:\n{}", r.text);
+
+    // Through Portico: every message out to the peer and back. With RTCP (no -c) there
+    // are allocations beyond one per client: the odd ports of EVEN-PORT reservations.
+    assert!(p.counter(Counter::RelayClientToPeerPackets) >= sent);
+    assert!(p.counter(Counter::RelayPeerToClientPackets) >= sent);
+    let allocations = p.counter(Counter::TurnAllocationsCreated);
+    if flags.contains(&"-c") {
+        assert_eq!(allocations, CLIENTS, "{what}");
+    } else {
+        assert!(
+            allocations > CLIENTS,
+            "{allocations} allocations for {what}"
+        );
+    }
+    if flags.contains(&"-s") {
+        assert_eq!(
+            p.counter(Counter::TurnChannelsCreated),
+            0,
+            "-s uses no channels"
+        );
+    } else {
+        assert!(p.counter(Counter::TurnChannelsCreated) >= CLIENTS);
+    }
+    assert_eq!(p.counter(Counter::DropNoPermission), 0);
+}
+
+#[test]
+fn uclient_channel_data_long_term() {
+    relays_without_loss("auto", &[], Creds::LongTerm);
+}
+
+#[test]
+fn uclient_send_indications_long_term() {
+    relays_without_loss("auto", &["-s"], Creds::LongTerm);
+}
+
+#[test]
+fn uclient_channel_data_without_rtcp_long_term() {
+    relays_without_loss("auto", &["-c"], Creds::LongTerm);
+}
+
+#[test]
+fn uclient_send_indications_without_rtcp_long_term() {
+    relays_without_loss("auto", &["-s", "-c"], Creds::LongTerm);
+}
+
+#[test]
+fn uclient_channel_data_rest_api() {
+    relays_without_loss("auto", &[], Creds::Rest);
+}
+
+#[test]
+fn uclient_send_indications_rest_api() {
+    relays_without_loss("auto", &["-s"], Creds::Rest);
+}
+
+#[test]
+fn uclient_channel_data_without_rtcp_rest_api() {
+    relays_without_loss("auto", &["-c"], Creds::Rest);
+}
+
+#[test]
+fn uclient_send_indications_without_rtcp_rest_api() {
+    relays_without_loss("auto", &["-s", "-c"], Creds::Rest);
+}
+
+#[test]
+fn uclient_channel_data_over_epoll() {
+    relays_without_loss("epoll", &[], Creds::LongTerm);
+}
+
+#[test]
+fn uclient_send_indications_over_epoll() {
+    relays_without_loss("epoll", &["-s"], Creds::LongTerm);
+}
+
+/// `-y`: the clients are each other's peers, through their relayed addresses, which are on
+/// loopback: allowed without `allow_peers` because they are the server's own relays.
+#[test]
+fn uclient_client_to_client_through_own_relays() {
+    let p = Portico::start_tagged("turn-interop-y", turn_setup("auto", false));
+    let peer = SocketAddr::new(LOCAL4, free_port(&[LOCAL4]));
+    let r = run_uclient(&p, peer, &["-y", "-c"], &Creds::LongTerm);
+    assert!(!r.timed_out, "uclient -y did not finish:\n{}", r.text);
+    assert_eq!(r.code, Some(0), "uclient -y failed:\n{}", r.text);
+    assert!(
+        r.text.contains("Total lost packets 0 (0.000000%)"),
+        "uclient -y lost packets:\n{}",
+        r.text
+    );
+    let (sent, received) = totals(&r.text).unwrap_or_else(|| panic!("no totals:\n{}", r.text));
+    assert!(sent >= MESSAGES * CLIENTS, "sent {sent}:\n{}", r.text);
+    assert_eq!(received, sent);
+    assert_eq!(p.counter(Counter::TurnPeerDeniedSpecial), 0);
+}
+
+#[test]
+fn uclient_with_a_wrong_password_cannot_allocate() {
+    let p = Portico::start_tagged("turn-interop-bad", turn_setup("auto", true));
+    let peer = CoturnPeer::start(&peer_tool(), SocketAddr::new(LOCAL4, free_port(&[LOCAL4])));
+    let r = run_uclient(&p, peer.addr, &["-c"], &Creds::WrongPassword);
+    assert!(!r.timed_out, "uclient did not give up:\n{}", r.text);
+    assert_ne!(
+        r.code,
+        Some(0),
+        "uclient succeeded with a wrong password:\n{}",
+        r.text
+    );
+    assert!(
+        r.text.contains("Cannot complete Allocation"),
+        "unexpected failure:\n{}",
+        r.text
+    );
+    assert_eq!(p.counter(Counter::TurnAllocationsCreated), 0);
+    assert!(p.counter(Counter::TurnAuthBadIntegrity) >= 1);
+}
