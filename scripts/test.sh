@@ -19,6 +19,8 @@ coturn:turnutils_uclient
 coturn:turnutils_peer
 stun-client:stun
 iproute2:ip
+prometheus:prometheus
+prometheus:promtool
 "
 
 # Upper bounds per step, so a hung test cannot use up CI's time; normal runs are far below.

@@ -211,7 +211,7 @@ async fn serve(
         },
     };
     // Reverse proxy: follows `[proxy]` of the running configuration; its suspicious events
-    // go to the log until fraud detection consumes them.
+    // feed the fraud engine, which it asks at accept time whether a source is blocked.
     let (proxy_events, mut proxy_events_rx) = tokio::sync::mpsc::channel(4096);
     let proxy_control = Arc::clone(&control);
     let proxy_task = tokio::spawn(proxy::run(
@@ -222,13 +222,20 @@ async fn serve(
         },
         proxy_events,
         Arc::new(proxy::metrics::ProxyMetrics::default()),
-        Arc::new(|_| false),
+        {
+            let fraud = Arc::clone(&control.fraud);
+            Arc::new(move |ip| fraud.is_blocked(ip))
+        },
     ));
-    tokio::spawn(async move {
-        while let Some(e) = proxy_events_rx.recv().await {
-            tracing::info!(source = %e.source, service_type = %e.service_type, "suspicious request: {}", e.reason);
-        }
-    });
+    {
+        let fraud = Arc::clone(&control.fraud);
+        tokio::spawn(async move {
+            while let Some(e) = proxy_events_rx.recv().await {
+                tracing::info!(source = %e.source, service_type = %e.service_type, "suspicious request: {}", e.reason);
+                fraud.report(e.source, "proxy", e.reason.label());
+            }
+        });
+    }
     let driver = Driver::from_u32(seg.header.driver.load(Ordering::Relaxed));
     tracing::info!(
         config = %config_path.display(),

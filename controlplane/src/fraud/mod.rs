@@ -262,7 +262,7 @@ impl Engine {
 
     /// Turns a blacklist entry into a permanent whitelist entry (reference: "the RP
     /// administrator can change the blacklist entry into a whitelist entry").
-    pub fn to_whitelist(&mut self, ip: IpAddr, now: u64) -> Option<(Entry, Vec<Change>)> {
+    pub fn make_white(&mut self, ip: IpAddr, now: u64) -> Option<(Entry, Vec<Change>)> {
         let key = self.lookup(ip)?.source;
         let e = self.entries.get_mut(&key)?;
         let was_black = e.kind == Kind::Black;
@@ -412,7 +412,7 @@ mod tests {
         assert_eq!(entry.origin, Origin::Manual);
         assert_eq!(changes.len(), 1);
         assert!(e.is_blocked(ip, 1_000_000));
-        let (w, changes) = e.to_whitelist(ip, 20).unwrap();
+        let (w, changes) = e.make_white(ip, 20).unwrap();
         assert_eq!(w.kind, Kind::White);
         assert_eq!(changes, vec![Change::Unblock(e.source(ip))]);
         assert!(!e.is_blocked(ip, 30));

@@ -101,17 +101,13 @@ impl Fraud {
         bl.clear();
         let now = unix_now();
         for e in lock(&self.engine).entries() {
-            if e.kind == Kind::Black && e.expires_unix.is_none_or(|x| x > now) {
-                if !bl.insert(
-                    e.source.ip,
-                    e.source.shm_prefix(),
-                    e.expires_unix.unwrap_or(u64::MAX >> 8),
-                ) {
-                    tracing::error!(
-                        "the dataplane blacklist is full; {} not enforced there",
-                        e.source
-                    );
-                }
+            let live = e.kind == Kind::Black && e.expires_unix.is_none_or(|x| x > now);
+            let until = e.expires_unix.unwrap_or(u64::MAX >> 8);
+            if live && !bl.insert(e.source.ip, e.source.shm_prefix(), until) {
+                tracing::error!(
+                    "the dataplane blacklist is full; {} not enforced there",
+                    e.source
+                );
             }
         }
     }
@@ -175,7 +171,7 @@ impl Fraud {
     }
 
     pub fn whitelist(&self, ip: IpAddr) -> Option<Entry> {
-        let (e, changes) = lock(&self.engine).to_whitelist(ip, unix_now())?;
+        let (e, changes) = lock(&self.engine).make_white(ip, unix_now())?;
         tracing::info!(source = %e.source, "fraud list entry turned into a whitelist entry");
         self.mirror(changes);
         self.persist();
@@ -223,7 +219,7 @@ impl Fraud {
                 };
                 self.report(e.ip, origin, e.kind.name());
             }
-            if n % 40 == 0 {
+            if n.is_multiple_of(40) {
                 let changes = lock(&self.engine).expire(unix_now());
                 self.mirror(changes);
                 self.persist();
