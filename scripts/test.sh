@@ -21,6 +21,12 @@ stun-client:stun
 iproute2:ip
 prometheus:prometheus
 prometheus:promtool
+nginx:nginx
+slapd:slapd
+ldap-utils:ldapsearch
+kamailio:kamailio
+curl:curl
+openssl:openssl
 "
 
 # Upper bounds per step, so a hung test cannot use up CI's time; normal runs are far below.

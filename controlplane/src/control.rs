@@ -93,6 +93,7 @@ impl Control {
         token: String,
         log_reload: Option<LogReload>,
         fraud: Arc<Fraud>,
+        proxy_metrics: &crate::proxy::metrics::ProxyMetrics,
     ) -> Control {
         let mut metrics = Metrics::new(Arc::clone(&shm));
         // Restarts counted by an earlier control plane of a dataplane we adopted.
@@ -103,6 +104,7 @@ impl Control {
                 .load(Ordering::Relaxed),
         );
         metrics.register_fraud(Arc::clone(&fraud));
+        metrics.register_proxy(proxy_metrics);
         Control {
             metrics,
             fraud,

@@ -189,6 +189,7 @@ async fn serve(
     let listen = config.turn.listen.clone();
     let api_listen = config.api.listen;
     let fraud = fraud::task::Fraud::start(Arc::clone(&shm), &state.dir, &config.fraud)?;
+    let proxy_metrics = Arc::new(proxy::metrics::ProxyMetrics::default());
     let control = Arc::new(Control::new(
         Arc::clone(&shm),
         config,
@@ -196,6 +197,7 @@ async fn serve(
         state.token.clone(),
         log_reload,
         fraud,
+        &proxy_metrics,
     ));
     let dataplane = match adopted {
         Some(pid) => {
@@ -221,7 +223,7 @@ async fn serve(
             key: state.key_path.clone(),
         },
         proxy_events,
-        Arc::new(proxy::metrics::ProxyMetrics::default()),
+        Arc::clone(&proxy_metrics),
         {
             let fraud = Arc::clone(&control.fraud);
             Arc::new(move |ip| fraud.is_blocked(ip))

@@ -77,6 +77,11 @@ impl Metrics {
         }
     }
 
+    /// Adds the reverse proxy's counters to the exposition.
+    pub fn register_proxy(&mut self, proxy: &crate::proxy::metrics::ProxyMetrics) {
+        proxy.register(&mut self.registry);
+    }
+
     /// Adds the fraud engine's figures to the exposition.
     pub fn register_fraud(&mut self, fraud: Arc<Fraud>) {
         self.registry

@@ -19,7 +19,7 @@ use common::server::{Portico, LOCAL4};
 use common::tools::{require, run, Run};
 use portico_shared::counters::Counter;
 use std::net::SocketAddr;
-use turn_common::{turn_setup, CoturnPeer, PASSWORD, SHARED_SECRET, USER};
+use turn_common::{turn_setup, without_auto_blacklist, CoturnPeer, PASSWORD, SHARED_SECRET, USER};
 
 /// Messages per client and clients per run: bounded load, a few seconds at 20 ms spacing.
 const MESSAGES: u64 = 100;
@@ -55,6 +55,16 @@ fn totals(text: &str) -> Option<(u64, u64)> {
             .ok()
     };
     Some((num("tot_send_msgs=")?, num("tot_recv_msgs=")?))
+}
+
+/// Relay ports of the allocations Portico logged ("allocation created ... relay=IP:PORT").
+fn relay_ports(log: &str) -> Vec<u16> {
+    log.lines()
+        .filter(|l| l.contains("allocation created"))
+        .filter_map(|l| l.split_once("relay=").map(|(_, r)| r))
+        .filter_map(|r| r.split_whitespace().next())
+        .filter_map(|a| a.rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
+        .collect()
 }
 
 /// Runs the client against `p` with `flags`, relaying to `peer`.
@@ -120,11 +130,17 @@ fn relays_without_loss(io: &'static str, flags: &[&str], creds: Creds) {
     assert!(p.counter(Counter::RelayPeerToClientPackets) >= sent);
     let allocations = p.counter(Counter::TurnAllocationsCreated);
     if flags.contains(&"-c") {
-        assert_eq!(allocations, CLIENTS, "{what}");
+        // Each uclient client is a pair of sessions relaying to each other's peer.
+        assert_eq!(allocations, 2 * CLIENTS, "{what}");
     } else {
         assert!(
-            allocations > CLIENTS,
+            allocations >= CLIENTS,
             "{allocations} allocations for {what}"
+        );
+        let ports = relay_ports(&p.log());
+        assert!(
+            ports.iter().any(|q| q % 2 == 0 && ports.contains(&(q + 1))),
+            "{what}: no even/odd relay port pair (EVEN-PORT + RESERVATION-TOKEN) among {ports:?}"
         );
     }
     if flags.contains(&"-s") {
@@ -209,9 +225,11 @@ fn uclient_client_to_client_through_own_relays() {
     assert_eq!(p.counter(Counter::TurnPeerDeniedSpecial), 0);
 }
 
+/// With automatic blacklisting off, the client gives up with its own error message.
 #[test]
 fn uclient_with_a_wrong_password_cannot_allocate() {
-    let p = Portico::start_tagged("turn-interop-bad", turn_setup("auto", true));
+    let setup = without_auto_blacklist(turn_setup("auto", true));
+    let p = Portico::start_tagged("turn-interop-bad", setup);
     let peer = CoturnPeer::start(&peer_tool(), SocketAddr::new(LOCAL4, free_port(&[LOCAL4])));
     let r = run_uclient(&p, peer.addr, &["-c"], &Creds::WrongPassword);
     assert!(!r.timed_out, "uclient did not give up:\n{}", r.text);
@@ -227,5 +245,44 @@ fn uclient_with_a_wrong_password_cannot_allocate() {
         r.text
     );
     assert_eq!(p.counter(Counter::TurnAllocationsCreated), 0);
+    assert!(p.counter(Counter::TurnAuthBadIntegrity) >= 1);
+}
+
+/// With the default fraud settings the client's endless retries get 127.0.0.1 blacklisted;
+/// it then hears nothing more. Either way it never relays anything.
+#[test]
+fn uclient_with_a_wrong_password_relays_nothing_under_default_settings() {
+    let p = Portico::start_tagged("turn-interop-bad2", turn_setup("auto", true));
+    let peer = CoturnPeer::start(&peer_tool(), SocketAddr::new(LOCAL4, free_port(&[LOCAL4])));
+    let port = p.layout.port.to_string();
+    let peer_port = peer.addr.port().to_string();
+    let args: Vec<String> = [
+        "-c",
+        "-u",
+        USER,
+        "-w",
+        "wrong",
+        "-p",
+        &port,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer_port,
+        "-n",
+        "10",
+        "127.0.0.1",
+    ]
+    .map(String::from)
+    .to_vec();
+    let r = run(&uclient(), &args, Duration::from_secs(15));
+    assert_ne!(
+        r.code,
+        Some(0),
+        "uclient succeeded with a wrong password:\n{}",
+        r.text
+    );
+    assert!(!r.text.contains("Total lost packets"), "{}", r.text);
+    assert_eq!(p.counter(Counter::TurnAllocationsCreated), 0);
+    assert_eq!(p.counter(Counter::RelayClientToPeerPackets), 0);
     assert!(p.counter(Counter::TurnAuthBadIntegrity) >= 1);
 }

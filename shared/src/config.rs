@@ -707,11 +707,6 @@ mod example_file {
     #[test]
     fn example_parses_and_shows_the_defaults() {
         let text = include_str!("../../portico.example.toml");
-        let c = Config::from_toml(text).unwrap();
-        let d = Config {
-            proxy: c.proxy.clone(),
-            ..Config::default()
-        };
-        assert_eq!(c, d);
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
     }
 }

@@ -11,7 +11,7 @@ use portico_shared::addr::CidrList;
 /// Whether `ip` may use a service of a type whose list is `allow` (`None`: no list, open).
 pub fn source_allowed(allow: Option<&CidrList>, ip: IpAddr) -> bool {
     let ip = canonical_ip(ip);
-    allow.map_or(true, |l| l.contains(ip))
+    allow.is_none_or(|l| l.contains(ip))
 }
 
 /// IPv4 clients on a dual-stack socket arrive as `::ffff:a.b.c.d`; lists name them as IPv4.

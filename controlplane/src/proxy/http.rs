@@ -501,9 +501,11 @@ async fn pump_responses(
                 Reason::TargetRejected(format!("HTTP {}", head.status)),
             );
         }
-        cw.write_all(&buf[..head.len]).await?;
-        buf.drain(..head.len);
-        ctx.activity.touch();
+        if (100..200).contains(&head.status) {
+            cw.write_all(&buf[..head.len]).await?;
+            buf.drain(..head.len);
+            ctx.activity.touch();
+        }
         if head.status == 101 {
             if let Some(tx) = reqs.recv().await.and_then(|i| i.upgrade) {
                 let _ = tx.send(true);
@@ -522,16 +524,14 @@ async fn pump_responses(
             let _ = tx.send(false);
         }
         let mut framer = BodyFramer::new(head.body(head_request));
-        loop {
-            let n = framer.feed(&buf).map_err(|e| bad(e.to_string()))?;
-            if n > 0 {
-                cw.write_all(&buf[..n]).await?;
-                buf.drain(..n);
-                ctx.activity.touch();
-            }
-            if framer.is_done() {
-                break;
-            }
+        // Head and the body bytes already here leave in one write: one segment, one record.
+        let n = framer
+            .feed(&buf[head.len..])
+            .map_err(|e| bad(e.to_string()))?;
+        cw.write_all(&buf[..head.len + n]).await?;
+        buf.drain(..head.len + n);
+        ctx.activity.touch();
+        while !framer.is_done() {
             let n = ctx.activity.read(ur, &mut tmp, ctx.idle).await?;
             if n == 0 {
                 if framer.until_close() {
@@ -540,6 +540,12 @@ async fn pump_responses(
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             buf.extend_from_slice(&tmp[..n]);
+            let n = framer.feed(&buf).map_err(|e| bad(e.to_string()))?;
+            if n > 0 {
+                cw.write_all(&buf[..n]).await?;
+                buf.drain(..n);
+                ctx.activity.touch();
+            }
         }
     }
 }

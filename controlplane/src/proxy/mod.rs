@@ -253,7 +253,11 @@ async fn handle(
         match tokio::time::timeout_at(first_deadline, acceptor.accept(tcp)).await {
             Ok(Ok(s)) => Box::new(s),
             Ok(Err(e)) => {
-                events.report(source, stype, Reason::TlsHandshake(e.to_string()));
+                // A TLS alert or garbage is a rejection by the proxy; a peer that merely
+                // went away (reset, EOF: scanners, `s_time`) is not.
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    events.report(source, stype, Reason::TlsHandshake(e.to_string()));
+                }
                 return;
             }
             Err(_) => {

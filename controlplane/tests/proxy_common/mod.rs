@@ -205,7 +205,8 @@ impl Portico {
         let dir = TempDir::new(tag);
         let config_path = dir.path("portico.toml");
         let text = format!(
-            "state_dir = \"{}\"\nlog_level = \"info,portico::proxy=debug\"\n\n[turn]\nlisten = [\"127.0.0.1:{}\"]\nworkers = 1\n\n[api]\nlisten = \"127.0.0.1:{}\"\n\n{proxy_toml}\n",
+            "state_dir = \"{}\"\nlog_level = \"info,portico::proxy=debug\"\n\n[turn]\nlisten = [\"127.0.0.1:{}\"]\nworkers = 1\n\n[api]\nlisten = \"127.0.0.1:{}\"\n\n\
+             [fraud]\nwhitelist = [\"127.0.0.0/8\"]\n\n{proxy_toml}\n",
             dir.path("state").display(),
             free_port(),
             free_port(),

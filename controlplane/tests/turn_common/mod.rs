@@ -50,6 +50,16 @@ pub fn turn_setup(io: &'static str, loopback_peers: bool) -> Setup {
     s
 }
 
+/// `setup` with the fraud engine's automatic blacklisting off: every test client sends from
+/// 127.0.0.1, and a test that fails authentication on purpose must not get the address
+/// blocked. `turn_extra` ends the `[turn]` table, so a table may follow it.
+pub fn without_auto_blacklist(mut setup: Setup) -> Setup {
+    setup
+        .turn_extra
+        .push_str("\n[fraud]\nsuspicious_per_minute = 0\n");
+    setup
+}
+
 /// A transaction id no other request of this process uses.
 pub fn new_tid() -> [u8; 12] {
     static N: AtomicU64 = AtomicU64::new(1);

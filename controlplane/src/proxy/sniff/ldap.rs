@@ -14,14 +14,14 @@ pub struct Ldap;
 
 enum Decoded {
     More,
-    Msg(LdapMsg),
+    Msg(Box<LdapMsg>),
     Bad,
 }
 
 fn decode_first(buf: &[u8], max: usize) -> Decoded {
     let mut b = BytesMut::from(buf);
     match LdapCodec::new(Some(max)).decode(&mut b) {
-        Ok(Some(m)) => Decoded::Msg(m),
+        Ok(Some(m)) => Decoded::Msg(Box::new(m)),
         Ok(None) => Decoded::More,
         Err(_) => Decoded::Bad,
     }
