@@ -11,7 +11,7 @@
 # state dir, is started fresh for each run and stopped after it; whatever this script started
 # is stopped on exit, however it exits. Every run is bounded (--duration, 1 s timeout).
 #
-# Environment (defaults in brackets): BENCH_ROUNDS [3], BENCH_DURATION seconds per run [8],
+# Environment (defaults in brackets): BENCH_ROUNDS [5], BENCH_DURATION seconds per run [5],
 # BENCH_RATE requests/s for the fixed-rate point [20000], BENCH_SOCKETS [16],
 # BENCH_WINDOW outstanding requests per socket flat out [64], BENCH_OUT [perf/RESULTS.md],
 # KEEP_WORK=1 keeps the temporary directory (per-run JSON and text reports, server logs).
@@ -27,8 +27,8 @@ scenario=${1:-stun}
 
 cd "$(dirname "$0")/.."
 root=$PWD
-rounds=${BENCH_ROUNDS:-3}
-duration=${BENCH_DURATION:-8}
+rounds=${BENCH_ROUNDS:-5}
+duration=${BENCH_DURATION:-5}
 rate=${BENCH_RATE:-20000}
 sockets=${BENCH_SOCKETS:-16}
 window=${BENCH_WINDOW:-64}

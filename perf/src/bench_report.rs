@@ -154,12 +154,21 @@ const METRICS: &[Metric] = &[
 ];
 
 const TX_PER_S: usize = 0;
+const P99: usize = 4;
+const SERVER_US: usize = 5;
 const GENERATOR_US: usize = 7;
 const GENERATOR_CORES: usize = 8;
 const OTHERS: usize = 9;
 
 /// Metric indexes that ratios are given for.
 const RATIO_METRICS: &[usize] = &[0, 3, 4, 5, 6];
+
+/// Key under which each loaded report remembers its file name (server__point__round).
+const RUN_KEY: &str = "_run";
+
+/// Max RTT from which a run is listed as an anomaly: far beyond any scheduling hiccup a
+/// healthy server shows on this box.
+const STALL_US: f64 = 200_000.0;
 
 /// Runs grouped as point -> server -> reports.
 type Runs = BTreeMap<String, BTreeMap<String, Vec<Value>>>;
@@ -186,8 +195,11 @@ fn load(dir: &Path) -> Result<Runs, String> {
         };
         let text =
             std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let v: Value =
+        let mut v: Value =
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert(RUN_KEY.into(), Value::String(stem.clone()));
+        }
         runs.entry(point.to_string())
             .or_default()
             .entry(server.to_string())
@@ -444,7 +456,112 @@ fn ceiling_and_noise(
         );
     }
     md.push('\n');
+    md += &anomalies(runs, points, servers);
+    md += &least_disturbed(runs, points, servers);
     md += NOTES;
+    md
+}
+
+/// Runs that lost requests, got bad or late answers, fell behind the schedule, or saw a
+/// round trip beyond [`STALL_US`]: the medians hide these, so they are listed one by one.
+fn anomalies(runs: &Runs, points: &[String], servers: &[String]) -> String {
+    let mut lines = Vec::new();
+    for p in points {
+        for s in servers {
+            for v in runs.get(p).and_then(|m| m.get(s)).into_iter().flatten() {
+                let get = |k: &str| num(v, &[k]).unwrap_or(0.0);
+                let max_ms = num(v, &["rtt_us", "max"]).unwrap_or(0.0) / 1000.0;
+                let mut what = Vec::new();
+                if get("lost") > 0.0 {
+                    what.push(format!(
+                        "{} lost ({} of them answered after the timeout)",
+                        int(get("lost")),
+                        int(get("unmatched"))
+                    ));
+                } else if get("unmatched") > 0.0 {
+                    what.push(format!(
+                        "{} late or duplicate answers",
+                        int(get("unmatched"))
+                    ));
+                }
+                if get("bad") > 0.0 {
+                    what.push(format!("{} bad answers", int(get("bad"))));
+                }
+                if get("generator_behind") > 0.0 {
+                    what.push(format!(
+                        "generator fell behind by {} requests",
+                        int(get("generator_behind"))
+                    ));
+                }
+                if max_ms * 1000.0 >= STALL_US {
+                    what.push(format!("max RTT {max_ms:.0} ms"));
+                }
+                if what.is_empty() {
+                    continue;
+                }
+                let run = v.get(RUN_KEY).and_then(Value::as_str).unwrap_or("?");
+                let others = (METRICS[OTHERS].get)(v).map_or("?".into(), two);
+                lines.push(format!(
+                    "- `{run}`: {} (others' CPU {others} cores)\n",
+                    what.join("; ")
+                ));
+            }
+        }
+    }
+    let mut md = String::from("### Anomalies\n\n");
+    if lines.is_empty() {
+        md += "None: no run lost a request, got a bad or late answer, fell behind its \
+               schedule, or saw a round trip of 200 ms or more.\n";
+    } else {
+        md += "Runs that lost requests, got bad or late answers, fell behind the schedule, or \
+               saw a round trip of 200 ms or more (stalls far beyond a scheduling hiccup):\n\n";
+        for l in lines {
+            md += &l;
+        }
+    }
+    md.push('\n');
+    md
+}
+
+/// For each server and load point, the run with the least CPU taken by other processes:
+/// the closest this shared box came to a quiet measurement.
+fn least_disturbed(runs: &Runs, points: &[String], servers: &[String]) -> String {
+    const SHOWN: [usize; 4] = [OTHERS, SERVER_US, TX_PER_S, P99];
+    let mut md = String::from(
+        "### Least-disturbed run of each server\n\nThe run with the least CPU taken by \
+         other processes, per server and load point. Quiet is not always cheaper per \
+         transaction: on an idle box a server sleeps and wakes for nearly every datagram \
+         (in a virtual machine each wakeup from idle is costly), while on a busy one \
+         datagrams queue up and are handled in batches.\n\n| server | load point |",
+    );
+    for i in SHOWN {
+        let _ = write!(md, " {} |", METRICS[i].title);
+    }
+    md += "\n|---|---|";
+    for _ in SHOWN {
+        md += "---|";
+    }
+    md.push('\n');
+    for p in points {
+        for s in servers {
+            let Some(rs) = runs.get(p).and_then(|m| m.get(s)) else {
+                continue;
+            };
+            let quiet = rs
+                .iter()
+                .filter_map(|v| Some(((METRICS[OTHERS].get)(v)?, v)))
+                .min_by(|a, b| a.0.total_cmp(&b.0));
+            let Some((_, v)) = quiet else { continue };
+            let _ = write!(md, "| {s} | {p} |");
+            for i in SHOWN {
+                let m = &METRICS[i];
+                let cell = (m.get)(v).map_or("–".to_string(), m.fmt);
+                let _ = write!(md, " {cell} |");
+            }
+            md.push('\n');
+        }
+    }
+    md.push('\n');
     md
 }
 
@@ -526,6 +643,12 @@ mod tests {
             ("b", "flat", 45000.0, 9.0, None),
             ("echo", "flat", 100000.0, 2.0, None),
         ];
+        let mut stalled = report(50000.0, 4.0, None);
+        stalled["lost"] = json!(512);
+        stalled["unmatched"] = json!(512);
+        stalled["rtt_us"]["max"] = json!(850_000.0);
+        stalled["others_cpu_s"] = json!(16.0);
+        std::fs::write(dir.join("a__flat__r9.json"), stalled.to_string()).unwrap();
         for (round, (s, p, tps, cpu, rate)) in runs.iter().enumerate() {
             let v = report(*tps, *cpu, *rate);
             std::fs::write(dir.join(format!("{s}__{p}__r{round}.json")), v.to_string()).unwrap();
@@ -552,13 +675,24 @@ mod tests {
         );
         assert!(md.find("| b | 1 |").unwrap() < md.find("| a | 1 |").unwrap());
         assert!(md.contains("| a / b | rate20000 | 1.00 | 1.00 | 1.00 | 0.50 | 1.00 |"));
-        assert!(md.contains("| a / b | flat | 2.00 |"));
+        assert!(
+            md.contains("| a / b | flat | 1.56 |"),
+            "median of 90k and 50k: {md}"
+        );
+        assert!(md.contains(
+            "- `a__flat__r9`: 512 lost (512 of them answered after the timeout); \
+             max RTT 850 ms (others' CPU 2.00 cores)"
+        ));
         assert!(md.contains("completed 100,000 tx/s"));
         assert!(md.contains("busy 0.50 cores at 4.00 µs"), "{md}");
         assert!(md.contains("could not exceed ~250,000 tx/s"));
         assert!(md.contains("machine was busy 1.50 of"), "{md}");
-        assert!(md.contains("  - `a`: 90%\n"), "{md}");
+        assert!(md.contains("  - `a`: 70%\n"), "{md}");
         assert!(md.contains("0.10 cores"));
+        assert!(
+            md.contains("| a | flat | 0.10 | 4.00 | 90,000 | 90.0 |"),
+            "least-disturbed table: {md}"
+        );
     }
 
     #[test]

@@ -305,7 +305,7 @@ impl H {
     }
 
     /// A datagram from `peer` arriving on relay socket `relay`.
-    fn from_peer(&mut self, relay: usize, peer: SocketAddr, data: &[u8]) -> Option<Out> {
+    fn peer_sends(&mut self, relay: usize, peer: SocketAddr, data: &[u8]) -> Option<Out> {
         self.recv(relay, peer, data)
     }
 
@@ -1227,7 +1227,7 @@ fn refresh_with_lifetime_zero_deletes_and_closes_the_relay_socket() {
     assert_eq!(h.shared.allocations.load(Ordering::Relaxed), 0);
     assert!(h.shared.per_user.lock().unwrap().is_empty());
     // Data for the old relay socket goes nowhere.
-    assert!(h.from_peer(relay, sa(PEER1), b"late").is_none());
+    assert!(h.peer_sends(relay, sa(PEER1), b"late").is_none());
     // A retransmitted delete finds no allocation: 437, which RFC 8656 §7.3 tells clients
     // to treat as success.
     c.refresh(&mut h, Some(0)).expect_error(437);
@@ -1254,6 +1254,25 @@ fn refresh_of_another_users_allocation_is_441() {
     b.bind(&mut h, 0x4000, sa(PEER1)).expect_error(441);
     assert_eq!(h.allocations(), 1);
     assert!(h.io.closed.is_empty());
+    // Counted as `turn_auth_failures{reason="wrong_credentials"}`.
+    assert_eq!(h.stat(Counter::TurnAuthWrongUser), 3);
+}
+
+#[test]
+fn refresh_with_the_other_address_family_is_443() {
+    let mut h = H::new();
+    let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+    c.allocate(&mut h);
+    let r = c.request(&mut h, method::REFRESH, &|w| {
+        w.add_attribute(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0])
+            .unwrap();
+    });
+    r.expect_error(443);
+    let r = c.request(&mut h, method::REFRESH, &|w| {
+        w.add_attribute(attr::REQUESTED_ADDRESS_FAMILY, &[1, 0, 0, 0])
+            .unwrap();
+    });
+    assert!(r.is_success());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1272,7 +1291,7 @@ fn create_permission_with_several_peers_installs_them_all() {
     for p in [PEER1, PEER2, PEER3] {
         // Permissions are by IP: any port of a permitted peer may send.
         let other_port = SocketAddr::new(sa(p).ip(), 1234);
-        assert!(h.from_peer(relay, other_port, b"hello").is_some(), "{p}");
+        assert!(h.peer_sends(relay, other_port, b"hello").is_some(), "{p}");
     }
     // Renewing an installed permission adds none.
     c.permit(&mut h, &[sa(PEER1)]);
@@ -1288,7 +1307,7 @@ fn create_permission_is_all_or_nothing_when_one_peer_is_denied() {
     r.expect_error(403);
     assert_eq!(h.stat(Counter::TurnPermissionsActive), 0);
     assert_eq!(h.stat(Counter::TurnPeerDeniedSpecial), 1);
-    assert!(h.from_peer(relay, sa(PEER1), b"x").is_none());
+    assert!(h.peer_sends(relay, sa(PEER1), b"x").is_none());
     assert!(c.send_indication(&mut h, sa(PEER1), b"x").is_none());
 }
 
@@ -1432,6 +1451,21 @@ fn send_indication_is_relayed_only_with_a_permission() {
     let stranger = h.client("198.51.100.99:5000", "alice", "secret");
     assert!(stranger.send_indication(&mut h, sa(PEER1), b"x").is_none());
     assert_eq!(h.stat(Counter::DropNoAllocation), 1);
+    // A Send indication without DATA, or without XOR-PEER-ADDRESS, is dropped.
+    for with_peer in [true, false] {
+        let mut buf = [0u8; 128];
+        let mut w =
+            MessageWriter::new(&mut buf, Class::Indication, method::SEND, &new_tid()).unwrap();
+        if with_peer {
+            w.add_xor_address(attr::XOR_PEER_ADDRESS, sa(PEER1))
+                .unwrap();
+        } else {
+            w.add_attribute(attr::DATA, b"data").unwrap();
+        }
+        let n = w.finish();
+        assert!(h.recv(LISTEN4, c.addr, &buf[..n]).is_none());
+    }
+    assert_eq!(h.stat(Counter::DropBadAttribute), 2);
 }
 
 #[test]
@@ -1484,7 +1518,7 @@ fn peer_data_becomes_channel_data_when_a_channel_is_bound() {
     c.bind(&mut h, 0x4ABC, sa(PEER1));
     for len in [0usize, 1, 5, 160, 1200] {
         let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
-        let out = h.from_peer(relay, sa(PEER1), &data).expect("relayed");
+        let out = h.peer_sends(relay, sa(PEER1), &data).expect("relayed");
         assert_eq!(out.to, c.addr);
         assert_eq!(
             out.socket, LISTEN4,
@@ -1502,7 +1536,7 @@ fn peer_data_becomes_channel_data_when_a_channel_is_bound() {
     assert_eq!(h.stat(Counter::RelayPeerToClientPackets), 5);
     // The same IP from another port has no channel: a Data indication.
     let other = SocketAddr::new(sa(PEER1).ip(), 5999);
-    let out = h.from_peer(relay, other, b"x").unwrap();
+    let out = h.peer_sends(relay, other, b"x").unwrap();
     assert_eq!(Message::parse(&out.bytes).unwrap().method(), method::DATA);
 }
 
@@ -1532,7 +1566,7 @@ fn peer_data_becomes_a_data_indication_without_a_channel() {
     let mut tids = HashSet::new();
     for len in [0usize, 1, 2, 3, 4, 5, 171, 1200] {
         let data: Vec<u8> = (0..len).map(|i| (i * 3 + 1) as u8).collect();
-        let out = h.from_peer(relay, sa(PEER1), &data).expect("relayed");
+        let out = h.peer_sends(relay, sa(PEER1), &data).expect("relayed");
         assert_eq!(out.to, c.addr);
         assert_eq!(out.socket, LISTEN4);
         let (peer, got) = parse_data_indication(&out);
@@ -1560,7 +1594,7 @@ fn ipv6_peer_data_becomes_a_data_indication() {
     });
     let relay = h.relay_socket(r.xor(attr::XOR_RELAYED_ADDRESS).unwrap().port());
     c.permit(&mut h, &[sa(PEER6)]);
-    let out = h.from_peer(relay, sa(PEER6), b"seven b").unwrap();
+    let out = h.peer_sends(relay, sa(PEER6), b"seven b").unwrap();
     assert_eq!(out.socket, LISTEN6);
     let (peer, data) = parse_data_indication(&out);
     assert_eq!(peer, sa(PEER6));
@@ -1580,11 +1614,11 @@ fn peer_data_without_permission_is_dropped_and_counted() {
     let mut c = h.client("198.51.100.7:5000", "alice", "secret");
     let (_, relay) = c.allocate(&mut h);
     c.permit(&mut h, &[sa(PEER1)]);
-    assert!(h.from_peer(relay, sa(PEER2), b"unsolicited").is_none());
+    assert!(h.peer_sends(relay, sa(PEER2), b"unsolicited").is_none());
     assert_eq!(h.stat(Counter::DropNoPermission), 1);
     assert_eq!(h.stat(Counter::RelayPeerToClientPackets), 0);
     // A datagram on a relay socket that belongs to no allocation.
-    assert!(h.from_peer(relay + 100, sa(PEER1), b"x").is_none());
+    assert!(h.peer_sends(relay + 100, sa(PEER1), b"x").is_none());
     assert_eq!(h.stat(Counter::DropNoAllocation), 1);
 }
 
@@ -1596,10 +1630,10 @@ fn peer_data_that_looks_like_stun_or_channel_data_is_still_just_data() {
     c.permit(&mut h, &[sa(PEER1)]);
     // A peer sending an Allocate or ChannelData must not reach the TURN request handler.
     let req = c.build(method::ALLOCATE, &new_tid(), &udp);
-    let out = h.from_peer(relay, sa(PEER1), &req).unwrap();
+    let out = h.peer_sends(relay, sa(PEER1), &req).unwrap();
     assert_eq!(out.to, c.addr);
     assert_eq!(parse_data_indication(&out).1, req);
-    let out = h.from_peer(relay, sa(PEER1), &[0x40, 0, 0, 1, 9]).unwrap();
+    let out = h.peer_sends(relay, sa(PEER1), &[0x40, 0, 0, 1, 9]).unwrap();
     assert_eq!(parse_data_indication(&out).1, [0x40, 0, 0, 1, 9]);
     assert_eq!(h.allocations(), 1);
     assert_eq!(h.io.opened.len(), 1);
@@ -1616,12 +1650,12 @@ fn permission_expires_after_300_seconds() {
     let (_, relay) = c.allocate(&mut h);
     c.permit(&mut h, &[sa(PEER1)]);
     h.advance_and_tick(299);
-    assert!(h.from_peer(relay, sa(PEER1), b"a").is_some());
+    assert!(h.peer_sends(relay, sa(PEER1), b"a").is_some());
     assert!(c.send_indication(&mut h, sa(PEER1), b"a").is_some());
     assert_eq!(h.stat(Counter::TurnPermissionsActive), 1);
     h.advance_and_tick(2);
     assert_eq!(h.stat(Counter::TurnPermissionsActive), 0);
-    assert!(h.from_peer(relay, sa(PEER1), b"a").is_none());
+    assert!(h.peer_sends(relay, sa(PEER1), b"a").is_none());
     assert!(c.send_indication(&mut h, sa(PEER1), b"a").is_none());
     assert_eq!(h.stat(Counter::DropNoPermission), 2);
     // The allocation itself lives on.
@@ -1637,7 +1671,7 @@ fn refreshing_a_permission_restarts_its_300_seconds() {
     h.advance_and_tick(200);
     c.permit(&mut h, &[sa(PEER1)]);
     h.advance_and_tick(200);
-    assert!(h.from_peer(relay, sa(PEER1), b"a").is_some());
+    assert!(h.peer_sends(relay, sa(PEER1), b"a").is_some());
     assert_eq!(h.stat(Counter::TurnPermissionsActive), 1);
 }
 
@@ -1659,7 +1693,7 @@ fn channel_expires_after_600_seconds() {
     assert_eq!(h.stat(Counter::TurnChannelsActive), 0);
     assert!(c.channel_data(&mut h, 0x4000, b"a", 0).is_none());
     // The peer's data now comes as a Data indication (the permission is still there).
-    let out = h.from_peer(relay, sa(PEER1), b"b").unwrap();
+    let out = h.peer_sends(relay, sa(PEER1), b"b").unwrap();
     assert_eq!(parse_data_indication(&out).1, b"b");
 }
 
@@ -1683,7 +1717,7 @@ fn allocation_expires_after_its_lifetime_and_gives_everything_back() {
     assert_eq!(h.shared.allocations.load(Ordering::Relaxed), 0);
     // Data after expiry goes nowhere; the per-user quota of 1 is free again.
     assert!(c.channel_data(&mut h, 0x4000, b"a", 0).is_none());
-    assert!(h.from_peer(relay, sa(PEER1), b"a").is_none());
+    assert!(h.peer_sends(relay, sa(PEER1), b"a").is_none());
     c.allocate(&mut h);
     // Sweeping again does not close anything twice (the fake panics on a double close).
     h.advance_and_tick(1);
@@ -1792,7 +1826,7 @@ fn bandwidth_cap_per_allocation_and_direction() {
     assert_eq!(h.stat(Counter::DropBandwidth), 5);
     // The other direction has its own budget.
     let down = (0..10)
-        .filter(|_| h.from_peer(relay, sa(PEER1), &data).is_some())
+        .filter(|_| h.peer_sends(relay, sa(PEER1), &data).is_some())
         .count();
     assert_eq!(down, 5);
     // Half a second refills 500 bytes.
@@ -1852,7 +1886,7 @@ fn loopback_and_private_peers_are_403_in_every_encoding() {
     }
     assert_eq!(h.stat(Counter::TurnPeerDeniedSpecial), refused);
     assert_eq!(h.stat(Counter::TurnPermissionsActive), 0);
-    assert!(h.from_peer(relay, sa("127.0.0.1:5000"), b"x").is_none());
+    assert!(h.peer_sends(relay, sa("127.0.0.1:5000"), b"x").is_none());
 }
 
 #[test]
@@ -1906,7 +1940,7 @@ fn allow_peers_permits_loopback_in_every_encoding() {
     let mapped = SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), 5000);
     let out = c.send_indication(&mut h, mapped, b"x").unwrap();
     assert_eq!(out.to, sa("127.0.0.1:5000"));
-    assert!(h.from_peer(relay, sa("127.0.0.1:5000"), b"x").is_some());
+    assert!(h.peer_sends(relay, sa("127.0.0.1:5000"), b"x").is_some());
     // Not beyond what was allowed.
     c.permit(&mut h, &[sa("10.0.0.1:5000")]).expect_error(403);
 }
@@ -1939,7 +1973,7 @@ fn own_relay_addresses_are_allowed_peers_so_two_clients_can_talk() {
     let out = a.channel_data(&mut h, 0x4000, b"a to b", 2).unwrap();
     assert_eq!((out.socket, out.to), (sock_a, rb));
     // What the kernel would then deliver on bob's relay socket, from alice's relay.
-    let out = h.from_peer(sock_b, ra, b"a to b").unwrap();
+    let out = h.peer_sends(sock_b, ra, b"a to b").unwrap();
     assert_eq!(out.to, b.addr);
     assert_eq!(parse_data_indication(&out), (ra, b"a to b".to_vec()));
     // Other ports of the server's own address are not allowed.
