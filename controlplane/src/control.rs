@@ -32,9 +32,10 @@ pub const FILE_HEADER: &str =
      # every key is documented in portico.example.toml.\n";
 
 /// Keys whose new value the running processes cannot take over live.
-const DATAPLANE_RESTART_KEYS: [&str; 5] = [
+const DATAPLANE_RESTART_KEYS: [&str; 6] = [
     "turn.listen",
     "turn.workers",
+    "turn.pin_workers",
     "turn.io",
     "stun.alternate_ip",
     "stun.alternate_port",
@@ -269,6 +270,7 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     let changed = [
         old.turn.listen != new.turn.listen,
         old.turn.workers != new.turn.workers,
+        old.turn.pin_workers != new.turn.pin_workers,
         old.turn.io != new.turn.io,
         old.stun.alternate_ip != new.stun.alternate_ip,
         old.stun.alternate_port != new.stun.alternate_port,

@@ -141,12 +141,15 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         .store(generation, Ordering::Release);
 
     let mut handles = Vec::new();
+    let pin = config.turn.pin_workers;
     for (i, socks) in sockets.into_iter().enumerate() {
         let sh = Arc::clone(&shared);
         let h = thread::Builder::new()
             .name(format!("portico-w{i}"))
             .spawn(move || {
-                pin_to_core(i);
+                if pin {
+                    pin_to_core(i);
+                }
                 let r = match driver {
                     Driver::IoUring => io::uring::run(i, Arc::clone(&sh), socks),
                     _ => io::epoll::run(i, Arc::clone(&sh), socks),
@@ -233,13 +236,14 @@ pub fn run(shm_name: &str) -> Result<(), String> {
 fn apply(shared: &Shared, started_with: &Config, new: &Config, generation: u64) {
     let needs_restart = started_with.turn.listen != new.turn.listen
         || started_with.turn.workers != new.turn.workers
+        || started_with.turn.pin_workers != new.turn.pin_workers
         || started_with.turn.io != new.turn.io
         || started_with.stun.alternate_ip != new.stun.alternate_ip
         || started_with.stun.alternate_port != new.stun.alternate_port;
     if needs_restart {
         tracing::warn!(
             generation,
-            "turn.listen, turn.workers, turn.io and stun.alternate_* take effect when the dataplane restarts"
+            "turn.listen, turn.workers, turn.pin_workers, turn.io and stun.alternate_* take effect when the dataplane restarts"
         );
     }
     let mut settings = Settings::from_config(new, &shared.secret);

@@ -99,6 +99,9 @@ pub struct TurnConfig {
     pub deny_peers: Vec<String>,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
+    /// Pin worker i to core i. Right on a box that runs little else; on a shared or
+    /// virtual machine the scheduler's freedom to move a worker off a busy core is worth more.
+    pub pin_workers: bool,
     pub io: IoMode,
     /// Seconds a nonce stays valid before a request gets 438 Stale Nonce.
     pub nonce_lifetime: u64,
@@ -137,6 +140,7 @@ impl Default for TurnConfig {
             allow_peers: Vec::new(),
             deny_peers: Vec::new(),
             workers: 0,
+            pin_workers: false,
             io: IoMode::Auto,
             nonce_lifetime: 600,
             default_lifetime: 600,

@@ -245,6 +245,12 @@ impl Turn {
                     self.sink
                         .report(EventKind::PeerDenied, d.from.ip(), now.unix);
                 }
+                if f.0 == 441 {
+                    // Valid credentials, but of another user than the allocation's.
+                    stats.incr(Counter::TurnAuthWrongUser);
+                    self.sink
+                        .report(EventKind::AuthFailure, d.from.ip(), now.unix);
+                }
                 tracing::debug!(client = %d.from, method = req.method, code = f.0, "TURN request refused");
                 write_error(s, software, &req, d, buf, f, Some(&authed), false, now)
             }
@@ -343,7 +349,7 @@ impl Turn {
             stats.incr(Counter::TurnQuotaRejected);
             return Err(QUOTA);
         }
-        let opened = self.open_relay(s, req, v4, io);
+        let opened = self.open_relay(s, req, v4, now, io);
         let (socket, local, token) = match opened {
             Ok(x) => x,
             Err(f) => {
@@ -405,6 +411,7 @@ impl Turn {
         s: &TurnSettings,
         req: &Req,
         v4: bool,
+        now: Now,
         io: &mut dyn RelayIo,
     ) -> Result<(usize, SocketAddr, Option<[u8; 8]>), Failure> {
         if let Some(token) = req.token {
@@ -455,7 +462,7 @@ impl Turn {
                             Reservation {
                                 socket: sock,
                                 addr: SocketAddr::new(ip, port + 1),
-                                expires: std::time::Instant::now() + RESERVATION_LIFETIME,
+                                expires: now.mono + RESERVATION_LIFETIME,
                             },
                         );
                     }
