@@ -707,10 +707,16 @@ mod example_file {
     use super::*;
 
     /// The documented example must stay a valid configuration, equal to the defaults it
-    /// claims to show.
+    /// claims to show (plus its one example user).
     #[test]
     fn example_parses_and_shows_the_defaults() {
         let text = include_str!("../../portico.example.toml");
-        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+        let mut expected = Config::default();
+        expected.turn.users = vec![TurnUser {
+            name: "alice".into(),
+            password: Some("change-me".into()),
+            key: None,
+        }];
+        assert_eq!(Config::from_toml(text).unwrap(), expected);
     }
 }
