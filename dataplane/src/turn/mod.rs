@@ -412,6 +412,10 @@ impl Turn {
                 );
                 stats.sub(Counter::TurnChannelsActive, (c - a.channels.len()) as u64);
             }
+            // Traffic figures and counts for the API, once a second.
+            if let Some(a) = self.table.get(slot) {
+                self.sink.publish(a, now);
+            }
         }
         if let Ok(mut r) = self.shared.reservations.try_lock() {
             r.retain(|_, v| v.expires > now.mono);
