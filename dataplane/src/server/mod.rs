@@ -258,4 +258,6 @@ fn drop_counter(e: ParseError) -> Counter {
 }
 
 #[cfg(test)]
+mod robustness;
+#[cfg(test)]
 mod tests;
