@@ -124,11 +124,14 @@ impl Server {
     /// Applies a new configuration; takes effect from the next packet.
     pub fn set_settings(&mut self, settings: Arc<Settings>) {
         self.settings = settings;
+        // The peer policy may have narrowed: existing permissions and channels are checked
+        // against it at the next tick.
+        self.turn.recheck_peers = true;
     }
 
     /// Timers: call once per loop turn.
     pub fn tick(&mut self, now: Now, io: &mut dyn RelayIo, stats: &WorkerCounters) {
-        self.turn.sweep(now, io, stats);
+        self.turn.sweep(&self.settings.turn, now, io, stats);
     }
 
     /// Ends every allocation (shutdown).

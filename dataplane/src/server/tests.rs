@@ -389,3 +389,27 @@ fn shutdown_closes_every_relay_socket() {
     assert_eq!(h.stats().get(Counter::TurnAllocationsActive), 0);
     assert_eq!(h.stats().get(Counter::TurnChannelsActive), 0);
 }
+
+#[test]
+fn a_deny_added_by_reload_removes_existing_permissions_and_channels() {
+    let mut h = H::new();
+    let client = sa("198.51.100.7:5000");
+    let relay = allocate_with_channel(&mut h, client);
+    assert!(h.udp(client, &channel_data(b"before")).is_some());
+    assert_eq!(h.stats().get(Counter::TurnChannelsActive), 1);
+    // The operator denies the peer's network at run time.
+    let reloaded = format!("{CONFIG}deny_peers = [\"8.8.8.0/24\"]\n");
+    h.server.set_settings(settings(&reloaded));
+    let stats = h.shm.segment().counters(0);
+    h.server.tick(h.now, &mut h.io, stats);
+    assert!(
+        h.udp(client, &channel_data(b"after")).is_none(),
+        "the channel to a denied peer still relays"
+    );
+    assert!(
+        h.handle(Transport::Udp, relay, sa(PEER), b"back").is_none(),
+        "the permission for a denied peer still admits its data"
+    );
+    assert_eq!(h.stats().get(Counter::TurnChannelsActive), 0);
+    assert_eq!(h.stats().get(Counter::TurnPermissionsActive), 0);
+}

@@ -149,6 +149,9 @@ pub struct Turn {
     pub(crate) sink: Box<dyn AllocationSink>,
     kills: Vec<u64>,
     blacklist_seen: u64,
+    /// Set when the configuration changed: permissions and channels are checked against the
+    /// (possibly narrower) peer policy at the next sweep.
+    pub recheck_peers: bool,
 }
 
 impl Turn {
@@ -168,6 +171,7 @@ impl Turn {
             sink,
             kills: Vec::new(),
             blacklist_seen: 0,
+            recheck_peers: false,
         }
     }
 
@@ -358,7 +362,17 @@ impl Turn {
     /// Carries out the control plane's delete requests (every call), then expires
     /// allocations, permissions and channels and republishes traffic figures (at most once
     /// per second of `now`).
-    pub fn sweep(&mut self, now: Now, io: &mut dyn RelayIo, stats: &WorkerCounters) {
+    pub fn sweep(
+        &mut self,
+        settings: &TurnSettings,
+        now: Now,
+        io: &mut dyn RelayIo,
+        stats: &WorkerCounters,
+    ) {
+        if self.recheck_peers {
+            self.recheck_peers = false;
+            self.drop_refused_peers(settings, now, stats);
+        }
         self.kills.clear();
         self.sink.deletes(&mut self.kills);
         for i in 0..self.kills.len() {
@@ -419,6 +433,38 @@ impl Turn {
         }
         if let Ok(mut r) = self.shared.reservations.try_lock() {
             r.retain(|_, v| v.expires > now.mono);
+        }
+    }
+
+    /// Removes permissions and channels the peer policy no longer allows, so a `deny_peers`
+    /// added at run time takes effect on existing allocations too.
+    fn drop_refused_peers(&mut self, settings: &TurnSettings, now: Now, stats: &WorkerCounters) {
+        let policy = &settings.policy;
+        // A permission is per IP; the server's own addresses pass only for relay ports.
+        let relay_port = settings.ports.low;
+        for slot in 0..self.table.slot_count() {
+            let Some(a) = self.table.get_mut(slot) else {
+                continue;
+            };
+            let (p, c) = (a.permissions.len(), a.channels.len());
+            a.permissions
+                .retain(|p| policy.check(p.ip, relay_port).is_ok());
+            a.channels
+                .retain(|c| policy.check(c.peer.ip(), c.peer.port()).is_ok());
+            let (gone_p, gone_c) = (p - a.permissions.len(), c - a.channels.len());
+            if gone_p + gone_c > 0 {
+                stats.sub(Counter::TurnPermissionsActive, gone_p as u64);
+                stats.sub(Counter::TurnChannelsActive, gone_c as u64);
+                tracing::info!(
+                    id = a.id,
+                    permissions = gone_p,
+                    channels = gone_c,
+                    "peers refused by the new policy removed"
+                );
+                if let Some(a) = self.table.get(slot) {
+                    self.sink.publish(a, now);
+                }
+            }
         }
     }
 
