@@ -8,6 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+# nginx, slapd and kamailio live in sbin, which a non-login root shell may lack.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 # Tools the tests need, as "debian-package:command-it-provides". Add a pair per new tool
 # (e.g. nginx:nginx slapd:slapd ldap-utils:ldapsearch kamailio:kamailio
