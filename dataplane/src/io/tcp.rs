@@ -97,10 +97,13 @@ pub fn run(
     let stats = shared.shm.segment().counters(counter_block);
     let mut server = shared.new_server(counter_block);
     let mut watch = SettingsWatch::new(&shared);
-    let mut conns: Vec<Option<Conn>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
-    let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
-    let mut live = 0usize;
+    let mut conns = Conns {
+        base,
+        slots: Vec::new(),
+        free: Vec::new(),
+        per_source: HashMap::new(),
+        live: 0,
+    };
     let mut work = vec![0u8; BUF_SIZE];
     let mut last_sweep = Instant::now();
     while !shared.stopping() {
@@ -114,56 +117,31 @@ pub fn run(
         for ev in events.iter() {
             let t = ev.token().0;
             if t < base {
-                accept_all(
-                    &shared.shm.segment().blacklist,
-                    now.unix,
-                    &mut listeners[t],
-                    t,
-                    base,
-                    &poll,
-                    &mut conns,
-                    &mut free,
-                    &mut per_source,
-                    &mut live,
-                    &limits,
-                    stats,
-                    now.mono,
-                );
+                let blacklist = &shared.shm.segment().blacklist;
+                conns.accept_all(&mut listeners[t], t, &poll, blacklist, &limits, stats, now);
                 continue;
             }
             let idx = t - base;
-            let close = match conns.get_mut(idx).and_then(|c| c.as_mut()) {
+            let close = match conns.slots.get_mut(idx).and_then(|c| c.as_mut()) {
                 Some(c) => serve(c, &mut server, &mut work, &limits, stats, now, &poll, t),
                 None => false,
             };
             if close {
-                drop_conn(
-                    idx,
-                    &poll,
-                    &mut conns,
-                    &mut free,
-                    &mut per_source,
-                    &mut live,
-                );
+                conns.close(idx, &poll);
             }
         }
         let now = now.mono;
         if now.duration_since(last_sweep) >= TICK {
             last_sweep = now;
-            for idx in 0..conns.len() {
-                let expired = conns[idx].as_ref().is_some_and(|c| match c.last_message {
-                    None => now.duration_since(c.opened) > limits.first_message,
-                    Some(t) => now.duration_since(t) > limits.idle,
-                });
+            for idx in 0..conns.slots.len() {
+                let expired = conns.slots[idx]
+                    .as_ref()
+                    .is_some_and(|c| match c.last_message {
+                        None => now.duration_since(c.opened) > limits.first_message,
+                        Some(t) => now.duration_since(t) > limits.idle,
+                    });
                 if expired {
-                    drop_conn(
-                        idx,
-                        &poll,
-                        &mut conns,
-                        &mut free,
-                        &mut per_source,
-                        &mut live,
-                    );
+                    conns.close(idx, &poll);
                 }
             }
         }
@@ -171,90 +149,94 @@ pub fn run(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn accept_all(
-    blacklist: &Blacklist,
-    unix: u64,
-    listener: &mut TcpListener,
-    listener_index: usize,
+/// The open connections, by slot (`Token(base + slot)`), with the counts the limits need.
+struct Conns {
     base: usize,
-    poll: &Poll,
-    conns: &mut Vec<Option<Conn>>,
-    free: &mut Vec<usize>,
-    per_source: &mut HashMap<IpAddr, usize>,
-    live: &mut usize,
-    limits: &Limits,
-    stats: &WorkerCounters,
-    now: Instant,
-) {
-    loop {
-        let (mut stream, peer) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            // Out of descriptors or a connection reset before accept: try again next turn.
-            Err(_) => return,
-        };
-        let src = peer.ip().to_canonical();
-        if blacklist.is_blocked(src, unix) {
-            stats.incr(Counter::DropBlacklisted);
-            continue;
-        }
-        let n = per_source.get(&src).copied().unwrap_or(0);
-        if *live >= limits.max_connections || n >= limits.per_source {
-            stats.incr(Counter::TcpRejected);
-            continue;
-        }
-        let idx = free.pop().unwrap_or_else(|| {
-            conns.push(None);
-            conns.len() - 1
-        });
-        if poll
-            .registry()
-            .register(&mut stream, Token(base + idx), Interest::READABLE)
-            .is_err()
-        {
-            free.push(idx);
-            stats.incr(Counter::TcpRejected);
-            continue;
-        }
-        let _ = stream.set_nodelay(true);
-        stats.incr(Counter::TcpAccepted);
-        *per_source.entry(src).or_insert(0) += 1;
-        *live += 1;
-        conns[idx] = Some(Conn {
-            stream,
-            peer,
-            listener: listener_index,
-            input: vec![0u8; PAYLOAD_CAPACITY].into_boxed_slice(),
-            in_len: 0,
-            output: Vec::new(),
-            opened: now,
-            last_message: None,
-            writable_interest: false,
-        });
-    }
+    slots: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    per_source: HashMap<IpAddr, usize>,
+    live: usize,
 }
 
-fn drop_conn(
-    idx: usize,
-    poll: &Poll,
-    conns: &mut [Option<Conn>],
-    free: &mut Vec<usize>,
-    per_source: &mut HashMap<IpAddr, usize>,
-    live: &mut usize,
-) {
-    if let Some(mut c) = conns.get_mut(idx).and_then(|c| c.take()) {
-        let _ = poll.registry().deregister(&mut c.stream);
-        let src = c.peer.ip().to_canonical();
-        if let Some(n) = per_source.get_mut(&src) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per_source.remove(&src);
+impl Conns {
+    /// Accepts until the listener has nothing more, refusing blacklisted sources and those
+    /// over a limit right away.
+    #[allow(clippy::too_many_arguments)]
+    fn accept_all(
+        &mut self,
+        listener: &mut TcpListener,
+        listener_index: usize,
+        poll: &Poll,
+        blacklist: &Blacklist,
+        limits: &Limits,
+        stats: &WorkerCounters,
+        now: Now,
+    ) {
+        loop {
+            let (mut stream, peer) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // Out of descriptors or a connection reset before accept: next turn.
+                Err(_) => return,
+            };
+            let src = peer.ip().to_canonical();
+            if blacklist.is_blocked(src, now.unix) {
+                stats.incr(Counter::DropBlacklisted);
+                continue;
             }
+            let n = self.per_source.get(&src).copied().unwrap_or(0);
+            if self.live >= limits.max_connections || n >= limits.per_source {
+                stats.incr(Counter::TcpRejected);
+                continue;
+            }
+            let idx = match self.free.pop() {
+                Some(i) => i,
+                None => {
+                    self.slots.push(None);
+                    self.slots.len() - 1
+                }
+            };
+            if poll
+                .registry()
+                .register(&mut stream, Token(self.base + idx), Interest::READABLE)
+                .is_err()
+            {
+                self.free.push(idx);
+                stats.incr(Counter::TcpRejected);
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            stats.incr(Counter::TcpAccepted);
+            *self.per_source.entry(src).or_insert(0) += 1;
+            self.live += 1;
+            self.slots[idx] = Some(Conn {
+                stream,
+                peer,
+                listener: listener_index,
+                input: vec![0u8; PAYLOAD_CAPACITY].into_boxed_slice(),
+                in_len: 0,
+                output: Vec::new(),
+                opened: now.mono,
+                last_message: None,
+                writable_interest: false,
+            });
         }
-        *live = live.saturating_sub(1);
-        free.push(idx);
+    }
+
+    fn close(&mut self, idx: usize, poll: &Poll) {
+        if let Some(mut c) = self.slots.get_mut(idx).and_then(|c| c.take()) {
+            let _ = poll.registry().deregister(&mut c.stream);
+            let src = c.peer.ip().to_canonical();
+            if let Some(n) = self.per_source.get_mut(&src) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_source.remove(&src);
+                }
+            }
+            self.live = self.live.saturating_sub(1);
+            self.free.push(idx);
+        }
     }
 }
 
