@@ -504,10 +504,10 @@ impl Config {
                 "must be between 1 second and a year",
             ));
         }
-        if !(32..=128).contains(&f.ipv6_prefix) {
+        if !crate::shm::BLACKLIST_V6_PREFIXES.contains(&f.ipv6_prefix) {
             return Err(err(
                 "fraud.ipv6_prefix",
-                format!("{} is not between 32 and 128", f.ipv6_prefix),
+                format!("{} is not one of 48, 56, 64 or 128", f.ipv6_prefix),
             ));
         }
         if f.max_tracked_sources < 16 || f.max_tracked_sources > 10_000_000 {

@@ -341,10 +341,16 @@ fn slot_of(hi: u64, lo: u64, prefix: u8) -> usize {
     (h as usize) & (BLACKLIST_SLOTS - 1)
 }
 
+/// Prefix lengths an IPv6 blacklist entry may have: the packet path probes each, so the set
+/// is small and fixed. IPv4 entries are single addresses.
+pub const BLACKLIST_V6_PREFIXES: [u8; 4] = [128, 64, 56, 48];
+
 impl BlacklistEntry {
-    /// (hi, lo, meta) read consistently.
+    /// (hi, lo, meta) read consistently. A writer that died inside its critical section
+    /// leaves the sequence odd forever; after a bounded wait such a slot reads as a
+    /// tombstone (not blocking, the probe goes on) instead of hanging the reader.
     fn read(&self) -> (u64, u64, u64) {
-        loop {
+        for _ in 0..10_000 {
             let s1 = self.seq.load(Ordering::Acquire);
             if s1 & 1 == 1 {
                 std::hint::spin_loop();
@@ -360,6 +366,7 @@ impl BlacklistEntry {
                 return v;
             }
         }
+        (u64::MAX, u64::MAX, 0)
     }
 
     fn write(&self, hi: u64, lo: u64, meta: u64) {
@@ -409,22 +416,29 @@ impl Blacklist {
             return true;
         }
         if ip.is_ipv6() {
-            let (hi, lo) = ip_key(ip, 64);
-            if matches!(self.find(hi, lo, 64), Some((_, exp)) if exp > now_unix) {
-                return true;
+            for prefix in &BLACKLIST_V6_PREFIXES[1..] {
+                let (hi, lo) = ip_key(ip, *prefix);
+                if matches!(self.find(hi, lo, *prefix), Some((_, exp)) if exp > now_unix) {
+                    return true;
+                }
             }
         }
         false
     }
 
     /// Adds or updates an entry (control plane only: single writer). `prefix` is 128 for one
-    /// address (IPv4 included) or 64 for an IPv6 /64. False when the table is full.
+    /// address (IPv4 always) or one of [`BLACKLIST_V6_PREFIXES`] for IPv6. False when the
+    /// table is full or the prefix is not one the packet path probes.
     pub fn insert(&self, ip: std::net::IpAddr, prefix: u8, expires_unix: u64) -> bool {
         let prefix = if ip.to_canonical().is_ipv4() {
             128
         } else {
             prefix.min(128)
         };
+        if !BLACKLIST_V6_PREFIXES.contains(&prefix) {
+            // The packet path would never probe it: refuse rather than pretend.
+            return false;
+        }
         let (hi, lo) = ip_key(ip, prefix);
         let meta = u64::from(prefix) << 56 | expires_unix.clamp(1, META_EXPIRY);
         if let Some((idx, _)) = self.find(hi, lo, prefix) {
@@ -477,8 +491,8 @@ impl Blacklist {
     /// Empties the table (control plane only), e.g. before writing its whole list again.
     pub fn clear(&self) {
         for e in &self.entries {
-            let (h, l, m) = e.read();
-            if h != 0 || l != 0 || m != 0 {
+            // Written without reading first: a slot left odd by a dead writer is repaired.
+            if e.seq.load(Ordering::Relaxed) != 0 {
                 e.write(0, 0, 0);
             }
         }
@@ -1130,9 +1144,35 @@ mod tests {
             assert_eq!(seen.is_blocked(ip, 100), i % 2 == 1, "{ip}");
         }
         assert_eq!(seen.live(), 2501);
+        let v6b: std::net::IpAddr = "2001:db8:aa::1".parse().unwrap();
+        assert!(bl.insert(v6b, 48, 500));
+        assert!(seen.is_blocked("2001:db8:aa:ffff::9".parse().unwrap(), 100));
+        assert!(
+            !bl.insert(v6b, 40, 500),
+            "a prefix the packet path does not probe"
+        );
         bl.clear();
         assert_eq!(seen.live(), 0);
         assert!(!seen.is_blocked("2001:db8:1:2::7".parse().unwrap(), 100));
+        SharedMemory::unlink(&name);
+    }
+
+    #[test]
+    fn a_slot_left_mid_write_does_not_hang_readers_and_clear_repairs_it() {
+        let name = unique("stuck");
+        let a = SharedMemory::create(&name).unwrap();
+        let bl = &a.segment().blacklist;
+        let ip: std::net::IpAddr = "198.51.100.77".parse().unwrap();
+        assert!(bl.insert(ip, 128, 900));
+        // A writer killed between its two sequence stores leaves the seq odd.
+        let (hi, lo) = ip_key(ip, 128);
+        bl.entries[slot_of(hi, lo, 128)]
+            .seq
+            .fetch_or(1, Ordering::Relaxed);
+        assert!(!bl.is_blocked(ip, 100), "a torn slot reads as not blocking");
+        bl.clear();
+        assert!(bl.insert(ip, 128, 900));
+        assert!(bl.is_blocked(ip, 100));
         SharedMemory::unlink(&name);
     }
 

@@ -188,8 +188,13 @@ impl Server {
         }
         let (class, method) = match Message::parse(&buf[start..start + len]) {
             Ok(m) => {
+                // A UDP source address can be forged, and blacklisting whatever address a
+                // flood claims would let anyone block anyone. Excess rate counts as
+                // suspicious only from sources that proved they receive our answers: a TCP
+                // connection, or a source holding an authenticated allocation.
                 if m.class() == Class::Request
                     && self.meter.over(from.ip(), now.unix, settings.request_rate)
+                    && (transport == Transport::Tcp || self.turn.serves(from.ip()))
                 {
                     self.turn
                         .sink

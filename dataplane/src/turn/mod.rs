@@ -179,6 +179,12 @@ impl Turn {
         &self.table
     }
 
+    /// Whether some allocation of this worker belongs to a client at `ip` (a scan: for rare
+    /// decisions, not the packet path).
+    pub fn serves(&self, ip: IpAddr) -> bool {
+        self.table.slots().any(|(_, a)| a.client.ip() == ip)
+    }
+
     pub fn is_relay_socket(&self, socket: usize) -> bool {
         socket >= self.first_relay_socket
     }
