@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::{ApiError, AppState};
 use crate::fraud::{Entry, Kind};
+use portico_shared::shm::BLACKLIST_V6_PREFIXES;
 
 fn describe(e: &Entry) -> Value {
     json!({
@@ -58,9 +59,22 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Resp
     })?;
     let ip = parse_ip(&e.ip)?;
     let prefix = match e.ip.split_once('/') {
-        Some((_, p)) => Some(p.parse::<u8>().ok().filter(|p| *p <= 128).ok_or_else(|| {
-            ApiError::bad_request(format!("\"{}\" has a bad prefix length", e.ip))
-        })?),
+        Some((_, p)) => {
+            // Only prefixes the dataplane probes on its packet path; IPv4 entries are single
+            // addresses.
+            let allowed: &[u8] = if ip.to_canonical().is_ipv4() {
+                &[32]
+            } else {
+                &BLACKLIST_V6_PREFIXES
+            };
+            let len = p.parse::<u8>().ok().filter(|p| allowed.contains(p));
+            Some(len.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "\"{}\": the prefix length must be one of {allowed:?}",
+                    e.ip
+                ))
+            })?)
+        }
         None => None,
     };
     if e.note.len() > 512 {

@@ -21,6 +21,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use portico_shared::addr::CidrList;
 use portico_shared::config::FraudConfig;
+use portico_shared::shm::BLACKLIST_V6_PREFIXES;
 use serde::{Deserialize, Serialize};
 
 /// A counted and blockable source: an IPv4 address, or an IPv6 prefix.
@@ -148,32 +149,32 @@ impl Engine {
         self.counts.len()
     }
 
-    fn whitelisted(&self, ip: IpAddr, source: &Source) -> bool {
+    /// The entries that cover `ip`: its own, and those of the IPv6 prefixes containing it
+    /// (the same prefix lengths the dataplane probes).
+    fn covering(&self, ip: IpAddr) -> impl Iterator<Item = &Entry> {
+        let v6 = !ip.to_canonical().is_ipv4();
+        let lens: &[u8] = if v6 { &BLACKLIST_V6_PREFIXES } else { &[128] };
+        lens.iter()
+            .filter_map(move |p| self.entries.get(&Source::of(ip, *p)))
+    }
+
+    fn whitelisted(&self, ip: IpAddr) -> bool {
         self.whitelist_cfg.contains(ip.to_canonical())
-            || self
-                .entries
-                .get(source)
-                .is_some_and(|e| e.kind == Kind::White)
+            || self.covering(ip).any(|e| e.kind == Kind::White)
     }
 
     /// Whether `ip` is blocked now (the proxy asks this at accept time).
     pub fn is_blocked(&self, ip: IpAddr, now: u64) -> bool {
-        let s = self.source(ip);
-        if self.whitelisted(ip, &s) {
-            return false;
-        }
-        let exact = Source::of(ip, 128);
-        [s, exact].iter().any(|k| {
-            self.entries
-                .get(k)
-                .is_some_and(|e| e.kind == Kind::Black && e.expires_unix.is_none_or(|x| x > now))
-        })
+        !self.whitelisted(ip)
+            && self
+                .covering(ip)
+                .any(|e| e.kind == Kind::Black && e.expires_unix.is_none_or(|x| x > now))
     }
 
     /// Counts a suspicious event; returns the change when it blacklists the source.
     pub fn suspicious(&mut self, ip: IpAddr, now: u64) -> Option<Change> {
         let s = self.source(ip);
-        if self.whitelisted(ip, &s) || self.threshold == 0 {
+        if self.whitelisted(ip) || self.threshold == 0 {
             return None;
         }
         if self.entries.get(&s).is_some_and(|e| e.kind == Kind::Black) {
@@ -241,11 +242,9 @@ impl Engine {
     }
 
     /// Finds the entry for an address given as the API names it (an address inside an IPv6
-    /// prefix finds the prefix entry).
+    /// prefix finds the prefix entry, the most specific first).
     pub fn lookup(&self, ip: IpAddr) -> Option<&Entry> {
-        self.entries
-            .get(&Source::of(ip, 128))
-            .or_else(|| self.entries.get(&self.source(ip)))
+        self.covering(ip).next()
     }
 
     pub fn remove(&mut self, ip: IpAddr) -> Option<(Entry, Vec<Change>)> {
@@ -402,6 +401,22 @@ mod tests {
         }
         assert!(e.is_blocked("2001:db8:5:6:ffff::9".parse().unwrap(), 1005));
         assert!(!e.is_blocked("2001:db8:5:7::1".parse().unwrap(), 1005));
+    }
+
+    #[test]
+    fn entries_of_any_supported_prefix_block_and_whitelist_what_they_cover() {
+        let mut e = engine(1);
+        // An operator's /48 blocks an address inside it although counting is per /64.
+        let net: IpAddr = "2001:db8:bad::".parse().unwrap();
+        e.add(net, Some(48), Kind::Black, None, String::new(), 10);
+        assert!(e.is_blocked("2001:db8:bad:7::1".parse().unwrap(), 20));
+        // A /128 whitelist entry protects that address from automatic blacklisting of its /64.
+        let good: IpAddr = "2001:db8:1:2::5".parse().unwrap();
+        e.add(good, Some(128), Kind::White, None, String::new(), 10);
+        for t in 0..10 {
+            assert_eq!(e.suspicious(good, 100 + t), None);
+        }
+        assert!(!e.is_blocked(good, 200));
     }
 
     #[test]
