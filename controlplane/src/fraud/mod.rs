@@ -102,6 +102,10 @@ pub struct Entry {
     pub note: String,
 }
 
+/// Most entries the lists hold: what fits the dataplane's blacklist table at its
+/// maximum load.
+pub const MAX_ENTRIES: usize = portico_shared::shm::BLACKLIST_SLOTS / 2 - 64;
+
 /// A change the driver must mirror into the dataplane and the state file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -182,6 +186,12 @@ impl Engine {
         }
         let n = self.counts.hit(s, now);
         if n <= self.threshold {
+            return None;
+        }
+        if self.entries.len() >= MAX_ENTRIES {
+            // A flood from ever new sources must not grow the lists (and the dataplane's
+            // table) without bound; the counting table stays bounded by itself.
+            tracing::warn!(source = %s, "fraud lists full ({MAX_ENTRIES}); not blacklisted");
             return None;
         }
         self.counts.forget(&s);

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use portico_shared::config::FraudConfig;
-use portico_shared::shm::SharedMemory;
+use portico_shared::shm::{SharedMemory, BLACKLIST_SLOTS};
 
 use super::{store, Change, Engine, Entry, Kind};
 
@@ -91,7 +91,15 @@ impl Fraud {
                 }
             };
             if !ok {
-                self.rebuild();
+                // Only tombstones can be reclaimed: when live entries alone fill the table,
+                // rebuilding would not help and would briefly unblock everyone.
+                if (bl.live() as usize) < BLACKLIST_SLOTS / 2 - 1 {
+                    self.rebuild();
+                } else {
+                    tracing::error!(
+                        "the dataplane blacklist is full; new blocks apply to the proxy only"
+                    );
+                }
             }
         }
     }
