@@ -5,6 +5,8 @@ mod proxy_common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use proxy_common::*;
@@ -25,7 +27,13 @@ fn env(tag: &str, services_extra: &str, proxy_extra: &str) -> Env {
     let nginx = Nginx::start(&dir, &pki);
     let (cert, key) = pki.leaf(
         "proxy",
-        &["alpha.test", "beta.test", "localhost", "127.0.0.1"],
+        &[
+            "alpha.test",
+            "beta.test",
+            "guarded.test",
+            "localhost",
+            "127.0.0.1",
+        ],
     );
     let (http, https) = (free_port(), free_port());
     let toml = format!(
@@ -36,13 +44,14 @@ fn env(tag: &str, services_extra: &str, proxy_extra: &str) -> Env {
          [[proxy.services]]\nname = \"alpha.test\"\nhost = \"127.0.0.1\"\ntarget_name = \"alpha.internal\"\n\
          http = {}\nhttps = {}\nurls = [\"/\", \"/app/\", \"/files/\", \"/deny\"]\n\n\
          [[proxy.services]]\nname = \"beta.test\"\nhost = \"127.0.0.1\"\nhttp = {}\n\n\
-         {services_extra}",
+         {}",
         cert.display(),
         key.display(),
         pki.ca_path.display(),
         nginx.alpha,
         nginx.alpha_tls,
         nginx.beta,
+        services_extra.replace("BETA_PORT", &nginx.beta.to_string()),
     );
     let portico = Portico::start(tag, &toml, &[http, https]);
     Env {
@@ -653,4 +662,244 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// A plain HTTP target that answers every request head with `status` over keep-alive, counts
+/// the requests that reached it and hands each head to the test. Requests carry no body.
+struct RawTarget {
+    port: u16,
+    count: Arc<AtomicUsize>,
+    heads: mpsc::Receiver<String>,
+}
+
+fn raw_target(status: u16) -> RawTarget {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let (tx, heads) = mpsc::channel();
+    let counter = Arc::clone(&count);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(50) {
+            let Ok(mut c) = conn else { return };
+            let (tx, counter) = (tx.clone(), Arc::clone(&counter));
+            std::thread::spawn(move || {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let _ = tx.send(String::from_utf8_lossy(&head).to_string());
+                        let answer =
+                            format!("HTTP/1.1 {status} Whatever\r\nContent-Length: 2\r\n\r\nno");
+                        if c.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                    match c.read(&mut tmp) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+            });
+        }
+    });
+    RawTarget { port, count, heads }
+}
+
+/// Reads one response with a Content-Length body: `(status, body)`; `None` at EOF or error.
+fn read_response(s: &mut impl Read) -> Option<(u16, String)> {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => got.push(b[0]),
+            _ => return None,
+        }
+    }
+    let head = String::from_utf8_lossy(&got).to_string();
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((status, String::from_utf8_lossy(&body).to_string()))
+}
+
+fn raw_proxy(tag: &str, fraud: &str, target: u16, limits: &str) -> (Portico, u16) {
+    let http = free_port();
+    let toml = format!(
+        "[proxy.listen]\nhttp = \"127.0.0.1:{http}\"\n[proxy.limits]\n{limits}\n\
+         [[proxy.services]]\nname = \"raw.test\"\nhost = \"127.0.0.1\"\nhttp = {target}\n"
+    );
+    (Portico::start_with_fraud(tag, fraud, &toml, &[http]), http)
+}
+
+#[test]
+fn blacklisting_cuts_an_open_keep_alive_connection() {
+    const THRESHOLD: usize = 3;
+    let target = raw_target(401);
+    let (p, http) = raw_proxy(
+        "blockopen",
+        &format!("suspicious_per_minute = {THRESHOLD}"),
+        target.port,
+        "",
+    );
+    // Password guesses over one keep-alive connection, each answered 401 by the target.
+    let mut c = connect_from([127, 0, 0, 5], http);
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let req = format!("GET /login?guess={i} HTTP/1.1\r\nHost: raw.test\r\n\r\n");
+        if c.write_all(req.as_bytes()).is_err() {
+            break;
+        }
+        match read_response(&mut c) {
+            Some((code, _)) => answers.push(code),
+            None => break,
+        }
+        if answers.last() != Some(&401) {
+            break;
+        }
+    }
+    let reached = target.count.load(Ordering::SeqCst);
+    // The (THRESHOLD+1)th rejection blacklists; at most a couple more may slip through.
+    assert!(
+        (THRESHOLD + 1..=THRESHOLD + 3).contains(&reached),
+        "{reached} guesses reached the target; answers {answers:?}"
+    );
+    assert_eq!(answers.last(), Some(&403), "answers {answers:?}");
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "connection not closed after the 403");
+    p.wait_log("blacklisted: too many suspicious events");
+    // A new connection from the same source is closed unanswered; others are served.
+    let mut again = connect_from([127, 0, 0, 5], http);
+    again
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = again.write_all(b"GET / HTTP/1.1\r\nHost: raw.test\r\n\r\n");
+    assert!(read_response(&mut again).is_none());
+    let mut other = connect_from([127, 0, 0, 6], http);
+    other
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    other
+        .write_all(b"GET / HTTP/1.1\r\nHost: raw.test\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut other).map(|r| r.0), Some(401));
+}
+
+#[test]
+fn counterpart_listener_applies_the_counterparts_allow_list() {
+    // guarded.test has only an http port, open to 127.0.0.2 alone: HTTPS, forwarded to that
+    // same port, must not be open to everyone.
+    let extra =
+        "[[proxy.services]]\nname = \"guarded.test\"\nhost = \"127.0.0.1\"\nhttp = BETA_PORT\n\
+                 allow_from = { http = [\"127.0.0.2/32\"] }\n";
+    let e = env("counterpart", extra, "");
+    let ca = e.ca();
+    let (code, body) = curl("https", "guarded.test", e.https, "/", &["--cacert", &ca]);
+    assert_eq!(code, 403, "{body}");
+    let (code, _) = curl("http", "guarded.test", e.http, "/", &[]);
+    assert_eq!(code, 403);
+    e.portico.wait_log("source not in allow_from");
+    // From the allowed address both work, HTTPS landing on the plain port.
+    let from = ["--interface", "127.0.0.2"];
+    let (code, body) = curl("http", "guarded.test", e.http, "/", &from);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = curl(
+        "https",
+        "guarded.test",
+        e.https,
+        "/",
+        &["--cacert", &ca, "--interface", "127.0.0.2"],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("proto=[https]"), "{body}");
+}
+
+#[test]
+fn client_forwarding_claims_and_foreign_upgrades_are_stripped() {
+    let target = raw_target(200);
+    let (_p, http) = raw_proxy("claims", "", target.port, "");
+    let mut c = TcpStream::connect(("127.0.0.1", http)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(
+        b"GET /a HTTP/1.1\r\nHost: raw.test\r\nX_Forwarded_For: 6.6.6.1\r\nx-forwarded_proto: gopher\r\n\
+          X-Forwarded-Host: evil.example\r\nForwarded: for=6.6.6.2;proto=https\r\nX-Real-IP: 6.6.6.3\r\n\
+          Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\
+          X-Kept: yes\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(read_response(&mut c).map(|r| r.0), Some(200));
+    let head = target
+        .heads
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .to_ascii_lowercase();
+    for gone in [
+        "6.6.6.",
+        "gopher",
+        "evil.example",
+        "forwarded:",
+        "x-real-ip",
+        "upgrade: h2c",
+        "http2-settings:",
+    ] {
+        assert!(!head.contains(gone), "{gone:?} reached the target:\n{head}");
+    }
+    assert!(head.contains("x-forwarded-for: 127.0.0.1\r\n"), "{head}");
+    assert!(head.contains("x-forwarded-proto: http\r\n"), "{head}");
+    assert!(head.contains("x-kept: yes\r\n"), "{head}");
+}
+
+#[test]
+fn later_request_heads_have_a_deadline_too() {
+    let target = raw_target(200);
+    let (p, http) = raw_proxy(
+        "slowlater",
+        "",
+        target.port,
+        "first_message_timeout = 2\nidle_timeout = 30",
+    );
+    let mut c = TcpStream::connect(("127.0.0.1", http)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /1 HTTP/1.1\r\nHost: raw.test\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut c).map(|r| r.0), Some(200));
+    // Idle between requests is fine (idle_timeout)...
+    std::thread::sleep(Duration::from_millis(2500));
+    c.write_all(b"GET /2 HTTP/1.1\r\nHost: raw.test\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_response(&mut c).map(|r| r.0), Some(200));
+    // ...but a head dribbled a byte at a time must complete within first_message_timeout.
+    let t0 = Instant::now();
+    let dribble = b"GET /3 HTTP/1.1\r\nHost: raw.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut answer = None;
+    c.set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    for b in dribble.iter() {
+        if c.write_all(std::slice::from_ref(b)).is_err() {
+            break;
+        }
+        let mut peek = [0u8; 1];
+        if let Ok(n) = c.peek(&mut peek) {
+            if n > 0 {
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                answer = read_response(&mut c);
+                break;
+            }
+        }
+    }
+    assert_eq!(answer.map(|r| r.0), Some(408), "after {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    p.wait_log("no complete request in time");
 }

@@ -15,6 +15,11 @@ struct Env {
 }
 
 fn env() -> Env {
+    env_with("")
+}
+
+/// `limits`: the body of `[proxy.limits]`.
+fn env_with(limits: &str) -> Env {
     let dir = TempDir::new("ldap");
     let pki = Pki::new(&dir.0, "test");
     let slapd = Slapd::start(&dir);
@@ -22,6 +27,7 @@ fn env() -> Env {
     let (ldap, ldaps) = (free_port(), free_port());
     let toml = format!(
         "[proxy.listen]\nldap = \"127.0.0.1:{ldap}\"\nldaps = \"127.0.0.1:{ldaps}\"\n\
+         [proxy.limits]\n{limits}\n\
          [proxy.tls]\ncert = \"{}\"\nkey = \"{}\"\n\
          [[proxy.services]]\nname = \"alpha.test\"\nhost = \"127.0.0.1\"\nldap = {p}\n\
          [[proxy.services]]\nname = \"beta.test\"\nhost = \"127.0.0.1\"\nldap = {p}\n\
@@ -147,4 +153,51 @@ fn access_limits_and_target_rejections_are_reported() {
     );
     assert!(out.is_empty());
     e.portico.wait_log("malformed request: not an LDAP message");
+}
+
+/// `depth` SEQUENCEs inside one another.
+fn nested(depth: usize) -> Vec<u8> {
+    let mut inner: Vec<u8> = vec![0x30, 0x00];
+    for _ in 0..depth {
+        let n = inner.len();
+        let mut v = vec![0x30];
+        if n < 128 {
+            v.push(n as u8);
+        } else if n < 256 {
+            v.extend_from_slice(&[0x81, n as u8]);
+        } else if n < 65536 {
+            v.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]);
+        } else {
+            v.extend_from_slice(&[0x83, (n >> 16) as u8, (n >> 8) as u8, n as u8]);
+        }
+        v.extend_from_slice(&inner);
+        inner = v;
+    }
+    inner
+}
+
+#[test]
+fn deeply_nested_first_message_is_refused_and_the_proxy_lives() {
+    let mut e = env_with("max_header_bytes = 1048576");
+    let msg = nested(40_000);
+    assert!(msg.len() > 180_000 && msg.len() < 1 << 20, "{}", msg.len());
+    // Refused as soon as the depth shows: the rest of the write may meet a reset.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", e.ldap)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let _ = std::io::Write::write_all(&mut s, &msg);
+    let mut out = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    e.portico
+        .wait_log("malformed request: undecodable LDAP message");
+    assert!(e.portico.alive(), "portico died:\n{}", e.portico.log());
+    let out = search(
+        &e,
+        &format!("ldap://127.0.0.1:{}", e.ldap),
+        "cn=admin,dc=alpha,dc=test",
+        "secret",
+        "dc=alpha,dc=test",
+    );
+    assert!(out.contains("sn: Alpha-Person"), "{out}");
 }

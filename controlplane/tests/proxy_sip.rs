@@ -6,7 +6,7 @@ mod proxy_common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proxy_common::*;
 
@@ -167,4 +167,40 @@ fn unknown_domains_and_closed_services_are_answered_by_the_proxy() {
     let r = read_msg(&mut s);
     assert!(r.starts_with("SIP/2.0 403 Forbidden\r\n"), "{r}");
     e.portico.wait_log("source not in allow_from");
+}
+
+#[test]
+fn keepalive_crlf_flood_is_cut_at_the_head_limit() {
+    // Default limits: max_header_bytes 16 KiB, first_message_timeout 10 s.
+    let mut e = env();
+    let rss_before = e.portico.rss_kib();
+    let mut s = TcpStream::connect(("127.0.0.1", e.sip)).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let chunk = b"\r\n".repeat(32 * 1024);
+    let t0 = Instant::now();
+    let mut sent = 0usize;
+    // Bounded: at most 256 MiB or 8 s of keep-alives.
+    while sent < 256 << 20 && t0.elapsed() < Duration::from_secs(8) {
+        match s.write(&chunk) {
+            Ok(n) if n > 0 => sent += n,
+            _ => break,
+        }
+    }
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "the proxy took {sent} bytes of CRLF over {took:?} without closing"
+    );
+    // What the kernel buffers on loopback, not what the proxy kept.
+    assert!(sent < 64 << 20, "{sent} bytes accepted");
+    e.portico.wait_log("request head too large");
+    let grown = e.portico.rss_kib().saturating_sub(rss_before);
+    assert!(grown < 32 * 1024, "portico grew by {grown} KiB");
+    assert!(e.portico.alive());
+    // The proxy still answers.
+    let mut s = TcpStream::connect(("127.0.0.1", e.sip)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request("INVITE", "nowhere.test", 1, "").as_bytes())
+        .unwrap();
+    assert!(read_msg(&mut s).starts_with("SIP/2.0 404 Not Found\r\n"));
 }

@@ -45,6 +45,9 @@ pub enum PathError {
     HiddenSeparator,
     /// `..` above the root.
     AboveRoot,
+    /// A `.` or `..` segment with parameters (`..;x`): servlet containers strip the
+    /// parameters and then resolve the dots, which the rule here would not have seen.
+    DotWithParams,
 }
 
 impl PathError {
@@ -54,6 +57,7 @@ impl PathError {
             PathError::BadEscape => "bad percent-escape in path",
             PathError::HiddenSeparator => "encoded separator or control character in path",
             PathError::AboveRoot => "path climbs above the root",
+            PathError::DotWithParams => "dot segment with parameters in path",
         }
     }
 }
@@ -97,6 +101,13 @@ pub fn normalize_target(target: &str) -> Result<NormalTarget, PathError> {
     let mut trailing = false;
     for seg in decoded.split('/').skip(1) {
         trailing = false;
+        if seg.contains(';') || seg.contains("%3B") {
+            let base = seg.split(';').next().unwrap_or(seg);
+            let base = base.split("%3B").next().unwrap_or(base);
+            if base == "." || base == ".." {
+                return Err(PathError::DotWithParams);
+            }
+        }
         match seg {
             "" | "." => trailing = true,
             ".." => {
@@ -207,6 +218,25 @@ mod tests {
         assert_eq!(norm("/a/../../b"), Err(PathError::AboveRoot));
         assert_eq!(norm("*"), Err(PathError::NotAPath));
         assert_eq!(norm("a/b"), Err(PathError::NotAPath));
+    }
+
+    #[test]
+    fn refuses_dot_segments_with_parameters() {
+        for t in [
+            "/a/..;/b",
+            "/a/..;x=1/b",
+            "/a/.;/b",
+            "/a/%2e%2e;/b",
+            "/a/..%3b/b",
+            "/a/..%3B/b",
+            "/..;/x",
+        ] {
+            assert_eq!(norm(t), Err(PathError::DotWithParams), "{t}");
+        }
+        // Parameters on ordinary segments, and dots inside names, are fine.
+        assert_eq!(norm("/a;jsessionid=1/b"), Ok("/a;jsessionid=1/b".into()));
+        assert_eq!(norm("/a/...;/b"), Ok("/a/...;/b".into()));
+        assert_eq!(norm("/a/b?x=..;/"), Ok("/a/b?x=..;/".into()));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! (a client that shuts down its sending side still gets the whole answer) and enforces one
 //! idle timeout for the pair: a connection is idle only when neither direction moved.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -195,20 +196,25 @@ where
     Ok(total)
 }
 
-/// Relays both directions until both are done; an error or idle timeout on either ends both.
+/// Relays both directions until both are done; an error or idle timeout on either ends both,
+/// and so does `stop` resolving (the source was blacklisted): both connections are dropped.
 pub async fn relay(
     client: (ReadHalf<BoxStream>, WriteHalf<BoxStream>),
     target: (ReadHalf<BoxStream>, WriteHalf<BoxStream>),
     idle: Duration,
     monitor: Option<Box<dyn Monitor>>,
     on_reject: &(dyn Fn(String) + Sync),
+    stop: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let activity = Activity::new();
     activity.touch();
     let none = |_: String| {};
     let up = pump(client.0, target.1, &activity, idle, None, &none);
     let down = pump(target.0, client.1, &activity, idle, monitor, on_reject);
-    tokio::try_join!(up, down).map(|_| ())
+    tokio::select! {
+        r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
+        () = stop => Err(io::Error::new(io::ErrorKind::PermissionDenied, "source blacklisted")),
+    }
 }
 
 #[cfg(test)]
@@ -253,6 +259,7 @@ mod tests {
             Duration::from_millis(300),
             None,
             &on,
+            std::future::pending(),
         );
         let peers = async {
             a_peer.write_all(b"ping").await.unwrap();
@@ -279,9 +286,56 @@ mod tests {
             Duration::from_millis(200),
             None,
             &on,
+            std::future::pending(),
         )
         .await;
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
         assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+
+    /// A relayed pair is cut soon after its source is blacklisted, though bytes keep flowing.
+    #[tokio::test]
+    async fn relay_ends_when_the_source_is_blocked() {
+        use std::sync::atomic::AtomicBool;
+        let (a, mut a_peer) = tokio::io::duplex(1024);
+        let (b, mut b_peer) = tokio::io::duplex(1024);
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = Arc::clone(&flag);
+        let blocked: crate::proxy::Blocked = Arc::new(move |_| f.load(Ordering::Relaxed));
+        let source: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let none = |_: String| {};
+        let relay = relay(
+            tokio::io::split(Box::new(a) as BoxStream),
+            tokio::io::split(Box::new(b) as BoxStream),
+            Duration::from_secs(30),
+            None,
+            &none,
+            crate::proxy::until_blocked(&blocked, source),
+        );
+        let chatter = async {
+            let mut buf = [0u8; 4];
+            for i in 0..40 {
+                if i == 5 {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                if a_peer.write_all(b"ping").await.is_err() {
+                    return i;
+                }
+                if b_peer.read_exact(&mut buf).await.is_err() {
+                    return i;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            40
+        };
+        let t0 = Instant::now();
+        let (r, sent) = tokio::join!(relay, chatter);
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+        assert!(sent < 15, "relay went on for {sent} round trips");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        // Both sides see the end.
+        let mut rest = Vec::new();
+        assert_eq!(a_peer.read_to_end(&mut rest).await.unwrap(), 0);
+        assert_eq!(b_peer.read_to_end(&mut rest).await.unwrap(), 0);
     }
 }

@@ -18,13 +18,13 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::access::{canonical_ip, normalize_target, source_allowed, url_allowed};
+use super::access::{canonical_ip, normalize_target, url_allowed};
 use super::events::{Events, Reason};
 use super::forward::{self, Activity, BoxStream, BUF};
 use super::route::{Lookup, Target};
 use super::sniff::http::{host_name, parse_request, parse_response, split_absolute};
 use super::sniff::http::{BodyFramer, HttpError, RequestHead};
-use super::Snapshot;
+use super::{until_blocked, Blocked, Snapshot};
 
 /// One client connection's context.
 pub struct Conn {
@@ -35,12 +35,26 @@ pub struct Conn {
     pub events: Events,
     /// End of the time allowed for the TLS handshake plus the first request head.
     pub first_deadline: tokio::time::Instant,
+    /// Asked before every request and while an upgraded connection is relayed.
+    pub blocked: Blocked,
 }
 
 impl Conn {
     fn report(&self, reason: Reason) {
-        self.events
-            .report(canonical_ip(self.peer.ip()), self.stype, reason);
+        self.events.report(self.source(), self.stype, reason);
+    }
+
+    fn source(&self) -> std::net::IpAddr {
+        canonical_ip(self.peer.ip())
+    }
+
+    /// Whether the source has been blacklisted since the connection was accepted; counted.
+    fn now_blocked(&self) -> bool {
+        let b = (self.blocked)(self.source());
+        if b {
+            self.events.metrics().refused_blocked.inc();
+        }
+        b
     }
 }
 
@@ -135,7 +149,9 @@ pub async fn serve(client: BoxStream, conn: Conn) {
         let head = match read {
             HeadRead::Head(h) => h,
             HeadRead::End => break,
-            HeadRead::Timeout if first => {
+            // A started head that does not complete in time (the first one, or any later
+            // one): slowloris on a keep-alive connection is the same attack.
+            HeadRead::Timeout if first || !buf.is_empty() => {
                 conn.report(Reason::FirstMessageTimeout);
                 return finish(up, cw, response(408, None), idle).await;
             }
@@ -150,6 +166,11 @@ pub async fn serve(client: BoxStream, conn: Conn) {
             }
         };
         first = false;
+        if conn.now_blocked() {
+            // Blacklisted meanwhile (maybe by this very connection's failed logins): the
+            // responses still owed go out, then the refusal, then the connection closes.
+            return finish(up, cw, response(403, None), idle).await;
+        }
         let (route, target, out) = match decide(&conn, &head) {
             Decision::Refuse(code, reason) => {
                 if let Some(r) = reason {
@@ -208,11 +229,21 @@ pub async fn serve(client: BoxStream, conn: Conn) {
         if let Some(rx) = upgrade_rx {
             let upgraded = matches!(tokio::time::timeout(idle, rx).await, Ok(Ok(true)));
             if upgraded {
-                // From here on both sides speak another protocol: relay bytes as they come.
+                // From here on both sides speak another protocol: relay bytes as they come,
+                // until the source is blacklisted.
                 if u.w.write_all(&buf).await.is_ok() {
                     let none = |_: String| {};
                     let w = &mut u.w;
-                    let _ = forward::pump(&mut cr, w, &activity, idle, None, &none).await;
+                    let cut = tokio::select! {
+                        _ = forward::pump(&mut cr, w, &activity, idle, None, &none) => false,
+                        () = until_blocked(&conn.blocked, conn.source()) => true,
+                    };
+                    if cut {
+                        conn.events.metrics().refused_blocked.inc();
+                        // Dropping both halves of both connections closes them.
+                        u.pump.abort();
+                        return;
+                    }
                 }
                 break;
             }
@@ -222,8 +253,16 @@ pub async fn serve(client: BoxStream, conn: Conn) {
     match up {
         Some(mut u) => {
             let _ = u.w.shutdown().await;
-            if let Ok(Ok(mut w)) = tokio::time::timeout(idle, u.pump).await {
-                let _ = w.shutdown().await;
+            tokio::select! {
+                r = tokio::time::timeout(idle, &mut u.pump) => {
+                    if let Ok(Ok(mut w)) = r {
+                        let _ = w.shutdown().await;
+                    }
+                }
+                () = until_blocked(&conn.blocked, conn.source()) => {
+                    conn.events.metrics().refused_blocked.inc();
+                    u.pump.abort();
+                }
             }
         }
         None => {
@@ -247,6 +286,10 @@ async fn read_head(
     mut done: Option<&mut watch::Receiver<bool>>,
 ) -> HeadRead {
     let max = conn.snap.limits.max_header_bytes;
+    let head_time = Duration::from_secs(conn.snap.limits.first_message_timeout);
+    // The first head is due by the connection's deadline; a later one within the same time
+    // from its first byte (before that, the connection is merely idle).
+    let mut deadline = first.then_some(conn.first_deadline);
     loop {
         if !buf.is_empty() {
             match parse_request(buf, max) {
@@ -254,14 +297,16 @@ async fn read_head(
                 Ok(None) => {}
                 Err(e) => return HeadRead::Bad(e),
             }
+            if deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + head_time);
+            }
         }
         let read = async {
-            if first {
-                tokio::time::timeout_at(conn.first_deadline, activity.read(cr, tmp, idle))
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, activity.read(cr, tmp, idle))
                     .await
-                    .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
-            } else {
-                activity.read(cr, tmp, idle).await
+                    .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+                None => activity.read(cr, tmp, idle).await,
             }
         };
         let gone = async {
@@ -305,7 +350,7 @@ fn decide(conn: &Conn, head: &RequestHead) -> Decision {
             return Decision::Refuse(421, Some(Reason::TypeNotOffered(r.name.clone())));
         }
     };
-    if !source_allowed(route.allow.get(conn.stype), conn.peer.ip()) {
+    if !route.allows(conn.stype, conn.peer.ip()) {
         return Decision::Refuse(403, Some(Reason::NotAllowedFrom));
     }
     let normal = match normalize_target(&origin) {
@@ -356,6 +401,14 @@ fn rewrite_head(conn: &Conn, head: &RequestHead, target: &str, authority: Option
     let mut prior: Vec<&[u8]> = Vec::new();
     let mut proto: Option<&[u8]> = None;
     for (n, v) in &head.headers {
+        if !trusted && client_claim(n) {
+            continue;
+        }
+        if !head.upgrade
+            && (n.eq_ignore_ascii_case("upgrade") || n.eq_ignore_ascii_case("http2-settings"))
+        {
+            continue;
+        }
         if n.eq_ignore_ascii_case("x-forwarded-for") {
             if trusted {
                 prior.push(v);
@@ -394,6 +447,26 @@ fn rewrite_head(conn: &Conn, head: &RequestHead, target: &str, authority: Option
     out.extend_from_slice(proto.unwrap_or(own));
     out.extend_from_slice(b"\r\n\r\n");
     out
+}
+
+/// Headers in which a client could claim another address, scheme or host than the proxy
+/// saw; from an untrusted client they are dropped. Names are compared the way CGI-style
+/// targets read them (`_` as `-`, any case), so `X_Forwarded_For` is caught too.
+fn client_claim(name: &str) -> bool {
+    let norm: String = name
+        .chars()
+        .map(|c| {
+            if c == '_' {
+                '-'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect();
+    matches!(
+        norm.as_str(),
+        "forwarded" | "x-real-ip" | "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
+    )
 }
 
 async fn forward_body(

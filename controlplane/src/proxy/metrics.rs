@@ -25,7 +25,8 @@ pub struct ProxyMetrics {
     pub events_dropped: Counter,
     /// Connections refused because `max_connections` was reached.
     pub refused_full: Counter,
-    /// Connections closed at accept because the source is blacklisted.
+    /// Connections closed because the source is blacklisted: at accept, or later (before its
+    /// next HTTP request, or while relayed).
     pub refused_blocked: Counter,
     /// Certificate reloads by result.
     pub cert_reloads: Family<[(&'static str, &'static str); 1], Counter>,
@@ -71,7 +72,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "proxy_blocked_connections",
-            "Client connections closed at accept because the source is blacklisted",
+            "Client connections closed because the source is blacklisted (at accept or later)",
             self.refused_blocked.clone(),
         );
         registry.register(

@@ -91,9 +91,26 @@ impl Snapshot {
     }
 }
 
-/// Says whether a source is blacklisted (by fraud detection); its connections are closed
-/// at once, before any byte is read.
+/// Says whether a source is blacklisted (by fraud detection). A new connection from it is
+/// closed before any byte is read; an open one loses its next HTTP request (403) or, when it
+/// is relayed as a byte stream, is cut within [`BLOCK_CHECK`]: a blacklist that spared
+/// keep-alive connections would let a brute-force client go on over the one it holds.
 pub type Blocked = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
+
+/// How often a relayed connection asks whether its source has been blacklisted meanwhile.
+pub const BLOCK_CHECK: Duration = Duration::from_millis(200);
+
+/// Resolves once `source` is blacklisted; polled every [`BLOCK_CHECK`].
+pub async fn until_blocked(blocked: &Blocked, source: IpAddr) {
+    let mut tick = tokio::time::interval(BLOCK_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if blocked(source) {
+            return;
+        }
+    }
+}
 
 /// Runs the proxy for as long as the task lives. `current` returns the configuration in
 /// force; it is polled once a second.
@@ -227,7 +244,16 @@ async fn accept_loop(
                 continue;
             }
         };
-        tokio::spawn(handle(tcp, peer, stype, snap, events.clone(), slot));
+        let blocked = Arc::clone(&blocked);
+        tokio::spawn(handle(
+            tcp,
+            peer,
+            stype,
+            snap,
+            events.clone(),
+            blocked,
+            slot,
+        ));
     }
 }
 
@@ -237,6 +263,7 @@ async fn handle(
     stype: ServiceType,
     snap: Arc<Snapshot>,
     events: Events,
+    blocked: Blocked,
     _slot: Slot,
 ) {
     let _open = OpenConn::new(&events, stype);
@@ -277,6 +304,7 @@ async fn handle(
                 snap,
                 events: events.clone(),
                 first_deadline,
+                blocked,
             };
             http::serve(client, conn).await;
         }
@@ -290,6 +318,7 @@ async fn handle(
                     events: events.clone(),
                     first_deadline,
                     sniffer,
+                    blocked,
                 };
                 stream::serve(client, conn).await;
             }
@@ -339,8 +368,22 @@ struct Slot {
     source: IpAddr,
 }
 
+/// What `max_connections_per_ip` counts: an IPv4 address, or the /64 of an IPv6 one. A
+/// single subscriber is routinely given a whole /64, so counting full IPv6 addresses would
+/// let one client open the limit's worth of connections from each of 2^64 addresses.
+fn limit_key(source: IpAddr) -> IpAddr {
+    match canonical_ip(source) {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
 impl Limiter {
     fn acquire(self: &Arc<Self>, source: IpAddr, limits: &ProxyLimits) -> Result<Slot, Full> {
+        let source = limit_key(source);
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if s.total >= limits.max_connections {
             return Err(Full::Total);
@@ -396,5 +439,38 @@ mod tests {
         assert!(matches!(l.acquire(b, &limits), Err(Full::Total)));
         drop(s1);
         assert!(l.acquire(a, &limits).is_ok());
+    }
+
+    #[test]
+    fn limiter_counts_ipv6_sources_per_64() {
+        let l = Arc::new(Limiter::default());
+        let limits = ProxyLimits {
+            max_connections: 100,
+            max_connections_per_ip: 2,
+            ..ProxyLimits::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let s1 = l.acquire(ip("2001:db8:1:2::1"), &limits).ok().unwrap();
+        let _s2 = l
+            .acquire(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), &limits)
+            .ok()
+            .unwrap();
+        // A third address of the same /64 is the same subscriber.
+        assert!(matches!(
+            l.acquire(ip("2001:db8:1:2:abcd::9"), &limits),
+            Err(Full::PerSource)
+        ));
+        // The neighbouring /64 is someone else.
+        let _s3 = l.acquire(ip("2001:db8:1:3::1"), &limits).ok().unwrap();
+        drop(s1);
+        assert!(l.acquire(ip("2001:db8:1:2::77"), &limits).is_ok());
+        // IPv4 (also when mapped into IPv6) is still counted per address.
+        let _a = l.acquire(ip("10.0.0.1"), &limits).ok().unwrap();
+        let _b = l.acquire(ip("::ffff:10.0.0.1"), &limits).ok().unwrap();
+        assert!(matches!(
+            l.acquire(ip("10.0.0.1"), &limits),
+            Err(Full::PerSource)
+        ));
+        assert!(l.acquire(ip("10.0.0.2"), &limits).is_ok());
     }
 }

@@ -2,11 +2,13 @@
 //! Definition"). Names compare case-insensitively and without a trailing dot, as DNS does.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use portico_shared::addr::CidrList;
 use portico_shared::proxy_config::{PerType, ProxyService, ServiceType};
 use rustls::pki_types::ServerName;
 
+use super::access::source_allowed;
 use super::tls;
 
 /// One `[[proxy.services]]` entry, prepared for lookups.
@@ -20,6 +22,18 @@ pub struct Route {
     /// SNI and the name the target's certificate must carry; `None` if it is not a valid
     /// server name (then TLS to the target fails with a clear reason).
     pub server_name: Option<ServerName<'static>>,
+}
+
+impl Route {
+    /// Whether `ip` may send requests of type `t` to this service. When the service has no
+    /// port of its own for `t` and the request goes to the counterpart's port (reference:
+    /// "Service Name Definition"), the counterpart's list applies too: otherwise a service
+    /// with only an `http` port and `allow_from.http` would be open to all over HTTPS.
+    pub fn allows(&self, t: ServiceType, ip: IpAddr) -> bool {
+        source_allowed(self.allow.get(t), ip)
+            && (self.service.ports().get(t).is_some()
+                || source_allowed(self.allow.get(t.counterpart()), ip))
+    }
 }
 
 /// Where a request of some type goes.
@@ -141,5 +155,49 @@ mod tests {
             routes.lookup("nope.example", ServiceType::Http),
             Lookup::Unknown
         ));
+    }
+
+    #[test]
+    fn counterpart_port_needs_the_counterpart_list_too() {
+        let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let routes = Routes::new(&[
+            svc("plain.example", |s| {
+                s.http = Some(80);
+                s.allow_from.http = list(&["127.0.0.2/32"]);
+            }),
+            svc("both.example", |s| {
+                s.http = Some(80);
+                s.https = Some(443);
+                s.allow_from.http = list(&["127.0.0.2/32"]);
+            }),
+            svc("two-lists.example", |s| {
+                s.sip = Some(5060);
+                s.allow_from.sip = list(&["10.0.0.0/8"]);
+                s.allow_from.sips = list(&["10.1.0.0/16"]);
+            }),
+        ]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let route = |n: &str| match routes.lookup(n, ServiceType::Http) {
+            Lookup::Found(r, _) => r,
+            _ => match routes.lookup(n, ServiceType::Sip) {
+                Lookup::Found(r, _) => r,
+                other => panic!("{other:?}"),
+            },
+        };
+        let plain = route("plain.example");
+        assert!(plain.allows(ServiceType::Http, ip("127.0.0.2")));
+        assert!(!plain.allows(ServiceType::Http, ip("127.0.0.1")));
+        // HTTPS lands on the http port: the http list holds.
+        assert!(!plain.allows(ServiceType::Https, ip("127.0.0.1")));
+        assert!(plain.allows(ServiceType::Https, ip("127.0.0.2")));
+        // With its own https port, HTTPS has its own (absent: open) list.
+        let both = route("both.example");
+        assert!(both.allows(ServiceType::Https, ip("127.0.0.1")));
+        assert!(!both.allows(ServiceType::Http, ip("127.0.0.1")));
+        // SIPS to the sip port must pass both lists.
+        let two = route("two-lists.example");
+        assert!(two.allows(ServiceType::Sips, ip("10.1.2.3")));
+        assert!(!two.allows(ServiceType::Sips, ip("10.2.2.3")));
+        assert!(two.allows(ServiceType::Sip, ip("10.2.2.3")));
     }
 }

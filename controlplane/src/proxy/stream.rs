@@ -9,12 +9,12 @@ use std::time::Duration;
 use portico_shared::proxy_config::ServiceType;
 use tokio::io::{AsyncWriteExt, ReadHalf};
 
-use super::access::{canonical_ip, source_allowed};
+use super::access::canonical_ip;
 use super::events::{Events, Reason};
 use super::forward::{self, BoxStream, BUF};
 use super::route::Lookup;
 use super::sniff::{Refusal, Sniffed, Sniffer};
-use super::Snapshot;
+use super::{until_blocked, Blocked, Snapshot};
 
 pub struct Conn {
     pub peer: SocketAddr,
@@ -24,6 +24,7 @@ pub struct Conn {
     pub events: Events,
     pub first_deadline: tokio::time::Instant,
     pub sniffer: &'static dyn Sniffer,
+    pub blocked: Blocked,
 }
 
 enum First {
@@ -39,6 +40,9 @@ async fn read_first(r: &mut ReadHalf<BoxStream>, buf: &mut Vec<u8>, conn: &Conn)
     loop {
         if !buf.is_empty() {
             match conn.sniffer.sniff(buf, max) {
+                // Whatever a sniffer skips or waits for, the buffer itself is bounded: a
+                // stream of SIP keep-alive CRLFs must not grow it until the timeout.
+                Sniffed::NeedMore if buf.len() > max => return First::Done(Sniffed::TooLarge),
                 Sniffed::NeedMore => {}
                 v => return First::Done(v),
             }
@@ -69,9 +73,14 @@ pub async fn serve(client: BoxStream, conn: Conn) {
     let refusal = match verdict {
         Sniffed::Name(name) => match conn.snap.routes.lookup(&name, conn.stype) {
             Lookup::Found(route, target) => {
-                if !source_allowed(route.allow.get(conn.stype), conn.peer.ip()) {
+                if !route.allows(conn.stype, conn.peer.ip()) {
                     report(Reason::NotAllowedFrom);
                     Refusal::Forbidden
+                } else if (conn.blocked)(source) {
+                    // Blacklisted while its first message was on the way.
+                    conn.events.metrics().refused_blocked.inc();
+                    let _ = cw.shutdown().await;
+                    return;
                 } else {
                     match forward::connect(&conn.snap, route, target, conn.peer, conn.local).await {
                         Ok(mut up) => {
@@ -83,14 +92,18 @@ pub async fn serve(client: BoxStream, conn: Conn) {
                             let idle = Duration::from_secs(conn.snap.limits.idle_timeout);
                             let on_reject = |what: String| report(Reason::TargetRejected(what));
                             let monitor = Some(conn.sniffer.monitor());
-                            let _ = forward::relay(
+                            let r = forward::relay(
                                 (cr, cw),
                                 tokio::io::split(up),
                                 idle,
                                 monitor,
                                 &on_reject,
+                                until_blocked(&conn.blocked, source),
                             )
                             .await;
+                            if r.is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied) {
+                                conn.events.metrics().refused_blocked.inc();
+                            }
                             return;
                         }
                         Err(e) => {

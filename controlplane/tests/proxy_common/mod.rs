@@ -200,13 +200,24 @@ pub struct Portico {
 }
 
 impl Portico {
-    /// Starts portico and waits until every address in `ready` accepts.
+    /// Starts portico and waits until every address in `ready` accepts. Loopback is
+    /// whitelisted for fraud detection, so rejections never block the test's own client.
     pub fn start(tag: &str, proxy_toml: &str, ready: &[u16]) -> Portico {
+        Portico::start_with_fraud(tag, "whitelist = [\"127.0.0.0/8\"]", proxy_toml, ready)
+    }
+
+    /// Like [`Portico::start`], with `fraud_toml` as the body of `[fraud]`.
+    pub fn start_with_fraud(
+        tag: &str,
+        fraud_toml: &str,
+        proxy_toml: &str,
+        ready: &[u16],
+    ) -> Portico {
         let dir = TempDir::new(tag);
         let config_path = dir.path("portico.toml");
         let text = format!(
             "state_dir = \"{}\"\nlog_level = \"info,portico::proxy=debug\"\n\n[turn]\nlisten = [\"127.0.0.1:{}\"]\nworkers = 1\n\n[api]\nlisten = \"127.0.0.1:{}\"\n\n\
-             [fraud]\nwhitelist = [\"127.0.0.0/8\"]\n\n{proxy_toml}\n",
+             [fraud]\n{fraud_toml}\n\n{proxy_toml}\n",
             dir.path("state").display(),
             free_port(),
             free_port(),
@@ -233,6 +244,22 @@ impl Portico {
 
     pub fn log(&self) -> String {
         self.proc.log_text()
+    }
+
+    /// Whether the portico process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.proc.child.try_wait(), Ok(None))
+    }
+
+    /// Resident memory of the portico process (control plane), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.proc.child.id()))
+            .expect("portico's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc status")
     }
 
     /// Waits until the log contains `needle` (events are logged asynchronously).

@@ -51,7 +51,9 @@ pub struct RequestHead {
     /// All headers in order, raw.
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: BodyKind,
-    /// `Upgrade` asked for (e.g. WebSocket): after a 101 both sides stop speaking HTTP.
+    /// A WebSocket `Upgrade` asked for: after a 101 both sides stop speaking HTTP. Other
+    /// upgrades (h2c and the like) are not offered to the target: the proxy could follow
+    /// neither their framing nor their requests, which would then bypass its checks.
     pub upgrade: bool,
 }
 
@@ -123,7 +125,7 @@ pub fn parse_request(buf: &[u8], max: usize) -> Result<Option<RequestHead>, Http
             }
             te = Some(h.value);
         } else if n.eq_ignore_ascii_case("upgrade") {
-            upgrade = true;
+            upgrade = h.value.trim_ascii().eq_ignore_ascii_case(b"websocket");
         }
     }
     let body = match (te, length) {
@@ -255,10 +257,21 @@ pub fn split_absolute(target: &str) -> Option<(&str, String)> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
-    Size { digits: u32, ext: bool, line: usize },
+    Size {
+        digits: u32,
+        ext: bool,
+        line: usize,
+        cr: bool,
+    },
     Data(u64),
-    DataEnd { cr: bool },
-    Trailer { line: usize, total: usize },
+    DataEnd {
+        cr: bool,
+    },
+    Trailer {
+        line: usize,
+        total: usize,
+        cr: bool,
+    },
 }
 
 /// Where a body ends, fed the bytes that follow a head.
@@ -290,6 +303,7 @@ impl BodyFramer {
                     digits: 0,
                     ext: false,
                     line: 0,
+                    cr: false,
                 },
             },
             BodyKind::UntilClose => Framing::UntilClose,
@@ -331,25 +345,40 @@ impl BodyFramer {
                 break;
             };
             match at {
-                Chunk::Size { digits, ext, line } => {
+                Chunk::Size {
+                    digits,
+                    ext,
+                    line,
+                    cr,
+                } => {
                     let b = data[i];
                     i += 1;
                     *line += 1;
                     if *line > MAX_CHUNK_LINE {
                         return bad("chunk size line too long");
                     }
+                    // Lines end in CRLF and nothing else: a peer that also takes a bare LF
+                    // (or CR) as a line end would see other chunks than the proxy did.
+                    if *cr && b != b'\n' {
+                        return bad("CR without LF in a chunk size line");
+                    }
                     match b {
+                        b'\n' if !*cr => return bad("bare LF in a chunk size line"),
                         b'\n' => {
                             if *digits == 0 {
                                 return bad("chunk without a size");
                             }
                             *at = if *size == 0 {
-                                Chunk::Trailer { line: 0, total: 0 }
+                                Chunk::Trailer {
+                                    line: 0,
+                                    total: 0,
+                                    cr: false,
+                                }
                             } else {
                                 Chunk::Data(*size)
                             };
                         }
-                        b'\r' => {}
+                        b'\r' => *cr = true,
                         _ if *ext => {}
                         b';' | b' ' | b'\t' => *ext = true,
                         _ => {
@@ -377,31 +406,39 @@ impl BodyFramer {
                     i += 1;
                     match (b, *cr) {
                         (b'\r', false) => *cr = true,
-                        (b'\n', _) => {
+                        (b'\n', true) => {
                             *size = 0;
                             *at = Chunk::Size {
                                 digits: 0,
                                 ext: false,
                                 line: 0,
+                                cr: false,
                             };
                         }
                         _ => return bad("chunk not followed by CRLF"),
                     }
                 }
-                Chunk::Trailer { line, total } => {
+                Chunk::Trailer { line, total, cr } => {
                     let b = data[i];
                     i += 1;
                     *total += 1;
                     if *total > MAX_TRAILERS {
                         return bad("trailers too long");
                     }
+                    if *cr && b != b'\n' {
+                        return bad("CR without LF in the trailers");
+                    }
                     match b {
+                        b'\n' if !*cr => return bad("bare LF in the trailers"),
                         b'\n' if *line == 0 => {
                             self.state = Framing::Done;
                             return Ok(i);
                         }
-                        b'\n' => *line = 0,
-                        b'\r' => {}
+                        b'\n' => {
+                            *line = 0;
+                            *cr = false;
+                        }
+                        b'\r' => *cr = true,
                         _ => *line += 1,
                     }
                 }
@@ -485,9 +522,53 @@ mod tests {
         let mut g = BodyFramer::new(BodyKind::Chunked);
         assert_eq!(g.feed(body).unwrap(), used);
         assert!(BodyFramer::new(BodyKind::Chunked).feed(b"zz\r\n").is_err());
+        let mut h = BodyFramer::new(BodyKind::Chunked);
+        assert_eq!(h.feed(b"0\r\n\r\nX").unwrap(), 5);
+        assert!(h.is_done());
         assert!(BodyFramer::new(BodyKind::Chunked)
             .feed(b"1\r\nab\r\n")
             .is_err());
+    }
+
+    #[test]
+    fn chunked_lines_end_in_crlf_only() {
+        for body in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\n\r\n",
+            b"5\r\nhello\r\n0\r\n\n",
+            b"5\r\nhello\r\n0\r\nTrailer: x\n\r\n",
+            b"5;a=b\n\rhello\r\n0\r\n\r\n",
+            b"5\rX\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nT: x\rX\r\n\r\n",
+        ] {
+            // All at once and byte by byte.
+            let whole = BodyFramer::new(BodyKind::Chunked).feed(body);
+            assert!(whole.is_err(), "{:?}", String::from_utf8_lossy(body));
+            let mut f = BodyFramer::new(BodyKind::Chunked);
+            let bytewise = body
+                .iter()
+                .try_for_each(|b| f.feed(std::slice::from_ref(b)).map(|_| ()));
+            assert!(bytewise.is_err(), "{:?}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn only_websocket_upgrades() {
+        let h = |up: &str| {
+            let raw = format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: {up}\r\n\r\n"
+            );
+            parse_request(raw.as_bytes(), 4096)
+                .unwrap()
+                .unwrap()
+                .upgrade
+        };
+        assert!(h("websocket"));
+        assert!(h("WebSocket "));
+        assert!(!h("h2c"));
+        assert!(!h("websocket, h2c"));
+        assert!(!h("TLS/1.0"));
     }
 
     #[test]

@@ -18,7 +18,99 @@ enum Decoded {
     Bad,
 }
 
+/// Constructed BER elements allowed inside one another. A BindRequest nests four deep (five
+/// with SASL credentials), controls about as much; the BER decoder recurses once per level,
+/// so a message nested tens of thousands deep would overflow the stack of the control
+/// plane's only thread.
+const MAX_DEPTH: usize = 32;
+
+#[derive(Debug, PartialEq, Eq)]
+enum Shape {
+    /// The first element is complete and nests no deeper than [`MAX_DEPTH`].
+    Fine,
+    /// Fine so far; more bytes are needed.
+    Partial,
+    TooDeep,
+    /// Not definite-length BER (which LDAP requires, RFC 4511 5.1).
+    Broken,
+}
+
+/// Walks the first BER element of `buf` without recursion and reports its nesting depth
+/// against [`MAX_DEPTH`], before the (recursive) decoder is allowed near it.
+fn shape(buf: &[u8]) -> Shape {
+    // End offsets of the constructed elements we are inside, innermost last.
+    let mut open: Vec<usize> = Vec::new();
+    let mut i = 0;
+    loop {
+        while open.last() == Some(&i) {
+            open.pop();
+        }
+        if i > 0 && open.is_empty() {
+            return Shape::Fine;
+        }
+        if i >= buf.len() {
+            return Shape::Partial;
+        }
+        let tag = buf[i];
+        i += 1;
+        if tag & 0x1f == 0x1f {
+            // High tag number: base-128 digits, last one without the top bit.
+            let mut digits = 0;
+            loop {
+                let Some(&b) = buf.get(i) else {
+                    return Shape::Partial;
+                };
+                i += 1;
+                digits += 1;
+                if digits > 4 {
+                    return Shape::Broken;
+                }
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        let Some(&first) = buf.get(i) else {
+            return Shape::Partial;
+        };
+        i += 1;
+        let len = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 {
+                return Shape::Broken;
+            }
+            let Some(bytes) = buf.get(i..i + n) else {
+                return Shape::Partial;
+            };
+            i += n;
+            bytes.iter().fold(0usize, |a, &b| a << 8 | usize::from(b))
+        };
+        let end = i + len;
+        if open.last().is_some_and(|&outer| end > outer) {
+            return Shape::Broken;
+        }
+        if tag & 0x20 != 0 {
+            if open.len() >= MAX_DEPTH {
+                return Shape::TooDeep;
+            }
+            open.push(end);
+        } else {
+            i = end;
+            if i > buf.len() {
+                return Shape::Partial;
+            }
+        }
+    }
+}
+
 fn decode_first(buf: &[u8], max: usize) -> Decoded {
+    match shape(buf) {
+        Shape::Fine => {}
+        Shape::Partial => return Decoded::More,
+        Shape::TooDeep | Shape::Broken => return Decoded::Bad,
+    }
     let mut b = BytesMut::from(buf);
     match LdapCodec::new(Some(max)).decode(&mut b) {
         Ok(Some(m)) => Decoded::Msg(Box::new(m)),
@@ -208,6 +300,58 @@ mod tests {
             LdapOp::BindResponse(r) => assert_eq!(r.res.code, LdapResultCode::NoSuchObject),
             o => panic!("{o:?}"),
         }
+    }
+
+    /// `depth` SEQUENCEs inside one another, definite lengths.
+    fn nested(depth: usize) -> Vec<u8> {
+        let mut inner: Vec<u8> = vec![0x30, 0x00];
+        for _ in 0..depth {
+            let len = inner.len();
+            let mut v = vec![0x30];
+            if len < 128 {
+                v.push(len as u8);
+            } else if len < 256 {
+                v.extend_from_slice(&[0x81, len as u8]);
+            } else if len < 65536 {
+                v.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]);
+            } else {
+                v.extend_from_slice(&[0x83, (len >> 16) as u8, (len >> 8) as u8, len as u8]);
+            }
+            v.extend_from_slice(&inner);
+            inner = v;
+        }
+        inner
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_recursion() {
+        // Runs on a test thread's 2 MiB stack: the decoder would overflow it many times over.
+        let msg = nested(40_000);
+        assert!(msg.len() > 180_000, "{}", msg.len());
+        assert!(matches!(Ldap.sniff(&msg, 1 << 20), Sniffed::Invalid(_)));
+        assert!(Ldap.refuse(&msg, Refusal::BadRequest).is_none());
+        // Partial deep prefixes are refused as soon as the depth shows.
+        assert!(matches!(
+            Ldap.sniff(&msg[..200], 1 << 20),
+            Sniffed::Invalid(_)
+        ));
+        assert_eq!(shape(&nested(MAX_DEPTH - 1)), Shape::Fine);
+        assert_eq!(shape(&nested(MAX_DEPTH)), Shape::TooDeep);
+    }
+
+    #[test]
+    fn shape_of_real_messages() {
+        let b = bind("cn=admin,dc=a,dc=example");
+        assert_eq!(shape(&b), Shape::Fine);
+        for n in 0..b.len() {
+            assert_eq!(shape(&b[..n]), Shape::Partial, "{n} bytes");
+        }
+        let mut two = b.clone();
+        two.extend_from_slice(&b);
+        assert_eq!(shape(&two), Shape::Fine, "only the first message counts");
+        // Indefinite length, an inner element longer than its outer one.
+        assert_eq!(shape(&[0x30, 0x80, 0, 0]), Shape::Broken);
+        assert_eq!(shape(&[0x30, 0x03, 0x04, 0x05, 1, 2, 3]), Shape::Broken);
     }
 
     #[test]

@@ -152,11 +152,13 @@ fn is_request_line(start: &str) -> bool {
 }
 
 impl Sniffer for Sip {
-    fn sniff(&self, buf: &[u8], max: usize) -> Sniffed {
-        let skip = skip_keepalive(buf);
-        let buf = &buf[skip..];
+    fn sniff(&self, whole: &[u8], max: usize) -> Sniffed {
+        // Keep-alive CRLFs are skipped but count towards `max`: otherwise a stream of them
+        // would be waited on (and rescanned) without end.
+        let skip = skip_keepalive(whole);
+        let buf = &whole[skip..];
         match parse_head(buf) {
-            Ok(None) if buf.len() >= max => Sniffed::TooLarge,
+            Ok(None) if whole.len() >= max => Sniffed::TooLarge,
             Ok(None) => {
                 // Refuse early what can never become SIP.
                 let line = buf.split(|&b| b == b'\n').next().unwrap_or(buf);
@@ -167,7 +169,7 @@ impl Sniffer for Sip {
                 }
             }
             Err(e) => Sniffed::Invalid(e),
-            Ok(Some(h)) if h.len > max => Sniffed::TooLarge,
+            Ok(Some(h)) if skip + h.len > max => Sniffed::TooLarge,
             Ok(Some(h)) => {
                 if !is_request_line(h.start) {
                     return Sniffed::Invalid("not a SIP request line");
@@ -343,6 +345,26 @@ mod tests {
             Sip.sniff(&req("X-Nothing: 1"), 4096),
             Sniffed::NoName(_)
         ));
+    }
+
+    #[test]
+    fn keepalive_flood_is_too_large() {
+        let max = 16 * 1024;
+        for unit in [&b"\r\n"[..], b"\r", b"\n"] {
+            let flood = unit.repeat(4 * 1024 * 1024 / unit.len());
+            assert_eq!(Sip.sniff(&flood, max), Sniffed::TooLarge);
+            assert_eq!(Sip.sniff(&flood[..max + 1], max), Sniffed::TooLarge);
+            assert_eq!(Sip.sniff(&flood[..max - 2], max), Sniffed::NeedMore);
+        }
+        // Keep-alives before a request count towards the limit.
+        let r = req("From: <sip:a@b.example>");
+        let mut padded = b"\r\n".repeat(max / 2);
+        padded.extend_from_slice(&r);
+        assert_eq!(Sip.sniff(&padded, max), Sniffed::TooLarge);
+        assert_eq!(
+            Sip.sniff(&padded, max + r.len()),
+            Sniffed::Name("b.example".into())
+        );
     }
 
     #[test]
