@@ -162,6 +162,11 @@ impl Engine {
             .filter_map(move |p| self.entries.get(&Source::of(ip, *p)))
     }
 
+    /// Whether `ip` is on the whitelist (configured or an entry).
+    pub fn whitelists(&self, ip: IpAddr) -> bool {
+        self.whitelisted(ip)
+    }
+
     fn whitelisted(&self, ip: IpAddr) -> bool {
         self.whitelist_cfg.contains(ip.to_canonical())
             || self.covering(ip).any(|e| e.kind == Kind::White)

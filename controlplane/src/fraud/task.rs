@@ -74,8 +74,11 @@ impl Fraud {
         Ok(f)
     }
 
+    /// New settings; the dataplane's table is rebuilt, since the whitelist may now cover
+    /// entries it enforces.
     pub fn reconfigure(&self, cfg: &FraudConfig) {
         lock(&self.engine).reconfigure(cfg);
+        self.rebuild();
     }
 
     /// Mirrors decisions into the dataplane's table; rebuilds the table when it is full of
@@ -84,6 +87,9 @@ impl Fraud {
         let bl = &self.shm.segment().blacklist;
         for c in changes {
             let ok = match c {
+                // The whitelist wins everywhere: an entry it covers is not enforced by the
+                // dataplane either.
+                Change::Block(s, _) if lock(&self.engine).whitelists(s.ip) => true,
                 Change::Block(s, exp) => bl.insert(s.ip, s.shm_prefix(), exp),
                 Change::Unblock(s) => {
                     bl.remove(s.ip, s.shm_prefix());
@@ -108,8 +114,12 @@ impl Fraud {
         let bl = &self.shm.segment().blacklist;
         bl.clear();
         let now = unix_now();
-        for e in lock(&self.engine).entries() {
-            let live = e.kind == Kind::Black && e.expires_unix.is_none_or(|x| x > now);
+        // Copied out first: the loop takes the engine's lock itself.
+        let entries = lock(&self.engine).entries();
+        for e in entries {
+            let live = e.kind == Kind::Black
+                && e.expires_unix.is_none_or(|x| x > now)
+                && !lock(&self.engine).whitelists(e.source.ip);
             let until = e.expires_unix.unwrap_or(u64::MAX >> 8);
             if live && !bl.insert(e.source.ip, e.source.shm_prefix(), until) {
                 tracing::error!(
@@ -230,8 +240,11 @@ impl Fraud {
             if n.is_multiple_of(40) {
                 let changes = lock(&self.engine).expire(unix_now());
                 self.mirror(changes);
-                self.persist();
             }
+            // Decisions reach the state file within one tick, so a control plane killed
+            // right after blacklisting a source still has the entry when it comes back;
+            // at most one write per tick however many decisions there were.
+            self.persist();
         }
     }
 }
