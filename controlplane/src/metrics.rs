@@ -243,6 +243,12 @@ impl Collector for FraudMetrics {
             let labels = [("origin", origin.as_str()), ("reason", reason.as_str())];
             ConstCounter::new(*n).encode(fam.encode_family(&labels)?)?;
         }
+        ConstCounter::new(self.fraud.events_dropped()).encode(encoder.encode_descriptor(
+            "fraud_events_dropped",
+            "Suspicious events from the dataplane lost because its event ring was full.",
+            None,
+            MetricType::Counter,
+        )?)?;
         ConstCounter::new(stats.auto_blacklisted).encode(encoder.encode_descriptor(
             "fraud_auto_blacklisted",
             "Sources put on the blacklist automatically.",

@@ -48,7 +48,7 @@ use crate::counters::{Counter, COUNTER_SLOTS};
 /// "PORTICO" and a format byte, as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PORTICO\x01");
 /// Bump on every change to the layout of [`Segment`].
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 pub const MAX_WORKERS: usize = 64;
 /// Counter blocks: one per worker plus one for the TCP thread, which also writes counters.
 pub const COUNTER_BLOCKS: usize = MAX_WORKERS + 1;
@@ -61,7 +61,7 @@ pub const KILL_SLOTS: usize = 64;
 /// Blacklist hash table size (a power of two); the control plane keeps it at most half full.
 pub const BLACKLIST_SLOTS: usize = 1 << 16;
 /// Suspicious-event ring per counter block (worker or TCP thread).
-pub const EVENT_SLOTS: usize = 1024;
+pub const EVENT_SLOTS: usize = 4096;
 
 /// Which packet driver the dataplane runs, as published in [`Header::driver`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -687,6 +687,11 @@ impl Segment {
     /// The event ring of a counter block (worker index, or `MAX_WORKERS` for the TCP thread).
     pub fn events(&self, block: usize) -> &EventRing {
         &self.events[block.min(COUNTER_BLOCKS - 1)]
+    }
+
+    /// Events the dataplane dropped because a ring was full.
+    pub fn events_dropped(&self) -> u64 {
+        self.events.iter().map(|r| r.dropped()).sum()
     }
 
     /// Drains every ring.

@@ -80,7 +80,10 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Resp
     if e.note.len() > 512 {
         return Err(ApiError::bad_request("note: at most 512 bytes"));
     }
-    let expires = e.ttl_seconds.map(|t| unix_now().saturating_add(t));
+    // Rounded up to the next second, so the entry lasts at least `ttl_seconds`.
+    let expires = e
+        .ttl_seconds
+        .map(|t| unix_now().saturating_add(t).saturating_add(1));
     let entry = control.fraud.add(ip, prefix, e.kind, expires, e.note);
     Ok((StatusCode::CREATED, Json(describe(&entry))).into_response())
 }

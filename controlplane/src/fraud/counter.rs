@@ -2,9 +2,12 @@
 //!
 //! Each source keeps sixty one-second buckets, so "within the last minute" is exact to the
 //! second whatever the threshold. When the table is full, a new source evicts the quietest
-//! of eight sampled sources (fewest events in the window, then the longest idle): a flood from
-//! millions of spoofed addresses replaces quiet entries among themselves and cannot grow
-//! memory, while a source that keeps offending stays counted.
+//! of eight sampled sources (fewest events in the window, then the longest idle) and inherits
+//! its count, as in the Space-Saving algorithm, but kept apart from the events counted while
+//! the source was tracked. Memory stays fixed under a flood of new sources; an offender
+//! cannot shed its attempts by churning the table (its inherited count carries them), and the
+//! engine blocks a source only when its own events make at least half the threshold, so the
+//! inherited estimates alone never get a flood source blocked.
 
 use std::collections::HashMap;
 
@@ -21,6 +24,18 @@ struct Window {
     newest: u64,
     /// Position in `Counter::keys`.
     pos: usize,
+    /// Count taken over from the evicted entry, and when: it stands for events this source
+    /// may have had while it was not tracked, and leaves the window like a real event.
+    inherited: u16,
+    inherited_at: u64,
+}
+
+/// Events of a source in the last minute: its own, counted while tracked, and at most
+/// `inherited` more it may have had before (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Count {
+    pub own: u32,
+    pub inherited: u32,
 }
 
 impl Window {
@@ -35,8 +50,20 @@ impl Window {
         self.newest = now;
     }
 
-    fn total(&self) -> u32 {
+    fn own(&self) -> u32 {
         self.buckets.iter().map(|b| u32::from(*b)).sum()
+    }
+
+    fn inherited(&self, now: u64) -> u32 {
+        if now.saturating_sub(self.inherited_at) < WINDOW as u64 {
+            u32::from(self.inherited)
+        } else {
+            0
+        }
+    }
+
+    fn total(&self, now: u64) -> u32 {
+        self.own() + self.inherited(now)
     }
 }
 
@@ -68,20 +95,25 @@ impl Counter {
         self.rng as usize
     }
 
-    fn evict_one(&mut self, now: u64) {
+    /// Evicts a quiet source; returns its count in the window.
+    fn evict_one(&mut self, now: u64) -> u32 {
         let mut victim: Option<(u32, u64, usize)> = None;
         for _ in 0..SAMPLES.min(self.keys.len()) {
             let pos = self.next() % self.keys.len();
             if let Some(w) = self.map.get_mut(&self.keys[pos]) {
                 w.advance(now);
-                let cand = (w.total(), w.newest, pos);
+                let cand = (w.total(now), w.newest, pos);
                 if victim.is_none_or(|v| (cand.0, cand.1) < (v.0, v.1)) {
                     victim = Some(cand);
                 }
             }
         }
-        if let Some((_, _, pos)) = victim {
-            self.remove_at(pos);
+        match victim {
+            Some((count, _, pos)) => {
+                self.remove_at(pos);
+                count
+            }
+            None => 0,
         }
     }
 
@@ -102,11 +134,13 @@ impl Counter {
     }
 
     /// Counts one event at `now` (Unix seconds); returns the events in the last minute.
-    pub fn hit(&mut self, source: Source, now: u64) -> u32 {
+    pub fn hit(&mut self, source: Source, now: u64) -> Count {
         if !self.map.contains_key(&source) {
-            if self.map.len() >= self.capacity {
-                self.evict_one(now);
-            }
+            let inherited = if self.map.len() >= self.capacity {
+                self.evict_one(now)
+            } else {
+                0
+            };
             let pos = self.keys.len();
             self.keys.push(source);
             self.map.insert(
@@ -115,6 +149,8 @@ impl Counter {
                     buckets: [0; WINDOW],
                     newest: now,
                     pos,
+                    inherited: inherited.min(u32::from(u16::MAX)) as u16,
+                    inherited_at: now,
                 },
             );
         }
@@ -123,9 +159,15 @@ impl Counter {
                 w.advance(now);
                 let b = &mut w.buckets[(now % WINDOW as u64) as usize];
                 *b = b.saturating_add(1);
-                w.total()
+                Count {
+                    own: w.own(),
+                    inherited: w.inherited(now),
+                }
             }
-            None => 0,
+            None => Count {
+                own: 0,
+                inherited: 0,
+            },
         }
     }
 }
@@ -142,13 +184,13 @@ mod tests {
     #[test]
     fn counts_within_a_sliding_minute() {
         let mut c = Counter::new(100, 1);
-        assert_eq!(c.hit(src(1), 1000), 1);
-        assert_eq!(c.hit(src(1), 1030), 2);
-        assert_eq!(c.hit(src(1), 1059), 3);
+        assert_eq!(c.hit(src(1), 1000).own, 1);
+        assert_eq!(c.hit(src(1), 1030).own, 2);
+        assert_eq!(c.hit(src(1), 1059).own, 3);
         // The event at 1000 leaves the window at 1060.
-        assert_eq!(c.hit(src(1), 1060), 3);
-        assert_eq!(c.hit(src(1), 1200), 1);
-        assert_eq!(c.hit(src(2), 1200), 1);
+        assert_eq!(c.hit(src(1), 1060).own, 3);
+        assert_eq!(c.hit(src(1), 1200).own, 1);
+        assert_eq!(c.hit(src(2), 1200).own, 1);
     }
 
     #[test]
@@ -162,6 +204,8 @@ mod tests {
             assert!(c.len() <= 1000);
         }
         assert_eq!(c.len(), 1000);
-        assert!(c.hit(src(1), 5009) > 50, "the busy source was evicted");
+        let n = c.hit(src(1), 5009);
+        // Evicted or not, its count errs only upwards.
+        assert!(n.own + n.inherited > 50, "the busy source lost its count");
     }
 }

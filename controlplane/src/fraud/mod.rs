@@ -16,6 +16,9 @@ pub mod counter;
 pub mod store;
 pub mod task;
 
+#[cfg(test)]
+mod engine_tests;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -189,8 +192,11 @@ impl Engine {
         if self.entries.get(&s).is_some_and(|e| e.kind == Kind::Black) {
             return None;
         }
-        let n = self.counts.hit(s, now);
-        if n <= self.threshold {
+        let c = self.counts.hit(s, now);
+        let n = c.own + c.inherited;
+        // Past the threshold, with at least half of it seen from this source while tracked:
+        // inherited estimates (see `counter`) may only complete a decision, never make one.
+        if n <= self.threshold || c.own * 2 < self.threshold {
             return None;
         }
         if self.entries.len() >= MAX_ENTRIES {
@@ -200,7 +206,9 @@ impl Engine {
             return None;
         }
         self.counts.forget(&s);
-        let expires = now + self.duration_secs;
+        // `now` is rounded down to the second: one more second makes the block last at
+        // least the configured time.
+        let expires = now + self.duration_secs + 1;
         self.entries.insert(
             s,
             Entry {
@@ -372,12 +380,12 @@ mod tests {
             assert!(!e.is_blocked(ip, 1000 + t));
         }
         let change = e.suspicious(ip, 1003).unwrap();
-        assert_eq!(change, Change::Block(e.source(ip), 1003 + 600));
+        assert_eq!(change, Change::Block(e.source(ip), 1003 + 600 + 1));
         assert!(e.is_blocked(ip, 1004));
         assert!(!e.is_blocked("198.51.100.5".parse().unwrap(), 1004));
-        assert_eq!(e.expire(1602), vec![]);
-        assert_eq!(e.expire(1603), vec![Change::Unblock(e.source(ip))]);
-        assert!(!e.is_blocked(ip, 1603));
+        assert_eq!(e.expire(1603), vec![]);
+        assert_eq!(e.expire(1604), vec![Change::Unblock(e.source(ip))]);
+        assert!(!e.is_blocked(ip, 1604));
         // Counting starts again from zero.
         assert_eq!(e.suspicious(ip, 1604), None);
     }

@@ -196,6 +196,11 @@ impl Fraud {
         Some(e)
     }
 
+    /// Suspicious events the dataplane could not hand over (its ring was full).
+    pub fn events_dropped(&self) -> u64 {
+        self.shm.segment().events_dropped()
+    }
+
     pub fn stats(&self) -> FraudStats {
         lock(&self.stats).clone()
     }

@@ -98,7 +98,7 @@ impl Snapshot {
 pub type Blocked = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
 
 /// How often a relayed connection asks whether its source has been blacklisted meanwhile.
-pub const BLOCK_CHECK: Duration = Duration::from_millis(200);
+pub const BLOCK_CHECK: Duration = Duration::from_millis(50);
 
 /// Resolves once `source` is blacklisted; polled every [`BLOCK_CHECK`].
 pub async fn until_blocked(blocked: &Blocked, source: IpAddr) {

@@ -94,7 +94,6 @@ impl Settings {
 pub struct Server {
     settings: Arc<Settings>,
     turn: Turn,
-    meter: crate::turn::ratelimit::RequestMeter,
 }
 
 impl Server {
@@ -109,7 +108,6 @@ impl Server {
         Server {
             settings,
             turn: Turn::new(shared, first_relay, seed, sink),
-            meter: crate::turn::ratelimit::RequestMeter::new(seed),
         }
     }
 
@@ -193,7 +191,9 @@ impl Server {
                 // suspicious only from sources that proved they receive our answers: a TCP
                 // connection, or a source holding an authenticated allocation.
                 if m.class() == Class::Request
-                    && self.meter.over(from.ip(), now.unix, settings.request_rate)
+                    && self
+                        .turn
+                        .rate_over(from.ip(), now.unix, settings.request_rate)
                     && (transport == Transport::Tcp || self.turn.serves(from.ip()))
                 {
                     self.turn

@@ -103,17 +103,42 @@ pub struct Reservation {
     pub expires: Instant,
 }
 
-/// State shared by all workers of the process (not by configuration generations): quotas
-/// and reservations. Touched only by Allocate and by expiry, never per relayed packet.
+/// State shared by all workers of the process (not by configuration generations): quotas,
+/// reservations, the request-rate meter and which addresses hold allocations. Touched by
+/// requests, Allocate and expiry, never per relayed packet.
 #[derive(Default)]
 pub struct TurnShared {
     pub allocations: AtomicUsize,
     pub per_user: Mutex<HashMap<Box<str>, usize>>,
     pub reservations: Mutex<HashMap<[u8; 8], Reservation>>,
     pub next_id: AtomicU64,
+    /// Requests per source per second, over all workers: one source's ports are spread
+    /// over the workers by `SO_REUSEPORT`, so a per-worker count would divide its rate.
+    pub rates: ratelimit::SharedMeter,
+    /// Allocations per client address: a source holding one has proved it receives our
+    /// answers. Consulted only when a source goes over the rate, so a lock is fine.
+    pub holders: Mutex<HashMap<IpAddr, u32>>,
 }
 
 impl TurnShared {
+    /// Whether some worker holds an allocation for a client at `ip`.
+    pub fn serves(&self, ip: IpAddr) -> bool {
+        self.holders
+            .lock()
+            .map(|m| m.contains_key(&ip))
+            .unwrap_or(false)
+    }
+
+    fn hold(&self, ip: IpAddr, delta: i32) {
+        if let Ok(mut m) = self.holders.lock() {
+            let n = m.entry(ip).or_insert(0);
+            *n = n.saturating_add_signed(delta);
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+
     fn release_user(&self, user: &str) {
         if let Ok(mut m) = self.per_user.lock() {
             if let Some(n) = m.get_mut(user) {
@@ -179,10 +204,15 @@ impl Turn {
         &self.table
     }
 
-    /// Whether some allocation of this worker belongs to a client at `ip` (a scan: for rare
-    /// decisions, not the packet path).
+    /// Whether any worker holds an allocation for a client at `ip`.
     pub fn serves(&self, ip: IpAddr) -> bool {
-        self.table.slots().any(|(_, a)| a.client.ip() == ip)
+        self.shared.serves(ip)
+    }
+
+    /// Counts a request from `ip`; true once per second in which the source, over all
+    /// workers, goes above `rate`.
+    pub fn rate_over(&self, ip: IpAddr, unix: u64, rate: u32) -> bool {
+        self.shared.rates.over(ip, unix, rate)
     }
 
     pub fn is_relay_socket(&self, socket: usize) -> bool {
@@ -350,6 +380,7 @@ impl Turn {
         self.sink.remove(a.id);
         self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
         self.shared.release_user(&a.username);
+        self.shared.hold(a.client.ip(), -1);
         stats.sub(Counter::TurnAllocationsActive, 1);
         stats.sub(Counter::TurnPermissionsActive, a.permissions.len() as u64);
         stats.sub(Counter::TurnChannelsActive, a.channels.len() as u64);

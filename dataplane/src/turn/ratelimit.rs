@@ -39,7 +39,7 @@ impl ErrorLimiter {
     }
 
     fn index(&self, ip: IpAddr) -> usize {
-        Self::hash(self.seed, ip)
+        Self::hash(self.seed, ip) % SLOTS
     }
 
     fn hash(seed: u64, ip: IpAddr) -> usize {
@@ -52,7 +52,7 @@ impl ErrorLimiter {
             h = (h ^ part).wrapping_mul(0xff51_afd7_ed55_8ccd);
             h ^= h >> 33;
         }
-        (h as usize) % SLOTS
+        h as usize
     }
 
     /// Whether one more error response to `ip` is within `rate` per second (burst of
@@ -85,33 +85,50 @@ impl ErrorLimiter {
     }
 }
 
-/// Counts requests per source within the current second, to notice a source above the
-/// configured rate. Same fixed table as [`ErrorLimiter`]: constant memory under a flood.
-pub struct RequestMeter {
-    slots: Box<[(Option<IpAddr>, u64, u32)]>,
+/// Requests per source within the current second, shared by all workers: a fixed table of
+/// atomic (second, count) words indexed by a keyed hash of the source. Constant memory under
+/// a flood; two sources that collide share a count, which can only report early.
+pub struct SharedMeter {
+    slots: Box<[std::sync::atomic::AtomicU64]>,
     seed: u64,
 }
 
-impl RequestMeter {
-    pub fn new(seed: u64) -> RequestMeter {
-        RequestMeter {
-            slots: vec![(None, 0, 0); SLOTS].into_boxed_slice(),
-            seed: seed.rotate_left(17),
+const METER_SLOTS: usize = 1 << 16;
+
+impl Default for SharedMeter {
+    fn default() -> SharedMeter {
+        use std::hash::{BuildHasher, RandomState};
+        SharedMeter {
+            slots: (0..METER_SLOTS)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            seed: RandomState::new().hash_one(0x006d_6574_6572_u64),
         }
     }
+}
 
+impl SharedMeter {
     /// Counts one request; true exactly once per second in which `ip` goes above `rate`.
-    pub fn over(&mut self, ip: IpAddr, unix: u64, rate: u32) -> bool {
+    pub fn over(&self, ip: IpAddr, unix: u64, rate: u32) -> bool {
+        use std::sync::atomic::Ordering;
         if rate == 0 {
             return false;
         }
-        let i = ErrorLimiter::hash(self.seed, ip);
-        let s = &mut self.slots[i];
-        if s.0 != Some(ip) || s.1 != unix {
-            *s = (Some(ip), unix, 0);
+        let slot = &self.slots[ErrorLimiter::hash(self.seed, ip) % METER_SLOTS];
+        let sec = unix & 0xffff_ffff;
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            let count = if cur >> 32 == sec {
+                (cur & 0xffff_ffff) + 1
+            } else {
+                1
+            };
+            let new = sec << 32 | count.min(0xffff_ffff);
+            match slot.compare_exchange_weak(cur, new, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return count == u64::from(rate) + 1,
+                Err(v) => cur = v,
+            }
         }
-        s.2 = s.2.saturating_add(1);
-        s.2 == rate + 1
     }
 }
 
@@ -135,7 +152,7 @@ mod tests {
 
     #[test]
     fn meter_fires_once_per_second_above_the_rate() {
-        let mut m = RequestMeter::new(3);
+        let m = SharedMeter::default();
         let ip: IpAddr = "2001:db8::1".parse().unwrap();
         let fired: Vec<bool> = (0..12).map(|_| m.over(ip, 100, 10)).collect();
         assert_eq!(fired.iter().filter(|f| **f).count(), 1);

@@ -382,6 +382,7 @@ impl Turn {
             up: Bucket::new(now.mono, s.max_bandwidth),
             down: Bucket::new(now.mono, s.max_bandwidth),
         };
+        self.shared.hold(d.from.ip(), 1);
         let slot = self.table.insert(a);
         if let Some(a) = self.table.get(slot) {
             self.sink.publish(a, now);

@@ -1,0 +1,84 @@
+//! The counting table's eviction policy under churn: `controlplane/src/fraud/counter.rs`
+//! promises that "a flood from millions of spoofed addresses replaces quiet entries among
+//! themselves ... while a source that keeps offending stays counted". Here a persistent
+//! offender sends wrong TURN passwords at a steady pace (one per batch of new flood sources)
+//! while a flood of new sources, each staying below the threshold, churns the full table.
+//! The offender's events within the minute exceed the threshold, so it must be blacklisted;
+//! the flood sources must not be.
+
+mod fraud_common;
+
+use std::time::{Duration, Instant};
+
+use fraud_common::*;
+
+const CAPACITY: usize = 1000;
+const THRESHOLD: usize = 20;
+const PER_SOURCE: usize = 5;
+const BATCH: usize = 100;
+
+#[test]
+fn a_persistent_offender_stays_counted_while_new_sources_churn_the_full_table() {
+    let site = Site::start(
+        "evict",
+        Setup::default()
+            .fraud(&format!("max_tracked_sources = {CAPACITY}"))
+            .fraud(&format!("suspicious_per_minute = {THRESHOLD}"))
+            .fraud("blacklist_minutes = \"10m\""),
+    );
+    let server = site.udp4();
+    // Fill the table first.
+    let mut total = flood(server, 0..2 * CAPACITY, BATCH, PER_SOURCE, || {
+        std::thread::sleep(Duration::from_millis(50))
+    });
+    assert!(wait_until(Duration::from_secs(5), || site
+        .metric("portico_fraud_tracked_sources", &[])
+        == CAPACITY as f64));
+
+    let offender = v4(127, 0, 0, 3);
+    let mut c = TurnClient::attacker(offender, server);
+    c.challenge();
+    let t0 = Instant::now();
+    let mut sent = 0;
+    let batches = 2 * THRESHOLD;
+    total += flood(
+        server,
+        2 * CAPACITY..2 * CAPACITY + batches * BATCH,
+        BATCH,
+        PER_SOURCE,
+        || {
+            if sent <= THRESHOLD {
+                c.send_allocate();
+                sent += 1;
+            }
+            // About 10 000 events a second: well within what the dataplane's event rings
+            // and the engine take, so no event is lost on the way.
+            std::thread::sleep(Duration::from_millis(50));
+        },
+    );
+    let took = t0.elapsed();
+    total += sent;
+    // Every event reached the engine (none was lost on the way, e.g. in a full event ring),
+    // so what follows is about the table alone.
+    site.expect_auth_failures(total as f64);
+    eprintln!(
+        "offender: {sent} wrong passwords in {took:?} amid {} new sources ({} events each)",
+        batches * BATCH,
+        PER_SOURCE
+    );
+    assert!(
+        took < Duration::from_secs(50),
+        "the minute window would not hold"
+    );
+    let caught = wait_until(Duration::from_secs(2), || site.entry("127.0.0.3").is_some());
+    assert!(
+        caught,
+        "a source with {sent} wrong passwords within {took:?} (threshold {THRESHOLD} per \
+         minute) was never blacklisted: while the table was full, each new flood source \
+         evicted the quietest sampled entry, which was the offender whose count had only \
+         begun; its count restarted every time. Entries: {:?}",
+        site.entries()
+    );
+    assert!(!answered_from(offender, server, Duration::from_millis(300)));
+    assert_eq!(site.entries().len(), 1, "{:?}", site.entries());
+}
