@@ -1,37 +1,57 @@
 #!/usr/bin/env bash
-# scripts/bench.sh [stun]
+# scripts/bench.sh [stun|turn|proxy|profile|all]   (default: stun)
 #
-# STUN Binding benchmark: Portico with its io_uring driver, Portico with its epoll driver,
-# coturn's turnserver (STUN-only), and `portico-perf echo-server` (a trivial responder that
-# shows the load generator's own ceiling), each loaded by `portico-perf stun` at a fixed
-# offered rate and flat out, in interleaved rounds (A B C D, A B C D, ...). Writes
-# perf/RESULTS.md (medians, min–max spreads, ratios).
+# Side-by-side benchmarks on the machine this runs on, written into perf/RESULTS.md (one
+# section per scenario; running one scenario replaces only its own section):
 #
-# Every server listens on 127.0.0.1 on a port picked at run time, with its own temporary
-# state dir, is started fresh for each run and stopped after it; whatever this script started
-# is stopped on exit, however it exits. Every run is bounded (--duration, 1 s timeout).
+#   stun     STUN Binding: Portico io_uring, Portico epoll, coturn --stun-only, and
+#            `portico-perf echo-server` (the generator's ceiling), fixed rate and flat out.
+#   turn     TURN relay: Portico (io_uring, 2 workers) vs coturn (2 relay threads), loaded by
+#            `portico-perf turn` (and `echo-server --turn`, a do-nothing relay, for the
+#            generator's ceiling): (a) ramp of streams until loss > 0.1%, flat out,
+#            (b) 1000 streams × 50 pkt/s for 60 s, (c) allocation churn, (d) coturn's own
+#            turnutils_uclient + turnutils_peer at one fixed load. Charts in perf/charts/.
+#   proxy    scripts/bench-proxy.sh (Portico vs HAProxy, HTTP/HTTPS/TLS handshakes), merged.
+#   profile  where Portico's relay spends CPU: `perf record -e cpu-clock` of Portico and of
+#            coturn under the same TURN load, and callgrind of Portico's dataplane; written
+#            to perf/profile/ (linked from the TURN section).
+#   all      stun (3 rounds), turn, proxy (about 18 minutes of runs with the defaults).
 #
-# Environment (defaults in brackets): BENCH_ROUNDS [5], BENCH_DURATION seconds per run [5],
-# BENCH_RATE requests/s for the fixed-rate point [20000], BENCH_SOCKETS [16],
-# BENCH_WINDOW outstanding requests per socket flat out [64], BENCH_OUT [perf/RESULTS.md],
-# KEEP_WORK=1 keeps the temporary directory (per-run JSON and text reports, server logs).
+# Servers run on 127.0.0.1 on ports picked at run time, each with its own temporary state
+# dir, started fresh for each run (a ramp round shares one server across its steps) and
+# stopped after it; whatever this script started is stopped on exit, however it exits. Runs
+# alternate between servers (A B A B ...). Every run is bounded in time.
+#
+# Environment (defaults in brackets):
+#   STUN:  BENCH_ROUNDS [5; 3 under `all`], BENCH_DURATION s [5], BENCH_RATE req/s [20000],
+#          BENCH_SOCKETS [16], BENCH_WINDOW [64]
+#   TURN:  TURN_ROUNDS [3], TURN_SCENARIOS ["ramp flat sustained churn uclient"],
+#          TURN_RAMP_STEPS streams ["100 300 600 1000 1500 2000"], TURN_RAMP_DURATION s [3],
+#          TURN_RATE pkt/s per stream [50], TURN_FLAT_CLIENTS [100], TURN_FLAT_WINDOW [8],
+#          TURN_FLAT_DURATION s [5], TURN_STREAMS [1000], TURN_DURATION s [60],
+#          TURN_CHURN_CLIENTS [32], TURN_CHURN_DURATION s [10], TURN_UCLIENT_CLIENTS [100],
+#          TURN_UCLIENT_MESSAGES per client [400]
+#   proxy: PROXY_DURATION s per measurement [10], PROXY_CONNS [50]
+#   profile: PROFILE_DURATION s of sampling [15], PROFILE_STREAMS [1000]
+#   BENCH_OUT [perf/RESULTS.md]; KEEP_WORK=1 keeps the temporary directory (per-run JSON and
+#   text reports, server logs). A quick TURN run: TURN_ROUNDS=1 TURN_DURATION=10
+#   TURN_RAMP_STEPS="100 1000" TURN_SCENARIOS="ramp sustained" scripts/bench.sh turn
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [stun]" >&2
+    echo "usage: $0 [stun|turn|proxy|profile|all]" >&2
     exit 2
 }
 (($# <= 1)) || usage
 scenario=${1:-stun}
-[[ $scenario == stun ]] || usage
+case $scenario in
+stun | turn | proxy | profile | all) ;;
+*) usage ;;
+esac
 
 cd "$(dirname "$0")/.."
 root=$PWD
-rounds=${BENCH_ROUNDS:-5}
-duration=${BENCH_DURATION:-5}
-rate=${BENCH_RATE:-20000}
-sockets=${BENCH_SOCKETS:-16}
-window=${BENCH_WINDOW:-64}
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 out=${BENCH_OUT:-perf/RESULTS.md}
 workers=2
 
@@ -41,7 +61,7 @@ die() {
 }
 say() { echo "== $*" >&2; }
 
-# Processes of the server currently under test, stopped in this order.
+# Processes of the server currently under test (and its helpers), stopped in this order.
 stop_pids=()
 work=$(mktemp -d "${TMPDIR:-/tmp}/portico-bench.XXXXXX")
 
@@ -76,18 +96,51 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# shellcheck source=lib/install.sh
+source "$root/scripts/lib/install.sh"
+tools="coturn:turnserver coturn:turnutils_uclient coturn:turnutils_peer"
+case $scenario in
+proxy | all) tools="$tools nginx:nginx haproxy:haproxy wrk:wrk openssl:openssl python3:python3" ;;
+esac
+[[ $scenario == profile ]] && tools="$tools valgrind:valgrind linux-perf:perf"
+# Installs without starting services (coturn's would take port 3478): see lib/install.sh.
+install_missing_tools "$tools" >&2 || die "could not install the tools this benchmark needs"
+
 say "building (release)"
 cargo build --release --workspace
 bin=$root/target/release
 perf=$bin/portico-perf
-[[ -x $bin/portico && -x $perf ]] || die "release binaries missing in $bin"
+[[ -x $bin/portico && -x $bin/portico-dataplane && -x $perf ]] ||
+    die "release binaries missing in $bin"
 
-if ! command -v turnserver >/dev/null; then
-    say "installing coturn"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y coturn || { apt-get update && apt-get install -y coturn; }
-fi
-command -v turnserver >/dev/null || die "turnserver (coturn) is not available"
+strip_ansi() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
+
+# Facts every section's setup table carries.
+common_facts() {
+    local dirty="" virt=""
+    git diff --quiet HEAD 2>/dev/null || dirty=" + uncommitted changes"
+    grep -qw hypervisor /proc/cpuinfo && virt=", virtual machine (hypervisor flag set)"
+    facts=(
+        --fact "machine=$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo)$virt"
+        --fact "kernel=$(uname -r) ($(. /etc/os-release && echo "$PRETTY_NAME"))"
+        --fact "source=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$dirty"
+    )
+}
+
+# The command line that reproduces a section (the scenario this script was started with, so
+# `all` says `all`), with the variables that were set.
+command_line() {
+    local cmd="scripts/bench.sh $scenario" v
+    shift
+    for v in "$@"; do
+        [[ -z ${!v:-} ]] || cmd="$v=${!v} $cmd"
+    done
+    echo "$cmd"
+}
+
+# ---------------------------------------------------------------------------------------
+# STUN
+# ---------------------------------------------------------------------------------------
 
 # Waits until `target` answers STUN Binding (or the server process `pid` dies).
 wait_stun() {
@@ -103,11 +156,33 @@ wait_stun() {
     return 1
 }
 
-strip_ansi() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
+# Starts `portico run` with the config in "$dir/portico.toml"; sets stop_pids, measure_pids.
+launch_portico() {
+    local dir=$1 io=$2 main dp driver i
+    NO_COLOR=1 "$bin/portico" run --config "$dir/portico.toml" >"$dir/log" 2>&1 &
+    main=$!
+    stop_pids=("$main")
+    dp=""
+    for i in $(seq 100); do
+        dp=$(pgrep -P "$main" | head -1) || true
+        [[ -n $dp ]] && strip_ansi "$dir/log" | grep -q 'driver=' && break
+        kill -0 "$main" 2>/dev/null || break
+        sleep 0.1
+    done
+    [[ -n $dp ]] || die "portico (io=$io): no dataplane child process: $(tail -5 "$dir/log")"
+    stop_pids+=("$dp")
+    measure_pids=("$main" "$dp")
+    # The driver actually running, not just the one asked for: `auto` fallbacks must not
+    # silently turn an io_uring measurement into an epoll one.
+    driver=$(strip_ansi "$dir/log" | grep -o 'driver="[a-z_]*"' | head -1 | cut -d'"' -f2)
+    [[ $driver == "$io" ]] || die "portico asked for io=$io but runs driver '$driver'"
+    strip_ansi "$dir/log" | grep -q "workers=$workers" ||
+        die "portico (io=$io) did not start $workers workers: $(strip_ansi "$dir/log" | head -3)"
+}
 
 # Each start_* sets: target (ip:port), measure_pids (charged for CPU/RSS), stop_pids.
-start_portico() {
-    local io=$1 tag=$2 port api dir main dp driver
+start_portico_stun() {
+    local io=$1 tag=$2 port api dir
     port=$("$perf" free-port)
     api=$("$perf" free-port)
     dir=$work/portico-$io-$tag
@@ -124,31 +199,20 @@ io = "$io"
 [api]
 listen = "127.0.0.1:$api"
 EOF
-    NO_COLOR=1 "$bin/portico" run --config "$dir/portico.toml" >"$dir/log" 2>&1 &
-    main=$!
-    stop_pids=("$main")
     target=127.0.0.1:$port
-    wait_stun "$target" "$main" || die "portico (io=$io) does not answer STUN: $(tail -5 "$dir/log")"
-    dp=$(pgrep -P "$main" | head -1) || true
-    [[ -n $dp ]] || die "portico (io=$io): no dataplane child process"
-    stop_pids+=("$dp")
-    measure_pids=("$main" "$dp")
-    # The driver actually running, not just the one asked for: `auto` fallbacks must not
-    # silently turn an io_uring measurement into an epoll one.
-    driver=$(strip_ansi "$dir/log" | grep -o 'driver="[a-z_]*"' | head -1 | cut -d'"' -f2)
-    [[ $driver == "$io" ]] || die "portico asked for io=$io but runs driver '$driver'"
-    strip_ansi "$dir/log" | grep -q "workers=$workers" ||
-        die "portico (io=$io) did not start $workers workers: $(strip_ansi "$dir/log" | head -3)"
+    launch_portico "$dir" "$io"
+    wait_stun "$target" "${stop_pids[0]}" ||
+        die "portico (io=$io) does not answer STUN: $(tail -5 "$dir/log")"
 }
 
-coturn_flags=(-n --listening-ip 127.0.0.1 --relay-threads "$workers" --stun-only --no-cli
+coturn_stun_flags=(-n --listening-ip 127.0.0.1 --relay-threads "$workers" --stun-only --no-cli
     --no-tls --no-dtls --no-rfc5780 --simple-log)
-start_coturn() {
+start_coturn_stun() {
     local tag=$1 port dir pid
     port=$("$perf" free-port)
     dir=$work/coturn-$tag
     mkdir -p "$dir"
-    turnserver "${coturn_flags[@]}" --listening-port "$port" --log-file "$dir/turn.log" \
+    turnserver "${coturn_stun_flags[@]}" --listening-port "$port" --log-file "$dir/turn.log" \
         --pidfile "$dir/turnserver.pid" --userdb "$dir/turndb" >"$dir/stdout" 2>&1 &
     pid=$!
     stop_pids=("$pid")
@@ -158,12 +222,13 @@ start_coturn() {
 }
 
 start_echo() {
-    local tag=$1 port dir pid
+    local tag=$1 secs=$2 port dir pid
+    shift 2
     port=$("$perf" free-port)
     dir=$work/echo-$tag
     mkdir -p "$dir"
-    "$perf" echo-server --listen "127.0.0.1:$port" --threads "$workers" \
-        --duration $((duration * 2 + 30)) >"$dir/log" 2>&1 &
+    "$perf" echo-server --listen "127.0.0.1:$port" --threads "$workers" --duration "$secs" \
+        "$@" >"$dir/log" 2>&1 &
     pid=$!
     stop_pids=("$pid")
     measure_pids=("$pid")
@@ -171,68 +236,442 @@ start_echo() {
     wait_stun "$target" "$pid" || die "echo-server does not answer: $(tail -5 "$dir/log")"
 }
 
-start_server() {
+run_stun() {
+    local rounds=${BENCH_ROUNDS:-$1} duration=${BENCH_DURATION:-5} rate=${BENCH_RATE:-20000}
+    local sockets=${BENCH_SOCKETS:-16} window=${BENCH_WINDOW:-64}
+    local results=$work/stun-results round point server name rc load p t0=$SECONDS
+    local servers=(portico-io_uring portico-epoll coturn echo-server)
+    local points=("rate$rate" flat)
+    local load_before started_at
+    mkdir -p "$results"
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    say "STUN: $rounds rounds × ${#points[@]} load points × ${#servers[@]} servers, $duration s each"
+    for round in $(seq "$rounds"); do
+        for point in "${points[@]}"; do
+            for server in "${servers[@]}"; do
+                name=${server}__${point}__r${round}
+                case $server in
+                portico-io_uring) start_portico_stun io_uring "$name" ;;
+                portico-epoll) start_portico_stun epoll "$name" ;;
+                coturn) start_coturn_stun "$name" ;;
+                echo-server) start_echo "$name" $((duration * 2 + 30)) ;;
+                esac
+                load=(--window "$window")
+                [[ $point == flat ]] || load=(--rate "$rate")
+                pid_args=()
+                for p in "${measure_pids[@]}"; do
+                    pid_args+=(--server-pid "$p")
+                done
+                rc=0
+                "$perf" stun --quiet --target "$target" --sockets "$sockets" "${load[@]}" \
+                    --duration "$duration" --timeout-ms 1000 "${pid_args[@]}" \
+                    --json "$results/$name.json" >"$work/$name.txt" || rc=$?
+                stop_servers
+                ((rc == 0)) || die "$name: portico-perf exited $rc: $(cat "$work/$name.txt")"
+                printf '[%3ds] round %s %-9s %-17s %s | %s\n' $((SECONDS - t0)) "$round" \
+                    "$point" "$server" "$(grep -o '([0-9]* tx/s)' "$work/$name.txt")" \
+                    "$(grep -o 'server CPU .*µs/tx)' "$work/$name.txt")" >&2
+            done
+        done
+    done
+    say "writing the STUN section of $out"
+    common_facts
+    "$perf" bench-report --kind stun --dir "$results" --out "$out" \
+        --command "$(command_line stun BENCH_ROUNDS BENCH_DURATION BENCH_RATE BENCH_SOCKETS BENCH_WINDOW)" \
+        --fact "date=$started_at, $((SECONDS - t0)) s of runs" "${facts[@]}" \
+        --fact "load average (1/5/15 min)=before: $load_before; after: $(cut -d' ' -f1-3 /proc/loadavg)" \
+        --fact "portico-io_uring, portico-epoll=\`portico run\`, $workers workers, \`turn.io\` = io_uring / epoll (driver verified in the log), listen 127.0.0.1 only; CPU and RSS = controlplane + dataplane" \
+        --fact "coturn=$(turnserver --version 2>/dev/null | head -1) \`turnserver ${coturn_stun_flags[*]}\`" \
+        --fact "echo-server=\`portico-perf echo-server --threads $workers\`: answers Binding with XOR-MAPPED-ADDRESS + FINGERPRINT, nothing else" \
+        --fact "generator=\`portico-perf stun\`, 1 thread, $sockets connected UDP sockets, Binding + FINGERPRINT, every response parsed and its XOR-MAPPED-ADDRESS checked, 1 s timeout" \
+        --server portico-io_uring --server portico-epoll --server coturn --server echo-server \
+        --ratio portico-io_uring/portico-epoll --ratio portico-io_uring/coturn \
+        --ratio portico-epoll/coturn --reference echo-server
+}
+
+# ---------------------------------------------------------------------------------------
+# TURN
+# ---------------------------------------------------------------------------------------
+
+turn_user=bench
+turn_password=bench-secret
+turn_realm=bench
+relay_ports=16384-32767
+
+# Waits until `target` relays: one allocation with a short burst of data (or `pid` dies).
+wait_turn() {
+    local target=$1 pid=$2 i
+    for i in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || return 1
+        if "$perf" turn --quiet --server "$target" --user "$turn_user" \
+            --password "$turn_password" --clients 1 --rate 20 --duration 0.2 \
+            --timeout-ms 200 --setup-timeout 2 >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
+
+start_portico_turn() {
+    local tag=$1 port api dir
+    port=$("$perf" free-port)
+    api=$("$perf" free-port)
+    dir=$work/portico-$tag
+    mkdir -p "$dir"
+    cat >"$dir/portico.toml" <<EOF
+state_dir = "$dir/state"
+log_level = "info"
+
+[turn]
+listen = ["127.0.0.1:$port"]
+workers = $workers
+io = "io_uring"
+realm = "$turn_realm"
+users = [{ name = "$turn_user", password = "$turn_password" }]
+allow_peers = ["127.0.0.0/8"]
+relay_ports = "$relay_ports"
+max_allocations = 100000
+max_allocations_per_user = 100000
+
+[api]
+listen = "127.0.0.1:$api"
+EOF
+    target=127.0.0.1:$port
+    launch_portico "$dir" io_uring
+    wait_turn "$target" "${stop_pids[0]}" ||
+        die "portico does not relay TURN: $(strip_ansi "$dir/log" | tail -5)"
+}
+
+coturn_turn_flags=(-n --listening-ip 127.0.0.1 --relay-ip 127.0.0.1 --relay-threads "$workers"
+    --lt-cred-mech --user "$turn_user:$turn_password" --realm "$turn_realm"
+    --allow-loopback-peers --no-cli --no-tls --no-dtls --simple-log
+    --min-port "${relay_ports%-*}" --max-port "${relay_ports#*-}")
+start_coturn_turn() {
+    local tag=$1 port dir pid
+    port=$("$perf" free-port)
+    dir=$work/coturn-$tag
+    mkdir -p "$dir"
+    turnserver "${coturn_turn_flags[@]}" --listening-port "$port" --log-file "$dir/turn.log" \
+        --pidfile "$dir/turnserver.pid" --userdb "$dir/turndb" >"$dir/stdout" 2>&1 &
+    pid=$!
+    stop_pids=("$pid")
+    measure_pids=("$pid")
+    target=127.0.0.1:$port
+    wait_turn "$target" "$pid" || die "coturn does not relay TURN: $(tail -5 "$dir/stdout")"
+}
+
+start_turn_stub() {
+    start_echo "$1" 3600 --turn
+    wait_turn "$target" "${stop_pids[0]}" || die "echo-server --turn does not relay"
+}
+
+start_turn_server() {
     case $1 in
-    portico-io_uring) start_portico io_uring "$2" ;;
-    portico-epoll) start_portico epoll "$2" ;;
-    coturn) start_coturn "$2" ;;
-    echo-server) start_echo "$2" ;;
+    portico) start_portico_turn "$2" ;;
+    coturn) start_coturn_turn "$2" ;;
+    turn-stub) start_turn_stub "$2" ;;
     *) die "unknown server $1" ;;
     esac
 }
 
-servers=(portico-io_uring portico-epoll coturn echo-server)
-points=("rate$rate" flat)
-results=$work/results
-mkdir -p "$results"
-load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-t0=$SECONDS
-
-for round in $(seq "$rounds"); do
-    for point in "${points[@]}"; do
-        for server in "${servers[@]}"; do
-            name=${server}__${point}__r${round}
-            start_server "$server" "$name"
-            load=(--window "$window")
-            [[ $point == flat ]] || load=(--rate "$rate")
-            pid_args=()
-            for p in "${measure_pids[@]}"; do
-                pid_args+=(--server-pid "$p")
-            done
-            rc=0
-            "$perf" stun --quiet --target "$target" --sockets "$sockets" "${load[@]}" \
-                --duration "$duration" --timeout-ms 1000 "${pid_args[@]}" \
-                --json "$results/$name.json" >"$work/$name.txt" || rc=$?
-            stop_servers
-            ((rc == 0)) || die "$name: portico-perf exited $rc: $(cat "$work/$name.txt")"
-            printf '[%3ds] round %s %-9s %-17s %s | %s\n' $((SECONDS - t0)) "$round" "$point" \
-                "$server" "$(grep -o '([0-9]* tx/s)' "$work/$name.txt")" \
-                "$(grep -o 'server CPU .*µs/tx)' "$work/$name.txt")" >&2
-        done
+# turn_run NAME ARGS...: one `portico-perf turn` run against $target, charged to
+# $measure_pids; the JSON goes to $turn_results/NAME.json. Prints a one-line summary.
+turn_run() {
+    local name=$1 rc=0 p pid_args=()
+    shift
+    for p in "${measure_pids[@]}"; do
+        pid_args+=(--server-pid "$p")
     done
-done
+    "$perf" turn --quiet --server "$target" --user "$turn_user" --password "$turn_password" \
+        "${pid_args[@]}" --json "$turn_results/$name.json" "$@" >"$work/$name.txt" 2>&1 || rc=$?
+    ((rc == 0)) || die "$name: portico-perf turn exited $rc: $(cat "$work/$name.txt")"
+    printf '[%4ds] %-28s %s | %s | %s\n' $((SECONDS - turn_t0)) "$name" \
+        "$(grep -o 'relayed .*loss [0-9.]*%' "$work/$name.txt" || grep -o 'churn .*allocations/s' "$work/$name.txt")" \
+        "$(grep -o '([0-9.]* CPU-s per million[^)]*)\|([0-9.]* µs per churn cycle)' "$work/$name.txt")" \
+        "$(grep -o 'per 1000 allocations [0-9.]* MiB' "$work/$name.txt" || true)" >&2
+}
 
-say "writing $out"
-dirty=""
-git diff --quiet HEAD 2>/dev/null || dirty=" + uncommitted changes"
-virt=""
-grep -qw hypervisor /proc/cpuinfo && virt=", virtual machine (hypervisor flag set)"
-cmdline="scripts/bench.sh $scenario"
-for v in BENCH_ROUNDS BENCH_DURATION BENCH_RATE BENCH_SOCKETS BENCH_WINDOW; do
-    [[ -z ${!v:-} ]] || cmdline="$v=${!v} $cmdline"
-done
-"$perf" bench-report --dir "$results" --out "$out" --command "$cmdline" \
-    --fact "date=$started_at, $((SECONDS - t0)) s of runs" \
-    --fact "machine=$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo)$virt" \
-    --fact "kernel=$(uname -r) ($(. /etc/os-release && echo "$PRETTY_NAME"))" \
-    --fact "load average (1/5/15 min)=before: $load_before; after: $(cut -d' ' -f1-3 /proc/loadavg)" \
-    --fact "source=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$dirty" \
-    --fact "portico-io_uring, portico-epoll=\`portico run\`, $workers workers, \`turn.io\` = io_uring / epoll (driver verified in the log), listen 127.0.0.1 only; CPU and RSS = controlplane + dataplane" \
-    --fact "coturn=$(turnserver --version 2>/dev/null | head -1) \`turnserver ${coturn_flags[*]}\`" \
-    --fact "echo-server=\`portico-perf echo-server --threads $workers\`: answers Binding with XOR-MAPPED-ADDRESS + FINGERPRINT, nothing else" \
-    --fact "generator=\`portico-perf stun\`, 1 thread, $sockets connected UDP sockets, Binding + FINGERPRINT, every response parsed and its XOR-MAPPED-ADDRESS checked, 1 s timeout" \
-    --server portico-io_uring --server portico-epoll --server coturn --server echo-server \
-    --ratio portico-io_uring/portico-epoll --ratio portico-io_uring/coturn \
-    --ratio portico-epoll/coturn --reference echo-server
-say "done in $((SECONDS - t0)) s: $out"
+# Round-trip loss of a run, from its JSON report.
+run_loss() {
+    grep -o '"round_trip_loss_ratio": [0-9.e+-]*' "$1" | awk '{print $2}' || echo 1
+}
+
+run_turn() {
+    local rounds=${TURN_ROUNDS:-3} rate=${TURN_RATE:-50}
+    local steps=${TURN_RAMP_STEPS:-"100 300 600 1000 1500 2000"} ramp_s=${TURN_RAMP_DURATION:-3}
+    local flat_clients=${TURN_FLAT_CLIENTS:-100} flat_window=${TURN_FLAT_WINDOW:-8}
+    local flat_s=${TURN_FLAT_DURATION:-5} streams=${TURN_STREAMS:-1000} sustained_s=${TURN_DURATION:-60}
+    local churn_clients=${TURN_CHURN_CLIENTS:-32} churn_s=${TURN_CHURN_DURATION:-10}
+    local uc_clients=${TURN_UCLIENT_CLIENTS:-100} uc_messages=${TURN_UCLIENT_MESSAGES:-400}
+    local scenarios=${TURN_SCENARIOS:-"ramp flat sustained churn uclient"}
+    local round server n name loss peer_port peer_pid uc rc load_before started_at
+    turn_results=$work/turn-results
+    mkdir -p "$turn_results"
+    turn_t0=$SECONDS
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    say "TURN: scenarios '$scenarios', $rounds rounds"
+    uc=(turnutils_uclient -c -m "$uc_clients" -n "$uc_messages" -l 172 -u "$turn_user"
+        -w "$turn_password")
+    for round in $(seq "$rounds"); do
+        if [[ " $scenarios " == *" ramp "* ]]; then
+            # The do-nothing relay shows the generator's own line; one round is enough.
+            local ramp_servers=(portico coturn)
+            ((round > 1)) || ramp_servers+=(turn-stub)
+            for server in "${ramp_servers[@]}"; do
+                start_turn_server "$server" "$server-ramp-r$round"
+                for n in $steps; do
+                    name=${server}__ramp${n}__r${round}
+                    turn_run "$name" --clients "$n" --rate "$rate" --duration "$ramp_s"
+                    loss=$(run_loss "$turn_results/$name.json")
+                    if awk -v l="$loss" 'BEGIN { exit !(l > 0.001) }'; then
+                        echo "         $server saturated at $n streams (loss $loss)" >&2
+                        break
+                    fi
+                done
+                stop_servers
+            done
+        fi
+        if [[ " $scenarios " == *" flat "* ]]; then
+            for server in portico coturn turn-stub; do
+                name=${server}__flat__r${round}
+                start_turn_server "$server" "$name"
+                turn_run "$name" --clients "$flat_clients" --flat-out --window "$flat_window" \
+                    --duration "$flat_s"
+                stop_servers
+            done
+        fi
+        if [[ " $scenarios " == *" sustained "* ]]; then
+            for server in portico coturn; do
+                name=${server}__sustained__r${round}
+                start_turn_server "$server" "$name"
+                turn_run "$name" --clients "$streams" --rate "$rate" --duration "$sustained_s"
+                stop_servers
+            done
+        fi
+        if [[ " $scenarios " == *" churn "* ]]; then
+            for server in portico coturn; do
+                name=${server}__churn__r${round}
+                start_turn_server "$server" "$name"
+                turn_run "$name" --mode churn --clients "$churn_clients" --duration "$churn_s"
+                stop_servers
+            done
+        fi
+        if [[ " $scenarios " == *" uclient "* ]]; then
+            for server in portico coturn; do
+                name=${server}__uclient__r${round}
+                start_turn_server "$server" "$name"
+                peer_port=$("$perf" free-port)
+                turnutils_peer -L 127.0.0.1 -p "$peer_port" >"$work/$name.peer" 2>&1 &
+                peer_pid=$!
+                stop_pids+=("$peer_pid")
+                sleep 0.2
+                pid_args=()
+                for p in "${measure_pids[@]}"; do
+                    pid_args+=(--server-pid "$p")
+                done
+                rc=0
+                "$perf" uclient "${pid_args[@]}" --helper-pid "$peer_pid" \
+                    --log "$work/$name.log" --json "$turn_results/$name.json" --timeout 240 -- \
+                    "${uc[@]}" -p "${target#*:}" -e 127.0.0.1 -r "$peer_port" 127.0.0.1 \
+                    >"$work/$name.txt" 2>&1 || rc=$?
+                stop_servers
+                ((rc == 0)) || die "$name: $(cat "$work/$name.txt")"
+                printf '[%4ds] %-28s %s\n' $((SECONDS - turn_t0)) "$name" \
+                    "$(sed -n '2,3p' "$work/$name.txt" | xargs)" >&2
+            done
+        fi
+    done
+    say "writing the TURN section of $out"
+    common_facts
+    "$perf" bench-report --kind turn --dir "$turn_results" --out "$out" \
+        --command "$(command_line turn TURN_ROUNDS TURN_SCENARIOS TURN_RAMP_STEPS TURN_RAMP_DURATION TURN_RATE TURN_FLAT_CLIENTS TURN_FLAT_WINDOW TURN_FLAT_DURATION TURN_STREAMS TURN_DURATION TURN_CHURN_CLIENTS TURN_CHURN_DURATION TURN_UCLIENT_CLIENTS TURN_UCLIENT_MESSAGES)" \
+        --fact "date=$started_at, $((SECONDS - turn_t0)) s of runs" "${facts[@]}" \
+        --fact "load average (1/5/15 min)=before: $load_before; after: $(cut -d' ' -f1-3 /proc/loadavg)" \
+        --fact "portico=\`portico run\`, $workers workers, \`turn.io = \"io_uring\"\` (verified in the log), listen 127.0.0.1, \`[turn] users\` (one user), realm \`$turn_realm\`, \`allow_peers = [\"127.0.0.0/8\"]\`, relay ports $relay_ports, allocation quotas raised to 100000; log level info; CPU and RSS = controlplane + dataplane" \
+        --fact "coturn=$(turnserver --version 2>/dev/null | head -1) \`turnserver ${coturn_turn_flags[*]}\` (lt-cred-mech, same user and realm, loopback only)" \
+        --fact "turn-stub=\`portico-perf echo-server --turn --threads $workers\`: answers every TURN request with success, forwards ChannelData/Send to the peer and back, nothing else (the generator's ceiling)" \
+        --fact "generator=\`portico-perf turn\`: 1 client thread, 1 peer thread; every client its own loopback source address (distinct 5-tuples), batched recvmmsg/sendmmsg; 401 round trip per client, CreatePermission + ChannelBind, 172-byte payload with sequence number and send stamp; $rate pkt/s per stream each way; the peer echoes" \
+        --fact "load points=ramp: $steps streams × $ramp_s s, one server per round across its steps, stopped after the first step with loss > 0.1%; flat out: $flat_clients streams × $flat_window in flight, $flat_s s; sustained: $streams streams × $sustained_s s; churn: $churn_clients clients × $churn_s s; uclient: \`${uc[*]}\`" \
+        --server portico --server coturn --server turn-stub \
+        --ratio portico/coturn --reference turn-stub
+}
+
+# ---------------------------------------------------------------------------------------
+# Reverse proxy
+# ---------------------------------------------------------------------------------------
+
+run_proxy() {
+    local md=$work/proxy.md rc=0 cmd
+    say "reverse proxy: scripts/bench-proxy.sh"
+    DURATION=${PROXY_DURATION:-10} CONNS=${PROXY_CONNS:-50} OUT=$md \
+        "$root/scripts/bench-proxy.sh" >"$work/proxy.log" 2>&1 || rc=$?
+    ((rc == 0)) || die "bench-proxy.sh failed: $(tail -20 "$work/proxy.log")"
+    common_facts
+    cmd=$(command_line proxy PROXY_DURATION PROXY_CONNS)
+    "$perf" bench-report --kind proxy --markdown "$md" --out "$out" --command "$cmd" \
+        --fact "runs=\`DURATION=${PROXY_DURATION:-10} CONNS=${PROXY_CONNS:-50} scripts/bench-proxy.sh\` (the reverse-proxy engineer's script); its tables below as it wrote them" \
+        --fact "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${facts[@]}" \
+        --fact "load average (1/5/15 min) after=$(cut -d' ' -f1-3 /proc/loadavg)"
+    say "reverse proxy section written"
+}
+
+# ---------------------------------------------------------------------------------------
+# Profile
+# ---------------------------------------------------------------------------------------
+
+# profile_perf SERVER: samples the server's processes with `perf record -e cpu-clock` while
+# it relays PROFILE_STREAMS streams; writes perf/profile/turn-perf-SERVER.md.
+profile_perf() {
+    local server=$1 secs=${PROFILE_DURATION:-15} streams=${PROFILE_STREAMS:-1000}
+    local data md load_pid pids
+    data=$work/perf-$server.data
+    md=perf/profile/turn-perf-$server.md
+    start_turn_server "$server" "profile-$server"
+    pids=$(
+        IFS=,
+        echo "${measure_pids[*]}"
+    )
+    "$perf" turn --quiet --server "$target" --user "$turn_user" --password "$turn_password" \
+        --clients "$streams" --duration $((secs + 6)) >"$work/profile-$server.txt" 2>&1 &
+    load_pid=$!
+    sleep 3
+    perf record -e cpu-clock -F 999 -g -p "$pids" -o "$data" -- sleep "$secs" \
+        >"$work/perf-record-$server.log" 2>&1 || die "perf record failed: $(cat "$work/perf-record-$server.log")"
+    wait "$load_pid" || die "load for the $server profile failed: $(cat "$work/profile-$server.txt")"
+    stop_servers
+    {
+        echo "# Where $server spends CPU relaying TURN (perf record -e cpu-clock)"
+        echo
+        echo "Generated by \`scripts/bench.sh profile\` on $(date -u +%Y-%m-%d); hand edits are overwritten."
+        echo "Load: \`portico-perf turn --clients $streams\` (ChannelData, 50 pkt/s per stream each way,"
+        echo "172-byte payloads); sampled for $secs s of the data phase at 999 Hz with call graphs"
+        echo "(\`perf record -e cpu-clock -F 999 -g -p PIDS\`): hardware counters are not available in"
+        echo "this virtual machine (\`perf stat -e instructions\` says \"not supported\"), so this is"
+        echo "timer sampling, kernel included. The load run's own report:"
+        echo
+        echo '```'
+        cat "$work/profile-$server.txt"
+        echo '```'
+        echo
+        echo "## Shares by DSO (kernel vs user space)"
+        echo
+        echo '```'
+        perf report -i "$data" --stdio --no-children --sort dso -g none 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | head -12 || true
+        echo '```'
+        echo
+        echo "## Top symbols (self time)"
+        echo
+        echo '```'
+        perf report -i "$data" --stdio --no-children --sort dso,symbol -g none 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | head -45 || true
+        echo '```'
+    } >"$md"
+    say "wrote $md"
+}
+
+# Callgrind of Portico's dataplane (user-space instructions by function) under a light load:
+# valgrind slows it ~50×, so 100 streams for 10 s.
+profile_callgrind() {
+    local io=$1 dir wrapper md=perf/profile/turn-callgrind-portico.md out_file
+    dir=$work/callgrind-$io
+    mkdir -p "$dir"
+    wrapper=$dir/portico-dataplane
+    cat >"$wrapper" <<EOF
+#!/bin/sh
+exec valgrind --tool=callgrind --callgrind-out-file=$dir/callgrind.out --dump-instr=no $bin/portico-dataplane "\$@"
+EOF
+    chmod +x "$wrapper"
+    local port api
+    port=$("$perf" free-port)
+    api=$("$perf" free-port)
+    cat >"$dir/portico.toml" <<EOF
+state_dir = "$dir/state"
+log_level = "warn"
+[turn]
+listen = ["127.0.0.1:$port"]
+workers = $workers
+io = "$io"
+realm = "$turn_realm"
+users = [{ name = "$turn_user", password = "$turn_password" }]
+allow_peers = ["127.0.0.0/8"]
+max_allocations_per_user = 100000
+[api]
+listen = "127.0.0.1:$api"
+EOF
+    PORTICO_DATAPLANE=$wrapper NO_COLOR=1 "$bin/portico" run --config "$dir/portico.toml" \
+        >"$dir/log" 2>&1 &
+    stop_pids=("$!")
+    target=127.0.0.1:$port
+    local i ok=""
+    for i in $(seq 60); do
+        if "$perf" turn --quiet --server "$target" --user "$turn_user" --password "$turn_password" \
+            --clients 1 --rate 20 --duration 0.2 --setup-timeout 5 >/dev/null 2>&1; then
+            ok=1
+            break
+        fi
+        sleep 1
+    done
+    [[ -n $ok ]] || {
+        stop_servers
+        return 1
+    }
+    "$perf" turn --quiet --server "$target" --user "$turn_user" --password "$turn_password" \
+        --clients 100 --duration 10 --rto-ms 1000 >"$dir/load.txt" 2>&1 || true
+    stop_servers
+    out_file=$dir/callgrind.out
+    [[ -s $out_file ]] || return 1
+    {
+        echo "# Portico's dataplane under callgrind (user-space instructions by function)"
+        echo
+        echo "Generated by \`scripts/bench.sh profile\` on $(date -u +%Y-%m-%d); hand edits are overwritten."
+        [[ $io == io_uring ]] || echo "(The io_uring driver stalls under valgrind: the supervisor kills it for a missing heartbeat, so this profile uses epoll; the TURN code above the driver is the same.)"
+        echo "Dataplane ($io driver, $workers workers) started through \`PORTICO_DATAPLANE\` under"
+        echo "\`valgrind --tool=callgrind\`; load \`portico-perf turn --clients 100 --duration 10\`"
+        echo "(ChannelData, 50 pkt/s per stream each way), which valgrind slows down, so the"
+        echo "load run's own figures below are not performance figures. Callgrind counts only"
+        echo "user-space instructions: the kernel's share is in turn-perf-portico.md."
+        echo
+        echo '```'
+        cat "$dir/load.txt"
+        echo '```'
+        echo
+        echo "## Inclusive instructions (top 40)"
+        echo
+        echo '```'
+        callgrind_annotate --inclusive=yes "$out_file" 2>/dev/null | sed -n '1,60p' | cut -c1-160 || true
+        echo '```'
+        echo
+        echo "## Self instructions (top 40)"
+        echo
+        echo '```'
+        callgrind_annotate "$out_file" 2>/dev/null | sed -n '1,60p' | cut -c1-160 || true
+        echo '```'
+    } >"$md"
+    say "wrote $md"
+}
+
+run_profile() {
+    mkdir -p perf/profile
+    profile_perf portico
+    profile_perf coturn
+    profile_callgrind io_uring || profile_callgrind epoll ||
+        die "callgrind profile failed (see $work/callgrind-*)"
+}
+
+case $scenario in
+stun) run_stun 5 ;;
+turn) run_turn ;;
+proxy) run_proxy ;;
+profile) run_profile ;;
+all)
+    t_all=$SECONDS
+    run_stun 3
+    run_turn
+    run_proxy
+    say "all scenarios done in $((SECONDS - t_all)) s: $out"
+    ;;
+esac

@@ -7,6 +7,9 @@
 //! of the generator plus the loopback path on this machine: a real server measured at that
 //! rate is limited by the box, not by itself.
 //!
+//! With `--turn` it is instead the cheapest possible TURN relay ([`crate::turn_stub`]), the
+//! reference for the TURN generator's ceiling.
+//!
 //! Bounded like every load loop here: it exits after `--duration`.
 
 use std::net::SocketAddr;
@@ -32,6 +35,10 @@ pub struct EchoArgs {
     /// Exit after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     pub duration: f64,
+    /// Be a minimal TURN relay (no authentication; one relay socket per thread) for the TURN
+    /// generator's ceiling, instead of an echo.
+    #[arg(long)]
+    pub turn: bool,
 }
 
 /// A running echo server.
@@ -115,13 +122,22 @@ impl EchoServer {
             .map_err(|e| format!("binding {}: {e}", args.listen))?;
         let stop = Arc::new(AtomicBool::new(false));
         let deadline = Instant::now() + Duration::from_secs_f64(args.duration);
-        let threads = socks
-            .into_iter()
-            .map(|s| {
-                let stop = stop.clone();
-                std::thread::spawn(move || serve(s, stop, deadline))
-            })
-            .collect();
+        let mut threads = Vec::with_capacity(socks.len());
+        for s in socks {
+            let stop = stop.clone();
+            if args.turn {
+                let relay = udp::reuseport_sockets(SocketAddr::new(local.ip(), 0), 1, POLL)
+                    .map_err(|e| format!("relay socket: {e}"))?
+                    .0
+                    .pop()
+                    .ok_or("no relay socket")?;
+                threads.push(std::thread::spawn(move || {
+                    crate::turn_stub::serve(s, relay, &stop, deadline)
+                }));
+            } else {
+                threads.push(std::thread::spawn(move || serve(s, stop, deadline)));
+            }
+        }
         Ok(EchoServer {
             local,
             stop,

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use portico_perf::{bench_report, echo_server, stun_load, udp};
+use portico_perf::{bench_report, echo_server, stun_load, turn_load, uclient_run, udp};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +23,13 @@ enum Cmd {
     /// STUN Binding load: throughput, loss, round-trip latency, server CPU per request.
     /// Exit status 3 when not a single transaction succeeded.
     Stun(stun_load::StunArgs),
+    /// TURN relay load: allocations/s, relayed packets/s each way, loss, reordering,
+    /// one-way latency, server CPU per relayed packet and RSS per allocation.
+    /// Exit status 3 when not a single allocation succeeded.
+    Turn(turn_load::TurnArgs),
+    /// Runs coturn's turnutils_uclient (the command after `--`) bounded in time, with the
+    /// server's CPU and RSS sampled around it; parses its summary into a report.
+    Uclient(uclient_run::UclientArgs),
     /// Minimal STUN Binding responder (and UDP echo), to measure the generator's ceiling.
     EchoServer(echo_server::EchoArgs),
     /// Summarises a directory of JSON run reports as Markdown (scripts/bench.sh uses it).
@@ -47,6 +54,18 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::SUCCESS
             }
+        }),
+        Cmd::Turn(args) => turn_load::run(&args).map(|r| {
+            print!("{}", r.text());
+            if r.allocated_any() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_NOTHING_COMPLETED)
+            }
+        }),
+        Cmd::Uclient(args) => uclient_run::run(&args).map(|r| {
+            print!("{}", r.text());
+            ExitCode::SUCCESS
         }),
         Cmd::EchoServer(args) => echo_server::EchoServer::start(&args).and_then(|s| {
             println!("listening on {}", s.local);

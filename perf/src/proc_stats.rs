@@ -44,6 +44,13 @@ pub fn peak_rss_kib(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other(format!("/proc/{pid}/status: no VmHWM")))
 }
 
+/// Current resident set size (`VmRSS`) of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> io::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    parse_status_kib(&status, "VmRSS:")
+        .ok_or_else(|| io::Error::other(format!("/proc/{pid}/status: no VmRSS")))
+}
+
 fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with(key))?;
     line[key.len()..]
@@ -142,5 +149,7 @@ mod tests {
         assert!(after - before >= 0.05, "{before} -> {after}");
         assert!(self_cpu_seconds() >= after - 0.02);
         assert!(peak_rss_kib(pid).unwrap() > 100);
+        let rss = rss_kib(pid).unwrap();
+        assert!(rss > 100 && rss <= peak_rss_kib(pid).unwrap());
     }
 }

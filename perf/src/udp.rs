@@ -4,11 +4,18 @@
 //! Batching matters here because the generator shares two cores with the server it loads:
 //! every syscall it saves is CPU the server gets (FACTS.md: batch-64 mmsg calls move ~20% more
 //! loopback packets than one call per packet).
+//!
+//! A TURN client is a 5-tuple, so a thousand clients would normally need a thousand sockets,
+//! each sending one datagram per wakeup: no batching possible. Instead the TURN generator
+//! gives every client its own loopback source address (all of 127.0.0.0/8 is local) and
+//! sends for all of them from one socket bound to the wildcard address, choosing each
+//! datagram's source with `IP_PKTINFO` and learning each reply's destination the same way
+//! ([`MsgBatch::new_pktinfo`], [`pktinfo_socket`]).
 
 use std::io;
 use std::mem;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -73,6 +80,41 @@ pub fn reuseport_sockets(
     Ok((out, addr))
 }
 
+/// A non-blocking IPv4 UDP socket on the wildcard address with `IP_PKTINFO` on, restricted to
+/// the loopback device where the kernel allows it: it receives datagrams addressed to any
+/// 127.x.y.z on its port, and [`MsgBatch::new_pktinfo`] batches choose the source address of
+/// each datagram they send. Returns the socket and its port.
+pub fn pktinfo_socket() -> io::Result<(Socket, u16)> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    // Best effort (unprivileged since Linux 5.7): keeps the wildcard port off the other
+    // interfaces. Nothing is ever sent anywhere but loopback either way.
+    let _ = s.bind_device(Some(b"lo"));
+    let on: libc::c_int = 1;
+    // SAFETY: a valid fd and a pointer to an int of the length given.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            (&on as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
+    s.set_nonblocking(true)?;
+    let port = local_addr(&s)?.port();
+    Ok((s, port))
+}
+
+/// Room for one `IP_PKTINFO` control message, in `u64`s so the buffer is aligned for
+/// `cmsghdr`.
+const CTRL_WORDS: usize = 8;
+
 /// Maximum datagrams moved per `recvmmsg`/`sendmmsg` call.
 pub const BATCH: usize = 64;
 
@@ -90,11 +132,28 @@ pub struct MsgBatch {
     iov: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
     named: bool,
+    /// `IP_PKTINFO` batches: one control buffer per datagram, the source address to send
+    /// each datagram from, and the destination address each received datagram had.
+    pktinfo: bool,
+    ctrl: Vec<[u64; CTRL_WORDS]>,
+    sources: Vec<Option<Ipv4Addr>>,
+    dests: Vec<Option<Ipv4Addr>>,
 }
 
 impl MsgBatch {
     /// `named`: whether datagrams carry a peer address (unconnected sockets).
     pub fn new(count: usize, slot_size: usize, named: bool) -> Self {
+        Self::build(count, slot_size, named, false)
+    }
+
+    /// A named batch that also carries each datagram's local IPv4 address (for a
+    /// [`pktinfo_socket`]): set with [`MsgBatch::set_source`] before sending, read with
+    /// [`MsgBatch::dest`] after receiving.
+    pub fn new_pktinfo(count: usize, slot_size: usize) -> Self {
+        Self::build(count, slot_size, true, true)
+    }
+
+    fn build(count: usize, slot_size: usize, named: bool, pktinfo: bool) -> Self {
         let count = count.clamp(1, 1024);
         let mut b = MsgBatch {
             slot_size,
@@ -106,6 +165,10 @@ impl MsgBatch {
             iov: Vec::with_capacity(count),
             hdrs: Vec::with_capacity(count),
             named,
+            pktinfo,
+            ctrl: vec![[0u64; CTRL_WORDS]; if pktinfo { count } else { 0 }],
+            sources: vec![None; count],
+            dests: vec![None; count],
         };
         for i in 0..count {
             b.iov.push(libc::iovec {
@@ -152,6 +215,37 @@ impl MsgBatch {
         self.data.get(at..at + len).unwrap_or(&[])
     }
 
+    /// Sets the address datagram `i` is sent to (named batches only).
+    pub fn set_peer(&mut self, i: usize, addr: SocketAddr) {
+        if !self.named || i >= self.names.len() {
+            return;
+        }
+        let sa = SockAddr::from(addr);
+        let len = (sa.len() as usize).min(mem::size_of::<libc::sockaddr_storage>());
+        // SAFETY: both regions are at least `len` bytes and do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                sa.as_ptr().cast::<u8>(),
+                (&mut self.names[i] as *mut libc::sockaddr_storage).cast::<u8>(),
+                len,
+            );
+        }
+        self.name_lens[i] = len as libc::socklen_t;
+    }
+
+    /// Sets the local address datagram `i` leaves from (`IP_PKTINFO` batches only); `None`
+    /// lets the kernel choose.
+    pub fn set_source(&mut self, i: usize, src: Option<Ipv4Addr>) {
+        if let Some(s) = self.sources.get_mut(i) {
+            *s = src;
+        }
+    }
+
+    /// The local address received datagram `i` was sent to (`IP_PKTINFO` batches only).
+    pub fn dest(&self, i: usize) -> Option<Ipv4Addr> {
+        self.dests.get(i).copied().flatten()
+    }
+
     /// Peer address of received datagram `i` (named batches only).
     pub fn peer(&self, i: usize) -> Option<SocketAddr> {
         if !self.named {
@@ -167,10 +261,14 @@ impl MsgBatch {
     /// `MSG_WAITFORONE`. Returns how many arrived.
     pub fn recv(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         let n = self.hdrs.len();
-        for (iov, h) in self.iov.iter_mut().zip(self.hdrs.iter_mut()) {
+        for (i, (iov, h)) in self.iov.iter_mut().zip(self.hdrs.iter_mut()).enumerate() {
             iov.iov_len = self.slot_size;
             if self.named {
                 h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as u32;
+            }
+            if self.pktinfo {
+                h.msg_hdr.msg_control = self.ctrl[i].as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = mem::size_of::<[u64; CTRL_WORDS]>();
             }
         }
         // SAFETY: every header points at live buffers of the lengths given (see the type's
@@ -191,6 +289,9 @@ impl MsgBatch {
         for i in 0..r {
             self.lens[i] = self.hdrs[i].msg_len as usize;
             self.name_lens[i] = self.hdrs[i].msg_hdr.msg_namelen;
+            if self.pktinfo {
+                self.dests[i] = pktinfo_dest(&self.hdrs[i].msg_hdr);
+            }
         }
         Ok(r)
     }
@@ -208,6 +309,16 @@ impl MsgBatch {
             if self.named {
                 self.hdrs[i].msg_hdr.msg_namelen = self.name_lens[i];
             }
+            if self.pktinfo {
+                let h = &mut self.hdrs[i].msg_hdr;
+                match self.sources[i] {
+                    Some(src) => write_pktinfo(h, &mut self.ctrl[i], src),
+                    None => {
+                        h.msg_control = std::ptr::null_mut();
+                        h.msg_controllen = 0;
+                    }
+                }
+            }
         }
         // SAFETY: as in `recv`; the kernel only reads here.
         let r = unsafe {
@@ -222,6 +333,52 @@ impl MsgBatch {
             return Err(io::Error::last_os_error());
         }
         Ok(r as usize)
+    }
+}
+
+/// The destination address in a received header's `IP_PKTINFO` control message.
+fn pktinfo_dest(h: &libc::msghdr) -> Option<Ipv4Addr> {
+    // SAFETY: the kernel filled the control buffer (msg_controllen says how much); the CMSG
+    // macros stay inside it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_PKTINFO {
+                let info = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>());
+                return Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
+}
+
+/// Points `h` at an `IP_PKTINFO` control message in `ctrl` that sends from `src`.
+fn write_pktinfo(h: &mut libc::msghdr, ctrl: &mut [u64; CTRL_WORDS], src: Ipv4Addr) {
+    let data_len = mem::size_of::<libc::in_pktinfo>() as u32;
+    // SAFETY: CMSG_SPACE of a 12-byte payload is 32 bytes, within the 64-byte aligned buffer
+    // the header is pointed at before CMSG_FIRSTHDR reads it.
+    unsafe {
+        let space = libc::CMSG_SPACE(data_len) as usize;
+        h.msg_control = ctrl.as_mut_ptr().cast();
+        h.msg_controllen = space;
+        let c = libc::CMSG_FIRSTHDR(h);
+        if c.is_null() {
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            return;
+        }
+        (*c).cmsg_level = libc::IPPROTO_IP;
+        (*c).cmsg_type = libc::IP_PKTINFO;
+        (*c).cmsg_len = libc::CMSG_LEN(data_len) as usize;
+        let info = libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: libc::in_addr {
+                s_addr: u32::from(src).to_be(),
+            },
+            ipi_addr: libc::in_addr { s_addr: 0 },
+        };
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::in_pktinfo>(), info);
     }
 }
 
@@ -243,7 +400,6 @@ pub fn free_port(ip: std::net::IpAddr) -> io::Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
     #[test]
     fn batch_round_trip_over_loopback() {
@@ -272,6 +428,53 @@ mod tests {
             }
         }
         let want: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i, 0xAB, 0xCD]).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn pktinfo_batches_choose_and_report_loopback_addresses() {
+        let (sock, port) = pktinfo_socket().unwrap();
+        let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        echo.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let server = echo.local_addr().unwrap();
+        let srcs: [Ipv4Addr; 3] = [
+            "127.0.0.1".parse().unwrap(),
+            "127.77.1.2".parse().unwrap(),
+            "127.200.3.4".parse().unwrap(),
+        ];
+        let mut tx = MsgBatch::new_pktinfo(4, 64);
+        for (i, src) in srcs.iter().enumerate() {
+            tx.slot_mut(i)[0] = i as u8;
+            tx.set_len(i, 1);
+            tx.set_peer(i, server);
+            tx.set_source(i, Some(*src));
+        }
+        assert_eq!(tx.send(sock.as_raw_fd(), 0, 3).unwrap(), 3);
+        let mut buf = [0u8; 16];
+        for src in srcs.iter() {
+            let (n, from) = echo.recv_from(&mut buf).unwrap();
+            assert_eq!(n, 1);
+            assert_eq!(from, SocketAddr::from((*src, port)), "datagram {}", buf[0]);
+            // Answer to the address it came from: the socket must get it and say where to.
+            echo.send_to(&[buf[0], 0xEE], from).unwrap();
+        }
+        let mut rx = MsgBatch::new_pktinfo(4, 64);
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while got.len() < 3 && std::time::Instant::now() < deadline {
+            match rx.recv(sock.as_raw_fd(), libc::MSG_DONTWAIT) {
+                Ok(n) => {
+                    for i in 0..n {
+                        assert_eq!(rx.peer(i), Some(server));
+                        got.push((rx.datagram(i)[0], rx.dest(i)));
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        got.sort();
+        let want: Vec<(u8, Option<Ipv4Addr>)> =
+            (0..3u8).map(|i| (i, Some(srcs[i as usize]))).collect();
         assert_eq!(got, want);
     }
 

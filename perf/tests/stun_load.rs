@@ -17,6 +17,7 @@ fn echo() -> EchoServer {
         listen: "127.0.0.1:0".parse().unwrap(),
         threads: 1,
         duration: 30.0,
+        turn: false,
     })
     .unwrap()
 }

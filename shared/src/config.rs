@@ -150,7 +150,7 @@ impl Default for TurnConfig {
             max_permissions: 32,
             max_channels: 32,
             max_bandwidth: 0,
-            error_rate: 10,
+            error_rate: 100,
         }
     }
 }

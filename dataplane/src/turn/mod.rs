@@ -173,6 +173,7 @@ pub struct Turn {
     pub first_relay_socket: usize,
     pub(crate) sink: Box<dyn AllocationSink>,
     kills: Vec<u64>,
+    last_control: Option<Instant>,
     blacklist_seen: u64,
     /// Set when the configuration changed: permissions and channels are checked against the
     /// (possibly narrower) peer policy at the next sweep.
@@ -195,6 +196,7 @@ impl Turn {
             first_relay_socket,
             sink,
             kills: Vec::new(),
+            last_control: None,
             blacklist_seen: 0,
             recheck_peers: false,
         }
@@ -217,17 +219,6 @@ impl Turn {
 
     pub fn is_relay_socket(&self, socket: usize) -> bool {
         socket >= self.first_relay_socket
-    }
-
-    fn next_tid(&mut self) -> [u8; 12] {
-        let mut t = [0u8; 12];
-        for chunk in t.chunks_mut(4) {
-            self.tid_state ^= self.tid_state << 13;
-            self.tid_state ^= self.tid_state >> 7;
-            self.tid_state ^= self.tid_state << 17;
-            chunk.copy_from_slice(&(self.tid_state as u32).to_ne_bytes());
-        }
-        t
     }
 
     /// ChannelData from a client (RFC 8656 §12.4): forward the payload from where it lies.
@@ -327,7 +318,6 @@ impl Turn {
             stats.incr(Counter::DropNoAllocation);
             return Action::Drop;
         };
-        let tid = self.next_tid();
         let Some(a) = self.table.get_mut(slot) else {
             return Action::Drop;
         };
@@ -347,7 +337,7 @@ impl Turn {
                 buf[o + 2..o + 4].copy_from_slice(&(d.len as u16).to_be_bytes());
                 (o, d.len + 4)
             }
-            _ => match data_indication(buf, d, from, &tid) {
+            _ => match data_indication(buf, d, from, &next_tid(&mut self.tid_state)) {
                 Some(x) => x,
                 None => {
                     stats.incr(Counter::DropTruncated);
@@ -410,6 +400,16 @@ impl Turn {
             self.recheck_peers = false;
             self.drop_refused_peers(settings, now, stats);
         }
+        // Control-plane requests are looked at every 50 ms, not every loop turn: under load a
+        // turn is one datagram, and scanning the request slots each time cost more than the
+        // packet itself.
+        if self
+            .last_control
+            .is_some_and(|t| now.mono.saturating_duration_since(t).as_millis() < 50)
+        {
+            return;
+        }
+        self.last_control = Some(now.mono);
         self.kills.clear();
         self.sink.deletes(&mut self.kills);
         for i in 0..self.kills.len() {
@@ -512,6 +512,18 @@ impl Turn {
             self.end(slot, io, stats, Counter::TurnAllocationsDeleted);
         }
     }
+}
+
+/// A Data-indication transaction id: unpredictability is not needed, only variety.
+fn next_tid(state: &mut u64) -> [u8; 12] {
+    let mut t = [0u8; 12];
+    for chunk in t.chunks_mut(4) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        chunk.copy_from_slice(&(*state as u32).to_ne_bytes());
+    }
+    t
 }
 
 /// Client-to-peer data at `buf[offset..offset + len]`: bandwidth cap, accounting, send from
