@@ -87,7 +87,8 @@ fn wrong_passwords_blacklist_the_source_after_exactly_the_threshold_until_expiry
         e["created_at"].as_u64().unwrap_or(0),
         e["expires_at"].as_u64().unwrap_or(0),
     );
-    assert_eq!(expires - created, 3, "blacklist_minutes = \"3s\": {e}");
+    // Whole seconds, rounded up so the block lasts at least the configured time.
+    assert_eq!(expires - created, 4, "blacklist_minutes = \"3s\": {e}");
     assert_eq!(
         site.metric("portico_fraud_entries", &[("kind", "black")]),
         1.0
