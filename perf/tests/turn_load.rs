@@ -122,11 +122,23 @@ fn churn_cycles_through_fresh_clients() {
     assert!(r.allocated_any());
 }
 
-/// A server process that is killed when the test ends, however it ends.
+/// A server process that is stopped when the test ends, however it ends: SIGTERM first,
+/// because `portico` then stops its dataplane (which, by design, outlives a SIGKILLed
+/// control plane), SIGKILL after 10 s.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
