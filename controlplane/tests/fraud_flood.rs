@@ -60,7 +60,7 @@ fn a_flood_from_many_sources_keeps_memory_bounded_and_service_up() {
 
     // Warm-up: fill the table to its capacity, so what follows measures growth past it.
     let rss_start = rss_kib(cp);
-    let mut sent = flood(server, 0..WARM_UP, BATCH, PER_SOURCE, || {});
+    let mut sent = flood(server, 0..WARM_UP, BATCH, PER_SOURCE, || {}).sent;
     assert!(
         wait_until(Duration::from_secs(5), || site
             .metric("portico_fraud_tracked_sources", &[])
@@ -72,7 +72,7 @@ fn a_flood_from_many_sources_keeps_memory_bounded_and_service_up() {
 
     // The flood proper.
     let t_flood = Instant::now();
-    sent += flood(server, WARM_UP..WARM_UP + FLOOD, BATCH, PER_SOURCE, || {});
+    sent += flood(server, WARM_UP..WARM_UP + FLOOD, BATCH, PER_SOURCE, || {}).sent;
     let flood_time = t_flood.elapsed();
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);

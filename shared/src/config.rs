@@ -243,6 +243,11 @@ pub struct FraudConfig {
     pub request_rate: u32,
     /// Sources tracked at once by the counting table; when full, the quietest is evicted.
     pub max_tracked_sources: usize,
+    /// Whether TURN CreatePermission/ChannelBind requests refused by the peer policy (403)
+    /// count as suspicious. Off by default: a WebRTC client asks permissions for every
+    /// candidate of the remote party, whose host candidates are private addresses — a handful
+    /// of refusals per call is normal behaviour, not an attack.
+    pub count_peer_refusals: bool,
 }
 
 impl Default for FraudConfig {
@@ -254,6 +259,7 @@ impl Default for FraudConfig {
             ipv6_prefix: 64,
             request_rate: 500,
             max_tracked_sources: 65_536,
+            count_peer_refusals: false,
         }
     }
 }

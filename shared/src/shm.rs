@@ -48,7 +48,7 @@ use crate::counters::{Counter, COUNTER_SLOTS};
 /// "PORTICO" and a format byte, as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PORTICO\x01");
 /// Bump on every change to the layout of [`Segment`].
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 pub const MAX_WORKERS: usize = 64;
 /// Counter blocks: one per worker plus one for the TCP thread, which also writes counters.
 pub const COUNTER_BLOCKS: usize = MAX_WORKERS + 1;
@@ -99,7 +99,10 @@ pub struct Header {
     pub dataplane_pid: AtomicU32,
     /// A [`Driver`] value.
     pub driver: AtomicU32,
-    pub _reserved: AtomicU32,
+    /// A futex word: the control plane's event reader sets it to 0 and sleeps on it; a worker
+    /// that pushes an event sets it to 1 and, when it was 0, wakes the reader (one system
+    /// call per wake-up, not per event). See [`Segment::ring_events_doorbell`].
+    pub events_doorbell: AtomicU32,
     /// Unix time in milliseconds, refreshed by the dataplane every 100 ms while it runs.
     pub dataplane_heartbeat_ms: AtomicU64,
     pub dataplane_started_ms: AtomicU64,
@@ -306,17 +309,29 @@ struct BlacklistEntry {
     meta: AtomicU64,
 }
 
-/// The blacklist the control plane decides and the dataplane enforces: open addressing with
-/// linear probing, keys are IPv6 addresses (IPv4 as IPv4-mapped) with a prefix length (128
-/// for one address, 64 for an IPv6 /64).
+/// One blacklist table: open addressing with linear probing, keys are IPv6 addresses (IPv4
+/// as IPv4-mapped) with a prefix length (128 for one address, 64 for an IPv6 /64).
 #[repr(C, align(64))]
-pub struct Blacklist {
-    /// Bumped on every change, so workers know when to re-check existing allocations.
-    generation: AtomicU64,
+pub struct BlacklistTable {
     /// Live entries; zero lets the packet path skip the lookup entirely.
     live: AtomicU64,
     used: AtomicU64,
     entries: [BlacklistEntry; BLACKLIST_SLOTS],
+}
+
+/// The blacklist the control plane decides and the dataplane enforces. Two tables: the
+/// dataplane probes the active one; single changes go to the active one in place, and a
+/// rebuild (to reclaim tombstones, or after the whitelist changed) fills the other one aside
+/// and then switches, so the dataplane never sees a half-built or empty list.
+#[repr(C, align(64))]
+pub struct Blacklist {
+    /// Bumped on every change, so workers know when to re-check existing allocations.
+    generation: AtomicU64,
+    /// Rebuilds so far; the table the packet path probes is `active & 1`. A reader that
+    /// sees it move during a probe probes again (the table it read may have been cleared for
+    /// the next rebuild meanwhile).
+    active: AtomicU64,
+    tables: [BlacklistTable; 2],
 }
 
 const META_EXPIRY: u64 = (1 << 56) - 1;
@@ -381,11 +396,88 @@ impl BlacklistEntry {
 }
 
 impl Blacklist {
+    fn table(&self) -> &BlacklistTable {
+        &self.tables[(self.active.load(Ordering::Acquire) & 1) as usize]
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Live entries of the active table.
     pub fn live(&self) -> u64 {
+        self.table().live()
+    }
+
+    /// Whether `ip` (or, for IPv6, a prefix of it in [`BLACKLIST_V6_PREFIXES`]) is blocked at
+    /// `now_unix`. Lock-free and allocation-free: this runs for every packet while the list is
+    /// non-empty.
+    pub fn is_blocked(&self, ip: std::net::IpAddr, now_unix: u64) -> bool {
+        let mut seen = self.active.load(Ordering::Acquire);
+        let mut blocked = false;
+        // Rebuilds are rare (a whitelist change, or tombstones to reclaim); two during one
+        // probe rarer still. A bounded number of retries keeps the packet path bounded.
+        for _ in 0..4 {
+            blocked = self.tables[(seen & 1) as usize].is_blocked(ip, now_unix);
+            let now = self.active.load(Ordering::Acquire);
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
+        blocked
+    }
+
+    /// Adds or updates an entry of the active table (control plane only: one writer at a
+    /// time). `prefix` is 128 for one address (IPv4 always) or one of
+    /// [`BLACKLIST_V6_PREFIXES`] for IPv6. False when the table is full or the prefix is not
+    /// one the packet path probes.
+    pub fn insert(&self, ip: std::net::IpAddr, prefix: u8, expires_unix: u64) -> bool {
+        let ok = self.table().insert(ip, prefix, expires_unix);
+        if ok {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+        ok
+    }
+
+    /// Removes an entry of the active table (control plane only).
+    pub fn remove(&self, ip: std::net::IpAddr, prefix: u8) -> bool {
+        let ok = self.table().remove(ip, prefix);
+        if ok {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+        ok
+    }
+
+    /// Replaces the whole list (control plane only): fills the inactive table with `entries`
+    /// (address, prefix, expiry), then makes it the active one. Readers see the old list or the
+    /// new one, never an empty or partial one. Returns the entries that did not fit.
+    pub fn replace(
+        &self,
+        entries: impl IntoIterator<Item = (std::net::IpAddr, u8, u64)>,
+    ) -> Vec<(std::net::IpAddr, u8)> {
+        let next = self.active.load(Ordering::Relaxed).wrapping_add(1);
+        let t = &self.tables[(next & 1) as usize];
+        t.clear();
+        let mut refused = Vec::new();
+        for (ip, prefix, exp) in entries {
+            if !t.insert(ip, prefix, exp) {
+                refused.push((ip, prefix));
+            }
+        }
+        self.active.store(next, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::Release);
+        refused
+    }
+
+    /// Empties the list (control plane only).
+    pub fn clear(&self) {
+        self.replace(std::iter::empty());
+    }
+}
+
+impl BlacklistTable {
+    fn live(&self) -> u64 {
         self.live.load(Ordering::Relaxed)
     }
 
@@ -406,7 +498,7 @@ impl Blacklist {
 
     /// Whether `ip` (or, for IPv6, its /64) is blocked at `now_unix`. Lock-free and
     /// allocation-free: this runs for every packet while the list is non-empty.
-    pub fn is_blocked(&self, ip: std::net::IpAddr, now_unix: u64) -> bool {
+    fn is_blocked(&self, ip: std::net::IpAddr, now_unix: u64) -> bool {
         if self.live.load(Ordering::Relaxed) == 0 {
             return false;
         }
@@ -429,7 +521,7 @@ impl Blacklist {
     /// Adds or updates an entry (control plane only: single writer). `prefix` is 128 for one
     /// address (IPv4 always) or one of [`BLACKLIST_V6_PREFIXES`] for IPv6. False when the
     /// table is full or the prefix is not one the packet path probes.
-    pub fn insert(&self, ip: std::net::IpAddr, prefix: u8, expires_unix: u64) -> bool {
+    fn insert(&self, ip: std::net::IpAddr, prefix: u8, expires_unix: u64) -> bool {
         let prefix = if ip.to_canonical().is_ipv4() {
             128
         } else {
@@ -443,7 +535,6 @@ impl Blacklist {
         let meta = u64::from(prefix) << 56 | expires_unix.clamp(1, META_EXPIRY);
         if let Some((idx, _)) = self.find(hi, lo, prefix) {
             self.entries[idx].write(hi, lo, meta);
-            self.generation.fetch_add(1, Ordering::Release);
             return true;
         }
         if self.used.load(Ordering::Relaxed) as usize >= BLACKLIST_SLOTS / 2 {
@@ -461,7 +552,6 @@ impl Blacklist {
                     self.used.fetch_add(1, Ordering::Relaxed);
                 }
                 self.live.fetch_add(1, Ordering::Relaxed);
-                self.generation.fetch_add(1, Ordering::Release);
                 return true;
             }
         }
@@ -469,7 +559,7 @@ impl Blacklist {
     }
 
     /// Removes an entry (control plane only).
-    pub fn remove(&self, ip: std::net::IpAddr, prefix: u8) -> bool {
+    fn remove(&self, ip: std::net::IpAddr, prefix: u8) -> bool {
         let prefix = if ip.to_canonical().is_ipv4() {
             128
         } else {
@@ -481,7 +571,6 @@ impl Blacklist {
                 // Keep the key as a tombstone so later entries of the chain stay reachable.
                 self.entries[idx].write(hi, lo, 0);
                 self.live.fetch_sub(1, Ordering::Relaxed);
-                self.generation.fetch_add(1, Ordering::Release);
                 true
             }
             None => false,
@@ -489,7 +578,7 @@ impl Blacklist {
     }
 
     /// Empties the table (control plane only), e.g. before writing its whole list again.
-    pub fn clear(&self) {
+    fn clear(&self) {
         for e in &self.entries {
             // Written without reading first: a slot left odd by a dead writer is repaired.
             if e.seq.load(Ordering::Relaxed) != 0 {
@@ -498,7 +587,6 @@ impl Blacklist {
         }
         self.used.store(0, Ordering::Relaxed);
         self.live.store(0, Ordering::Relaxed);
-        self.generation.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -695,6 +783,28 @@ impl Segment {
     }
 
     /// Drains every ring.
+    /// Producer side, after pushing events: wakes the control plane's event reader when it
+    /// sleeps (or is about to). Costs a system call only for the first event after the reader
+    /// armed the doorbell; further events before it reads find the bell rung already.
+    pub fn ring_events_doorbell(&self) {
+        let word = &self.header.events_doorbell;
+        if word.swap(1, Ordering::SeqCst) == 0 {
+            futex_wake(word);
+        }
+    }
+
+    /// Consumer side: arm the doorbell *before* draining, so an event pushed after the drain
+    /// rings it and [`Segment::wait_events_doorbell`] returns at once.
+    pub fn arm_events_doorbell(&self) {
+        self.header.events_doorbell.store(0, Ordering::SeqCst);
+    }
+
+    /// Consumer side: sleeps until a worker rings the doorbell or `timeout` passes (returns
+    /// at once when it was rung since [`Segment::arm_events_doorbell`]).
+    pub fn wait_events_doorbell(&self, timeout: std::time::Duration) {
+        futex_wait(&self.header.events_doorbell, 0, timeout);
+    }
+
     pub fn drain_events(&self, mut f: impl FnMut(Event)) {
         for r in &self.events {
             r.drain(&mut f);
@@ -945,6 +1055,46 @@ impl Drop for SharedMemory {
     }
 }
 
+/// `FUTEX_WAIT` on a word of the shared segment (not `FUTEX_PRIVATE`: the waker is another
+/// process). Spurious and early returns are fine for the caller, which re-checks its rings.
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: std::time::Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `word` is a live, aligned 32-bit atomic inside the mapping (invariants 1 and 2)
+    // and `ts` outlives the call; FUTEX_WAIT only reads both. The kernel compares the word
+    // with `expected` atomically, so a wake between our store and this call is not lost.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+/// `FUTEX_WAKE` for every waiter on a word of the shared segment.
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: as in `futex_wait`; FUTEX_WAKE does not access memory through the pointer, it
+    // only uses its address as the key.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
 fn c_name(name: &str) -> Result<CString, ShmError> {
     if !name.starts_with('/') || name[1..].contains('/') || name.len() > 250 {
         return Err(os("shm_open", name, Errno::EINVAL));
@@ -1171,13 +1321,92 @@ mod tests {
         assert!(bl.insert(ip, 128, 900));
         // A writer killed between its two sequence stores leaves the seq odd.
         let (hi, lo) = ip_key(ip, 128);
-        bl.entries[slot_of(hi, lo, 128)]
+        bl.table().entries[slot_of(hi, lo, 128)]
             .seq
             .fetch_or(1, Ordering::Relaxed);
         assert!(!bl.is_blocked(ip, 100), "a torn slot reads as not blocking");
-        bl.clear();
-        assert!(bl.insert(ip, 128, 900));
-        assert!(bl.is_blocked(ip, 100));
+        // Each clear fills the other table and switches: after two, the torn table is the
+        // active one again, repaired.
+        for _ in 0..2 {
+            bl.clear();
+            assert!(!bl.is_blocked(ip, 100));
+            assert!(bl.insert(ip, 128, 900));
+            assert!(bl.is_blocked(ip, 100));
+            assert_eq!(bl.live(), 1);
+        }
+        SharedMemory::unlink(&name);
+    }
+
+    #[test]
+    fn a_rebuild_never_shows_readers_an_empty_list() {
+        let name = unique("swap");
+        let a = SharedMemory::create(&name).unwrap();
+        let b = SharedMemory::attach(&name).unwrap();
+        let keep: std::net::IpAddr = "198.51.100.1".parse().unwrap();
+        let bl = &a.segment().blacklist;
+        assert!(bl.insert(keep, 128, 900));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let seen = &b.segment().blacklist;
+                let mut checks = 0u64;
+                let mut misses = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    checks += 1;
+                    if !seen.is_blocked(keep, 100) {
+                        misses += 1;
+                    }
+                }
+                (checks, misses)
+            });
+            for round in 0..200u32 {
+                // Every list contains `keep`, plus some others that change per round.
+                let others = (0..50u32).map(|i| {
+                    let ip = std::net::Ipv4Addr::from(0x0a00_0000 + round * 100 + i);
+                    (std::net::IpAddr::V4(ip), 128, 900)
+                });
+                let refused = bl.replace(std::iter::once((keep, 128, 900)).chain(others));
+                assert!(refused.is_empty());
+            }
+            stop.store(true, Ordering::Relaxed);
+            let (checks, misses) = reader.join().unwrap();
+            assert!(checks > 0);
+            assert_eq!(
+                misses, 0,
+                "readers saw the list without its entry during a rebuild"
+            );
+        });
+        assert_eq!(bl.live(), 51);
+        SharedMemory::unlink(&name);
+    }
+
+    #[test]
+    fn the_events_doorbell_wakes_a_sleeping_reader() {
+        let name = unique("bell");
+        let a = SharedMemory::create(&name).unwrap();
+        let b = SharedMemory::attach(&name).unwrap();
+        // Rung before the wait: the wait returns at once.
+        a.segment().arm_events_doorbell();
+        b.segment().ring_events_doorbell();
+        let t = std::time::Instant::now();
+        a.segment()
+            .wait_events_doorbell(std::time::Duration::from_secs(20));
+        assert!(t.elapsed() < std::time::Duration::from_secs(10));
+        // Rung while the reader sleeps: it wakes long before its timeout.
+        a.segment().arm_events_doorbell();
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let t = std::time::Instant::now();
+                a.segment()
+                    .wait_events_doorbell(std::time::Duration::from_secs(20));
+                t.elapsed()
+            });
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            b.segment().ring_events_doorbell();
+            assert!(waiter.join().unwrap() < std::time::Duration::from_secs(10));
+        });
+        // Not armed: nothing is rung twice (the word stays 1 until the reader re-arms).
+        assert_eq!(a.segment().header.events_doorbell.load(Ordering::SeqCst), 1);
         SharedMemory::unlink(&name);
     }
 

@@ -59,24 +59,21 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Resp
     })?;
     let ip = parse_ip(&e.ip)?;
     let prefix = match e.ip.split_once('/') {
-        Some((_, p)) => {
-            // Only prefixes the dataplane probes on its packet path; IPv4 entries are single
-            // addresses.
-            let allowed: &[u8] = if ip.to_canonical().is_ipv4() {
-                &[32]
-            } else {
-                &BLACKLIST_V6_PREFIXES
-            };
-            let len = p.parse::<u8>().ok().filter(|p| allowed.contains(p));
-            Some(len.ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "\"{}\": the prefix length must be one of {allowed:?}",
-                    e.ip
-                ))
-            })?)
-        }
+        Some((_, p)) => Some(entry_prefix(&e.ip, ip, p, e.kind)?),
         None => None,
     };
+    if e.kind == Kind::White {
+        if let Some(p) = prefix {
+            let (used, max) = control.fraud.white_ranges();
+            let is_range = !is_probed(ip, p);
+            if is_range && used >= max && control.fraud.exact(ip, p).is_none() {
+                return Err(ApiError::bad_request(format!(
+                    "\"{}\": at most {max} whitelist entries may be ranges",
+                    e.ip
+                )));
+            }
+        }
+    }
     if e.note.len() > 512 {
         return Err(ApiError::bad_request("note: at most 512 bytes"));
     }
@@ -93,7 +90,18 @@ pub async fn remove(
     Path(ip): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let addr = parse_ip(&ip)?;
-    match control.fraud.remove(addr) {
+    // "ip/prefix" names exactly that entry (a whitelist range); a bare address finds the
+    // entry that covers it.
+    let found = match ip.split_once('/').map(|(_, p)| p.parse::<u8>()) {
+        Some(Ok(p)) => control.fraud.remove_exact(addr, p),
+        Some(Err(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "\"{ip}\": the prefix length is not a number"
+            )))
+        }
+        None => control.fraud.remove(addr),
+    };
+    match found {
         Some(_) => Ok(StatusCode::NO_CONTENT),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -113,6 +121,42 @@ pub async fn whitelist(
             StatusCode::NOT_FOUND,
             format!("no entry for {ip}"),
         )),
+    }
+}
+
+/// Whether the dataplane's blacklist probes this prefix (IPv4: single addresses).
+fn is_probed(ip: IpAddr, prefix: u8) -> bool {
+    if ip.to_canonical().is_ipv4() {
+        prefix == 32
+    } else {
+        BLACKLIST_V6_PREFIXES.contains(&prefix)
+    }
+}
+
+/// The prefix length of a new entry. Blacklist entries: only prefixes the dataplane probes on
+/// its packet path (IPv4 single addresses; IPv6 /48, /56, /64, /128). Whitelist entries: any
+/// block (an office's public /28), but not wider than /8 (IPv4) or /16 (IPv6) — to switch
+/// automatic blacklisting off, set `fraud.suspicious_per_minute = 0` instead.
+fn entry_prefix(text: &str, ip: IpAddr, p: &str, kind: Kind) -> Result<u8, ApiError> {
+    let v4 = ip.to_canonical().is_ipv4();
+    let len = p.parse::<u8>().ok();
+    match kind {
+        Kind::Black => {
+            let allowed: &[u8] = if v4 { &[32] } else { &BLACKLIST_V6_PREFIXES };
+            len.filter(|p| allowed.contains(p)).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "\"{text}\": a blacklist entry's prefix length must be one of {allowed:?}"
+                ))
+            })
+        }
+        Kind::White => {
+            let (min, max) = if v4 { (8, 32) } else { (16, 128) };
+            len.filter(|p| (min..=max).contains(p)).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "\"{text}\": a whitelist entry's prefix length must be {min}..={max}"
+                ))
+            })
+        }
     }
 }
 

@@ -57,6 +57,39 @@ impl Source {
         }
     }
 
+    /// Any block: an IPv4 address with a prefix of up to 32 bits, an IPv6 one of up to 128
+    /// (whitelist entries may be ranges, e.g. an office's public /28).
+    pub fn cidr(ip: IpAddr, prefix: u8) -> Source {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => {
+                let p = prefix.min(32);
+                let mask = if p == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(p))
+                };
+                Source {
+                    ip: IpAddr::V4((u32::from(v4) & mask).into()),
+                    prefix: p,
+                }
+            }
+            IpAddr::V6(_) => Source::of(ip, prefix),
+        }
+    }
+
+    /// Whether this is one address or a prefix the dataplane's table probes, i.e. found by
+    /// [`Engine::covering`]; other blocks are ranges, searched in a list.
+    fn is_probed(&self) -> bool {
+        match self.ip {
+            IpAddr::V4(_) => self.prefix == 32,
+            IpAddr::V6(_) => BLACKLIST_V6_PREFIXES.contains(&self.prefix),
+        }
+    }
+
+    fn as_cidr(&self) -> Option<portico_shared::addr::Cidr> {
+        portico_shared::addr::Cidr::new(self.ip, self.prefix).ok()
+    }
+
     /// The prefix length in the dataplane's table (IPv4 as IPv4-mapped /128).
     pub fn shm_prefix(&self) -> u8 {
         if self.ip.is_ipv4() {
@@ -69,7 +102,7 @@ impl Source {
 
 impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.ip.is_ipv4() || self.prefix == 128 {
+        if (self.ip.is_ipv4() && self.prefix == 32) || self.prefix == 128 {
             write!(f, "{}", self.ip)
         } else {
             write!(f, "{}/{}", self.ip, self.prefix)
@@ -109,6 +142,10 @@ pub struct Entry {
 /// maximum load.
 pub const MAX_ENTRIES: usize = portico_shared::shm::BLACKLIST_SLOTS / 2 - 64;
 
+/// Most whitelist entries that are ranges (an IPv4 block shorter than /32, an IPv6 prefix
+/// the dataplane does not probe): they are searched linearly on every check.
+pub const MAX_WHITE_RANGES: usize = 1024;
+
 /// A change the driver must mirror into the dataplane and the state file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -123,6 +160,9 @@ pub struct Engine {
     v6_prefix: u8,
     counts: counter::Counter,
     entries: HashMap<Source, Entry>,
+    /// The whitelist entries that are ranges (see [`Source::is_probed`]), rebuilt whenever
+    /// one of them changes.
+    white_ranges: CidrList,
     /// Set whenever `entries` changes; the driver persists and clears it.
     pub dirty: bool,
 }
@@ -136,6 +176,7 @@ impl Engine {
             v6_prefix: cfg.ipv6_prefix,
             counts: counter::Counter::new(cfg.max_tracked_sources, seed),
             entries: HashMap::new(),
+            white_ranges: CidrList::default(),
             dirty: false,
         }
     }
@@ -171,8 +212,25 @@ impl Engine {
     }
 
     fn whitelisted(&self, ip: IpAddr) -> bool {
-        self.whitelist_cfg.contains(ip.to_canonical())
+        let ip = ip.to_canonical();
+        self.whitelist_cfg.contains(ip)
+            || self.white_ranges.contains(ip)
             || self.covering(ip).any(|e| e.kind == Kind::White)
+    }
+
+    /// Whitelist range entries in use.
+    pub fn white_ranges(&self) -> usize {
+        self.white_ranges.blocks().len()
+    }
+
+    fn rebuild_white_ranges(&mut self) {
+        let blocks = self
+            .entries
+            .values()
+            .filter(|e| e.kind == Kind::White && !e.source.is_probed())
+            .filter_map(|e| e.source.as_cidr())
+            .collect();
+        self.white_ranges = CidrList::new(blocks);
     }
 
     /// Whether `ip` is blocked now (the proxy asks this at accept time).
@@ -235,7 +293,7 @@ impl Engine {
         now: u64,
     ) -> (Entry, Vec<Change>) {
         let source = match prefix {
-            Some(p) => Source::of(ip, if ip.to_canonical().is_ipv4() { 32 } else { p }),
+            Some(p) => Source::cidr(ip, p),
             None => self.source(ip),
         };
         let e = Entry {
@@ -259,7 +317,15 @@ impl Engine {
         } else {
             self.counts.forget(&source);
         }
+        let range_changed = !source.is_probed()
+            || self
+                .entries
+                .get(&source)
+                .is_some_and(|old| old.kind == Kind::White);
         self.entries.insert(source, e.clone());
+        if range_changed || kind == Kind::White {
+            self.rebuild_white_ranges();
+        }
         self.dirty = true;
         (e, changes)
     }
@@ -267,13 +333,41 @@ impl Engine {
     /// Finds the entry for an address given as the API names it (an address inside an IPv6
     /// prefix finds the prefix entry, the most specific first).
     pub fn lookup(&self, ip: IpAddr) -> Option<&Entry> {
-        self.covering(ip).next()
+        if let Some(e) = self.covering(ip).next() {
+            return Some(e);
+        }
+        // A whitelist range containing it, the longest prefix first.
+        let canon = ip.to_canonical();
+        self.white_ranges
+            .blocks()
+            .iter()
+            .filter(|b| b.contains(canon))
+            .max_by_key(|b| b.prefix())
+            .and_then(|b| {
+                self.entries.get(&Source {
+                    ip: b.addr(),
+                    prefix: b.prefix(),
+                })
+            })
+    }
+
+    /// The entry of exactly this block, if any.
+    pub fn exact(&self, ip: IpAddr, prefix: u8) -> Option<&Entry> {
+        self.entries.get(&Source::cidr(ip, prefix))
     }
 
     pub fn remove(&mut self, ip: IpAddr) -> Option<(Entry, Vec<Change>)> {
         let key = self.lookup(ip)?.source;
+        self.remove_source(key)
+    }
+
+    /// Removes the entry of exactly this block.
+    pub fn remove_source(&mut self, key: Source) -> Option<(Entry, Vec<Change>)> {
         let e = self.entries.remove(&key)?;
         self.dirty = true;
+        if e.kind == Kind::White {
+            self.rebuild_white_ranges();
+        }
         let changes = if e.kind == Kind::Black {
             vec![Change::Unblock(key)]
         } else {
@@ -294,6 +388,7 @@ impl Engine {
         e.created_unix = now;
         let e = e.clone();
         self.counts.forget(&key);
+        self.rebuild_white_ranges();
         self.dirty = true;
         let changes = if was_black {
             vec![Change::Unblock(key)]
@@ -312,14 +407,20 @@ impl Engine {
             .map(|e| e.source)
             .collect();
         let mut changes = Vec::new();
+        let mut white_gone = false;
         for s in gone {
             if let Some(e) = self.entries.remove(&s) {
                 tracing::info!(source = %s, kind = ?e.kind, "fraud list entry expired");
                 if e.kind == Kind::Black {
                     changes.push(Change::Unblock(s));
+                } else {
+                    white_gone = true;
                 }
                 self.dirty = true;
             }
+        }
+        if white_gone {
+            self.rebuild_white_ranges();
         }
         changes
     }
@@ -345,6 +446,7 @@ impl Engine {
             }
             self.entries.insert(e.source, e);
         }
+        self.rebuild_white_ranges();
         changes
     }
 
@@ -440,6 +542,45 @@ mod tests {
             assert_eq!(e.suspicious(good, 100 + t), None);
         }
         assert!(!e.is_blocked(good, 200));
+    }
+
+    #[test]
+    fn whitelist_entries_may_be_ranges() {
+        let mut e = engine(1);
+        let office: IpAddr = "203.0.113.16".parse().unwrap();
+        let (w, _) = e.add(office, Some(28), Kind::White, None, "office".into(), 10);
+        assert_eq!(w.source.to_string(), "203.0.113.16/28");
+        assert_eq!(e.white_ranges(), 1);
+        for last in 16..32u8 {
+            let ip = IpAddr::from([203, 0, 113, last]);
+            for t in 0..5 {
+                assert_eq!(e.suspicious(ip, 100 + t), None, "{ip}");
+            }
+            assert!(!e.is_blocked(ip, 200));
+            assert_eq!(e.lookup(ip).map(|x| x.source), Some(w.source));
+        }
+        let outside: IpAddr = "203.0.113.32".parse().unwrap();
+        e.suspicious(outside, 100);
+        assert!(e.suspicious(outside, 101).is_some());
+        // IPv6 ranges other than the probed prefixes, and IPv4-mapped sources.
+        let v6: IpAddr = "2001:db8:7700::".parse().unwrap();
+        e.add(v6, Some(40), Kind::White, None, String::new(), 10);
+        let inside: IpAddr = "2001:db8:77ff:1::9".parse().unwrap();
+        for t in 0..5 {
+            assert_eq!(e.suspicious(inside, 100 + t), None);
+        }
+        let mapped: IpAddr = "::ffff:203.0.113.20".parse().unwrap();
+        assert!(e.whitelists(mapped));
+        // Removal of exactly the block; restore keeps ranges.
+        let restored = {
+            let mut b = engine(1);
+            b.restore(e.entries(), 20);
+            b
+        };
+        assert!(restored.whitelists("203.0.113.17".parse().unwrap()));
+        assert!(e.remove_source(Source::cidr(office, 28)).is_some());
+        assert_eq!(e.white_ranges(), 1);
+        assert!(!e.whitelists("203.0.113.17".parse().unwrap()));
     }
 
     #[test]

@@ -4,17 +4,21 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use portico_shared::config::FraudConfig;
-use portico_shared::shm::{SharedMemory, BLACKLIST_SLOTS};
+use portico_shared::shm::{EventKind, SharedMemory, BLACKLIST_SLOTS};
 
 use super::{store, Change, Engine, Entry, Kind};
 
-/// How often the dataplane's event rings are drained: well inside the 100 ms in which a
-/// decision must take effect.
-const DRAIN_EVERY: Duration = Duration::from_millis(25);
+/// How often the driver task expires entries and writes the state file.
+const TICK: Duration = Duration::from_millis(25);
+
+/// The longest the event reader sleeps without a doorbell: a dataplane of an older build that
+/// does not ring it is still drained this often.
+const EVENTS_POLL: Duration = Duration::from_millis(100);
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -39,6 +43,11 @@ pub struct Fraud {
     shm: Arc<SharedMemory>,
     path: PathBuf,
     stats: Mutex<FraudStats>,
+    /// The shared-memory blacklist has one writer at a time: the event reader thread, the
+    /// proxy's reports and API calls all go through this.
+    writer: Mutex<()>,
+    /// `fraud.count_peer_refusals`.
+    count_peer_refusals: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -57,19 +66,26 @@ impl Fraud {
         let saved = store::load(&path)?;
         let mut engine = Engine::new(cfg, unix_now() ^ u64::from(std::process::id()));
         let now = unix_now();
-        let restored = engine.restore(saved, now);
-        // The segment may hold entries of an earlier run (the dataplane outlived us): start
-        // the table from exactly our list.
-        shm.segment().blacklist.clear();
+        engine.restore(saved, now);
         let f = Arc::new(Fraud {
             engine: Mutex::new(engine),
             shm,
             path,
             stats: Mutex::new(FraudStats::default()),
+            writer: Mutex::new(()),
+            count_peer_refusals: AtomicBool::new(cfg.count_peer_refusals),
         });
-        f.mirror(restored);
+        // The segment may hold entries of an earlier run (the dataplane outlived us): replace
+        // them with exactly our list, in one switch (the dataplane keeps enforcing the old
+        // list until then).
+        f.rebuild();
         let (black, white) = lock(&f.engine).count_by_kind();
         tracing::info!(black, white, file = %f.path.display(), "fraud lists loaded");
+        let reader = Arc::clone(&f);
+        std::thread::Builder::new()
+            .name("fraud-events".into())
+            .spawn(move || reader.read_events())
+            .map_err(|e| format!("fraud: cannot start the event reader: {e}"))?;
         tokio::spawn(Arc::clone(&f).run());
         Ok(f)
     }
@@ -78,12 +94,15 @@ impl Fraud {
     /// entries it enforces.
     pub fn reconfigure(&self, cfg: &FraudConfig) {
         lock(&self.engine).reconfigure(cfg);
+        self.count_peer_refusals
+            .store(cfg.count_peer_refusals, Ordering::Relaxed);
         self.rebuild();
     }
 
     /// Mirrors decisions into the dataplane's table; rebuilds the table when it is full of
     /// tombstones.
     fn mirror(&self, changes: Vec<Change>) {
+        let _writer = lock(&self.writer);
         let bl = &self.shm.segment().blacklist;
         for c in changes {
             let ok = match c {
@@ -100,7 +119,7 @@ impl Fraud {
                 // Only tombstones can be reclaimed: when live entries alone fill the table,
                 // rebuilding would not help and would briefly unblock everyone.
                 if (bl.live() as usize) < BLACKLIST_SLOTS / 2 - 1 {
-                    self.rebuild();
+                    self.rebuild_locked();
                 } else {
                     tracing::error!(
                         "the dataplane blacklist is full; new blocks apply to the proxy only"
@@ -110,23 +129,37 @@ impl Fraud {
         }
     }
 
+    /// Writes the dataplane's table anew from the lists: built aside and switched in one
+    /// store, so the dataplane never sees an empty or partial list.
     fn rebuild(&self) {
-        let bl = &self.shm.segment().blacklist;
-        bl.clear();
+        let _writer = lock(&self.writer);
+        self.rebuild_locked();
+    }
+
+    fn rebuild_locked(&self) {
         let now = unix_now();
-        // Copied out first: the loop takes the engine's lock itself.
-        let entries = lock(&self.engine).entries();
-        for e in entries {
-            let live = e.kind == Kind::Black
-                && e.expires_unix.is_none_or(|x| x > now)
-                && !lock(&self.engine).whitelists(e.source.ip);
-            let until = e.expires_unix.unwrap_or(u64::MAX >> 8);
-            if live && !bl.insert(e.source.ip, e.source.shm_prefix(), until) {
-                tracing::error!(
-                    "the dataplane blacklist is full; {} not enforced there",
-                    e.source
-                );
-            }
+        let live: Vec<_> = {
+            let engine = lock(&self.engine);
+            engine
+                .entries()
+                .into_iter()
+                .filter(|e| {
+                    e.kind == Kind::Black
+                        && e.expires_unix.is_none_or(|x| x > now)
+                        && !engine.whitelists(e.source.ip)
+                })
+                .map(|e| {
+                    let until = e.expires_unix.unwrap_or(u64::MAX >> 8);
+                    (e.source.ip, e.source.shm_prefix(), until)
+                })
+                .collect()
+        };
+        let refused = self.shm.segment().blacklist.replace(live);
+        if !refused.is_empty() {
+            tracing::error!(
+                "the dataplane blacklist is full; {} entries not enforced there",
+                refused.len()
+            );
         }
     }
 
@@ -136,6 +169,11 @@ impl Fraud {
             .suspicious
             .entry((origin.to_string(), reason.to_string()))
             .or_insert(0) += 1;
+        self.count(ip, origin, reason);
+    }
+
+    /// Counts an event toward blacklisting (the caller has counted it in the metrics).
+    fn count(&self, ip: IpAddr, origin: &str, reason: &str) {
         let change = lock(&self.engine).suspicious(ip, unix_now());
         if let Some(change) = change {
             if let Change::Block(s, exp) = &change {
@@ -175,9 +213,35 @@ impl Fraud {
     ) -> Entry {
         let (e, changes) = lock(&self.engine).add(ip, prefix, kind, expires_unix, note, unix_now());
         tracing::info!(source = %e.source, kind = ?e.kind, "fraud list entry added by hand");
-        self.mirror(changes);
+        if kind == Kind::White {
+            // A whitelist entry (a range too) lifts every blacklist entry it covers, in the
+            // dataplane as well.
+            self.rebuild();
+        } else {
+            self.mirror(changes);
+        }
         self.persist();
         e
+    }
+
+    /// Whitelist range entries in use, and how many there may be.
+    pub fn white_ranges(&self) -> (usize, usize) {
+        (lock(&self.engine).white_ranges(), super::MAX_WHITE_RANGES)
+    }
+
+    /// The entry of exactly this block.
+    pub fn exact(&self, ip: IpAddr, prefix: u8) -> Option<Entry> {
+        lock(&self.engine).exact(ip, prefix).cloned()
+    }
+
+    /// Removes the entry of exactly this block (`ip/prefix` as the API names a range).
+    pub fn remove_exact(&self, ip: IpAddr, prefix: u8) -> Option<Entry> {
+        let key = super::Source::cidr(ip, prefix);
+        let (e, changes) = lock(&self.engine).remove_source(key)?;
+        tracing::info!(source = %e.source, kind = ?e.kind, "fraud list entry removed");
+        self.mirror(changes);
+        self.persist();
+        Some(e)
     }
 
     pub fn remove(&self, ip: IpAddr) -> Option<Entry> {
@@ -227,21 +291,49 @@ impl Fraud {
         }
     }
 
+    /// The event reader (a thread of its own): sleeps on the segment's doorbell, which a
+    /// dataplane worker rings when it pushes an event, and hands every event to the engine at
+    /// once. A brute force over UDP is then cut within a few attempts of the threshold, not
+    /// after a polling interval's worth of them.
+    fn read_events(&self) {
+        let seg = self.shm.segment();
+        loop {
+            seg.arm_events_doorbell();
+            let mut events = Vec::new();
+            seg.drain_events(|e| events.push(e));
+            if events.is_empty() {
+                seg.wait_events_doorbell(EVENTS_POLL);
+                continue;
+            }
+            for e in events {
+                self.dataplane_event(e.kind, e.ip);
+            }
+        }
+    }
+
+    fn dataplane_event(&self, kind: EventKind, ip: IpAddr) {
+        let origin = match kind {
+            EventKind::RateExceeded => "stun",
+            _ => "turn",
+        };
+        *lock(&self.stats)
+            .suspicious
+            .entry((origin.to_string(), kind.name().to_string()))
+            .or_insert(0) += 1;
+        // A peer refused by the policy is what a WebRTC client's private host candidates
+        // get: counted toward blacklisting only where the operator asked for it.
+        if kind == EventKind::PeerDenied && !self.count_peer_refusals.load(Ordering::Relaxed) {
+            return;
+        }
+        self.count(ip, origin, kind.name());
+    }
+
     async fn run(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(DRAIN_EVERY);
+        let mut tick = tokio::time::interval(TICK);
         let mut n: u64 = 0;
         loop {
             tick.tick().await;
             n += 1;
-            let mut events = Vec::new();
-            self.shm.segment().drain_events(|e| events.push(e));
-            for e in events {
-                let origin = match e.kind {
-                    portico_shared::shm::EventKind::RateExceeded => "stun",
-                    _ => "turn",
-                };
-                self.report(e.ip, origin, e.kind.name());
-            }
             if n.is_multiple_of(40) {
                 let changes = lock(&self.engine).expire(unix_now());
                 self.mirror(changes);

@@ -1299,18 +1299,34 @@ pub fn flood_source(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(n as u32))
 }
 
+/// What a flood did: wrong-password requests sent, and those of them whose 401 came back
+/// (each of those certainly reached the dataplane and was counted there; an unanswered one
+/// may have been lost on the way, e.g. in a full socket buffer of a loaded machine).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Flooded {
+    pub sent: usize,
+    pub answered: usize,
+}
+
+impl std::ops::AddAssign for Flooded {
+    fn add_assign(&mut self, o: Flooded) {
+        self.sent += o.sent;
+        self.answered += o.answered;
+    }
+}
+
 /// Flood sources `from..to`, `batch` at a time, each with its own socket: fetch each one's
 /// nonce (a nonce is bound to the address), then send `per_source` signed Allocates with a
-/// wrong password without waiting for the answers. Calls `between` after every batch.
-/// Returns the wrong-password requests sent.
+/// wrong password, all of the batch before reading any answer. Calls `between` after every
+/// batch.
 pub fn flood(
     server: SocketAddr,
     sources: std::ops::Range<usize>,
     batch: usize,
     per_source: usize,
     mut between: impl FnMut(),
-) -> usize {
-    let mut sent = 0;
+) -> Flooded {
+    let mut done = Flooded::default();
     let mut i = sources.start;
     while i < sources.end {
         let end = (i + batch).min(sources.end);
@@ -1325,17 +1341,27 @@ pub fn flood(
                 tid
             })
             .collect();
-        for (c, tid) in clients.iter_mut().zip(&tids) {
+        let mut pending: Vec<(usize, [u8; 12])> = Vec::new();
+        for (k, (c, tid)) in clients.iter_mut().zip(&tids).enumerate() {
             if let Some(bytes) = recv_answer(&c.sock, server, tid, Duration::from_millis(500)) {
                 c.set_challenge(&bytes);
                 for _ in 0..per_source {
-                    c.send_allocate();
-                    sent += 1;
+                    let tid = new_tid();
+                    let _ = c.sock.send_to(&c.allocate_request(&tid), server);
+                    pending.push((k, tid));
+                    done.sent += 1;
                 }
+            }
+        }
+        // One socket's answers come back in order (one 5-tuple, one worker).
+        for (k, tid) in &pending {
+            let c = &clients[*k];
+            if recv_answer(&c.sock, server, tid, Duration::from_millis(200)).is_some() {
+                done.answered += 1;
             }
         }
         between();
         i = end;
     }
-    sent
+    done
 }
