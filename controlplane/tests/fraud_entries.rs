@@ -279,7 +279,10 @@ fn an_automatic_entry_survives_a_restart_right_after_the_decision() {
     );
     let src = v4(127, 0, 0, 12);
     for _ in 0..3 {
-        assert_eq!(get_from(src, site.proxy(), "/deny"), Answer::Status(401));
+        assert_eq!(
+            get_with(src, site.proxy(), "/private", &[WRONG_LOGIN]),
+            Answer::Status(401)
+        );
     }
     assert!(wait_until(Duration::from_secs(1), || {
         get_from(src, site.proxy(), "/") == Answer::Refused

@@ -32,7 +32,10 @@ fn a_brute_force_client_is_refused_at_accept_after_exactly_the_threshold_until_e
     let bystander = Bystander::http(v4(127, 0, 0, 4), proxy);
 
     for i in 1..=THRESHOLD {
-        assert_eq!(get_from(attacker, proxy, "/deny"), Answer::Status(401));
+        assert_eq!(
+            get_with(attacker, proxy, "/private", &[WRONG_LOGIN]),
+            Answer::Status(401)
+        );
         let counted = site.wait_metric(
             "portico_fraud_suspicious_events_total",
             &[("origin", "proxy"), ("reason", "target_rejected")],
@@ -55,7 +58,10 @@ fn a_brute_force_client_is_refused_at_accept_after_exactly_the_threshold_until_e
 
     // One more: that request is answered (its connection was accepted before the
     // decision); the next connection is closed at accept, without a byte of answer.
-    assert_eq!(get_from(attacker, proxy, "/deny"), Answer::Status(401));
+    assert_eq!(
+        get_with(attacker, proxy, "/private", &[WRONG_LOGIN]),
+        Answer::Status(401)
+    );
     let decided = Instant::now();
     let mut took = None;
     while decided.elapsed() < Duration::from_secs(2) {
@@ -93,7 +99,7 @@ fn a_brute_force_client_is_refused_at_accept_after_exactly_the_threshold_until_e
     // Stays refused (whatever it asks for) ...
     let mut refusals = 0;
     while decided.elapsed() < Duration::from_millis(1800) {
-        for path in ["/", "/deny"] {
+        for path in ["/", "/private"] {
             assert_eq!(
                 get_from(attacker, proxy, path),
                 Answer::Refused,
@@ -126,7 +132,10 @@ fn a_brute_force_client_is_refused_at_accept_after_exactly_the_threshold_until_e
         "a 3 s block lasted {blocked_for:?}"
     );
     // Counting starts from zero again: one more 401 does not block.
-    assert_eq!(get_from(attacker, proxy, "/deny"), Answer::Status(401));
+    assert_eq!(
+        get_with(attacker, proxy, "/private", &[WRONG_LOGIN]),
+        Answer::Status(401)
+    );
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(get_from(attacker, proxy, "/"), Answer::Status(200));
     bystander.finish(20);
@@ -190,7 +199,10 @@ fn a_kept_alive_connection_of_a_blacklisted_source_is_not_served_on() {
     let mut other = KeepAlive::open(v4(127, 0, 0, 12), site.proxy());
     assert_eq!(other.get("/"), Answer::Status(200));
     for _ in 0..=THRESHOLD {
-        assert_eq!(conn.get("/deny"), Answer::Status(401));
+        assert_eq!(
+            conn.get_with("/private", &[WRONG_LOGIN]),
+            Answer::Status(401)
+        );
     }
     assert!(wait_until(Duration::from_secs(1), || site
         .entry("127.0.0.11")

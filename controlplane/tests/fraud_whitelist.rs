@@ -12,7 +12,10 @@ use fraud_common::*;
 fn misbehave(site: &Site, src: IpAddr, n: usize) {
     wrong_passwords(src, site.udp4(), n);
     for _ in 0..n {
-        assert_eq!(get_from(src, site.proxy(), "/deny"), Answer::Status(401));
+        assert_eq!(
+            get_with(src, site.proxy(), "/private", &[WRONG_LOGIN]),
+            Answer::Status(401)
+        );
     }
 }
 

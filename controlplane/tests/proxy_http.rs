@@ -176,8 +176,23 @@ fn rejections_answer_and_report() {
     assert_eq!(code, 403);
     e.portico
         .wait_log("suspicious request: source not in allow_from");
-    // The target's own refusal counts too.
+    // A 401 challenge to a request without credentials is what every browser gets first:
+    // not a rejection. (The event would be logged before the answer is relayed.)
     let (code, body) = curl("http", "alpha.test", e.http, "/deny", &[]);
+    assert_eq!((code, body.as_str()), (401, "denied\n"));
+    assert!(
+        !e.portico.log().contains("target rejected the request"),
+        "{}",
+        e.portico.log()
+    );
+    // The target's own refusal of credentials counts.
+    let (code, body) = curl(
+        "http",
+        "alpha.test",
+        e.http,
+        "/deny",
+        &["-u", "alice:wrong"],
+    );
     assert_eq!((code, body.as_str()), (401, "denied\n"));
     e.portico.wait_log("target rejected the request: HTTP 401");
     // Garbage is answered with 400 and reported.
@@ -734,12 +749,38 @@ fn read_response(s: &mut impl Read) -> Option<(u16, String)> {
 }
 
 fn raw_proxy(tag: &str, fraud: &str, target: u16, limits: &str) -> (Portico, u16) {
+    raw_proxy_with(tag, fraud, "", target, limits)
+}
+
+/// [`raw_proxy`] with `proxy` as the body of the `[proxy]` table.
+fn raw_proxy_with(
+    tag: &str,
+    fraud: &str,
+    proxy: &str,
+    target: u16,
+    limits: &str,
+) -> (Portico, u16) {
     let http = free_port();
     let toml = format!(
-        "[proxy.listen]\nhttp = \"127.0.0.1:{http}\"\n[proxy.limits]\n{limits}\n\
+        "[proxy]\n{proxy}\n[proxy.listen]\nhttp = \"127.0.0.1:{http}\"\n[proxy.limits]\n{limits}\n\
          [[proxy.services]]\nname = \"raw.test\"\nhost = \"127.0.0.1\"\nhttp = {target}\n"
     );
     (Portico::start_with_fraud(tag, fraud, &toml, &[http]), http)
+}
+
+/// One request on a new connection from 127.0.0.1 through the proxy on `port`, and the
+/// head the target received for it (`None` when nothing reached the target).
+fn through(port: u16, target: &RawTarget, request: &str) -> (Option<u16>, Option<String>) {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(request.as_bytes()).unwrap();
+    let status = read_response(&mut c).map(|r| r.0);
+    let head = target
+        .heads
+        .recv_timeout(Duration::from_millis(500))
+        .ok()
+        .map(|h| h.to_ascii_lowercase());
+    (status, head)
 }
 
 #[test]
@@ -757,7 +798,9 @@ fn blacklisting_cuts_an_open_keep_alive_connection() {
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut answers = Vec::new();
     for i in 0..20 {
-        let req = format!("GET /login?guess={i} HTTP/1.1\r\nHost: raw.test\r\n\r\n");
+        let req = format!(
+            "GET /login?guess={i} HTTP/1.1\r\nHost: raw.test\r\nAuthorization: Basic Z3Vlc3M6e2l9\r\n\r\n"
+        );
         if c.write_all(req.as_bytes()).is_err() {
             break;
         }
@@ -850,13 +893,13 @@ fn client_forwarding_claims_and_foreign_upgrades_are_stripped() {
         "gopher",
         "evil.example",
         "forwarded:",
-        "x-real-ip",
         "upgrade: h2c",
-        "http2-settings:",
+        "http2-settings",
     ] {
         assert!(!head.contains(gone), "{gone:?} reached the target:\n{head}");
     }
     assert!(head.contains("x-forwarded-for: 127.0.0.1\r\n"), "{head}");
+    assert!(head.contains("x-real-ip: 127.0.0.1\r\n"), "{head}");
     assert!(head.contains("x-forwarded-proto: http\r\n"), "{head}");
     assert!(head.contains("x-kept: yes\r\n"), "{head}");
 }
@@ -902,4 +945,271 @@ fn later_request_heads_have_a_deadline_too() {
     assert_eq!(answer.map(|r| r.0), Some(408), "after {:?}", t0.elapsed());
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     p.wait_log("no complete request in time");
+}
+
+/// X-Real-IP is the proxy's word, like X-Forwarded-For: set to the client it saw, once; the
+/// other client-address headers targets and frameworks read (CDN spellings included, and
+/// their CGI-style underscored forms) never get through.
+#[test]
+fn client_address_headers_are_the_proxys_own() {
+    let target = raw_target(200);
+    let (_p, http) = raw_proxy("realip", "", target.port, "");
+    let (status, head) = through(
+        http,
+        &target,
+        "GET / HTTP/1.1\r\nHost: raw.test\r\nX-Real-IP: 6.6.6.1\r\nX_Real_IP: 6.6.6.2\r\n\
+         True-Client-IP: 6.6.6.3\r\nX-Client-IP: 6.6.6.4\r\nCF-Connecting-IP: 6.6.6.5\r\n\
+         X-Cluster-Client-IP: 6.6.6.6\r\nClient-IP: 6.6.6.7\r\nFastly-Client-IP: 6.6.6.8\r\n\
+         X-Originating-IP: 6.6.6.9\r\nX_Client_IP: 6.6.6.10\r\nX-Kept: yes\r\n\r\n",
+    );
+    assert_eq!(status, Some(200));
+    let head = head.expect("the request reached the target");
+    assert!(
+        !head.contains("6.6.6."),
+        "a client's address claim got through:\n{head}"
+    );
+    for gone in [
+        "true-client-ip",
+        "x-client-ip",
+        "x_client_ip",
+        "cf-connecting-ip",
+        "x-cluster-client-ip",
+        "\r\nclient-ip",
+        "fastly-client-ip",
+        "x-originating-ip",
+        "x_real_ip",
+    ] {
+        assert!(!head.contains(gone), "{gone:?} reached the target:\n{head}");
+    }
+    assert_eq!(
+        head.matches("x-real-ip:").count(),
+        1,
+        "X-Real-IP not set exactly once:\n{head}"
+    );
+    assert!(head.contains("\r\nx-real-ip: 127.0.0.1\r\n"), "{head}");
+    assert!(head.contains("x-kept: yes\r\n"), "{head}");
+}
+
+/// Path overrides would have the target serve a path the URL allow-list never saw.
+#[test]
+fn path_override_headers_never_reach_the_target() {
+    let target = raw_target(200);
+    let (_p, http) = raw_proxy("override", "", target.port, "");
+    let (status, head) = through(
+        http,
+        &target,
+        "GET /public/x HTTP/1.1\r\nHost: raw.test\r\nX-Original-URL: /admin/a\r\n\
+         X-Rewrite-URL: /admin/b\r\nX_Original_URL: /admin/c\r\nX-Override-URL: /admin/d\r\n\
+         X-Original-URI: /admin/e\r\n\r\n",
+    );
+    assert_eq!(status, Some(200));
+    let head = head.expect("the request reached the target");
+    assert!(head.starts_with("get /public/x http/1.1\r\n"), "{head}");
+    assert!(
+        !head.contains("/admin"),
+        "a path override got through:\n{head}"
+    );
+    // Also from a trusted proxy: no one may override the path the proxy checked.
+    let target = raw_target(200);
+    let (_p, http) = raw_proxy_with(
+        "override-trusted",
+        "",
+        "trusted_proxies = [\"127.0.0.1/32\"]",
+        target.port,
+        "",
+    );
+    let (status, head) = through(
+        http,
+        &target,
+        "GET /public/x HTTP/1.1\r\nHost: raw.test\r\nX-Original-URL: /admin/a\r\n\
+         X-Rewrite-URL: /admin/b\r\n\r\n",
+    );
+    assert_eq!(status, Some(200));
+    let head = head.expect("the request reached the target");
+    assert!(
+        !head.contains("/admin"),
+        "a path override got through:\n{head}"
+    );
+}
+
+/// Behind a trusted proxy the client is the rightmost hop it forwarded that is not trusted
+/// itself; X-Real-IP names that client, X-Forwarded-For keeps the whole chain.
+#[test]
+fn behind_a_trusted_proxy_x_real_ip_is_the_forwarded_client() {
+    let target = raw_target(200);
+    let (_p, http) = raw_proxy_with(
+        "realip-trusted",
+        "",
+        "trusted_proxies = [\"127.0.0.1/32\", \"10.0.0.0/8\"]",
+        target.port,
+        "",
+    );
+    let (status, head) = through(
+        http,
+        &target,
+        "GET / HTTP/1.1\r\nHost: raw.test\r\nX-Forwarded-For: 6.6.6.6, 198.51.100.7, 10.1.1.1\r\n\
+         X-Real-IP: 6.6.6.7\r\n\r\n",
+    );
+    assert_eq!(status, Some(200));
+    let head = head.expect("the request reached the target");
+    assert!(
+        head.contains("x-forwarded-for: 6.6.6.6, 198.51.100.7, 10.1.1.1, 127.0.0.1\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("x-real-ip: 198.51.100.7\r\n"), "{head}");
+    assert!(!head.contains("6.6.6.7"), "{head}");
+    // A trusted proxy that names no client: X-Real-IP is the proxy itself.
+    let (status, head) = through(http, &target, "GET / HTTP/1.1\r\nHost: raw.test\r\n\r\n");
+    assert_eq!(status, Some(200));
+    assert!(head
+        .expect("reached the target")
+        .contains("x-real-ip: 127.0.0.1\r\n"),);
+}
+
+/// A backend that takes h2c from ANY `Upgrade` line, the way some servers read the first
+/// or any of repeated headers: it answers 101 and starts HTTP/2 when a line offers h2c,
+/// 200 otherwise. It hands every head it received to the test.
+struct H2cTarget {
+    port: u16,
+    switched: Arc<AtomicUsize>,
+    heads: mpsc::Receiver<String>,
+}
+
+fn h2c_target() -> H2cTarget {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let switched = Arc::new(AtomicUsize::new(0));
+    let (tx, heads) = mpsc::channel();
+    let counter = Arc::clone(&switched);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(50) {
+            let Ok(mut c) = conn else { return };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 4096];
+            let head = loop {
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break String::from_utf8_lossy(&buf[..end + 4]).to_string();
+                }
+                match c.read(&mut tmp) {
+                    Ok(0) | Err(_) => break String::new(),
+                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                }
+            };
+            if head.is_empty() {
+                continue;
+            }
+            let h2c = head.lines().any(|l| {
+                l.split_once(':').is_some_and(|(n, v)| {
+                    n.trim().eq_ignore_ascii_case("upgrade")
+                        && v.to_ascii_lowercase().contains("h2c")
+                })
+            });
+            let _ = tx.send(head);
+            if h2c {
+                counter.fetch_add(1, Ordering::SeqCst);
+                // 101, then the server's HTTP/2 preface: an empty SETTINGS frame.
+                let _ = c.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n\
+                      \x00\x00\x00\x04\x00\x00\x00\x00\x00",
+                );
+            } else {
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nno upgrade");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    H2cTarget {
+        port,
+        switched,
+        heads,
+    }
+}
+
+/// h2c smuggling (issue 11.1): the proxy cannot follow HTTP/2 streams, so an h2c switch would
+/// let every later request bypass routing, URL rules and fraud accounting. Whatever the
+/// client puts on how many Upgrade lines, such a backend must never see h2c offered.
+#[test]
+fn h2c_never_reaches_a_backend_through_repeated_upgrade_headers() {
+    let target = h2c_target();
+    let (_p, http) = raw_proxy("h2c", "", target.port, "");
+    let settings = "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n";
+    let ask = |upgrade_lines: &str| {
+        let mut c = TcpStream::connect(("127.0.0.1", http)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: raw.test\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+             {upgrade_lines}{settings}\r\n"
+        );
+        c.write_all(req.as_bytes()).unwrap();
+        read_response(&mut c)
+    };
+    // WebSocket together with h2c, on two lines (either order) or one: ambiguous, refused.
+    for lines in [
+        "Upgrade: h2c\r\nUpgrade: websocket\r\n",
+        "Upgrade: websocket\r\nUpgrade: h2c\r\n",
+        "Upgrade: websocket, h2c\r\n",
+        "Upgrade: WebSocket\r\nupgrade: H2C\r\n",
+    ] {
+        let r = ask(lines);
+        assert_eq!(r.as_ref().map(|r| r.0), Some(400), "{lines:?}: {r:?}");
+    }
+    assert_eq!(
+        target.switched.load(Ordering::SeqCst),
+        0,
+        "the backend switched to h2c"
+    );
+    assert!(
+        target.heads.try_recv().is_err(),
+        "a refused request reached the backend"
+    );
+    // h2c alone (curl --http2 on http://): served as HTTP/1.1 with the offer taken out.
+    for lines in ["Upgrade: h2c\r\n", "Upgrade: h2c\r\nUpgrade: TLS/1.0\r\n"] {
+        let r = ask(lines);
+        assert_eq!(
+            r,
+            Some((200, "no upgrade".to_string())),
+            "{lines:?} was not served as HTTP/1.1"
+        );
+        let head = target
+            .heads
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .to_ascii_lowercase();
+        for gone in ["upgrade", "http2-settings", "h2c"] {
+            assert!(
+                !head.contains(gone),
+                "{gone:?} reached the backend:\n{head}"
+            );
+        }
+    }
+    // WebSocket alone still goes through, as one clean offer without HTTP2-Settings.
+    let r = ask("Upgrade: websocket\r\n");
+    assert_eq!(r.map(|r| r.0), Some(200));
+    let head = target
+        .heads
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(!head.contains("http2-settings"), "{head}");
+    assert_eq!(target.switched.load(Ordering::SeqCst), 0);
+}
+
+/// A client naming a header in Connection could have a proxying target drop it (the
+/// X-Forwarded-For the proxy added, say); only close/keep-alive/upgrade go on.
+#[test]
+fn connection_tokens_cannot_name_the_proxys_headers() {
+    let target = raw_target(200);
+    let (_p, http) = raw_proxy("conntokens", "", target.port, "");
+    let (status, head) = through(
+        http,
+        &target,
+        "GET / HTTP/1.1\r\nHost: raw.test\r\nConnection: keep-alive, X-Forwarded-For, X-Real-IP\r\n\r\n",
+    );
+    assert_eq!(status, Some(200));
+    let head = head.expect("reached the target");
+    assert!(head.contains("\r\nconnection: keep-alive\r\n"), "{head}");
+    assert!(head.contains("x-forwarded-for: 127.0.0.1\r\n"), "{head}");
 }

@@ -212,7 +212,10 @@ fn default_redirect_status() -> u16 {
 pub struct ProxyLimits {
     /// Client connections open at once over all service types.
     pub max_connections: usize,
-    /// Client connections open at once from one IP address.
+    /// Client connections open at once from one IP address (IPv6: one /64). Sized for an
+    /// office behind one NAT address: 50 browsers with 6 connections per host each plus
+    /// their WebSockets. Going over it closes the new connection only, and is not counted
+    /// toward blacklisting. Trusted proxies are held to `max_connections` alone.
     pub max_connections_per_ip: usize,
     /// Largest request or response head (HTTP, SIP) or first LDAP message, in bytes.
     pub max_header_bytes: usize,
@@ -228,7 +231,7 @@ impl Default for ProxyLimits {
     fn default() -> ProxyLimits {
         ProxyLimits {
             max_connections: 4096,
-            max_connections_per_ip: 64,
+            max_connections_per_ip: 512,
             max_header_bytes: 16 * 1024,
             first_message_timeout: 10,
             idle_timeout: 300,
@@ -564,6 +567,11 @@ proxy_protocol = true
         assert_eq!(p.listen.sip, None);
         assert_eq!(p.limits.idle_timeout, 60);
         assert_eq!(p.limits.max_connections, 4096);
+        // The per-source default fits an office NAT (50 browsers x 6 + WebSockets) and
+        // stays below the total.
+        let d = ProxyLimits::default();
+        assert!(d.max_connections_per_ip >= 50 * 6 + 50);
+        assert!(d.max_connections > d.max_connections_per_ip);
         let s = &p.services[0];
         assert!(!s.check_certificate, "verify_target is an alias");
         assert_eq!(s.target(ServiceType::Https), Some((443, true)));

@@ -7,9 +7,16 @@
 //! for the fraud engine) and can put its own refusal after the last forwarded response: to
 //! refuse mid-connection, the request side half-closes the target, lets the pump drain the
 //! remaining responses, then writes the refusal and closes.
+//!
+//! Behind a trusted proxy (`proxy.trusted_proxies`), each request's client is the rightmost
+//! address in its `X-Forwarded-For` (or else `Forwarded: for=`) that is not itself a trusted
+//! proxy. That client, not the trusted proxy, is charged with the request's suspicious
+//! events, checked against the blacklist and against `allow_from`. A request from a trusted
+//! proxy that names no usable client address is charged to no one (the trusted proxy's own
+//! address never is) and checked as coming from the trusted proxy.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,18 +46,49 @@ pub struct Conn {
     pub blocked: Blocked,
 }
 
-impl Conn {
-    fn report(&self, reason: Reason) {
-        self.events.report(self.source(), self.stype, reason);
-    }
+/// Who a request comes from, as far as events, the blacklist and `allow_from` go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Client {
+    /// Charged with the request's suspicious events: the peer, or the client a trusted
+    /// proxy forwarded; `None` for a trusted proxy that named none.
+    charged: Option<IpAddr>,
+    /// Checked against the blacklist and `allow_from`: `charged`, else the peer.
+    addr: IpAddr,
+}
 
-    fn source(&self) -> std::net::IpAddr {
+impl Conn {
+    fn source(&self) -> IpAddr {
         canonical_ip(self.peer.ip())
     }
 
-    /// Whether the source has been blacklisted since the connection was accepted; counted.
-    fn now_blocked(&self) -> bool {
-        let b = (self.blocked)(self.source());
+    fn trusted(&self) -> bool {
+        self.snap.trusted.contains(self.source())
+    }
+
+    /// The client of a request with head `head`; `None` before a head is known (then a
+    /// trusted proxy is the client, charged with nothing).
+    fn client(&self, head: Option<&RequestHead>) -> Client {
+        let peer = self.source();
+        if !self.trusted() {
+            return Client {
+                charged: Some(peer),
+                addr: peer,
+            };
+        }
+        let charged = head.and_then(|h| forwarded_client(h, &self.snap.trusted));
+        Client {
+            charged,
+            addr: charged.unwrap_or(peer),
+        }
+    }
+
+    fn report(&self, client: &Client, reason: Reason) {
+        self.events.report_for(client.charged, self.stype, reason);
+    }
+
+    /// Whether `addr` has been blacklisted since the connection was accepted; counted.
+    fn now_blocked(&self, addr: IpAddr) -> bool {
+        let b = (self.blocked)(addr);
         if b {
             self.events.metrics().refused_blocked.inc();
         }
@@ -58,10 +96,69 @@ impl Conn {
     }
 }
 
+/// The client a trusted proxy forwarded: the rightmost `X-Forwarded-For` hop (or, without
+/// that header, `Forwarded: for=`) that is not itself a trusted proxy. `None` when there is
+/// no such hop, or when it is not an IP address (`unknown`, an obfuscated name): a client
+/// that cannot be named cannot be charged.
+fn forwarded_client(
+    head: &RequestHead,
+    trusted: &portico_shared::addr::CidrList,
+) -> Option<IpAddr> {
+    let values = |name: &'static str| {
+        head.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+    };
+    let mut hops: Vec<&str> = values("x-forwarded-for")
+        .flat_map(|v| v.split(','))
+        .collect();
+    if hops.is_empty() {
+        hops = values("forwarded")
+            .flat_map(|v| v.split(','))
+            .filter_map(|element| {
+                element.split(';').find_map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    k.trim().eq_ignore_ascii_case("for").then_some(v)
+                })
+            })
+            .collect();
+    }
+    for hop in hops.iter().rev() {
+        let ip = hop_ip(hop)?;
+        if !trusted.contains(ip) {
+            return Some(ip);
+        }
+    }
+    None
+}
+
+/// One forwarded hop as an address: `192.0.2.1`, `192.0.2.1:4711`, `2001:db8::1`,
+/// `[2001:db8::1]:4711`, optionally in double quotes (`Forwarded`).
+fn hop_ip(hop: &str) -> Option<IpAddr> {
+    let h = hop.trim().trim_matches('"').trim();
+    let ip = if let Some(rest) = h.strip_prefix('[') {
+        rest.split(']').next()?.parse().ok()?
+    } else if let Ok(ip) = h.parse::<IpAddr>() {
+        ip
+    } else {
+        let (a, port) = h.rsplit_once(':')?;
+        if !port.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        a.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)?
+    };
+    Some(canonical_ip(ip))
+}
+
 /// What the response pump needs to know about each forwarded request.
 struct ReqInfo {
     head: bool,
     upgrade: Option<oneshot::Sender<bool>>,
+    /// Charged when the target rejects the request.
+    client: Option<IpAddr>,
+    /// The request carried `Authorization`: only then is a 401 a failed login.
+    credentials: bool,
 }
 
 struct Upstream {
@@ -134,6 +231,8 @@ pub async fn serve(client: BoxStream, conn: Conn) {
     let mut tmp = vec![0u8; BUF];
     let mut up: Option<Upstream> = None;
     let mut first = true;
+    // The address the last request came from: what the relay watches for a blacklisting.
+    let mut last = conn.client(None).addr;
     loop {
         let read = read_head(
             &mut cr,
@@ -152,29 +251,31 @@ pub async fn serve(client: BoxStream, conn: Conn) {
             // A started head that does not complete in time (the first one, or any later
             // one): slowloris on a keep-alive connection is the same attack.
             HeadRead::Timeout if first || !buf.is_empty() => {
-                conn.report(Reason::FirstMessageTimeout);
+                conn.report(&conn.client(None), Reason::FirstMessageTimeout);
                 return finish(up, cw, response(408, None), idle).await;
             }
             HeadRead::Timeout => break,
             HeadRead::Bad(HttpError::TooLarge) => {
-                conn.report(Reason::TooLarge);
+                conn.report(&conn.client(None), Reason::TooLarge);
                 return finish(up, cw, response(431, None), idle).await;
             }
             HeadRead::Bad(HttpError::Syntax(m)) => {
-                conn.report(Reason::Malformed(m));
+                conn.report(&conn.client(None), Reason::Malformed(m));
                 return finish(up, cw, response(400, None), idle).await;
             }
         };
         first = false;
-        if conn.now_blocked() {
+        let client = conn.client(Some(&head));
+        last = client.addr;
+        if conn.now_blocked(client.addr) {
             // Blacklisted meanwhile (maybe by this very connection's failed logins): the
             // responses still owed go out, then the refusal, then the connection closes.
             return finish(up, cw, response(403, None), idle).await;
         }
-        let (route, target, out) = match decide(&conn, &head) {
+        let (route, target, out) = match decide(&conn, &head, &client) {
             Decision::Refuse(code, reason) => {
                 if let Some(r) = reason {
-                    conn.report(r);
+                    conn.report(&client, r);
                 }
                 return finish(up, cw, response(code, None), idle).await;
             }
@@ -197,7 +298,7 @@ pub async fn serve(client: BoxStream, conn: Conn) {
                 Ok(stream) => up = Some(start_pump(stream, writer, route, &conn, &activity)),
                 Err(e) => {
                     tracing::debug!(peer = %conn.peer, "target unreachable: {e}");
-                    conn.report(Reason::TargetUnreachable(e));
+                    conn.report(&client, Reason::TargetUnreachable(e));
                     return finish(None, Some(writer), response(502, None), idle).await;
                 }
             }
@@ -212,6 +313,8 @@ pub async fn serve(client: BoxStream, conn: Conn) {
         let _ = u.reqs.send(ReqInfo {
             head: head.method == "HEAD",
             upgrade: upgrade_tx,
+            client: client.charged,
+            credentials: head.credentials,
         });
         if u.w.write_all(&out).await.is_err() {
             break;
@@ -236,7 +339,7 @@ pub async fn serve(client: BoxStream, conn: Conn) {
                     let w = &mut u.w;
                     let cut = tokio::select! {
                         _ = forward::pump(&mut cr, w, &activity, idle, None, &none) => false,
-                        () = until_blocked(&conn.blocked, conn.source()) => true,
+                        () = until_blocked(&conn.blocked, client.addr) => true,
                     };
                     if cut {
                         conn.events.metrics().refused_blocked.inc();
@@ -259,7 +362,7 @@ pub async fn serve(client: BoxStream, conn: Conn) {
                         let _ = w.shutdown().await;
                     }
                 }
-                () = until_blocked(&conn.blocked, conn.source()) => {
+                () = until_blocked(&conn.blocked, last) => {
                     conn.events.metrics().refused_blocked.inc();
                     u.pump.abort();
                 }
@@ -330,7 +433,7 @@ async fn read_head(
     }
 }
 
-fn decide(conn: &Conn, head: &RequestHead) -> Decision {
+fn decide(conn: &Conn, head: &RequestHead, client: &Client) -> Decision {
     let snap = &conn.snap;
     let absolute = split_absolute(&head.target);
     let (authority, origin) = match (&absolute, &head.host) {
@@ -350,7 +453,7 @@ fn decide(conn: &Conn, head: &RequestHead) -> Decision {
             return Decision::Refuse(421, Some(Reason::TypeNotOffered(r.name.clone())));
         }
     };
-    if !route.allows(conn.stype, conn.peer.ip()) {
+    if !route.allows(conn.stype, client.addr) {
         return Decision::Refuse(403, Some(Reason::NotAllowedFrom));
     }
     let normal = match normalize_target(&origin) {
@@ -376,7 +479,13 @@ fn decide(conn: &Conn, head: &RequestHead) -> Decision {
             format!("{scheme}://{host}{port}{}", normal.to_target()),
         );
     }
-    let out = rewrite_head(conn, head, &normal.to_target(), absolute.map(|a| a.0));
+    let out = rewrite_head(
+        conn,
+        head,
+        &normal.to_target(),
+        absolute.map(|a| a.0),
+        client,
+    );
     Decision::Forward {
         route: route.index,
         target,
@@ -384,12 +493,20 @@ fn decide(conn: &Conn, head: &RequestHead) -> Decision {
     }
 }
 
-/// The head sent to the target: normalised target, and forwarding headers that come from
-/// the proxy unless the client is a trusted proxy itself.
-fn rewrite_head(conn: &Conn, head: &RequestHead, target: &str, authority: Option<&str>) -> Vec<u8> {
-    let client = canonical_ip(conn.peer.ip());
-    let trusted = conn.snap.trusted.contains(client);
-    let mut out = Vec::with_capacity(head.len + 96);
+/// The head sent to the target: normalised target, hop-by-hop headers rebuilt, headers that
+/// would let a client override what the proxy checked or claim another address removed, and
+/// forwarding headers that come from the proxy (appended to when the peer is a trusted
+/// proxy).
+fn rewrite_head(
+    conn: &Conn,
+    head: &RequestHead,
+    target: &str,
+    authority: Option<&str>,
+    client: &Client,
+) -> Vec<u8> {
+    let peer = conn.source();
+    let trusted = conn.trusted();
+    let mut out = Vec::with_capacity(head.len + 128);
     out.extend_from_slice(head.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
@@ -400,29 +517,42 @@ fn rewrite_head(conn: &Conn, head: &RequestHead, target: &str, authority: Option
     });
     let mut prior: Vec<&[u8]> = Vec::new();
     let mut proto: Option<&[u8]> = None;
+    let mut connection: Vec<&str> = Vec::new();
     for (n, v) in &head.headers {
-        if !trusted && client_claim(n) {
+        let norm = header_key(n);
+        if always_stripped(&norm) {
             continue;
         }
-        if !head.upgrade
-            && (n.eq_ignore_ascii_case("upgrade") || n.eq_ignore_ascii_case("http2-settings"))
-        {
+        if client_claim(&norm) && (!trusted || n.contains('_')) {
+            // From a trusted proxy only the canonical spelling counts: a second, underscored
+            // copy could be read by a CGI-style target instead of the one the proxy checked.
             continue;
         }
-        if n.eq_ignore_ascii_case("x-forwarded-for") {
-            if trusted {
+        match norm.as_str() {
+            "connection" => {
+                // Only the tokens the proxy understands go on: a client naming a header
+                // here could have a proxying target drop it (X-Forwarded-For, X-Real-IP).
+                let text = std::str::from_utf8(v).unwrap_or("");
+                for t in text.split(',').map(str::trim) {
+                    let keep = t.eq_ignore_ascii_case("close")
+                        || t.eq_ignore_ascii_case("keep-alive")
+                        || (head.upgrade && t.eq_ignore_ascii_case("upgrade"));
+                    if keep && !connection.iter().any(|c| c.eq_ignore_ascii_case(t)) {
+                        connection.push(t);
+                    }
+                }
+                continue;
+            }
+            "x-forwarded-for" => {
                 prior.push(v);
+                continue;
             }
-            continue;
-        }
-        if n.eq_ignore_ascii_case("x-forwarded-proto") {
-            if trusted {
+            "x-forwarded-proto" => {
                 proto = Some(v);
+                continue;
             }
-            continue;
-        }
-        if authority.is_some() && n.eq_ignore_ascii_case("host") {
-            continue;
+            "host" if authority.is_some() => continue,
+            _ => {}
         }
         out.extend_from_slice(n.as_bytes());
         out.extend_from_slice(b": ");
@@ -432,12 +562,22 @@ fn rewrite_head(conn: &Conn, head: &RequestHead, target: &str, authority: Option
     if let Some(a) = authority {
         out.extend_from_slice(format!("Host: {a}\r\n").as_bytes());
     }
+    if !connection.is_empty() {
+        out.extend_from_slice(b"Connection: ");
+        out.extend_from_slice(connection.join(", ").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if head.upgrade {
+        out.extend_from_slice(b"Upgrade: websocket\r\n");
+    }
     out.extend_from_slice(b"X-Forwarded-For: ");
     for p in prior {
         out.extend_from_slice(p);
         out.extend_from_slice(b", ");
     }
-    out.extend_from_slice(client.to_string().as_bytes());
+    out.extend_from_slice(peer.to_string().as_bytes());
+    out.extend_from_slice(b"\r\nX-Real-IP: ");
+    out.extend_from_slice(client.addr.to_string().as_bytes());
     out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
     let own: &[u8] = if conn.stype.is_tls() {
         b"https"
@@ -449,12 +589,10 @@ fn rewrite_head(conn: &Conn, head: &RequestHead, target: &str, authority: Option
     out
 }
 
-/// Headers in which a client could claim another address, scheme or host than the proxy
-/// saw; from an untrusted client they are dropped. Names are compared the way CGI-style
-/// targets read them (`_` as `-`, any case), so `X_Forwarded_For` is caught too.
-fn client_claim(name: &str) -> bool {
-    let norm: String = name
-        .chars()
+/// A header name the way CGI-style targets read it (`_` as `-`, any case), so that
+/// `X_Forwarded_For` is caught as well as `X-Forwarded-For`.
+fn header_key(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c == '_' {
                 '-'
@@ -462,10 +600,54 @@ fn client_claim(name: &str) -> bool {
                 c.to_ascii_lowercase()
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Headers in which a client could claim another address, scheme or host than the proxy
+/// saw; kept (and appended to) from a trusted proxy only.
+fn client_claim(key: &str) -> bool {
     matches!(
-        norm.as_str(),
-        "forwarded" | "x-real-ip" | "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host"
+        key,
+        "forwarded"
+            | "x-forwarded-for"
+            | "x-forwarded-proto"
+            | "x-forwarded-host"
+            | "x-forwarded-port"
+            | "x-forwarded-scheme"
+            | "x-forwarded-ssl"
+            | "front-end-https"
+    )
+}
+
+/// Headers no one may send on, trusted proxies included:
+/// - the hop-by-hop headers the proxy rebuilds itself (`Connection`, `Upgrade`) or never
+///   offers (`HTTP2-Settings`: h2c is not proxied);
+/// - path overrides that IIS, Symfony, Laminas and others honour instead of the request
+///   line (`X-Original-URL`, `X-Rewrite-URL` and kin): the target would serve a path the
+///   URL allow-list never saw;
+/// - other client-address headers (`X-Real-IP`, which the proxy sets itself, and the CDN
+///   spellings): a target reading one of them would trust what a client typed.
+///
+/// Method overrides (`X-HTTP-Method-Override`) are left alone: no rule of the proxy
+/// depends on the method.
+fn always_stripped(key: &str) -> bool {
+    matches!(
+        key,
+        "upgrade"
+            | "http2-settings"
+            | "proxy-connection"
+            | "x-original-url"
+            | "x-original-uri"
+            | "x-rewrite-url"
+            | "x-override-url"
+            | "x-real-ip"
+            | "true-client-ip"
+            | "x-client-ip"
+            | "client-ip"
+            | "cf-connecting-ip"
+            | "x-cluster-client-ip"
+            | "fastly-client-ip"
+            | "x-originating-ip"
     )
 }
 
@@ -567,13 +749,6 @@ async fn pump_responses(
             }
             buf.extend_from_slice(&tmp[..n]);
         };
-        if matches!(head.status, 401 | 403) {
-            ctx.events.report(
-                ctx.peer,
-                ctx.stype,
-                Reason::TargetRejected(format!("HTTP {}", head.status)),
-            );
-        }
         if (100..200).contains(&head.status) {
             cw.write_all(&buf[..head.len]).await?;
             buf.drain(..head.len);
@@ -592,6 +767,17 @@ async fn pump_responses(
             continue;
         }
         let info = reqs.recv().await;
+        if let Some(i) = &info {
+            // A 401 to a request without credentials is the challenge every browser gets
+            // first; with credentials it is a failed login. A 403 is a refusal either way.
+            if head.status == 403 || (head.status == 401 && i.credentials) {
+                ctx.events.report_for(
+                    i.client,
+                    ctx.stype,
+                    Reason::TargetRejected(format!("HTTP {}", head.status)),
+                );
+            }
+        }
         let head_request = info.as_ref().is_some_and(|i| i.head);
         if let Some(tx) = info.and_then(|i| i.upgrade) {
             let _ = tx.send(false);
@@ -644,5 +830,87 @@ async fn finish(
     if let Some(mut w) = w {
         let _ = w.write_all(&resp).await;
         let _ = w.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::sniff::http::parse_request;
+    use portico_shared::addr::CidrList;
+
+    fn trusted(list: &[&str]) -> CidrList {
+        CidrList::new(list.iter().map(|s| s.parse().unwrap()).collect())
+    }
+
+    fn client_of(headers: &str, list: &[&str]) -> Option<IpAddr> {
+        let raw = format!("GET / HTTP/1.1\r\nHost: a\r\n{headers}\r\n");
+        let head = parse_request(raw.as_bytes(), 8192).unwrap().unwrap();
+        forwarded_client(&head, &trusted(list))
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn the_forwarded_client_is_the_rightmost_untrusted_hop() {
+        let lb = ["127.0.0.1/32", "10.0.0.0/8"];
+        assert_eq!(
+            client_of("X-Forwarded-For: 198.51.100.7\r\n", &lb),
+            ip("198.51.100.7")
+        );
+        // What the client typed itself stands left of what the trusted proxies added.
+        assert_eq!(
+            client_of("X-Forwarded-For: 6.6.6.6, 198.51.100.7, 10.1.2.3\r\n", &lb),
+            ip("198.51.100.7")
+        );
+        // Several lines are one list, in order.
+        assert_eq!(
+            client_of(
+                "X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 198.51.100.8\r\n",
+                &lb
+            ),
+            ip("198.51.100.8")
+        );
+        // Ports, brackets, mapped IPv4.
+        assert_eq!(
+            client_of("X-Forwarded-For: 198.51.100.9:4711\r\n", &lb),
+            ip("198.51.100.9")
+        );
+        assert_eq!(
+            client_of("X-Forwarded-For: [2001:db8::5]:80\r\n", &lb),
+            ip("2001:db8::5")
+        );
+        assert_eq!(
+            client_of("X-Forwarded-For: ::ffff:198.51.100.10\r\n", &lb),
+            ip("198.51.100.10")
+        );
+        // Forwarded, used only without X-Forwarded-For.
+        assert_eq!(
+            client_of(
+                "Forwarded: for=6.6.6.6, for=\"[2001:db8:cafe::17]:4711\";proto=https\r\n",
+                &lb
+            ),
+            ip("2001:db8:cafe::17")
+        );
+        assert_eq!(
+            client_of(
+                "Forwarded: for=6.6.6.6\r\nX-Forwarded-For: 198.51.100.11\r\n",
+                &lb
+            ),
+            ip("198.51.100.11")
+        );
+        // Nobody to charge: no header, only trusted hops, or a hop that is no address.
+        assert_eq!(client_of("", &lb), None);
+        assert_eq!(
+            client_of("X-Forwarded-For: 10.0.0.9, 127.0.0.1\r\n", &lb),
+            None
+        );
+        assert_eq!(
+            client_of("X-Forwarded-For: 198.51.100.7, unknown\r\n", &lb),
+            None
+        );
+        assert_eq!(client_of("Forwarded: for=_hidden\r\n", &lb), None);
     }
 }

@@ -9,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 type TypeLabel = [(&'static str, &'static str); 1];
-type TypeReasonLabels = [(&'static str, &'static str); 2];
+type TypeReasonLabels = [(&'static str, &'static str); 3];
 
 #[derive(Default)]
 pub struct ProxyMetrics {
@@ -19,7 +19,9 @@ pub struct ProxyMetrics {
     pub active: Family<TypeLabel, Gauge>,
     /// Requests (HTTP requests, first SIP/LDAP messages) forwarded to a target.
     pub forwarded: Family<TypeLabel, Counter>,
-    /// Suspicious events by service type and reason.
+    /// Suspicious events by service type, reason, and whether they counted toward
+    /// blacklisting (`counted="false"`: normal behaviour such as idle browser connections, or
+    /// a request through a trusted proxy that named no client).
     pub suspicious_events: Family<TypeReasonLabels, Counter>,
     /// Events the fraud engine's channel had no room for.
     pub events_dropped: Counter,
@@ -57,7 +59,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "proxy_suspicious_events",
-            "Suspicious requests reported to fraud detection, by service type and reason",
+            "Suspicious requests seen by the reverse proxy, by service type, reason, and whether they counted toward blacklisting",
             self.suspicious_events.clone(),
         );
         registry.register(
@@ -95,9 +97,10 @@ impl ProxyMetrics {
         self.forwarded.get_or_create(&ty(t)).inc();
     }
 
-    pub fn suspicious(&self, t: ServiceType, reason: &'static str) {
+    pub fn suspicious(&self, t: ServiceType, reason: &'static str, counted: bool) {
+        let counted = if counted { "true" } else { "false" };
         self.suspicious_events
-            .get_or_create(&[("type", t.key()), ("reason", reason)])
+            .get_or_create(&[("type", t.key()), ("reason", reason), ("counted", counted)])
             .inc();
     }
 
@@ -117,7 +120,7 @@ mod tests {
         let mut reg = Registry::with_prefix("portico");
         m.register(&mut reg);
         m.accepted(ServiceType::Https);
-        m.suspicious(ServiceType::Ldap, "unknown_name");
+        m.suspicious(ServiceType::Ldap, "unknown_name", true);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
         assert!(
@@ -126,7 +129,7 @@ mod tests {
         );
         assert!(
             out.contains(
-                "portico_proxy_suspicious_events_total{type=\"ldap\",reason=\"unknown_name\"} 1"
+                "portico_proxy_suspicious_events_total{type=\"ldap\",reason=\"unknown_name\",counted=\"true\"} 1"
             ),
             "{out}"
         );

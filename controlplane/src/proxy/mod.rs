@@ -95,6 +95,11 @@ impl Snapshot {
 /// closed before any byte is read; an open one loses its next HTTP request (403) or, when it
 /// is relayed as a byte stream, is cut within [`BLOCK_CHECK`]: a blacklist that spared
 /// keep-alive connections would let a brute-force client go on over the one it holds.
+///
+/// Behind a trusted proxy (`proxy.trusted_proxies`) the source of an HTTP request is the
+/// client that proxy forwarded (see [`http`]): the proxy's own address is never charged with
+/// events, so it is blacklisted only by hand, and a blocked client behind it loses its
+/// requests, not the proxy's connection slots.
 pub type Blocked = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
 
 /// How often a relayed connection asks whether its source has been blacklisted meanwhile.
@@ -233,13 +238,19 @@ async fn accept_loop(
             continue;
         }
         let snap = Arc::clone(&shared.read().unwrap_or_else(PoisonError::into_inner));
-        let slot = match limiter.acquire(source, &snap.limits) {
+        // A trusted proxy carries many clients over its connections: only the total limit
+        // applies to it, or one busy balancer would lock out everyone behind it.
+        let per_source = !snap.trusted.contains(source);
+        let slot = match limiter.acquire(source, &snap.limits, per_source) {
             Ok(s) => s,
             Err(Full::Total) => {
                 events.metrics().refused_full.inc();
                 continue;
             }
             Err(Full::PerSource) => {
+                // Closed before a byte is read: the connections this source already holds
+                // go on untouched. Reported (metrics, debug log) but not counted toward
+                // blacklisting: an office's browsers behind one NAT address get here.
                 events.report(source, stype, Reason::TooManyConnections);
                 continue;
             }
@@ -273,6 +284,9 @@ async fn handle(
         Err(_) => return,
     };
     let source = canonical_ip(peer.ip());
+    // What a TLS failure is charged to: never a trusted proxy (its clients' failures are
+    // charged to them, per request, once a request names them).
+    let charged = (!snap.trusted.contains(source)).then_some(source);
     let first_deadline =
         tokio::time::Instant::now() + Duration::from_secs(snap.limits.first_message_timeout);
     let client: BoxStream = if stype.is_tls() {
@@ -283,12 +297,12 @@ async fn handle(
                 // A TLS alert or garbage is a rejection by the proxy; a peer that merely
                 // went away (reset, EOF: scanners, `s_time`) is not.
                 if e.kind() == std::io::ErrorKind::InvalidData {
-                    events.report(source, stype, Reason::TlsHandshake(e.to_string()));
+                    events.report_for(charged, stype, Reason::TlsHandshake(e.to_string()));
                 }
                 return;
             }
             Err(_) => {
-                events.report(source, stype, Reason::FirstMessageTimeout);
+                events.report_for(charged, stype, Reason::FirstMessageTimeout);
                 return;
             }
         }
@@ -382,14 +396,21 @@ fn limit_key(source: IpAddr) -> IpAddr {
 }
 
 impl Limiter {
-    fn acquire(self: &Arc<Self>, source: IpAddr, limits: &ProxyLimits) -> Result<Slot, Full> {
+    /// Takes a slot; `per_source` false exempts the source from `max_connections_per_ip`
+    /// (a trusted proxy), though its connections are still counted.
+    fn acquire(
+        self: &Arc<Self>,
+        source: IpAddr,
+        limits: &ProxyLimits,
+        per_source: bool,
+    ) -> Result<Slot, Full> {
         let source = limit_key(source);
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if s.total >= limits.max_connections {
             return Err(Full::Total);
         }
         let n = s.per_source.entry(source).or_insert(0);
-        if *n >= limits.max_connections_per_ip {
+        if per_source && *n >= limits.max_connections_per_ip {
             return Err(Full::PerSource);
         }
         *n += 1;
@@ -432,13 +453,13 @@ mod tests {
         };
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let s1 = l.acquire(a, &limits).ok().unwrap();
-        let _s2 = l.acquire(a, &limits).ok().unwrap();
-        assert!(matches!(l.acquire(a, &limits), Err(Full::PerSource)));
-        let _s3 = l.acquire(b, &limits).ok().unwrap();
-        assert!(matches!(l.acquire(b, &limits), Err(Full::Total)));
+        let s1 = l.acquire(a, &limits, true).ok().unwrap();
+        let _s2 = l.acquire(a, &limits, true).ok().unwrap();
+        assert!(matches!(l.acquire(a, &limits, true), Err(Full::PerSource)));
+        let _s3 = l.acquire(b, &limits, true).ok().unwrap();
+        assert!(matches!(l.acquire(b, &limits, true), Err(Full::Total)));
         drop(s1);
-        assert!(l.acquire(a, &limits).is_ok());
+        assert!(l.acquire(a, &limits, true).is_ok());
     }
 
     #[test]
@@ -450,27 +471,58 @@ mod tests {
             ..ProxyLimits::default()
         };
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let s1 = l.acquire(ip("2001:db8:1:2::1"), &limits).ok().unwrap();
+        let s1 = l
+            .acquire(ip("2001:db8:1:2::1"), &limits, true)
+            .ok()
+            .unwrap();
         let _s2 = l
-            .acquire(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), &limits)
+            .acquire(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), &limits, true)
             .ok()
             .unwrap();
         // A third address of the same /64 is the same subscriber.
         assert!(matches!(
-            l.acquire(ip("2001:db8:1:2:abcd::9"), &limits),
+            l.acquire(ip("2001:db8:1:2:abcd::9"), &limits, true),
             Err(Full::PerSource)
         ));
         // The neighbouring /64 is someone else.
-        let _s3 = l.acquire(ip("2001:db8:1:3::1"), &limits).ok().unwrap();
+        let _s3 = l
+            .acquire(ip("2001:db8:1:3::1"), &limits, true)
+            .ok()
+            .unwrap();
         drop(s1);
-        assert!(l.acquire(ip("2001:db8:1:2::77"), &limits).is_ok());
+        assert!(l.acquire(ip("2001:db8:1:2::77"), &limits, true).is_ok());
         // IPv4 (also when mapped into IPv6) is still counted per address.
-        let _a = l.acquire(ip("10.0.0.1"), &limits).ok().unwrap();
-        let _b = l.acquire(ip("::ffff:10.0.0.1"), &limits).ok().unwrap();
+        let _a = l.acquire(ip("10.0.0.1"), &limits, true).ok().unwrap();
+        let _b = l
+            .acquire(ip("::ffff:10.0.0.1"), &limits, true)
+            .ok()
+            .unwrap();
         assert!(matches!(
-            l.acquire(ip("10.0.0.1"), &limits),
+            l.acquire(ip("10.0.0.1"), &limits, true),
             Err(Full::PerSource)
         ));
-        assert!(l.acquire(ip("10.0.0.2"), &limits).is_ok());
+        assert!(l.acquire(ip("10.0.0.2"), &limits, true).is_ok());
+    }
+
+    #[test]
+    fn a_trusted_proxy_is_held_to_the_total_only() {
+        let l = Arc::new(Limiter::default());
+        let limits = ProxyLimits {
+            max_connections: 5,
+            max_connections_per_ip: 2,
+            ..ProxyLimits::default()
+        };
+        let lb: IpAddr = "10.0.0.1".parse().unwrap();
+        let held: Vec<Slot> = (0..4)
+            .map(|_| l.acquire(lb, &limits, false).ok().unwrap())
+            .collect();
+        // Its connections still count toward the total.
+        let _other = l
+            .acquire("10.0.0.2".parse().unwrap(), &limits, true)
+            .ok()
+            .unwrap();
+        assert!(matches!(l.acquire(lb, &limits, false), Err(Full::Total)));
+        drop(held);
+        assert!(l.acquire(lb, &limits, false).is_ok());
     }
 }

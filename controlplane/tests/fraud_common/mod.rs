@@ -147,8 +147,15 @@ pub fn program(name: &str, package: &str) -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 // nginx: the proxy's target
 
-/// nginx on a free port of 127.0.0.1: `/` answers 200, `/deny` 401 (a login the target
-/// rejects, which the proxy reports as suspicious).
+/// `Authorization` with a wrong password for [`Nginx`]'s `/private` (`alice:wrong`).
+pub const WRONG_LOGIN: &str = "Authorization: Basic YWxpY2U6d3Jvbmc=";
+/// `Authorization` with the right password for [`Nginx`]'s `/private` (`alice:secret`).
+pub const RIGHT_LOGIN: &str = "Authorization: Basic YWxpY2U6c2VjcmV0";
+
+/// nginx on a free port of 127.0.0.1: `/` answers 200, `/deny` 401 whatever the request
+/// carries, `/private` is HTTP Basic (`alice`/`secret`): 401 without or with wrong
+/// credentials, 200 with the right ones. The proxy reports a 401 as suspicious only when the
+/// request carried `Authorization` (a failed login, not the first challenge).
 pub struct Nginx {
     pub port: u16,
     child: Child,
@@ -161,6 +168,11 @@ impl Nginx {
         let dir = temp_dir("nginx");
         let port = free_port();
         let d = dir.display();
+        fs::write(dir.join("htpasswd"), "alice:{PLAIN}secret\n")
+            .unwrap_or_else(|e| panic!("htpasswd: {e}"));
+        // A file, not `return`: nginx answers `return` before access checks run.
+        fs::write(dir.join("private.txt"), "private\n")
+            .unwrap_or_else(|e| panic!("private.txt: {e}"));
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
              error_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
@@ -169,7 +181,8 @@ impl Nginx {
              default_type text/plain;\n\
              server {{ listen 127.0.0.1:{port};\n\
                location / {{ return 200 \"welcome\\n\"; }}\n\
-               location /deny {{ return 401 \"denied\\n\"; }}\n }}\n}}\n"
+               location /deny {{ return 401 \"denied\\n\"; }}\n\
+               location = /private {{ auth_basic \"portico-test\"; auth_basic_user_file {d}/htpasswd; alias {d}/private.txt; }}\n }}\n}}\n"
         );
         let conf_path = dir.join("nginx.conf");
         fs::write(&conf_path, conf).unwrap_or_else(|e| panic!("{}: {e}", conf_path.display()));
@@ -227,6 +240,8 @@ pub struct Setup {
     pub proxy_target: Option<u16>,
     /// `turn.workers`; 0 means 1.
     pub workers: usize,
+    /// `proxy.trusted_proxies` entries.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Setup {
@@ -242,6 +257,11 @@ impl Setup {
 
     pub fn ipv6(mut self) -> Setup {
         self.ipv6 = true;
+        self
+    }
+
+    pub fn trusted_proxy(mut self, entry: &str) -> Setup {
+        self.trusted_proxies.push(entry.to_string());
         self
     }
 
@@ -324,6 +344,15 @@ impl Site {
         if let (Some(target), Some(port), Some(tls)) =
             (s.proxy_target, self.proxy_port, self.proxy_tls_port)
         {
+            let trusted: Vec<String> = s
+                .trusted_proxies
+                .iter()
+                .map(|e| format!("\"{e}\""))
+                .collect();
+            t.push_str(&format!(
+                "\n[proxy]\ntrusted_proxies = [{}]\n",
+                trusted.join(", ")
+            ));
             t.push_str(&format!(
                 "\n[proxy.listen]\nhttp = \"127.0.0.1:{port}\"\nhttps = \"127.0.0.1:{tls}\"\n\n\
                  [proxy.limits]\nfirst_message_timeout = 2\n\n\
@@ -743,10 +772,20 @@ pub enum Answer {
 
 /// `GET path` with `Host: app.test` through the proxy at `proxy`, from source address `src`.
 pub fn get_from(src: IpAddr, proxy: SocketAddr, path: &str) -> Answer {
+    get_with(src, proxy, path, &[])
+}
+
+/// [`get_from`] with extra header lines (`"Name: value"`).
+pub fn get_with(src: IpAddr, proxy: SocketAddr, path: &str, headers: &[&str]) -> Answer {
     let mut s = tcp_from(src, proxy).unwrap_or_else(|e| panic!("connect {proxy} from {src}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap_or_else(|e| panic!("{e}"));
-    let req = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
     // A refused connection may already be closed when the request goes out.
     let _ = s.write_all(req.as_bytes());
     let mut raw = Vec::new();
@@ -798,7 +837,17 @@ impl KeepAlive {
     /// `GET path` on this connection: the answer, or [`Answer::Refused`] when the
     /// connection is closed instead.
     pub fn get(&mut self, path: &str) -> Answer {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n");
+        self.get_with(path, &[])
+    }
+
+    /// [`KeepAlive::get`] with extra header lines (`"Name: value"`).
+    pub fn get_with(&mut self, path: &str, headers: &[&str]) -> Answer {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n");
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
         if self.stream.write_all(req.as_bytes()).is_err() {
             return Answer::Refused;
         }

@@ -51,10 +51,19 @@ pub struct RequestHead {
     /// All headers in order, raw.
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: BodyKind,
-    /// A WebSocket `Upgrade` asked for: after a 101 both sides stop speaking HTTP. Other
-    /// upgrades (h2c and the like) are not offered to the target: the proxy could follow
-    /// neither their framing nor their requests, which would then bypass its checks.
+    /// A WebSocket `Upgrade` asked for: after a 101 both sides stop speaking HTTP.
+    ///
+    /// All `Upgrade` lines are read as one comma list (a target may read any of them).
+    /// WebSocket alone is the only upgrade offered to the target; a request offering only
+    /// other protocols (h2c, TLS/1.0, ...) goes on as plain HTTP/1.1 with the offer removed
+    /// (RFC 9110 7.8 lets a server ignore it), since the proxy could follow neither their
+    /// framing nor their requests, which would then bypass its checks. WebSocket offered
+    /// together with anything else is refused as malformed: which one the target picks
+    /// cannot be known.
     pub upgrade: bool,
+    /// The request carries an `Authorization` header: a 401 to it is a failed login, not
+    /// the challenge every client without credentials gets first.
+    pub credentials: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -98,7 +107,8 @@ pub fn parse_request(buf: &[u8], max: usize) -> Result<Option<RequestHead>, Http
     let mut host = None;
     let mut length: Option<u64> = None;
     let mut te: Option<&[u8]> = None;
-    let mut upgrade = false;
+    let mut offers: Vec<String> = Vec::new();
+    let mut credentials = false;
     for h in req.headers.iter() {
         let n = h.name;
         if n.eq_ignore_ascii_case("host") {
@@ -125,8 +135,22 @@ pub fn parse_request(buf: &[u8], max: usize) -> Result<Option<RequestHead>, Http
             }
             te = Some(h.value);
         } else if n.eq_ignore_ascii_case("upgrade") {
-            upgrade = h.value.trim_ascii().eq_ignore_ascii_case(b"websocket");
+            let v = std::str::from_utf8(h.value)
+                .map_err(|_| HttpError::Syntax("Upgrade is not text"))?;
+            offers.extend(
+                v.split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .filter(|t| !t.is_empty()),
+            );
+        } else if n.eq_ignore_ascii_case("authorization") {
+            credentials |= !h.value.trim_ascii().is_empty();
         }
+    }
+    let upgrade = offers.iter().any(|t| t == "websocket");
+    if upgrade && offers.iter().any(|t| t != "websocket") {
+        return Err(HttpError::Syntax(
+            "WebSocket upgrade offered together with another protocol",
+        ));
     }
     let body = match (te, length) {
         (Some(_), Some(_)) => {
@@ -160,6 +184,7 @@ pub fn parse_request(buf: &[u8], max: usize) -> Result<Option<RequestHead>, Http
         headers,
         body,
         upgrade,
+        credentials,
     }))
 }
 
@@ -567,8 +592,56 @@ mod tests {
         assert!(h("websocket"));
         assert!(h("WebSocket "));
         assert!(!h("h2c"));
-        assert!(!h("websocket, h2c"));
         assert!(!h("TLS/1.0"));
+    }
+
+    #[test]
+    fn repeated_upgrade_lines_are_one_list() {
+        let parse = |lines: &str| {
+            let raw = format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n{lines}\r\n"
+            );
+            parse_request(raw.as_bytes(), 4096).map(|h| h.map(|h| h.upgrade))
+        };
+        // WebSocket and anything else, on one line or on several, in any order: refused.
+        for lines in [
+            "Upgrade: h2c\r\nUpgrade: websocket\r\n",
+            "Upgrade: websocket\r\nUpgrade: h2c\r\n",
+            "Upgrade: websocket, h2c\r\n",
+            "Upgrade: h2c, WebSocket\r\n",
+            "upgrade: websocket\r\nUPGRADE: TLS/1.0\r\n",
+        ] {
+            assert!(
+                matches!(parse(lines), Err(HttpError::Syntax(_))),
+                "{lines:?} accepted"
+            );
+        }
+        // Only foreign protocols: no upgrade (the offer is stripped on the way).
+        assert_eq!(
+            parse("Upgrade: h2c\r\nUpgrade: TLS/1.0\r\n"),
+            Ok(Some(false))
+        );
+        // WebSocket named twice is still WebSocket alone; empty elements are ignored.
+        assert_eq!(
+            parse("Upgrade: websocket\r\nUpgrade: , WebSocket\r\n"),
+            Ok(Some(true))
+        );
+    }
+
+    #[test]
+    fn credentials_are_noticed() {
+        let creds = |extra: &str| {
+            let raw = format!("GET / HTTP/1.1\r\nHost: a\r\n{extra}\r\n");
+            parse_request(raw.as_bytes(), 4096)
+                .unwrap()
+                .unwrap()
+                .credentials
+        };
+        assert!(creds("Authorization: Basic YWxpY2U6d3Jvbmc=\r\n"));
+        assert!(creds("authorization: Bearer x\r\n"));
+        assert!(!creds(""));
+        assert!(!creds("Authorization: \r\n"));
+        assert!(!creds("Proxy-Authorization: Basic eA==\r\n"));
     }
 
     #[test]
