@@ -265,6 +265,18 @@ fn unescape(b: &[u8], i: usize, v: &mut Vec<u8>) -> Result<usize, &'static str> 
     }
 }
 
+/// Whether an attribute type is domainComponent (RFC 4519 2.4), by any of its names: a DN
+/// spelled `domainComponent=closed` or with the OID is the same DN to the target.
+fn is_dc(attr: &str) -> bool {
+    let attr = attr
+        .strip_prefix("OID.")
+        .or_else(|| attr.strip_prefix("oid."))
+        .unwrap_or(attr);
+    attr.eq_ignore_ascii_case("dc")
+        || attr.eq_ignore_ascii_case("domainComponent")
+        || attr == "0.9.2342.19200300.100.1.25"
+}
+
 /// The routing domain of a bind name, lower-cased; `None` if it has neither form.
 ///
 /// A name with an `=` before any backslash is a DN (RFC 4514): its domain is the values of
@@ -283,7 +295,7 @@ pub fn bind_domain(name: &str) -> Option<String> {
             // A multi-valued RDN is no domain component (as before: it is not `dc=x`).
             continue;
         };
-        if ava.attr.eq_ignore_ascii_case("dc") {
+        if is_dc(&ava.attr) {
             let v = ava.value.as_deref()?.trim();
             if v.is_empty() {
                 return None;
@@ -797,9 +809,10 @@ mod tests {
             ("dc=\"quoted\",dc=test", Some("quoted.test")),
             // Multi-valued RDNs are no domain components.
             ("cn=x+dc=foo,dc=bar", Some("bar")),
+            // Every name of domainComponent.
             (
-                "2.5.4.3=x,0.9.2342.19200300.100.1.25=ignored,dc=z",
-                Some("z"),
+                "2.5.4.3=x,0.9.2342.19200300.100.1.25=a,domainComponent=b,OID.0.9.2342.19200300.100.1.25=c,dc=z",
+                Some("a.b.c.z"),
             ),
             // Not DNs, or not routable ones.
             (r"cn=a\q,dc=x", None),
