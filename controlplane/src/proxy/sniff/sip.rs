@@ -539,7 +539,8 @@ impl Monitor for SipMonitor {
             if let Some(v) = judge(self.table.as_ref(), &head) {
                 found.push(v);
             }
-            let total = len + body;
+            // The target's Content-Length may be anything up to usize::MAX.
+            let total = len.saturating_add(body);
             if total <= self.buf.len() {
                 self.buf.drain(..total);
             } else {
@@ -895,6 +896,10 @@ mod tests {
         assert!(m.at_boundary());
         m.feed(b"SIP/2.0 2");
         assert!(!m.at_boundary(), "inside a head");
+        // A target's absurd Content-Length is skipped over, not added up into a panic.
+        let mut huge = SipMonitor::default();
+        huge.feed(b"SIP/2.0 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\nxyz");
+        assert!(!huge.at_boundary());
         // Without a guard (no table) challenges never count.
         let mut alone = SipMonitor::default();
         assert!(alone
