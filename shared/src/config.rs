@@ -46,8 +46,9 @@ fn err(key: &str, problem: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// Where the admin token, the generated certificate and persisted state live.
     pub state_dir: PathBuf,
-    /// `error`, `warn`, `info`, `debug` or `trace`, or a full `tracing` filter; `RUST_LOG`
-    /// overrides it.
+    /// `error`, `warn`, `info`, `debug`, `trace` or `off`, or comma-separated `TARGET=LEVEL`
+    /// directives (`"info,portico::proxy=debug"`); anything else is refused at load.
+    /// `RUST_LOG` overrides it.
     pub log_level: String,
     pub turn: TurnConfig,
     pub stun: StunConfig,
@@ -387,6 +388,7 @@ impl Config {
         if self.state_dir.as_os_str().is_empty() {
             return Err(err("state_dir", "must not be empty"));
         }
+        check_log_level(&self.log_level).map_err(|e| err("log_level", e))?;
         let t = &self.turn;
         if t.listen.is_empty() {
             return Err(err("turn.listen", "needs at least one address"));
@@ -588,6 +590,62 @@ impl Config {
     }
 }
 
+/// The levels a `log_level` directive may name.
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a `log_level` value strictly: directives separated by commas, each a level
+/// (`info`) or `TARGET=LEVEL` (`portico::proxy=debug`; a target may carry a `tracing` span
+/// filter, `portico[conn]=trace`). `tracing`'s own parser is lenient where it hurts: a bare
+/// word is taken as a target with every level on (`"verbose"` would log nothing but a target
+/// called `verbose`), and it skips empty directives. The control plane also runs the value
+/// through `tracing`'s parser, for what the grammar here lets through.
+pub fn check_log_level(value: &str) -> Result<(), String> {
+    let hint = "a level (error, warn, info, debug, trace, off) or TARGET=LEVEL directives \
+                separated by commas, e.g. \"info,portico::proxy=debug\"";
+    if value.trim().is_empty() {
+        return Err(format!("must not be empty: give {hint}"));
+    }
+    if value.len() > 1024 {
+        return Err("is longer than 1024 bytes".into());
+    }
+    let is_level = |l: &str| LOG_LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l));
+    for d in value.split(',') {
+        let d = d.trim();
+        if d.is_empty() {
+            return Err(format!(
+                "\"{value}\" has an empty directive (two commas in a row, or one at an end)"
+            ));
+        }
+        let Some((target, level)) = d.rsplit_once('=') else {
+            if is_level(d) {
+                continue;
+            }
+            return Err(format!(
+                "\"{d}\" in \"{value}\" is not a level: give {hint}"
+            ));
+        };
+        if !is_level(level.trim()) {
+            return Err(format!(
+                "\"{d}\" in \"{value}\": \"{}\" is not a level (error, warn, info, debug, trace, off)",
+                level.trim()
+            ));
+        }
+        let target = target.trim();
+        let name = target.split('[').next().unwrap_or(target);
+        let name_ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_:-.".contains(&b));
+        let spans_ok = target.len() == name.len() || target.ends_with(']');
+        if !name_ok || !spans_ok || target.bytes().any(|b| b.is_ascii_control()) {
+            return Err(format!(
+                "\"{d}\" in \"{value}\": \"{target}\" is not a target (a module path such as portico::proxy)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn parse_cidrs(key: &str, list: &[String]) -> Result<Vec<Cidr>, ConfigError> {
     list.iter()
         .map(|s| s.parse::<Cidr>().map_err(|e| err(key, e)))
@@ -692,6 +750,40 @@ mod tests {
         assert!(Config::from_toml("[fraud]\nblacklist_minutes = \"soon\"\n").is_err());
         let e = Config::from_toml("[fraud]\nwhitelist = [\"nope\"]\n").unwrap_err();
         assert_eq!(e.key, "fraud.whitelist");
+    }
+
+    #[test]
+    fn log_level_is_parsed_strictly() {
+        for good in [
+            "info",
+            "DEBUG",
+            "off",
+            "info,portico::proxy=debug",
+            "warn, portico=trace",
+            "portico_dataplane=info",
+            "portico[conn]=trace",
+        ] {
+            let c = Config::from_toml(&format!("log_level = \"{good}\"\n"));
+            assert!(c.is_ok(), "{good}: {c:?}");
+        }
+        for bad in [
+            "nonsense=,,",
+            "verbose",
+            "",
+            " ",
+            "info,",
+            ",info",
+            "info,,debug",
+            "portico=loud",
+            "=debug",
+            "a b=info",
+            "portico[x=info",
+        ] {
+            let e = Config::from_toml(&format!("log_level = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(e.key, "log_level", "{bad}: {e}");
+        }
+        let e = Config::from_toml("log_level = \"verbose\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("log_level: \"verbose\""), "{e}");
     }
 
     #[test]
