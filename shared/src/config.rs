@@ -34,6 +34,13 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// What the API shows instead of a secret (TURN users' passwords and keys, the TURN REST API
+/// shared secrets). Sent back in a PUT or PATCH it means "keep the current value": for a user,
+/// the secret of the current user of that name; in `turn.shared_secret`, the current secrets
+/// in their order (the first placeholder stands for the first current secret, and so on), so
+/// prepending a new secret to what GET returned is a rollover. It is never a valid secret.
+pub const REDACTED: &str = "<redacted>";
+
 fn err(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.to_string(),
@@ -383,6 +390,60 @@ impl Config {
         toml::to_string(self).unwrap_or_default()
     }
 
+    /// This configuration with every secret replaced by [`REDACTED`], as the API shows it.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        for s in &mut c.turn.shared_secret {
+            *s = REDACTED.to_string();
+        }
+        for u in &mut c.turn.users {
+            for secret in [&mut u.password, &mut u.key].into_iter().flatten() {
+                *secret = REDACTED.to_string();
+            }
+        }
+        c
+    }
+
+    /// Replaces the [`REDACTED`] placeholders of a configuration sent to the API by the
+    /// secrets of `current` (see [`REDACTED`] for the rules). A placeholder with no current
+    /// secret to stand for is an error naming the key.
+    pub fn restore_secrets(&mut self, current: &Config) -> Result<(), ConfigError> {
+        let mut kept = current.turn.shared_secret.iter();
+        for s in &mut self.turn.shared_secret {
+            if s == REDACTED {
+                *s = kept.next().cloned().ok_or_else(|| {
+                    err(
+                        "turn.shared_secret",
+                        format!(
+                            "more \"{REDACTED}\" placeholders than the {} secrets they stand for",
+                            current.turn.shared_secret.len()
+                        ),
+                    )
+                })?;
+            }
+        }
+        for (i, u) in self.turn.users.iter_mut().enumerate() {
+            let hidden = [&u.password, &u.key]
+                .into_iter()
+                .any(|s| s.as_deref() == Some(REDACTED));
+            if !hidden {
+                continue;
+            }
+            let Some(now) = current.turn.users.iter().find(|c| c.name == u.name) else {
+                return Err(err(
+                    &format!("turn.users[{i}]"),
+                    format!(
+                        "\"{REDACTED}\" keeps the current secret of a user, but there is no user \"{}\"",
+                        u.name
+                    ),
+                ));
+            };
+            u.password = now.password.clone();
+            u.key = now.key.clone();
+        }
+        Ok(())
+    }
+
     /// Checks everything serde cannot: ranges, lists, cross-key rules.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.state_dir.as_os_str().is_empty() {
@@ -412,11 +473,23 @@ impl Config {
             if s.is_empty() {
                 return Err(err("turn.shared_secret", "a secret must not be empty"));
             }
+            if s == REDACTED {
+                return Err(err(
+                    "turn.shared_secret",
+                    format!("\"{REDACTED}\" is the placeholder the API shows, not a secret"),
+                ));
+            }
         }
         for (i, u) in t.users.iter().enumerate() {
             let key = format!("turn.users[{i}]");
             if u.name.is_empty() || u.name.len() > 512 {
                 return Err(err(&key, "name must be 1 to 512 bytes"));
+            }
+            if u.password.as_deref() == Some(REDACTED) {
+                return Err(err(
+                    &format!("{key}.password"),
+                    format!("\"{REDACTED}\" is the placeholder the API shows, not a password"),
+                ));
             }
             match (&u.password, &u.key) {
                 (Some(_), Some(_)) => {
@@ -784,6 +857,50 @@ mod tests {
         }
         let e = Config::from_toml("log_level = \"verbose\"\n").unwrap_err();
         assert!(e.to_string().starts_with("log_level: \"verbose\""), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_restored() {
+        let current = Config::from_toml(
+            "[turn]\nshared_secret = [\"s0\", \"s1\"]\nusers = [{ name = \"a\", password = \"pa\" }, { name = \"k\", key = \"0123456789abcdef0123456789abcdef\" }]\n",
+        )
+        .unwrap();
+        let shown = current.redacted();
+        assert!(!shown.to_toml().contains("pa\""));
+        assert!(!shown.to_toml().contains("s0"));
+        assert!(!shown.to_toml().contains("0123456789abcdef"));
+        assert_eq!(shown.turn.shared_secret, vec![REDACTED, REDACTED]);
+        assert_eq!(shown.turn.users[1].key.as_deref(), Some(REDACTED));
+        assert_eq!(shown.turn.users[1].password, None);
+        // Sent back as is: the same secrets.
+        let mut back = shown.clone();
+        back.restore_secrets(&current).unwrap();
+        assert_eq!(back, current);
+        back.validate().unwrap();
+        // Rollover: a new secret first, the old ones kept.
+        let mut c = shown.clone();
+        c.turn.shared_secret.insert(0, "new".into());
+        c.restore_secrets(&current).unwrap();
+        assert_eq!(c.turn.shared_secret, vec!["new", "s0", "s1"]);
+        // More placeholders than secrets, an unknown user: errors naming the key.
+        let mut c = shown.clone();
+        c.turn.shared_secret.push(REDACTED.into());
+        assert_eq!(
+            c.restore_secrets(&current).unwrap_err().key,
+            "turn.shared_secret"
+        );
+        let mut c = shown.clone();
+        c.turn.users[0].name = "z".into();
+        assert_eq!(
+            c.restore_secrets(&current).unwrap_err().key,
+            "turn.users[0]"
+        );
+        // A placeholder left in place is never taken as a secret.
+        let e = shown.validate().unwrap_err();
+        assert_eq!(e.key, "turn.shared_secret");
+        let mut c = shown.clone();
+        c.turn.shared_secret.clear();
+        assert_eq!(c.validate().unwrap_err().key, "turn.users[0].password");
     }
 
     #[test]
