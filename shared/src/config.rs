@@ -81,7 +81,8 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TurnConfig {
-    /// UDP and TCP addresses STUN/TURN listens on.
+    /// UDP and TCP addresses STUN/TURN listens on. Empty: STUN/TURN is off (a proxy-only
+    /// box); the dataplane then opens no socket at all.
     pub listen: Vec<SocketAddr>,
     pub realm: String,
     /// Local addresses relay sockets bind to, at most one per family (a string or a list).
@@ -451,9 +452,6 @@ impl Config {
         }
         check_log_level(&self.log_level).map_err(|e| err("log_level", e))?;
         let t = &self.turn;
-        if t.listen.is_empty() {
-            return Err(err("turn.listen", "needs at least one address"));
-        }
         for (i, a) in t.listen.iter().enumerate() {
             if a.port() == 0 {
                 return Err(err("turn.listen", format!("\"{a}\" needs a port")));
@@ -901,6 +899,19 @@ mod tests {
         let mut c = shown.clone();
         c.turn.shared_secret.clear();
         assert_eq!(c.validate().unwrap_err().key, "turn.users[0].password");
+    }
+
+    #[test]
+    fn empty_listen_turns_stun_and_turn_off() {
+        let c = Config::from_toml("[turn]\nlisten = []\n").unwrap();
+        assert!(c.turn.listen.is_empty());
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        // RFC 5780 still needs a primary address to pair with.
+        let e = Config::from_toml(
+            "[turn]\nlisten = []\n[stun]\nalternate_ip = \"127.0.0.2\"\nalternate_port = 3479\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "stun.alternate_ip");
     }
 
     #[test]
