@@ -211,12 +211,7 @@ impl Control {
                 old.state_dir.display()
             )));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&new.log_level) {
-            return Err(ChangeError::Invalid(format!(
-                "log_level: \"{}\" is not a log filter: {e}",
-                new.log_level
-            )));
-        }
+        crate::config::check_files(new).map_err(|e| ChangeError::Invalid(e.to_string()))?;
         let len = new.to_toml().len();
         if len > CONFIG_CAPACITY {
             return Err(ChangeError::Invalid(format!(

@@ -186,7 +186,11 @@ async fn serve(
     }
 
     let log_level = config.log_level.clone();
-    let listen = config.turn.listen.clone();
+    let listen = if config.turn.listen.is_empty() {
+        "off (turn.listen is empty)".to_string()
+    } else {
+        format!("on {:?}", config.turn.listen)
+    };
     let api_listen = config.api.listen;
     let fraud = fraud::task::Fraud::start(Arc::clone(&shm), &state.dir, &config.fraud)?;
     let proxy_metrics = Arc::new(proxy::metrics::ProxyMetrics::default());
@@ -246,7 +250,7 @@ async fn serve(
         private_key = %state.key_path.display(),
         dataplane_pid = dataplane.pid(),
         driver = driver.name(),
-        "portico is running: STUN/TURN on {listen:?}, API on http://{api_listen}/api/v1/"
+        "portico is running: STUN/TURN {listen}, API on http://{api_listen}/api/v1/"
     );
     if state.token_created {
         tracing::info!(

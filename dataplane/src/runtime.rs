@@ -1,6 +1,11 @@
 //! Process life of the dataplane: attach to shared memory, start one worker per core and the
 //! TCP thread, then watch signals, the configuration generation and the heartbeat until told
 //! to stop.
+//!
+//! With `turn.listen = []` (a proxy-only box) STUN/TURN is off: no worker or TCP thread starts
+//! and no socket is opened, but the process still runs its main loop (heartbeat, configuration
+//! generations applied), so the control plane supervises it, and reports it, as usual; a
+//! later `turn.listen` takes effect at its next start, like any listen change.
 
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -96,7 +101,12 @@ pub fn run(shm_name: &str) -> Result<(), String> {
     };
 
     let driver = choose_driver(config.turn.io)?;
-    let workers = config.worker_count().clamp(1, MAX_WORKERS);
+    let serving = !config.turn.listen.is_empty();
+    let workers = if serving {
+        config.worker_count().clamp(1, MAX_WORKERS)
+    } else {
+        0
+    };
     let mut secret = [0u8; 32];
     aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut secret)
         .map_err(|_| "the system random generator failed".to_string())?;
@@ -108,12 +118,18 @@ pub fn run(shm_name: &str) -> Result<(), String> {
     for _ in 0..workers {
         sockets.push(io::bind_all(&addrs)?);
     }
-    tracing::info!(
-        driver = driver.name(),
-        workers,
-        listen = ?addrs,
-        "dataplane started"
-    );
+    if serving {
+        tracing::info!(
+            driver = driver.name(),
+            workers,
+            listen = ?addrs,
+            "dataplane started"
+        );
+    } else {
+        tracing::info!(
+            "dataplane started with STUN/TURN off (turn.listen is empty): no socket opened"
+        );
+    }
 
     let shared = Arc::new(Shared {
         shm,
@@ -164,7 +180,7 @@ pub fn run(shm_name: &str) -> Result<(), String> {
             .map_err(|e| format!("spawning worker {i}: {e}"))?;
         handles.push(h);
     }
-    {
+    if serving {
         let sh = Arc::clone(&shared);
         let h = thread::Builder::new()
             .name("portico-tcp".into())
