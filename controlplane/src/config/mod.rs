@@ -5,6 +5,7 @@
 //! writing the embedded default there on first start, so that later changes persist in the
 //! state dir.
 
+pub mod edit;
 pub mod store;
 
 use std::fs;
