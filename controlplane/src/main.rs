@@ -2,6 +2,8 @@
 //! state directory, creates (or re-attaches to) the shared memory, starts and supervises the
 //! dataplane, and serves the REST API and Prometheus metrics.
 
+#![forbid(unsafe_code)]
+
 mod api;
 mod config;
 mod control;
