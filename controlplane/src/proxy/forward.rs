@@ -299,6 +299,12 @@ async fn client_side(
                     (hooks.report)(Reason::TooLarge);
                     return Err(io::Error::new(io::ErrorKind::InvalidData, "too large"));
                 }
+                Step::End => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "message refused",
+                    ));
+                }
             };
             if let Err(e) = w.write_all(&bytes).await {
                 if !wrote {

@@ -190,10 +190,6 @@ pub async fn run<F>(
                 tracing::info!("proxy stopped listening for {t} on {a}");
             }
             let Some(addr) = want else { continue };
-            if matches!(t, ServiceType::H323 | ServiceType::H323Tls) {
-                tracing::warn!("proxy.listen.{t}: H.323 is not proxied yet; not listening");
-                continue;
-            }
             match TcpListener::bind(addr).await {
                 Ok(l) => {
                     tracing::info!("proxy listening for {t} on {addr}");

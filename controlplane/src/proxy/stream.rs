@@ -1,4 +1,4 @@
-//! Protocols routed on their first message (SIP, LDAP; H.323 later): read until the sniffer
+//! Protocols routed on their first message (SIP, LDAP, H.323): read until the sniffer
 //! has a verdict, check access, connect, then relay both ways: the client's messages through
 //! the sniffer's guard, which names every later message that routes (SIP REGISTER/INVITE,
 //! LDAP binds) so it is checked against the connection's service, and the target's answers
@@ -79,40 +79,63 @@ pub async fn serve(client: BoxStream, conn: Conn) {
         First::Closed => return,
     };
     let refusal = match verdict {
-        Sniffed::Name(name) => match conn.snap.routes.lookup(&name, conn.stype) {
-            Lookup::Found(route, target) => {
-                if !route.allows(conn.stype, conn.peer.ip()) {
-                    report(Reason::NotAllowedFrom);
-                    Refusal::Forbidden
-                } else if (conn.blocked)(source) {
-                    // Blacklisted while its first message was on the way.
-                    conn.events.metrics().refused_blocked.inc();
-                    let _ = cw.shutdown().await;
-                    return;
-                } else {
-                    match forward::connect(&conn.snap, route, target, conn.peer, conn.local).await {
-                        Ok(up) => {
-                            conn.events.metrics().forwarded(conn.stype);
-                            relay(cr, cw, up, route.index, &buf, &conn).await;
+        Sniffed::Name(name) => {
+            // The first candidate that exists, admits the source and answers gets the
+            // connection; of the failures, the one nearest to success is reported.
+            let mut failure: Option<(u8, Reason, Refusal)> = None;
+            let mut fail = |rank: u8, reason: Reason, refusal: Refusal| {
+                if failure.as_ref().is_none_or(|(r, ..)| rank > *r) {
+                    failure = Some((rank, reason, refusal));
+                }
+            };
+            for candidate in conn.sniffer.candidates(&name) {
+                match conn.snap.routes.lookup(&candidate, conn.stype) {
+                    Lookup::Found(route, target) => {
+                        if !route.allows(conn.stype, conn.peer.ip()) {
+                            fail(3, Reason::NotAllowedFrom, Refusal::Forbidden);
+                            break;
+                        }
+                        if (conn.blocked)(source) {
+                            // Blacklisted while its first message was on the way.
+                            conn.events.metrics().refused_blocked.inc();
+                            let _ = cw.shutdown().await;
                             return;
                         }
-                        Err(e) => {
-                            tracing::debug!(peer = %conn.peer, "target unreachable: {e}");
-                            report(Reason::TargetUnreachable(e));
-                            Refusal::Unavailable
+                        match forward::connect(&conn.snap, route, target, conn.peer, conn.local)
+                            .await
+                        {
+                            Ok(up) => {
+                                conn.events.metrics().forwarded(conn.stype);
+                                relay(cr, cw, up, route.index, &buf, &conn).await;
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::debug!(peer = %conn.peer, "target unreachable: {e}");
+                                fail(2, Reason::TargetUnreachable(e), Refusal::Unavailable);
+                            }
                         }
                     }
+                    Lookup::Unknown => {
+                        fail(0, Reason::UnknownName(name.clone()), Refusal::UnknownName)
+                    }
+                    Lookup::NotOffered(r) => fail(
+                        1,
+                        Reason::TypeNotOffered(r.name.clone()),
+                        Refusal::UnknownName,
+                    ),
                 }
             }
-            Lookup::Unknown => {
-                report(Reason::UnknownName(name));
-                Refusal::UnknownName
+            match failure {
+                Some((_, reason, refusal)) => {
+                    report(reason);
+                    refusal
+                }
+                None => {
+                    report(Reason::UnknownName(name));
+                    Refusal::UnknownName
+                }
             }
-            Lookup::NotOffered(r) => {
-                report(Reason::TypeNotOffered(r.name.clone()));
-                Refusal::UnknownName
-            }
-        },
+        }
         Sniffed::NoName(m) => {
             report(Reason::UnknownName(m.to_string()));
             Refusal::UnknownName
@@ -187,12 +210,18 @@ fn check_route(conn: &Conn, route: usize, check: Check) -> Result<(), Reason> {
         Check::NoName(why) => return Err(Reason::UnknownName(why.to_string())),
         Check::Name(n) => n,
     };
-    match conn.snap.routes.lookup(&name, conn.stype) {
-        Lookup::Found(r, _) if r.index == route => Ok(()),
-        Lookup::Found(..) => Err(Reason::Malformed(
-            "a later request names another service than the connection's",
-        )),
-        Lookup::NotOffered(r) => Err(Reason::TypeNotOffered(r.name.clone())),
-        Lookup::Unknown => Err(Reason::UnknownName(name)),
+    let mut verdict = Err(Reason::UnknownName(name.clone()));
+    for candidate in conn.sniffer.candidates(&name) {
+        match conn.snap.routes.lookup(&candidate, conn.stype) {
+            Lookup::Found(r, _) if r.index == route => return Ok(()),
+            Lookup::Found(..) => {
+                verdict = Err(Reason::Malformed(
+                    "a later request names another service than the connection's",
+                ))
+            }
+            Lookup::NotOffered(r) => verdict = Err(Reason::TypeNotOffered(r.name.clone())),
+            Lookup::Unknown => {}
+        }
     }
+    verdict
 }
