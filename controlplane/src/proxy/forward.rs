@@ -147,7 +147,7 @@ async fn connect_inner(
         .server_name
         .clone()
         .ok_or_else(|| format!("{addr}: no valid TLS name for the target"))?;
-    let config = if route.service.check_certificate {
+    let config = if route.service.verifies_target() {
         Arc::clone(&snap.client_tls)
     } else {
         Arc::clone(&snap.client_tls_unverified)

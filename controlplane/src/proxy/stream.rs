@@ -20,8 +20,9 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use super::access::canonical_ip;
 use super::events::{Events, Reason};
 use super::forward::{self, BoxStream, Hooks, Verdict, BUF};
-use super::route::Lookup;
+use super::route::{Lookup, Route, Target};
 use super::sniff::{Check, Refusal, Sniffed, Sniffer};
+use super::tls::ClientCert;
 use super::{until_blocked, Blocked, Snapshot};
 
 pub struct Conn {
@@ -33,6 +34,8 @@ pub struct Conn {
     pub first_deadline: tokio::time::Instant,
     pub sniffer: &'static dyn Sniffer,
     pub blocked: Blocked,
+    /// The client's certificate (SIPS and H.323/TLS when `proxy.tls.client_ca_file` is set).
+    pub client_cert: Option<ClientCert>,
 }
 
 enum First {
@@ -95,6 +98,13 @@ pub async fn serve(client: BoxStream, conn: Conn) {
                             fail(3, Reason::NotAllowedFrom, Refusal::Forbidden);
                             break;
                         }
+                        let (target, vouched) = match checked_target(&conn, route, target, &buf) {
+                            Ok(t) => t,
+                            Err(reason) => {
+                                fail(1, reason, Refusal::UnknownName);
+                                continue;
+                            }
+                        };
                         if (conn.blocked)(source) {
                             // Blacklisted while its first message was on the way.
                             conn.events.metrics().refused_blocked.inc();
@@ -106,7 +116,7 @@ pub async fn serve(client: BoxStream, conn: Conn) {
                         {
                             Ok(up) => {
                                 conn.events.metrics().forwarded(conn.stype);
-                                relay(cr, cw, up, route.index, &buf, &conn).await;
+                                relay(cr, cw, up, route.index, vouched, &buf, &conn).await;
                                 return;
                             }
                             Err(e) => {
@@ -162,6 +172,7 @@ async fn relay(
     cw: WriteHalf<BoxStream>,
     up: BoxStream,
     route: usize,
+    vouched: bool,
     first: &[u8],
     conn: &Conn,
 ) {
@@ -171,7 +182,17 @@ async fn relay(
         if (conn.blocked)(source) {
             return Verdict::Cut;
         }
-        match check_route(conn, route, check) {
+        let checked = check_route(conn, route, check).and_then(|()| {
+            // Over TLS on the strength of its certificate: every later registration must
+            // be one the certificate names, or it would reach the PBX as verified.
+            match (vouched, &conn.client_cert, conn.sniffer.registration(msg)) {
+                (true, Some(cert), Some(names)) if !cert.vouches_for(&names) => Err(
+                    Reason::Malformed("a later registration is not the client certificate's"),
+                ),
+                _ => Ok(()),
+            }
+        });
+        match checked {
             Ok(()) => Verdict::Forward,
             Err(reason) => {
                 tracing::debug!(peer = %conn.peer, "not forwarded: {reason}");
@@ -199,6 +220,44 @@ async fn relay(
     .await;
     if r.is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied) {
         conn.events.metrics().refused_blocked.inc();
+    }
+}
+
+/// Check Certificate (reference: "Reverse Proxy and PBX Interaction") for a service that sets
+/// it: the registration goes to the service's TLS port only when the client came over TLS
+/// with a certificate that chains to the trust list and names what it registers; anything
+/// else (another name, an untrusted or no certificate, plain TCP, a first message that is
+/// no registration) goes to its plain port, where the PBX checks the password. Returns the
+/// target and whether the certificate vouches for the connection. A service without the
+/// switch keeps the client's encryption (or the only port it has) as for other protocols.
+fn checked_target(
+    conn: &Conn,
+    route: &Route,
+    target: Target,
+    first: &[u8],
+) -> Result<(Target, bool), Reason> {
+    let (plain, tls) = match conn.stype {
+        ServiceType::Sip | ServiceType::Sips => (ServiceType::Sip, ServiceType::Sips),
+        ServiceType::H323 | ServiceType::H323Tls => (ServiceType::H323, ServiceType::H323Tls),
+        _ => return Ok((target, false)),
+    };
+    if !route.service.checks_client_certificate() {
+        return Ok((target, false));
+    }
+    let ports = route.service.ports();
+    let vouched = conn.client_cert.as_ref().is_some_and(|c| {
+        conn.sniffer
+            .registration(first)
+            .is_some_and(|names| c.vouches_for(&names))
+    });
+    if vouched {
+        if let Some(&port) = ports.get(tls) {
+            return Ok((Target { port, tls: true }, true));
+        }
+    }
+    match ports.get(plain) {
+        Some(&port) => Ok((Target { port, tls: false }, false)),
+        None => Err(Reason::TypeNotOffered(route.name.clone())),
     }
 }
 

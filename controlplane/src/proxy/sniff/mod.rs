@@ -120,7 +120,6 @@ pub trait Sniffer: Send + Sync {
     /// The names a registration message registers (H.323 GRQ/RRQ aliases, a SIP REGISTER's
     /// From `user@host`), for Check Certificate; `None` when `msg` (a whole first message, or
     /// a guard's [`Step::Message`] bytes) is no registration.
-    #[allow(dead_code)] // Check Certificate uses it (next step)
     fn registration(&self, _msg: &[u8]) -> Option<Vec<String>> {
         None
     }
