@@ -29,6 +29,10 @@ ldap-utils:ldapsearch
 kamailio:kamailio
 curl:curl
 openssl:openssl
+tshark:tshark
+wireshark-common:text2pcap
+python3:python3
+python3-pip:pip3
 "
 
 # Upper bounds per step, so a hung test cannot use up CI's time; normal runs are far below.
@@ -51,6 +55,14 @@ if ! install_missing_tools "$REQUIRED_TOOLS"; then
     echo "FATAL: could not install the tools the tests need (see above)." >&2
     echo "0 passed, 1 failed"
     exit 1
+fi
+
+# Python packages the tests use as independent encoders: pycrate (H.225.0 in aligned PER,
+# for the H.323 proxy tests). Debian 12's pip refuses system-wide installs without
+# --break-system-packages; pycrate has no dependencies, so nothing of Debian's is replaced.
+if ! python3 -c 'import pycrate_asn1dir.H225' 2>/dev/null; then
+    python3 -m pip install --quiet --break-system-packages 'pycrate==0.8.1' ||
+        echo "warning: pip could not install pycrate; the H.323 proxy tests will fail" >&2
 fi
 
 section "Environment"

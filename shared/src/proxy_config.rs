@@ -185,6 +185,11 @@ pub struct ProxyTls {
     /// store (`/etc/ssl/certs/ca-certificates.crt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// PEM CA certificates that client certificates must chain to for Check Certificate
+    /// (a service's `check_certificate`): the proxy's trust list for H.323/TLS and SIPS
+    /// registrations. Required when any service sets `check_certificate = true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// A redirect answered by a service type: same host and path, another scheme and/or port.
@@ -276,9 +281,21 @@ pub struct ProxyService {
     #[serde(default)]
     pub allow_from: PerType<Vec<String>>,
     /// Verify the target's TLS certificate against the trust store (`verify_target` is the
-    /// same key under the issue tracker's name).
-    #[serde(default = "yes", alias = "verify_target")]
-    pub check_certificate: bool,
+    /// same key, shorter). Unset: on; see [`ProxyService::verifies_target`].
+    #[serde(
+        default,
+        alias = "verify_target",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub verify_target_certificate: Option<bool>,
+    /// Check Certificate (reference: "Reverse Proxy and PBX Interaction"): an H.323/TLS or
+    /// SIPS registration goes to the target over TLS only when the client's certificate
+    /// chains to `proxy.tls.client_ca_file` and names the registration; every other request
+    /// of the service goes over TCP. Unset: off (forwarding keeps the client's encryption).
+    /// Before this meaning, the key meant what `verify_target_certificate` means now: see
+    /// [`ProxyConfig::warnings`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_certificate: Option<bool>,
     /// Name the target's certificate must carry and sent as SNI; default: `host`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_name: Option<String>,
@@ -288,11 +305,18 @@ pub struct ProxyService {
     pub proxy_protocol: bool,
 }
 
-fn yes() -> bool {
-    true
-}
-
 impl ProxyService {
+    /// Whether the target's TLS certificate is verified (`verify_target_certificate`,
+    /// default on).
+    pub fn verifies_target(&self) -> bool {
+        self.verify_target_certificate.unwrap_or(true)
+    }
+
+    /// Whether Check Certificate is on (`check_certificate`, default off).
+    pub fn checks_client_certificate(&self) -> bool {
+        self.check_certificate.unwrap_or(false)
+    }
+
     /// The target ports as one per-type value.
     pub fn ports(&self) -> PerType<u16> {
         PerType {
@@ -335,6 +359,30 @@ impl ProxyConfig {
                 .filter_map(|s| s.parse::<Cidr>().ok())
                 .collect(),
         )
+    }
+
+    /// What in this section is accepted but probably not meant, one sentence each, to be
+    /// logged when the configuration is loaded. Today: `check_certificate` set in a service
+    /// that does not set `verify_target_certificate`. Until the key took the reference's
+    /// meaning (Check Certificate), it meant verifying the target's certificate: a file
+    /// written then with `check_certificate = false` to reach a self-signed PBX now turns
+    /// that verification back on, and one with `true` now asks clients for certificates.
+    /// A service that sets both keys was written for the new meaning: no warning.
+    pub fn warnings(&self) -> Vec<String> {
+        self.services
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.check_certificate.is_some() && s.verify_target_certificate.is_none())
+            .map(|(i, s)| {
+                format!(
+                    "proxy.services[{i}].check_certificate ({}) now means Check Certificate \
+                     (client certificates of H.323/TLS and SIPS registrations); verifying the \
+                     target's certificate moved to verify_target_certificate (default true): \
+                     set it to say which you mean",
+                    s.name
+                )
+            })
+            .collect()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -439,6 +487,12 @@ impl ProxyConfig {
         }
         for (i, s) in self.services.iter().enumerate() {
             validate_service(i, s)?;
+            if s.checks_client_certificate() && self.tls.client_ca_file.is_none() {
+                return Err(err(
+                    format!("proxy.services[{i}].check_certificate"),
+                    "needs proxy.tls.client_ca_file, the CAs client certificates must chain to",
+                ));
+            }
             if let Some(o) = self.services[..i]
                 .iter()
                 .position(|o| o.name.eq_ignore_ascii_case(&s.name))
@@ -573,7 +627,8 @@ proxy_protocol = true
         assert!(d.max_connections_per_ip >= 50 * 6 + 50);
         assert!(d.max_connections > d.max_connections_per_ip);
         let s = &p.services[0];
-        assert!(!s.check_certificate, "verify_target is an alias");
+        assert!(!s.verifies_target(), "verify_target is an alias");
+        assert!(!s.checks_client_certificate());
         assert_eq!(s.target(ServiceType::Https), Some((443, true)));
         assert_eq!(s.target(ServiceType::Ldaps), Some((389, false)));
         assert_eq!(s.target(ServiceType::Sip), None);
@@ -587,9 +642,49 @@ proxy_protocol = true
     }
 
     #[test]
-    fn check_certificate_defaults_to_on() {
+    fn target_verification_defaults_to_on_and_check_certificate_to_off() {
         let c = Config::from_toml("[[proxy.services]]\nname = \"a\"\nhost = \"b\"\n").unwrap();
-        assert!(c.proxy.services[0].check_certificate);
+        assert!(c.proxy.services[0].verifies_target());
+        assert!(!c.proxy.services[0].checks_client_certificate());
+        assert!(c.proxy.warnings().is_empty());
+        let c = Config::from_toml(
+            "[[proxy.services]]\nname = \"a\"\nhost = \"b\"\nverify_target_certificate = false\n",
+        )
+        .unwrap();
+        assert!(!c.proxy.services[0].verifies_target());
+        // Round trip keeps what was (not) written.
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn check_certificate_of_the_old_meaning_is_warned_about() {
+        // Written before the rename: the old key alone.
+        let old = Config::from_toml(
+            "[[proxy.services]]\nname = \"a\"\nhost = \"b\"\ncheck_certificate = false\n",
+        )
+        .unwrap();
+        let w = old.proxy.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("proxy.services[0].check_certificate"),
+            "{w:?}"
+        );
+        assert!(w[0].contains("verify_target_certificate"), "{w:?}");
+        // The new meaning needs the client trust list, named in the error.
+        let e = Config::from_toml(
+            "[[proxy.services]]\nname = \"a\"\nhost = \"b\"\ncheck_certificate = true\nverify_target_certificate = true\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("proxy.services[0].check_certificate"), "{e}");
+        assert!(e.contains("client_ca_file"), "{e}");
+        // Both keys: written for the new meaning, no warning.
+        let new = Config::from_toml(
+            "[proxy.tls]\nclient_ca_file = \"/etc/ca.pem\"\n[[proxy.services]]\nname = \"a\"\nhost = \"b\"\ncheck_certificate = true\nverify_target_certificate = true\n",
+        )
+        .unwrap();
+        assert!(new.proxy.services[0].checks_client_certificate());
+        assert!(new.proxy.warnings().is_empty());
     }
 
     #[test]

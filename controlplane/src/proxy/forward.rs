@@ -147,7 +147,7 @@ async fn connect_inner(
         .server_name
         .clone()
         .ok_or_else(|| format!("{addr}: no valid TLS name for the target"))?;
-    let config = if route.service.check_certificate {
+    let config = if route.service.verifies_target() {
         Arc::clone(&snap.client_tls)
     } else {
         Arc::clone(&snap.client_tls_unverified)
@@ -298,6 +298,12 @@ async fn client_side(
                 Step::TooLarge => {
                     (hooks.report)(Reason::TooLarge);
                     return Err(io::Error::new(io::ErrorKind::InvalidData, "too large"));
+                }
+                Step::End => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "message refused",
+                    ));
                 }
             };
             if let Err(e) = w.write_all(&bytes).await {

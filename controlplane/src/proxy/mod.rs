@@ -60,12 +60,26 @@ pub struct Snapshot {
     pub client_tls_unverified: Arc<ClientConfig>,
     server_https: Arc<ServerConfig>,
     server_other: Arc<ServerConfig>,
+    /// Check Certificate: the trust list for client certificates (`client_ca_file`), and
+    /// the server side that asks for them (SIPS, H.323/TLS).
+    pub client_trust: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    server_asking: Option<Arc<ServerConfig>>,
 }
 
 impl Snapshot {
     fn build(c: &ProxyConfig, resolver: &Arc<CertResolver>) -> Result<Snapshot, String> {
         let (roots, _) = tls::root_store(c.tls.ca_file.as_deref())?;
         let (client_tls, client_tls_unverified) = tls::client_configs(roots, &[])?;
+        let client_trust = c
+            .tls
+            .client_ca_file
+            .as_deref()
+            .map(tls::client_verifier)
+            .transpose()?;
+        let server_asking = client_trust
+            .as_ref()
+            .map(|t| tls::server_config_asking(Arc::clone(resolver), Arc::clone(t)))
+            .transpose()?;
         Ok(Snapshot {
             routes: Routes::new(&c.services),
             limits: c.limits.clone(),
@@ -75,6 +89,8 @@ impl Snapshot {
             client_tls_unverified,
             server_https: tls::server_config(Arc::clone(resolver), &[b"http/1.1"])?,
             server_other: tls::server_config(Arc::clone(resolver), &[])?,
+            client_trust,
+            server_asking,
         })
     }
 
@@ -83,10 +99,10 @@ impl Snapshot {
     }
 
     fn server_tls(&self, t: ServiceType) -> Arc<ServerConfig> {
-        if t == ServiceType::Https {
-            Arc::clone(&self.server_https)
-        } else {
-            Arc::clone(&self.server_other)
+        match (t, &self.server_asking) {
+            (ServiceType::Https, _) => Arc::clone(&self.server_https),
+            (ServiceType::Sips | ServiceType::H323Tls, Some(asking)) => Arc::clone(asking),
+            _ => Arc::clone(&self.server_other),
         }
     }
 }
@@ -160,6 +176,9 @@ pub async fn run<F>(
         if applied.as_ref() == Some(&cfg) {
             continue;
         }
+        for w in cfg.warnings() {
+            tracing::warn!("{w}");
+        }
         let snap = match Snapshot::build(&cfg, &resolver) {
             Ok(s) => Arc::new(s),
             Err(e) => {
@@ -190,10 +209,6 @@ pub async fn run<F>(
                 tracing::info!("proxy stopped listening for {t} on {a}");
             }
             let Some(addr) = want else { continue };
-            if matches!(t, ServiceType::H323 | ServiceType::H323Tls) {
-                tracing::warn!("proxy.listen.{t}: H.323 is not proxied yet; not listening");
-                continue;
-            }
             match TcpListener::bind(addr).await {
                 Ok(l) => {
                     tracing::info!("proxy listening for {t} on {addr}");
@@ -289,10 +304,19 @@ async fn handle(
     let charged = (!snap.trusted.contains(source)).then_some(source);
     let first_deadline =
         tokio::time::Instant::now() + Duration::from_secs(snap.limits.first_message_timeout);
+    let mut client_cert = None;
     let client: BoxStream = if stype.is_tls() {
         let acceptor = tokio_rustls::TlsAcceptor::from(snap.server_tls(stype));
         match tokio::time::timeout_at(first_deadline, acceptor.accept(tcp)).await {
-            Ok(Ok(s)) => Box::new(s),
+            Ok(Ok(s)) => {
+                if let (Some(trust), ServiceType::Sips | ServiceType::H323Tls) =
+                    (&snap.client_trust, stype)
+                {
+                    client_cert =
+                        tls::check_client(trust.as_ref(), s.get_ref().1.peer_certificates());
+                }
+                Box::new(s)
+            }
             Ok(Err(e)) => {
                 // A TLS alert or garbage is a rejection by the proxy; a peer that merely
                 // went away (reset, EOF: scanners, `s_time`) is not.
@@ -333,6 +357,7 @@ async fn handle(
                     first_deadline,
                     sniffer,
                     blocked,
+                    client_cert,
                 };
                 stream::serve(client, conn).await;
             }

@@ -1,4 +1,4 @@
-//! Protocols routed on their first message (SIP, LDAP; H.323 later): read until the sniffer
+//! Protocols routed on their first message (SIP, LDAP, H.323): read until the sniffer
 //! has a verdict, check access, connect, then relay both ways: the client's messages through
 //! the sniffer's guard, which names every later message that routes (SIP REGISTER/INVITE,
 //! LDAP binds) so it is checked against the connection's service, and the target's answers
@@ -20,8 +20,9 @@ use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use super::access::canonical_ip;
 use super::events::{Events, Reason};
 use super::forward::{self, BoxStream, Hooks, Verdict, BUF};
-use super::route::Lookup;
+use super::route::{Lookup, Route, Target};
 use super::sniff::{Check, Refusal, Sniffed, Sniffer};
+use super::tls::ClientCert;
 use super::{until_blocked, Blocked, Snapshot};
 
 pub struct Conn {
@@ -33,6 +34,8 @@ pub struct Conn {
     pub first_deadline: tokio::time::Instant,
     pub sniffer: &'static dyn Sniffer,
     pub blocked: Blocked,
+    /// The client's certificate (SIPS and H.323/TLS when `proxy.tls.client_ca_file` is set).
+    pub client_cert: Option<ClientCert>,
 }
 
 enum First {
@@ -79,40 +82,70 @@ pub async fn serve(client: BoxStream, conn: Conn) {
         First::Closed => return,
     };
     let refusal = match verdict {
-        Sniffed::Name(name) => match conn.snap.routes.lookup(&name, conn.stype) {
-            Lookup::Found(route, target) => {
-                if !route.allows(conn.stype, conn.peer.ip()) {
-                    report(Reason::NotAllowedFrom);
-                    Refusal::Forbidden
-                } else if (conn.blocked)(source) {
-                    // Blacklisted while its first message was on the way.
-                    conn.events.metrics().refused_blocked.inc();
-                    let _ = cw.shutdown().await;
-                    return;
-                } else {
-                    match forward::connect(&conn.snap, route, target, conn.peer, conn.local).await {
-                        Ok(up) => {
-                            conn.events.metrics().forwarded(conn.stype);
-                            relay(cr, cw, up, route.index, &buf, &conn).await;
+        Sniffed::Name(name) => {
+            // The first candidate that exists, admits the source and answers gets the
+            // connection; of the failures, the one nearest to success is reported.
+            let mut failure: Option<(u8, Reason, Refusal)> = None;
+            let mut fail = |rank: u8, reason: Reason, refusal: Refusal| {
+                if failure.as_ref().is_none_or(|(r, ..)| rank > *r) {
+                    failure = Some((rank, reason, refusal));
+                }
+            };
+            for candidate in conn.sniffer.candidates(&name) {
+                match conn.snap.routes.lookup(&candidate, conn.stype) {
+                    Lookup::Found(route, target) => {
+                        if !route.allows(conn.stype, conn.peer.ip()) {
+                            fail(3, Reason::NotAllowedFrom, Refusal::Forbidden);
+                            break;
+                        }
+                        let (target, vouched) = match checked_target(&conn, route, target, &buf) {
+                            Ok(t) => t,
+                            Err(reason) => {
+                                fail(1, reason, Refusal::UnknownName);
+                                continue;
+                            }
+                        };
+                        if (conn.blocked)(source) {
+                            // Blacklisted while its first message was on the way.
+                            conn.events.metrics().refused_blocked.inc();
+                            let _ = cw.shutdown().await;
                             return;
                         }
-                        Err(e) => {
-                            tracing::debug!(peer = %conn.peer, "target unreachable: {e}");
-                            report(Reason::TargetUnreachable(e));
-                            Refusal::Unavailable
+                        match forward::connect(&conn.snap, route, target, conn.peer, conn.local)
+                            .await
+                        {
+                            Ok(up) => {
+                                conn.events.metrics().forwarded(conn.stype);
+                                relay(cr, cw, up, route.index, vouched, &buf, &conn).await;
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::debug!(peer = %conn.peer, "target unreachable: {e}");
+                                fail(2, Reason::TargetUnreachable(e), Refusal::Unavailable);
+                            }
                         }
                     }
+                    Lookup::Unknown => {
+                        fail(0, Reason::UnknownName(name.clone()), Refusal::UnknownName)
+                    }
+                    Lookup::NotOffered(r) => fail(
+                        1,
+                        Reason::TypeNotOffered(r.name.clone()),
+                        Refusal::UnknownName,
+                    ),
                 }
             }
-            Lookup::Unknown => {
-                report(Reason::UnknownName(name));
-                Refusal::UnknownName
+            match failure {
+                Some((_, reason, refusal)) => {
+                    report(reason);
+                    refusal
+                }
+                None => {
+                    report(Reason::UnknownName(name));
+                    Refusal::UnknownName
+                }
             }
-            Lookup::NotOffered(r) => {
-                report(Reason::TypeNotOffered(r.name.clone()));
-                Refusal::UnknownName
-            }
-        },
+        }
         Sniffed::NoName(m) => {
             report(Reason::UnknownName(m.to_string()));
             Refusal::UnknownName
@@ -139,6 +172,7 @@ async fn relay(
     cw: WriteHalf<BoxStream>,
     up: BoxStream,
     route: usize,
+    vouched: bool,
     first: &[u8],
     conn: &Conn,
 ) {
@@ -148,7 +182,17 @@ async fn relay(
         if (conn.blocked)(source) {
             return Verdict::Cut;
         }
-        match check_route(conn, route, check) {
+        let checked = check_route(conn, route, check).and_then(|()| {
+            // Over TLS on the strength of its certificate: every later registration must
+            // be one the certificate names, or it would reach the PBX as verified.
+            match (vouched, &conn.client_cert, conn.sniffer.registration(msg)) {
+                (true, Some(cert), Some(names)) if !cert.vouches_for(&names) => Err(
+                    Reason::Malformed("a later registration is not the client certificate's"),
+                ),
+                _ => Ok(()),
+            }
+        });
+        match checked {
             Ok(()) => Verdict::Forward,
             Err(reason) => {
                 tracing::debug!(peer = %conn.peer, "not forwarded: {reason}");
@@ -179,6 +223,44 @@ async fn relay(
     }
 }
 
+/// Check Certificate (reference: "Reverse Proxy and PBX Interaction") for a service that sets
+/// it: the registration goes to the service's TLS port only when the client came over TLS
+/// with a certificate that chains to the trust list and names what it registers; anything
+/// else (another name, an untrusted or no certificate, plain TCP, a first message that is
+/// no registration) goes to its plain port, where the PBX checks the password. Returns the
+/// target and whether the certificate vouches for the connection. A service without the
+/// switch keeps the client's encryption (or the only port it has) as for other protocols.
+fn checked_target(
+    conn: &Conn,
+    route: &Route,
+    target: Target,
+    first: &[u8],
+) -> Result<(Target, bool), Reason> {
+    let (plain, tls) = match conn.stype {
+        ServiceType::Sip | ServiceType::Sips => (ServiceType::Sip, ServiceType::Sips),
+        ServiceType::H323 | ServiceType::H323Tls => (ServiceType::H323, ServiceType::H323Tls),
+        _ => return Ok((target, false)),
+    };
+    if !route.service.checks_client_certificate() {
+        return Ok((target, false));
+    }
+    let ports = route.service.ports();
+    let vouched = conn.client_cert.as_ref().is_some_and(|c| {
+        conn.sniffer
+            .registration(first)
+            .is_some_and(|names| c.vouches_for(&names))
+    });
+    if vouched {
+        if let Some(&port) = ports.get(tls) {
+            return Ok((Target { port, tls: true }, true));
+        }
+    }
+    match ports.get(plain) {
+        Some(&port) => Ok((Target { port, tls: false }, false)),
+        None => Err(Reason::TypeNotOffered(route.name.clone())),
+    }
+}
+
 /// Whether a later message of a connection routed to `route` may go there: only if it
 /// names nothing to check, or names that same service.
 fn check_route(conn: &Conn, route: usize, check: Check) -> Result<(), Reason> {
@@ -187,12 +269,18 @@ fn check_route(conn: &Conn, route: usize, check: Check) -> Result<(), Reason> {
         Check::NoName(why) => return Err(Reason::UnknownName(why.to_string())),
         Check::Name(n) => n,
     };
-    match conn.snap.routes.lookup(&name, conn.stype) {
-        Lookup::Found(r, _) if r.index == route => Ok(()),
-        Lookup::Found(..) => Err(Reason::Malformed(
-            "a later request names another service than the connection's",
-        )),
-        Lookup::NotOffered(r) => Err(Reason::TypeNotOffered(r.name.clone())),
-        Lookup::Unknown => Err(Reason::UnknownName(name)),
+    let mut verdict = Err(Reason::UnknownName(name.clone()));
+    for candidate in conn.sniffer.candidates(&name) {
+        match conn.snap.routes.lookup(&candidate, conn.stype) {
+            Lookup::Found(r, _) if r.index == route => return Ok(()),
+            Lookup::Found(..) => {
+                verdict = Err(Reason::Malformed(
+                    "a later request names another service than the connection's",
+                ))
+            }
+            Lookup::NotOffered(r) => verdict = Err(Reason::TypeNotOffered(r.name.clone())),
+            Lookup::Unknown => {}
+        }
     }
+    verdict
 }

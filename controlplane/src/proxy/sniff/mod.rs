@@ -5,9 +5,10 @@
 //! follow the connection message by message: a [`Guard`] splits what the client sends into
 //! messages and names the ones that must be routed again (SIP REGISTER/INVITE, LDAP binds),
 //! a [`Monitor`] watches the target's answers for rejections. Each protocol is one
-//! [`Sniffer`]: adding one (H.323: Setup/GRQ/RRQ by gatekeeper id) is one module implementing
-//! it plus one line in [`for_type`]. Everything here is sans-IO: bytes in, verdicts out.
+//! [`Sniffer`]: adding one is one module implementing it plus one line in [`for_type`]
+//! (H.323: Setup/GRQ/RRQ by gatekeeper id, in [`h323`]). Everything here is sans-IO: bytes in, verdicts out.
 
+pub mod h323;
 pub mod http;
 pub mod ldap;
 pub mod sip;
@@ -96,6 +97,9 @@ pub enum Step {
     Broken(&'static str),
     /// A message that must be looked at whole exceeds the limit.
     TooLarge,
+    /// A message was refused and the protocol has no way to say so in the stream (H.323):
+    /// the connection ends here, quietly (the refusal was reported already).
+    End,
 }
 
 pub trait Sniffer: Send + Sync {
@@ -108,14 +112,25 @@ pub trait Sniffer: Send + Sync {
     /// (SIP: which requests carried credentials). `max` bounds a message the guard must
     /// look at whole.
     fn session(&self, max: usize) -> (Box<dyn Guard>, Box<dyn Monitor>);
+    /// The service names a routing name may go to, in the order tried (H.323's standby
+    /// form names a master and a standby); most protocols: just the name.
+    fn candidates(&self, name: &str) -> Vec<String> {
+        vec![name.to_string()]
+    }
+    /// The names a registration message registers (H.323 GRQ/RRQ aliases, a SIP REGISTER's
+    /// From `user@host`), for Check Certificate; `None` when `msg` (a whole first message, or
+    /// a guard's [`Step::Message`] bytes) is no registration.
+    fn registration(&self, _msg: &[u8]) -> Option<Vec<String>> {
+        None
+    }
 }
 
-/// The sniffer for a stream-routed type; `None` for HTTP (own loop) and for types not
-/// implemented yet.
+/// The sniffer for a stream-routed type; `None` for HTTP (own loop).
 pub fn for_type(t: ServiceType) -> Option<&'static dyn Sniffer> {
     match t {
         ServiceType::Sip | ServiceType::Sips => Some(&sip::Sip),
         ServiceType::Ldap | ServiceType::Ldaps => Some(&ldap::Ldap),
-        ServiceType::Http | ServiceType::Https | ServiceType::H323 | ServiceType::H323Tls => None,
+        ServiceType::H323 | ServiceType::H323Tls => Some(&h323::H323),
+        ServiceType::Http | ServiceType::Https => None,
     }
 }

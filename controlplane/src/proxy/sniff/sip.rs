@@ -137,6 +137,17 @@ pub fn uri_domain(uri: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
+/// What a REGISTER registers, for Check Certificate: its From `user@host`, lower case (the
+/// host as [`uri_domain`] reads it; a password in the user part is dropped).
+fn register_name(head: &Head<'_>) -> Option<String> {
+    let uri = uri_of_name_addr(head.first("From", Some("f"))?)?;
+    let host = uri_domain(uri)?;
+    let (_, rest) = uri.split_once(':')?;
+    let (user, _) = rest.split([';', '?']).next()?.rsplit_once('@')?;
+    let user = user.split(':').next()?.trim();
+    (!user.is_empty()).then(|| format!("{}@{host}", user.to_ascii_lowercase()))
+}
+
 /// The routing name of a complete SIP request head.
 fn from_domain(head: &Head<'_>) -> Result<String, &'static str> {
     let from = head.first("From", Some("f")).ok_or("no From header")?;
@@ -215,6 +226,15 @@ impl Sniffer for Sip {
         }
         out.push_str("Server: Portico\r\nContent-Length: 0\r\n\r\n");
         Some(out.into_bytes())
+    }
+
+    fn registration(&self, msg: &[u8]) -> Option<Vec<String>> {
+        let buf = &msg[skip_keepalive(msg)..];
+        let head = parse_head(buf).ok()??;
+        if !head.start.starts_with("REGISTER ") {
+            return None;
+        }
+        register_name(&head).map(|n| vec![n])
     }
 
     fn session(&self, max: usize) -> (Box<dyn Guard>, Box<dyn Monitor>) {
@@ -598,6 +618,19 @@ mod tests {
             Sip.sniff(folded, 4096),
             Sniffed::Name("folded.example".into())
         );
+    }
+
+    #[test]
+    fn registration_names_the_from_user_at_host() {
+        let reg = "REGISTER sip:a.test SIP/2.0\r\nFrom: \"A\" <sip:Alice:pw@A.Test:5060;transport=tcp>;tag=1\r\n\r\n";
+        assert_eq!(
+            Sip.registration(reg.as_bytes()),
+            Some(vec!["alice@a.test".to_string()])
+        );
+        let invite = "INVITE sip:a.test SIP/2.0\r\nFrom: <sip:alice@a.test>\r\n\r\n";
+        assert_eq!(Sip.registration(invite.as_bytes()), None, "not a REGISTER");
+        let anon = "REGISTER sip:a.test SIP/2.0\r\nFrom: <sip:a.test>\r\n\r\n";
+        assert_eq!(Sip.registration(anon.as_bytes()), None);
     }
 
     #[test]
