@@ -2,23 +2,24 @@
 //! calls: each request, error response and timer, with a fake clock that the tests move
 //! forward and a fake driver that records which relay sockets the core opens and closes.
 //!
-//! Nothing here sleeps or sends a packet; relayed datagrams are checked where the core says
-//! they lie in the buffer (`Action::Send`), exactly as a driver would send them.
+//! Nothing here sleeps, opens a socket or maps shared memory: relay sockets are fake handles,
+//! counters are the core's own [`crate::server::Stats`], and relayed datagrams are checked
+//! where the core says they lie in the buffer (`Action::Send`), exactly as a driver would
+//! send them.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portico_shared::config::Config;
 use portico_shared::counters::Counter;
-use portico_shared::shm::{SharedMemory, WorkerCounters};
 
 use super::policy::ipv6_encodings;
-use super::{NoSink, RelayIo, TurnShared};
-use crate::server::{Action, Now, Server, Settings, Transport, HEADROOM};
+use super::{ControlPlane, DefaultRoutes, RelayIo, Reserved, TurnShared};
+use crate::server::{Action, Now, Received, Server, Settings, Stats, Transport, HEADROOM};
 use crate::stun::{self, attr, method, Class, Message, MessageWriter};
 
 // ---------------------------------------------------------------------------------------
@@ -58,8 +59,8 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// A relay driver that binds nothing for `open` (the core only needs an index back), binds
-/// a real loopback socket for `reserve` (the trait returns one), and remembers everything.
+/// A relay driver that binds nothing (the core only needs handles back) and remembers
+/// everything: which addresses are "bound", which reservations are held.
 #[derive(Default)]
 struct FakeIo {
     next: usize,
@@ -68,9 +69,10 @@ struct FakeIo {
     opened: Vec<(usize, SocketAddr, bool)>,
     closed: Vec<usize>,
     reserved: Vec<SocketAddr>,
+    /// Reservations not yet adopted or released: handle -> address.
+    holding: HashMap<Reserved, SocketAddr>,
+    released: Vec<SocketAddr>,
     adopted: Vec<(usize, SocketAddr)>,
-    /// Sockets adopted from reservations, kept open while "receiving".
-    held: HashMap<usize, UdpSocket>,
     fail_ports: HashSet<u16>,
     fail_all: bool,
 }
@@ -83,10 +85,12 @@ impl FakeIo {
         }
     }
 
+    /// A port in use (open or reserved) cannot be bound again, as with real sockets.
     fn refuse(&self, addr: SocketAddr) -> bool {
         self.fail_all
             || self.fail_ports.contains(&addr.port())
             || self.live.values().any(|a| *a == addr)
+            || self.holding.values().any(|a| *a == addr)
     }
 }
 
@@ -102,23 +106,34 @@ impl RelayIo for FakeIo {
         Ok(i)
     }
 
-    fn reserve(&mut self, addr: SocketAddr) -> io::Result<UdpSocket> {
+    fn reserve(&mut self, addr: SocketAddr) -> io::Result<Reserved> {
         if self.refuse(addr) {
             return Err(io::Error::from(io::ErrorKind::AddrInUse));
         }
-        let s = UdpSocket::bind(addr)?;
         self.reserved.push(addr);
-        Ok(s)
+        let r = Reserved(1000 + self.reserved.len() as u64);
+        self.holding.insert(r, addr);
+        Ok(r)
     }
 
-    fn adopt(&mut self, socket: UdpSocket, _dont_fragment: bool) -> io::Result<usize> {
-        let addr = socket.local_addr()?;
+    fn adopt(&mut self, reserved: Reserved, _dont_fragment: bool) -> io::Result<usize> {
+        let addr = self
+            .holding
+            .remove(&reserved)
+            .unwrap_or_else(|| panic!("the core adopted {reserved:?}, which is not held"));
         let i = self.next;
         self.next += 1;
         self.live.insert(i, addr);
         self.adopted.push((i, addr));
-        self.held.insert(i, socket);
         Ok(i)
+    }
+
+    fn release(&mut self, reserved: Reserved) {
+        let addr = self
+            .holding
+            .remove(&reserved)
+            .unwrap_or_else(|| panic!("the core released {reserved:?}, which is not held"));
+        self.released.push(addr);
     }
 
     fn close(&mut self, socket: usize) {
@@ -126,23 +141,8 @@ impl RelayIo for FakeIo {
             self.live.remove(&socket).is_some(),
             "the core closed relay socket {socket}, which is not open"
         );
-        self.held.remove(&socket);
         self.closed.push(socket);
     }
-}
-
-/// A counter block of a real shared-memory segment (`WorkerCounters` has no other
-/// constructor); the name is unlinked at once, the mapping lives as long as the harness.
-fn counter_segment() -> SharedMemory {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let name = format!(
-        "/portico-test-turn-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    let shm = SharedMemory::create(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    SharedMemory::unlink(&name);
-    shm
 }
 
 /// What the server asked the driver to send.
@@ -198,7 +198,6 @@ impl Out {
 struct H {
     server: Server,
     io: FakeIo,
-    shm: SharedMemory,
     base: Now,
     elapsed: Duration,
     shared: Arc<TurnShared>,
@@ -219,13 +218,21 @@ impl H {
         let mut config = Config::from_toml(&BASE.replace("CAROL_KEY", &carol_key)).unwrap();
         f(&mut config);
         config.validate().unwrap();
-        let settings = Arc::new(Settings::from_config(&config, &[7u8; 32]));
+        let settings = Arc::new(Settings::from_config(
+            &config,
+            &[7u8; 32],
+            &DefaultRoutes::default(),
+        ));
         assert_eq!(settings.endpoints.len(), FIRST_RELAY);
-        let shared = Arc::new(TurnShared::default());
+        let shared = Arc::new(TurnShared::new(0x5eed));
         H {
-            server: Server::new(settings, Arc::clone(&shared), 0x5eed, Box::new(NoSink)),
+            server: Server::new(
+                settings,
+                Arc::clone(&shared),
+                &[0x5e; 32],
+                ControlPlane::detached(),
+            ),
             io: FakeIo::new(),
-            shm: counter_segment(),
             base: Now {
                 mono: Instant::now(),
                 unix: 1_800_000_000,
@@ -250,8 +257,8 @@ impl H {
         self.elapsed += Duration::from_millis(ms);
     }
 
-    fn stats(&self) -> &WorkerCounters {
-        self.shm.segment().counters(0)
+    fn stats(&self) -> &Stats {
+        self.server.stats()
     }
 
     fn stat(&self, c: Counter) -> u64 {
@@ -260,8 +267,7 @@ impl H {
 
     fn tick(&mut self) {
         let now = self.now();
-        let stats = self.shm.segment().counters(0);
-        self.server.tick(now, &mut self.io, stats);
+        self.server.tick(now, &mut self.io);
     }
 
     /// Advances the clock and runs the timers, as a driver's loop would.
@@ -276,18 +282,15 @@ impl H {
         let mut buf = vec![0xEEu8; BUF];
         buf[HEADROOM..HEADROOM + datagram.len()].copy_from_slice(datagram);
         let now = self.now();
-        let stats = self.shm.segment().counters(0);
-        let action = self.server.handle(
-            now,
-            Transport::Udp,
+        let rx = Received {
+            transport: Transport::Udp,
             socket,
             from,
-            &mut buf,
-            HEADROOM,
-            datagram.len(),
-            &mut self.io,
-            stats,
-        );
+            buf: &mut buf,
+            start: HEADROOM,
+            len: datagram.len(),
+        };
+        let action = self.server.handle(now, &mut self.io, rx);
         match action {
             Action::Drop => None,
             Action::Send {
@@ -1752,8 +1755,8 @@ fn shutdown_deletes_every_allocation() {
         c.allocate(&mut h);
         c.bind(&mut h, 0x4000, sa(PEER1));
     }
-    let stats = h.shm.segment().counters(0);
-    h.server.shutdown(&mut h.io, stats);
+    let now = h.now();
+    h.server.shutdown(now, &mut h.io);
     assert_eq!(h.allocations(), 0);
     assert!(h.io.live.is_empty());
     assert_eq!(h.io.closed.len(), 3);
