@@ -287,3 +287,34 @@ pub fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<UdpSocket>, String> {
 pub fn io_uring_available() -> Result<(), String> {
     uring::probe().map_err(|e| format!("io_uring unavailable: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portico_shared::counters::Counter;
+
+    #[test]
+    fn fold_adds_each_count_once_and_leaves_untouched_slots_alone() {
+        let name = format!("/portico-test-fold-{}", std::process::id());
+        let shm = SharedMemory::create(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        SharedMemory::unlink(&name);
+        let seg = shm.segment();
+        // The runtime counts ConfigApplied in the TCP thread's block; the fold must not write
+        // over it.
+        seg.counters(MAX_WORKERS).incr(Counter::ConfigApplied);
+        let (mut w0, mut tcp) = (Stats::default(), Stats::default());
+        w0.add(Counter::RxPackets, 3);
+        w0.add(Counter::TurnAllocationsActive, 1);
+        tcp.incr(Counter::RxPackets);
+        fold(&mut w0, seg.counters(0));
+        fold(&mut tcp, seg.counters(MAX_WORKERS));
+        fold(&mut w0, seg.counters(0));
+        assert_eq!(seg.total(Counter::RxPackets), 4);
+        assert_eq!(seg.total(Counter::TurnAllocationsActive), 1);
+        // An allocation made by one worker and ended after a fold: the gauge's sum is 0.
+        w0.sub(Counter::TurnAllocationsActive, 1);
+        fold(&mut w0, seg.counters(0));
+        assert_eq!(seg.total(Counter::TurnAllocationsActive), 0);
+        assert_eq!(seg.counters(MAX_WORKERS).get(Counter::ConfigApplied), 1);
+    }
+}

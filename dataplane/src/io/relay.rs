@@ -169,6 +169,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_reservation_holds_its_port_until_taken_or_released() {
+        let r = Reservations::default();
+        let a = r.reserve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = r.reserve("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(r.len(), 2);
+        let sock = r.take(a).expect("reserved socket");
+        let port = sock.local_addr().unwrap();
+        // Bound without SO_REUSEPORT: nobody else gets the port while it is held.
+        assert!(bind(port).is_err());
+        assert!(r.take(a).is_none(), "a reservation is taken once");
+        drop(sock);
+        r.release(b);
+        assert!(r.is_empty());
+        r.release(b);
+    }
+
+    #[test]
     fn slots_reuse_with_new_generation() {
         let mut s: Slots<u32> = Slots::new(4);
         let (a, ga) = s.insert(10);
