@@ -136,10 +136,12 @@ pub fn now() -> Now {
     }
 }
 
-/// Adds what a thread counted since the last fold to its block in shared memory: once per
-/// loop turn, so the packet path counts in plain memory. Only counts that changed are
-/// written, so a slot another thread writes (`ConfigApplied`, counted by the runtime in the
-/// TCP thread's block) is never touched here.
+/// Adds what a thread counted since the last fold to its block in shared memory, so the
+/// packet path counts in plain memory. Called at the end of every loop turn, and by the
+/// drivers whose sends leave within the turn (epoll, TCP) also just before sending, so a
+/// counter is visible by the time its reply is. Only counts that changed are written, so a
+/// slot another thread writes (`ConfigApplied`, counted by the runtime in the TCP thread's
+/// block) is never touched here.
 pub fn fold(stats: &mut Stats, block: &WorkerCounters) {
     stats.drain(|c, n| block.add(c, n));
 }
