@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/bench.sh [stun|turn|proxy|profile|all]   (default: stun)
+# scripts/bench.sh [stun|turn|proxy|fraud|profile|all]   (default: stun)
 #
 # Side-by-side benchmarks on the machine this runs on, written into perf/RESULTS.md (one
 # section per scenario; running one scenario replaces only its own section):
@@ -12,6 +12,9 @@
 #            (b) 1000 streams × 50 pkt/s for 60 s, (c) allocation churn, (d) coturn's own
 #            turnutils_uclient + turnutils_peer at one fixed load. Charts in perf/charts/.
 #   proxy    scripts/bench-proxy.sh (Portico vs HAProxy, HTTP/HTTPS/TLS handshakes), merged.
+#   fraud    brute-force reaction: the fraud tests' brute forces (TURN over UDP, HTTP Basic,
+#            SIP digest, LDAP bind; thresholds 5 and 20), built with --release and run
+#            FRAUD_ROUNDS times one test at a time; attempts answered before the cut.
 #   profile  where Portico's relay spends CPU: `perf record -e cpu-clock` of Portico and of
 #            coturn under the same TURN load, and callgrind of Portico's dataplane; written
 #            to perf/profile/ (linked from the TURN section).
@@ -32,6 +35,7 @@
 #          TURN_CHURN_CLIENTS [32], TURN_CHURN_DURATION s [10], TURN_UCLIENT_CLIENTS [100],
 #          TURN_UCLIENT_MESSAGES per client [400]
 #   proxy: PROXY_DURATION s per measurement [10], PROXY_CONNS [50]
+#   fraud: FRAUD_ROUNDS [3]
 #   profile: PROFILE_DURATION s of sampling [15], PROFILE_STREAMS [1000]
 #   BENCH_OUT [perf/RESULTS.md]; KEEP_WORK=1 keeps the temporary directory (per-run JSON and
 #   text reports, server logs). A quick TURN run: TURN_ROUNDS=1 TURN_DURATION=10
@@ -39,13 +43,13 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [stun|turn|proxy|profile|all]" >&2
+    echo "usage: $0 [stun|turn|proxy|fraud|profile|all]" >&2
     exit 2
 }
 (($# <= 1)) || usage
 scenario=${1:-stun}
 case $scenario in
-stun | turn | proxy | profile | all) ;;
+stun | turn | proxy | fraud | profile | all) ;;
 *) usage ;;
 esac
 
@@ -519,6 +523,30 @@ run_proxy() {
 }
 
 # ---------------------------------------------------------------------------------------
+# Fraud detection reaction
+# ---------------------------------------------------------------------------------------
+
+run_fraud() {
+    local rounds=${FRAUD_ROUNDS:-3} r cmd txt=$work/fraud.txt t0=$SECONDS
+    : >"$txt"
+    for ((r = 1; r <= rounds; r++)); do
+        say "fraud reaction: round $r of $rounds"
+        timeout 600 cargo test --release -q -p portico \
+            --test fraud_turn --test fraud_proxy_failures --test fraud_proxy_sip_ldap \
+            brute_force -- --nocapture --test-threads=1 >>"$txt" 2>&1 ||
+            die "the brute-force tests failed: $(tail -30 "$txt")"
+    done
+    common_facts
+    cmd=$(command_line fraud FRAUD_ROUNDS)
+    "$perf" bench-report --kind fraud --markdown "$txt" --out "$out" --command "$cmd" \
+        --fact "runs=\`cargo test --release -p portico --test fraud_turn --test fraud_proxy_failures --test fraud_proxy_sip_ldap brute_force -- --nocapture --test-threads=1\`, $rounds rounds, $((SECONDS - t0)) s" \
+        --fact "targets=Portico's own TURN users (UDP); nginx auth_basic behind the proxy (HTTP, a connection per guess); Kamailio digest auth behind the proxy (SIP, one connection and a connection per guess); slapd behind the proxy (LDAP simple bind, one connection and \`ldapsearch\` per guess)" \
+        --fact "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${facts[@]}" \
+        --fact "load average (1/5/15 min) after=$(cut -d' ' -f1-3 /proc/loadavg)"
+    say "fraud reaction section written"
+}
+
+# ---------------------------------------------------------------------------------------
 # Profile
 # ---------------------------------------------------------------------------------------
 
@@ -666,6 +694,7 @@ case $scenario in
 stun) run_stun 5 ;;
 turn) run_turn ;;
 proxy) run_proxy ;;
+fraud) run_fraud ;;
 profile) run_profile ;;
 all)
     t_all=$SECONDS

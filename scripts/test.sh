@@ -44,6 +44,7 @@ source "$ROOT/scripts/lib/install.sh"
 
 START=$(date +%s)
 declare -a FAILED_STEPS=()
+declare -a SKIPPED_STEPS=()
 
 section "Tools"
 if ! install_missing_tools "$REQUIRED_TOOLS"; then
@@ -70,6 +71,18 @@ step fmt "$FMT_LIMIT" cargo fmt --all -- --check
 
 section "cargo clippy --workspace --all-targets -- -D warnings"
 step clippy "$CLIPPY_LIMIT" cargo clippy --workspace --all-targets -- -D warnings
+
+section "MSRV: cargo +RUST_VERSION check --workspace --all-targets --locked"
+# The rust-version every crate declares, checked with that toolchain (rustup installs it on
+# first use). Where it cannot be installed the step says so loudly and is listed as skipped.
+MSRV=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+if [ -n "$MSRV" ] && rustup toolchain install "$MSRV" --profile minimal >/dev/null 2>&1; then
+    step msrv "$BUILD_LIMIT" env CARGO_TARGET_DIR="$ROOT/target/msrv" \
+        cargo "+$MSRV" check --workspace --all-targets --locked
+else
+    echo "WARNING: the declared rust-version ($MSRV) toolchain could not be installed; MSRV check SKIPPED" >&2
+    SKIPPED_STEPS+=("msrv")
+fi
 
 section "cargo build --workspace"
 # Builds portico-dataplane beside portico, which the integration tests start.
@@ -101,8 +114,11 @@ fi
 
 section "Summary"
 echo "took $(( $(date +%s) - START )) s"
+if [ "${#SKIPPED_STEPS[@]}" -gt 0 ]; then
+    echo "SKIPPED steps: ${SKIPPED_STEPS[*]}"
+fi
 if [ "${#FAILED_STEPS[@]}" -eq 0 ]; then
-    echo "all steps passed: fmt clippy build test"
+    echo "all steps passed: fmt clippy msrv build test"
     STATUS=0
 else
     echo "FAILED steps: ${FAILED_STEPS[*]}"

@@ -144,14 +144,31 @@ impl Control {
             edit(&mut new)?;
             self.check(&old, &new)?;
             let text = new.to_toml();
-            let file = format!("{FILE_HEADER}{text}");
+            let before = old.to_toml();
             let path = self.config_path.clone();
-            tokio::task::spawn_blocking(move || store::write_atomic(&path, file.as_bytes(), 0o600))
-                .await
-                .map_err(|e| ChangeError::Internal(format!("writing the configuration: {e}")))?
-                .map_err(|e| {
-                    ChangeError::Internal(format!("{}: {e}", self.config_path.display()))
-                })?;
+            let after = text.clone();
+            tokio::task::spawn_blocking(move || {
+                // The operator's file keeps its comments and order: only the keys that
+                // changed are edited in place. A file that cannot be read or parsed any more
+                // (removed, or broken by hand since it was loaded) is written anew.
+                let file = match std::fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|f| crate::config::edit::apply_change(&f, &before, &after))
+                {
+                    Ok(edited) => edited,
+                    Err(e) => {
+                        tracing::warn!(
+                            file = %path.display(),
+                            "{e}; writing the whole configuration (comments in it are lost)"
+                        );
+                        format!("{FILE_HEADER}{after}")
+                    }
+                };
+                store::write_atomic(&path, file.as_bytes(), 0o600)
+            })
+            .await
+            .map_err(|e| ChangeError::Internal(format!("writing the configuration: {e}")))?
+            .map_err(|e| ChangeError::Internal(format!("{}: {e}", self.config_path.display())))?;
             self.publish(&old, new, &text).await
         }
         .await;
@@ -211,12 +228,7 @@ impl Control {
                 old.state_dir.display()
             )));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&new.log_level) {
-            return Err(ChangeError::Invalid(format!(
-                "log_level: \"{}\" is not a log filter: {e}",
-                new.log_level
-            )));
-        }
+        crate::config::check_files(new).map_err(|e| ChangeError::Invalid(e.to_string()))?;
         let len = new.to_toml().len();
         if len > CONFIG_CAPACITY {
             return Err(ChangeError::Invalid(format!(

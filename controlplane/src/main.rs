@@ -2,6 +2,8 @@
 //! state directory, creates (or re-attaches to) the shared memory, starts and supervises the
 //! dataplane, and serves the REST API and Prometheus metrics.
 
+#![forbid(unsafe_code)]
+
 mod api;
 mod config;
 mod control;
@@ -186,7 +188,11 @@ async fn serve(
     }
 
     let log_level = config.log_level.clone();
-    let listen = config.turn.listen.clone();
+    let listen = if config.turn.listen.is_empty() {
+        "off (turn.listen is empty)".to_string()
+    } else {
+        format!("on {:?}", config.turn.listen)
+    };
     let api_listen = config.api.listen;
     let fraud = fraud::task::Fraud::start(Arc::clone(&shm), &state.dir, &config.fraud)?;
     let proxy_metrics = Arc::new(proxy::metrics::ProxyMetrics::default());
@@ -246,7 +252,7 @@ async fn serve(
         private_key = %state.key_path.display(),
         dataplane_pid = dataplane.pid(),
         driver = driver.name(),
-        "portico is running: STUN/TURN on {listen:?}, API on http://{api_listen}/api/v1/"
+        "portico is running: STUN/TURN {listen}, API on http://{api_listen}/api/v1/"
     );
     if state.token_created {
         tracing::info!(

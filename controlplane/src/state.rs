@@ -1,13 +1,16 @@
 //! The state directory: the admin token and the generated TLS certificate.
 //!
 //! Both are created on first start and kept, so a restart keeps the token an operator
-//! already copied and the certificate clients already pinned.
+//! already copied and the certificate clients already pinned. The certificate pair is
+//! generated only when neither `cert.pem` nor `key.pem` exists, and each file is created
+//! exclusively: a file Portico did not create (an operator's key kept in the state dir and
+//! named in `proxy.tls.key`) is never replaced.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::store::write_atomic;
+use crate::config::store::{create_exclusive, write_atomic};
 
 pub const TOKEN_FILE: &str = "admin.token";
 pub const CERT_FILE: &str = "cert.pem";
@@ -39,12 +42,17 @@ pub fn prepare(dir: &Path) -> Result<State, String> {
     };
     let cert_path = dir.join(CERT_FILE);
     let key_path = dir.join(KEY_FILE);
-    if !cert_path.exists() || !key_path.exists() {
-        let (cert, key) = self_signed()?;
-        write_atomic(&key_path, key.as_bytes(), 0o600)
-            .map_err(|e| format!("{}: {e}", key_path.display()))?;
-        write_atomic(&cert_path, cert.as_bytes(), 0o644)
-            .map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    let there = |p: &Path| fs::symlink_metadata(p).is_ok();
+    match (there(&cert_path), there(&key_path)) {
+        (false, false) => generate_pair(&cert_path, &key_path)?,
+        (true, true) => {}
+        _ => tracing::warn!(
+            "{} and {}: only one of them exists, so no certificate is generated (Portico \
+             never replaces a file it did not create); a TLS listener needs proxy.tls.cert \
+             and proxy.tls.key",
+            cert_path.display(),
+            key_path.display()
+        ),
     }
     Ok(State {
         dir: dir.to_path_buf(),
@@ -54,6 +62,31 @@ pub fn prepare(dir: &Path) -> Result<State, String> {
         cert_path,
         key_path,
     })
+}
+
+/// Writes a fresh self-signed pair, key first. If either file appears meanwhile, nothing of
+/// someone else's is touched, and a key written here without its certificate is removed.
+fn generate_pair(cert_path: &Path, key_path: &Path) -> Result<(), String> {
+    let (cert, key) = self_signed()?;
+    let created = create_exclusive(key_path, key.as_bytes(), 0o600)
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
+    if !created {
+        return Ok(());
+    }
+    match create_exclusive(cert_path, cert.as_bytes(), 0o644) {
+        Ok(true) => {
+            tracing::info!(certificate = %cert_path.display(), "generated a self-signed certificate");
+            Ok(())
+        }
+        Ok(false) => {
+            let _ = fs::remove_file(key_path);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = fs::remove_file(key_path);
+            Err(format!("{}: {e}", cert_path.display()))
+        }
+    }
 }
 
 fn valid_token(t: &str) -> bool {
@@ -99,6 +132,37 @@ mod tests {
         assert_eq!(a.token, b.token);
         assert!(!b.token_created);
         assert_eq!(cert, fs::read_to_string(&b.cert_path).unwrap());
+        // The generated pair belongs together.
+        crate::proxy::tls::load_certified_key(&a.cert_path, &a.key_path).unwrap();
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An operator's key kept as `state_dir/key.pem` (its certificate elsewhere) must survive
+    /// a start: no certificate is generated over or beside it.
+    #[test]
+    fn a_file_portico_did_not_create_is_never_replaced() {
+        for present in [KEY_FILE, CERT_FILE] {
+            let dir = std::env::temp_dir().join(format!(
+                "portico-state-keep-{present}-{}",
+                std::process::id()
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            let mine = b"-----BEGIN PRIVATE KEY-----\noperator's own\n-----END PRIVATE KEY-----\n";
+            fs::write(dir.join(present), mine).unwrap();
+            let s = prepare(&dir).unwrap();
+            assert_eq!(
+                fs::read(dir.join(present)).unwrap(),
+                mine,
+                "{present} replaced"
+            );
+            let other = if present == KEY_FILE {
+                &s.cert_path
+            } else {
+                &s.key_path
+            };
+            assert!(!other.exists(), "half a pair generated beside {present}");
+            fs::remove_dir_all(&dir).unwrap();
+        }
     }
 }

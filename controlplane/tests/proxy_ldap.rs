@@ -8,7 +8,7 @@ use proxy_common::*;
 struct Env {
     _dir: TempDir,
     pki: Pki,
-    _slapd: Slapd,
+    slapd: Slapd,
     portico: Portico,
     ldap: u16,
     ldaps: u16,
@@ -40,7 +40,7 @@ fn env_with(limits: &str) -> Env {
     Env {
         _dir: dir,
         pki,
-        _slapd: slapd,
+        slapd,
         portico,
         ldap,
         ldaps,
@@ -200,4 +200,157 @@ fn deeply_nested_first_message_is_refused_and_the_proxy_lives() {
         "dc=alpha,dc=test",
     );
     assert!(out.contains("sn: Alpha-Person"), "{out}");
+}
+
+/// Every bind on a connection is routed, not only the first: a bind naming another service
+/// (here even one on the same directory), an unknown domain or none is answered by the proxy
+/// and never reaches the connection's target.
+#[test]
+fn later_binds_for_other_domains_are_refused_on_the_same_connection() {
+    use ldap3_proto::proto::LdapResultCode as Code;
+    let e = env();
+    let mut c = LdapClient::connect(e.ldap);
+    let code = |r: Option<(Code, String)>| r.map(|(c, _)| c);
+    assert_eq!(
+        code(c.bind(1, "cn=admin,dc=alpha,dc=test", "secret")),
+        Some(Code::Success)
+    );
+    for (id, dn) in [
+        (2, "cn=admin,dc=beta,dc=test"),
+        (3, "beta.test\\admin"),
+        (4, "cn=admin,dc=gamma,dc=test"),
+        (5, "cn=admin"),
+    ] {
+        let r = c.bind(id, dn, "secret");
+        assert_eq!(
+            code(r.clone()),
+            Some(Code::InsufficentAccessRights),
+            "{dn}: {r:?}"
+        );
+        assert_eq!(r.map(|(_, m)| m).as_deref(), Some("not allowed"), "{dn}");
+    }
+    // Two binds in one write: the first goes on, the one behind it does not; answers are
+    // told apart by message ID (the proxy's may come first).
+    let mut both = bytes::BytesMut::new();
+    for m in [
+        LdapClient::bind_request(6, "cn=admin,dc=alpha,dc=test", "secret"),
+        LdapClient::bind_request(7, "cn=admin,dc=beta,dc=test", "secret"),
+    ] {
+        tokio_util::codec::Encoder::encode(&mut ldap3_proto::LdapCodec::default(), m, &mut both)
+            .unwrap();
+    }
+    std::io::Write::write_all(&mut c.s, &both).unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        match c.recv().expect("an answer") {
+            ldap3_proto::proto::LdapMsg {
+                msgid,
+                op: ldap3_proto::proto::LdapOp::BindResponse(r),
+                ..
+            } => answers.push((msgid, r.res.code)),
+            other => panic!("{other:?}"),
+        }
+    }
+    answers.sort_by_key(|a| a.0);
+    assert_eq!(
+        answers,
+        [(6, Code::Success), (7, Code::InsufficentAccessRights)]
+    );
+    // The connection still serves its own domain.
+    assert_eq!(
+        code(c.bind(8, "cn=admin,dc=alpha,dc=test", "wrong")),
+        Some(Code::InvalidCredentials)
+    );
+    assert_eq!(
+        code(c.bind(9, "CN=admin,DC=alpha,DC=test", "secret")),
+        Some(Code::Success)
+    );
+    // slapd saw, on the proxy's connection, the four binds for alpha.test and nothing else.
+    // Its log has `conn=N op=M BIND dn="..." method=128` per bind request.
+    let binds = |s: &Slapd| {
+        s.proc
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(" BIND dn=") && l.contains("method="))
+            .filter_map(|l| {
+                let conn = l.split("conn=").nth(1)?.split(' ').next()?.to_string();
+                let dn = l.split(" BIND dn=").nth(1)?.to_string();
+                Some((conn, dn))
+            })
+            .collect::<Vec<_>>()
+    };
+    let t0 = std::time::Instant::now();
+    // The Slapd helper's own ldapadd binds (one per suffix) come first.
+    while binds(&e.slapd).len() < 2 + 4 && t0.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let all = binds(&e.slapd);
+    let proxied = &all.last().expect("binds in slapd's log").0;
+    let ours: Vec<&str> = all
+        .iter()
+        .filter(|(c, _)| c == proxied)
+        .map(|(_, dn)| dn.as_str())
+        .collect();
+    assert_eq!(ours.len(), 4, "slapd saw {all:?}");
+    assert!(
+        ours.iter().all(|dn| dn
+            .to_ascii_lowercase()
+            .starts_with("\"cn=admin,dc=alpha,dc=test\"")),
+        "slapd saw {all:?}"
+    );
+    e.portico
+        .wait_log("a later request names another service than the connection's");
+    e.portico.wait_log("unknown service name \"gamma.test\"");
+}
+
+/// Bind names are DNs per RFC 4514: an escaped comma is part of a value, a hex pair is the
+/// character it encodes, `domainComponent` is `dc`; the domain is the real DC parts.
+#[test]
+fn escaped_dns_are_routed_by_their_real_domain_components() {
+    let e = env();
+    let url = format!("ldap://127.0.0.1:{}", e.ldap);
+    // `\70` is "p": slapd reads the root DN of dc=alpha,dc=test, and so does the proxy.
+    let out = search(
+        &e,
+        &url,
+        r"cn=admin,dc=al\70ha,dc=test",
+        "secret",
+        "dc=alpha,dc=test",
+    );
+    assert!(out.contains("sn: Alpha-Person"), "{out}");
+    let out = search(
+        &e,
+        &url,
+        "cn=admin,domainComponent=beta,dc=test",
+        "secret",
+        "dc=beta,dc=test",
+    );
+    assert!(out.contains("sn: Beta-Person"), "{out}");
+    // The cn is "x,dc=alpha": the DN lies under dc=beta,dc=test, so it goes to beta.test
+    // (whose directory does not know it) and not to an unknown "alpha.beta.test".
+    let out = search(
+        &e,
+        &url,
+        r"cn=x\,dc=alpha,dc=beta,dc=test",
+        "wrong",
+        "dc=beta,dc=test",
+    );
+    assert!(out.contains("Invalid credentials (49)"), "{out}");
+    // Here the cn is "admin,dc=alpha": the domain is just "test", which names no service.
+    let out = search(
+        &e,
+        &url,
+        r"cn=admin\,dc=alpha,dc=test",
+        "secret",
+        "dc=alpha,dc=test",
+    );
+    assert!(out.contains("No such object (32)"), "{out}");
+    e.portico.wait_log("unknown service name \"test\"");
+    assert!(
+        !e.portico
+            .log()
+            .contains("unknown service name \"alpha.beta.test\""),
+        "{}",
+        e.portico.log()
+    );
 }

@@ -13,7 +13,7 @@ use proxy_common::*;
 struct Env {
     _dir: TempDir,
     pki: Pki,
-    _kamailio: Kamailio,
+    kamailio: Kamailio,
     portico: Portico,
     sip: u16,
     sips: u16,
@@ -31,6 +31,7 @@ fn env() -> Env {
         "[proxy.listen]\nsip = \"127.0.0.1:{sip}\"\nsips = \"127.0.0.1:{sips}\"\n\
          [proxy.tls]\ncert = \"{}\"\nkey = \"{}\"\n\
          [[proxy.services]]\nname = \"alpha.test\"\nhost = \"127.0.0.1\"\nsip = {p}\n\
+         [[proxy.services]]\nname = \"beta.test\"\nhost = \"127.0.0.1\"\nsip = {p}\n\
          [[proxy.services]]\nname = \"closed.test\"\nhost = \"127.0.0.1\"\nsip = {p}\nallow_from = {{ sip = [\"10.0.0.0/8\"] }}\n",
         cert.display(),
         key.display(),
@@ -40,69 +41,31 @@ fn env() -> Env {
     Env {
         _dir: dir,
         pki,
-        _kamailio: kamailio,
+        kamailio,
         portico,
         sip,
         sips,
     }
 }
 
-/// Reads one SIP message (head plus Content-Length body).
 fn read_msg(s: &mut impl Read) -> String {
-    let mut got = Vec::new();
-    let mut b = [0u8; 1];
-    while !got.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b) {
-            Ok(1) => got.push(b[0]),
-            _ => break,
-        }
-    }
-    let head = String::from_utf8_lossy(&got).to_string();
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Content-Length:")
-                .or_else(|| l.strip_prefix("l:"))
-        })
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    let _ = s.read_exact(&mut body);
-    head + &String::from_utf8_lossy(&body)
+    read_sip(s)
 }
 
 fn request(method: &str, from_domain: &str, cseq: u32, extra: &str) -> String {
-    format!(
-        "{method} sip:{from_domain} SIP/2.0\r\n\
-         Via: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bK-{method}-{cseq}\r\n\
-         Max-Forwards: 70\r\n\
-         From: \"Alice\" <sip:alice@{from_domain}>;tag=a1\r\n\
-         To: <sip:alice@{from_domain}>\r\n\
-         Call-ID: call-{method}-{from_domain}@127.0.0.1\r\n\
-         CSeq: {cseq} {method}\r\n\
-         Contact: <sip:alice@127.0.0.1:5999;transport=tcp>\r\n\
-         {extra}Content-Length: 0\r\n\r\n"
-    )
+    let call_id = format!("call-{method}-{from_domain}@127.0.0.1");
+    sip_request(method, from_domain, "alice", &call_id, cseq, extra)
 }
 
-/// REGISTER (challenged, then authenticated) and INVITE on one connection.
+/// REGISTER (challenged, then authenticated) and INVITE on one connection, then a REGISTER
+/// with a wrong password.
 fn register_and_invite(s: &mut (impl Read + Write)) {
     s.write_all(request("REGISTER", "alpha.test", 1, "").as_bytes())
         .unwrap();
     let challenge = read_msg(s);
     assert!(challenge.starts_with("SIP/2.0 401 "), "{challenge}");
-    let nonce = challenge
-        .split("nonce=\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .expect("nonce in the challenge");
-    let uri = "sip:alpha.test";
-    let ha1 = md5_hex("alice:alpha.test:secret");
-    let ha2 = md5_hex(&format!("REGISTER:{uri}"));
-    let response = md5_hex(&format!("{ha1}:{nonce}:{ha2}"));
-    let auth = format!(
-        "Authorization: Digest username=\"alice\", realm=\"alpha.test\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{response}\", algorithm=MD5\r\n"
-    );
+    let nonce = sip_nonce(&challenge).expect("nonce in the challenge");
+    let auth = sip_authorization("REGISTER", "alpha.test", "alice", "secret", &nonce);
     s.write_all(request("REGISTER", "alpha.test", 2, &auth).as_bytes())
         .unwrap();
     let ok = read_msg(s);
@@ -111,6 +74,18 @@ fn register_and_invite(s: &mut (impl Read + Write)) {
         .unwrap();
     let busy = read_msg(s);
     assert!(busy.starts_with("SIP/2.0 486 Busy Here"), "{busy}");
+    let wrong = sip_authorization("REGISTER", "alpha.test", "alice", "guess", &nonce);
+    s.write_all(request("REGISTER", "alpha.test", 4, &wrong).as_bytes())
+        .unwrap();
+    let refused = read_msg(s);
+    assert!(refused.starts_with("SIP/2.0 401 "), "{refused}");
+}
+
+fn rejections(p: &Portico) -> usize {
+    // The fraud engine's consumer logs each event once at INFO.
+    p.log()
+        .matches("suspicious request: target rejected the request")
+        .count()
 }
 
 #[test]
@@ -139,9 +114,21 @@ fn register_and_invite_over_tcp_and_tls() {
         .unwrap();
     let mut tls = rustls::Stream::new(&mut conn, &mut sock);
     register_and_invite(&mut tls);
-    // The registrar's challenges count as target rejections.
-    e.portico
-        .wait_log("target rejected the request: SIP 401 Unauthorized");
+    // The wrong passwords count as target rejections; the challenges that start every
+    // login, the successes and the busy callee do not. Events are logged in order, so once
+    // the second wrong password shows, anything earlier would have shown too.
+    let t0 = Instant::now();
+    while rejections(&e.portico) < 2 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = e.portico.log();
+    assert_eq!(rejections(&e.portico), 2, "{log}");
+    assert_eq!(
+        log.matches("suspicious request: target rejected the request: SIP 401 Unauthorized")
+            .count(),
+        2,
+        "{log}"
+    );
 }
 
 #[test]
@@ -203,4 +190,88 @@ fn keepalive_crlf_flood_is_cut_at_the_head_limit() {
     s.write_all(request("INVITE", "nowhere.test", 1, "").as_bytes())
         .unwrap();
     assert!(read_msg(&mut s).starts_with("SIP/2.0 404 Not Found\r\n"));
+}
+
+/// Every REGISTER and INVITE on a connection is routed, not only the first: one naming
+/// another service (here even one on the same registrar) or an unknown one is answered 403
+/// by the proxy and never reaches the connection's target; other methods pass.
+#[test]
+fn later_requests_for_other_domains_are_refused_on_the_same_connection() {
+    let e = env();
+    let mut s = TcpStream::connect(("127.0.0.1", e.sip)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request("REGISTER", "alpha.test", 1, "").as_bytes())
+        .unwrap();
+    let challenge = read_msg(&mut s);
+    assert!(challenge.starts_with("SIP/2.0 401 "), "{challenge}");
+    assert!(!challenge.contains("Server: Portico"), "{challenge}");
+    let mut cseq = 1;
+    for (method, domain) in [
+        ("REGISTER", "beta.test"),
+        ("INVITE", "beta.test"),
+        ("REGISTER", "nowhere.test"),
+        ("INVITE", "nowhere.test"),
+    ] {
+        cseq += 1;
+        s.write_all(request(method, domain, cseq, "").as_bytes())
+            .unwrap();
+        let r = read_msg(&mut s);
+        assert!(
+            r.starts_with("SIP/2.0 403 Forbidden\r\n"),
+            "{method} {domain}: {r}"
+        );
+        assert!(r.contains("Server: Portico"), "{r}");
+        assert!(r.contains(&format!("CSeq: {cseq} {method}")), "{r}");
+    }
+    // Other methods go to the connection's target whatever their From.
+    s.write_all(request("OPTIONS", "beta.test", 10, "").as_bytes())
+        .unwrap();
+    let r = read_msg(&mut s);
+    assert!(r.starts_with("SIP/2.0 405 Method Not Allowed"), "{r}");
+    // Pipelined in one write: the first REGISTER goes on, the one behind it does not.
+    let both =
+        request("REGISTER", "alpha.test", 11, "") + &request("REGISTER", "beta.test", 12, "");
+    s.write_all(both.as_bytes()).unwrap();
+    let (a, b) = (read_msg(&mut s), read_msg(&mut s));
+    let (challenge, refusal) = if a.contains("CSeq: 11 ") {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert!(challenge.starts_with("SIP/2.0 401 "), "{challenge}");
+    assert!(
+        refusal.starts_with("SIP/2.0 403 Forbidden\r\n"),
+        "{refusal}"
+    );
+    // The connection still serves its own domain.
+    let nonce = sip_nonce(&challenge).expect("nonce");
+    let auth = sip_authorization("REGISTER", "alpha.test", "alice", "secret", &nonce);
+    s.write_all(request("REGISTER", "alpha.test", 13, &auth).as_bytes())
+        .unwrap();
+    let ok = read_msg(&mut s);
+    assert!(ok.starts_with("SIP/2.0 200 Registered"), "{ok}");
+    // The registrar saw exactly the requests for alpha.test, and the OPTIONS.
+    let got = |k: &Kamailio| {
+        k.proc
+            .log_text()
+            .lines()
+            .filter_map(|l| l.split("kamailio got ").nth(1).map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    let t0 = Instant::now();
+    while got(&e.kamailio).len() < 4 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        got(&e.kamailio),
+        [
+            "REGISTER From alpha.test CSeq 1",
+            "OPTIONS From beta.test CSeq 10",
+            "REGISTER From alpha.test CSeq 11",
+            "REGISTER From alpha.test CSeq 13",
+        ]
+    );
+    e.portico
+        .wait_log("a later request names another service than the connection's");
+    e.portico.wait_log("unknown service name \"nowhere.test\"");
 }

@@ -2,6 +2,11 @@
 //! TCP thread, then watch signals, the configuration generation and the heartbeat until told
 //! to stop. Whatever the protocol core needs from the system beyond packets (the default
 //! routes, the random secret) is looked up here and handed to it.
+//!
+//! With `turn.listen = []` (a proxy-only box) STUN/TURN is off: no worker or TCP thread starts
+//! and no socket is opened, but the process still runs its main loop (heartbeat, configuration
+//! generations applied), so the control plane supervises it, and reports it, as usual; a
+//! later `turn.listen` takes effect at its next start, like any listen change.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -128,7 +133,12 @@ pub fn run(shm_name: &str) -> Result<(), String> {
     };
 
     let driver = choose_driver(config.turn.io)?;
-    let workers = config.worker_count().clamp(1, MAX_WORKERS);
+    let serving = !config.turn.listen.is_empty();
+    let workers = if serving {
+        config.worker_count().clamp(1, MAX_WORKERS)
+    } else {
+        0
+    };
     let secret: [u8; 32] = io::random_bytes().map_err(|e| e.to_string())?;
     let meter_seed = u64::from_ne_bytes(io::random_bytes().map_err(|e| e.to_string())?);
     let settings = settings_for(&config, &secret);
@@ -139,12 +149,18 @@ pub fn run(shm_name: &str) -> Result<(), String> {
     for _ in 0..workers {
         sockets.push(io::bind_all(&addrs)?);
     }
-    tracing::info!(
-        driver = driver.name(),
-        workers,
-        listen = ?addrs,
-        "dataplane started"
-    );
+    if serving {
+        tracing::info!(
+            driver = driver.name(),
+            workers,
+            listen = ?addrs,
+            "dataplane started"
+        );
+    } else {
+        tracing::info!(
+            "dataplane started with STUN/TURN off (turn.listen is empty): no socket opened"
+        );
+    }
 
     let shared = Arc::new(Shared {
         shm,
@@ -196,7 +212,7 @@ pub fn run(shm_name: &str) -> Result<(), String> {
             .map_err(|e| format!("spawning worker {i}: {e}"))?;
         handles.push(h);
     }
-    {
+    if serving {
         let sh = Arc::clone(&shared);
         let h = thread::Builder::new()
             .name("portico-tcp".into())

@@ -21,6 +21,9 @@ pub enum Kind {
     Turn,
     /// The Markdown of `scripts/bench-proxy.sh` (`--markdown`), merged as it is.
     Proxy,
+    /// Brute-force reaction: the lines "<what>, threshold N: M wrong passwords answered
+    /// before the cut" that the fraud tests print (`--markdown` names the captured output).
+    Fraud,
 }
 
 impl Kind {
@@ -29,6 +32,7 @@ impl Kind {
             Kind::Stun => "stun",
             Kind::Turn => "turn",
             Kind::Proxy => "proxy",
+            Kind::Fraud => "fraud",
         }
     }
 }
@@ -648,6 +652,15 @@ pub fn run(args: &BenchReportArgs) -> Result<(), String> {
                 std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
             proxy_section(args, &text)
         }
+        Kind::Fraud => {
+            let path = args
+                .markdown
+                .as_ref()
+                .ok_or("--markdown is required for --kind fraud")?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            fraud_section(args, &text)?
+        }
     };
     let existing = match std::fs::read_to_string(&args.out) {
         Ok(t) => t,
@@ -682,10 +695,100 @@ fn proxy_section(args: &BenchReportArgs, text: &str) -> String {
     md
 }
 
+/// One brute force as the fraud tests print it.
+#[derive(Debug, Clone, PartialEq)]
+struct Reaction {
+    what: String,
+    threshold: u32,
+    answered: u32,
+}
+
+/// Parses "<what>, threshold N: M wrong passwords answered before the cut[ (...)]".
+fn parse_reaction(line: &str) -> Option<Reaction> {
+    let (head, rest) = line.split_once(": ")?;
+    let (what, threshold) = head.rsplit_once(", threshold ")?;
+    let (answered, _) = rest.split_once(" wrong passwords answered before the cut")?;
+    Some(Reaction {
+        what: what.trim().to_string(),
+        threshold: threshold.trim().parse().ok()?,
+        answered: answered.trim().parse().ok()?,
+    })
+}
+
+/// The fraud-reaction section: per brute force and threshold, the attempts answered before
+/// the source was cut (best, median and worst over the rounds).
+fn fraud_section(args: &BenchReportArgs, text: &str) -> Result<String, String> {
+    let mut runs: BTreeMap<(String, u32), Vec<f64>> = BTreeMap::new();
+    for r in text.lines().filter_map(parse_reaction) {
+        runs.entry((r.what, r.threshold))
+            .or_default()
+            .push(f64::from(r.answered));
+    }
+    if runs.is_empty() {
+        return Err("no brute-force results in the captured test output".into());
+    }
+    let mut md = String::from(
+        "## Fraud detection reaction: attempts answered before the cut
+
+",
+    );
+    let _ = writeln!(md, "| | |\n|---|---|\n| command | `{}` |", args.command);
+    for f in &args.facts {
+        let (k, v) = f.split_once('=').unwrap_or((f.as_str(), ""));
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    md.push_str(
+        "\nA brute force with wrong passwords at the speed the loopback allows (each guess sent \
+         as soon as the previous one was answered), against default settings but for the \
+         threshold (`fraud.suspicious_per_minute`). The guess that takes a source over the \
+         threshold is the (threshold + 1)-th; every answered guess past it is one the engine \
+         was too late to stop.\n\n",
+    );
+    md.push_str("| brute force | threshold | answered (median) | min | max | rounds |\n");
+    md.push_str("|---|---:|---:|---:|---:|---:|\n");
+    for ((what, threshold), v) in &runs {
+        if let Some(s) = Spread::of(v) {
+            let _ = writeln!(
+                md,
+                "| {what} | {threshold} | {} | {} | {} | {} |",
+                s.median,
+                s.min,
+                s.max,
+                v.len()
+            );
+        }
+    }
+    Ok(md)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn reaction_lines_parse() {
+        assert_eq!(
+            parse_reaction(
+                "SIP brute force over one connection, threshold 5: 6 wrong passwords answered \
+                 before the cut"
+            ),
+            Some(Reaction {
+                what: "SIP brute force over one connection".into(),
+                threshold: 5,
+                answered: 6
+            })
+        );
+        assert_eq!(
+            parse_reaction(
+                "TURN brute force over UDP, threshold 20: 21 wrong passwords answered before \
+                 the cut (12ms including the last 200 ms wait)"
+            )
+            .map(|r| r.answered),
+            Some(21)
+        );
+        assert_eq!(parse_reaction("test foo ... ok"), None);
+    }
 
     #[test]
     fn spread_of_odd_and_even_counts() {

@@ -10,6 +10,7 @@ pub const SECTIONS: &[(&str, &str)] = &[
     ("stun", "STUN Binding"),
     ("turn", "TURN relay"),
     ("proxy", "Reverse proxy"),
+    ("fraud", "Fraud detection reaction"),
 ];
 
 fn open(name: &str) -> String {

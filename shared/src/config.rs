@@ -34,6 +34,13 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// What the API shows instead of a secret (TURN users' passwords and keys, the TURN REST API
+/// shared secrets). Sent back in a PUT or PATCH it means "keep the current value": for a user,
+/// the secret of the current user of that name; in `turn.shared_secret`, the current secrets
+/// in their order (the first placeholder stands for the first current secret, and so on), so
+/// prepending a new secret to what GET returned is a rollover. It is never a valid secret.
+pub const REDACTED: &str = "<redacted>";
+
 fn err(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.to_string(),
@@ -46,8 +53,9 @@ fn err(key: &str, problem: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// Where the admin token, the generated certificate and persisted state live.
     pub state_dir: PathBuf,
-    /// `error`, `warn`, `info`, `debug` or `trace`, or a full `tracing` filter; `RUST_LOG`
-    /// overrides it.
+    /// `error`, `warn`, `info`, `debug`, `trace` or `off`, or comma-separated `TARGET=LEVEL`
+    /// directives (`"info,portico::proxy=debug"`); anything else is refused at load.
+    /// `RUST_LOG` overrides it.
     pub log_level: String,
     pub turn: TurnConfig,
     pub stun: StunConfig,
@@ -73,7 +81,8 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TurnConfig {
-    /// UDP and TCP addresses STUN/TURN listens on.
+    /// UDP and TCP addresses STUN/TURN listens on. Empty: STUN/TURN is off (a proxy-only
+    /// box); the dataplane then opens no socket at all.
     pub listen: Vec<SocketAddr>,
     pub realm: String,
     /// Local addresses relay sockets bind to, at most one per family (a string or a list).
@@ -388,15 +397,67 @@ impl Config {
         toml::to_string(self).unwrap_or_default()
     }
 
+    /// This configuration with every secret replaced by [`REDACTED`], as the API shows it.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        for s in &mut c.turn.shared_secret {
+            *s = REDACTED.to_string();
+        }
+        for u in &mut c.turn.users {
+            for secret in [&mut u.password, &mut u.key].into_iter().flatten() {
+                *secret = REDACTED.to_string();
+            }
+        }
+        c
+    }
+
+    /// Replaces the [`REDACTED`] placeholders of a configuration sent to the API by the
+    /// secrets of `current` (see [`REDACTED`] for the rules). A placeholder with no current
+    /// secret to stand for is an error naming the key.
+    pub fn restore_secrets(&mut self, current: &Config) -> Result<(), ConfigError> {
+        let mut kept = current.turn.shared_secret.iter();
+        for s in &mut self.turn.shared_secret {
+            if s == REDACTED {
+                *s = kept.next().cloned().ok_or_else(|| {
+                    err(
+                        "turn.shared_secret",
+                        format!(
+                            "more \"{REDACTED}\" placeholders than the {} secrets they stand for",
+                            current.turn.shared_secret.len()
+                        ),
+                    )
+                })?;
+            }
+        }
+        for (i, u) in self.turn.users.iter_mut().enumerate() {
+            let hidden = [&u.password, &u.key]
+                .into_iter()
+                .any(|s| s.as_deref() == Some(REDACTED));
+            if !hidden {
+                continue;
+            }
+            let Some(now) = current.turn.users.iter().find(|c| c.name == u.name) else {
+                return Err(err(
+                    &format!("turn.users[{i}]"),
+                    format!(
+                        "\"{REDACTED}\" keeps the current secret of a user, but there is no user \"{}\"",
+                        u.name
+                    ),
+                ));
+            };
+            u.password = now.password.clone();
+            u.key = now.key.clone();
+        }
+        Ok(())
+    }
+
     /// Checks everything serde cannot: ranges, lists, cross-key rules.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.state_dir.as_os_str().is_empty() {
             return Err(err("state_dir", "must not be empty"));
         }
+        check_log_level(&self.log_level).map_err(|e| err("log_level", e))?;
         let t = &self.turn;
-        if t.listen.is_empty() {
-            return Err(err("turn.listen", "needs at least one address"));
-        }
         for (i, a) in t.listen.iter().enumerate() {
             if a.port() == 0 {
                 return Err(err("turn.listen", format!("\"{a}\" needs a port")));
@@ -416,11 +477,23 @@ impl Config {
             if s.is_empty() {
                 return Err(err("turn.shared_secret", "a secret must not be empty"));
             }
+            if s == REDACTED {
+                return Err(err(
+                    "turn.shared_secret",
+                    format!("\"{REDACTED}\" is the placeholder the API shows, not a secret"),
+                ));
+            }
         }
         for (i, u) in t.users.iter().enumerate() {
             let key = format!("turn.users[{i}]");
             if u.name.is_empty() || u.name.len() > 512 {
                 return Err(err(&key, "name must be 1 to 512 bytes"));
+            }
+            if u.password.as_deref() == Some(REDACTED) {
+                return Err(err(
+                    &format!("{key}.password"),
+                    format!("\"{REDACTED}\" is the placeholder the API shows, not a password"),
+                ));
             }
             match (&u.password, &u.key) {
                 (Some(_), Some(_)) => {
@@ -594,6 +667,62 @@ impl Config {
     }
 }
 
+/// The levels a `log_level` directive may name.
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a `log_level` value strictly: directives separated by commas, each a level
+/// (`info`) or `TARGET=LEVEL` (`portico::proxy=debug`; a target may carry a `tracing` span
+/// filter, `portico[conn]=trace`). `tracing`'s own parser is lenient where it hurts: a bare
+/// word is taken as a target with every level on (`"verbose"` would log nothing but a target
+/// called `verbose`), and it skips empty directives. The control plane also runs the value
+/// through `tracing`'s parser, for what the grammar here lets through.
+pub fn check_log_level(value: &str) -> Result<(), String> {
+    let hint = "a level (error, warn, info, debug, trace, off) or TARGET=LEVEL directives \
+                separated by commas, e.g. \"info,portico::proxy=debug\"";
+    if value.trim().is_empty() {
+        return Err(format!("must not be empty: give {hint}"));
+    }
+    if value.len() > 1024 {
+        return Err("is longer than 1024 bytes".into());
+    }
+    let is_level = |l: &str| LOG_LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l));
+    for d in value.split(',') {
+        let d = d.trim();
+        if d.is_empty() {
+            return Err(format!(
+                "\"{value}\" has an empty directive (two commas in a row, or one at an end)"
+            ));
+        }
+        let Some((target, level)) = d.rsplit_once('=') else {
+            if is_level(d) {
+                continue;
+            }
+            return Err(format!(
+                "\"{d}\" in \"{value}\" is not a level: give {hint}"
+            ));
+        };
+        if !is_level(level.trim()) {
+            return Err(format!(
+                "\"{d}\" in \"{value}\": \"{}\" is not a level (error, warn, info, debug, trace, off)",
+                level.trim()
+            ));
+        }
+        let target = target.trim();
+        let name = target.split('[').next().unwrap_or(target);
+        let name_ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_:-.".contains(&b));
+        let spans_ok = target.len() == name.len() || target.ends_with(']');
+        if !name_ok || !spans_ok || target.bytes().any(|b| b.is_ascii_control()) {
+            return Err(format!(
+                "\"{d}\" in \"{value}\": \"{target}\" is not a target (a module path such as portico::proxy)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn parse_cidrs(key: &str, list: &[String]) -> Result<Vec<Cidr>, ConfigError> {
     list.iter()
         .map(|s| s.parse::<Cidr>().map_err(|e| err(key, e)))
@@ -698,6 +827,97 @@ mod tests {
         assert!(Config::from_toml("[fraud]\nblacklist_minutes = \"soon\"\n").is_err());
         let e = Config::from_toml("[fraud]\nwhitelist = [\"nope\"]\n").unwrap_err();
         assert_eq!(e.key, "fraud.whitelist");
+    }
+
+    #[test]
+    fn log_level_is_parsed_strictly() {
+        for good in [
+            "info",
+            "DEBUG",
+            "off",
+            "info,portico::proxy=debug",
+            "warn, portico=trace",
+            "portico_dataplane=info",
+            "portico[conn]=trace",
+        ] {
+            let c = Config::from_toml(&format!("log_level = \"{good}\"\n"));
+            assert!(c.is_ok(), "{good}: {c:?}");
+        }
+        for bad in [
+            "nonsense=,,",
+            "verbose",
+            "",
+            " ",
+            "info,",
+            ",info",
+            "info,,debug",
+            "portico=loud",
+            "=debug",
+            "a b=info",
+            "portico[x=info",
+        ] {
+            let e = Config::from_toml(&format!("log_level = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(e.key, "log_level", "{bad}: {e}");
+        }
+        let e = Config::from_toml("log_level = \"verbose\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("log_level: \"verbose\""), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_restored() {
+        let current = Config::from_toml(
+            "[turn]\nshared_secret = [\"s0\", \"s1\"]\nusers = [{ name = \"a\", password = \"pa\" }, { name = \"k\", key = \"0123456789abcdef0123456789abcdef\" }]\n",
+        )
+        .unwrap();
+        let shown = current.redacted();
+        assert!(!shown.to_toml().contains("pa\""));
+        assert!(!shown.to_toml().contains("s0"));
+        assert!(!shown.to_toml().contains("0123456789abcdef"));
+        assert_eq!(shown.turn.shared_secret, vec![REDACTED, REDACTED]);
+        assert_eq!(shown.turn.users[1].key.as_deref(), Some(REDACTED));
+        assert_eq!(shown.turn.users[1].password, None);
+        // Sent back as is: the same secrets.
+        let mut back = shown.clone();
+        back.restore_secrets(&current).unwrap();
+        assert_eq!(back, current);
+        back.validate().unwrap();
+        // Rollover: a new secret first, the old ones kept.
+        let mut c = shown.clone();
+        c.turn.shared_secret.insert(0, "new".into());
+        c.restore_secrets(&current).unwrap();
+        assert_eq!(c.turn.shared_secret, vec!["new", "s0", "s1"]);
+        // More placeholders than secrets, an unknown user: errors naming the key.
+        let mut c = shown.clone();
+        c.turn.shared_secret.push(REDACTED.into());
+        assert_eq!(
+            c.restore_secrets(&current).unwrap_err().key,
+            "turn.shared_secret"
+        );
+        let mut c = shown.clone();
+        c.turn.users[0].name = "z".into();
+        assert_eq!(
+            c.restore_secrets(&current).unwrap_err().key,
+            "turn.users[0]"
+        );
+        // A placeholder left in place is never taken as a secret.
+        let e = shown.validate().unwrap_err();
+        assert_eq!(e.key, "turn.shared_secret");
+        let mut c = shown.clone();
+        c.turn.shared_secret.clear();
+        assert_eq!(c.validate().unwrap_err().key, "turn.users[0].password");
+    }
+
+    #[test]
+    fn empty_listen_turns_stun_and_turn_off() {
+        let c = Config::from_toml("[turn]\nlisten = []\n").unwrap();
+        assert!(c.turn.listen.is_empty());
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        // RFC 5780 still needs a primary address to pair with.
+        let e = Config::from_toml(
+            "[turn]\nlisten = []\n[stun]\nalternate_ip = \"127.0.0.2\"\nalternate_port = 3479\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "stun.alternate_ip");
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! which keeps the running value (it cannot change while Portico runs). `PATCH` is a JSON
 //! merge patch (RFC 7396) on the running configuration, for changing one key with one line of
 //! curl. Either way the result is validated whole before anything is written.
+//!
+//! Secrets (TURN users' passwords and keys, `turn.shared_secret`) are never shown: GET and
+//! the answers to PUT/PATCH carry `"<redacted>"` ([`portico_shared::config::REDACTED`]) in
+//! their place, and that placeholder sent back keeps the current value, so a GET-edit-PUT
+//! round trip loses no secret.
 
 use std::collections::HashMap;
 
@@ -32,7 +37,7 @@ pub async fn get_config(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let config = control.config();
+    let config = control.config().redacted();
     if q.get("format").map(String::as_str) == Some("toml")
         || wants_toml(headers.get(header::ACCEPT))
     {
@@ -68,6 +73,9 @@ pub async fn put_config(
     };
     let applied = control
         .change("api", move |c| {
+            let mut new = new;
+            new.restore_secrets(c)
+                .map_err(|e| ChangeError::Invalid(e.to_string()))?;
             *c = new;
             Ok(())
         })
@@ -92,7 +100,10 @@ pub async fn patch_config(
                 ChangeError::Internal(format!("serialising the configuration: {e}"))
             })?;
             merge_patch(&mut value, &patch);
-            *c = from_json(value).map_err(|e| ChangeError::Invalid(e.message))?;
+            let mut new = from_json(value).map_err(|e| ChangeError::Invalid(e.message))?;
+            new.restore_secrets(c)
+                .map_err(|e| ChangeError::Invalid(e.to_string()))?;
+            *c = new;
             Ok(())
         })
         .await?;
@@ -104,7 +115,7 @@ pub fn applied_json(a: &Applied) -> Value {
         "generation": a.generation,
         "dataplane_applied": a.dataplane_applied,
         "restart_required": a.restart_required,
-        "config": a.config,
+        "config": a.config.redacted(),
     })
 }
 

@@ -44,11 +44,45 @@ struct NewEntry {
     /// An address; for IPv6 optionally with a prefix length ("2001:db8::/64").
     ip: String,
     kind: Kind,
-    /// Seconds from now; absent: until removed.
+    /// Seconds from now, 1 to [`MAX_TTL`]; absent: until removed.
     #[serde(default)]
     ttl_seconds: Option<u64>,
     #[serde(default)]
     note: String,
+}
+
+/// Longest `ttl_seconds` of a manual entry: ten years. A longer one is a mistake (or an
+/// overflow waiting to happen); an entry meant to stay is made without `ttl_seconds`.
+pub const MAX_TTL: u64 = 10 * 365 * 86_400;
+
+/// Longest note, in characters.
+pub const MAX_NOTE_CHARS: usize = 256;
+
+/// `ttl_seconds`: 0 is refused rather than read as "permanent" or "already expired", since
+/// either reading would surprise someone; absent means permanent.
+fn check_ttl(ttl: u64) -> Result<u64, ApiError> {
+    if ttl == 0 || ttl > MAX_TTL {
+        return Err(ApiError::bad_request(format!(
+            "ttl_seconds: {ttl} is not between 1 and {MAX_TTL} (ten years); leave it out for an entry that stays until removed"
+        )));
+    }
+    Ok(ttl)
+}
+
+/// Notes end up in logs, the API and the state file: printable text of bounded length.
+fn check_note(note: &str) -> Result<(), ApiError> {
+    if note.chars().count() > MAX_NOTE_CHARS {
+        return Err(ApiError::bad_request(format!(
+            "note: at most {MAX_NOTE_CHARS} characters"
+        )));
+    }
+    if let Some(c) = note.chars().find(|c| c.is_control()) {
+        return Err(ApiError::bad_request(format!(
+            "note: control character U+{:04X} is not allowed",
+            u32::from(c)
+        )));
+    }
+    Ok(())
 }
 
 pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
@@ -74,13 +108,10 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Resp
             }
         }
     }
-    if e.note.len() > 512 {
-        return Err(ApiError::bad_request("note: at most 512 bytes"));
-    }
+    check_note(&e.note)?;
+    let ttl = e.ttl_seconds.map(check_ttl).transpose()?;
     // Rounded up to the next second, so the entry lasts at least `ttl_seconds`.
-    let expires = e
-        .ttl_seconds
-        .map(|t| unix_now().saturating_add(t).saturating_add(1));
+    let expires = ttl.map(|t| unix_now().saturating_add(t).saturating_add(1));
     let entry = control.fraud.add(ip, prefix, e.kind, expires, e.note);
     Ok((StatusCode::CREATED, Json(describe(&entry))).into_response())
 }
@@ -165,4 +196,38 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_is_bounded_and_zero_refused() {
+        assert!(check_ttl(0).is_err());
+        assert_eq!(check_ttl(1).unwrap(), 1);
+        assert_eq!(check_ttl(MAX_TTL).unwrap(), MAX_TTL);
+        assert!(check_ttl(MAX_TTL + 1).is_err());
+        let e = check_ttl(u64::MAX).unwrap_err();
+        assert!(e.message.starts_with("ttl_seconds: "), "{}", e.message);
+    }
+
+    #[test]
+    fn notes_are_printable_and_short() {
+        check_note("").unwrap();
+        check_note("brute force from a hotel; ticket #42 \u{e9}").unwrap();
+        check_note(&"\u{e9}".repeat(MAX_NOTE_CHARS)).unwrap();
+        assert!(check_note(&"a".repeat(MAX_NOTE_CHARS + 1)).is_err());
+        for bad in [
+            "a\nb",
+            "\u{1b}[31mred",
+            "tab\there",
+            "nul\0",
+            "\u{7f}",
+            "\u{85}",
+        ] {
+            let e = check_note(bad).unwrap_err();
+            assert!(e.message.starts_with("note: control character"), "{bad:?}");
+        }
+    }
 }

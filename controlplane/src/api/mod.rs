@@ -2,7 +2,10 @@
 //!
 //! Every call but `/healthz` and `/metrics` needs `Authorization: Bearer <admin token>`; the
 //! check runs in front of the router, so unknown paths answer 401 too and reveal nothing to a
-//! caller without the token. Errors are always `{"error": "..."}`. The routes are one table,
+//! caller without the token. A source that fails authentication [`AUTH_FAILURES`] times
+//! within [`AUTH_WINDOW`] gets 429 for the rest of that window, its token not even looked at.
+//! Errors are always `{"error": "..."}`, axum's own rejections (a body over [`BODY_LIMIT`], a
+//! path parameter that does not decode) included. The routes are one table,
 //! [`routes`], so the OpenAPI document (`openapi.json`, served at `/api/v1/openapi.json`) can
 //! be checked against it.
 
@@ -13,10 +16,12 @@ mod fraud;
 mod status;
 mod users;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -31,6 +36,17 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// Paths answered without the admin token.
 const PUBLIC: [&str; 2] = ["/healthz", "/metrics"];
+
+/// Largest request body: a configuration is far smaller (shared memory holds at most
+/// `CONFIG_CAPACITY` bytes of it); a larger body gets 413.
+pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// Failed authentications one source may have within [`AUTH_WINDOW`]; after that, 429.
+pub const AUTH_FAILURES: u32 = 10;
+pub const AUTH_WINDOW: Duration = Duration::from_secs(60);
+/// Sources whose failures are tracked at once. When full, expired windows go first, then the
+/// oldest window: a flood from many addresses can only end other sources' penalties early.
+const AUTH_SOURCES: usize = 4096;
 
 /// An error answer: a status and `{"error": message}`.
 #[derive(Debug)]
@@ -150,10 +166,113 @@ pub fn router(control: AppState) -> Router {
     for route in routes() {
         r = r.route(route.path, route.handler);
     }
+    let limiter = Arc::new(AuthLimiter::default());
     r.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(Arc::clone(&control), auth))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(
+            (Arc::clone(&control), limiter),
+            auth,
+        ))
+        .layer(middleware::from_fn(json_errors))
         .with_state(control)
+}
+
+/// Turns any error answer that is not JSON yet (axum's rejections are plain text: a body over
+/// the limit, a path parameter that is not UTF-8) into `{"error": text}`, keeping the status
+/// and headers such as `Allow` and `Retry-After`.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    // Rejection texts are one line; anything longer is cut, not buffered whole.
+    let text = match axum::body::to_bytes(body, 4096).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, message).into_response();
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().append(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// Failed API authentications per source, in fixed windows of [`AUTH_WINDOW`].
+#[derive(Default)]
+pub struct AuthLimiter {
+    table: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+/// The key a source is counted under: IPv4 addresses one by one, IPv6 per /64 (one
+/// subscriber usually holds a whole /64).
+fn auth_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
+impl AuthLimiter {
+    /// How long `source` must still wait, when it has used up its failures.
+    pub fn blocked(&self, source: IpAddr, now: Instant) -> Option<Duration> {
+        let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let (start, count) = t.get(&auth_key(source))?;
+        let end = *start + AUTH_WINDOW;
+        (*count >= AUTH_FAILURES && now < end).then(|| end - now)
+    }
+
+    /// Counts a failure; returns the failures of the source in its current window.
+    pub fn failed(&self, source: IpAddr, now: Instant) -> u32 {
+        let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = auth_key(source);
+        if !t.contains_key(&key) && t.len() >= AUTH_SOURCES {
+            t.retain(|_, (start, _)| now < *start + AUTH_WINDOW);
+            if t.len() >= AUTH_SOURCES {
+                if let Some(oldest) = t
+                    .iter()
+                    .min_by_key(|(_, (start, _))| *start)
+                    .map(|(k, _)| *k)
+                {
+                    t.remove(&oldest);
+                }
+            }
+        }
+        let e = t.entry(key).or_insert((now, 0));
+        if now >= e.0 + AUTH_WINDOW {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+        e.1
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
 }
 
 async fn openapi() -> Response {
@@ -219,19 +338,46 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn auth(State(control): State<AppState>, req: Request, next: Next) -> Response {
+async fn auth(
+    State((control, limiter)): State<(AppState, Arc<AuthLimiter>)>,
+    req: Request,
+    next: Next,
+) -> Response {
     if PUBLIC.contains(&req.uri().path()) {
         return next.run(req).await;
+    }
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(a)| *a);
+    let now = Instant::now();
+    if let Some(wait) = peer.and_then(|p| limiter.blocked(p.ip(), now)) {
+        let secs = wait.as_secs().max(1);
+        let mut resp = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many failed authentications from this address; try again in {secs} s"),
+        )
+        .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return resp;
     }
     let presented = bearer(req.headers());
     if presented.is_some_and(|t| same_secret(t.as_bytes(), control.token.as_bytes())) {
         return next.run(req).await;
     }
     control.metrics.api_auth_failures.inc();
-    let source = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(a)| a.to_string())
+    if let Some(p) = peer {
+        if limiter.failed(p.ip(), now) == AUTH_FAILURES {
+            tracing::warn!(
+                source = %p.ip(),
+                "{AUTH_FAILURES} failed API authentications within {} s: answering 429 until the window ends",
+                AUTH_WINDOW.as_secs()
+            );
+        }
+    }
+    let source = peer
+        .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into());
     let reason = if presented.is_some() {
         "wrong token"
@@ -292,6 +438,53 @@ mod tests {
         ));
         assert!(matches("/api/v1/config", "/api/v1/config"));
         assert!(!matches("/api/v1/config", "/api/v1/status"));
+    }
+
+    #[test]
+    fn auth_failures_are_limited_per_source_and_window() {
+        let l = AuthLimiter::default();
+        let t0 = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for i in 1..AUTH_FAILURES {
+            assert_eq!(l.failed(a, t0), i);
+            assert_eq!(l.blocked(a, t0), None);
+        }
+        assert_eq!(l.failed(a, t0), AUTH_FAILURES);
+        assert_eq!(l.blocked(a, t0), Some(AUTH_WINDOW));
+        let later = t0 + Duration::from_secs(59);
+        assert_eq!(l.blocked(a, later), Some(Duration::from_secs(1)));
+        assert_eq!(l.blocked(b, later), None, "another source is not affected");
+        let after = t0 + AUTH_WINDOW;
+        assert_eq!(l.blocked(a, after), None, "the window passed");
+        assert_eq!(l.failed(a, after), 1, "a new window starts from zero");
+        // IPv6 counts per /64; a v4-mapped address counts as the IPv4 address.
+        let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        for _ in 0..AUTH_FAILURES {
+            l.failed(v6a, t0);
+        }
+        assert!(l.blocked(v6b, t0).is_some());
+        assert!(l.blocked("2001:db8:1:3::1".parse().unwrap(), t0).is_none());
+        let mapped: IpAddr = "::ffff:192.0.2.2".parse().unwrap();
+        for _ in 0..AUTH_FAILURES {
+            l.failed(mapped, t0);
+        }
+        assert!(l.blocked(b, t0).is_some());
+    }
+
+    #[test]
+    fn auth_table_is_bounded() {
+        let l = AuthLimiter::default();
+        let t0 = Instant::now();
+        for i in 0..(AUTH_SOURCES as u32 + 100) {
+            l.failed(IpAddr::V4((0x0a00_0000u32 + i).into()), t0);
+        }
+        assert_eq!(l.len(), AUTH_SOURCES);
+        // Expired windows are dropped before anything live is evicted.
+        let later = t0 + AUTH_WINDOW;
+        l.failed("192.0.2.7".parse().unwrap(), later);
+        assert_eq!(l.len(), 1);
     }
 
     #[test]

@@ -40,6 +40,45 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     result
 }
 
+/// Creates `path` with `data`, never replacing anything: the content goes to a temp file first,
+/// which is then hard-linked to `path` (`link(2)` fails when `path` exists, even as a dangling
+/// symlink), so `path` appears complete or not at all. Returns `Ok(false)`, writing nothing,
+/// when `path` already exists.
+pub fn create_exclusive(path: &Path, data: &[u8], mode: u32) -> io::Result<bool> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        drop(f);
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        File::open(dir)?.sync_all()?;
+        Ok(true)
+    })();
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
 /// Removes temp files that a writer killed between create and rename left beside `path`
 /// (`.NAME.tmp-PID` of a process that no longer exists). They never replace the real file,
 /// but would pile up over crashes.
@@ -96,6 +135,32 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
             .collect();
         assert!(leftovers.is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn exclusive_creation_never_replaces() {
+        let dir = std::env::temp_dir().join(format!("portico-excl-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("key.pem");
+        assert!(create_exclusive(&p, b"first", 0o600).unwrap());
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!create_exclusive(&p, b"second", 0o600).unwrap());
+        assert_eq!(fs::read(&p).unwrap(), b"first");
+        // A dangling symlink is something there too: not followed, not replaced.
+        let link = dir.join("cert.pem");
+        std::os::unix::fs::symlink(dir.join("nowhere"), &link).unwrap();
+        assert!(!create_exclusive(&link, b"x", 0o644).unwrap());
+        assert!(!dir.join("nowhere").exists());
+        let leftovers = fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .count();
+        assert_eq!(leftovers, 0);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -4,6 +4,8 @@
 //! "Asymmetrical Connections"), so either side may be plain or TLS. Relaying keeps half-closes
 //! (a client that shuts down its sending side still gets the whole answer) and enforces one
 //! idle timeout for the pair: a connection is idle only when neither direction moved.
+//! Stream-routed protocols (SIP, LDAP) are relayed message by message on the client's side,
+//! so that every message that names a service is checked, not only the first.
 
 use std::future::Future;
 use std::io;
@@ -15,8 +17,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
+use tokio::sync::mpsc;
+
+use super::events::Reason;
 use super::route::{Route, Target};
-use super::sniff::Monitor;
+use super::sniff::{Check, Guard, Monitor, Step};
 use super::Snapshot;
 
 /// Any byte stream the proxy relays: TCP or TLS over TCP, either side.
@@ -196,25 +201,174 @@ where
     Ok(total)
 }
 
-/// Relays both directions until both are done; an error or idle timeout on either ends both,
-/// and so does `stop` resolving (the source was blacklisted): both connections are dropped.
+/// What the relay does with a client's message (a [`Step::Message`]).
+pub enum Verdict {
+    Forward,
+    /// Not forwarded; the answer, if any, goes to the client in the target's place.
+    Refuse(Option<Vec<u8>>),
+    /// The connection ends here (its source is blacklisted).
+    Cut,
+}
+
+/// How a relay asks and tells about what it sees.
+pub struct Hooks<'a> {
+    /// Decides on each client message.
+    pub judge: &'a (dyn Fn(Check, &[u8]) -> Verdict + Sync),
+    /// Suspicious things: target rejections, a client stream that cannot be followed, a
+    /// target that failed the first write.
+    pub report: &'a (dyn Fn(Reason) + Sync),
+}
+
+/// Answers of the proxy's own waiting to go into the client's stream. Few: the client side
+/// waits (and stops reading its client) while they are full.
+const ANSWERS_QUEUED: usize = 8;
+
+/// Relays a routed connection both ways until both are done. The client's bytes, starting
+/// with `first` (what was read to route it), go through `guard` message by message and
+/// reach the target only as `hooks.judge` allows; the target's go through `monitor`, and
+/// the proxy's own answers to refused messages join them between two of the target's
+/// messages. An error or idle timeout on either side ends both, and so does `stop`
+/// resolving (the source was blacklisted): both connections are dropped.
+#[allow(clippy::too_many_arguments)]
 pub async fn relay(
     client: (ReadHalf<BoxStream>, WriteHalf<BoxStream>),
     target: (ReadHalf<BoxStream>, WriteHalf<BoxStream>),
+    first: &[u8],
     idle: Duration,
-    monitor: Option<Box<dyn Monitor>>,
-    on_reject: &(dyn Fn(String) + Sync),
+    guard: Box<dyn Guard>,
+    monitor: Box<dyn Monitor>,
+    hooks: &Hooks<'_>,
     stop: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let activity = Activity::new();
     activity.touch();
-    let none = |_: String| {};
-    let up = pump(client.0, target.1, &activity, idle, None, &none);
-    let down = pump(target.0, client.1, &activity, idle, monitor, on_reject);
+    let (tx, rx) = mpsc::channel(ANSWERS_QUEUED);
+    let on_reject = |what: String| (hooks.report)(Reason::TargetRejected(what));
+    let up = client_side(client.0, target.1, first, &activity, idle, guard, hooks, tx);
+    let down = target_side(target.0, client.1, &activity, idle, monitor, &on_reject, rx);
     tokio::select! {
         r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
         () = stop => Err(io::Error::new(io::ErrorKind::PermissionDenied, "source blacklisted")),
     }
+}
+
+fn cut() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "source blacklisted")
+}
+
+/// Client to target, message by message through the guard; half-closes the target at EOF.
+#[allow(clippy::too_many_arguments)]
+async fn client_side(
+    mut r: ReadHalf<BoxStream>,
+    mut w: WriteHalf<BoxStream>,
+    first: &[u8],
+    activity: &Activity,
+    idle: Duration,
+    mut guard: Box<dyn Guard>,
+    hooks: &Hooks<'_>,
+    answers: mpsc::Sender<Vec<u8>>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; BUF];
+    let mut wrote = false;
+    guard.push(first);
+    loop {
+        loop {
+            let bytes = match guard.next() {
+                Step::Idle => break,
+                Step::Forward(b) => b,
+                Step::Message { check, bytes } => match (hooks.judge)(check, &bytes) {
+                    Verdict::Forward => {
+                        guard.decide(true);
+                        bytes
+                    }
+                    Verdict::Refuse(answer) => {
+                        guard.decide(false);
+                        if let Some(a) = answer {
+                            // The target side may be gone already; the answer with it.
+                            let _ = answers.send(a).await;
+                        }
+                        continue;
+                    }
+                    Verdict::Cut => return Err(cut()),
+                },
+                Step::Broken(why) => {
+                    (hooks.report)(Reason::Malformed(why));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+                }
+                Step::TooLarge => {
+                    (hooks.report)(Reason::TooLarge);
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "too large"));
+                }
+            };
+            if let Err(e) = w.write_all(&bytes).await {
+                if !wrote {
+                    (hooks.report)(Reason::TargetUnreachable("write failed".into()));
+                }
+                return Err(e);
+            }
+            wrote = true;
+            activity.touch();
+        }
+        let n = activity.read(&mut r, &mut buf, idle).await?;
+        if n == 0 {
+            break;
+        }
+        guard.push(&buf[..n]);
+    }
+    w.shutdown().await
+}
+
+/// Target to client through the monitor, with the proxy's own answers put in at message
+/// boundaries; half-closes the client at EOF, after the answers still waiting.
+async fn target_side(
+    mut r: ReadHalf<BoxStream>,
+    mut w: WriteHalf<BoxStream>,
+    activity: &Activity,
+    idle: Duration,
+    mut monitor: Box<dyn Monitor>,
+    on_reject: &(dyn Fn(String) + Sync),
+    mut answers: mpsc::Receiver<Vec<u8>>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; BUF];
+    // An answer that arrived in the middle of one of the target's messages.
+    let mut held: Option<Vec<u8>> = None;
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            a = answers.recv(), if open && held.is_none() => match a {
+                Some(a) if monitor.at_boundary() => {
+                    w.write_all(&a).await?;
+                    activity.touch();
+                }
+                Some(a) => held = Some(a),
+                None => open = false,
+            },
+            n = activity.read(&mut r, &mut buf, idle) => {
+                let n = n?;
+                if n == 0 {
+                    break;
+                }
+                for what in monitor.feed(&buf[..n]) {
+                    on_reject(what);
+                }
+                w.write_all(&buf[..n]).await?;
+                if monitor.at_boundary() {
+                    if let Some(a) = held.take() {
+                        w.write_all(&a).await?;
+                    }
+                }
+                activity.touch();
+            }
+        }
+    }
+    if let Some(a) = held.take() {
+        w.write_all(&a).await?;
+    }
+    while let Ok(a) = answers.try_recv() {
+        w.write_all(&a).await?;
+    }
+    w.shutdown().await
 }
 
 #[cfg(test)]
@@ -245,20 +399,62 @@ mod tests {
         assert_eq!(&h6[32 + 10..32 + 16], &[0xff, 0xff, 10, 0, 0, 1]);
     }
 
+    /// A guard that forwards whatever comes, as it comes.
+    struct Raw(Vec<u8>);
+
+    impl Guard for Raw {
+        fn push(&mut self, data: &[u8]) {
+            self.0.extend_from_slice(data);
+        }
+        fn next(&mut self) -> Step {
+            if self.0.is_empty() {
+                Step::Idle
+            } else {
+                Step::Forward(std::mem::take(&mut self.0))
+            }
+        }
+        fn decide(&mut self, _: bool) {}
+    }
+
+    struct Quiet;
+
+    impl Monitor for Quiet {
+        fn feed(&mut self, _: &[u8]) -> Vec<String> {
+            Vec::new()
+        }
+        fn at_boundary(&self) -> bool {
+            true
+        }
+    }
+
+    fn raw() -> (Box<dyn Guard>, Box<dyn Monitor>) {
+        (Box::new(Raw(Vec::new())), Box::new(Quiet))
+    }
+
+    fn forward_all(_: Check, _: &[u8]) -> Verdict {
+        Verdict::Forward
+    }
+
+    fn ignore(_: Reason) {}
+
+    const PASS: Hooks<'static> = Hooks {
+        judge: &forward_all,
+        report: &ignore,
+    };
+
     #[tokio::test]
     async fn relay_keeps_half_close_and_times_out() {
         let (a, mut a_peer) = tokio::io::duplex(1024);
         let (b, mut b_peer) = tokio::io::duplex(1024);
-        let a: BoxStream = Box::new(a);
-        let b: BoxStream = Box::new(b);
-        let seen = std::sync::Mutex::new(Vec::new());
-        let on = |s: String| seen.lock().unwrap().push(s);
+        let (g, m) = raw();
         let relay = relay(
-            tokio::io::split(a),
-            tokio::io::split(b),
+            tokio::io::split(Box::new(a) as BoxStream),
+            tokio::io::split(Box::new(b) as BoxStream),
+            b"first ",
             Duration::from_millis(300),
-            None,
-            &on,
+            g,
+            m,
+            &PASS,
             std::future::pending(),
         );
         let peers = async {
@@ -266,7 +462,7 @@ mod tests {
             a_peer.shutdown().await.unwrap();
             let mut got = Vec::new();
             b_peer.read_to_end(&mut got).await.unwrap();
-            assert_eq!(got, b"ping");
+            assert_eq!(got, b"first ping");
             // The client half-closed; the answer still reaches it.
             b_peer.write_all(b"pong").await.unwrap();
             b_peer.shutdown().await.unwrap();
@@ -279,13 +475,16 @@ mod tests {
 
         let (a, _a_peer) = tokio::io::duplex(64);
         let (b, _b_peer) = tokio::io::duplex(64);
+        let (g, m) = raw();
         let t0 = Instant::now();
         let r = super::relay(
             tokio::io::split(Box::new(a) as BoxStream),
             tokio::io::split(Box::new(b) as BoxStream),
+            b"",
             Duration::from_millis(200),
-            None,
-            &on,
+            g,
+            m,
+            &PASS,
             std::future::pending(),
         )
         .await;
@@ -303,13 +502,15 @@ mod tests {
         let f = Arc::clone(&flag);
         let blocked: crate::proxy::Blocked = Arc::new(move |_| f.load(Ordering::Relaxed));
         let source: std::net::IpAddr = "192.0.2.7".parse().unwrap();
-        let none = |_: String| {};
+        let (g, m) = raw();
         let relay = relay(
             tokio::io::split(Box::new(a) as BoxStream),
             tokio::io::split(Box::new(b) as BoxStream),
+            b"",
             Duration::from_secs(30),
-            None,
-            &none,
+            g,
+            m,
+            &PASS,
             crate::proxy::until_blocked(&blocked, source),
         );
         let chatter = async {
@@ -337,5 +538,76 @@ mod tests {
         let mut rest = Vec::new();
         assert_eq!(a_peer.read_to_end(&mut rest).await.unwrap(), 0);
         assert_eq!(b_peer.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    /// A refused SIP request is answered by the proxy between two of the target's messages,
+    /// never inside one, and what the target gets is the rest of the stream.
+    #[tokio::test]
+    async fn refusals_are_answered_between_the_targets_messages() {
+        use crate::proxy::sniff::{sip::Sip, Sniffer};
+        let (a, mut client) = tokio::io::duplex(64 * 1024);
+        let (b, mut target) = tokio::io::duplex(64 * 1024);
+        let (g, m) = Sip.session(4096);
+        let judge = |check: Check, _: &[u8]| match check {
+            Check::Name(n) if n != "alpha.test" => Verdict::Refuse(Some(b"REFUSED\r\n".to_vec())),
+            _ => Verdict::Forward,
+        };
+        let reports = std::sync::Mutex::new(Vec::new());
+        let report = |r: Reason| reports.lock().unwrap().push(r.to_string());
+        let hooks = Hooks {
+            judge: &judge,
+            report: &report,
+        };
+        let req = |from: &str, cseq: u32| {
+            format!("REGISTER sip:x SIP/2.0\r\nFrom: <sip:a@{from}>\r\nCall-ID: c\r\nCSeq: {cseq} REGISTER\r\nContent-Length: 0\r\n\r\n")
+        };
+        let first = req("alpha.test", 1);
+        let relay = relay(
+            tokio::io::split(Box::new(a) as BoxStream),
+            tokio::io::split(Box::new(b) as BoxStream),
+            first.as_bytes(),
+            Duration::from_secs(5),
+            g,
+            m,
+            &hooks,
+            std::future::pending(),
+        );
+        let peers = async {
+            let mut got = vec![0u8; first.len()];
+            target.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, first.as_bytes());
+            // The target starts an answer; meanwhile the client asks for another domain.
+            let answer = "SIP/2.0 403 Forbidden\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n";
+            let (head, tail) = answer.split_at(20);
+            target.write_all(head.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client
+                .write_all(req("beta.test", 2).as_bytes())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            target.write_all(tail.as_bytes()).await.unwrap();
+            client
+                .write_all(req("alpha.test", 3).as_bytes())
+                .await
+                .unwrap();
+            client.shutdown().await.unwrap();
+            let mut forwarded = Vec::new();
+            target.read_to_end(&mut forwarded).await.unwrap();
+            assert_eq!(String::from_utf8(forwarded).unwrap(), req("alpha.test", 3));
+            target.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            assert_eq!(
+                String::from_utf8(back).unwrap(),
+                format!("{answer}REFUSED\r\n")
+            );
+        };
+        let (r, ()) = tokio::join!(relay, peers);
+        r.unwrap();
+        assert_eq!(
+            *reports.lock().unwrap(),
+            ["target rejected the request: SIP 403 Forbidden"]
+        );
     }
 }

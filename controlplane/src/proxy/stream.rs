@@ -1,19 +1,27 @@
 //! Protocols routed on their first message (SIP, LDAP; H.323 later): read until the sniffer
-//! has a verdict, check access, connect, forward what was read, then relay bytes both ways
-//! while a monitor watches the target's answers for rejections.
+//! has a verdict, check access, connect, then relay both ways: the client's messages through
+//! the sniffer's guard, which names every later message that routes (SIP REGISTER/INVITE,
+//! LDAP binds) so it is checked against the connection's service, and the target's answers
+//! through its monitor, which reports rejections.
+//!
+//! A later message naming another service, an unknown one or none is not forwarded: the
+//! proxy answers it (SIP 403, an LDAP BindResponse insufficientAccessRights) and reports it.
+//! Before forwarding any message the proxy asks whether the source has been blacklisted
+//! meanwhile, so a brute force over one connection ends at the first attempt after the
+//! decision.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use portico_shared::proxy_config::ServiceType;
-use tokio::io::{AsyncWriteExt, ReadHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::access::canonical_ip;
 use super::events::{Events, Reason};
-use super::forward::{self, BoxStream, BUF};
+use super::forward::{self, BoxStream, Hooks, Verdict, BUF};
 use super::route::Lookup;
-use super::sniff::{Refusal, Sniffed, Sniffer};
+use super::sniff::{Check, Refusal, Sniffed, Sniffer};
 use super::{until_blocked, Blocked, Snapshot};
 
 pub struct Conn {
@@ -83,27 +91,9 @@ pub async fn serve(client: BoxStream, conn: Conn) {
                     return;
                 } else {
                     match forward::connect(&conn.snap, route, target, conn.peer, conn.local).await {
-                        Ok(mut up) => {
-                            if up.write_all(&buf).await.is_err() {
-                                report(Reason::TargetUnreachable("write failed".into()));
-                                return;
-                            }
+                        Ok(up) => {
                             conn.events.metrics().forwarded(conn.stype);
-                            let idle = Duration::from_secs(conn.snap.limits.idle_timeout);
-                            let on_reject = |what: String| report(Reason::TargetRejected(what));
-                            let monitor = Some(conn.sniffer.monitor());
-                            let r = forward::relay(
-                                (cr, cw),
-                                tokio::io::split(up),
-                                idle,
-                                monitor,
-                                &on_reject,
-                                until_blocked(&conn.blocked, source),
-                            )
-                            .await;
-                            if r.is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied) {
-                                conn.events.metrics().refused_blocked.inc();
-                            }
+                            relay(cr, cw, up, route.index, &buf, &conn).await;
                             return;
                         }
                         Err(e) => {
@@ -141,4 +131,68 @@ pub async fn serve(client: BoxStream, conn: Conn) {
         let _ = cw.write_all(&answer).await;
     }
     let _ = cw.shutdown().await;
+}
+
+/// Relays a connection routed to the route at `route`, `first` being what was read to route it.
+async fn relay(
+    cr: ReadHalf<BoxStream>,
+    cw: WriteHalf<BoxStream>,
+    up: BoxStream,
+    route: usize,
+    first: &[u8],
+    conn: &Conn,
+) {
+    let source = canonical_ip(conn.peer.ip());
+    let report = |r: Reason| conn.events.report(source, conn.stype, r);
+    let judge = |check: Check, msg: &[u8]| {
+        if (conn.blocked)(source) {
+            return Verdict::Cut;
+        }
+        match check_route(conn, route, check) {
+            Ok(()) => Verdict::Forward,
+            Err(reason) => {
+                tracing::debug!(peer = %conn.peer, "not forwarded: {reason}");
+                report(reason);
+                Verdict::Refuse(conn.sniffer.refuse(msg, Refusal::Forbidden))
+            }
+        }
+    };
+    let hooks = Hooks {
+        judge: &judge,
+        report: &report,
+    };
+    let (guard, monitor) = conn.sniffer.session(conn.snap.limits.max_header_bytes);
+    let idle = Duration::from_secs(conn.snap.limits.idle_timeout);
+    let r = forward::relay(
+        (cr, cw),
+        tokio::io::split(up),
+        first,
+        idle,
+        guard,
+        monitor,
+        &hooks,
+        until_blocked(&conn.blocked, source),
+    )
+    .await;
+    if r.is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied) {
+        conn.events.metrics().refused_blocked.inc();
+    }
+}
+
+/// Whether a later message of a connection routed to `route` may go there: only if it
+/// names nothing to check, or names that same service.
+fn check_route(conn: &Conn, route: usize, check: Check) -> Result<(), Reason> {
+    let name = match check {
+        Check::Pass => return Ok(()),
+        Check::NoName(why) => return Err(Reason::UnknownName(why.to_string())),
+        Check::Name(n) => n,
+    };
+    match conn.snap.routes.lookup(&name, conn.stype) {
+        Lookup::Found(r, _) if r.index == route => Ok(()),
+        Lookup::Found(..) => Err(Reason::Malformed(
+            "a later request names another service than the connection's",
+        )),
+        Lookup::NotOffered(r) => Err(Reason::TypeNotOffered(r.name.clone())),
+        Lookup::Unknown => Err(Reason::UnknownName(name)),
+    }
 }

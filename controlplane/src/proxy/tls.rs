@@ -28,23 +28,61 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Reads a PEM chain and key and checks that they belong together.
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!("{}: no certificate in the file", cert.display()));
+/// Which file of a certificate/key pair a loading error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairFile {
+    Cert,
+    Key,
+}
+
+/// Why a certificate/key pair cannot be used, and which file to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairError {
+    pub file: PairFile,
+    pub message: String,
+}
+
+impl std::fmt::Display for PairError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+}
+
+/// Reads a PEM chain and key and checks that they belong together: the key must be one
+/// rustls can sign with, and its public key must be the one in the leaf certificate.
+pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, PairError> {
+    let cert_err = |m: String| PairError {
+        file: PairFile::Cert,
+        message: m,
+    };
+    let key_err = |m: String| PairError {
+        file: PairFile::Key,
+        message: m,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| cert_err(format!("{}: {e}", cert.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| cert_err(format!("{}: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(cert_err(format!(
+            "{}: no certificate in the file",
+            cert.display()
+        )));
+    }
+    let der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| key_err(format!("{}: {e}", key.display())))?;
     let signer = provider()
         .key_provider
         .load_private_key(der)
-        .map_err(|e| format!("{}: {e}", key.display()))?;
+        .map_err(|e| key_err(format!("{}: {e}", key.display())))?;
     let ck = CertifiedKey::new(chain, signer);
-    ck.keys_match()
-        .map_err(|e| format!("{} does not match {}: {e}", key.display(), cert.display()))?;
+    ck.keys_match().map_err(|e| {
+        key_err(format!(
+            "{} does not match the certificate in {}: {e}",
+            key.display(),
+            cert.display()
+        ))
+    })?;
     Ok(ck)
 }
 
@@ -84,7 +122,7 @@ impl CertResolver {
                 }
             }
         }
-        let loaded = load_certified_key(cert, key);
+        let loaded = load_certified_key(cert, key).map_err(|e| e.message);
         let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
         match loaded {
             Ok(ck) => {
@@ -276,6 +314,12 @@ mod tests {
         // Mismatched pair: refused, old one stays.
         let e = r.refresh(&c1, &k2).unwrap_err();
         assert!(e.contains("does not match"), "{e}");
+        let e = load_certified_key(&c1, &k2).unwrap_err();
+        assert_eq!(e.file, PairFile::Key);
+        let e = load_certified_key(&dir.join("absent.crt"), &k1).unwrap_err();
+        assert_eq!(e.file, PairFile::Cert);
+        let e = load_certified_key(&c1, &dir.join("absent.key")).unwrap_err();
+        assert_eq!(e.file, PairFile::Key);
         let still = r.current.read().unwrap().as_ref().unwrap().key_pair.clone();
         assert!(Arc::ptr_eq(&first, &still));
         assert!(r.refresh(&c2, &k2).unwrap());

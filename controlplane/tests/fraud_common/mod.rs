@@ -238,6 +238,9 @@ pub struct Setup {
     pub ipv6: bool,
     /// Put the reverse proxy (HTTP on a free port of 127.0.0.1) in front of this nginx port.
     pub proxy_target: Option<u16>,
+    /// `[proxy...]` tables written as they are (SIP, LDAP listeners and services), when there
+    /// is no `proxy_target`; the test waits for its own listeners.
+    pub proxy_toml: Option<String>,
     /// `turn.workers`; 0 means 1.
     pub workers: usize,
     /// `proxy.trusted_proxies` entries.
@@ -267,6 +270,11 @@ impl Setup {
 
     pub fn proxy(mut self, nginx: &Nginx) -> Setup {
         self.proxy_target = Some(nginx.port);
+        self
+    }
+
+    pub fn proxy_toml(mut self, toml: &str) -> Setup {
+        self.proxy_toml = Some(toml.to_string());
         self
     }
 }
@@ -358,6 +366,9 @@ impl Site {
                  [proxy.limits]\nfirst_message_timeout = 2\n\n\
                  [[proxy.services]]\nname = \"app.test\"\nhost = \"127.0.0.1\"\nhttp = {target}\n"
             ));
+        } else if let Some(raw) = &s.proxy_toml {
+            t.push('\n');
+            t.push_str(raw);
         }
         t
     }

@@ -412,7 +412,8 @@ pub fn curl(scheme: &str, name: &str, port: u16, path: &str, extra: &[&str]) -> 
 }
 
 /// slapd with two suffixes, `dc=alpha,dc=test` and `dc=beta,dc=test`, each with an admin
-/// (`cn=admin,...`, password `secret`) and one person whose `sn` names the suffix.
+/// (`cn=admin,...`, password `secret`) and one person whose `sn` names the suffix. It logs
+/// its operations (`-d 256`: `conn=N op=M BIND dn="..."` and the like) to `slapd.log`.
 pub struct Slapd {
     pub proc: Proc,
     pub port: u16,
@@ -446,7 +447,7 @@ impl Slapd {
                 .arg("-h")
                 .arg(&url)
                 .arg("-d")
-                .arg("0"),
+                .arg("256"),
             dir.path("slapd.log"),
         );
         wait_port(SocketAddr::from(([127, 0, 0, 1], port)), &proc);
@@ -483,7 +484,8 @@ impl Slapd {
 }
 
 /// Kamailio as a SIP registrar on TCP: REGISTER is challenged (digest, realm = From domain,
-/// password `secret`) and then answered `200 Registered`; INVITE gets `486 Busy Here`.
+/// password `secret` for any user) and then answered `200 Registered`; INVITE gets `486 Busy
+/// Here`. Every request it receives is logged as `kamailio got METHOD From DOMAIN CSeq N`.
 pub struct Kamailio {
     pub proc: Proc,
     pub port: u16,
@@ -505,6 +507,7 @@ impl Kamailio {
              listen=tcp:127.0.0.1:{port}\nmpath=\"{mpath}\"\n\
              loadmodule \"sl.so\"\nloadmodule \"pv.so\"\nloadmodule \"auth.so\"\nloadmodule \"xlog.so\"\nloadmodule \"textops.so\"\n\
              request_route {{\n\
+               xlog(\"L_INFO\", \"kamailio got $rm From $fd CSeq $cs\\n\");\n\
                if (is_method(\"REGISTER\")) {{\n\
                  if (!pv_www_authenticate(\"$fd\", \"secret\", \"0\")) {{ www_challenge(\"$fd\", \"0\"); exit; }}\n\
                  sl_send_reply(\"200\", \"Registered\"); exit;\n\
@@ -552,4 +555,155 @@ pub fn md5_hex(s: &str) -> String {
         .next()
         .unwrap_or("")
         .to_string()
+}
+
+/// A SIP request from `user@domain` over TCP, empty body.
+pub fn sip_request(
+    method: &str,
+    domain: &str,
+    user: &str,
+    call_id: &str,
+    cseq: u32,
+    extra: &str,
+) -> String {
+    format!(
+        "{method} sip:{domain} SIP/2.0\r\n\
+         Via: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bK-{method}-{cseq}\r\n\
+         Max-Forwards: 70\r\n\
+         From: \"{user}\" <sip:{user}@{domain}>;tag=a1\r\n\
+         To: <sip:{user}@{domain}>\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: {cseq} {method}\r\n\
+         Contact: <sip:{user}@127.0.0.1:5999;transport=tcp>\r\n\
+         {extra}Content-Length: 0\r\n\r\n"
+    )
+}
+
+/// Reads one SIP message (head plus Content-Length body); what arrived before EOF, an error
+/// or the socket's timeout otherwise (empty when the connection was closed).
+pub fn read_sip(s: &mut impl Read) -> String {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => got.push(b[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&got).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Content-Length:")
+                .or_else(|| l.strip_prefix("l:"))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    let _ = s.read_exact(&mut body);
+    head + &String::from_utf8_lossy(&body)
+}
+
+/// The nonce of a digest challenge.
+pub fn sip_nonce(challenge: &str) -> Option<String> {
+    challenge
+        .split("nonce=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .map(str::to_string)
+}
+
+/// An `Authorization` header line answering `nonce` for `user` with `password` (RFC 2617
+/// digest, MD5, no qop; realm = the domain, as the Kamailio helper challenges).
+pub fn sip_authorization(
+    method: &str,
+    domain: &str,
+    user: &str,
+    password: &str,
+    nonce: &str,
+) -> String {
+    let uri = format!("sip:{domain}");
+    let ha1 = md5_hex(&format!("{user}:{domain}:{password}"));
+    let ha2 = md5_hex(&format!("{method}:{uri}"));
+    let response = md5_hex(&format!("{ha1}:{nonce}:{ha2}"));
+    format!(
+        "Authorization: Digest username=\"{user}\", realm=\"{domain}\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{response}\", algorithm=MD5\r\n"
+    )
+}
+
+/// A plain LDAP client over one TCP connection, from a chosen loopback source address.
+pub struct LdapClient {
+    pub s: TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl LdapClient {
+    pub fn connect(port: u16) -> LdapClient {
+        LdapClient::from(connect_from([127, 0, 0, 1], port))
+    }
+
+    pub fn from(s: TcpStream) -> LdapClient {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        LdapClient {
+            s,
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    /// Sends one message; false when the connection is gone.
+    pub fn send(&mut self, m: ldap3_proto::proto::LdapMsg) -> bool {
+        use tokio_util::codec::Encoder;
+        let mut out = bytes::BytesMut::new();
+        ldap3_proto::LdapCodec::default()
+            .encode(m, &mut out)
+            .unwrap();
+        self.s.write_all(&out).is_ok()
+    }
+
+    /// The next message; `None` at EOF, on an error or after the read timeout.
+    pub fn recv(&mut self) -> Option<ldap3_proto::proto::LdapMsg> {
+        use tokio_util::codec::Decoder;
+        let mut codec = ldap3_proto::LdapCodec::default();
+        loop {
+            if let Some(m) = codec.decode(&mut self.buf).expect("LDAP from the proxy") {
+                return Some(m);
+            }
+            let mut b = [0u8; 4096];
+            match self.s.read(&mut b) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&b[..n]),
+            }
+        }
+    }
+
+    pub fn bind_request(id: i32, dn: &str, password: &str) -> ldap3_proto::proto::LdapMsg {
+        use ldap3_proto::proto::{LdapBindCred, LdapBindRequest, LdapOp};
+        ldap3_proto::proto::LdapMsg::new(
+            id,
+            LdapOp::BindRequest(LdapBindRequest {
+                dn: dn.into(),
+                cred: LdapBindCred::Simple(password.into()),
+            }),
+        )
+    }
+
+    /// A simple bind: its result code and message, `None` when no answer came.
+    pub fn bind(
+        &mut self,
+        id: i32,
+        dn: &str,
+        password: &str,
+    ) -> Option<(ldap3_proto::proto::LdapResultCode, String)> {
+        if !self.send(LdapClient::bind_request(id, dn, password)) {
+            return None;
+        }
+        match self.recv()? {
+            ldap3_proto::proto::LdapMsg {
+                msgid,
+                op: ldap3_proto::proto::LdapOp::BindResponse(r),
+                ..
+            } if msgid == id => Some((r.res.code, r.res.message)),
+            other => panic!("not the answer to bind {id}: {other:?}"),
+        }
+    }
 }

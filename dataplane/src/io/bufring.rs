@@ -125,7 +125,9 @@ impl BufRing {
     /// `bid` must be delivered and not yet given back or in flight (invariant 2); the
     /// returned slice must be dropped before the buffer is given back or sent.
     pub unsafe fn buf_mut(&mut self, bid: u16) -> &mut [u8] {
-        std::slice::from_raw_parts_mut(self.buf_ptr(bid), self.buf_size)
+        // SAFETY: `buf_ptr` points at `buf_size` bytes inside the allocation; the caller
+        // guarantees the kernel does not own the buffer and no other slice of it is alive.
+        unsafe { std::slice::from_raw_parts_mut(self.buf_ptr(bid), self.buf_size) }
     }
 
     /// Offers a buffer to the kernel again (visible after [`BufRing::publish`]).

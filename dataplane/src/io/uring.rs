@@ -210,13 +210,14 @@ impl Worker {
     /// # Safety
     /// The memory the entry points at must stay valid until its completion.
     unsafe fn push(&mut self, e: &squeue::Entry) -> io::Result<()> {
-        if self.ring.submission().push(e).is_ok() {
+        // SAFETY: the caller guarantees the memory the entry points at outlives its completion,
+        // which is what `SubmissionQueue::push` requires.
+        if unsafe { self.ring.submission().push(e) }.is_ok() {
             return Ok(());
         }
         self.ring.submit()?;
-        self.ring
-            .submission()
-            .push(e)
+        // SAFETY: as above.
+        unsafe { self.ring.submission().push(e) }
             .map_err(|_| io::Error::new(io::ErrorKind::WouldBlock, "submission queue full"))
     }
 

@@ -226,8 +226,9 @@ pub fn decode_requested_transport(value: &[u8]) -> Result<u8, AttrError> {
     }
 }
 
-/// CHANNEL-NUMBER (RFC 8656 §18.1). The range check (0x4000..=0x4FFF) is left to the caller
-/// because an out-of-range number is a 400 for the request, not a malformed attribute.
+/// CHANNEL-NUMBER (RFC 8656 §18.1). The range check (0x4000..=0x7FFF, RFC 5766) is left to
+/// the caller because an out-of-range number is a 400 for the request, not a malformed
+/// attribute.
 pub fn decode_channel_number(value: &[u8]) -> Result<u16, AttrError> {
     match value.len() {
         4 => be16(value, 0).ok_or(AttrError::BadLength),

@@ -34,11 +34,12 @@ use allocation::{Allocation, Table};
 use random::Random;
 pub use settings::{DefaultRoutes, TurnSettings};
 
-/// Channel numbers accepted in ChannelBind. RFC 8656 allows 0x4000-0x4FFF; RFC 5766 allowed
-/// up to 0x7FFE, and clients of that era (coturn's own test client among them) still pick
-/// numbers above 0x4FFF. Both ranges demultiplex the same way (first two bits 01), so the
-/// wider one costs nothing and keeps those clients working.
-pub const CHANNEL_NUMBERS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFE;
+/// Channel numbers accepted in ChannelBind and in ChannelData. RFC 8656 allows
+/// 0x4000-0x4FFF; RFC 5766 (§11) allowed the whole 0x4000-0x7FFF, and clients of that era
+/// (coturn's `turnutils_uclient` among them, which picks numbers at random) still use numbers
+/// above 0x4FFF. Both ranges demultiplex the same way (first two bits 01), so the wider one
+/// costs nothing and keeps those clients working.
+pub const CHANNEL_NUMBERS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFF;
 
 /// A relay port held for a later Allocate (EVEN-PORT with the R bit), possibly redeemed on
 /// another worker. The driver keeps the bound socket; the core only ever sees this name.

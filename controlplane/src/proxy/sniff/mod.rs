@@ -1,10 +1,12 @@
 //! Sniffers: what a protocol's first message names, and how that protocol says "no".
 //!
 //! HTTP is handled by the proxy's own request loop (every request on a keep-alive connection
-//! is routed, see `proxy::http`); the other protocols route on their first message and are
-//! then relayed as byte streams. Each of those is one [`Sniffer`]: adding a protocol (H.323:
-//! Setup/GRQ/RRQ by gatekeeper id) is one module implementing it plus one line in
-//! [`for_type`]. Sniffers are sans-IO: bytes in, a verdict out.
+//! is routed, see `proxy::http`); the other protocols route on their first message, then
+//! follow the connection message by message: a [`Guard`] splits what the client sends into
+//! messages and names the ones that must be routed again (SIP REGISTER/INVITE, LDAP binds),
+//! a [`Monitor`] watches the target's answers for rejections. Each protocol is one
+//! [`Sniffer`]: adding one (H.323: Setup/GRQ/RRQ by gatekeeper id) is one module implementing
+//! it plus one line in [`for_type`]. Everything here is sans-IO: bytes in, verdicts out.
 
 pub mod http;
 pub mod ldap;
@@ -45,6 +47,55 @@ pub enum Refusal {
 pub trait Monitor: Send {
     /// Feeds target-to-client bytes; returns a description per rejection seen.
     fn feed(&mut self, data: &[u8]) -> Vec<String>;
+    /// Whether everything fed so far ends on a message boundary, so the proxy may put an
+    /// answer of its own into the client's stream here. A monitor that lost track of the
+    /// stream says yes: it cannot know better, and holding answers back forever would stall
+    /// the client.
+    fn at_boundary(&self) -> bool;
+}
+
+/// Follows what the client sends after its first message (which is fed again, so that
+/// pipelined messages behind it are seen too). Sans-IO: [`Guard::push`] bytes, then take
+/// [`Guard::next`] steps until [`Step::Idle`]. Its buffer is bounded: a message that must be
+/// looked at whole may not exceed the `max` it was made with.
+pub trait Guard: Send {
+    /// Adds bytes read from the client.
+    fn push(&mut self, data: &[u8]);
+    /// What to do next with the bytes pushed so far.
+    fn next(&mut self) -> Step;
+    /// The verdict on the message of the last [`Step::Message`]: `true` forwards it and the
+    /// rest of it (which later steps hand out), `false` drops it, rest included.
+    fn decide(&mut self, forward: bool);
+}
+
+/// What a client's message asks of the proxy besides forwarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Nothing: it goes to the connection's target (SIP ACK, BYE, responses, LDAP searches).
+    Pass,
+    /// It names a service that must be the connection's own (SIP REGISTER and INVITE by
+    /// their From domain, LDAP binds by their name).
+    Name(String),
+    /// It must name a service but names none.
+    NoName(&'static str),
+}
+
+/// One step of a [`Guard`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Everything pushed so far is handled.
+    Idle,
+    /// Bytes of a message already let through (body, rest of an LDAP message) or between
+    /// messages (SIP keep-alive CRLFs): forward them.
+    Forward(Vec<u8>),
+    /// The start of a new message: its head (SIP) or, for one that is checked, all of it
+    /// (LDAP bind). Answer with [`Guard::decide`] before the next step; the bytes are what
+    /// to forward, or what [`Sniffer::refuse`] builds the refusal from.
+    Message { check: Check, bytes: Vec<u8> },
+    /// The client's stream cannot be followed any more: the connection must end.
+    Broken(&'static str),
+    /// A message that must be looked at whole exceeds the limit.
+    TooLarge,
 }
 
 pub trait Sniffer: Send + Sync {
@@ -53,7 +104,10 @@ pub trait Sniffer: Send + Sync {
     /// The protocol's answer for a request not forwarded, built from that request; `None`
     /// when the protocol has nothing sensible to say (the connection is just closed).
     fn refuse(&self, buf: &[u8], why: Refusal) -> Option<Vec<u8>>;
-    fn monitor(&self) -> Box<dyn Monitor>;
+    /// The guard and monitor of one relayed connection, sharing what they need to know
+    /// (SIP: which requests carried credentials). `max` bounds a message the guard must
+    /// look at whole.
+    fn session(&self, max: usize) -> (Box<dyn Guard>, Box<dyn Monitor>);
 }
 
 /// The sniffer for a stream-routed type; `None` for HTTP (own loop) and for types not

@@ -5,7 +5,12 @@
 //! Only the head is needed: the request line, the headers (with line folding and compact
 //! names) and nothing of the body.
 
-use super::{Monitor, Refusal, Sniffed, Sniffer};
+use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use super::{Check, Guard, Monitor, Refusal, Sniffed, Sniffer, Step};
 
 pub struct Sip;
 
@@ -212,12 +217,233 @@ impl Sniffer for Sip {
         Some(out.into_bytes())
     }
 
-    fn monitor(&self) -> Box<dyn Monitor> {
-        Box::new(SipMonitor::default())
+    fn session(&self, max: usize) -> (Box<dyn Guard>, Box<dyn Monitor>) {
+        let table = Arc::new(Mutex::new(Credentialed::default()));
+        let guard = SipGuard {
+            buf: Vec::new(),
+            max,
+            rest: 0,
+            forward: false,
+            pending: None,
+            broken: false,
+            table: Arc::clone(&table),
+        };
+        let monitor = SipMonitor {
+            table: Some(table),
+            ..SipMonitor::default()
+        };
+        (Box::new(guard), Box::new(monitor))
     }
 }
 
-/// Follows the target's SIP messages and reports 401/403/407 responses.
+/// Which forwarded requests of one connection carried credentials (`Authorization` or
+/// `Proxy-Authorization`), by their transaction (Call-ID, CSeq): a 401/407 answering one of
+/// them is a wrong password, while a 401/407 answering a request without credentials is the
+/// ordinary challenge every phone gets on its first REGISTER and INVITE.
+///
+/// Bounded: at most [`CREDENTIALED_MAX`] transactions waiting for their final answer; when a
+/// client pushes more, the oldest are dropped and counted, and as many unmatched 401/407 as
+/// were dropped are then charged anyway, so pipelining guesses gains an attacker nothing.
+pub struct Credentialed {
+    keys: VecDeque<u64>,
+    /// Credentialed transactions pushed out unanswered.
+    evicted: usize,
+    /// Keyed per connection, so a client cannot aim at collisions.
+    hasher: RandomState,
+}
+
+pub const CREDENTIALED_MAX: usize = 256;
+
+impl Default for Credentialed {
+    fn default() -> Self {
+        Credentialed {
+            keys: VecDeque::new(),
+            evicted: 0,
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+impl Credentialed {
+    /// The transaction key of a head: its Call-ID and CSeq (number and method, the method
+    /// upper-cased, whitespace normalised), as a request and its responses both carry them.
+    fn key(&self, head: &Head<'_>) -> u64 {
+        let call_id = head.first("Call-ID", Some("i")).unwrap_or("").trim();
+        let cseq = head.first("CSeq", None).unwrap_or("");
+        let mut h = self.hasher.build_hasher();
+        call_id.hash(&mut h);
+        for part in cseq.split_whitespace() {
+            part.to_ascii_uppercase().hash(&mut h);
+        }
+        h.finish()
+    }
+
+    fn insert(&mut self, key: u64) {
+        if self.keys.len() >= CREDENTIALED_MAX {
+            self.keys.pop_front();
+            self.evicted += 1;
+        }
+        self.keys.push_back(key);
+    }
+
+    /// Whether a final response to transaction `key` answers a credentialed request (the
+    /// transaction is forgotten either way).
+    fn answered(&mut self, key: u64) -> bool {
+        match self.keys.iter().position(|&k| k == key) {
+            Some(i) => {
+                self.keys.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+fn lock(t: &Mutex<Credentialed>) -> std::sync::MutexGuard<'_, Credentialed> {
+    t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn has_credentials(head: &Head<'_>) -> bool {
+    head.first("Authorization", None).is_some() || head.first("Proxy-Authorization", None).is_some()
+}
+
+/// `Content-Length` of a message on a stream: absent means 0 (RFC 3261 18.3 requires it on
+/// TCP; a missing one is read as an empty body, as the target would). Unreadable or given
+/// twice is an error: where the guard and the target disagree on where a body ends, a
+/// request could hide in what the guard takes for a body.
+fn body_length(head: &Head<'_>) -> Result<usize, &'static str> {
+    let mut values = head.get("Content-Length", Some("l"));
+    let Some(v) = values.next() else {
+        return Ok(0);
+    };
+    if values.next().is_some() {
+        return Err("more than one SIP Content-Length");
+    }
+    let v = v.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("bad SIP Content-Length");
+    }
+    v.parse().map_err(|_| "bad SIP Content-Length")
+}
+
+fn is_status_line(start: &str) -> bool {
+    start.strip_prefix("SIP/2.0 ").is_some_and(|rest| {
+        let code = rest.as_bytes().get(..3);
+        code.is_some_and(|c| c.iter().all(u8::is_ascii_digit))
+            && rest.as_bytes().get(3).is_none_or(|&b| b == b' ')
+    })
+}
+
+/// Follows the client's SIP messages after the first: REGISTER and INVITE (whatever the
+/// case of the method) are named by their From domain for the proxy to check; other
+/// requests and the client's responses to the target's requests pass. Requests let through
+/// with credentials are noted in the shared [`Credentialed`] table.
+pub struct SipGuard {
+    buf: Vec<u8>,
+    max: usize,
+    /// Body bytes of the current message still to hand out (`forward`) or drop.
+    rest: usize,
+    forward: bool,
+    /// The message waiting for [`Guard::decide`]: its body length and, when it carried
+    /// credentials, its transaction key.
+    pending: Option<(usize, Option<u64>)>,
+    broken: bool,
+    table: Arc<Mutex<Credentialed>>,
+}
+
+impl SipGuard {
+    fn fail(&mut self, step: Step) -> Step {
+        self.broken = true;
+        self.buf = Vec::new();
+        step
+    }
+}
+
+impl Guard for SipGuard {
+    fn push(&mut self, data: &[u8]) {
+        if !self.broken {
+            self.buf.extend_from_slice(data);
+        }
+    }
+
+    fn next(&mut self) -> Step {
+        loop {
+            if self.broken || self.pending.is_some() || self.buf.is_empty() {
+                return Step::Idle;
+            }
+            if self.rest > 0 {
+                let n = self.rest.min(self.buf.len());
+                self.rest -= n;
+                let bytes: Vec<u8> = self.buf.drain(..n).collect();
+                if self.forward {
+                    return Step::Forward(bytes);
+                }
+                continue;
+            }
+            let k = skip_keepalive(&self.buf);
+            if k > 0 {
+                return Step::Forward(self.buf.drain(..k).collect());
+            }
+            let head = match parse_head(&self.buf) {
+                Ok(Some(h)) => h,
+                Ok(None) if self.buf.len() > self.max => return self.fail(Step::TooLarge),
+                Ok(None) if !self.buf[0].is_ascii_alphabetic() => {
+                    return self.fail(Step::Broken("not a SIP message"))
+                }
+                Ok(None) => return Step::Idle,
+                Err(e) => return self.fail(Step::Broken(e)),
+            };
+            if head.len > self.max {
+                return self.fail(Step::TooLarge);
+            }
+            let body = match body_length(&head) {
+                Ok(b) => b,
+                Err(e) => return self.fail(Step::Broken(e)),
+            };
+            let (check, key) = if is_request_line(head.start) {
+                let method = head.start.split(' ').next().unwrap_or("");
+                let check = if method.eq_ignore_ascii_case("REGISTER")
+                    || method.eq_ignore_ascii_case("INVITE")
+                {
+                    match from_domain(&head) {
+                        Ok(d) => Check::Name(d),
+                        Err(e) => Check::NoName(e),
+                    }
+                } else {
+                    Check::Pass
+                };
+                let key = has_credentials(&head).then(|| lock(&self.table).key(&head));
+                (check, key)
+            } else if is_status_line(head.start) {
+                (Check::Pass, None)
+            } else {
+                return self.fail(Step::Broken("not a SIP request or response line"));
+            };
+            let len = head.len;
+            self.pending = Some((body, key));
+            return Step::Message {
+                check,
+                bytes: self.buf.drain(..len).collect(),
+            };
+        }
+    }
+
+    fn decide(&mut self, forward: bool) {
+        if let Some((body, key)) = self.pending.take() {
+            self.rest = body;
+            self.forward = forward;
+            if let (true, Some(key)) = (forward, key) {
+                lock(&self.table).insert(key);
+            }
+        }
+    }
+}
+
+/// Follows the target's SIP messages and reports rejections: 403 always; 401 and 407 only
+/// when they answer a request that carried credentials (a wrong password, not the challenge
+/// that starts every authentication), and not when the challenge says `stale=true` (RFC 7616
+/// 3.3: the nonce was old, the credentials were not refused; a server says so only for a
+/// correct digest or without checking the password at all).
 #[derive(Default)]
 pub struct SipMonitor {
     buf: Vec<u8>,
@@ -225,9 +451,63 @@ pub struct SipMonitor {
     skip: usize,
     /// Gave up after something unparseable: the stream is just relayed.
     lost: bool,
+    /// Shared with the connection's [`SipGuard`]; without one, 401/407 never count.
+    table: Option<Arc<Mutex<Credentialed>>>,
 }
 
 const MONITOR_MAX_HEAD: usize = 64 * 1024;
+
+/// Whether a challenge (`Digest realm="x", nonce="y", stale=TRUE`) says `stale=true`.
+fn says_stale(challenge: &str) -> bool {
+    let params = challenge
+        .trim_start()
+        .split_once(char::is_whitespace)
+        .map_or("", |(_, p)| p);
+    params.split(',').any(|p| {
+        p.split_once('=').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("stale")
+                && v.trim().trim_matches('"').eq_ignore_ascii_case("true")
+        })
+    })
+}
+
+/// What a response head means for fraud detection: a description when it counts.
+fn judge(table: Option<&Arc<Mutex<Credentialed>>>, head: &Head<'_>) -> Option<String> {
+    let status = head.start.strip_prefix("SIP/2.0 ")?;
+    let code = status.split(' ').next().unwrap_or("");
+    let counts = match (code, table) {
+        ("403", _) => true,
+        ("401" | "407", Some(t)) => {
+            let mut t = lock(t);
+            let key = t.key(head);
+            if t.answered(key) {
+                let challenge = if code == "407" {
+                    "Proxy-Authenticate"
+                } else {
+                    "WWW-Authenticate"
+                };
+                !head.get(challenge, None).any(says_stale)
+            } else if t.evicted > 0 {
+                // Unmatched, but credentialed requests were pushed out of the table
+                // unanswered: this may answer one of them, so it is charged.
+                t.evicted -= 1;
+                true
+            } else {
+                false
+            }
+        }
+        _ => false,
+    };
+    if let Some(t) = table {
+        if !code.starts_with('1') && !matches!(code, "401" | "407") {
+            // Any other final answer ends its transaction.
+            let mut t = lock(t);
+            let key = t.key(head);
+            t.answered(key);
+        }
+    }
+    counts.then(|| format!("SIP {}", status.trim()))
+}
 
 impl Monitor for SipMonitor {
     fn feed(&mut self, mut data: &[u8]) -> Vec<String> {
@@ -244,28 +524,23 @@ impl Monitor for SipMonitor {
         loop {
             let k = skip_keepalive(&self.buf);
             self.buf.drain(..k);
-            let head = match parse_head(&self.buf) {
-                Ok(Some(h)) => h,
-                Ok(None) if self.buf.len() > MONITOR_MAX_HEAD => {
-                    self.lost = true;
-                    self.buf = Vec::new();
-                    break;
-                }
+            let parsed = match parse_head(&self.buf) {
+                Ok(Some(h)) => Some(h),
+                Ok(None) if self.buf.len() > MONITOR_MAX_HEAD => None,
                 Ok(None) => break,
-                Err(_) => {
-                    self.lost = true;
-                    self.buf = Vec::new();
-                    break;
-                }
+                Err(_) => None,
             };
-            if let Some(status) = head.start.strip_prefix("SIP/2.0 ") {
-                let code = status.split(' ').next().unwrap_or("");
-                if matches!(code, "401" | "403" | "407") {
-                    found.push(format!("SIP {}", status.trim()));
-                }
+            let Some(head) = parsed else {
+                self.lost = true;
+                self.buf = Vec::new();
+                break;
+            };
+            let (len, body) = (head.len, head.content_length().unwrap_or(0));
+            if let Some(v) = judge(self.table.as_ref(), &head) {
+                found.push(v);
             }
-            let body = head.content_length().unwrap_or(0);
-            let total = head.len + body;
+            // The target's Content-Length may be anything up to usize::MAX.
+            let total = len.saturating_add(body);
             if total <= self.buf.len() {
                 self.buf.drain(..total);
             } else {
@@ -275,6 +550,10 @@ impl Monitor for SipMonitor {
             }
         }
         found
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.lost || (self.skip == 0 && self.buf.iter().all(|&b| b == b'\r' || b == b'\n'))
     }
 }
 
@@ -386,20 +665,245 @@ mod tests {
         assert!(Sip.refuse(ack, Refusal::UnknownName).is_none());
     }
 
-    #[test]
-    fn monitor_counts_rejections_across_splits() {
-        let stream = b"SIP/2.0 100 Trying\r\nContent-Length: 0\r\n\r\nSIP/2.0 401 Unauthorized\r\nl: 4\r\n\r\nSIP/SIP/2.0 200 OK\r\n\r\n\r\nSIP/2.0 407 Proxy Authentication Required\r\n\r\n";
-        let mut m = SipMonitor::default();
-        let mut all = Vec::new();
-        for chunk in stream.chunks(7) {
-            all.extend(m.feed(chunk));
+    /// Every step of a guard fed `stream` in chunks of `chunk` bytes, deciding `forward` on
+    /// each message; consecutive `Forward`s are merged.
+    fn steps(g: &mut dyn Guard, stream: &[u8], chunk: usize, forward: bool) -> Vec<Step> {
+        let mut out: Vec<Step> = Vec::new();
+        for c in stream.chunks(chunk) {
+            g.push(c);
+            loop {
+                let s = g.next();
+                match s {
+                    Step::Idle => break,
+                    Step::Message { .. } => g.decide(forward),
+                    Step::Forward(ref b) => {
+                        if let Some(Step::Forward(prev)) = out.last_mut() {
+                            prev.extend_from_slice(b);
+                            continue;
+                        }
+                    }
+                    _ => {}
+                }
+                out.push(s);
+            }
         }
+        out
+    }
+
+    fn msg(method: &str, from: &str, cseq: u32, extra: &str, body: &str) -> String {
+        format!(
+            "{method} sip:x SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK{cseq}\r\nFrom: <sip:a@{from}>;tag=1\r\nTo: <sip:a@{from}>\r\nCall-ID: c1@h\r\nCSeq: {cseq} {method}\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[test]
+    fn guard_names_every_register_and_invite_and_passes_the_rest() {
+        let register = msg("REGISTER", "alpha.test", 1, "", "");
+        let invite = msg("INVITE", "Beta.Test", 2, "", "v=0\r\n");
+        let ack = msg("ACK", "beta.test", 2, "", "");
+        let options = msg("OPTIONS", "gamma.test", 3, "", "");
+        let lower = msg("register", "gamma.test", 4, "", "");
+        let nameless = msg("INVITE", "x", 5, "", "").replace("sip:a@x", "tel:+1");
+        let answer = "SIP/2.0 200 OK\r\nCall-ID: srv@h\r\nCSeq: 9 OPTIONS\r\nl: 2\r\n\r\nok";
+        let stream =
+            format!("\r\n\r\n{register}{invite}\r\n{ack}{options}{lower}{nameless}{answer}");
+        for chunk in [1, 7, 4096] {
+            let (mut g, _) = Sip.session(4096);
+            let got = steps(g.as_mut(), stream.as_bytes(), chunk, true);
+            let head = |m: &str| m.as_bytes()[..m.find("\r\n\r\n").unwrap() + 4].to_vec();
+            let message = |check, m: &str| Step::Message {
+                check,
+                bytes: head(m),
+            };
+            let want = vec![
+                Step::Forward(b"\r\n\r\n".to_vec()),
+                message(Check::Name("alpha.test".into()), &register),
+                message(Check::Name("beta.test".into()), &invite),
+                Step::Forward(b"v=0\r\n\r\n".to_vec()),
+                message(Check::Pass, &ack),
+                message(Check::Pass, &options),
+                message(Check::Name("gamma.test".into()), &lower),
+                message(
+                    Check::NoName("From URI is not sip: or sips: with a host"),
+                    &nameless,
+                ),
+                message(Check::Pass, answer),
+                Step::Forward(b"ok".to_vec()),
+            ];
+            assert_eq!(got, want, "chunks of {chunk}");
+        }
+    }
+
+    #[test]
+    fn guard_drops_a_refused_message_with_its_body() {
+        let invite = msg("INVITE", "beta.test", 1, "", "v=0\r\no=- 1 1 IN IP4 h\r\n");
+        let bye = msg("BYE", "alpha.test", 2, "", "");
+        let stream = format!("{invite}{bye}");
+        for chunk in [3, 4096] {
+            let (mut g, _) = Sip.session(4096);
+            let mut forwarded = Vec::new();
+            for c in stream.as_bytes().chunks(chunk) {
+                g.push(c);
+                loop {
+                    match g.next() {
+                        Step::Idle => break,
+                        Step::Message { check, bytes } => {
+                            let ok = check == Check::Pass;
+                            g.decide(ok);
+                            if ok {
+                                forwarded.extend(bytes);
+                            }
+                        }
+                        Step::Forward(b) => forwarded.extend(b),
+                        other => panic!("{other:?}"),
+                    }
+                }
+            }
+            assert_eq!(
+                String::from_utf8(forwarded).unwrap(),
+                bye,
+                "chunks of {chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn guard_refuses_what_it_cannot_follow() {
+        let (mut g, _) = Sip.session(256);
+        g.push(&[b'A'; 300]);
+        assert_eq!(g.next(), Step::TooLarge);
+        g.push(b"more");
+        assert_eq!(g.next(), Step::Idle, "stays ended");
+        for bad in [
+            &b"\x16\x03\x01\x02\x00"[..],
+            b"hello world\r\n\r\n",
+            b"OPTIONS sip:x SIP/2.0\r\nContent-Length: lots\r\n\r\n",
+            b"OPTIONS sip:x SIP/2.0\r\nContent-Length: +5\r\n\r\n",
+            b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 0\r\nl: 40\r\n\r\n",
+            b"OPTIONS sip:x SIP/2.0\r\n\xff\xfe\r\n\r\n",
+        ] {
+            let (mut g, _) = Sip.session(4096);
+            g.push(bad);
+            assert!(matches!(g.next(), Step::Broken(_)), "{bad:?}");
+        }
+    }
+
+    fn response(code: &str, cseq: u32, method: &str, extra: &str) -> String {
+        format!(
+            "SIP/2.0 {code}\r\nVia: SIP/2.0/TCP h\r\nCall-ID: c1@h\r\nCSeq: {cseq} {method}\r\n{extra}Content-Length: 0\r\n\r\n"
+        )
+    }
+
+    /// Feeds requests through a session's guard (all forwarded) and responses through its
+    /// monitor; returns what the monitor reported.
+    fn conversation(requests: &[String], responses: &[String]) -> Vec<String> {
+        let (mut g, mut m) = Sip.session(64 * 1024);
+        steps(g.as_mut(), requests.concat().as_bytes(), 4096, true);
+        let mut found = Vec::new();
+        for chunk in responses.concat().as_bytes().chunks(5) {
+            found.extend(m.feed(chunk));
+        }
+        found
+    }
+
+    #[test]
+    fn only_challenges_to_credentialed_requests_count() {
+        let auth = "Authorization: Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"sip:x\", response=\"0\"\r\n";
+        let pauth = auth.replace("Authorization", "Proxy-Authorization");
+        let challenge = "WWW-Authenticate: Digest realm=\"r\", nonce=\"n2\"\r\n";
+        // The ordinary logins: challenge, then success.
+        let found = conversation(
+            &[
+                msg("REGISTER", "a.test", 1, "", ""),
+                msg("REGISTER", "a.test", 2, auth, ""),
+                msg("INVITE", "a.test", 3, "", ""),
+                msg("INVITE", "a.test", 4, &pauth, ""),
+            ],
+            &[
+                response("401 Unauthorized", 1, "REGISTER", challenge),
+                response("200 OK", 2, "REGISTER", ""),
+                response("100 Trying", 3, "INVITE", ""),
+                response("407 Proxy Authentication Required", 3, "INVITE", ""),
+                response("180 Ringing", 4, "INVITE", ""),
+            ],
+        );
+        assert!(found.is_empty(), "{found:?}");
+        // Wrong passwords: the challenge answers credentials.
+        let found = conversation(
+            &[
+                msg("REGISTER", "a.test", 1, auth, ""),
+                msg("INVITE", "a.test", 2, &pauth, ""),
+                msg("REGISTER", "a.test", 3, "", ""),
+                msg("REGISTER", "a.test", 4, auth, ""),
+            ],
+            &[
+                response("100 Trying", 1, "REGISTER", ""),
+                response("401 Unauthorized", 1, "REGISTER", challenge),
+                response("407 Proxy Authentication Required", 2, "INVITE", ""),
+                // 403 counts whatever the request carried.
+                response("403 Forbidden", 3, "REGISTER", ""),
+                // An old nonce with right credentials is no failure (RFC 7616 3.3).
+                response(
+                    "401 Unauthorized",
+                    4,
+                    "register",
+                    "WWW-Authenticate: Digest realm=\"r\", nonce=\"n3\", stale=TRUE\r\n",
+                ),
+                // Not a request of this connection: no transaction to match.
+                response("401 Unauthorized", 77, "REGISTER", challenge),
+            ],
+        );
         assert_eq!(
-            all,
-            vec![
-                "SIP 401 Unauthorized".to_string(),
-                "SIP 407 Proxy Authentication Required".to_string()
+            found,
+            [
+                "SIP 401 Unauthorized",
+                "SIP 407 Proxy Authentication Required",
+                "SIP 403 Forbidden"
             ]
         );
+    }
+
+    #[test]
+    fn credentialed_requests_pushed_out_of_the_table_still_count() {
+        let auth = "Authorization: Digest username=\"a\", response=\"0\"\r\n";
+        let n = CREDENTIALED_MAX as u32 + 44;
+        let requests: Vec<String> = (1..=n)
+            .map(|i| msg("REGISTER", "a.test", i, auth, ""))
+            .collect();
+        let responses: Vec<String> = (1..=n)
+            .map(|i| response("401 Unauthorized", i, "REGISTER", ""))
+            .collect();
+        assert_eq!(conversation(&requests, &responses).len(), n as usize);
+    }
+
+    #[test]
+    fn monitor_follows_messages_across_splits() {
+        let stream = b"SIP/2.0 100 Trying\r\nContent-Length: 0\r\n\r\nSIP/2.0 403 Forbidden\r\nl: 4\r\n\r\nSIP/SIP/2.0 200 OK\r\n\r\n\r\nSIP/2.0 403 Nope\r\n\r\n";
+        let (_, mut m) = Sip.session(4096);
+        let mut all = Vec::new();
+        let mut boundaries = 0;
+        for chunk in stream.chunks(7) {
+            all.extend(m.feed(chunk));
+            boundaries += usize::from(m.at_boundary());
+        }
+        assert_eq!(all, ["SIP 403 Forbidden", "SIP 403 Nope"]);
+        assert!(m.at_boundary());
+        assert!(boundaries >= 1);
+        m.feed(b"SIP/2.0 200 OK\r\nContent-Length: 10\r\n\r\nabc");
+        assert!(!m.at_boundary(), "inside a body");
+        m.feed(b"defghij");
+        assert!(m.at_boundary());
+        m.feed(b"SIP/2.0 2");
+        assert!(!m.at_boundary(), "inside a head");
+        // A target's absurd Content-Length is skipped over, not added up into a panic.
+        let mut huge = SipMonitor::default();
+        huge.feed(b"SIP/2.0 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\nxyz");
+        assert!(!huge.at_boundary());
+        // Without a guard (no table) challenges never count.
+        let mut alone = SipMonitor::default();
+        assert!(alone
+            .feed(b"SIP/2.0 401 Unauthorized\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\n\r\n")
+            .is_empty());
     }
 }
