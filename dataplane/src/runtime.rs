@@ -1,13 +1,14 @@
 //! Process life of the dataplane: attach to shared memory, start one worker per core and the
 //! TCP thread, then watch signals, the configuration generation and the heartbeat until told
-//! to stop.
+//! to stop. Whatever the protocol core needs from the system beyond packets (the default
+//! routes, the random secret) is looked up here and handed to it.
 //!
 //! With `turn.listen = []` (a proxy-only box) STUN/TURN is off: no worker or TCP thread starts
 //! and no socket is opened, but the process still runs its main loop (heartbeat, configuration
 //! generations applied), so the control plane supervises it, and reports it, as usual; a
 //! later `turn.listen` takes effect at its next start, like any listen change.
 
-use std::net::UdpSocket;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -19,9 +20,9 @@ use portico_shared::config::{Config, IoMode};
 use portico_shared::counters::Counter;
 use portico_shared::shm::{Driver, SharedMemory, MAX_WORKERS};
 
-use crate::io::{self, Shared};
+use crate::io::{self, relay, Shared};
 use crate::server::Settings;
-use crate::turn::TurnShared;
+use crate::turn::{DefaultRoutes, TurnShared};
 
 /// Waits this long for the control plane to publish a first configuration.
 const CONFIG_WAIT: Duration = Duration::from_secs(10);
@@ -44,6 +45,37 @@ fn read_config(shm: &SharedMemory) -> Result<Option<(u64, Config)>, String> {
             Ok(Some((generation, config)))
         }
     }
+}
+
+/// The local address of the interface the default route of a family leaves from. A UDP
+/// `connect` only consults the routing table; nothing is sent.
+fn route_source(probe: SocketAddr) -> Option<IpAddr> {
+    let any: SocketAddr = if probe.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = UdpSocket::bind(any).ok()?;
+    s.connect(probe).ok()?;
+    Some(s.local_addr().ok()?.ip()).filter(|ip| !ip.is_unspecified())
+}
+
+/// Looks up the default routes' source addresses, towards documentation addresses
+/// (RFC 5737, RFC 3849) that no route singles out.
+pub fn default_routes() -> DefaultRoutes {
+    DefaultRoutes {
+        v4: route_source(SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1), 9))),
+        v6: route_source(SocketAddr::from((
+            Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+            9,
+        ))),
+    }
+}
+
+/// Settings for a configuration, with the routes looked up now (they may have changed since
+/// the last configuration).
+fn settings_for(config: &Config, secret: &[u8; 32]) -> Settings {
+    Settings::from_config(config, secret, &default_routes())
 }
 
 /// Chooses the driver, honouring `turn.io`.
@@ -107,10 +139,9 @@ pub fn run(shm_name: &str) -> Result<(), String> {
     } else {
         0
     };
-    let mut secret = [0u8; 32];
-    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut secret)
-        .map_err(|_| "the system random generator failed".to_string())?;
-    let settings = Settings::from_config(&config, &secret);
+    let secret: [u8; 32] = io::random_bytes().map_err(|e| e.to_string())?;
+    let meter_seed = u64::from_ne_bytes(io::random_bytes().map_err(|e| e.to_string())?);
+    let settings = settings_for(&config, &secret);
     let addrs = settings.endpoints.addrs().to_vec();
     // Bind everything before starting any thread, so a bad address fails the start cleanly.
     let tcp_listeners = io::tcp::bind_listeners(&addrs)?;
@@ -136,7 +167,8 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         stop: AtomicBool::new(false),
         settings_generation: AtomicU64::new(0),
         settings: Mutex::new(Arc::new(settings)),
-        turn: Arc::new(TurnShared::default()),
+        turn: Arc::new(TurnShared::new(meter_seed)),
+        reservations: Arc::new(relay::Reservations::default()),
         secret,
         workers,
     });
@@ -262,7 +294,7 @@ fn apply(shared: &Shared, started_with: &Config, new: &Config, generation: u64) 
             "turn.listen, turn.workers, turn.pin_workers, turn.io and stun.alternate_* take effect when the dataplane restarts"
         );
     }
-    let mut settings = Settings::from_config(new, &shared.secret);
+    let mut settings = settings_for(new, &shared.secret);
     // Keep the socket table the workers were started with.
     settings.endpoints = shared.current_settings().endpoints.clone();
     shared.publish_settings(settings);

@@ -6,16 +6,15 @@
 #![no_main]
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use portico_dataplane::server::{Action, Now, Server, Settings, Transport, HEADROOM};
-use portico_dataplane::turn::{NoSink, RelayIo, TurnShared};
+use portico_dataplane::server::{Action, Now, Received, Server, Settings, Transport, HEADROOM};
+use portico_dataplane::turn::{ControlPlane, DefaultRoutes, RelayIo, Reserved, TurnShared};
 use portico_shared::config::Config;
-use portico_shared::shm::SharedMemory;
 
 struct Io(usize);
 
@@ -24,19 +23,19 @@ impl RelayIo for Io {
         self.0 += 1;
         Ok(self.0)
     }
-    fn reserve(&mut self, _: SocketAddr) -> io::Result<UdpSocket> {
+    fn reserve(&mut self, _: SocketAddr) -> io::Result<Reserved> {
         Err(io::Error::from(io::ErrorKind::AddrInUse))
     }
-    fn adopt(&mut self, _: UdpSocket, _: bool) -> io::Result<usize> {
+    fn adopt(&mut self, _: Reserved, _: bool) -> io::Result<usize> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
+    fn release(&mut self, _: Reserved) {}
     fn close(&mut self, _: usize) {}
 }
 
 struct State {
     server: Server,
     io: Io,
-    shm: SharedMemory,
     start: Instant,
 }
 
@@ -45,12 +44,11 @@ fn new_state() -> State {
         "[turn]\nlisten = [\"127.0.0.1:40001\"]\nrealm = \"example.org\"\nusers = [{ name = \"alice\", password = \"secret\" }]\nallow_peers = [\"0.0.0.0/0\"]\n",
     )
     .expect("config");
-    let settings = Arc::new(Settings::from_config(&config, &[5u8; 32]));
-    let server = Server::new(settings, Arc::new(TurnShared::default()), 1, Box::new(NoSink));
-    let name = format!("/portico-fuzz-{}", std::process::id());
-    let shm = SharedMemory::create(&name).expect("shm");
-    SharedMemory::unlink(&name);
-    State { server, io: Io(0), shm, start: Instant::now() }
+    let routes = DefaultRoutes::default();
+    let settings = Arc::new(Settings::from_config(&config, &[5u8; 32], &routes));
+    let shared = Arc::new(TurnShared::new(1));
+    let server = Server::new(settings, shared, &[1; 32], ControlPlane::detached());
+    State { server, io: Io(0), start: Instant::now() }
 }
 
 thread_local! {
@@ -65,24 +63,22 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn run(st: &mut State, sel: u8, src: u8, payload: &[u8]) {
-    let State { server, io, shm, start } = st;
+    let State { server, io, start } = st;
     let mut buf = vec![0u8; 2048];
     let n = payload.len().min(2048 - HEADROOM);
     buf[HEADROOM..HEADROOM + n].copy_from_slice(&payload[..n]);
     let now = Now { mono: Instant::now(), unix: 1_700_000_000 + start.elapsed().as_secs() };
     let socket = usize::from(sel % 4);
     let from = SocketAddr::from(([198, 51, 100, src % 8 + 1], 5000));
-    let action = server.handle(
-        now,
-        Transport::Udp,
+    let rx = Received {
+        transport: Transport::Udp,
         socket,
         from,
-        &mut buf,
-        HEADROOM,
-        n,
-        io,
-        shm.segment().counters(0),
-    );
+        buf: &mut buf,
+        start: HEADROOM,
+        len: n,
+    };
+    let action = server.handle(now, io, rx);
     if let Action::Send { offset, len, .. } = action {
         assert!(offset + len <= buf.len());
     }

@@ -11,11 +11,11 @@ use std::time::Duration;
 use mio::{Events, Interest, Poll, Registry, Token};
 use portico_shared::counters::Counter;
 
-use super::relay::{self, Slots};
+use super::relay::{self, Reservations, Slots};
 use super::uring::PAYLOAD_CAPACITY;
-use super::{SettingsWatch, Shared, BUF_SIZE, TICK};
-use crate::server::{Action, Now, Transport, HEADROOM};
-use crate::turn::RelayIo;
+use super::{fold, SettingsWatch, Shared, BUF_SIZE, TICK};
+use crate::server::{Action, Received, Transport, HEADROOM};
+use crate::turn::{RelayIo, Reserved};
 
 /// Datagrams read from one socket before the others get a turn. mio is edge-triggered, so a
 /// socket cut off by this budget is revisited on the next turn without waiting.
@@ -23,6 +23,7 @@ const BUDGET: usize = 64;
 
 struct Relays<'r> {
     slots: Slots<mio::net::UdpSocket>,
+    reservations: &'r Reservations,
     registry: &'r Registry,
     /// Sockets with data to read, by socket index.
     pending: Vec<bool>,
@@ -40,23 +41,23 @@ impl Relays<'_> {
 impl RelayIo for Relays<'_> {
     fn open(&mut self, addr: SocketAddr, dont_fragment: bool) -> io::Result<usize> {
         let s = relay::bind(addr)?;
-        self.adopt(s, dont_fragment)
+        self.start(s, dont_fragment)
     }
 
-    fn reserve(&mut self, addr: SocketAddr) -> io::Result<UdpSocket> {
-        relay::bind(addr)
+    fn reserve(&mut self, addr: SocketAddr) -> io::Result<Reserved> {
+        self.reservations.reserve(addr)
     }
 
-    fn adopt(&mut self, socket: UdpSocket, dont_fragment: bool) -> io::Result<usize> {
-        relay::prepare(&socket, dont_fragment)?;
-        let mut s = mio::net::UdpSocket::from_std(socket);
-        let index = self.slots.next_index();
-        self.registry
-            .register(&mut s, Token(index), Interest::READABLE)?;
-        self.slots.insert(s);
-        // Data may already be queued (a reservation redeemed late): look once.
-        self.mark(index);
-        Ok(index)
+    fn adopt(&mut self, reserved: Reserved, dont_fragment: bool) -> io::Result<usize> {
+        let s = self
+            .reservations
+            .take(reserved)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        self.start(s, dont_fragment)
+    }
+
+    fn release(&mut self, reserved: Reserved) {
+        self.reservations.release(reserved);
     }
 
     fn close(&mut self, index: usize) {
@@ -66,6 +67,21 @@ impl RelayIo for Relays<'_> {
         if let Some(p) = self.pending.get_mut(index) {
             *p = false;
         }
+    }
+}
+
+impl Relays<'_> {
+    /// Registers a bound relay socket and gives it its index.
+    fn start(&mut self, socket: UdpSocket, dont_fragment: bool) -> io::Result<usize> {
+        relay::prepare(&socket, dont_fragment)?;
+        let mut s = mio::net::UdpSocket::from_std(socket);
+        let index = self.slots.next_index();
+        self.registry
+            .register(&mut s, Token(index), Interest::READABLE)?;
+        self.slots.insert(s);
+        // Data may already be queued (a reservation redeemed late): look once.
+        self.mark(index);
+        Ok(index)
     }
 }
 
@@ -82,12 +98,13 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
     }
     let mut relays = Relays {
         slots: Slots::new(listen.len()),
+        reservations: &shared.reservations,
         registry: &registry,
         pending: vec![false; listen.len()],
     };
-    let mut server = shared.new_server(index);
+    let mut server = shared.new_server(index)?;
     let mut watch = SettingsWatch::new(&shared);
-    let stats = shared.shm.segment().counters(index);
+    let block = shared.shm.segment().counters(index);
     // Same layout as an io_uring buffer: headroom, then the datagram (one byte more than
     // fits, to detect truncation).
     let mut buf = vec![0u8; BUF_SIZE + 1];
@@ -102,12 +119,12 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
                 return Err(e);
             }
         }
-        stats.incr(Counter::LoopTurns);
+        server.stats_mut().incr(Counter::LoopTurns);
         watch.refresh(&shared, &mut server);
         for ev in events.iter() {
             relays.mark(ev.token().0);
         }
-        let now = Now::read();
+        let now = super::now();
         for i in 0..relays.pending.len() {
             if !relays.pending[i] {
                 continue;
@@ -131,23 +148,22 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => break,
                 };
+                let stats = server.stats_mut();
                 stats.incr(Counter::RxPackets);
                 stats.add(Counter::RxBytes, len as u64);
                 if len > PAYLOAD_CAPACITY {
                     stats.incr(Counter::DropTruncated);
                     continue;
                 }
-                let action = server.handle(
-                    now,
-                    Transport::Udp,
-                    i,
+                let rx = Received {
+                    transport: Transport::Udp,
+                    socket: i,
                     from,
-                    &mut buf[..BUF_SIZE],
-                    HEADROOM,
+                    buf: &mut buf[..BUF_SIZE],
+                    start: HEADROOM,
                     len,
-                    &mut relays,
-                    stats,
-                );
+                };
+                let action = server.handle(now, &mut relays, rx);
                 if let Action::Send {
                     offset,
                     len,
@@ -155,6 +171,9 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
                     to,
                 } = action
                 {
+                    // Unlike io_uring's, this send leaves within the loop turn: hand the
+                    // counts over first, so whoever sees the reply sees them too.
+                    fold(server.stats_mut(), block);
                     let data = &buf[offset..offset + len];
                     let sent = match listen.get(socket) {
                         Some(s) => s.send_to(data, to),
@@ -163,6 +182,7 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
                             None => Err(io::Error::from(io::ErrorKind::NotFound)),
                         },
                     };
+                    let stats = server.stats_mut();
                     match sent {
                         Ok(n) => {
                             stats.incr(Counter::TxPackets);
@@ -173,8 +193,10 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
                 }
             }
         }
-        server.tick(now, &mut relays, stats);
+        server.tick(now, &mut relays);
+        fold(server.stats_mut(), block);
     }
-    server.shutdown(&mut relays, stats);
+    server.shutdown(super::now(), &mut relays);
+    fold(server.stats_mut(), block);
     Ok(())
 }

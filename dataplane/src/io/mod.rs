@@ -6,7 +6,11 @@
 //! * [`tcp`]: STUN over TCP (RFC 8489 framing) on the same addresses, for both drivers.
 //!
 //! Both packet drivers call [`Server::handle`] the same way, so every protocol test covers
-//! both.
+//! both. The drivers own what the core must not touch: sockets (relay sockets by index,
+//! reserved ones by [`crate::turn::Reserved`] handle), the clocks ([`now`]), the system's
+//! random generator ([`random_bytes`], the core's seed) and shared memory (the core's
+//! [`Stats`] are folded into it once per loop turn with [`fold`]; its control-plane roles are
+//! implemented here on the segment).
 
 pub mod bufring;
 pub mod epoll;
@@ -17,19 +21,19 @@ pub mod tcp;
 pub mod uring;
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use portico_shared::shm::SharedMemory;
+use portico_shared::shm::{
+    AllocInfo, Event, EventKind, SharedMemory, WorkerCounters, ALLOC_RECORDS, MAX_WORKERS,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::server::Now;
-use crate::server::{Server, Settings};
+use crate::server::{Now, Server, Settings, Stats};
 use crate::turn::allocation::Allocation;
-use crate::turn::{AllocationSink, TurnShared};
-use portico_shared::shm::{AllocInfo, Event, EventKind, ALLOC_RECORDS, MAX_WORKERS};
+use crate::turn::{self, AllocationTable, ControlPlane, Events, TurnShared};
 use std::collections::HashMap;
 
 /// How long a driver may sleep before it looks at the stop flag and the configuration.
@@ -48,6 +52,8 @@ pub struct Shared {
     pub settings: Mutex<Arc<Settings>>,
     /// Quotas and reservations common to all workers.
     pub turn: Arc<TurnShared>,
+    /// The sockets behind the core's reservation handles.
+    pub reservations: Arc<relay::Reservations>,
     /// Keys the stateless TURN nonces; drawn once per process so nonces survive reloads.
     pub secret: [u8; 32],
     /// Worker threads started (they split the allocation records).
@@ -67,18 +73,10 @@ impl Shared {
     }
 
     /// A protocol core for worker `index` (or the TCP thread, whose index is past the
-    /// workers').
-    pub fn new_server(self: &Arc<Self>, index: usize) -> Server {
-        let seed = u64::from_le_bytes([
-            self.secret[0],
-            self.secret[1],
-            self.secret[2],
-            self.secret[3],
-            self.secret[4],
-            self.secret[5],
-            self.secret[6],
-            self.secret[7],
-        ]) ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    /// workers'), seeded from the system's random generator, linked to the control plane
+    /// through this segment.
+    pub fn new_server(self: &Arc<Self>, index: usize) -> io::Result<Server> {
+        let seed = random_bytes()?;
         // Workers split the allocation records; the TCP thread (index MAX_WORKERS) has no
         // allocations but reports events and honours the blacklist like the workers.
         let records = if index < MAX_WORKERS && self.workers > 0 {
@@ -87,13 +85,26 @@ impl Shared {
         } else {
             Vec::new()
         };
-        let sink: Box<dyn AllocationSink> = Box::new(ShmSink {
-            events: index,
-            shared: Arc::clone(self),
-            records,
-            by_id: HashMap::new(),
-        });
-        Server::new(self.current_settings(), Arc::clone(&self.turn), seed, sink)
+        let control = ControlPlane {
+            allocations: Box::new(ShmAllocations {
+                shared: Arc::clone(self),
+                records,
+                by_id: HashMap::new(),
+            }),
+            blacklist: Box::new(ShmBlacklist {
+                shared: Arc::clone(self),
+            }),
+            events: Box::new(ShmEvents {
+                ring: index,
+                shared: Arc::clone(self),
+            }),
+        };
+        Ok(Server::new(
+            self.current_settings(),
+            Arc::clone(&self.turn),
+            &seed,
+            control,
+        ))
     }
 
     pub fn publish_settings(&self, s: Settings) {
@@ -106,17 +117,45 @@ impl Shared {
     }
 }
 
-/// Publishes a worker's allocations into its share of the shared-memory records.
-struct ShmSink {
-    /// Index of this worker's event ring.
-    events: usize,
+/// Bytes from the system's random generator (the core takes its randomness from these).
+pub fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| io::Error::other("the system random generator failed"))?;
+    Ok(b)
+}
+
+/// Reads the clocks, once per loop turn: the core is told the time, it never reads it.
+pub fn now() -> Now {
+    Now {
+        mono: Instant::now(),
+        unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }
+}
+
+/// Adds what a thread counted since the last fold to its block in shared memory, so the
+/// packet path counts in plain memory. Called at the end of every loop turn, and by the
+/// drivers whose sends leave within the turn (epoll, TCP) also just before sending, so a
+/// counter is visible by the time its reply is. Only counts that changed are written, so a
+/// slot another thread writes (`ConfigApplied`, counted by the runtime in the TCP thread's
+/// block) is never touched here.
+pub fn fold(stats: &mut Stats, block: &WorkerCounters) {
+    stats.drain(|c, n| block.add(c, n));
+}
+
+/// Publishes a worker's allocations into its share of the shared-memory records, and
+/// carries the control plane's delete requests to it.
+struct ShmAllocations {
     shared: Arc<Shared>,
     /// Free record indices of this worker.
     records: Vec<usize>,
     by_id: HashMap<u64, usize>,
 }
 
-impl AllocationSink for ShmSink {
+impl AllocationTable for ShmAllocations {
     fn publish(&mut self, a: &Allocation, now: Now) {
         let idx = match self.by_id.get(&a.id) {
             Some(i) => *i,
@@ -165,18 +204,34 @@ impl AllocationSink for ShmSink {
     fn deleted(&mut self, id: u64) {
         self.shared.shm.segment().done_delete(id);
     }
+}
 
-    fn blocked(&self, ip: std::net::IpAddr, unix: u64) -> bool {
+/// The blacklist the control plane keeps in the segment.
+struct ShmBlacklist {
+    shared: Arc<Shared>,
+}
+
+impl turn::Blacklist for ShmBlacklist {
+    fn blocked(&self, ip: IpAddr, unix: u64) -> bool {
         self.shared.shm.segment().blacklist.is_blocked(ip, unix)
     }
 
-    fn blacklist_generation(&self) -> u64 {
+    fn generation(&self) -> u64 {
         self.shared.shm.segment().blacklist.generation()
     }
+}
 
-    fn report(&mut self, kind: EventKind, ip: std::net::IpAddr, unix: u64) {
+/// This thread's event ring in the segment.
+struct ShmEvents {
+    /// Index of this thread's event ring.
+    ring: usize,
+    shared: Arc<Shared>,
+}
+
+impl Events for ShmEvents {
+    fn report(&mut self, kind: EventKind, ip: IpAddr, unix: u64) {
         let seg = self.shared.shm.segment();
-        if seg.events(self.events).push(Event { kind, ip, unix }) {
+        if seg.events(self.ring).push(Event { kind, ip, unix }) {
             // The fraud engine decides on the next event at once instead of at its next poll:
             // a brute force is cut within a handful of attempts.
             seg.ring_events_doorbell();
@@ -233,4 +288,35 @@ pub fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<UdpSocket>, String> {
 /// Whether this process may use io_uring with the features the driver needs.
 pub fn io_uring_available() -> Result<(), String> {
     uring::probe().map_err(|e| format!("io_uring unavailable: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portico_shared::counters::Counter;
+
+    #[test]
+    fn fold_adds_each_count_once_and_leaves_untouched_slots_alone() {
+        let name = format!("/portico-test-fold-{}", std::process::id());
+        let shm = SharedMemory::create(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        SharedMemory::unlink(&name);
+        let seg = shm.segment();
+        // The runtime counts ConfigApplied in the TCP thread's block; the fold must not write
+        // over it.
+        seg.counters(MAX_WORKERS).incr(Counter::ConfigApplied);
+        let (mut w0, mut tcp) = (Stats::default(), Stats::default());
+        w0.add(Counter::RxPackets, 3);
+        w0.add(Counter::TurnAllocationsActive, 1);
+        tcp.incr(Counter::RxPackets);
+        fold(&mut w0, seg.counters(0));
+        fold(&mut tcp, seg.counters(MAX_WORKERS));
+        fold(&mut w0, seg.counters(0));
+        assert_eq!(seg.total(Counter::RxPackets), 4);
+        assert_eq!(seg.total(Counter::TurnAllocationsActive), 1);
+        // An allocation made by one worker and ended after a fold: the gauge's sum is 0.
+        w0.sub(Counter::TurnAllocationsActive, 1);
+        fold(&mut w0, seg.counters(0));
+        assert_eq!(seg.total(Counter::TurnAllocationsActive), 0);
+        assert_eq!(seg.counters(MAX_WORKERS).get(Counter::ConfigApplied), 1);
+    }
 }

@@ -1,13 +1,18 @@
 //! Relay sockets: one UDP socket per allocation, bound to its own port (no `SO_REUSEPORT`, so
-//! a port in use fails and the core tries another), and the slot table both drivers use to
-//! name them by socket index.
+//! a port in use fails and the core tries another), the slot table both drivers use to name
+//! them by socket index, and the process-wide table of reserved sockets the core names by
+//! [`Reserved`] handle.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::sockopt;
+use crate::turn::Reserved;
 
 /// Binds a relay socket.
 pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
@@ -28,6 +33,47 @@ pub fn prepare(sock: &UdpSocket, dont_fragment: bool) -> io::Result<()> {
         sockopt::set_dont_fragment(sock, v4)?;
     }
     Ok(())
+}
+
+/// Sockets bound for EVEN-PORT reservations and not yet adopted. Shared by all workers,
+/// because a reservation made on one may be redeemed on another; touched only by Allocate
+/// and by expiry, never per packet, so a lock is fine.
+#[derive(Default)]
+pub struct Reservations {
+    next: AtomicU64,
+    sockets: Mutex<HashMap<u64, UdpSocket>>,
+}
+
+impl Reservations {
+    pub fn reserve(&self, addr: SocketAddr) -> io::Result<Reserved> {
+        let s = bind(addr)?;
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.lock().insert(id, s);
+        Ok(Reserved(id))
+    }
+
+    /// The socket of a reservation, which leaves the table.
+    pub fn take(&self, r: Reserved) -> Option<UdpSocket> {
+        self.lock().remove(&r.0)
+    }
+
+    /// Closes a reserved socket.
+    pub fn release(&self, r: Reserved) {
+        drop(self.take(r));
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, UdpSocket>> {
+        // A panic while holding the lock leaves a usable map.
+        self.sockets.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Relay sockets of one worker by slot; socket index = `first + slot`. A generation per
@@ -121,6 +167,24 @@ impl<S> Slots<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reservation_holds_its_port_until_taken_or_released() {
+        let r = Reservations::default();
+        let a = r.reserve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = r.reserve("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(r.len(), 2);
+        let sock = r.take(a).expect("reserved socket");
+        let port = sock.local_addr().unwrap();
+        // Bound without SO_REUSEPORT: nobody else gets the port while it is held.
+        assert!(bind(port).is_err());
+        assert!(r.take(a).is_none(), "a reservation is taken once");
+        drop(sock);
+        r.release(b);
+        assert!(r.is_empty());
+        r.release(b);
+    }
 
     #[test]
     fn slots_reuse_with_new_generation() {

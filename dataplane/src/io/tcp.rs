@@ -21,8 +21,8 @@ use portico_shared::shm::{Blacklist, WorkerCounters};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::uring::PAYLOAD_CAPACITY;
-use super::{SettingsWatch, Shared, BUF_SIZE, TICK};
-use crate::server::{Action, Now, Server, Transport, HEADROOM};
+use super::{fold, SettingsWatch, Shared, BUF_SIZE, TICK};
+use crate::server::{Action, Now, Received, Server, Stats, Transport, HEADROOM};
 use crate::stun;
 use crate::turn::NoRelay;
 
@@ -82,6 +82,30 @@ fn tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+/// What serving the connections works with during one loop turn.
+struct Cx<'a> {
+    server: &'a mut Server,
+    /// This thread's counters in shared memory.
+    block: &'a WorkerCounters,
+    /// Where a framed message is copied for the core to answer in place.
+    work: &'a mut [u8],
+    limits: &'a Limits,
+    poll: &'a Poll,
+    now: Now,
+}
+
+impl Cx<'_> {
+    fn stats(&mut self) -> &mut Stats {
+        self.server.stats_mut()
+    }
+
+    /// Hands the counts over before anything leaves: whoever sees an answer or a refusal
+    /// sees it counted.
+    fn fold(&mut self) {
+        fold(self.server.stats_mut(), self.block);
+    }
+}
+
 pub fn run(
     counter_block: usize,
     shared: Arc<Shared>,
@@ -94,8 +118,8 @@ pub fn run(
         poll.registry().register(l, Token(i), Interest::READABLE)?;
     }
     let base = listeners.len();
-    let stats = shared.shm.segment().counters(counter_block);
-    let mut server = shared.new_server(counter_block);
+    let block = shared.shm.segment().counters(counter_block);
+    let mut server = shared.new_server(counter_block)?;
     let mut watch = SettingsWatch::new(&shared);
     let mut conns = Conns {
         base,
@@ -113,24 +137,31 @@ pub fn run(
             }
         }
         watch.refresh(&shared, &mut server);
-        let now = Now::read();
+        let mut cx = Cx {
+            server: &mut server,
+            block,
+            work: &mut work,
+            limits: &limits,
+            poll: &poll,
+            now: super::now(),
+        };
         for ev in events.iter() {
             let t = ev.token().0;
             if t < base {
                 let blacklist = &shared.shm.segment().blacklist;
-                conns.accept_all(&mut listeners[t], t, &poll, blacklist, &limits, stats, now);
+                conns.accept_all(&mut cx, &mut listeners[t], t, blacklist);
                 continue;
             }
             let idx = t - base;
             let close = match conns.slots.get_mut(idx).and_then(|c| c.as_mut()) {
-                Some(c) => serve(c, &mut server, &mut work, &limits, stats, now, &poll, t),
+                Some(c) => serve(c, &mut cx, t),
                 None => false,
             };
             if close {
                 conns.close(idx, &poll);
             }
         }
-        let now = now.mono;
+        let now = cx.now.mono;
         if now.duration_since(last_sweep) >= TICK {
             last_sweep = now;
             for idx in 0..conns.slots.len() {
@@ -145,6 +176,7 @@ pub fn run(
                 }
             }
         }
+        fold(server.stats_mut(), block);
     }
     Ok(())
 }
@@ -161,17 +193,14 @@ struct Conns {
 impl Conns {
     /// Accepts until the listener has nothing more, refusing blacklisted sources and those
     /// over a limit right away.
-    #[allow(clippy::too_many_arguments)]
     fn accept_all(
         &mut self,
+        cx: &mut Cx<'_>,
         listener: &mut TcpListener,
         listener_index: usize,
-        poll: &Poll,
         blacklist: &Blacklist,
-        limits: &Limits,
-        stats: &WorkerCounters,
-        now: Now,
     ) {
+        let (limits, poll, now) = (cx.limits, cx.poll, cx.now);
         loop {
             let (mut stream, peer) = match listener.accept() {
                 Ok(x) => x,
@@ -182,12 +211,14 @@ impl Conns {
             };
             let src = peer.ip().to_canonical();
             if blacklist.is_blocked(src, now.unix) {
-                stats.incr(Counter::DropBlacklisted);
+                cx.stats().incr(Counter::DropBlacklisted);
+                cx.fold();
                 continue;
             }
             let n = self.per_source.get(&src).copied().unwrap_or(0);
             if self.live >= limits.max_connections || n >= limits.per_source {
-                stats.incr(Counter::TcpRejected);
+                cx.stats().incr(Counter::TcpRejected);
+                cx.fold();
                 continue;
             }
             let idx = match self.free.pop() {
@@ -203,11 +234,12 @@ impl Conns {
                 .is_err()
             {
                 self.free.push(idx);
-                stats.incr(Counter::TcpRejected);
+                cx.stats().incr(Counter::TcpRejected);
+                cx.fold();
                 continue;
             }
             let _ = stream.set_nodelay(true);
-            stats.incr(Counter::TcpAccepted);
+            cx.stats().incr(Counter::TcpAccepted);
             *self.per_source.entry(src).or_insert(0) += 1;
             self.live += 1;
             self.slots[idx] = Some(Conn {
@@ -241,28 +273,25 @@ impl Conns {
 }
 
 /// Reads what is there, answers every complete message, flushes. Returns true to close.
-#[allow(clippy::too_many_arguments)]
-fn serve(
-    c: &mut Conn,
-    server: &mut Server,
-    work: &mut [u8],
-    limits: &Limits,
-    stats: &WorkerCounters,
-    now: Now,
-    poll: &Poll,
-    token: usize,
-) -> bool {
+fn serve(c: &mut Conn, cx: &mut Cx<'_>, token: usize) -> bool {
+    let close = read_and_answer(c, cx);
+    cx.fold();
+    close || flush(c, cx, token)
+}
+
+/// Reads and answers into the output queue. Returns true to close.
+fn read_and_answer(c: &mut Conn, cx: &mut Cx<'_>) -> bool {
     loop {
         if c.in_len == c.input.len() {
             // A full buffer without a complete message: the frame is too large.
-            stats.incr(Counter::DropTcpFraming);
+            cx.stats().incr(Counter::DropTcpFraming);
             return true;
         }
         match c.stream.read(&mut c.input[c.in_len..]) {
             Ok(0) => return true,
             Ok(n) => {
                 c.in_len += n;
-                stats.add(Counter::RxBytes, n as u64);
+                cx.stats().add(Counter::RxBytes, n as u64);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -270,24 +299,14 @@ fn serve(
         }
         // Frame as we go so a client that pipelines many requests is served without the
         // buffer filling up.
-        if frame_all(c, server, work, limits, stats, now) {
+        if frame_all(c, cx) {
             return true;
         }
     }
-    if frame_all(c, server, work, limits, stats, now) {
-        return true;
-    }
-    flush(c, stats, poll, token)
+    frame_all(c, cx)
 }
 
-fn frame_all(
-    c: &mut Conn,
-    server: &mut Server,
-    work: &mut [u8],
-    limits: &Limits,
-    stats: &WorkerCounters,
-    now: Now,
-) -> bool {
+fn frame_all(c: &mut Conn, cx: &mut Cx<'_>) -> bool {
     let mut start = 0;
     // Refuse what is not STUN as early as its first bytes say so (a TLS ClientHello, an HTTP
     // request): the first byte of a STUN message has its top two bits clear, and over TCP
@@ -296,43 +315,41 @@ fn frame_all(
     if head.first().is_some_and(|b| b & 0xC0 != 0)
         || (head.len() >= 8 && head[4..8] != stun::MAGIC_COOKIE.to_be_bytes())
     {
-        stats.incr(Counter::DropTcpFraming);
+        cx.stats().incr(Counter::DropTcpFraming);
         return true;
     }
     while c.in_len - start >= stun::HEADER_LEN {
         let pending = &c.input[start..c.in_len];
         let Some(total) = stun::message_len_from_header(pending) else {
-            stats.incr(Counter::DropTcpFraming);
+            cx.stats().incr(Counter::DropTcpFraming);
             return true;
         };
         if total > PAYLOAD_CAPACITY {
-            stats.incr(Counter::DropTcpFraming);
+            cx.stats().incr(Counter::DropTcpFraming);
             return true;
         }
         if pending.len() < total {
             break;
         }
-        work[HEADROOM..HEADROOM + total].copy_from_slice(&pending[..total]);
+        cx.work[HEADROOM..HEADROOM + total].copy_from_slice(&pending[..total]);
         start += total;
-        c.last_message = Some(now.mono);
-        stats.incr(Counter::RxPackets);
-        let action = server.handle(
-            now,
-            Transport::Tcp,
-            c.listener,
-            c.peer,
-            work,
-            HEADROOM,
-            total,
-            &mut NoRelay,
-            stats,
-        );
+        c.last_message = Some(cx.now.mono);
+        cx.stats().incr(Counter::RxPackets);
+        let rx = Received {
+            transport: Transport::Tcp,
+            socket: c.listener,
+            from: c.peer,
+            buf: cx.work,
+            start: HEADROOM,
+            len: total,
+        };
+        let action = cx.server.handle(cx.now, &mut NoRelay, rx);
         if let Action::Send { offset, len, .. } = action {
-            if c.output.len() + len > limits.max_output {
+            if c.output.len() + len > cx.limits.max_output {
                 return true;
             }
-            c.output.extend_from_slice(&work[offset..offset + len]);
-            stats.incr(Counter::TxPackets);
+            c.output.extend_from_slice(&cx.work[offset..offset + len]);
+            cx.stats().incr(Counter::TxPackets);
         }
     }
     c.input.copy_within(start..c.in_len, 0);
@@ -340,12 +357,12 @@ fn frame_all(
     false
 }
 
-fn flush(c: &mut Conn, stats: &WorkerCounters, poll: &Poll, token: usize) -> bool {
+fn flush(c: &mut Conn, cx: &mut Cx<'_>, token: usize) -> bool {
     while !c.output.is_empty() {
         match c.stream.write(&c.output) {
             Ok(0) => return true,
             Ok(n) => {
-                stats.add(Counter::TxBytes, n as u64);
+                cx.stats().add(Counter::TxBytes, n as u64);
                 c.output.drain(..n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -360,7 +377,8 @@ fn flush(c: &mut Conn, stats: &WorkerCounters, poll: &Poll, token: usize) -> boo
         } else {
             Interest::READABLE
         };
-        if poll
+        if cx
+            .poll
             .registry()
             .reregister(&mut c.stream, Token(token), interest)
             .is_err()

@@ -15,14 +15,13 @@ use std::sync::Arc;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use portico_shared::counters::Counter;
-use portico_shared::shm::WorkerCounters;
 
 use super::bufring::BufRing;
-use super::relay::{self, Slots};
+use super::relay::{self, Reservations, Slots};
 use super::sockaddr::{self, SOCKADDR_LEN};
-use super::{SettingsWatch, Shared, BUF_SIZE, TICK};
-use crate::server::{Action, Now, Server, Transport, HEADROOM};
-use crate::turn::RelayIo;
+use super::{fold, SettingsWatch, Shared, BUF_SIZE, TICK};
+use crate::server::{Action, Now, Received, Server, Stats, Transport, HEADROOM};
+use crate::turn::{RelayIo, Reserved};
 
 /// Buffers per worker: enough to absorb a burst of a few thousand datagrams while replies
 /// are in flight.
@@ -65,25 +64,41 @@ struct SendSlot {
 /// (through [`RelayIo`]) and submitted by the loop.
 struct Relays {
     slots: Slots<UdpSocket>,
+    reservations: Arc<Reservations>,
     to_arm: Vec<usize>,
     to_cancel: Vec<u64>,
+}
+
+impl Relays {
+    /// Stores a bound relay socket and queues its first receive.
+    fn start(&mut self, socket: UdpSocket, dont_fragment: bool) -> io::Result<usize> {
+        relay::prepare(&socket, dont_fragment)?;
+        let (index, _) = self.slots.insert(socket);
+        self.to_arm.push(index);
+        Ok(index)
+    }
 }
 
 impl RelayIo for Relays {
     fn open(&mut self, addr: SocketAddr, dont_fragment: bool) -> io::Result<usize> {
         let s = relay::bind(addr)?;
-        self.adopt(s, dont_fragment)
+        self.start(s, dont_fragment)
     }
 
-    fn reserve(&mut self, addr: SocketAddr) -> io::Result<UdpSocket> {
-        relay::bind(addr)
+    fn reserve(&mut self, addr: SocketAddr) -> io::Result<Reserved> {
+        self.reservations.reserve(addr)
     }
 
-    fn adopt(&mut self, socket: UdpSocket, dont_fragment: bool) -> io::Result<usize> {
-        relay::prepare(&socket, dont_fragment)?;
-        let (index, _) = self.slots.insert(socket);
-        self.to_arm.push(index);
-        Ok(index)
+    fn adopt(&mut self, reserved: Reserved, dont_fragment: bool) -> io::Result<usize> {
+        let s = self
+            .reservations
+            .take(reserved)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        self.start(s, dont_fragment)
+    }
+
+    fn release(&mut self, reserved: Reserved) {
+        self.reservations.release(reserved);
     }
 
     fn close(&mut self, index: usize) {
@@ -149,7 +164,7 @@ fn build_ring() -> io::Result<IoUring> {
 }
 
 impl Worker {
-    fn new(listen: Vec<UdpSocket>) -> io::Result<Worker> {
+    fn new(listen: Vec<UdpSocket>, reservations: Arc<Reservations>) -> io::Result<Worker> {
         let ring = build_ring()?;
         let bufs = BufRing::new(BUFFERS, BUF_SIZE, BUFFER_GROUP)?;
         bufs.register(&ring)?;
@@ -173,6 +188,7 @@ impl Worker {
             listen,
             relays: Relays {
                 slots: Slots::new(first),
+                reservations,
                 to_arm: Vec::with_capacity(64),
                 to_cancel: Vec::with_capacity(64),
             },
@@ -242,13 +258,7 @@ impl Worker {
         Ok(())
     }
 
-    fn on_recv(
-        &mut self,
-        cqe: &cqueue::Entry,
-        server: &mut Server,
-        now: Now,
-        stats: &WorkerCounters,
-    ) {
+    fn on_recv(&mut self, cqe: &cqueue::Entry, server: &mut Server, now: Now) {
         let data = cqe.user_data();
         let index = (data & 0xffff_ffff) as usize;
         let generation = ((data >> 32) & 0xffff) as u16;
@@ -264,6 +274,7 @@ impl Worker {
         }
         let res = cqe.result();
         let bid = cqueue::buffer_select(flags);
+        let stats = server.stats_mut();
         if res < 0 {
             if -res == libc::ENOBUFS {
                 stats.incr(Counter::DropNoBuffer);
@@ -301,17 +312,15 @@ impl Worker {
             return;
         };
         let len = (filled - PAYLOAD_OFFSET).min(payload_len);
-        let action = server.handle(
-            now,
-            Transport::Udp,
-            index,
+        let rx = Received {
+            transport: Transport::Udp,
+            socket: index,
             from,
             buf,
-            PAYLOAD_OFFSET,
+            start: PAYLOAD_OFFSET,
             len,
-            &mut self.relays,
-            stats,
-        );
+        };
+        let action = server.handle(now, &mut self.relays, rx);
         match action {
             Action::Drop => self.bufs.give_back(bid),
             Action::Send {
@@ -321,7 +330,7 @@ impl Worker {
                 to,
             } => {
                 if self.send(bid, offset, len, socket, to).is_err() {
-                    stats.incr(Counter::SendErrors);
+                    server.stats_mut().incr(Counter::SendErrors);
                     self.bufs.give_back(bid);
                 }
             }
@@ -360,7 +369,7 @@ impl Worker {
         unsafe { self.push(&e) }
     }
 
-    fn on_send(&mut self, cqe: &cqueue::Entry, stats: &WorkerCounters) {
+    fn on_send(&mut self, cqe: &cqueue::Entry, stats: &mut Stats) {
         let bid = (cqe.user_data() & 0xffff) as u16;
         let res = cqe.result();
         if res < 0 {
@@ -375,10 +384,10 @@ impl Worker {
 
 /// Runs one worker until the dataplane stops.
 pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Result<()> {
-    let mut w = Worker::new(sockets)?;
-    let mut server = shared.new_server(index);
+    let mut w = Worker::new(sockets, Arc::clone(&shared.reservations))?;
+    let mut server = shared.new_server(index)?;
     let mut watch = SettingsWatch::new(&shared);
-    let stats = shared.shm.segment().counters(index);
+    let block = shared.shm.segment().counters(index);
     let ts = types::Timespec::from(TICK);
     let args = types::SubmitArgs::new().timespec(&ts);
     let mut batch: Vec<cqueue::Entry> = Vec::with_capacity(CQ_BATCH);
@@ -393,9 +402,9 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
                 ) => {}
             Err(e) => return Err(e),
         }
-        stats.incr(Counter::LoopTurns);
+        server.stats_mut().incr(Counter::LoopTurns);
         watch.refresh(&shared, &mut server);
-        let now = Now::read();
+        let now = super::now();
         loop {
             batch.clear();
             batch.extend(w.ring.completion().take(CQ_BATCH));
@@ -404,17 +413,19 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
             }
             for cqe in &batch {
                 match cqe.user_data() & KIND_MASK {
-                    KIND_RECV => w.on_recv(cqe, &mut server, now, stats),
-                    KIND_SEND => w.on_send(cqe, stats),
+                    KIND_RECV => w.on_recv(cqe, &mut server, now),
+                    KIND_SEND => w.on_send(cqe, server.stats_mut()),
                     _ => {}
                 }
             }
             w.bufs.publish();
         }
-        server.tick(now, &mut w.relays, stats);
+        server.tick(now, &mut w.relays);
+        fold(server.stats_mut(), block);
         w.bufs.publish();
         w.queue_ring_work()?;
     }
-    server.shutdown(&mut w.relays, stats);
+    server.shutdown(super::now(), &mut w.relays);
+    fold(server.stats_mut(), block);
     Ok(())
 }

@@ -9,10 +9,10 @@
 use std::net::SocketAddr;
 
 use portico_shared::counters::Counter;
-use portico_shared::shm::WorkerCounters;
 
-use super::{Action, Settings, Transport};
+use super::{Action, Settings, Stats, Transport};
 use crate::stun::{self, attr, Class, Message, MessageWriter};
+use crate::turn::Datagram;
 
 /// ICE attributes (RFC 8445) a client may leave in a check it also sends to the server.
 const ICE_PRIORITY: u16 = 0x0024;
@@ -92,16 +92,28 @@ impl Request {
     }
 }
 
+/// An error response's code, reason phrase and UNKNOWN-ATTRIBUTES.
+struct Refusal<'r> {
+    code: u16,
+    reason: &'r str,
+    unknown: &'r [u16],
+}
+
 pub(super) fn respond(
     settings: &Settings,
     req: &Request,
-    socket: usize,
-    from: SocketAddr,
+    d: Datagram,
     buf: &mut [u8],
-    stats: &WorkerCounters,
+    stats: &mut Stats,
 ) -> Action {
+    let (socket, from) = (d.socket, d.from);
     let fail = |buf: &mut [u8], code: u16, reason: &str, unknown: &[u16]| {
-        build_error(settings, req, socket, from, buf, code, reason, unknown)
+        let refusal = Refusal {
+            code,
+            reason,
+            unknown,
+        };
+        build_error(settings, req, d, buf, &refusal)
     };
     if !req.unknown.is_empty() {
         stats.incr(Counter::StunBindingUnknownAttribute);
@@ -205,17 +217,18 @@ fn finish(settings: &Settings, req: &Request, mut w: MessageWriter<'_>) -> Resul
     Ok(w.finish())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn build_error(
     settings: &Settings,
     req: &Request,
-    socket: usize,
-    from: SocketAddr,
+    d: Datagram,
     buf: &mut [u8],
-    code: u16,
-    reason: &str,
-    unknown: &[u16],
+    refusal: &Refusal<'_>,
 ) -> Action {
+    let Refusal {
+        code,
+        reason,
+        unknown,
+    } = *refusal;
     let built = (|| {
         let mut w = req.writer(buf, Class::ErrorResponse)?;
         if req.legacy {
@@ -238,8 +251,8 @@ fn build_error(
         Ok(len) => Action::Send {
             offset: 0,
             len,
-            socket,
-            to: from,
+            socket: d.socket,
+            to: d.from,
         },
         Err(()) => Action::Drop,
     }

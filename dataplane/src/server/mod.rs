@@ -1,13 +1,15 @@
 //! The sans-IO request handler every driver runs: one datagram (or one framed TCP message)
 //! in, at most one reply out, written over the request in the same buffer.
 //!
-//! The driver owns sockets, buffers and time; this module owns protocol decisions. It never
-//! allocates on the packet path: the reply is built in the buffer the request arrived in, after
-//! the few request fields it still needs (transaction id, requested changes) were copied to
-//! the stack.
+//! The driver owns sockets, buffers, time and the seed of all randomness; this module owns
+//! protocol decisions and counts them in its own [`Stats`], which the driver hands on to
+//! shared memory. It never allocates on the packet path: the reply is built in the buffer the
+//! request arrived in, after the few request fields it still needs (transaction id, requested
+//! changes) were copied to the stack.
 
 mod binding;
 pub mod endpoints;
+mod stats;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,11 +17,14 @@ use std::time::Instant;
 
 use portico_shared::config::Config;
 use portico_shared::counters::Counter;
-use portico_shared::shm::{EventKind, WorkerCounters};
+use portico_shared::shm::EventKind;
 
 use crate::stun::{self, Class, Message, ParseError};
-use crate::turn::{AllocationSink, Datagram, RelayIo, Turn, TurnSettings, TurnShared};
+use crate::turn::{
+    ControlPlane, Ctx, Datagram, DefaultRoutes, RelayIo, Turn, TurnSettings, TurnShared,
+};
 pub use endpoints::Endpoints;
+pub use stats::Stats;
 
 /// Free bytes a driver leaves in front of every received datagram: room to prepend a
 /// ChannelData (4 bytes) or Data-indication header (up to 48 bytes) without moving the data.
@@ -33,24 +38,24 @@ pub enum Transport {
     Tcp,
 }
 
-/// The time, read once per loop turn by the driver: monotonic for timers, Unix seconds for
-/// nonces and REST credential expiry.
+/// The time, read once per loop turn by the driver (the core never reads a clock):
+/// monotonic for timers, Unix seconds for nonces and REST credential expiry.
 #[derive(Clone, Copy, Debug)]
 pub struct Now {
     pub mono: Instant,
     pub unix: u64,
 }
 
-impl Now {
-    pub fn read() -> Now {
-        Now {
-            mono: Instant::now(),
-            unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        }
-    }
+/// One datagram (or one framed TCP message) handed to [`Server::handle`]: it lies in
+/// `buf[start..start + len]`, received on socket `socket` from `from`. `buf[..start]` is
+/// headroom and the rest of `buf` tailroom: a reply may be written anywhere in `buf`.
+pub struct Received<'b> {
+    pub transport: Transport,
+    pub socket: usize,
+    pub from: SocketAddr,
+    pub buf: &'b mut [u8],
+    pub start: usize,
+    pub len: usize,
 }
 
 /// What the driver does with the buffer after [`Server::handle`].
@@ -79,12 +84,13 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// `secret` keys the stateless nonces; it is drawn once per dataplane process.
-    pub fn from_config(config: &Config, secret: &[u8; 32]) -> Settings {
+    /// `secret` keys the stateless nonces; it is drawn once per dataplane process. `routes`
+    /// are the default routes' source addresses, which the runtime looks up.
+    pub fn from_config(config: &Config, secret: &[u8; 32], routes: &DefaultRoutes) -> Settings {
         Settings {
             endpoints: Endpoints::from_config(config),
             software: config.stun.software.clone(),
-            turn: TurnSettings::from_config(config, secret),
+            turn: TurnSettings::from_config(config, secret, routes),
             request_rate: config.fraud.request_rate,
         }
     }
@@ -94,20 +100,23 @@ impl Settings {
 pub struct Server {
     settings: Arc<Settings>,
     turn: Turn,
+    stats: Stats,
 }
 
 impl Server {
-    /// `seed` varies per worker (rate-limiter hashing and indication transaction ids).
+    /// `seed` is the driver's draw for this worker: relay ports, reservation tokens, hash keys
+    /// and indication transaction ids all come from it.
     pub fn new(
         settings: Arc<Settings>,
         shared: Arc<TurnShared>,
-        seed: u64,
-        sink: Box<dyn AllocationSink>,
+        seed: &[u8; 32],
+        control: ControlPlane,
     ) -> Server {
         let first_relay = settings.endpoints.len();
         Server {
             settings,
-            turn: Turn::new(shared, first_relay, seed, sink),
+            turn: Turn::new(shared, first_relay, seed, control),
+            stats: Stats::default(),
         }
     }
 
@@ -119,6 +128,17 @@ impl Server {
         &self.turn
     }
 
+    /// What this worker counted since the driver last drained it.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// For the driver: to count its own events (receives, sends, loop turns) with the core's,
+    /// and to drain them into shared memory.
+    pub fn stats_mut(&mut self) -> &mut Stats {
+        &mut self.stats
+    }
+
     /// Applies a new configuration; takes effect from the next packet.
     pub fn set_settings(&mut self, settings: Arc<Settings>) {
         self.settings = settings;
@@ -128,37 +148,47 @@ impl Server {
     }
 
     /// Timers: call once per loop turn.
-    pub fn tick(&mut self, now: Now, io: &mut dyn RelayIo, stats: &WorkerCounters) {
-        self.turn.sweep(&self.settings.turn, now, io, stats);
+    pub fn tick(&mut self, now: Now, io: &mut dyn RelayIo) {
+        let settings: &Settings = &self.settings;
+        self.turn.sweep(&mut Ctx {
+            settings: &settings.turn,
+            software: &settings.software,
+            now,
+            io,
+            stats: &mut self.stats,
+        });
     }
 
     /// Ends every allocation (shutdown).
-    pub fn shutdown(&mut self, io: &mut dyn RelayIo, stats: &WorkerCounters) {
-        self.turn.clear(io, stats);
+    pub fn shutdown(&mut self, now: Now, io: &mut dyn RelayIo) {
+        let settings: &Settings = &self.settings;
+        self.turn.clear(&mut Ctx {
+            settings: &settings.turn,
+            software: &settings.software,
+            now,
+            io,
+            stats: &mut self.stats,
+        });
     }
 
-    /// Handles the datagram in `buf[start..start + len]`, received on socket `socket` from
-    /// `from`. `buf[..start]` is headroom and the rest of `buf` tailroom: a reply may be
-    /// written anywhere in `buf`, and the returned action says where it is.
-    #[allow(clippy::too_many_arguments)]
-    pub fn handle(
-        &mut self,
-        now: Now,
-        transport: Transport,
-        socket: usize,
-        from: SocketAddr,
-        buf: &mut [u8],
-        start: usize,
-        len: usize,
-        io: &mut dyn RelayIo,
-        stats: &WorkerCounters,
-    ) -> Action {
+    /// Handles one received datagram and says what to send, if anything (the reply is
+    /// written in `rx.buf`).
+    pub fn handle(&mut self, now: Now, io: &mut dyn RelayIo, rx: Received<'_>) -> Action {
+        let Received {
+            transport,
+            socket,
+            from,
+            buf,
+            start,
+            len,
+        } = rx;
+        let stats = &mut self.stats;
         let from = canonical(from);
         if from.port() == 0 || from.ip().is_unspecified() || from.ip().is_multicast() {
             stats.incr(Counter::DropBadSource);
             return Action::Drop;
         }
-        if self.turn.sink.blocked(from.ip(), now.unix) {
+        if self.turn.control.blacklist.blocked(from.ip(), now.unix) {
             stats.incr(Counter::DropBlacklisted);
             return Action::Drop;
         }
@@ -175,14 +205,19 @@ impl Server {
         // A plain borrow, not an Arc clone: a reference-count update per packet would bounce
         // one cache line between all workers.
         let settings: &Settings = &self.settings;
+        let mut cx = Ctx {
+            settings: &settings.turn,
+            software: &settings.software,
+            now,
+            io,
+            stats,
+        };
         if self.turn.is_relay_socket(socket) {
-            return self.turn.on_peer_data(&settings.turn, d, buf, now, stats);
+            return self.turn.on_peer_data(&mut cx, d, buf);
         }
         // ChannelData starts with 0b01; STUN with 0b00 (RFC 8656 §12).
         if transport == Transport::Udp && len >= 4 && buf[start] & 0xC0 == 0x40 {
-            return self
-                .turn
-                .on_channel_data(&settings.turn, d, buf, now, stats);
+            return self.turn.on_channel_data(&mut cx, d, buf);
         }
         let (class, method) = match Message::parse(&buf[start..start + len]) {
             Ok(m) => {
@@ -197,22 +232,21 @@ impl Server {
                     && (transport == Transport::Tcp || self.turn.serves(from.ip()))
                 {
                     self.turn
-                        .sink
+                        .control
+                        .events
                         .report(EventKind::RateExceeded, from.ip(), now.unix);
                 }
                 if m.class() == Class::Indication && m.method() == stun::method::SEND {
                     if transport == Transport::Tcp {
-                        stats.incr(Counter::DropUnknownMethod);
+                        cx.stats.incr(Counter::DropUnknownMethod);
                         return Action::Drop;
                     }
-                    return self
-                        .turn
-                        .on_send_indication(&settings.turn, d, &m, now, stats);
+                    return self.turn.on_send_indication(&mut cx, d, &m);
                 }
                 (m.class(), m.method())
             }
             Err(e) => {
-                stats.incr(drop_counter(e));
+                cx.stats.incr(drop_counter(e));
                 return Action::Drop;
             }
         };
@@ -222,10 +256,10 @@ impl Server {
                     Ok(m) => binding::Request::read(&m, transport),
                     Err(_) => return Action::Drop,
                 };
-                binding::respond(settings, &request, socket, from, buf, stats)
+                binding::respond(settings, &request, d, buf, cx.stats)
             }
             (Class::Indication, stun::method::BINDING) => {
-                stats.incr(Counter::StunBindingIndication);
+                cx.stats.incr(Counter::StunBindingIndication);
                 Action::Drop
             }
             (
@@ -234,16 +268,13 @@ impl Server {
                 | stun::method::REFRESH
                 | stun::method::CREATE_PERMISSION
                 | stun::method::CHANNEL_BIND,
-            ) if transport == Transport::Udp => {
-                self.turn
-                    .on_request(&settings.turn, &settings.software, d, buf, now, io, stats)
-            }
+            ) if transport == Transport::Udp => self.turn.on_request(&mut cx, d, buf),
             (Class::Request | Class::Indication, _) => {
-                stats.incr(Counter::DropUnknownMethod);
+                cx.stats.incr(Counter::DropUnknownMethod);
                 Action::Drop
             }
             (Class::SuccessResponse | Class::ErrorResponse, _) => {
-                stats.incr(Counter::DropUnexpectedClass);
+                cx.stats.incr(Counter::DropUnexpectedClass);
                 Action::Drop
             }
         }

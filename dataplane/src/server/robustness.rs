@@ -4,17 +4,16 @@
 //! is answered (no reflection of garbage).
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portico_shared::config::Config;
-use portico_shared::shm::SharedMemory;
 
-use super::{Action, Now, Server, Settings, Transport, HEADROOM};
+use super::{Action, Now, Received, Server, Settings, Transport, HEADROOM};
 use crate::io::BUF_SIZE;
 use crate::stun::{attr, integrity, method, Class, Message, MessageWriter};
-use crate::turn::{NoSink, RelayIo, TurnShared};
+use crate::turn::{ControlPlane, DefaultRoutes, RelayIo, Reserved, TurnShared};
 
 struct Io {
     next: usize,
@@ -25,12 +24,13 @@ impl RelayIo for Io {
         self.next += 1;
         Ok(self.next)
     }
-    fn reserve(&mut self, _: SocketAddr) -> io::Result<UdpSocket> {
+    fn reserve(&mut self, _: SocketAddr) -> io::Result<Reserved> {
         Err(io::Error::from(io::ErrorKind::AddrInUse))
     }
-    fn adopt(&mut self, _: UdpSocket, _: bool) -> io::Result<usize> {
+    fn adopt(&mut self, _: Reserved, _: bool) -> io::Result<usize> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
+    fn release(&mut self, _: Reserved) {}
     fn close(&mut self, _: usize) {}
 }
 
@@ -98,17 +98,17 @@ fn hostile_datagrams_never_panic_and_garbage_is_never_answered() {
         "[turn]\nlisten = [\"127.0.0.1:40001\"]\nrealm = \"example.org\"\nusers = [{ name = \"alice\", password = \"secret\" }]\nallow_peers = [\"0.0.0.0/0\"]\nerror_rate = 1000000\n",
     )
     .unwrap();
-    let settings = Arc::new(Settings::from_config(&config, &[5u8; 32]));
+    let settings = Arc::new(Settings::from_config(
+        &config,
+        &[5u8; 32],
+        &DefaultRoutes::default(),
+    ));
     let mut server = Server::new(
         settings,
-        Arc::new(TurnShared::default()),
-        11,
-        Box::new(NoSink),
+        Arc::new(TurnShared::new(11)),
+        &[11; 32],
+        ControlPlane::detached(),
     );
-    let name = format!("/portico-test-robust-{}", std::process::id());
-    let shm = SharedMemory::create(&name).unwrap();
-    SharedMemory::unlink(&name);
-    let stats = shm.segment().counters(0);
     let mut io = Io { next: 0 };
     let seeds = seeds();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -152,17 +152,15 @@ fn hostile_datagrams_never_panic_and_garbage_is_never_answered() {
         };
         buf.fill(0xEE);
         buf[HEADROOM..HEADROOM + data.len()].copy_from_slice(&data);
-        let action = server.handle(
-            now,
-            Transport::Udp,
+        let rx = Received {
+            transport: Transport::Udp,
             socket,
             from,
-            &mut buf,
-            HEADROOM,
-            data.len(),
-            &mut io,
-            stats,
-        );
+            buf: &mut buf,
+            start: HEADROOM,
+            len: data.len(),
+        };
+        let action = server.handle(now, &mut io, rx);
         if let Action::Send { offset, len, .. } = action {
             assert!(offset + len <= BUF_SIZE, "reply outside the buffer");
             answered += 1;
@@ -174,7 +172,7 @@ fn hostile_datagrams_never_panic_and_garbage_is_never_answered() {
             );
         }
         if i % 1000 == 0 {
-            server.tick(now, &mut io, stats);
+            server.tick(now, &mut io);
         }
     }
     // Most mutations break the FINGERPRINT and are dropped; some must still get through to

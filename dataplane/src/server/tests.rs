@@ -5,18 +5,16 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use portico_shared::config::Config;
 use portico_shared::counters::Counter;
-use portico_shared::shm::{SharedMemory, WorkerCounters};
 
-use super::{Action, Now, Server, Settings, Transport, HEADROOM};
+use super::{Action, Now, Received, Server, Settings, Stats, Transport, HEADROOM};
 use crate::stun::{self, attr, method, Class, Message, MessageWriter};
-use crate::turn::{NoSink, RelayIo, TurnShared};
+use crate::turn::{ControlPlane, DefaultRoutes, RelayIo, Reserved, TurnShared};
 
 const REALM: &str = "example.org";
 const CONFIG: &str = r#"
@@ -49,11 +47,14 @@ impl RelayIo for FakeIo {
         self.live.insert(i);
         Ok(i)
     }
-    fn reserve(&mut self, _: SocketAddr) -> io::Result<UdpSocket> {
+    fn reserve(&mut self, _: SocketAddr) -> io::Result<Reserved> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
-    fn adopt(&mut self, _: UdpSocket, _: bool) -> io::Result<usize> {
+    fn adopt(&mut self, _: Reserved, _: bool) -> io::Result<usize> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    fn release(&mut self, r: Reserved) {
+        panic!("released {r:?}, which was never reserved");
     }
     fn close(&mut self, socket: usize) {
         assert!(self.live.remove(&socket), "closed {socket} twice");
@@ -64,7 +65,6 @@ impl RelayIo for FakeIo {
 struct H {
     server: Server,
     io: FakeIo,
-    shm: SharedMemory,
     now: Now,
 }
 
@@ -72,28 +72,20 @@ fn settings(toml: &str) -> Arc<Settings> {
     Arc::new(Settings::from_config(
         &Config::from_toml(toml).unwrap(),
         &[9u8; 32],
+        &DefaultRoutes::default(),
     ))
 }
 
 impl H {
     fn new() -> H {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "/portico-test-server-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let shm = SharedMemory::create(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        SharedMemory::unlink(&name);
         H {
             server: Server::new(
                 settings(CONFIG),
-                Arc::new(TurnShared::default()),
-                7,
-                Box::new(NoSink),
+                Arc::new(TurnShared::new(7)),
+                &[7; 32],
+                ControlPlane::detached(),
             ),
             io: FakeIo::default(),
-            shm,
             now: Now {
                 mono: Instant::now(),
                 unix: 1_800_000_000,
@@ -101,8 +93,8 @@ impl H {
         }
     }
 
-    fn stats(&self) -> &WorkerCounters {
-        self.shm.segment().counters(0)
+    fn stats(&self) -> &Stats {
+        self.server.stats()
     }
 
     fn handle(
@@ -114,18 +106,15 @@ impl H {
     ) -> Option<(Vec<u8>, usize, SocketAddr)> {
         let mut buf = vec![0u8; 2048];
         buf[HEADROOM..HEADROOM + data.len()].copy_from_slice(data);
-        let stats = self.shm.segment().counters(0);
-        match self.server.handle(
-            self.now,
+        let rx = Received {
             transport,
             socket,
             from,
-            &mut buf,
-            HEADROOM,
-            data.len(),
-            &mut self.io,
-            stats,
-        ) {
+            buf: &mut buf,
+            start: HEADROOM,
+            len: data.len(),
+        };
+        match self.server.handle(self.now, &mut self.io, rx) {
             Action::Drop => None,
             Action::Send {
                 offset,
@@ -306,31 +295,26 @@ fn a_datagram_without_headroom_is_dropped_not_misframed() {
     // A driver that left no headroom: no room for a header, so no send (and no panic).
     let mut buf = vec![0u8; 64];
     buf[..4].copy_from_slice(b"data");
-    let stats = h.shm.segment().counters(0);
-    let a = h.server.handle(
-        h.now,
-        Transport::Udp,
-        relay,
-        sa("8.8.8.8:5999"),
-        &mut buf,
-        0,
-        4,
-        &mut h.io,
-        stats,
-    );
+    let rx = Received {
+        transport: Transport::Udp,
+        socket: relay,
+        from: sa("8.8.8.8:5999"),
+        buf: &mut buf,
+        start: 0,
+        len: 4,
+    };
+    let a = h.server.handle(h.now, &mut h.io, rx);
     assert_eq!(a, Action::Drop);
     // A length beyond the buffer.
-    let a = h.server.handle(
-        h.now,
-        Transport::Udp,
-        LISTEN,
-        client,
-        &mut buf,
-        60,
-        8,
-        &mut h.io,
-        stats,
-    );
+    let rx = Received {
+        transport: Transport::Udp,
+        socket: LISTEN,
+        from: client,
+        buf: &mut buf,
+        start: 60,
+        len: 8,
+    };
+    let a = h.server.handle(h.now, &mut h.io, rx);
     assert_eq!(a, Action::Drop);
     assert_eq!(h.stats().get(Counter::DropBadLength), 1);
 }
@@ -381,8 +365,7 @@ fn shutdown_closes_every_relay_socket() {
         allocate_with_channel(&mut h, sa("198.51.100.7:5000")),
         allocate_with_channel(&mut h, sa("198.51.100.8:5000")),
     ];
-    let stats = h.shm.segment().counters(0);
-    h.server.shutdown(&mut h.io, stats);
+    h.server.shutdown(h.now, &mut h.io);
     relays.sort_unstable();
     h.io.closed.sort_unstable();
     assert_eq!(h.io.closed, relays);
@@ -400,8 +383,7 @@ fn a_deny_added_by_reload_removes_existing_permissions_and_channels() {
     // The operator denies the peer's network at run time.
     let reloaded = format!("{CONFIG}deny_peers = [\"8.8.8.0/24\"]\n");
     h.server.set_settings(settings(&reloaded));
-    let stats = h.shm.segment().counters(0);
-    h.server.tick(h.now, &mut h.io, stats);
+    h.server.tick(h.now, &mut h.io);
     assert!(
         h.udp(client, &channel_data(b"after")).is_none(),
         "the channel to a denied peer still relays"

@@ -114,15 +114,15 @@ impl Allocation {
 }
 
 /// A keyed multiply-xorshift hash for the client lookup on the packet path: several times
-/// cheaper than SipHash, and the per-process random key keeps collisions unpredictable (the
-/// table only ever holds authenticated allocations, bounded by quota).
+/// cheaper than SipHash, and the random key (drawn by the core from its driver's seed) keeps
+/// collisions unpredictable (the table only ever holds authenticated allocations, bounded by
+/// quota).
 #[derive(Clone)]
 pub struct FastState(u64);
 
-impl Default for FastState {
-    fn default() -> FastState {
-        use std::hash::{BuildHasher, RandomState};
-        FastState(RandomState::new().hash_one(0x5eed_u64) | 1)
+impl FastState {
+    pub fn new(key: u64) -> FastState {
+        FastState(key | 1)
     }
 }
 
@@ -171,7 +171,6 @@ impl std::hash::BuildHasher for FastState {
 }
 
 /// The allocations of one worker, found by client 5-tuple or by relay socket.
-#[derive(Default)]
 pub struct Table {
     slots: Vec<Option<Allocation>>,
     free: Vec<usize>,
@@ -181,6 +180,16 @@ pub struct Table {
 }
 
 impl Table {
+    /// `key` keys the client-lookup hash.
+    pub fn new(key: u64) -> Table {
+        Table {
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_client: HashMap::with_hasher(FastState::new(key)),
+            by_relay: Vec::new(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.by_client.len()
     }

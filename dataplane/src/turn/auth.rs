@@ -7,7 +7,7 @@
 //! password algorithms and username anonymity, so RFC 8489 clients may pick SHA-256 and send
 //! USERHASH, while RFC 5389 clients, which ignore the cookie, keep using MD5.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use aws_lc_rs::hmac;
@@ -62,9 +62,9 @@ struct StaticUser {
 /// The credential store of one configuration generation; shared read-only by all workers.
 pub struct Credentials {
     realm: String,
-    users: HashMap<Vec<u8>, StaticUser>,
+    users: BTreeMap<Vec<u8>, StaticUser>,
     /// USERHASH -> user name.
-    hashes: HashMap<[u8; 32], Vec<u8>>,
+    hashes: BTreeMap<[u8; 32], Vec<u8>>,
     secrets: Vec<Vec<u8>>,
     nonce_key: hmac::Key,
     pub nonce_lifetime_secs: u64,
@@ -164,8 +164,8 @@ pub fn base64(data: &[u8], out: &mut [u8; 44]) -> usize {
 impl Credentials {
     pub fn from_config(config: &Config, nonce_secret: &[u8; 32]) -> Credentials {
         let realm = config.turn.realm.clone();
-        let mut users = HashMap::new();
-        let mut hashes = HashMap::new();
+        let mut users = BTreeMap::new();
+        let mut hashes = BTreeMap::new();
         for u in &config.turn.users {
             let name = u.name.as_bytes();
             let user = match (&u.password, &u.key) {

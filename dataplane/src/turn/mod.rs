@@ -1,33 +1,38 @@
 //! TURN over UDP (RFC 8656): allocations, permissions, channels, Send/Data indications and
 //! ChannelData, as a sans-IO core.
 //!
-//! The core decides; the driver does the I/O. Opening and closing relay sockets goes through
-//! [`RelayIo`], implemented by each driver (and by a fake in the tests). Relayed data never
-//! moves: a ChannelData or Send payload is sent from where it lies in the receive buffer, and
-//! data from a peer gets its ChannelData or Data-indication header written into the headroom
-//! in front of it.
+//! The core decides; the driver does the I/O. Relay sockets are opened and closed through
+//! [`RelayIo`], implemented by each driver (and by a fake in the tests), and named by handles:
+//! the core never holds a socket. The control plane is reached through three roles,
+//! [`AllocationTable`], [`Blacklist`] and [`Events`]. Time, randomness (a seed) and counters
+//! ([`Stats`]) come from the driver too, so the core runs anywhere, tests and fuzzers
+//! included, without sockets or shared memory. Relayed data never moves: a ChannelData or
+//! Send payload is sent from where it lies in the receive buffer, and data from a peer gets
+//! its ChannelData or Data-indication header written into the headroom in front of it.
 
 pub mod allocation;
 pub mod auth;
 pub mod policy;
+pub mod random;
 pub mod ratelimit;
 mod requests;
 pub mod settings;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use portico_shared::counters::Counter;
-use portico_shared::shm::{EventKind, WorkerCounters};
+use portico_shared::shm::EventKind;
 
-use crate::server::{Action, Now};
+use crate::server::{Action, Now, Stats};
 use crate::stun::{self, attr};
 use allocation::{Allocation, Table};
-pub use settings::TurnSettings;
+use random::Random;
+pub use settings::{DefaultRoutes, TurnSettings};
 
 /// Channel numbers accepted in ChannelBind and in ChannelData. RFC 8656 allows
 /// 0x4000-0x4FFF; RFC 5766 (§11) allowed the whole 0x4000-0x7FFF, and clients of that era
@@ -36,48 +41,90 @@ pub use settings::TurnSettings;
 /// costs nothing and keeps those clients working.
 pub const CHANNEL_NUMBERS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFF;
 
-/// Socket operations the core asks of its driver.
+/// A relay port held for a later Allocate (EVEN-PORT with the R bit), possibly redeemed on
+/// another worker. The driver keeps the bound socket; the core only ever sees this name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Reserved(pub u64);
+
+/// Socket operations the core asks of its driver. Relay sockets are named by socket index,
+/// reservations by [`Reserved`]; the driver keeps the sockets behind both.
 pub trait RelayIo {
     /// Binds a relay socket to `addr` and starts receiving on it; returns its socket index.
     fn open(&mut self, addr: SocketAddr, dont_fragment: bool) -> io::Result<usize>;
     /// Binds a socket without receiving on it: an EVEN-PORT reservation held for a later
     /// Allocate, possibly on another worker.
-    fn reserve(&mut self, addr: SocketAddr) -> io::Result<UdpSocket>;
+    fn reserve(&mut self, addr: SocketAddr) -> io::Result<Reserved>;
     /// Starts receiving on a reserved socket; returns its socket index.
-    fn adopt(&mut self, socket: UdpSocket, dont_fragment: bool) -> io::Result<usize>;
+    fn adopt(&mut self, reserved: Reserved, dont_fragment: bool) -> io::Result<usize>;
+    /// Closes a reserved socket nobody redeemed.
+    fn release(&mut self, reserved: Reserved);
     /// Stops receiving on a relay socket and closes it.
     fn close(&mut self, socket: usize);
 }
 
-/// Where the core reports its allocations so the control plane can list them, and where it
+/// Where the core lists its allocations so the control plane can show them, and where it
 /// learns which ones the control plane wants deleted.
-pub trait AllocationSink {
+pub trait AllocationTable {
     fn publish(&mut self, a: &Allocation, now: Now);
     fn remove(&mut self, id: u64);
     /// Appends the ids the control plane asked to delete (they may belong to other workers).
     fn deletes(&mut self, out: &mut Vec<u64>);
     /// Acknowledges a delete request this worker carried out.
     fn deleted(&mut self, id: u64);
-    /// Whether a source is on the control plane's blacklist.
-    fn blocked(&self, _ip: IpAddr, _unix: u64) -> bool {
-        false
-    }
-    /// Changes whenever the blacklist changes.
-    fn blacklist_generation(&self) -> u64 {
-        0
-    }
-    /// Reports a suspicious event to the control plane's fraud engine.
-    fn report(&mut self, _kind: EventKind, _ip: IpAddr, _unix: u64) {}
 }
 
-/// For cores whose allocations nobody lists (tests, the TCP thread).
-pub struct NoSink;
+/// The control plane's list of blocked sources.
+pub trait Blacklist {
+    fn blocked(&self, ip: IpAddr, unix: u64) -> bool;
+    /// Changes whenever the list changes.
+    fn generation(&self) -> u64;
+}
 
-impl AllocationSink for NoSink {
+/// Where the core reports suspicious events, for the control plane's fraud engine.
+pub trait Events {
+    fn report(&mut self, kind: EventKind, ip: IpAddr, unix: u64);
+}
+
+/// The core's links to the control plane, one per role.
+pub struct ControlPlane {
+    pub allocations: Box<dyn AllocationTable>,
+    pub blacklist: Box<dyn Blacklist>,
+    pub events: Box<dyn Events>,
+}
+
+impl ControlPlane {
+    /// No control plane (tests, tools): allocations are not listed, nobody is blocked,
+    /// events go nowhere.
+    pub fn detached() -> ControlPlane {
+        ControlPlane {
+            allocations: Box::new(Detached),
+            blacklist: Box::new(Detached),
+            events: Box::new(Detached),
+        }
+    }
+}
+
+/// Each role, doing nothing.
+pub struct Detached;
+
+impl AllocationTable for Detached {
     fn publish(&mut self, _: &Allocation, _: Now) {}
     fn remove(&mut self, _: u64) {}
     fn deletes(&mut self, _: &mut Vec<u64>) {}
     fn deleted(&mut self, _: u64) {}
+}
+
+impl Blacklist for Detached {
+    fn blocked(&self, _: IpAddr, _: u64) -> bool {
+        false
+    }
+    fn generation(&self) -> u64 {
+        0
+    }
+}
+
+impl Events for Detached {
+    fn report(&mut self, _: EventKind, _: IpAddr, _: u64) {}
 }
 
 /// A driver without relay sockets (the TCP thread): every open fails, so Allocate answers
@@ -88,40 +135,53 @@ impl RelayIo for NoRelay {
     fn open(&mut self, _: SocketAddr, _: bool) -> io::Result<usize> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
-    fn reserve(&mut self, _: SocketAddr) -> io::Result<UdpSocket> {
+    fn reserve(&mut self, _: SocketAddr) -> io::Result<Reserved> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
-    fn adopt(&mut self, _: UdpSocket, _: bool) -> io::Result<usize> {
+    fn adopt(&mut self, _: Reserved, _: bool) -> io::Result<usize> {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
+    fn release(&mut self, _: Reserved) {}
     fn close(&mut self, _: usize) {}
 }
 
 /// A reserved relay port (EVEN-PORT with R bit), redeemable once by RESERVATION-TOKEN.
 pub struct Reservation {
-    pub socket: UdpSocket,
+    pub reserved: Reserved,
     pub addr: SocketAddr,
     pub expires: Instant,
 }
 
 /// State shared by all workers of the process (not by configuration generations): quotas,
 /// reservations, the request-rate meter and which addresses hold allocations. Touched by
-/// requests, Allocate and expiry, never per relayed packet.
-#[derive(Default)]
+/// requests, Allocate and expiry, never per relayed packet. Ordered maps: no hash key to
+/// draw, and their sizes are bounded by the allocation quota.
 pub struct TurnShared {
     pub allocations: AtomicUsize,
-    pub per_user: Mutex<HashMap<Box<str>, usize>>,
-    pub reservations: Mutex<HashMap<[u8; 8], Reservation>>,
+    pub per_user: Mutex<BTreeMap<Box<str>, usize>>,
+    pub reservations: Mutex<BTreeMap<[u8; 8], Reservation>>,
     pub next_id: AtomicU64,
     /// Requests per source per second, over all workers: one source's ports are spread
     /// over the workers by `SO_REUSEPORT`, so a per-worker count would divide its rate.
     pub rates: ratelimit::SharedMeter,
     /// Allocations per client address: a source holding one has proved it receives our
     /// answers. Consulted only when a source goes over the rate, so a lock is fine.
-    pub holders: Mutex<HashMap<IpAddr, u32>>,
+    pub holders: Mutex<BTreeMap<IpAddr, u32>>,
 }
 
 impl TurnShared {
+    /// `seed` keys the rate meter's hash; the driver draws it.
+    pub fn new(seed: u64) -> TurnShared {
+        TurnShared {
+            allocations: AtomicUsize::new(0),
+            per_user: Mutex::default(),
+            reservations: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            rates: ratelimit::SharedMeter::new(seed),
+            holders: Mutex::default(),
+        }
+    }
+
     /// Whether some worker holds an allocation for a client at `ip`.
     pub fn serves(&self, ip: IpAddr) -> bool {
         self.holders
@@ -152,6 +212,18 @@ impl TurnShared {
     }
 }
 
+/// What one call into the core works with besides the core's own state: the configuration
+/// in force, the time, the driver's relay sockets and the worker's counters. Built by
+/// [`crate::server::Server`] per call (a few pointers, no allocation).
+pub struct Ctx<'a> {
+    pub settings: &'a TurnSettings,
+    /// SOFTWARE attribute value; empty hides it.
+    pub software: &'a str,
+    pub now: Now,
+    pub io: &'a mut dyn RelayIo,
+    pub stats: &'a mut Stats,
+}
+
 /// Where the payload of an incoming datagram sits in its buffer; the bytes before `start`
 /// are free headroom for headers.
 #[derive(Clone, Copy, Debug)]
@@ -167,12 +239,14 @@ pub struct Turn {
     shared: Arc<TurnShared>,
     table: Table,
     limiter: ratelimit::ErrorLimiter,
+    /// Relay ports and reservation tokens.
+    random: Random,
     /// Cheap generator for Data-indication transaction ids, which need not be secret.
     tid_state: u64,
     last_sweep: Option<Instant>,
     /// Relay socket indices start here; lower indices are listen sockets.
     pub first_relay_socket: usize,
-    pub(crate) sink: Box<dyn AllocationSink>,
+    pub(crate) control: ControlPlane,
     kills: Vec<u64>,
     last_control: Option<Instant>,
     blacklist_seen: u64,
@@ -182,20 +256,24 @@ pub struct Turn {
 }
 
 impl Turn {
+    /// `seed` is drawn by the driver, per worker: every random choice of the core comes
+    /// from it.
     pub fn new(
         shared: Arc<TurnShared>,
         first_relay_socket: usize,
-        seed: u64,
-        sink: Box<dyn AllocationSink>,
+        seed: &[u8; 32],
+        control: ControlPlane,
     ) -> Turn {
+        let mut random = Random::new(seed);
         Turn {
             shared,
-            table: Table::default(),
-            limiter: ratelimit::ErrorLimiter::new(seed),
-            tid_state: seed | 1,
+            table: Table::new(random.next_u64()),
+            limiter: ratelimit::ErrorLimiter::new(random.next_u64()),
+            tid_state: random.next_u64() | 1,
+            random,
             last_sweep: None,
             first_relay_socket,
-            sink,
+            control,
             kills: Vec::new(),
             last_control: None,
             blacklist_seen: 0,
@@ -223,50 +301,41 @@ impl Turn {
     }
 
     /// ChannelData from a client (RFC 8656 §12.4): forward the payload from where it lies.
-    pub fn on_channel_data(
-        &mut self,
-        settings: &TurnSettings,
-        d: Datagram,
-        buf: &[u8],
-        now: Now,
-        stats: &WorkerCounters,
-    ) -> Action {
+    pub fn on_channel_data(&mut self, cx: &mut Ctx<'_>, d: Datagram, buf: &[u8]) -> Action {
         let Some(h) = buf.get(d.start..d.start + 4) else {
-            stats.incr(Counter::DropBadChannelData);
+            cx.stats.incr(Counter::DropBadChannelData);
             return Action::Drop;
         };
         let number = u16::from_be_bytes([h[0], h[1]]);
         let len = usize::from(u16::from_be_bytes([h[2], h[3]]));
         // Over UDP the datagram may carry up to 3 bytes of padding after the data.
         if !CHANNEL_NUMBERS.contains(&number) || len + 4 > d.len || d.len > len + 4 + 3 {
-            stats.incr(Counter::DropBadChannelData);
+            cx.stats.incr(Counter::DropBadChannelData);
             return Action::Drop;
         }
         let Some(slot) = self.table.by_client(d.from, d.socket) else {
-            stats.incr(Counter::DropNoAllocation);
+            cx.stats.incr(Counter::DropNoAllocation);
             return Action::Drop;
         };
         let Some(a) = self.table.get_mut(slot) else {
             return Action::Drop;
         };
-        let Some(peer) = a.channel_by_number(number, now.mono).map(|c| c.peer) else {
-            stats.incr(Counter::DropNoChannel);
+        let Some(peer) = a.channel_by_number(number, cx.now.mono).map(|c| c.peer) else {
+            cx.stats.incr(Counter::DropNoChannel);
             return Action::Drop;
         };
-        to_peer(a, settings, now, stats, d.start + 4, len, peer)
+        to_peer(a, cx, d.start + 4, len, peer)
     }
 
     /// A Send indication (RFC 8656 §11.2): DATA goes to XOR-PEER-ADDRESS if permitted.
     pub fn on_send_indication(
         &mut self,
-        settings: &TurnSettings,
+        cx: &mut Ctx<'_>,
         d: Datagram,
         msg: &stun::Message<'_>,
-        now: Now,
-        stats: &WorkerCounters,
     ) -> Action {
         let Some(slot) = self.table.by_client(d.from, d.socket) else {
-            stats.incr(Counter::DropNoAllocation);
+            cx.stats.incr(Counter::DropNoAllocation);
             return Action::Drop;
         };
         let tid = msg.transaction_id();
@@ -285,7 +354,7 @@ impl Turn {
             }
         }
         let (Some(peer), Some((off, len))) = (peer, data) else {
-            stats.incr(Counter::DropBadAttribute);
+            cx.stats.incr(Counter::DropBadAttribute);
             return Action::Drop;
         };
         let Some(a) = self.table.get_mut(slot) else {
@@ -296,25 +365,19 @@ impl Turn {
         // per port range: check the policy again so a permission for this box's address
         // cannot reach its other services.
         if peer.is_ipv4() != a.relay_local.is_ipv4()
-            || !a.has_permission(peer.ip(), now.mono)
-            || settings.policy.check(peer.ip(), peer.port()).is_err()
+            || !a.has_permission(peer.ip(), cx.now.mono)
+            || cx.settings.policy.check(peer.ip(), peer.port()).is_err()
         {
-            stats.incr(Counter::DropNoPermission);
+            cx.stats.incr(Counter::DropNoPermission);
             return Action::Drop;
         }
-        to_peer(a, settings, now, stats, d.start + off, len, peer)
+        to_peer(a, cx, d.start + off, len, peer)
     }
 
     /// A datagram from a peer on a relay socket: to the client as ChannelData when a
     /// channel is bound, else as a Data indication, the header written in front of the data.
-    pub fn on_peer_data(
-        &mut self,
-        settings: &TurnSettings,
-        d: Datagram,
-        buf: &mut [u8],
-        now: Now,
-        stats: &WorkerCounters,
-    ) -> Action {
+    pub fn on_peer_data(&mut self, cx: &mut Ctx<'_>, d: Datagram, buf: &mut [u8]) -> Action {
+        let (now, stats) = (cx.now, &mut *cx.stats);
         let Some(slot) = self.table.by_relay(d.socket) else {
             stats.incr(Counter::DropNoAllocation);
             return Action::Drop;
@@ -327,7 +390,8 @@ impl Turn {
             stats.incr(Counter::DropNoPermission);
             return Action::Drop;
         }
-        if d.len > usize::from(u16::MAX) || !a.down.take(now.mono, settings.max_bandwidth, d.len) {
+        if d.len > usize::from(u16::MAX) || !a.down.take(now.mono, cx.settings.max_bandwidth, d.len)
+        {
             stats.incr(Counter::DropBandwidth);
             return Action::Drop;
         }
@@ -359,19 +423,14 @@ impl Turn {
     }
 
     /// Ends an allocation: closes its relay socket and gives back its quota.
-    fn end(
-        &mut self,
-        slot: usize,
-        io: &mut dyn RelayIo,
-        stats: &WorkerCounters,
-        reason: Counter,
-    ) -> Option<Allocation> {
+    fn end(&mut self, cx: &mut Ctx<'_>, slot: usize, reason: Counter) -> Option<Allocation> {
         let a = self.table.remove(slot)?;
-        io.close(a.relay_socket);
-        self.sink.remove(a.id);
+        cx.io.close(a.relay_socket);
+        self.control.allocations.remove(a.id);
         self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
         self.shared.release_user(&a.username);
         self.shared.hold(a.client.ip(), -1);
+        let stats = &mut *cx.stats;
         stats.sub(Counter::TurnAllocationsActive, 1);
         stats.sub(Counter::TurnPermissionsActive, a.permissions.len() as u64);
         stats.sub(Counter::TurnChannelsActive, a.channels.len() as u64);
@@ -388,18 +447,13 @@ impl Turn {
     }
 
     /// Carries out the control plane's delete requests (every call), then expires
-    /// allocations, permissions and channels and republishes traffic figures (at most once
-    /// per second of `now`).
-    pub fn sweep(
-        &mut self,
-        settings: &TurnSettings,
-        now: Now,
-        io: &mut dyn RelayIo,
-        stats: &WorkerCounters,
-    ) {
+    /// allocations, permissions, channels and reservations and republishes traffic figures
+    /// (at most once per second of `now`).
+    pub fn sweep(&mut self, cx: &mut Ctx<'_>) {
+        let now = cx.now;
         if self.recheck_peers {
             self.recheck_peers = false;
-            self.drop_refused_peers(settings, now, stats);
+            self.drop_refused_peers(cx);
         }
         // Control-plane requests are looked at every 50 ms, not every loop turn: under load a
         // turn is one datagram, and scanning the request slots each time cost more than the
@@ -412,28 +466,29 @@ impl Turn {
         }
         self.last_control = Some(now.mono);
         self.kills.clear();
-        self.sink.deletes(&mut self.kills);
+        self.control.allocations.deletes(&mut self.kills);
         for i in 0..self.kills.len() {
             let id = self.kills[i];
             let slot = self.table.slots().find(|(_, a)| a.id == id).map(|(s, _)| s);
             if let Some(slot) = slot {
-                self.end(slot, io, stats, Counter::TurnAllocationsDeleted);
-                self.sink.deleted(id);
+                self.end(cx, slot, Counter::TurnAllocationsDeleted);
+                self.control.allocations.deleted(id);
             }
         }
         // A source just blacklisted loses its allocations (RFC-wise a server may end an
         // allocation at any time; the client sees its refreshes fail).
-        let g = self.sink.blacklist_generation();
+        let g = self.control.blacklist.generation();
         if g != self.blacklist_seen {
             self.blacklist_seen = g;
+            let blacklist = &self.control.blacklist;
             let blocked: Vec<usize> = self
                 .table
                 .slots()
-                .filter(|(_, a)| self.sink.blocked(a.client.ip(), now.unix))
+                .filter(|(_, a)| blacklist.blocked(a.client.ip(), now.unix))
                 .map(|(i, _)| i)
                 .collect();
             for slot in blocked {
-                self.end(slot, io, stats, Counter::TurnAllocationsDeleted);
+                self.end(cx, slot, Counter::TurnAllocationsDeleted);
             }
         }
         if self
@@ -450,7 +505,7 @@ impl Turn {
             .map(|(i, _)| i)
             .collect();
         for slot in expired {
-            self.end(slot, io, stats, Counter::TurnAllocationsExpired);
+            self.end(cx, slot, Counter::TurnAllocationsExpired);
         }
         for slot in 0..self.table.slot_count() {
             if let Some(a) = self.table.get_mut(slot) {
@@ -458,28 +513,36 @@ impl Turn {
                 a.permissions.retain(|p| p.expires > now.mono);
                 let c = a.channels.len();
                 a.channels.retain(|c| c.expires > now.mono);
-                stats.sub(
+                cx.stats.sub(
                     Counter::TurnPermissionsActive,
                     (p - a.permissions.len()) as u64,
                 );
-                stats.sub(Counter::TurnChannelsActive, (c - a.channels.len()) as u64);
+                cx.stats
+                    .sub(Counter::TurnChannelsActive, (c - a.channels.len()) as u64);
             }
             // Traffic figures and counts for the API, once a second.
             if let Some(a) = self.table.get(slot) {
-                self.sink.publish(a, now);
+                self.control.allocations.publish(a, now);
             }
         }
         if let Ok(mut r) = self.shared.reservations.try_lock() {
-            r.retain(|_, v| v.expires > now.mono);
+            let io = &mut *cx.io;
+            r.retain(|_, v| {
+                let keep = v.expires > now.mono;
+                if !keep {
+                    io.release(v.reserved);
+                }
+                keep
+            });
         }
     }
 
     /// Removes permissions and channels the peer policy no longer allows, so a `deny_peers`
     /// added at run time takes effect on existing allocations too.
-    fn drop_refused_peers(&mut self, settings: &TurnSettings, now: Now, stats: &WorkerCounters) {
-        let policy = &settings.policy;
+    fn drop_refused_peers(&mut self, cx: &mut Ctx<'_>) {
+        let policy = &cx.settings.policy;
         // A permission is per IP; the server's own addresses pass only for relay ports.
-        let relay_port = settings.ports.low;
+        let relay_port = cx.settings.ports.low;
         for slot in 0..self.table.slot_count() {
             let Some(a) = self.table.get_mut(slot) else {
                 continue;
@@ -491,8 +554,8 @@ impl Turn {
                 .retain(|c| policy.check(c.peer.ip(), c.peer.port()).is_ok());
             let (gone_p, gone_c) = (p - a.permissions.len(), c - a.channels.len());
             if gone_p + gone_c > 0 {
-                stats.sub(Counter::TurnPermissionsActive, gone_p as u64);
-                stats.sub(Counter::TurnChannelsActive, gone_c as u64);
+                cx.stats.sub(Counter::TurnPermissionsActive, gone_p as u64);
+                cx.stats.sub(Counter::TurnChannelsActive, gone_c as u64);
                 tracing::info!(
                     id = a.id,
                     permissions = gone_p,
@@ -500,17 +563,17 @@ impl Turn {
                     "peers refused by the new policy removed"
                 );
                 if let Some(a) = self.table.get(slot) {
-                    self.sink.publish(a, now);
+                    self.control.allocations.publish(a, cx.now);
                 }
             }
         }
     }
 
     /// Deletes every allocation (dataplane shutdown), so quotas and gauges stay right.
-    pub fn clear(&mut self, io: &mut dyn RelayIo, stats: &WorkerCounters) {
+    pub fn clear(&mut self, cx: &mut Ctx<'_>) {
         let all: Vec<usize> = self.table.slots().map(|(i, _)| i).collect();
         for slot in all {
-            self.end(slot, io, stats, Counter::TurnAllocationsDeleted);
+            self.end(cx, slot, Counter::TurnAllocationsDeleted);
         }
     }
 }
@@ -531,21 +594,19 @@ fn next_tid(state: &mut u64) -> [u8; 12] {
 /// the relay socket.
 fn to_peer(
     a: &mut Allocation,
-    settings: &TurnSettings,
-    now: Now,
-    stats: &WorkerCounters,
+    cx: &mut Ctx<'_>,
     offset: usize,
     len: usize,
     peer: SocketAddr,
 ) -> Action {
-    if !a.up.take(now.mono, settings.max_bandwidth, len) {
-        stats.incr(Counter::DropBandwidth);
+    if !a.up.take(cx.now.mono, cx.settings.max_bandwidth, len) {
+        cx.stats.incr(Counter::DropBandwidth);
         return Action::Drop;
     }
     a.traffic.packets_to_peer += 1;
     a.traffic.bytes_to_peer += len as u64;
-    stats.incr(Counter::RelayClientToPeerPackets);
-    stats.add(Counter::RelayClientToPeerBytes, len as u64);
+    cx.stats.incr(Counter::RelayClientToPeerPackets);
+    cx.stats.add(Counter::RelayClientToPeerBytes, len as u64);
     Action::Send {
         offset,
         len,

@@ -95,19 +95,17 @@ pub struct SharedMeter {
 
 const METER_SLOTS: usize = 1 << 16;
 
-impl Default for SharedMeter {
-    fn default() -> SharedMeter {
-        use std::hash::{BuildHasher, RandomState};
+impl SharedMeter {
+    /// `seed` keys the hash; the driver draws it.
+    pub fn new(seed: u64) -> SharedMeter {
         SharedMeter {
             slots: (0..METER_SLOTS)
                 .map(|_| std::sync::atomic::AtomicU64::new(0))
                 .collect(),
-            seed: RandomState::new().hash_one(0x006d_6574_6572_u64),
+            seed,
         }
     }
-}
 
-impl SharedMeter {
     /// Counts one request; true exactly once per second in which `ip` goes above `rate`.
     pub fn over(&self, ip: IpAddr, unix: u64, rate: u32) -> bool {
         use std::sync::atomic::Ordering;
@@ -152,7 +150,7 @@ mod tests {
 
     #[test]
     fn meter_fires_once_per_second_above_the_rate() {
-        let m = SharedMeter::default();
+        let m = SharedMeter::new(7);
         let ip: IpAddr = "2001:db8::1".parse().unwrap();
         let fired: Vec<bool> = (0..12).map(|_| m.over(ip, 100, 10)).collect();
         assert_eq!(fired.iter().filter(|f| **f).count(), 1);

@@ -7,17 +7,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use portico_shared::counters::Counter;
-use portico_shared::shm::{EventKind, WorkerCounters};
+use portico_shared::shm::EventKind;
 
 use super::allocation::{
     Allocation, Bucket, Channel, Permission, Traffic, CHANNEL_LIFETIME, PERMISSION_LIFETIME,
 };
 use super::auth::{AuthError, Authed, Integrity, NONCE_BYTES};
 use super::policy::{self, Denied};
-use super::{Datagram, RelayIo, Reservation, Turn, TurnSettings};
-use crate::server::{Action, Now};
+use super::{Ctx, Datagram, Reservation, Turn, TurnSettings};
+use crate::server::{Action, Now, Stats};
 use crate::stun::{attr, method, Class, Message, MessageWriter};
 
 const MAX_PEERS: usize = 8;
@@ -154,27 +153,11 @@ const FAMILY_MISMATCH: Failure = Failure(443, "Peer Address Family Mismatch");
 const QUOTA: Failure = Failure(486, "Allocation Quota Reached");
 const CAPACITY: Failure = Failure(508, "Insufficient Capacity");
 
-fn random_u32() -> u32 {
-    let mut b = [0u8; 4];
-    // The system CSPRNG does not fail on Linux; a zero fallback only biases the port pick.
-    let _ = SystemRandom::new().fill(&mut b);
-    u32::from_ne_bytes(b)
-}
-
 impl Turn {
     /// Handles a TURN request in `buf[d.start..d.start + d.len]`; the response is written at
     /// the start of `buf`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn on_request(
-        &mut self,
-        s: &TurnSettings,
-        software: &str,
-        d: Datagram,
-        buf: &mut [u8],
-        now: Now,
-        io: &mut dyn RelayIo,
-        stats: &WorkerCounters,
-    ) -> Action {
+    pub fn on_request(&mut self, cx: &mut Ctx<'_>, d: Datagram, buf: &mut [u8]) -> Action {
+        let (s, now) = (cx.settings, cx.now);
         let parsed = match Message::parse(&buf[d.start..d.start + d.len]) {
             Ok(m) => {
                 let auth = s.credentials.authenticate(&m, d.from, now.unix);
@@ -183,13 +166,13 @@ impl Turn {
             Err(_) => None,
         };
         let Some((req, auth)) = parsed else {
-            stats.incr(Counter::DropBadAttribute);
+            cx.stats.incr(Counter::DropBadAttribute);
             return Action::Drop;
         };
         let authed = match auth {
             Ok(a) => a,
             Err(e) => {
-                stats.incr(match e {
+                cx.stats.incr(match e {
                     AuthError::Challenge => Counter::TurnChallenges,
                     AuthError::StaleNonce => Counter::TurnAuthStaleNonce,
                     AuthError::UnknownUser => Counter::TurnAuthUnknownUser,
@@ -201,58 +184,58 @@ impl Turn {
                     e,
                     AuthError::UnknownUser | AuthError::Expired | AuthError::BadIntegrity
                 ) {
-                    self.sink
+                    self.control
+                        .events
                         .report(EventKind::AuthFailure, d.from.ip(), now.unix);
                 }
                 if e != AuthError::Challenge {
                     tracing::debug!(source = %d.from, method = req.method, reason = ?e, "TURN authentication failed");
                 }
                 if !self.limiter.allow(d.from.ip(), now.mono, s.error_rate) {
-                    stats.incr(Counter::DropRateLimited);
+                    cx.stats.incr(Counter::DropRateLimited);
                     return Action::Drop;
                 }
                 let f = Failure(e.code(), e.reason());
-                let challenge = matches!(e.code(), 401 | 438);
-                return write_error(s, software, &req, d, buf, f, None, challenge, now);
+                return write_error(cx, &req, d, buf, f, None);
             }
         };
         if !req.unknown.is_empty() {
-            stats.incr(Counter::TurnRequestsError);
+            cx.stats.incr(Counter::TurnRequestsError);
             let f = Failure(420, "Unknown Attribute");
-            return write_error(s, software, &req, d, buf, f, Some(&authed), false, now);
+            return write_error(cx, &req, d, buf, f, Some(&authed));
         }
         let result = if req.malformed {
             Err(BAD_REQUEST)
         } else {
             match req.method {
-                method::ALLOCATE => self.allocate(s, &req, &authed, d, now, io, stats),
-                method::REFRESH => self.refresh(s, &req, &authed, d, now, io, stats),
-                method::CREATE_PERMISSION => {
-                    self.create_permission(s, &req, &authed, d, now, stats)
-                }
-                method::CHANNEL_BIND => self.channel_bind(s, &req, &authed, d, now, stats),
+                method::ALLOCATE => self.allocate(cx, &req, &authed, d),
+                method::REFRESH => self.refresh(cx, &req, &authed, d),
+                method::CREATE_PERMISSION => self.create_permission(cx, &req, &authed, d),
+                method::CHANNEL_BIND => self.channel_bind(cx, &req, &authed, d),
                 _ => Err(BAD_REQUEST),
             }
         };
         match result {
             Ok(success) => {
-                stats.incr(Counter::TurnRequestsOk);
-                write_success(software, &req, d, buf, &success, &authed)
+                cx.stats.incr(Counter::TurnRequestsOk);
+                write_success(cx.software, &req, d, buf, &success, &authed)
             }
             Err(f) => {
-                stats.incr(Counter::TurnRequestsError);
+                cx.stats.incr(Counter::TurnRequestsError);
                 if f.0 == 403 {
-                    self.sink
+                    self.control
+                        .events
                         .report(EventKind::PeerDenied, d.from.ip(), now.unix);
                 }
                 if f.0 == 441 {
                     // Valid credentials, but of another user than the allocation's.
-                    stats.incr(Counter::TurnAuthWrongUser);
-                    self.sink
+                    cx.stats.incr(Counter::TurnAuthWrongUser);
+                    self.control
+                        .events
                         .report(EventKind::AuthFailure, d.from.ip(), now.unix);
                 }
                 tracing::debug!(client = %d.from, method = req.method, code = f.0, "TURN request refused");
-                write_error(s, software, &req, d, buf, f, Some(&authed), false, now)
+                write_error(cx, &req, d, buf, f, Some(&authed))
             }
         }
     }
@@ -276,17 +259,14 @@ impl Turn {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn allocate(
         &mut self,
-        s: &TurnSettings,
+        cx: &mut Ctx<'_>,
         req: &Req,
         authed: &Authed,
         d: Datagram,
-        now: Now,
-        io: &mut dyn RelayIo,
-        stats: &WorkerCounters,
     ) -> Result<Success, Failure> {
+        let (s, now) = (cx.settings, cx.now);
         if let Some(slot) = self.table.by_client(d.from, d.socket) {
             // A retransmission of the Allocate that made it gets the same answer (RFC 8656
             // §7.2 rule 2); anything else is a mismatch.
@@ -329,7 +309,7 @@ impl Turn {
         let total = self.shared.allocations.fetch_add(1, Ordering::Relaxed);
         if total >= s.max_allocations {
             self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
-            stats.incr(Counter::TurnQuotaRejected);
+            cx.stats.incr(Counter::TurnQuotaRejected);
             return Err(CAPACITY);
         }
         let user_ok = match self.shared.per_user.lock() {
@@ -346,16 +326,16 @@ impl Turn {
         };
         if !user_ok {
             self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
-            stats.incr(Counter::TurnQuotaRejected);
+            cx.stats.incr(Counter::TurnQuotaRejected);
             return Err(QUOTA);
         }
-        let opened = self.open_relay(s, req, v4, now, io);
+        let opened = self.open_relay(cx, req, v4);
         let (socket, local, token) = match opened {
             Ok(x) => x,
             Err(f) => {
                 self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
                 self.shared.release_user(&authed.username);
-                stats.incr(Counter::TurnQuotaRejected);
+                cx.stats.incr(Counter::TurnQuotaRejected);
                 return Err(f);
             }
         };
@@ -385,10 +365,10 @@ impl Turn {
         self.shared.hold(d.from.ip(), 1);
         let slot = self.table.insert(a);
         if let Some(a) = self.table.get(slot) {
-            self.sink.publish(a, now);
+            self.control.allocations.publish(a, now);
         }
-        stats.incr(Counter::TurnAllocationsCreated);
-        stats.add(Counter::TurnAllocationsActive, 1);
+        cx.stats.incr(Counter::TurnAllocationsCreated);
+        cx.stats.add(Counter::TurnAllocationsActive, 1);
         tracing::info!(
             id,
             client = %d.from,
@@ -409,12 +389,11 @@ impl Turn {
     /// reserved when asked), or a random port of the range.
     fn open_relay(
         &mut self,
-        s: &TurnSettings,
+        cx: &mut Ctx<'_>,
         req: &Req,
         v4: bool,
-        now: Now,
-        io: &mut dyn RelayIo,
     ) -> Result<(usize, SocketAddr, Option<[u8; 8]>), Failure> {
+        let (s, now, io) = (cx.settings, cx.now, &mut *cx.io);
         if let Some(token) = req.token {
             let r = self
                 .shared
@@ -425,7 +404,7 @@ impl Turn {
                 .ok_or(CAPACITY)?;
             let addr = r.addr;
             let socket = io
-                .adopt(r.socket, req.dont_fragment)
+                .adopt(r.reserved, req.dont_fragment)
                 .map_err(|_| CAPACITY)?;
             return Ok((socket, addr, None));
         }
@@ -433,7 +412,7 @@ impl Turn {
         let (low, high) = (s.ports.low, s.ports.high);
         let span = u32::from(high - low) + 1;
         for _ in 0..PORT_TRIES {
-            let mut port = (u32::from(low) + random_u32() % span) as u16;
+            let mut port = (u32::from(low) + self.random.next_u32() % span) as u16;
             if req.even_port.is_some() {
                 port &= !1;
                 if port < low || port.checked_add(1).is_none_or(|p| p > high) {
@@ -444,30 +423,40 @@ impl Turn {
             let reserve = req.even_port == Some(true);
             let odd = if reserve {
                 match io.reserve(SocketAddr::new(ip, port + 1)) {
-                    Ok(sock) => Some(sock),
+                    Ok(r) => Some(r),
                     Err(_) => continue,
                 }
             } else {
                 None
             };
             let Ok(socket) = io.open(addr, req.dont_fragment) else {
+                if let Some(r) = odd {
+                    io.release(r);
+                }
                 continue;
             };
             let token = match odd {
-                Some(sock) => {
+                Some(reserved) => {
                     let mut t = [0u8; 8];
-                    let _ = SystemRandom::new().fill(&mut t);
-                    if let Ok(mut m) = self.shared.reservations.lock() {
-                        m.insert(
-                            t,
-                            Reservation {
-                                socket: sock,
+                    self.random.fill(&mut t);
+                    match self.shared.reservations.lock() {
+                        Ok(mut m) => {
+                            let r = Reservation {
+                                reserved,
                                 addr: SocketAddr::new(ip, port + 1),
                                 expires: now.mono + RESERVATION_LIFETIME,
-                            },
-                        );
+                            };
+                            // A token drawn twice (one chance in 2^64) retires the older.
+                            if let Some(old) = m.insert(t, r) {
+                                io.release(old.reserved);
+                            }
+                            Some(t)
+                        }
+                        Err(_) => {
+                            io.release(reserved);
+                            None
+                        }
                     }
-                    Some(t)
                 }
                 None => None,
             };
@@ -476,17 +465,14 @@ impl Turn {
         Err(CAPACITY)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn refresh(
         &mut self,
-        s: &TurnSettings,
+        cx: &mut Ctx<'_>,
         req: &Req,
         authed: &Authed,
         d: Datagram,
-        now: Now,
-        io: &mut dyn RelayIo,
-        stats: &WorkerCounters,
     ) -> Result<Success, Failure> {
+        let (s, now) = (cx.settings, cx.now);
         let slot = self.own_allocation(d, authed)?;
         if let (Some(f), Some(a)) = (req.family, self.table.get(slot)) {
             if (f == FAMILY_V4) != a.relay_local.is_ipv4() {
@@ -494,7 +480,7 @@ impl Turn {
             }
         }
         if req.lifetime == Some(0) {
-            self.end(slot, io, stats, Counter::TurnAllocationsDeleted);
+            self.end(cx, slot, Counter::TurnAllocationsDeleted);
             return Ok(Success::Refresh { lifetime: 0 });
         }
         let lifetime = Self::lifetime(s, req.lifetime);
@@ -502,7 +488,7 @@ impl Turn {
             a.expires = now.mono + lifetime;
         }
         if let Some(a) = self.table.get(slot) {
-            self.sink.publish(a, now);
+            self.control.allocations.publish(a, now);
         }
         Ok(Success::Refresh {
             lifetime: lifetime.as_secs() as u32,
@@ -514,7 +500,7 @@ impl Turn {
         s: &TurnSettings,
         a: &Allocation,
         peer: SocketAddr,
-        stats: &WorkerCounters,
+        stats: &mut Stats,
     ) -> Result<SocketAddr, Failure> {
         let canon = policy::canonical(peer.ip());
         if canon.is_ipv4() != a.relay_local.is_ipv4() {
@@ -538,7 +524,7 @@ impl Turn {
         a: &mut Allocation,
         ip: IpAddr,
         now: Now,
-        stats: &WorkerCounters,
+        stats: &mut Stats,
     ) -> Result<(), Failure> {
         let expires = now.mono + PERMISSION_LIFETIME;
         if let Some(p) = a.permissions.iter_mut().find(|p| p.ip == ip) {
@@ -557,13 +543,12 @@ impl Turn {
 
     fn create_permission(
         &mut self,
-        s: &TurnSettings,
+        cx: &mut Ctx<'_>,
         req: &Req,
         authed: &Authed,
         d: Datagram,
-        now: Now,
-        stats: &WorkerCounters,
     ) -> Result<Success, Failure> {
+        let (s, now, stats) = (cx.settings, cx.now, &mut *cx.stats);
         let slot = self.own_allocation(d, authed)?;
         let a = self.table.get_mut(slot).ok_or(MISMATCH)?;
         if req.n_peers == 0 {
@@ -586,19 +571,18 @@ impl Turn {
         for ip in ips.into_iter().flatten() {
             Self::permit(s, a, ip, now, stats)?;
         }
-        self.sink.publish(a, now);
+        self.control.allocations.publish(a, now);
         Ok(Success::Empty)
     }
 
     fn channel_bind(
         &mut self,
-        s: &TurnSettings,
+        cx: &mut Ctx<'_>,
         req: &Req,
         authed: &Authed,
         d: Datagram,
-        now: Now,
-        stats: &WorkerCounters,
     ) -> Result<Success, Failure> {
+        let (s, now, stats) = (cx.settings, cx.now, &mut *cx.stats);
         let slot = self.own_allocation(d, authed)?;
         let a = self.table.get_mut(slot).ok_or(MISMATCH)?;
         let (Some(number), Some(peer), 1) = (req.channel, req.peers[0], req.n_peers) else {
@@ -634,7 +618,7 @@ impl Turn {
             }
         }
         Self::permit(s, a, peer.ip(), now, stats)?;
-        self.sink.publish(a, now);
+        self.control.allocations.publish(a, now);
         Ok(Success::Empty)
     }
 }
@@ -711,18 +695,18 @@ fn write_success(
     reply(len, d)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// An error response; one to an unauthenticated request that may retry (401, 438) carries
+/// the challenge: REALM, a fresh NONCE and PASSWORD-ALGORITHMS.
 fn write_error(
-    s: &TurnSettings,
-    software: &str,
+    cx: &Ctx<'_>,
     req: &Req,
     d: Datagram,
     buf: &mut [u8],
     f: Failure,
     authed: Option<&Authed>,
-    challenge: bool,
-    now: Now,
 ) -> Action {
+    let (s, now) = (cx.settings, cx.now);
+    let challenge = authed.is_none() && matches!(f.0, 401 | 438);
     let len = (|| {
         let mut w = writer(buf, req, Class::ErrorResponse)?;
         w.add_error_code(f.0, f.1).ok()?;
@@ -741,7 +725,7 @@ fn write_error(
             )
             .ok()?;
         }
-        seal(w, software, authed)
+        seal(w, cx.software, authed)
     })();
     reply(len, d)
 }

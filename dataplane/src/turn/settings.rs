@@ -1,6 +1,6 @@
 //! TURN settings derived from one configuration generation, shared read-only by workers.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use portico_shared::config::{Config, PortRange};
@@ -27,20 +27,16 @@ pub struct TurnSettings {
     pub error_rate: u32,
 }
 
-/// The local address of the interface the default route of a family leaves from. A UDP
-/// `connect` only consults the routing table; nothing is sent.
-fn route_source(probe: SocketAddr) -> Option<IpAddr> {
-    let any: SocketAddr = if probe.is_ipv4() {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let s = UdpSocket::bind(any).ok()?;
-    s.connect(probe).ok()?;
-    Some(s.local_addr().ok()?.ip()).filter(|ip| !ip.is_unspecified())
+/// The source address of each family's default route, as the runtime found it (the core
+/// opens no socket to ask the routing table). Used for the relay address when `turn.listen`
+/// has only wildcard addresses of a family and `turn.relay_ip` names none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DefaultRoutes {
+    pub v4: Option<IpAddr>,
+    pub v6: Option<IpAddr>,
 }
 
-fn pick_relay(config: &Config, v4: bool) -> Option<IpAddr> {
+fn pick_relay(config: &Config, routes: &DefaultRoutes, v4: bool) -> Option<IpAddr> {
     if let Some(ip) = config.turn.relay_ip.iter().find(|ip| ip.is_ipv4() == v4) {
         return Some(*ip);
     }
@@ -56,23 +52,25 @@ fn pick_relay(config: &Config, v4: bool) -> Option<IpAddr> {
     if !config.turn.listen.iter().any(|a| a.is_ipv4() == v4) {
         return None;
     }
-    let probe: SocketAddr = if v4 {
-        "192.0.2.1:9".parse().ok()?
+    if v4 {
+        routes
+            .v4
+            .filter(|ip| ip.is_ipv4())
+            .or(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)))
     } else {
-        "[2001:db8::1]:9".parse().ok()?
-    };
-    route_source(probe).or(if v4 {
-        Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
-    } else {
-        None
-    })
+        routes.v6.filter(|ip| ip.is_ipv6())
+    }
 }
 
 impl TurnSettings {
-    pub fn from_config(config: &Config, nonce_secret: &[u8; 32]) -> TurnSettings {
+    pub fn from_config(
+        config: &Config,
+        nonce_secret: &[u8; 32],
+        routes: &DefaultRoutes,
+    ) -> TurnSettings {
         let t = &config.turn;
-        let relay_v4 = pick_relay(config, true);
-        let relay_v6 = pick_relay(config, false);
+        let relay_v4 = pick_relay(config, routes, true);
+        let relay_v6 = pick_relay(config, routes, false);
         let ports = config.relay_port_range();
         let mut own: Vec<IpAddr> = [relay_v4, relay_v6, t.external_ip]
             .into_iter()

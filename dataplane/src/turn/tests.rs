@@ -2,23 +2,29 @@
 //! calls: each request, error response and timer, with a fake clock that the tests move
 //! forward and a fake driver that records which relay sockets the core opens and closes.
 //!
-//! Nothing here sleeps or sends a packet; relayed datagrams are checked where the core says
-//! they lie in the buffer (`Action::Send`), exactly as a driver would send them.
+//! Nothing here sleeps, opens a socket or maps shared memory: relay sockets are fake handles,
+//! counters are the core's own [`crate::server::Stats`], and relayed datagrams are checked
+//! where the core says they lie in the buffer (`Action::Send`), exactly as a driver would
+//! send them.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portico_shared::config::Config;
 use portico_shared::counters::Counter;
-use portico_shared::shm::{SharedMemory, WorkerCounters};
+use portico_shared::shm::EventKind;
 
 use super::policy::ipv6_encodings;
-use super::{NoSink, RelayIo, TurnShared};
-use crate::server::{Action, Now, Server, Settings, Transport, HEADROOM};
+use super::{
+    AllocationTable, Blacklist, ControlPlane, DefaultRoutes, Events, RelayIo, Reserved, TurnShared,
+};
+use crate::server::{Action, Now, Received, Server, Settings, Stats, Transport, HEADROOM};
 use crate::stun::{self, attr, method, Class, Message, MessageWriter};
 
 // ---------------------------------------------------------------------------------------
@@ -58,8 +64,8 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// A relay driver that binds nothing for `open` (the core only needs an index back), binds
-/// a real loopback socket for `reserve` (the trait returns one), and remembers everything.
+/// A relay driver that binds nothing (the core only needs handles back) and remembers
+/// everything: which addresses are "bound", which reservations are held.
 #[derive(Default)]
 struct FakeIo {
     next: usize,
@@ -68,9 +74,10 @@ struct FakeIo {
     opened: Vec<(usize, SocketAddr, bool)>,
     closed: Vec<usize>,
     reserved: Vec<SocketAddr>,
+    /// Reservations not yet adopted or released: handle -> address.
+    holding: HashMap<Reserved, SocketAddr>,
+    released: Vec<SocketAddr>,
     adopted: Vec<(usize, SocketAddr)>,
-    /// Sockets adopted from reservations, kept open while "receiving".
-    held: HashMap<usize, UdpSocket>,
     fail_ports: HashSet<u16>,
     fail_all: bool,
 }
@@ -83,10 +90,12 @@ impl FakeIo {
         }
     }
 
+    /// A port in use (open or reserved) cannot be bound again, as with real sockets.
     fn refuse(&self, addr: SocketAddr) -> bool {
         self.fail_all
             || self.fail_ports.contains(&addr.port())
             || self.live.values().any(|a| *a == addr)
+            || self.holding.values().any(|a| *a == addr)
     }
 }
 
@@ -102,23 +111,34 @@ impl RelayIo for FakeIo {
         Ok(i)
     }
 
-    fn reserve(&mut self, addr: SocketAddr) -> io::Result<UdpSocket> {
+    fn reserve(&mut self, addr: SocketAddr) -> io::Result<Reserved> {
         if self.refuse(addr) {
             return Err(io::Error::from(io::ErrorKind::AddrInUse));
         }
-        let s = UdpSocket::bind(addr)?;
         self.reserved.push(addr);
-        Ok(s)
+        let r = Reserved(1000 + self.reserved.len() as u64);
+        self.holding.insert(r, addr);
+        Ok(r)
     }
 
-    fn adopt(&mut self, socket: UdpSocket, _dont_fragment: bool) -> io::Result<usize> {
-        let addr = socket.local_addr()?;
+    fn adopt(&mut self, reserved: Reserved, _dont_fragment: bool) -> io::Result<usize> {
+        let addr = self
+            .holding
+            .remove(&reserved)
+            .unwrap_or_else(|| panic!("the core adopted {reserved:?}, which is not held"));
         let i = self.next;
         self.next += 1;
         self.live.insert(i, addr);
         self.adopted.push((i, addr));
-        self.held.insert(i, socket);
         Ok(i)
+    }
+
+    fn release(&mut self, reserved: Reserved) {
+        let addr = self
+            .holding
+            .remove(&reserved)
+            .unwrap_or_else(|| panic!("the core released {reserved:?}, which is not held"));
+        self.released.push(addr);
     }
 
     fn close(&mut self, socket: usize) {
@@ -126,23 +146,56 @@ impl RelayIo for FakeIo {
             self.live.remove(&socket).is_some(),
             "the core closed relay socket {socket}, which is not open"
         );
-        self.held.remove(&socket);
         self.closed.push(socket);
     }
 }
 
-/// A counter block of a real shared-memory segment (`WorkerCounters` has no other
-/// constructor); the name is unlinked at once, the mapping lives as long as the harness.
-fn counter_segment() -> SharedMemory {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let name = format!(
-        "/portico-test-turn-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    let shm = SharedMemory::create(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    SharedMemory::unlink(&name);
-    shm
+/// What the core told the control plane, recorded by fake roles the tests keep a handle on.
+#[derive(Default)]
+struct Heard {
+    events: Vec<(EventKind, IpAddr)>,
+    published: Vec<u64>,
+    removed: Vec<u64>,
+    /// Delete requests the control plane has pending, and those the core acknowledged.
+    deletes: Vec<u64>,
+    deleted: Vec<u64>,
+    blocked: HashSet<IpAddr>,
+    blacklist_generation: u64,
+}
+
+#[derive(Clone, Default)]
+struct FakeControl(Rc<RefCell<Heard>>);
+
+impl AllocationTable for FakeControl {
+    fn publish(&mut self, a: &super::allocation::Allocation, _: Now) {
+        self.0.borrow_mut().published.push(a.id);
+    }
+    fn remove(&mut self, id: u64) {
+        self.0.borrow_mut().removed.push(id);
+    }
+    fn deletes(&mut self, out: &mut Vec<u64>) {
+        out.extend(self.0.borrow().deletes.iter().copied());
+    }
+    fn deleted(&mut self, id: u64) {
+        let mut h = self.0.borrow_mut();
+        h.deletes.retain(|d| *d != id);
+        h.deleted.push(id);
+    }
+}
+
+impl Blacklist for FakeControl {
+    fn blocked(&self, ip: IpAddr, _: u64) -> bool {
+        self.0.borrow().blocked.contains(&ip)
+    }
+    fn generation(&self) -> u64 {
+        self.0.borrow().blacklist_generation
+    }
+}
+
+impl Events for FakeControl {
+    fn report(&mut self, kind: EventKind, ip: IpAddr, _: u64) {
+        self.0.borrow_mut().events.push((kind, ip));
+    }
 }
 
 /// What the server asked the driver to send.
@@ -198,7 +251,7 @@ impl Out {
 struct H {
     server: Server,
     io: FakeIo,
-    shm: SharedMemory,
+    control: FakeControl,
     base: Now,
     elapsed: Duration,
     shared: Arc<TurnShared>,
@@ -219,13 +272,23 @@ impl H {
         let mut config = Config::from_toml(&BASE.replace("CAROL_KEY", &carol_key)).unwrap();
         f(&mut config);
         config.validate().unwrap();
-        let settings = Arc::new(Settings::from_config(&config, &[7u8; 32]));
+        let settings = Arc::new(Settings::from_config(
+            &config,
+            &[7u8; 32],
+            &DefaultRoutes::default(),
+        ));
         assert_eq!(settings.endpoints.len(), FIRST_RELAY);
-        let shared = Arc::new(TurnShared::default());
+        let shared = Arc::new(TurnShared::new(0x5eed));
+        let control = FakeControl::default();
+        let links = ControlPlane {
+            allocations: Box::new(control.clone()),
+            blacklist: Box::new(control.clone()),
+            events: Box::new(control.clone()),
+        };
         H {
-            server: Server::new(settings, Arc::clone(&shared), 0x5eed, Box::new(NoSink)),
+            server: Server::new(settings, Arc::clone(&shared), &[0x5e; 32], links),
             io: FakeIo::new(),
-            shm: counter_segment(),
+            control,
             base: Now {
                 mono: Instant::now(),
                 unix: 1_800_000_000,
@@ -250,8 +313,12 @@ impl H {
         self.elapsed += Duration::from_millis(ms);
     }
 
-    fn stats(&self) -> &WorkerCounters {
-        self.shm.segment().counters(0)
+    fn stats(&self) -> &Stats {
+        self.server.stats()
+    }
+
+    fn heard(&self) -> std::cell::Ref<'_, Heard> {
+        self.control.0.borrow()
     }
 
     fn stat(&self, c: Counter) -> u64 {
@@ -260,8 +327,7 @@ impl H {
 
     fn tick(&mut self) {
         let now = self.now();
-        let stats = self.shm.segment().counters(0);
-        self.server.tick(now, &mut self.io, stats);
+        self.server.tick(now, &mut self.io);
     }
 
     /// Advances the clock and runs the timers, as a driver's loop would.
@@ -276,18 +342,15 @@ impl H {
         let mut buf = vec![0xEEu8; BUF];
         buf[HEADROOM..HEADROOM + datagram.len()].copy_from_slice(datagram);
         let now = self.now();
-        let stats = self.shm.segment().counters(0);
-        let action = self.server.handle(
-            now,
-            Transport::Udp,
+        let rx = Received {
+            transport: Transport::Udp,
             socket,
             from,
-            &mut buf,
-            HEADROOM,
-            datagram.len(),
-            &mut self.io,
-            stats,
-        );
+            buf: &mut buf,
+            start: HEADROOM,
+            len: datagram.len(),
+        };
+        let action = self.server.handle(now, &mut self.io, rx);
         match action {
             Action::Drop => None,
             Action::Send {
@@ -1116,6 +1179,9 @@ fn an_unredeemed_reservation_expires() {
     assert_eq!(h.shared.reservations.lock().unwrap().len(), 1);
     h.advance_and_tick(31);
     assert_eq!(h.shared.reservations.lock().unwrap().len(), 0);
+    // The driver was told to close the reserved socket.
+    assert_eq!(h.io.released, h.io.reserved);
+    assert!(h.io.holding.is_empty());
     let mut late = h.client("198.51.100.7:5001", "alice", "secret");
     let r = late.allocate_with(&mut h, &move |w| {
         udp(w);
@@ -1751,8 +1817,8 @@ fn shutdown_deletes_every_allocation() {
         c.allocate(&mut h);
         c.bind(&mut h, 0x4000, sa(PEER1));
     }
-    let stats = h.shm.segment().counters(0);
-    h.server.shutdown(&mut h.io, stats);
+    let now = h.now();
+    h.server.shutdown(now, &mut h.io);
     assert_eq!(h.allocations(), 0);
     assert!(h.io.live.is_empty());
     assert_eq!(h.io.closed.len(), 3);
@@ -2077,4 +2143,129 @@ fn turn_requests_with_a_broken_fingerprint_or_integrity_are_not_honoured() {
     buf[20 + 4 + 3] ^= 1;
     c.send_raw(&mut h, &buf[..n]).unwrap().expect_error(401);
     assert_eq!(h.allocations(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// The core's links to its driver and the control plane: events, blacklist, deletes,
+// reservation handles, seeded randomness
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn auth_failures_and_refused_peers_are_reported_as_events_challenges_are_not() {
+    let mut h = H::new();
+    let src: IpAddr = "198.51.100.7".parse().unwrap();
+    let mut c = h.client("198.51.100.7:5000", "alice", "wrong");
+    // The first round trip (no credentials) is a challenge, not a failure; neither is a
+    // successful Allocate.
+    let unsigned = c.build(method::ALLOCATE, &new_tid(), &udp);
+    c.send_raw(&mut h, &unsigned).unwrap().expect_error(401);
+    let mut ok = h.client("198.51.100.8:5000", "alice", "secret");
+    ok.allocate(&mut h);
+    assert!(h.heard().events.is_empty(), "{:?}", h.heard().events);
+    // Signed with the wrong password (after learning the nonce from a challenge).
+    c.allocate_with(&mut h, &udp).expect_error(401);
+    assert_eq!(h.heard().events, vec![(EventKind::AuthFailure, src)]);
+    // A peer the policy refuses.
+    ok.permit(&mut h, &[sa("127.0.0.1:5000")]).expect_error(403);
+    assert_eq!(
+        h.heard().events[1..],
+        [(EventKind::PeerDenied, "198.51.100.8".parse().unwrap())]
+    );
+}
+
+#[test]
+fn a_blacklisted_source_is_dropped_and_loses_its_allocations() {
+    let mut h = H::new();
+    let mut bad = h.client("198.51.100.7:5000", "alice", "secret");
+    let mut good = h.client("198.51.100.8:5000", "alice", "secret");
+    let (_, bad_relay) = bad.allocate(&mut h);
+    good.allocate(&mut h);
+    bad.bind(&mut h, 0x4000, sa(PEER1));
+    let bad_id = h
+        .server
+        .turn()
+        .table()
+        .slots()
+        .find(|(_, a)| a.client == bad.addr)
+        .map(|(_, a)| a.id)
+        .unwrap();
+    {
+        let mut heard = h.control.0.borrow_mut();
+        heard.blocked.insert(bad.addr.ip());
+        heard.blacklist_generation += 1;
+    }
+    // At once: its packets are dropped and counted.
+    assert!(bad.channel_data(&mut h, 0x4000, b"x", 0).is_none());
+    assert_eq!(h.stat(Counter::DropBlacklisted), 1);
+    // At the next tick: its allocation ends, the other stays.
+    h.advance_ms(100);
+    h.tick();
+    assert_eq!(h.allocations(), 1);
+    assert_eq!(h.io.closed, vec![bad_relay]);
+    assert_eq!(h.heard().removed, vec![bad_id]);
+    assert_eq!(h.stat(Counter::TurnAllocationsDeleted), 1);
+    assert_eq!(h.stat(Counter::TurnAllocationsActive), 1);
+    assert_eq!(h.stat(Counter::TurnChannelsActive), 0);
+}
+
+#[test]
+fn delete_requests_from_the_control_plane_end_allocations_and_are_acknowledged() {
+    let mut h = H::new();
+    let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+    let (_, relay) = c.allocate(&mut h);
+    let id = h.server.turn().table().slots().next().unwrap().1.id;
+    assert!(h.heard().published.contains(&id), "listed when created");
+    h.control.0.borrow_mut().deletes = vec![id, 999_999];
+    h.advance_ms(100);
+    h.tick();
+    assert_eq!(h.allocations(), 0);
+    assert_eq!(h.io.closed, vec![relay]);
+    assert_eq!(h.heard().deleted, vec![id]);
+    // Another worker's id is left for that worker.
+    assert_eq!(h.heard().deletes, vec![999_999]);
+    assert_eq!(h.stat(Counter::TurnAllocationsDeleted), 1);
+}
+
+#[test]
+fn a_reservation_is_released_when_its_even_port_cannot_be_opened() {
+    let mut h = H::with(|c| c.turn.relay_ports = "50000-50009".into());
+    // Odd ports can be reserved, no even port can be opened.
+    h.io.fail_ports = (50000..=50009).filter(|p| p % 2 == 0).collect();
+    let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+    let r = c.allocate_with(&mut h, &|w| {
+        udp(w);
+        w.add_attribute(attr::EVEN_PORT, &[0x80]).unwrap();
+    });
+    r.expect_error(508);
+    assert!(!h.io.reserved.is_empty(), "odd ports were reserved");
+    assert_eq!(h.io.released, h.io.reserved, "and every one was released");
+    assert!(h.io.holding.is_empty());
+    assert!(h.shared.reservations.lock().unwrap().is_empty());
+}
+
+#[test]
+fn relay_ports_and_tokens_come_from_the_drivers_seed() {
+    let run = |seed: u8| {
+        let mut h = H::new();
+        let settings = Arc::clone(h.server.settings());
+        h.server = Server::new(
+            settings,
+            Arc::clone(&h.shared),
+            &[seed; 32],
+            ControlPlane::detached(),
+        );
+        let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+        let r = c.allocate_with(&mut h, &|w| {
+            udp(w);
+            w.add_attribute(attr::EVEN_PORT, &[0x80]).unwrap();
+        });
+        assert!(r.is_success(), "{:?}", r.code());
+        (
+            r.xor(attr::XOR_RELAYED_ADDRESS).unwrap().port(),
+            r.get(attr::RESERVATION_TOKEN).unwrap(),
+        )
+    };
+    assert_eq!(run(1), run(1));
+    let (a, b) = (run(1), run(2));
+    assert_ne!(a.1, b.1, "another seed, another token");
 }
