@@ -4,10 +4,17 @@
 //! the TURN server must know exactly how an address is compared: IPv4 blocks only match IPv4
 //! addresses and IPv6 blocks only IPv6 ones; turning IPv4-mapped and other embedded forms back
 //! into IPv4 is the caller's job, done once, before the lookup.
+//!
+//! Both types are configuration values too: a [`Cidr`] is read from a string (`"10.0.0.0/8"`,
+//! or a bare address for a host block) and written back as `address/prefix` with the host
+//! bits cleared; a [`CidrList`] is a list of them.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// An IP network: an address and a prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,9 +109,34 @@ impl fmt::Display for Cidr {
     }
 }
 
+impl Serialize for Cidr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Cidr, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Cidr;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an IP address or a CIDR block such as \"10.0.0.0/8\"")
+            }
+
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Cidr, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// A list of blocks searched linearly: lists are short (tens of entries), and a scan of a few
-/// cache lines beats a trie at that size.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// cache lines beats a trie at that size. In the configuration, a list of strings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct CidrList {
     blocks: Vec<Cidr>,
 }
@@ -153,5 +185,32 @@ mod tests {
         assert!("::/129".parse::<Cidr>().is_err());
         assert!("nonsense".parse::<Cidr>().is_err());
         assert!("10.0.0.0/x".parse::<Cidr>().is_err());
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Doc {
+        list: CidrList,
+    }
+
+    #[test]
+    fn lists_read_strings_and_write_canonical_blocks() {
+        let d: Doc =
+            toml::from_str("list = [\"10.1.2.3/8\", \"192.0.2.7\", \"fd00::/8\"]").unwrap();
+        assert!(d.list.contains("10.9.9.9".parse().unwrap()));
+        assert!(d.list.contains("192.0.2.7".parse().unwrap()));
+        assert!(!d.list.contains("192.0.2.8".parse().unwrap()));
+        let text = toml::to_string(&d).unwrap();
+        assert_eq!(
+            text,
+            "list = [\"10.0.0.0/8\", \"192.0.2.7/32\", \"fd00::/8\"]\n"
+        );
+        assert_eq!(toml::from_str::<Doc>(&text).unwrap(), d);
+        let e = toml::from_str::<Doc>("list = [\"10.0.0.0/40\"]").unwrap_err();
+        assert!(
+            e.message()
+                .contains("\"10.0.0.0/40\": prefix /40 is longer than 32 bits"),
+            "{e}"
+        );
+        assert!(toml::from_str::<Doc>("list = [7]").is_err());
     }
 }

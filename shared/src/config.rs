@@ -5,6 +5,11 @@
 //! the same code. Unknown keys are errors (a typo must not silently fall back to a default),
 //! and every semantic check names the key, the value and the rule, for example
 //! `turn.relay_ports: "70000-80000" is not a port range (1-65535)`.
+//!
+//! Addresses, CIDR lists ([`CidrList`]), port ranges ([`PortRange`]) and durations
+//! ([`Duration`]) are typed fields: deserialising the text is what checks them, so a value
+//! that loads is one the code can use as it is, and nothing parses it a second time.
+//! [`Config::validate`] checks the rest: ranges and rules between keys.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -12,8 +17,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::addr::{Cidr, CidrList};
+use crate::addr::CidrList;
 use crate::proxy_config::ProxyConfig;
+pub use crate::values::{Duration, Minutes, PortRange};
 
 /// A configuration error a person can act on: the key, and what is wrong with its value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +102,7 @@ pub struct TurnConfig {
     /// Address advertised in XOR-RELAYED-ADDRESS when a static NAT map sits in front of the box.
     pub external_ip: Option<IpAddr>,
     /// `"low-high"`, inclusive.
-    pub relay_ports: String,
+    pub relay_ports: PortRange,
     /// TURN REST API secrets; the first signs new credentials, all verify (rollover).
     #[serde(
         deserialize_with = "one_or_many",
@@ -104,20 +110,21 @@ pub struct TurnConfig {
     )]
     pub shared_secret: Vec<String>,
     pub users: Vec<TurnUser>,
-    pub allow_peers: Vec<String>,
-    pub deny_peers: Vec<String>,
+    pub allow_peers: CidrList,
+    pub deny_peers: CidrList,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
     /// Pin worker i to core i. Right on a box that runs little else; on a shared or
     /// virtual machine the scheduler's freedom to move a worker off a busy core is worth more.
     pub pin_workers: bool,
     pub io: IoMode,
-    /// Seconds a nonce stays valid before a request gets 438 Stale Nonce.
-    pub nonce_lifetime: u64,
-    /// Allocation lifetime in seconds when the client asks for less (RFC 8656: 600).
-    pub default_lifetime: u32,
-    /// Longest allocation lifetime in seconds a client may ask for.
-    pub max_lifetime: u32,
+    /// How long a nonce stays valid before a request gets 438 Stale Nonce (plain numbers:
+    /// seconds).
+    pub nonce_lifetime: Duration,
+    /// Allocation lifetime when the client asks for less (RFC 8656: 600 seconds).
+    pub default_lifetime: Duration,
+    /// Longest allocation lifetime a client may ask for.
+    pub max_lifetime: Duration,
     /// Allocations on the whole server.
     pub max_allocations: usize,
     /// Allocations per user name (REST API names count per name).
@@ -143,17 +150,17 @@ impl Default for TurnConfig {
             realm: "portico".into(),
             relay_ip: Vec::new(),
             external_ip: None,
-            relay_ports: "16384-32767".into(),
+            relay_ports: PortRange::DEFAULT_RELAY,
             shared_secret: Vec::new(),
             users: Vec::new(),
-            allow_peers: Vec::new(),
-            deny_peers: Vec::new(),
+            allow_peers: CidrList::default(),
+            deny_peers: CidrList::default(),
             workers: 0,
             pin_workers: false,
             io: IoMode::Auto,
-            nonce_lifetime: 600,
-            default_lifetime: 600,
-            max_lifetime: 3600,
+            nonce_lifetime: Duration::from_secs(600),
+            default_lifetime: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
             max_allocations: 8192,
             max_allocations_per_user: 256,
             max_permissions: 32,
@@ -243,7 +250,7 @@ pub struct FraudConfig {
     /// a unit ("30s", "10m", "2h").
     pub blacklist_minutes: Minutes,
     /// Sources never blocked: addresses or CIDR blocks.
-    pub whitelist: Vec<String>,
+    pub whitelist: CidrList,
     /// IPv6 sources are counted and blocked per prefix of this length (one subscriber
     /// usually holds a whole /64); IPv4 sources per address.
     pub ipv6_prefix: u8,
@@ -263,62 +270,12 @@ impl Default for FraudConfig {
     fn default() -> FraudConfig {
         FraudConfig {
             suspicious_per_minute: 20,
-            blacklist_minutes: Minutes(std::time::Duration::from_secs(600)),
-            whitelist: Vec::new(),
+            blacklist_minutes: Minutes::from_secs(600),
+            whitelist: CidrList::default(),
             ipv6_prefix: 64,
             request_rate: 500,
             max_tracked_sources: 65_536,
             count_peer_refusals: false,
-        }
-    }
-}
-
-impl FraudConfig {
-    pub fn whitelist(&self) -> CidrList {
-        CidrList::new(parse_cidrs("", &self.whitelist).unwrap_or_default())
-    }
-}
-
-/// A duration written as minutes (`10`) or with a unit (`"30s"`, `"10m"`, `"2h"`, `"1d"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Minutes(pub std::time::Duration);
-
-impl Minutes {
-    pub fn parse(s: &str) -> Result<Minutes, String> {
-        let s = s.trim();
-        let bad =
-            || format!("\"{s}\" is not a duration (a number of minutes, or 30s, 10m, 2h, 1d)");
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| bad())?;
-        let secs = match unit.trim() {
-            "" | "m" | "min" => n * 60,
-            "s" => n,
-            "h" => n * 3600,
-            "d" => n * 86_400,
-            _ => return Err(bad()),
-        };
-        Ok(Minutes(std::time::Duration::from_secs(secs)))
-    }
-}
-
-impl Serialize for Minutes {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}s", self.0.as_secs()))
-    }
-}
-
-impl<'de> Deserialize<'de> for Minutes {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Minutes, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(Minutes(std::time::Duration::from_secs(n * 60))),
-            Raw::Text(t) => Minutes::parse(&t).map_err(serde::de::Error::custom),
         }
     }
 }
@@ -349,44 +306,13 @@ fn one_or_many_ip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>,
     })
 }
 
-/// An inclusive range of UDP ports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    pub low: u16,
-    pub high: u16,
-}
-
-impl PortRange {
-    pub fn parse(s: &str) -> Result<PortRange, String> {
-        let bad = || format!("\"{s}\" is not a port range (1-65535)");
-        let (a, b) = s.split_once('-').ok_or_else(bad)?;
-        let low: u32 = a.trim().parse().map_err(|_| bad())?;
-        let high: u32 = b.trim().parse().map_err(|_| bad())?;
-        if low == 0 || high > 65535 {
-            return Err(bad());
-        }
-        if low > high {
-            return Err(format!("\"{s}\": the low port is above the high port"));
-        }
-        Ok(PortRange {
-            low: low as u16,
-            high: high as u16,
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        usize::from(self.high - self.low) + 1
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-}
-
 impl Config {
-    /// Parses and validates TOML text.
+    /// Parses and validates TOML text. A value of the wrong form is refused naming its key
+    /// (`turn.relay_ports: "70000-80000" is not a port range (1-65535)`); text that is not
+    /// TOML at all, with toml's own message, which shows the line and the column.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| toml_error(&e))?;
+        let config: Config = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| toml_error(&e))?;
         config.validate()?;
         Ok(config)
     }
@@ -472,7 +398,6 @@ impl Config {
                 format!("\"{}\" must be 1 to 127 characters", t.realm),
             ));
         }
-        PortRange::parse(&t.relay_ports).map_err(|e| err("turn.relay_ports", e))?;
         for s in &t.shared_secret {
             if s.is_empty() {
                 return Err(err("turn.shared_secret", "a secret must not be empty"));
@@ -528,27 +453,17 @@ impl Config {
                 format!("{ip} is not a unicast address"),
             ));
         }
-        if t.nonce_lifetime < 30 || t.nonce_lifetime > 86_400 {
-            return Err(err(
-                "turn.nonce_lifetime",
-                format!("{} is not between 30 and 86400 seconds", t.nonce_lifetime),
-            ));
-        }
-        if t.default_lifetime < 60 || t.default_lifetime > t.max_lifetime {
+        check_duration("turn.nonce_lifetime", t.nonce_lifetime, 30, 86_400)?;
+        if t.default_lifetime.as_secs() < 60 || t.default_lifetime > t.max_lifetime {
             return Err(err(
                 "turn.default_lifetime",
                 format!(
-                    "{} must be at least 60 and at most turn.max_lifetime ({})",
+                    "{} must be at least 60s and at most turn.max_lifetime ({})",
                     t.default_lifetime, t.max_lifetime
                 ),
             ));
         }
-        if t.max_lifetime > 86_400 {
-            return Err(err(
-                "turn.max_lifetime",
-                format!("{} is more than 86400 seconds", t.max_lifetime),
-            ));
-        }
+        check_duration("turn.max_lifetime", t.max_lifetime, 60, 86_400)?;
         for (key, v, max) in [
             ("turn.max_allocations", t.max_allocations, 1_000_000),
             (
@@ -566,8 +481,6 @@ impl Config {
         if t.error_rate == 0 {
             return Err(err("turn.error_rate", "must be at least 1 per second"));
         }
-        parse_cidrs("turn.allow_peers", &t.allow_peers)?;
-        parse_cidrs("turn.deny_peers", &t.deny_peers)?;
         if t.workers > crate::shm::MAX_WORKERS {
             return Err(err(
                 "turn.workers",
@@ -576,13 +489,12 @@ impl Config {
         }
         self.proxy.validate()?;
         let f = &self.fraud;
-        parse_cidrs("fraud.whitelist", &f.whitelist)?;
-        if f.blacklist_minutes.0.as_secs() == 0 || f.blacklist_minutes.0.as_secs() > 366 * 86_400 {
-            return Err(err(
-                "fraud.blacklist_minutes",
-                "must be between 1 second and a year",
-            ));
-        }
+        check_duration(
+            "fraud.blacklist_minutes",
+            f.blacklist_minutes,
+            1,
+            366 * 86_400,
+        )?;
         if !crate::shm::BLACKLIST_V6_PREFIXES.contains(&f.ipv6_prefix) {
             return Err(err(
                 "fraud.ipv6_prefix",
@@ -637,21 +549,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-
-    pub fn relay_port_range(&self) -> PortRange {
-        PortRange::parse(&self.turn.relay_ports).unwrap_or(PortRange {
-            low: 16384,
-            high: 32767,
-        })
-    }
-
-    pub fn allow_peers(&self) -> CidrList {
-        CidrList::new(parse_cidrs("", &self.turn.allow_peers).unwrap_or_default())
-    }
-
-    pub fn deny_peers(&self) -> CidrList {
-        CidrList::new(parse_cidrs("", &self.turn.deny_peers).unwrap_or_default())
     }
 
     /// The worker count to run: the configured one, or one per core.
@@ -723,17 +620,40 @@ pub fn check_log_level(value: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn parse_cidrs(key: &str, list: &[String]) -> Result<Vec<Cidr>, ConfigError> {
-    list.iter()
-        .map(|s| s.parse::<Cidr>().map_err(|e| err(key, e)))
-        .collect()
+/// Checks that `d` lies between `min` and `max` seconds, both included.
+pub(crate) fn check_duration<const PLAIN: u64>(
+    key: &str,
+    d: Duration<PLAIN>,
+    min: u64,
+    max: u64,
+) -> Result<(), ConfigError> {
+    if d.as_secs() < min || d.as_secs() > max {
+        return Err(err(
+            key,
+            format!(
+                "{d} is not between {} and {}",
+                Duration::<1>::from_secs(min),
+                Duration::<1>::from_secs(max)
+            ),
+        ));
+    }
+    Ok(())
 }
 
-/// toml's own message already shows the line, the column and the offending text.
-fn toml_error(e: &toml::de::Error) -> ConfigError {
+/// A value of the wrong form: the key path serde was at (`turn.relay_ports`,
+/// `proxy.services[0].allow_from.sip[0]`) and the problem alone. Text that is not TOML fails
+/// before any key: then toml's own message, which shows the line, the column and the text.
+fn toml_error(e: &serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let path = e.path().to_string();
+    if path == "." {
+        return ConfigError {
+            key: String::new(),
+            problem: e.inner().to_string().trim_end().to_string(),
+        };
+    }
     ConfigError {
-        key: String::new(),
-        problem: e.to_string().trim_end().to_string(),
+        key: path,
+        problem: e.inner().message().trim_end().to_string(),
     }
 }
 
@@ -757,9 +677,17 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let e = Config::from_toml("[turn]\nlisten_on = [\"0.0.0.0:1\"]\n").unwrap_err();
-        assert!(e.to_string().contains("listen_on"), "{e}");
+        assert_eq!(e.key, "turn.listen_on", "{e}");
+        assert!(e.problem.starts_with("unknown field `listen_on`"), "{e}");
         let e = Config::from_toml("bogus = 1\n").unwrap_err();
-        assert!(e.to_string().contains("bogus"), "{e}");
+        assert_eq!(e.key, "bogus", "{e}");
+    }
+
+    #[test]
+    fn text_that_is_not_toml_gets_tomls_message_with_the_line() {
+        let e = Config::from_toml("[turn]\nrealm = \"unterminated\n").unwrap_err();
+        assert_eq!(e.key, "");
+        assert!(e.problem.contains("line 2"), "{e}");
     }
 
     #[test]
@@ -796,10 +724,17 @@ mod tests {
 
     #[test]
     fn peers_must_be_cidrs() {
-        let e = Config::from_toml("[turn]\nallow_peers = [\"10.0.0.0/40\"]\n").unwrap_err();
-        assert_eq!(e.key, "turn.allow_peers");
+        let e = Config::from_toml("[turn]\nallow_peers = [\"10.1.0.0/16\", \"10.0.0.0/40\"]\n")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "turn.allow_peers[1]: \"10.0.0.0/40\": prefix /40 is longer than 32 bits"
+        );
+        let e = Config::from_toml("[turn]\ndeny_peers = [\"fe80::/x\"]\n").unwrap_err();
+        assert_eq!(e.key, "turn.deny_peers[0]");
         let c = Config::from_toml("[turn]\nallow_peers = [\"10.1.0.0/16\"]\n").unwrap();
-        assert!(c.allow_peers().contains("10.1.2.3".parse().unwrap()));
+        assert!(c.turn.allow_peers.contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.turn.allow_peers.contains("10.2.0.1".parse().unwrap()));
     }
 
     #[test]
@@ -818,15 +753,67 @@ mod tests {
     #[test]
     fn fraud_durations_take_minutes_or_units() {
         let c = Config::from_toml("[fraud]\nblacklist_minutes = 5\n").unwrap();
-        assert_eq!(c.fraud.blacklist_minutes.0.as_secs(), 300);
-        let c = Config::from_toml("[fraud]\nblacklist_minutes = \"30s\"\n").unwrap();
-        assert_eq!(c.fraud.blacklist_minutes.0.as_secs(), 30);
-        let c = Config::from_toml("[fraud]\nblacklist_minutes = \"2h\"\n").unwrap();
-        assert_eq!(c.fraud.blacklist_minutes.0.as_secs(), 7200);
+        assert_eq!(c.fraud.blacklist_minutes.as_secs(), 300);
         assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
-        assert!(Config::from_toml("[fraud]\nblacklist_minutes = \"soon\"\n").is_err());
+        let c = Config::from_toml("[fraud]\nblacklist_minutes = \"30s\"\n").unwrap();
+        assert_eq!(c.fraud.blacklist_minutes.as_secs(), 30);
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        let c = Config::from_toml("[fraud]\nblacklist_minutes = \"2h\"\n").unwrap();
+        assert_eq!(c.fraud.blacklist_minutes.as_secs(), 7200);
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        let e = Config::from_toml("[fraud]\nblacklist_minutes = \"soon\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "fraud.blacklist_minutes: \"soon\" is not a duration (a number of minutes, or 30s, 10m, 2h, 1d)"
+        );
         let e = Config::from_toml("[fraud]\nwhitelist = [\"nope\"]\n").unwrap_err();
-        assert_eq!(e.key, "fraud.whitelist");
+        assert_eq!(e.key, "fraud.whitelist[0]");
+        let e = Config::from_toml("[fraud]\nblacklist_minutes = 0\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "fraud.blacklist_minutes: 0s is not between 1s and 366d"
+        );
+    }
+
+    /// Minutes that do not fit in 64 bits of seconds are refused; they used to overflow
+    /// (a panic in a debug build, a wrapped, far too short block in a release build).
+    #[test]
+    fn durations_that_overflow_are_refused_naming_the_key() {
+        let e =
+            Config::from_toml("[fraud]\nblacklist_minutes = 9223372036854775807\n").unwrap_err();
+        assert_eq!(e.key, "fraud.blacklist_minutes", "{e}");
+        let e = Config::from_toml("[fraud]\nblacklist_minutes = -1\n").unwrap_err();
+        assert_eq!(e.key, "fraud.blacklist_minutes", "{e}");
+        assert!(e.problem.contains("is not a duration"), "{e}");
+    }
+
+    /// The keys counted in seconds before units existed still count seconds as plain
+    /// numbers, take units, and come back from `to_toml` as the same value.
+    #[test]
+    fn second_keys_take_numbers_and_units() {
+        let c = Config::from_toml(
+            "[turn]\nnonce_lifetime = 45\ndefault_lifetime = \"5m\"\nmax_lifetime = \"2h\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.turn.nonce_lifetime.as_secs(), 45);
+        assert_eq!(c.turn.default_lifetime.as_secs(), 300);
+        assert_eq!(c.turn.max_lifetime.as_secs(), 7200);
+        let text = c.to_toml();
+        assert!(text.contains("nonce_lifetime = \"45s\""), "{text}");
+        assert!(text.contains("max_lifetime = \"2h\""), "{text}");
+        assert_eq!(Config::from_toml(&text).unwrap(), c);
+        let e = Config::from_toml("[turn]\nnonce_lifetime = \"10\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "turn.nonce_lifetime: 10s is not between 30s and 1d"
+        );
+        let e = Config::from_toml("[turn]\nmax_lifetime = \"1h30\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "turn.max_lifetime: \"1h30\" is not a duration (a number of seconds, or 30s, 10m, 2h, 1d)"
+        );
+        let e = Config::from_toml("[turn]\nmax_lifetime = 1.5\n").unwrap_err();
+        assert_eq!(e.key, "turn.max_lifetime", "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! * [`counters`]: the names of the per-worker counters, shared so the control plane can turn
 //!   them into Prometheus metrics without knowing dataplane internals.
 //! * [`addr`]: CIDR lists used by peer policy and access limitation.
+//! * [`values`]: the other typed configuration values, durations and port ranges.
 
 #![deny(unsafe_code)]
 
@@ -18,3 +19,4 @@ pub mod config;
 pub mod counters;
 pub mod proxy_config;
 pub mod shm;
+pub mod values;

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::addr::{Cidr, CidrList};
-use crate::config::ConfigError;
+use crate::addr::CidrList;
+use crate::config::{check_duration, ConfigError, Duration};
 
 fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError {
@@ -161,8 +161,8 @@ pub struct ProxyConfig {
     pub tls: ProxyTls,
     /// Peers (e.g. a load balancer in front of Portico) whose `X-Forwarded-For` and
     /// `X-Forwarded-Proto` are kept and appended to; from anyone else they are replaced.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub trusted_proxies: Vec<String>,
+    #[serde(skip_serializing_if = "CidrList::is_empty")]
+    pub trusted_proxies: CidrList,
     /// `[proxy.redirect]`: service types that answer every request with a redirect instead of
     /// forwarding it (reference: "Local service type conflicts"). HTTP and HTTPS only.
     pub redirect: PerType<Redirect>,
@@ -224,12 +224,13 @@ pub struct ProxyLimits {
     pub max_connections_per_ip: usize,
     /// Largest request or response head (HTTP, SIP) or first LDAP message, in bytes.
     pub max_header_bytes: usize,
-    /// Seconds a client has for the TLS handshake plus its first complete request head.
-    pub first_message_timeout: u64,
-    /// Seconds a connection may stay without traffic in either direction.
-    pub idle_timeout: u64,
-    /// Seconds to connect (TCP and TLS) to a target.
-    pub connect_timeout: u64,
+    /// How long a client has for the TLS handshake plus its first complete request head
+    /// (plain numbers: seconds, as for the other two).
+    pub first_message_timeout: Duration,
+    /// How long a connection may stay without traffic in either direction.
+    pub idle_timeout: Duration,
+    /// How long connecting (TCP and TLS) to a target may take.
+    pub connect_timeout: Duration,
 }
 
 impl Default for ProxyLimits {
@@ -238,9 +239,9 @@ impl Default for ProxyLimits {
             max_connections: 4096,
             max_connections_per_ip: 512,
             max_header_bytes: 16 * 1024,
-            first_message_timeout: 10,
-            idle_timeout: 300,
-            connect_timeout: 5,
+            first_message_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -279,7 +280,7 @@ pub struct ProxyService {
     pub urls: Vec<String>,
     /// Allowed client networks per service type; a type without a list is open to all.
     #[serde(default)]
-    pub allow_from: PerType<Vec<String>>,
+    pub allow_from: PerType<CidrList>,
     /// Verify the target's TLS certificate against the trust store (`verify_target` is the
     /// same key, shorter). Unset: on; see [`ProxyService::verifies_target`].
     #[serde(
@@ -343,24 +344,13 @@ impl ProxyService {
         ports.get(other).map(|p| (*p, other.is_tls()))
     }
 
-    /// The CIDR list for type `t`, if one is configured (validated at load).
-    pub fn allow_list(&self, t: ServiceType) -> Option<CidrList> {
-        self.allow_from
-            .get(t)
-            .map(|l| CidrList::new(l.iter().filter_map(|s| s.parse::<Cidr>().ok()).collect()))
+    /// The CIDR list for type `t`, if one is configured.
+    pub fn allow_list(&self, t: ServiceType) -> Option<&CidrList> {
+        self.allow_from.get(t)
     }
 }
 
 impl ProxyConfig {
-    pub fn trusted_proxies(&self) -> CidrList {
-        CidrList::new(
-            self.trusted_proxies
-                .iter()
-                .filter_map(|s| s.parse::<Cidr>().ok())
-                .collect(),
-        )
-    }
-
     /// What in this section is accepted but probably not meant, one sentence each, to be
     /// logged when the configuration is loaded. Today: `check_certificate` set in a service
     /// that does not set `verify_target_certificate`. Until the key took the reference's
@@ -415,10 +405,6 @@ impl ProxyConfig {
                 "give both cert and key, or neither (then the generated pair in the state dir is used)",
             ));
         }
-        for (i, s) in self.trusted_proxies.iter().enumerate() {
-            s.parse::<Cidr>()
-                .map_err(|e| err(format!("proxy.trusted_proxies[{i}]"), e))?;
-        }
         for (t, r) in self.redirect.iter() {
             let key = format!("proxy.redirect.{t}");
             if !matches!(t, ServiceType::Http | ServiceType::Https) {
@@ -462,28 +448,21 @@ impl ProxyConfig {
                 1024,
                 1 << 20,
             ),
-            (
-                "proxy.limits.first_message_timeout",
-                l.first_message_timeout as usize,
-                1,
-                3600,
-            ),
-            (
-                "proxy.limits.idle_timeout",
-                l.idle_timeout as usize,
-                1,
-                86_400,
-            ),
-            (
-                "proxy.limits.connect_timeout",
-                l.connect_timeout as usize,
-                1,
-                600,
-            ),
         ] {
             if v < min || v > max {
                 return Err(err(key, format!("{v} is not between {min} and {max}")));
             }
+        }
+        for (key, d, max) in [
+            (
+                "proxy.limits.first_message_timeout",
+                l.first_message_timeout,
+                3600,
+            ),
+            ("proxy.limits.idle_timeout", l.idle_timeout, 86_400),
+            ("proxy.limits.connect_timeout", l.connect_timeout, 600),
+        ] {
+            check_duration(key, d, 1, max)?;
         }
         for (i, s) in self.services.iter().enumerate() {
             validate_service(i, s)?;
@@ -554,12 +533,6 @@ fn validate_service(i: usize, s: &ProxyService) -> Result<(), ConfigError> {
             ));
         }
     }
-    for (t, list) in s.allow_from.iter() {
-        for (j, c) in list.iter().enumerate() {
-            c.parse::<Cidr>()
-                .map_err(|e| err(format!("{}.{t}[{j}]", key("allow_from")), e))?;
-        }
-    }
     Ok(())
 }
 
@@ -619,7 +592,7 @@ proxy_protocol = true
         let p = &c.proxy;
         assert_eq!(p.listen.https, Some("127.0.0.1:8443".parse().unwrap()));
         assert_eq!(p.listen.sip, None);
-        assert_eq!(p.limits.idle_timeout, 60);
+        assert_eq!(p.limits.idle_timeout.as_secs(), 60);
         assert_eq!(p.limits.max_connections, 4096);
         // The per-source default fits an office NAT (50 browsers x 6 + WebSockets) and
         // stays below the total.
@@ -711,6 +684,9 @@ proxy_protocol = true
             ("[proxy.limits]\nmax_header_bytes = 10\n", "proxy.limits.max_header_bytes"),
             ("[proxy.tls]\ncert = \"/x\"\n", "proxy.tls"),
             ("[proxy]\ntrusted_proxies = [\"x\"]\n", "proxy.trusted_proxies[0]"),
+            ("[proxy.limits]\nidle_timeout = 0\n", "proxy.limits.idle_timeout"),
+            ("[proxy.limits]\nconnect_timeout = \"1h\"\n", "proxy.limits.connect_timeout"),
+            ("[proxy.limits]\nfirst_message_timeout = \"x\"\n", "proxy.limits.first_message_timeout"),
         ];
         for (text, key) in cases {
             let e = Config::from_toml(text).unwrap_err();

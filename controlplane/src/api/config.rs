@@ -197,6 +197,42 @@ mod tests {
         assert!(e.message.starts_with("turn.workers: "), "{}", e.message);
     }
 
+    /// CIDR lists, port ranges and durations are checked by deserialising them, from JSON
+    /// as from TOML, and the canonical form the API shows reads back as the same value.
+    #[test]
+    fn typed_values_from_json_name_the_key_and_round_trip() {
+        let e = from_json(json!({"fraud": {"whitelist": ["192.0.2.1", "nope"]}})).unwrap_err();
+        assert_eq!(
+            e.message,
+            "fraud.whitelist[1]: \"nope\" is not an IP address or CIDR block"
+        );
+        let e = from_json(json!({"turn": {"relay_ports": "70000-80000"}})).unwrap_err();
+        assert_eq!(
+            e.message,
+            "turn.relay_ports: \"70000-80000\" is not a port range (1-65535)"
+        );
+        let e = from_json(json!({"proxy": {"limits": {"idle_timeout": "soon"}}})).unwrap_err();
+        assert!(
+            e.message
+                .starts_with("proxy.limits.idle_timeout: \"soon\" is not a duration"),
+            "{}",
+            e.message
+        );
+        let c = from_json(json!({
+            "turn": {"nonce_lifetime": 120, "max_lifetime": "2h", "allow_peers": ["10.1.2.3/16"]},
+            "fraud": {"blacklist_minutes": 5},
+        }))
+        .unwrap();
+        assert_eq!(c.turn.nonce_lifetime.as_secs(), 120);
+        assert_eq!(c.turn.max_lifetime.as_secs(), 7200);
+        assert_eq!(c.fraud.blacklist_minutes.as_secs(), 300);
+        let shown = serde_json::to_value(&c).unwrap();
+        assert_eq!(shown["turn"]["nonce_lifetime"], "2m");
+        assert_eq!(shown["turn"]["allow_peers"], json!(["10.1.0.0/16"]));
+        assert_eq!(shown["fraud"]["blacklist_minutes"], "5m");
+        assert_eq!(from_json(shown).unwrap(), c);
+    }
+
     #[test]
     fn toml_body_keeps_the_running_state_dir() {
         let c = from_toml(b"[turn]\nrealm = \"r\"\n", std::path::Path::new("/x/state")).unwrap();

@@ -171,8 +171,8 @@ impl Engine {
     pub fn new(cfg: &FraudConfig, seed: u64) -> Engine {
         Engine {
             threshold: cfg.suspicious_per_minute,
-            duration_secs: cfg.blacklist_minutes.0.as_secs(),
-            whitelist_cfg: cfg.whitelist(),
+            duration_secs: cfg.blacklist_minutes.as_secs(),
+            whitelist_cfg: cfg.whitelist.clone(),
             v6_prefix: cfg.ipv6_prefix,
             counts: counter::Counter::new(cfg.max_tracked_sources, seed),
             entries: HashMap::new(),
@@ -184,8 +184,8 @@ impl Engine {
     /// New settings; entries and counts are kept.
     pub fn reconfigure(&mut self, cfg: &FraudConfig) {
         self.threshold = cfg.suspicious_per_minute;
-        self.duration_secs = cfg.blacklist_minutes.0.as_secs();
-        self.whitelist_cfg = cfg.whitelist();
+        self.duration_secs = cfg.blacklist_minutes.as_secs();
+        self.whitelist_cfg = cfg.whitelist.clone();
         self.v6_prefix = cfg.ipv6_prefix;
     }
 
@@ -469,7 +469,7 @@ mod tests {
             suspicious_per_minute: threshold,
             ..FraudConfig::default()
         };
-        c.whitelist = vec!["192.0.2.0/24".into()];
+        c.whitelist = CidrList::new(vec!["192.0.2.0/24".parse().unwrap()]);
         Engine::new(&c, 9)
     }
 

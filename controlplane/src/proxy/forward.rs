@@ -117,7 +117,7 @@ pub async fn connect(
     client: SocketAddr,
     local: SocketAddr,
 ) -> Result<BoxStream, String> {
-    let limit = Duration::from_secs(snap.limits.connect_timeout);
+    let limit = snap.limits.connect_timeout.get();
     tokio::time::timeout(limit, connect_inner(snap, route, target, client, local))
         .await
         .unwrap_or_else(|_| Err(format!("no connection within {}s", limit.as_secs())))

@@ -224,7 +224,7 @@ pub async fn serve(client: BoxStream, conn: Conn) {
     let (mut cr, cw) = tokio::io::split(client);
     let mut cw = Some(cw);
     let limits = conn.snap.limits.clone();
-    let idle = Duration::from_secs(limits.idle_timeout);
+    let idle = limits.idle_timeout.get();
     let activity = Activity::new();
     activity.touch();
     let mut buf: Vec<u8> = Vec::with_capacity(BUF);
@@ -389,7 +389,7 @@ async fn read_head(
     mut done: Option<&mut watch::Receiver<bool>>,
 ) -> HeadRead {
     let max = conn.snap.limits.max_header_bytes;
-    let head_time = Duration::from_secs(conn.snap.limits.first_message_timeout);
+    let head_time = conn.snap.limits.first_message_timeout.get();
     // The first head is due by the connection's deadline; a later one within the same time
     // from its first byte (before that, the connection is merely idle).
     let mut deadline = first.then_some(conn.first_deadline);
@@ -696,7 +696,7 @@ fn start_pump(
         peer: canonical_ip(conn.peer.ip()),
         stype: conn.stype,
         max: conn.snap.limits.max_header_bytes.max(64 * 1024),
-        idle: Duration::from_secs(conn.snap.limits.idle_timeout),
+        idle: conn.snap.limits.idle_timeout.get(),
         activity: activity.clone(),
     };
     let pump = tokio::spawn(async move {

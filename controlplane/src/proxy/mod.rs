@@ -83,7 +83,7 @@ impl Snapshot {
         Ok(Snapshot {
             routes: Routes::new(&c.services),
             limits: c.limits.clone(),
-            trusted: c.trusted_proxies(),
+            trusted: c.trusted_proxies.clone(),
             redirect: c.redirect.clone(),
             client_tls,
             client_tls_unverified,
@@ -302,8 +302,7 @@ async fn handle(
     // What a TLS failure is charged to: never a trusted proxy (its clients' failures are
     // charged to them, per request, once a request names them).
     let charged = (!snap.trusted.contains(source)).then_some(source);
-    let first_deadline =
-        tokio::time::Instant::now() + Duration::from_secs(snap.limits.first_message_timeout);
+    let first_deadline = tokio::time::Instant::now() + snap.limits.first_message_timeout.get();
     let mut client_cert = None;
     let client: BoxStream = if stype.is_tls() {
         let acceptor = tokio_rustls::TlsAcceptor::from(snap.server_tls(stype));

@@ -4,8 +4,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use portico_shared::addr::CidrList;
-use portico_shared::proxy_config::{PerType, ProxyService, ServiceType};
+use portico_shared::proxy_config::{ProxyService, ServiceType};
 use rustls::pki_types::ServerName;
 
 use super::access::source_allowed;
@@ -18,7 +17,6 @@ pub struct Route {
     pub name: String,
     pub host: String,
     pub service: ProxyService,
-    pub allow: PerType<CidrList>,
     /// SNI and the name the target's certificate must carry; `None` if it is not a valid
     /// server name (then TLS to the target fails with a clear reason).
     pub server_name: Option<ServerName<'static>>,
@@ -30,9 +28,9 @@ impl Route {
     /// "Service Name Definition"), the counterpart's list applies too: otherwise a service
     /// with only an `http` port and `allow_from.http` would be open to all over HTTPS.
     pub fn allows(&self, t: ServiceType, ip: IpAddr) -> bool {
-        source_allowed(self.allow.get(t), ip)
+        source_allowed(self.service.allow_list(t), ip)
             && (self.service.ports().get(t).is_some()
-                || source_allowed(self.allow.get(t.counterpart()), ip))
+                || source_allowed(self.service.allow_list(t.counterpart()), ip))
     }
 }
 
@@ -69,20 +67,6 @@ impl Routes {
         let mut by_name = HashMap::new();
         for (index, s) in services.iter().enumerate() {
             let name = canonical_name(&s.name);
-            let mut allow = PerType::default();
-            for t in ServiceType::ALL {
-                let list = s.allow_list(t);
-                match t {
-                    ServiceType::Http => allow.http = list,
-                    ServiceType::Https => allow.https = list,
-                    ServiceType::Sip => allow.sip = list,
-                    ServiceType::Sips => allow.sips = list,
-                    ServiceType::H323 => allow.h323 = list,
-                    ServiceType::H323Tls => allow.h323_tls = list,
-                    ServiceType::Ldap => allow.ldap = list,
-                    ServiceType::Ldaps => allow.ldaps = list,
-                }
-            }
             let sni = s.target_name.as_deref().unwrap_or(&s.host);
             by_name.entry(name.clone()).or_insert(index);
             routes.push(Route {
@@ -90,7 +74,6 @@ impl Routes {
                 name,
                 host: s.host.clone(),
                 service: s.clone(),
-                allow,
                 server_name: tls::server_name(sni).ok(),
             });
         }
@@ -159,7 +142,11 @@ mod tests {
 
     #[test]
     fn counterpart_port_needs_the_counterpart_list_too() {
-        let list = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let list = |v: &[&str]| {
+            Some(portico_shared::addr::CidrList::new(
+                v.iter().map(|s| s.parse().unwrap()).collect(),
+            ))
+        };
         let routes = Routes::new(&[
             svc("plain.example", |s| {
                 s.http = Some(80);

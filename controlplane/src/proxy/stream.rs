@@ -12,7 +12,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use portico_shared::proxy_config::ServiceType;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
@@ -206,7 +205,7 @@ async fn relay(
         report: &report,
     };
     let (guard, monitor) = conn.sniffer.session(conn.snap.limits.max_header_bytes);
-    let idle = Duration::from_secs(conn.snap.limits.idle_timeout);
+    let idle = conn.snap.limits.idle_timeout.get();
     let r = forward::relay(
         (cr, cw),
         tokio::io::split(up),

@@ -197,7 +197,7 @@ impl Credentials {
                 .map(|s| s.as_bytes().to_vec())
                 .collect(),
             nonce_key: hmac::Key::new(hmac::HMAC_SHA256, nonce_secret),
-            nonce_lifetime_secs: config.turn.nonce_lifetime,
+            nonce_lifetime_secs: config.turn.nonce_lifetime.as_secs(),
         }
     }
 

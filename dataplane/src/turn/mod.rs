@@ -542,7 +542,7 @@ impl Turn {
     fn drop_refused_peers(&mut self, cx: &mut Ctx<'_>) {
         let policy = &cx.settings.policy;
         // A permission is per IP; the server's own addresses pass only for relay ports.
-        let relay_port = cx.settings.ports.low;
+        let relay_port = cx.settings.ports.low();
         for slot in 0..self.table.slot_count() {
             let Some(a) = self.table.get_mut(slot) else {
                 continue;

@@ -409,7 +409,7 @@ impl Turn {
             return Ok((socket, addr, None));
         }
         let ip = s.relay_ip(v4).ok_or(FAMILY_NOT_SUPPORTED)?;
-        let (low, high) = (s.ports.low, s.ports.high);
+        let (low, high) = (s.ports.low(), s.ports.high());
         let span = u32::from(high - low) + 1;
         for _ in 0..PORT_TRIES {
             let mut port = (u32::from(low) + self.random.next_u32() % span) as u16;

@@ -71,7 +71,7 @@ impl TurnSettings {
         let t = &config.turn;
         let relay_v4 = pick_relay(config, routes, true);
         let relay_v6 = pick_relay(config, routes, false);
-        let ports = config.relay_port_range();
+        let ports = t.relay_ports;
         let mut own: Vec<IpAddr> = [relay_v4, relay_v6, t.external_ip]
             .into_iter()
             .flatten()
@@ -80,17 +80,17 @@ impl TurnSettings {
         TurnSettings {
             credentials: Credentials::from_config(config, nonce_secret),
             policy: PeerPolicy::new(
-                config.allow_peers(),
-                config.deny_peers(),
+                t.allow_peers.clone(),
+                t.deny_peers.clone(),
                 own,
-                (ports.low, ports.high),
+                (ports.low(), ports.high()),
             ),
             relay_v4,
             relay_v6,
             external_ip: t.external_ip,
             ports,
-            default_lifetime: Duration::from_secs(u64::from(t.default_lifetime)),
-            max_lifetime: Duration::from_secs(u64::from(t.max_lifetime)),
+            default_lifetime: t.default_lifetime.get(),
+            max_lifetime: t.max_lifetime.get(),
             max_allocations: t.max_allocations,
             max_allocations_per_user: t.max_allocations_per_user,
             max_permissions: t.max_permissions,

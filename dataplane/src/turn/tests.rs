@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use portico_shared::config::Config;
+use portico_shared::addr::CidrList;
+use portico_shared::config::{self, Config, PortRange};
 use portico_shared::counters::Counter;
 use portico_shared::shm::EventKind;
 
@@ -33,6 +34,11 @@ use crate::stun::{self, attr, method, Class, Message, MessageWriter};
 
 /// Every worker buffer is this big (the drivers' `BUF_SIZE`); datagrams start at HEADROOM.
 const BUF: usize = 2048;
+/// A CIDR list for `turn.allow_peers` / `turn.deny_peers`.
+fn cidrs(list: &[&str]) -> CidrList {
+    CidrList::new(list.iter().map(|s| s.parse().unwrap()).collect())
+}
+
 /// Listen socket indices, in `turn.listen` order.
 const LISTEN4: usize = 0;
 const LISTEN6: usize = 1;
@@ -758,8 +764,8 @@ fn sha256_without_the_echoed_algorithm_list_is_a_bid_down_400() {
 #[test]
 fn stale_nonce_438_after_the_nonce_lifetime_then_a_fresh_nonce_works() {
     let mut h = H::with(|c| {
-        c.turn.nonce_lifetime = 60;
-        c.turn.default_lifetime = 3600;
+        c.turn.nonce_lifetime = config::Duration::from_secs(60);
+        c.turn.default_lifetime = config::Duration::from_secs(3600);
     });
     let mut c = h.client("198.51.100.7:5000", "alice", "secret");
     c.allocate(&mut h);
@@ -1075,7 +1081,7 @@ fn total_quota_is_508_and_is_given_back() {
 #[test]
 fn allocate_is_508_when_every_relay_port_bind_fails() {
     let mut h = H::with(|c| {
-        c.turn.relay_ports = "50000-50003".into();
+        c.turn.relay_ports = PortRange::new(50000, 50003).unwrap();
         c.turn.max_allocations = 1;
         c.turn.max_allocations_per_user = 1;
     });
@@ -1093,7 +1099,7 @@ fn allocate_is_508_when_every_relay_port_bind_fails() {
 
 #[test]
 fn relay_ports_stay_in_the_configured_range() {
-    let mut h = H::with(|c| c.turn.relay_ports = "50000-50015".into());
+    let mut h = H::with(|c| c.turn.relay_ports = PortRange::new(50000, 50015).unwrap());
     let mut ports = HashSet::new();
     for i in 0..8 {
         let mut c = h.client(&format!("198.51.100.7:{}", 5000 + i), "alice", "secret");
@@ -1742,7 +1748,7 @@ fn refreshing_a_permission_restarts_its_300_seconds() {
 
 #[test]
 fn channel_expires_after_600_seconds() {
-    let mut h = H::with(|c| c.turn.default_lifetime = 3600);
+    let mut h = H::with(|c| c.turn.default_lifetime = config::Duration::from_secs(3600));
     let mut c = h.client("198.51.100.7:5000", "alice", "secret");
     let (_, relay) = c.allocate(&mut h);
     c.bind(&mut h, 0x4000, sa(PEER1));
@@ -1988,7 +1994,7 @@ fn ipv6_special_purpose_peers_are_403_on_an_ipv6_relay() {
 
 #[test]
 fn allow_peers_permits_loopback_in_every_encoding() {
-    let mut h = H::with(|c| c.turn.allow_peers = vec!["127.0.0.0/8".into(), "::1/128".into()]);
+    let mut h = H::with(|c| c.turn.allow_peers = cidrs(&["127.0.0.0/8", "::1/128"]));
     let mut c = h.client("198.51.100.7:5000", "alice", "secret");
     let (_, relay) = c.allocate(&mut h);
     let v4: Ipv4Addr = "127.0.0.1".parse().unwrap();
@@ -2013,8 +2019,8 @@ fn allow_peers_permits_loopback_in_every_encoding() {
 #[test]
 fn deny_peers_adds_blocks_and_wins_over_allow_peers() {
     let mut h = H::with(|c| {
-        c.turn.allow_peers = vec!["10.1.0.0/16".into()];
-        c.turn.deny_peers = vec!["8.8.4.0/24".into(), "10.1.2.0/24".into()];
+        c.turn.allow_peers = cidrs(&["10.1.0.0/16"]);
+        c.turn.deny_peers = cidrs(&["8.8.4.0/24", "10.1.2.0/24"]);
     });
     let mut c = h.client("198.51.100.7:5000", "alice", "secret");
     c.allocate(&mut h);
@@ -2228,7 +2234,7 @@ fn delete_requests_from_the_control_plane_end_allocations_and_are_acknowledged()
 
 #[test]
 fn a_reservation_is_released_when_its_even_port_cannot_be_opened() {
-    let mut h = H::with(|c| c.turn.relay_ports = "50000-50009".into());
+    let mut h = H::with(|c| c.turn.relay_ports = PortRange::new(50000, 50009).unwrap());
     // Odd ports can be reserved, no even port can be opened.
     h.io.fail_ports = (50000..=50009).filter(|p| p % 2 == 0).collect();
     let mut c = h.client("198.51.100.7:5000", "alice", "secret");
