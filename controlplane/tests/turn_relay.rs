@@ -283,15 +283,15 @@ fn rest_api_credentials_allocate() {
         .as_secs()
         + 3600;
     let user = format!("{expiry}:carol");
-    let (pw, n) = portico_dataplane::turn::auth::rest_password(
+    let pw = portico_dataplane::turn::auth::rest_password(
         turn_common::SHARED_SECRET.as_bytes(),
         user.as_bytes(),
     );
-    let mut c = TurnClient::new(p.udp4(), &user, std::str::from_utf8(&pw[..n]).unwrap());
+    let mut c = TurnClient::new(p.udp4(), &user, &pw);
     c.allocate();
     // Signed with the previous secret (rollover) on another 5-tuple.
-    let (pw, n) = portico_dataplane::turn::auth::rest_password(b"previous-secret", user.as_bytes());
-    let mut c = TurnClient::new(p.udp4(), &user, std::str::from_utf8(&pw[..n]).unwrap());
+    let pw = portico_dataplane::turn::auth::rest_password(b"previous-secret", user.as_bytes());
+    let mut c = TurnClient::new(p.udp4(), &user, &pw);
     c.allocate();
     assert_eq!(p.counter(Counter::TurnAllocationsActive), 2);
 }

@@ -6,11 +6,11 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 
-use aws_lc_rs::hmac;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use portico_dataplane::turn::auth::rest_password;
 use portico_shared::config::Config;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -70,7 +70,7 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Json
             username.len()
         )));
     }
-    let password = password(secret.as_bytes(), &username);
+    let password = rest_password(secret.as_bytes(), username.as_bytes());
     Ok(Json(json!({
         "username": username,
         "password": password,
@@ -78,34 +78,6 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Json
         "expires_at": expiry,
         "uris": uris(&config),
     })))
-}
-
-/// base64(HMAC-SHA1(secret, username)).
-pub fn password(secret: &[u8], username: &str) -> String {
-    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret);
-    base64(hmac::sign(&key, username.as_bytes()).as_ref())
-}
-
-/// Standard base64 with padding (RFC 4648 section 4).
-pub fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// The address a client should use for each listen address: the external (NAT) address when
@@ -152,36 +124,6 @@ fn uris(config: &Config) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_rfc4648_vectors() {
-        for (raw, enc) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(raw.as_bytes()), enc);
-        }
-        assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
-    }
-
-    #[test]
-    fn hmac_sha1_rfc2202_vector() {
-        // RFC 2202 test case 2: key "Jefe", data "what do ya want for nothing?",
-        // digest effcdf6ae5eb2fa2d27416d5f184df9c259a7c79.
-        let digest: [u8; 20] = [
-            0xef, 0xfc, 0xdf, 0x6a, 0xe5, 0xeb, 0x2f, 0xa2, 0xd2, 0x74, 0x16, 0xd5, 0xf1, 0x84,
-            0xdf, 0x9c, 0x25, 0x9a, 0x7c, 0x79,
-        ];
-        assert_eq!(
-            password(b"Jefe", "what do ya want for nothing?"),
-            base64(&digest)
-        );
-    }
 
     #[test]
     fn uris_prefer_external_then_listen_address() {

@@ -138,29 +138,6 @@ fn parse_hex16(s: &str) -> Option<[u8; 16]> {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Standard base64 (RFC 4648, with padding), as the TURN REST API specifies passwords.
-pub fn base64(data: &[u8], out: &mut [u8; 44]) -> usize {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut n = 0;
-    for chunk in data.chunks(3).take(11) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let v = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for i in 0..4 {
-            out[n + i] = if i <= chunk.len() {
-                T[(v >> (18 - 6 * i) & 63) as usize]
-            } else {
-                b'='
-            };
-        }
-        n += 4;
-    }
-    n
-}
-
 impl Credentials {
     pub fn from_config(config: &Config, nonce_secret: &[u8; 32]) -> Credentials {
         let realm = config.turn.realm.clone();
@@ -357,22 +334,25 @@ fn rest_expiry(name: &[u8]) -> Option<u64> {
 /// The long-term key of a REST API credential under one shared secret.
 pub fn rest_key(secret: &[u8], username: &[u8], realm: &[u8], algorithm: u16) -> Key {
     let password = rest_password(secret, username);
-    let (pw, n) = (&password.0, password.1);
+    let pw = password.as_bytes();
     match algorithm {
-        ALGORITHM_SHA256 => Key::Sha256(integrity::long_term_key_sha256(username, realm, &pw[..n])),
-        _ => Key::Md5(integrity::long_term_key_md5(username, realm, &pw[..n])),
+        ALGORITHM_SHA256 => Key::Sha256(integrity::long_term_key_sha256(username, realm, pw)),
+        _ => Key::Md5(integrity::long_term_key_md5(username, realm, pw)),
     }
 }
 
-/// base64(HMAC-SHA1(secret, username)): the password a TURN REST API client uses.
-pub fn rest_password(secret: &[u8], username: &[u8]) -> ([u8; 44], usize) {
+/// The password of a TURN REST API credential (draft-uberti-behave-turn-rest):
+/// base64(HMAC-SHA1(secret, username)), standard base64 with padding (RFC 4648 §4), 28
+/// characters. The one place it is computed: the dataplane checks credentials with it, the
+/// API's `POST /api/v1/turn/credentials` hands them out with it, and the load generator
+/// makes its own.
+pub fn rest_password(secret: &[u8], username: &[u8]) -> String {
+    use base64::Engine as _;
     let tag = hmac::sign(
         &hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret),
         username,
     );
-    let mut out = [0u8; 44];
-    let n = base64(tag.as_ref(), &mut out);
-    (out, n)
+    base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
 }
 
 pub const NONCE_BYTES: usize = NONCE_LEN;
@@ -420,26 +400,18 @@ mod tests {
     }
 
     #[test]
-    fn base64_matches_rfc4648() {
-        let mut out = [0u8; 44];
-        for (input, want) in [
-            (&b""[..], ""),
-            (b"f", "Zg=="),
-            (b"fo", "Zm8="),
-            (b"foo", "Zm9v"),
-            (b"foobar", "Zm9vYmFy"),
-        ] {
-            let n = base64(input, &mut out);
-            assert_eq!(&out[..n], want.as_bytes());
-        }
-    }
-
-    #[test]
     fn rest_password_matches_the_turn_rest_api_draft_form() {
         // python3 -c 'import hmac,hashlib,base64;print(base64.b64encode(hmac.new(b"north",b"1700000000:alice",hashlib.sha1).digest()))'
-        let (pw, n) = rest_password(b"north", b"1700000000:alice");
-        assert_eq!(n, 28);
-        assert_eq!(&pw[..n], b"Cd/49soE35ICqcJF/bCTn8Z4OyE=");
+        assert_eq!(
+            rest_password(b"north", b"1700000000:alice"),
+            "Cd/49soE35ICqcJF/bCTn8Z4OyE="
+        );
+        // RFC 2202 test case 2: HMAC-SHA1("Jefe", "what do ya want for nothing?") is
+        // effcdf6ae5eb2fa2d27416d5f184df9c259a7c79; its base64 (python3 as above):
+        assert_eq!(
+            rest_password(b"Jefe", b"what do ya want for nothing?"),
+            "7/zfauXrL6LSdBbV8YTfnCWafHk="
+        );
     }
 
     #[test]

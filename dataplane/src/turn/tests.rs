@@ -636,29 +636,16 @@ fn check_fingerprint(bytes: &[u8]) {
     assert_eq!(bytes[at + 4..at + 8], want.to_be_bytes());
 }
 
-/// base64(HMAC-SHA1(secret, username)), computed here independently of the server.
+/// base64(HMAC-SHA1(secret, username)), computed here independently of the server's
+/// [`super::auth::rest_password`].
 fn rest_password(secret: &str, username: &str) -> String {
     use aws_lc_rs::hmac;
+    use base64::Engine as _;
     let tag = hmac::sign(
         &hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes()),
         username.as_bytes(),
     );
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in tag.as_ref().chunks(3) {
-        let v = c
-            .iter()
-            .enumerate()
-            .fold(0u32, |v, (i, b)| v | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            out.push(if i <= c.len() {
-                T[(v >> (18 - 6 * i) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
+    base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
 }
 
 const PEER1: &str = "8.8.8.8:5000";
