@@ -223,6 +223,16 @@ mod tests {
         "64:ff9b:1:ffff::1",
     ];
 
+    /// The built-in list is text parsed when a policy is built; an entry that did not parse
+    /// would be left out without a word.
+    #[test]
+    fn every_built_in_block_parses() {
+        for s in DEFAULT_DENY {
+            assert!(s.parse::<Cidr>().is_ok(), "{s}");
+        }
+        assert_eq!(policy().deny_default.blocks().len(), DEFAULT_DENY.len());
+    }
+
     #[test]
     fn every_special_purpose_block_is_denied() {
         let p = policy();
