@@ -49,7 +49,8 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Resp
                     user.name
                 )));
             }
-            c.turn.users.push(user);
+            c.turn.users.push(user.clone());
+            crate::fleet::user_changed(crate::fleet::UserOp::Put(user));
             Ok(())
         })
         .await?;
@@ -76,6 +77,7 @@ pub async fn remove(
             Ok(())
         })
         .await?;
+    crate::fleet::user_changed(crate::fleet::UserOp::Delete(who.clone()));
     tracing::info!(user = %who, "TURN user deleted");
     Ok(StatusCode::NO_CONTENT)
 }
