@@ -41,6 +41,7 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Resp
             })?;
     let shown = describe(&user);
     let name = user.name.clone();
+    let shared = user.clone();
     let applied = control
         .change("api", move |c| {
             if c.turn.users.iter().any(|u| u.name == user.name) {
@@ -49,11 +50,11 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Resp
                     user.name
                 )));
             }
-            c.turn.users.push(user.clone());
-            crate::fleet::user_changed(crate::fleet::UserOp::Put(user));
+            c.turn.users.push(user);
             Ok(())
         })
         .await?;
+    crate::fleet::user_changed(crate::fleet::UserOp::Put(shared));
     tracing::info!(user = %name, "TURN user added");
     let mut body = shown;
     body["generation"] = json!(applied.generation);
