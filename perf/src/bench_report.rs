@@ -705,6 +705,8 @@ struct Reaction {
 
 /// Parses "<what>, threshold N: M wrong passwords answered before the cut[ (...)]".
 fn parse_reaction(line: &str) -> Option<Reaction> {
+    // `cargo test -q` prints a dot per finished test on the line the next output joins.
+    let line = line.trim_start_matches(['.', ' ']);
     let (head, rest) = line.split_once(": ")?;
     let (what, threshold) = head.rsplit_once(", threshold ")?;
     let (answered, _) = rest.split_once(" wrong passwords answered before the cut")?;
@@ -742,7 +744,9 @@ fn fraud_section(args: &BenchReportArgs, text: &str) -> Result<String, String> {
          as soon as the previous one was answered), against default settings but for the \
          threshold (`fraud.suspicious_per_minute`). The guess that takes a source over the \
          threshold is the (threshold + 1)-th; every answered guess past it is one the engine \
-         was too late to stop.\n\n",
+         was too late to stop. For comparison: when the engine polled the dataplane's event \
+         rings every 25 ms (before the futex doorbell), a TURN brute force at a threshold of 5 \
+         was answered 53-64 times.\n\n",
     );
     md.push_str("| brute force | threshold | answered (median) | min | max | rounds |\n");
     md.push_str("|---|---:|---:|---:|---:|---:|\n");
@@ -788,6 +792,11 @@ mod tests {
             Some(21)
         );
         assert_eq!(parse_reaction("test foo ... ok"), None);
+        assert_eq!(
+            parse_reaction("..HTTP Basic brute force, threshold 5: 6 wrong passwords answered before the cut")
+                .map(|r| r.what),
+            Some("HTTP Basic brute force".to_string())
+        );
     }
 
     #[test]
