@@ -1,7 +1,8 @@
 //! `portico-perf bench-report`: turns the JSON reports of a benchmark run (one file per
 //! server, load point and round) into one section of `perf/RESULTS.md` (see
 //! [`crate::results_doc`]): STUN here, TURN in [`crate::turn_report`], and the reverse-proxy
-//! table `scripts/bench-proxy.sh` writes, merged as it is.
+//! table `scripts/bench-proxy.sh` writes, merged as it is; registrations through the proxy in
+//! [`crate::register_report`].
 //!
 //! Medians with min–max spreads rather than means: on a shared 2-core box a single run can
 //! be disturbed by someone else's build, and the spread shows how much that happened.
@@ -24,6 +25,9 @@ pub enum Kind {
     /// Brute-force reaction: the lines "<what>, threshold N: M wrong passwords answered
     /// before the cut" that the fraud tests print (`--markdown` names the captured output).
     Fraud,
+    /// H.323 and SIP registrations through the reverse proxy (`portico-perf register`
+    /// reports in `--dir`), see [`crate::register_report`].
+    Register,
 }
 
 impl Kind {
@@ -33,6 +37,7 @@ impl Kind {
             Kind::Turn => "turn",
             Kind::Proxy => "proxy",
             Kind::Fraud => "fraud",
+            Kind::Register => "register",
         }
     }
 }
@@ -661,6 +666,7 @@ pub fn run(args: &BenchReportArgs) -> Result<(), String> {
                 std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
             fraud_section(args, &text)?
         }
+        Kind::Register => crate::register_report::render(args, &load(dir()?)?),
     };
     let existing = match std::fs::read_to_string(&args.out) {
         Ok(t) => t,
