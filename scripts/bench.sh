@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/bench.sh [stun|turn|proxy|fraud|profile|all]   (default: stun)
+# scripts/bench.sh [stun|turn|proxy|fraud|register|profile|all]   (default: stun)
 #
 # Side-by-side benchmarks on the machine this runs on, written into perf/RESULTS.md (one
 # section per scenario; running one scenario replaces only its own section):
@@ -15,6 +15,12 @@
 #   fraud    brute-force reaction: the fraud tests' brute forces (TURN over UDP, HTTP Basic,
 #            SIP digest, LDAP bind; thresholds 5 and 20), built with --release and run
 #            FRAUD_ROUNDS times one test at a time; attempts answered before the cut.
+#   register H.323 registrations (pycrate's RRQ from controlplane/tests/h323/seeds.txt, RAS
+#            per H.460.17) beside SIP REGISTER through the reverse proxy, over TCP and TLS,
+#            to a fake PBX inside `portico-perf register` that answers RCF / 200 OK: a new
+#            connection per registration (fixed rate and flat out) and kept connections;
+#            registrations/s, latency, Portico's CPU per registration. Runs alternate h323,
+#            sip, h323, sip ...; one Portico per round; `-direct` runs skip the proxy.
 #   profile  where Portico's relay spends CPU: `perf record -e cpu-clock` of Portico and of
 #            coturn under the same TURN load, and callgrind of Portico's dataplane; written
 #            to perf/profile/ (linked from the TURN section).
@@ -36,6 +42,9 @@
 #          TURN_UCLIENT_MESSAGES per client [400]
 #   proxy: PROXY_DURATION s per measurement [10], PROXY_CONNS [50]
 #   fraud: FRAUD_ROUNDS [3]
+#   register: REGISTER_ROUNDS [3], REGISTER_DURATION s per run [4], REGISTER_RATE reg/s [500],
+#          REGISTER_CONNS connections at a time [8], REGISTER_POINTS ["rate flat kept"],
+#          REGISTER_TRANSPORTS ["tcp tls direct"]
 #   profile: PROFILE_DURATION s of sampling [15], PROFILE_STREAMS [1000]
 #   BENCH_OUT [perf/RESULTS.md]; KEEP_WORK=1 keeps the temporary directory (per-run JSON and
 #   text reports, server logs). A quick TURN run: TURN_ROUNDS=1 TURN_DURATION=10
@@ -43,13 +52,13 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [stun|turn|proxy|fraud|profile|all]" >&2
+    echo "usage: $0 [stun|turn|proxy|fraud|register|profile|all]" >&2
     exit 2
 }
 (($# <= 1)) || usage
 scenario=${1:-stun}
 case $scenario in
-stun | turn | proxy | fraud | profile | all) ;;
+stun | turn | proxy | fraud | register | profile | all) ;;
 *) usage ;;
 esac
 
@@ -547,6 +556,156 @@ run_fraud() {
 }
 
 # ---------------------------------------------------------------------------------------
+# Registrations through the reverse proxy (H.323 beside SIP)
+# ---------------------------------------------------------------------------------------
+
+h323_seeds=controlplane/tests/h323/seeds.txt
+h323_rrq_label="rrq hq@example.com/branch alice email:alice@example.com url:h323:alice@example.com 12345"
+seed_hex() {
+    awk -v l="$1" -F'|' '$1 == l { print $2 }' "$h323_seeds"
+}
+
+# Starts Portico as a proxy only (`[turn] listen = []`) with the H.323, H.323/TLS, SIP and
+# SIPS listeners; sets reg_port[h323-tcp|h323-tls|sip-tcp|sip-tls], reg_target[h323|sip]
+# (where the fake PBX listens during a run), stop_pids and measure_pids.
+declare -A reg_port reg_target
+start_portico_register() {
+    local tag=$1 api dir main dp="" i k
+    dir=$work/portico-$tag
+    mkdir -p "$dir"
+    api=$("$perf" free-port)
+    # Outside the ephemeral range: the fake PBX binds its port again for every run, and
+    # thousands of connections a second would otherwise take it meanwhile (TIME_WAIT).
+    for k in h323-tcp h323-tls sip-tcp sip-tls; do
+        reg_port[$k]=$("$perf" free-port --not-ephemeral)
+    done
+    for k in h323 sip; do reg_target[$k]=$("$perf" free-port --not-ephemeral); done
+    cat >"$dir/portico.toml" <<TOML
+state_dir = "$dir/state"
+log_level = "info"
+
+[turn]
+listen = []
+
+[api]
+listen = "127.0.0.1:$api"
+
+[proxy.listen]
+h323 = "127.0.0.1:${reg_port[h323-tcp]}"
+h323_tls = "127.0.0.1:${reg_port[h323-tls]}"
+sip = "127.0.0.1:${reg_port[sip-tcp]}"
+sips = "127.0.0.1:${reg_port[sip-tls]}"
+
+[[proxy.services]]
+name = "example.com/branch"
+host = "127.0.0.1"
+h323 = ${reg_target[h323]}
+
+[[proxy.services]]
+name = "example.com"
+host = "127.0.0.1"
+sip = ${reg_target[sip]}
+TOML
+    NO_COLOR=1 "$bin/portico" run --config "$dir/portico.toml" >"$dir/log" 2>&1 &
+    main=$!
+    stop_pids=("$main")
+    for i in $(seq 100); do
+        dp=$(pgrep -P "$main" | head -1) || true
+        [[ -n $dp ]] && break
+        kill -0 "$main" 2>/dev/null || break
+        sleep 0.1
+    done
+    [[ -n $dp ]] || die "portico: no dataplane child process: $(strip_ansi "$dir/log" | tail -5)"
+    stop_pids+=("$dp")
+    measure_pids=("$main" "$dp")
+    # Ready when every listener gets a registration through.
+    for k in h323-tcp h323-tls sip-tcp sip-tls; do
+        for i in $(seq 50); do
+            register_load "$k" --connections 1 --duration 0.2 >/dev/null 2>&1 && break
+            kill -0 "$main" 2>/dev/null || i=50
+            ((i < 50)) || die "portico does not route $k registrations: $(strip_ansi "$dir/log" | tail -5)"
+            sleep 0.1
+        done
+    done
+}
+
+# register_load CLIENT ARGS...: `portico-perf register` for CLIENT (h323-tcp, sip-tls,
+# h323-direct, ...), with the fake PBX listening where Portico's service points.
+register_load() {
+    local client=$1 proto=${1%-*} transport=${1#*-} a
+    shift
+    a=(--proto "$proto" --quiet --target-listen "127.0.0.1:${reg_target[$proto]}")
+    [[ $proto == h323 ]] && a+=(--request-hex "$reg_rrq" --answer-hex "$reg_rcf")
+    case $transport in
+    tcp) a+=(--proxy "127.0.0.1:${reg_port[$client]}") ;;
+    tls) a+=(--proxy "127.0.0.1:${reg_port[$client]}" --tls) ;;
+    direct) a+=(--proxy "127.0.0.1:${reg_target[$proto]}") ;;
+    *) die "unknown transport in $client" ;;
+    esac
+    "$perf" register "${a[@]}" "$@"
+}
+
+run_register() {
+    local rounds=${REGISTER_ROUNDS:-3} duration=${REGISTER_DURATION:-4}
+    local rate=${REGISTER_RATE:-500} conns=${REGISTER_CONNS:-8}
+    local points=${REGISTER_POINTS:-"rate flat kept"} transports=${REGISTER_TRANSPORTS:-"tcp tls direct"}
+    local results=$work/register-results round point transport proto client name rc p
+    local load pid_args load_before started_at t0=$SECONDS
+    mkdir -p "$results"
+    reg_rrq=$(seed_hex "$h323_rrq_label")
+    reg_rcf=$(seed_hex rcf)
+    [[ -n $reg_rrq && -n $reg_rcf ]] || die "no RRQ or RCF in $h323_seeds"
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    say "registrations: $rounds rounds × '$points' × '$transports' × h323, sip; $duration s each"
+    for round in $(seq "$rounds"); do
+        start_portico_register "r$round"
+        for point in $points; do
+            case $point in
+            rate) load=(--mode new --rate "$rate") ;;
+            flat) load=(--mode new) ;;
+            kept) load=(--mode kept) ;;
+            *) die "REGISTER_POINTS: unknown point '$point' (rate, flat, kept)" ;;
+            esac
+            [[ $point == rate ]] && point=rate$rate
+            for transport in $transports; do
+                for proto in h323 sip; do
+                    client=$proto-$transport
+                    name=${client}__${point}__r${round}
+                    pid_args=()
+                    if [[ $transport != direct ]]; then
+                        for p in "${measure_pids[@]}"; do
+                            pid_args+=(--server-pid "$p")
+                        done
+                    fi
+                    rc=0
+                    register_load "$client" "${load[@]}" --connections "$conns" \
+                        --duration "$duration" --timeout-ms 2000 "${pid_args[@]}" \
+                        --json "$results/$name.json" >"$work/$name.txt" 2>&1 || rc=$?
+                    ((rc == 0)) || die "$name: portico-perf exited $rc: $(cat "$work/$name.txt")"
+                    printf '[%3ds] %-26s %s | %s\n' $((SECONDS - t0)) "$name" \
+                        "$(grep -o '([0-9]* reg/s)' "$work/$name.txt")" \
+                        "$(grep -o 'server CPU .*µs/reg)' "$work/$name.txt")" >&2
+                done
+            done
+        done
+        stop_servers
+    done
+    say "writing the registrations section of $out"
+    common_facts
+    "$perf" bench-report --kind register --dir "$results" --out "$out" \
+        --command "$(command_line register REGISTER_ROUNDS REGISTER_DURATION REGISTER_RATE REGISTER_CONNS REGISTER_POINTS REGISTER_TRANSPORTS)" \
+        --fact "date=$started_at, $((SECONDS - t0)) s of runs" "${facts[@]}" \
+        --fact "load average (1/5/15 min)=before: $load_before; after: $(cut -d' ' -f1-3 /proc/loadavg)" \
+        --fact "portico=\`portico run\` as a proxy only (\`[turn] listen = []\`), a fresh one per round, listeners \`h323\`, \`h323_tls\`, \`sip\`, \`sips\` on 127.0.0.1 (TLS with its generated certificate), services \`example.com/branch\` (h323) and \`example.com\` (sip) pointing at plain TCP ports of the fake PBX, default limits, log level info; CPU = control plane (where the proxy runs) + the idle dataplane" \
+        --fact "fake PBX=inside \`portico-perf register\` (its CPU counts as the generator's): $((conns + 4)) threads accepting; answers each RRQ with pycrate's RCF (\`rcf\` in seeds.txt) after checking the RRQ arrived byte for byte, each REGISTER with 200 OK built from its headers" \
+        --fact "generator=\`portico-perf register\`, $conns connections at a time (a thread each), blocking sockets, TCP_NODELAY; TLS: rustls, no session resumption (a full handshake per new connection, as at a phone's start), close_notify before closing; H.323: a $((${#reg_rrq} / 2))-byte RRQ, SIP: a REGISTER of about 380 bytes with a fresh Call-ID each time" \
+        --fact "load points=rate: $rate registrations/s offered on a fixed schedule, a new connection each; flat: each connection's next registration as soon as the last is answered, a new connection each; kept: likewise over $conns connections kept open; $duration s per run, 2 s timeout per connect, read and write" \
+        --server h323-tcp --server sip-tcp --server h323-tls --server sip-tls \
+        --server h323-direct --server sip-direct
+}
+
+# ---------------------------------------------------------------------------------------
 # Profile
 # ---------------------------------------------------------------------------------------
 
@@ -695,6 +854,7 @@ stun) run_stun 5 ;;
 turn) run_turn ;;
 proxy) run_proxy ;;
 fraud) run_fraud ;;
+register) run_register ;;
 profile) run_profile ;;
 all)
     t_all=$SECONDS

@@ -28,6 +28,7 @@ slapd:slapd
 ldap-utils:ldapsearch
 kamailio:kamailio
 curl:curl
+redis-server:redis-server
 openssl:openssl
 tshark:tshark
 wireshark-common:text2pcap

@@ -7,6 +7,7 @@
 mod api;
 mod config;
 mod control;
+mod fleet;
 mod fraud;
 mod metrics;
 mod proxy;
@@ -205,6 +206,8 @@ async fn serve(
         fraud,
         &proxy_metrics,
     ));
+    // Blacklist, whitelist and TURN users shared with the other boxes (`[fleet] redis`).
+    fleet::start(&control.config().fleet, Arc::clone(&control));
     let dataplane = match adopted {
         Some(pid) => {
             tracing::info!(pid, "re-attached to the running dataplane");

@@ -5,6 +5,8 @@
 //!   the control plane logged nothing at all.
 //! * a missing `proxy.tls.cert`, or a `proxy.tls.key` of another certificate: every TLS
 //!   listener was left without a certificate.
+//! * a missing or unusable `proxy.tls.client_ca_file`: only an error log when the proxy
+//!   applied the configuration.
 //!
 //! And the generated default certificate never replaces an operator's file in the state dir.
 
@@ -71,6 +73,23 @@ fn bad_cases(site: &Site, https: u16) -> Vec<(String, &'static str)> {
         (
             format!("{base}{}", tls_section(https, &c1, &k2)),
             "proxy.tls.key: ",
+        ),
+        (
+            format!(
+                "{base}{}client_ca_file = \"{}\"\n",
+                tls_section(https, &c1, &k1),
+                site.dir.join("missing-ca.pem").display()
+            ),
+            "proxy.tls.client_ca_file: ",
+        ),
+        // A key is no CA certificate.
+        (
+            format!(
+                "{base}{}client_ca_file = \"{}\"\n",
+                tls_section(https, &c1, &k1),
+                k1.display()
+            ),
+            "proxy.tls.client_ca_file: ",
         ),
     ]
 }

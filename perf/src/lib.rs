@@ -9,12 +9,15 @@
 //! report formatting ([`report`]). [`echo_server`] (and [`turn_stub`] behind its `--turn`)
 //! is the trivial responder that measures a generator's own ceiling; [`bench_report`] and
 //! [`turn_report`] turn a benchmark's JSON reports into sections of `perf/RESULTS.md`
-//! ([`results_doc`]), with [`svg`] charts.
+//! ([`results_doc`]), with [`svg`] charts. [`register_load`] measures H.323 and SIP
+//! registrations through Portico's reverse proxy ([`register_report`] writes its section).
 
 pub mod bench_report;
 pub mod echo_server;
 pub mod histogram;
 pub mod proc_stats;
+pub mod register_load;
+pub mod register_report;
 pub mod report;
 pub mod results_doc;
 pub mod stamp;

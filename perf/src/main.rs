@@ -5,7 +5,9 @@ use std::net::IpAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use portico_perf::{bench_report, echo_server, stun_load, turn_load, uclient_run, udp};
+use portico_perf::{
+    bench_report, echo_server, register_load, stun_load, turn_load, uclient_run, udp,
+};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +29,10 @@ enum Cmd {
     /// one-way latency, server CPU per relayed packet and RSS per allocation.
     /// Exit status 3 when not a single allocation succeeded.
     Turn(turn_load::TurnArgs),
+    /// H.323 RRQ / SIP REGISTER through the reverse proxy (a new connection each, or kept),
+    /// against a fake PBX in this process: registrations/s, latency, proxy CPU per
+    /// registration. Exit status 3 when not a single registration succeeded.
+    Register(register_load::RegisterArgs),
     /// Runs coturn's turnutils_uclient (the command after `--`) bounded in time, with the
     /// server's CPU and RSS sampled around it; parses its summary into a report.
     Uclient(uclient_run::UclientArgs),
@@ -38,6 +44,10 @@ enum Cmd {
     FreePort {
         #[arg(long, default_value = "127.0.0.1")]
         ip: IpAddr,
+        /// Below the kernel's ephemeral port range, for a port bound again between runs
+        /// that open many connections.
+        #[arg(long)]
+        not_ephemeral: bool,
     },
 }
 
@@ -63,6 +73,14 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_NOTHING_COMPLETED)
             }
         }),
+        Cmd::Register(args) => register_load::run(&args).map(|r| {
+            print!("{}", r.text());
+            if r.completed == 0 {
+                ExitCode::from(EXIT_NOTHING_COMPLETED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }),
         Cmd::Uclient(args) => uclient_run::run(&args).map(|r| {
             print!("{}", r.text());
             ExitCode::SUCCESS
@@ -76,12 +94,16 @@ fn main() -> ExitCode {
             })
         }),
         Cmd::BenchReport(args) => bench_report::run(&args).map(|()| ExitCode::SUCCESS),
-        Cmd::FreePort { ip } => udp::free_port(ip)
-            .map(|p| {
-                println!("{p}");
-                ExitCode::SUCCESS
-            })
-            .map_err(|e| e.to_string()),
+        Cmd::FreePort { ip, not_ephemeral } => if not_ephemeral {
+            udp::free_port_outside_ephemeral(ip)
+        } else {
+            udp::free_port(ip)
+        }
+        .map(|p| {
+            println!("{p}");
+            ExitCode::SUCCESS
+        })
+        .map_err(|e| e.to_string()),
     };
     match result {
         Ok(code) => code,

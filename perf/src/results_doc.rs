@@ -10,6 +10,10 @@ pub const SECTIONS: &[(&str, &str)] = &[
     ("stun", "STUN Binding"),
     ("turn", "TURN relay"),
     ("proxy", "Reverse proxy"),
+    (
+        "register",
+        "H.323 and SIP registrations through the reverse proxy",
+    ),
     ("fraud", "Fraud detection reaction"),
 ];
 

@@ -397,9 +397,61 @@ pub fn free_port(ip: std::net::IpAddr) -> io::Result<u16> {
     Err(last)
 }
 
+/// Like [`free_port`], below the kernel's ephemeral range (`ip_local_port_range`): a port a
+/// server binds again and again between runs that open tens of thousands of connections,
+/// which the kernel could otherwise hand out meanwhile as a connection's local port (then
+/// held in TIME_WAIT, and the next bind fails).
+pub fn free_port_outside_ephemeral(ip: std::net::IpAddr) -> io::Result<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const FIRST: u16 = 10_000;
+    if low <= FIRST + 64 {
+        return Err(io::Error::other(format!(
+            "the ephemeral port range starts at {low}: no room below it"
+        )));
+    }
+    // xorshift from the pid and the clock: scripts call this many times in a row.
+    let mut x = u64::from(std::process::id())
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    let mut last = io::Error::other("no free port found");
+    for _ in 0..256 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = FIRST + (x % u64::from(low - FIRST)) as u16;
+        let free = std::net::UdpSocket::bind((ip, port))
+            .and_then(|_u| std::net::TcpListener::bind((ip, port)).map(drop));
+        match free {
+            Ok(()) => return Ok(port),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_outside_the_ephemeral_range() {
+        let ip = "127.0.0.1".parse().unwrap();
+        let p = free_port_outside_ephemeral(ip).unwrap();
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((10_000..low).contains(&p), "{p}");
+        std::net::TcpListener::bind((ip, p)).unwrap();
+    }
 
     #[test]
     fn batch_round_trip_over_loopback() {

@@ -68,6 +68,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub proxy: ProxyConfig,
     pub fraud: FraudConfig,
+    pub fleet: FleetConfig,
 }
 
 impl Default for Config {
@@ -80,6 +81,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             proxy: ProxyConfig::default(),
             fraud: FraudConfig::default(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -237,6 +239,61 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8088)),
         }
     }
+}
+
+/// Several boxes behind one DNS name: blacklist, whitelist and TURN users shared through
+/// Redis. Off by default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// `redis://HOST:PORT` of the fleet's Redis; unset: no sharing.
+    pub redis: Option<String>,
+    /// This box's name in the fleet (letters, digits, `.`, `_`, `-`; at most 64); empty: the
+    /// host name. Entries carry the name of the box that made them.
+    pub name: String,
+}
+
+impl FleetConfig {
+    /// (host, port) of `redis`, which [`Config::validate`] has checked.
+    pub fn redis_addr(&self) -> Option<(String, u16)> {
+        parse_redis_url(self.redis.as_deref()?).ok()
+    }
+}
+
+/// `redis://HOST:PORT` (HOST a name, an IPv4 address or `[IPv6]`; PORT 6379 when left out).
+pub fn parse_redis_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("redis://")
+        .ok_or_else(|| format!("\"{url}\" must start with redis://"))?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains(['/', '@', '?', ' ']) {
+        return Err(format!(
+            "\"{url}\" must be redis://HOST:PORT (no user, password, database or options)"
+        ));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, p) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("\"{url}\": unclosed ["))?;
+        (h.to_string(), p.strip_prefix(':').unwrap_or(p))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (rest.to_string(), ""),
+        }
+    };
+    let port = if port.is_empty() {
+        6379
+    } else {
+        port.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("\"{url}\": bad port \"{port}\""))?
+    };
+    if host.is_empty() {
+        return Err(format!("\"{url}\" has no host"));
+    }
+    Ok((host, port))
 }
 
 /// Fraud detection (reference: "Fraud Detection", "Blacklist/Whitelist Details").
@@ -507,6 +564,24 @@ impl Config {
                 format!("{} is not between 16 and 10000000", f.max_tracked_sources),
             ));
         }
+        let fl = &self.fleet;
+        if let Some(url) = &fl.redis {
+            parse_redis_url(url).map_err(|e| err("fleet.redis", e))?;
+        }
+        if fl.name.len() > 64
+            || !fl
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(err(
+                "fleet.name",
+                format!(
+                    "\"{}\" must be at most 64 letters, digits, '.', '_' or '-'",
+                    fl.name
+                ),
+            ));
+        }
         if self.stun.software.len() > 763 {
             return Err(err("stun.software", "is longer than 763 bytes (RFC 8489)"));
         }
@@ -667,6 +742,27 @@ mod tests {
         c.validate().unwrap();
         let back = Config::from_toml(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn fleet_settings_are_checked_at_load_naming_the_key() {
+        let c =
+            Config::from_toml("[fleet]\nredis = \"redis://127.0.0.1:6390\"\nname = \"box-a\"\n")
+                .unwrap();
+        assert_eq!(c.fleet.redis_addr(), Some(("127.0.0.1".into(), 6390)));
+        assert_eq!(
+            parse_redis_url("redis://[::1]").unwrap(),
+            ("::1".to_string(), 6379)
+        );
+        for (text, key) in [
+            ("redis = \"http://x:1\"", "fleet.redis"),
+            ("redis = \"redis://x:0\"", "fleet.redis"),
+            ("redis = \"redis://u:p@x:1\"", "fleet.redis"),
+            ("name = \"a b\"", "fleet.name"),
+        ] {
+            let e = Config::from_toml(&format!("[fleet]\n{text}\n")).unwrap_err();
+            assert!(e.to_string().starts_with(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Resp
             })?;
     let shown = describe(&user);
     let name = user.name.clone();
+    let shared = user.clone();
     let applied = control
         .change("api", move |c| {
             if c.turn.users.iter().any(|u| u.name == user.name) {
@@ -53,6 +54,7 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Resp
             Ok(())
         })
         .await?;
+    crate::fleet::user_changed(crate::fleet::UserOp::Put(shared));
     tracing::info!(user = %name, "TURN user added");
     let mut body = shown;
     body["generation"] = json!(applied.generation);
@@ -76,6 +78,7 @@ pub async fn remove(
             Ok(())
         })
         .await?;
+    crate::fleet::user_changed(crate::fleet::UserOp::Delete(who.clone()));
     tracing::info!(user = %who, "TURN user deleted");
     Ok(StatusCode::NO_CONTENT)
 }

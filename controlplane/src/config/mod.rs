@@ -43,7 +43,8 @@ fn key_err(key: &str, problem: impl Into<String>) -> ConfigError {
 /// Checks what the text alone cannot tell, at load (`portico check`, `portico run`,
 /// `SIGHUP`) and on every API change: that `log_level` is a filter `tracing` takes, and that
 /// the TLS files of `[proxy.tls]` exist and belong together, so a TLS listener is never left
-/// without a certificate. Without `proxy.tls.cert`/`key` a TLS listener uses the pair
+/// without a certificate, and that the CA files (`ca_file`, `client_ca_file`) hold usable
+/// certificates. Without `proxy.tls.cert`/`key` a TLS listener uses the pair
 /// generated in the state dir: it is checked when present, and must not be half there.
 pub fn check_files(c: &Config) -> Result<(), ConfigError> {
     tracing_subscriber::EnvFilter::builder()
@@ -97,6 +98,15 @@ pub fn check_files(c: &Config) -> Result<(), ConfigError> {
             key_err(
                 "proxy.tls.ca_file",
                 e.trim_start_matches("proxy.tls.ca_file ").to_string(),
+            )
+        })?;
+    }
+    if let Some(f) = &t.client_ca_file {
+        const KEY: &str = "proxy.tls.client_ca_file";
+        tls::client_verifier(f).map_err(|e| {
+            key_err(
+                KEY,
+                e.strip_prefix(KEY).unwrap_or(&e).trim_start().to_string(),
             )
         })?;
     }
@@ -174,6 +184,18 @@ mod tests {
         let mut c = with_tls(&dir, &c1, &k1);
         c.proxy.tls.ca_file = Some(k1.clone());
         assert_eq!(check_files(&c).unwrap_err().key, "proxy.tls.ca_file");
+        // The trust list for Check Certificate: missing, or no certificate in it.
+        let mut c = with_tls(&dir, &c1, &k1);
+        c.proxy.tls.client_ca_file = Some(dir.join("absent-ca.pem"));
+        let e = check_files(&c).unwrap_err();
+        assert_eq!(e.key, "proxy.tls.client_ca_file", "{e}");
+        assert!(e.problem.contains("absent-ca.pem"), "{e}");
+        c.proxy.tls.client_ca_file = Some(k1.clone());
+        let e = check_files(&c).unwrap_err();
+        assert_eq!(e.key, "proxy.tls.client_ca_file", "{e}");
+        assert!(e.problem.contains("no usable CA certificate"), "{e}");
+        c.proxy.tls.client_ca_file = Some(c1.clone());
+        check_files(&c).unwrap();
 
         // Unset: the generated pair, absent (made at start), whole, or half there.
         let mut c = with_tls(&dir, &c1, &k1);

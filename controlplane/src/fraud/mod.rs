@@ -361,6 +361,37 @@ impl Engine {
         self.remove_source(key)
     }
 
+    /// Puts an entry made elsewhere (another box of the fleet) as it is; `None` when the
+    /// same entry is already there or it has expired.
+    pub fn put(&mut self, e: Entry, now: u64) -> Option<Vec<Change>> {
+        if e.expires_unix.is_some_and(|x| x <= now) || self.entries.get(&e.source) == Some(&e) {
+            return None;
+        }
+        if !self.entries.contains_key(&e.source) && self.entries.len() >= MAX_ENTRIES {
+            return None;
+        }
+        let mut changes = Vec::new();
+        let was_white = self.entries.get(&e.source).map(|o| o.kind == Kind::White);
+        match e.kind {
+            Kind::Black => changes.push(Change::Block(
+                e.source,
+                e.expires_unix.unwrap_or(u64::MAX >> 8),
+            )),
+            Kind::White => {
+                if was_white == Some(false) {
+                    changes.push(Change::Unblock(e.source));
+                }
+            }
+        }
+        let white = e.kind == Kind::White || was_white == Some(true);
+        self.entries.insert(e.source, e);
+        if white {
+            self.rebuild_white_ranges();
+        }
+        self.dirty = true;
+        Some(changes)
+    }
+
     /// Removes the entry of exactly this block.
     pub fn remove_source(&mut self, key: Source) -> Option<(Entry, Vec<Change>)> {
         let e = self.entries.remove(&key)?;

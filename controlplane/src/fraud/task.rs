@@ -11,7 +11,14 @@ use std::time::Duration;
 use portico_shared::config::FraudConfig;
 use portico_shared::shm::{EventKind, SharedMemory, BLACKLIST_SLOTS};
 
-use super::{store, Change, Engine, Entry, Kind};
+use super::{store, Change, Engine, Entry, Kind, Source};
+
+/// A decision of this box for the rest of the fleet (see `crate::fleet`).
+#[derive(Clone, Debug)]
+pub enum FleetOp {
+    Put(Entry),
+    Delete(Source),
+}
 
 /// How often the driver task expires entries and writes the state file.
 const TICK: Duration = Duration::from_millis(25);
@@ -48,6 +55,8 @@ pub struct Fraud {
     writer: Mutex<()>,
     /// `fraud.count_peer_refusals`.
     count_peer_refusals: AtomicBool,
+    /// Where this box's own decisions go for the fleet, when there is one.
+    fleet: Mutex<Option<tokio::sync::mpsc::Sender<FleetOp>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -74,6 +83,7 @@ impl Fraud {
             stats: Mutex::new(FraudStats::default()),
             writer: Mutex::new(()),
             count_peer_refusals: AtomicBool::new(cfg.count_peer_refusals),
+            fleet: Mutex::new(None),
         });
         // The segment may hold entries of an earlier run (the dataplane outlived us): replace
         // them with exactly our list, in one switch (the dataplane keeps enforcing the old
@@ -97,6 +107,45 @@ impl Fraud {
         self.count_peer_refusals
             .store(cfg.count_peer_refusals, Ordering::Relaxed);
         self.rebuild();
+    }
+
+    /// From now on this box's own decisions (automatic and manual) are sent to `tx`.
+    pub fn set_fleet(&self, tx: tokio::sync::mpsc::Sender<FleetOp>) {
+        *lock(&self.fleet) = Some(tx);
+    }
+
+    fn publish(&self, op: FleetOp) {
+        if let Some(tx) = lock(&self.fleet).as_ref() {
+            if tx.try_send(op).is_err() {
+                // The fleet task resynchronises its whole list periodically.
+                tracing::warn!("fleet: queue full, a decision waits for the next resync");
+            }
+        }
+    }
+
+    /// An entry another box of the fleet made: applied here, not sent back.
+    pub fn apply_remote(&self, e: Entry) -> bool {
+        let white = e.kind == Kind::White;
+        let Some(changes) = lock(&self.engine).put(e, unix_now()) else {
+            return false;
+        };
+        if white {
+            self.rebuild();
+        } else {
+            self.mirror(changes);
+        }
+        self.persist();
+        true
+    }
+
+    /// An entry another box of the fleet removed.
+    pub fn remove_remote(&self, source: Source) -> bool {
+        let Some((_, changes)) = lock(&self.engine).remove_source(source) else {
+            return false;
+        };
+        self.mirror(changes);
+        self.persist();
+        true
     }
 
     /// Mirrors decisions into the dataplane's table; rebuilds the table when it is full of
@@ -186,7 +235,14 @@ impl Fraud {
                 );
             }
             lock(&self.stats).auto_blacklisted += 1;
+            let made = match &change {
+                Change::Block(s, _) => lock(&self.engine).exact(s.ip, s.prefix).cloned(),
+                Change::Unblock(_) => None,
+            };
             self.mirror(vec![change]);
+            if let Some(e) = made {
+                self.publish(FleetOp::Put(e));
+            }
         }
     }
 
@@ -221,6 +277,7 @@ impl Fraud {
             self.mirror(changes);
         }
         self.persist();
+        self.publish(FleetOp::Put(e.clone()));
         e
     }
 
@@ -241,6 +298,7 @@ impl Fraud {
         tracing::info!(source = %e.source, kind = ?e.kind, "fraud list entry removed");
         self.mirror(changes);
         self.persist();
+        self.publish(FleetOp::Delete(e.source));
         Some(e)
     }
 
@@ -249,6 +307,7 @@ impl Fraud {
         tracing::info!(source = %e.source, kind = ?e.kind, "fraud list entry removed");
         self.mirror(changes);
         self.persist();
+        self.publish(FleetOp::Delete(e.source));
         Some(e)
     }
 
@@ -257,6 +316,7 @@ impl Fraud {
         tracing::info!(source = %e.source, "fraud list entry turned into a whitelist entry");
         self.mirror(changes);
         self.persist();
+        self.publish(FleetOp::Put(e.clone()));
         Some(e)
     }
 

@@ -5,6 +5,8 @@ module (ITU-T H.225.0 ASN.1, aligned PER). Prints one TPKT packet per line, in h
   grq GKID [ALIAS...]          GatekeeperRequest tunnelled per H.460.17 in a FACILITY
   rrq GKID|- [ALIAS...]        RegistrationRequest likewise ("-": no gatekeeperIdentifier)
   grj | rrj                    GatekeeperReject / RegistrationReject likewise
+  rcf                          RegistrationConfirm likewise (for alice, the gatekeeper
+                               example.com/branch)
   setup DEST [DEST...]         Setup with destinationAddress (h323-ID, or email-ID if
                                prefixed "email:", url-ID if prefixed "url:")
   release                      ReleaseComplete
@@ -59,6 +61,15 @@ def ras(kind, gkid=None, aliases=()):
     elif kind == 'rrj':
         msg = ('registrationReject', {'requestSeqNum': 2, 'protocolIdentifier': PROTO,
                                       'rejectReason': ('securityDenial', 0)})
+    elif kind == 'rcf':
+        msg = ('registrationConfirm', {
+            'requestSeqNum': 2, 'protocolIdentifier': PROTO,
+            'callSignalAddress': [('ipAddress', {'ip': b'\x7f\x00\x00\x01', 'port': 1720})],
+            'terminalAlias': [alias('alice')], 'gatekeeperIdentifier': 'example.com/branch',
+            'endpointIdentifier': 'EP0001', 'timeToLive': 300, 'willRespondToIRR': False,
+            'preGrantedARQ': {'makeCall': False, 'useGKCallSignalAddressToMakeCall': False,
+                              'answerCall': False, 'useGKCallSignalAddressToAnswer': False},
+            'maintainConnection': True})
     M.RasMessage.set_val(msg)
     return M.RasMessage.to_aper()
 
@@ -97,7 +108,7 @@ def main(argv):
         gkid = None if args[0] == '-' else args[0]
         raw = ras(cmd, gkid, args[1:])
         out = q931(FACILITY, uu(('empty', 0), [h460_17(raw)]))
-    elif cmd in ('grj', 'rrj'):
+    elif cmd in ('grj', 'rrj', 'rcf'):
         out = q931(FACILITY, uu(('empty', 0), [h460_17(ras(cmd))]), crv=0x8000)
     elif cmd == 'facility-body':
         out = q931(FACILITY, uu(facility_body(), [h460_17(ras('grq', args[0]))]))

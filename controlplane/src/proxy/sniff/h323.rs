@@ -507,6 +507,13 @@ mod tests {
             })
         );
         assert_eq!(decode(&seed("release")), Ok(Says::Other));
+        // A RegistrationConfirm is no rejection: the monitor lets it pass uncounted.
+        assert_eq!(decode(&seed("rcf")), Ok(Says::Other));
+        let mut mon = H323Monitor::default();
+        assert_eq!(
+            mon.feed(&[seed("rcf"), seed("rrj")].concat()),
+            vec!["H.323 RegistrationReject".to_string()]
+        );
         assert_eq!(
             decode(&seed("facility-body example.com")),
             Ok(reg(Some("example.com"), &[]))
