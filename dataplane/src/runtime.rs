@@ -144,7 +144,7 @@ pub fn run(shm_name: &str) -> Result<(), String> {
     let settings = settings_for(&config, &secret);
     let addrs = settings.endpoints.addrs().to_vec();
     // Bind everything before starting any thread, so a bad address fails the start cleanly.
-    let tcp_listeners = io::tcp::bind_listeners(&addrs)?;
+    let tcp_listeners = io::tcp::bind_listeners(&addrs, &config.turn.listen_tls)?;
     let mut sockets: Vec<Vec<UdpSocket>> = Vec::with_capacity(workers);
     for _ in 0..workers {
         sockets.push(io::bind_all(&addrs)?);
@@ -283,6 +283,7 @@ pub fn run(shm_name: &str) -> Result<(), String> {
 /// threads (listen addresses, worker count, driver) apply only at the next start; say so.
 fn apply(shared: &Shared, started_with: &Config, new: &Config, generation: u64) {
     let needs_restart = started_with.turn.listen != new.turn.listen
+        || started_with.turn.listen_tls != new.turn.listen_tls
         || started_with.turn.workers != new.turn.workers
         || started_with.turn.pin_workers != new.turn.pin_workers
         || started_with.turn.io != new.turn.io
@@ -291,7 +292,7 @@ fn apply(shared: &Shared, started_with: &Config, new: &Config, generation: u64) 
     if needs_restart {
         tracing::warn!(
             generation,
-            "turn.listen, turn.workers, turn.pin_workers, turn.io and stun.alternate_* take effect when the dataplane restarts"
+            "turn.listen, turn.listen_tls, turn.workers, turn.pin_workers, turn.io and stun.alternate_* take effect when the dataplane restarts"
         );
     }
     let mut settings = settings_for(new, &shared.secret);

@@ -92,6 +92,10 @@ pub struct TurnConfig {
     /// UDP and TCP addresses STUN/TURN listens on. Empty: STUN/TURN is off (a proxy-only
     /// box); the dataplane then opens no socket at all.
     pub listen: Vec<SocketAddr>,
+    /// TURN-over-TLS (RFC 8656 §3.1, usually port 5349) addresses, served with the
+    /// certificate of `[proxy.tls]` (or the generated one in `state_dir`). Needs `listen`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub listen_tls: Vec<SocketAddr>,
     pub realm: String,
     /// Local addresses relay sockets bind to, at most one per family (a string or a list).
     /// Unset: a specific listen address of each family, else the address of the interface
@@ -149,6 +153,7 @@ impl Default for TurnConfig {
                 SocketAddr::from(([0, 0, 0, 0], 3478)),
                 SocketAddr::from(([0u16; 8], 3478)),
             ],
+            listen_tls: Vec::new(),
             realm: "portico".into(),
             relay_ip: Vec::new(),
             external_ip: None,
@@ -448,6 +453,27 @@ impl Config {
             if t.listen[..i].contains(a) {
                 return Err(err("turn.listen", format!("\"{a}\" is listed twice")));
             }
+        }
+        for (i, a) in t.listen_tls.iter().enumerate() {
+            if a.port() == 0 {
+                return Err(err("turn.listen_tls", format!("\"{a}\" needs a port")));
+            }
+            if t.listen_tls[..i].contains(a) {
+                return Err(err("turn.listen_tls", format!("\"{a}\" is listed twice")));
+            }
+            // turn.listen opens TCP too: the same address cannot serve plain and TLS.
+            if t.listen.contains(a) {
+                return Err(err(
+                    "turn.listen_tls",
+                    format!("\"{a}\" is also in turn.listen, which serves plain TCP there"),
+                ));
+            }
+        }
+        if !t.listen_tls.is_empty() && t.listen.is_empty() {
+            return Err(err(
+                "turn.listen_tls",
+                "needs turn.listen: relays and workers start only with a turn.listen address",
+            ));
         }
         if t.realm.is_empty() || t.realm.len() > 127 {
             return Err(err(
@@ -1001,6 +1027,22 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "stun.alternate_ip");
+    }
+
+    #[test]
+    fn listen_tls_is_validated_naming_the_key() {
+        let c = Config::from_toml("[turn]\nlisten_tls = [\"127.0.0.1:5349\"]\n").unwrap();
+        assert_eq!(c.turn.listen_tls, vec!["127.0.0.1:5349".parse().unwrap()]);
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        for bad in [
+            "[turn]\nlisten_tls = [\"127.0.0.1:0\"]\n",
+            "[turn]\nlisten_tls = [\"127.0.0.1:5349\", \"127.0.0.1:5349\"]\n",
+            "[turn]\nlisten = [\"127.0.0.1:3478\"]\nlisten_tls = [\"127.0.0.1:3478\"]\n",
+            "[turn]\nlisten = []\nlisten_tls = [\"127.0.0.1:5349\"]\n",
+        ] {
+            let e = Config::from_toml(bad).unwrap_err();
+            assert_eq!(e.key, "turn.listen_tls", "{bad}");
+        }
     }
 
     #[test]

@@ -62,6 +62,12 @@ counters! {
     DropNoBuffer => "dataplane_drops" ["reason" = "no_buffer"] "Packets dropped, by reason.";
     DropBadSource => "dataplane_drops" ["reason" = "bad_source"] "Packets dropped, by reason.";
     DropTcpFraming => "dataplane_drops" ["reason" = "tcp_framing"] "Packets dropped, by reason.";
+    DropStreamBacklog => "dataplane_drops" ["reason" = "stream_backlog"] "Packets dropped, by reason.";
+    TcpClosedHandshakeTimeout => "dataplane_tcp_closed" ["reason" = "handshake_timeout"] "STUN/TURN TCP and TLS connections the server closed, by reason.";
+    TcpClosedIdle => "dataplane_tcp_closed" ["reason" = "idle"] "STUN/TURN TCP and TLS connections the server closed, by reason.";
+    TcpClosedTlsError => "dataplane_tcp_closed" ["reason" = "tls_error"] "STUN/TURN TCP and TLS connections the server closed, by reason.";
+    TcpClosedBacklog => "dataplane_tcp_closed" ["reason" = "backlog"] "STUN/TURN TCP and TLS connections the server closed, by reason.";
+    TlsHandshakes => "dataplane_tls_handshakes" [] "TLS handshakes completed on TURN-over-TLS listeners.";
     TurnAllocationsActive => "turn_allocations_active" [] "TURN allocations now active.";
     TurnAllocationsCreated => "turn_allocations_created" [] "TURN allocations created.";
     TurnAllocationsExpired => "turn_allocations_ended" ["reason" = "expired"] "TURN allocations ended, by reason.";

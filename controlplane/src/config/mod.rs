@@ -63,7 +63,7 @@ pub fn check_files(c: &Config) -> Result<(), ConfigError> {
                 PairFile::Key => key_err("proxy.tls.key", e.message),
             })?;
         }
-        _ if c.proxy.listen.iter().any(|(t, _)| t.is_tls()) => {
+        _ if c.proxy.listen.iter().any(|(t, _)| t.is_tls()) || !c.turn.listen_tls.is_empty() => {
             let cert = c.state_dir.join(state::CERT_FILE);
             let key = c.state_dir.join(state::KEY_FILE);
             match (cert.exists(), key.exists()) {

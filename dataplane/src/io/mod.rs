@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use portico_shared::shm::{
-    AllocInfo, Event, EventKind, SharedMemory, WorkerCounters, ALLOC_RECORDS, MAX_WORKERS,
+    AllocInfo, Event, EventKind, SharedMemory, WorkerCounters, ALLOC_RECORDS,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -76,12 +76,20 @@ impl Shared {
     /// workers'), seeded from the system's random generator, linked to the control plane
     /// through this segment.
     pub fn new_server(self: &Arc<Self>, index: usize) -> io::Result<Server> {
+        let first_relay = self.current_settings().endpoints.len();
+        self.new_server_at(index, first_relay)
+    }
+
+    /// [`Shared::new_server`] with relay socket indices starting at `first_relay` (the TCP
+    /// thread names its connections by the indices below).
+    pub fn new_server_at(self: &Arc<Self>, index: usize, first_relay: usize) -> io::Result<Server> {
         let seed = random_bytes()?;
-        // Workers split the allocation records; the TCP thread (index MAX_WORKERS) has no
-        // allocations but reports events and honours the blacklist like the workers.
-        let records = if index < MAX_WORKERS && self.workers > 0 {
-            let per = ALLOC_RECORDS / self.workers;
-            (index * per..(index + 1) * per).rev().collect()
+        // The workers and the TCP thread (index MAX_WORKERS, after the workers) split the
+        // allocation records.
+        let records = if self.workers > 0 {
+            let per = ALLOC_RECORDS / (self.workers + 1);
+            let share = index.min(self.workers);
+            (share * per..(share + 1) * per).rev().collect()
         } else {
             Vec::new()
         };
@@ -99,11 +107,12 @@ impl Shared {
                 shared: Arc::clone(self),
             }),
         };
-        Ok(Server::new(
+        Ok(Server::with_first_relay(
             self.current_settings(),
             Arc::clone(&self.turn),
             &seed,
             control,
+            first_relay,
         ))
     }
 
@@ -294,6 +303,7 @@ pub fn io_uring_available() -> Result<(), String> {
 mod tests {
     use super::*;
     use portico_shared::counters::Counter;
+    use portico_shared::shm::MAX_WORKERS;
 
     #[test]
     fn fold_adds_each_count_once_and_leaves_untouched_slots_alone() {

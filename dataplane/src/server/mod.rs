@@ -12,6 +12,7 @@ pub mod endpoints;
 mod stats;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -81,6 +82,9 @@ pub struct Settings {
     pub turn: TurnSettings,
     /// Requests per second per source above which a suspicious event is reported.
     pub request_rate: u32,
+    /// Certificate chain and key for TURN over TLS: the proxy's (`proxy.tls.cert`/`key`),
+    /// else the pair the control plane generates in `state_dir`.
+    pub tls_files: (PathBuf, PathBuf),
 }
 
 impl Settings {
@@ -92,7 +96,22 @@ impl Settings {
             software: config.stun.software.clone(),
             turn: TurnSettings::from_config(config, secret, routes),
             request_rate: config.fraud.request_rate,
+            tls_files: tls_files(config),
         }
+    }
+}
+
+/// The certificate and key TURN over TLS presents: the same pair the proxy's TLS listeners
+/// use. Relative paths resolve against the working directory the control plane gave the
+/// dataplane (its own).
+pub fn tls_files(config: &Config) -> (PathBuf, PathBuf) {
+    let t = &config.proxy.tls;
+    match (&t.cert, &t.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => (
+            config.state_dir.join("cert.pem"),
+            config.state_dir.join("key.pem"),
+        ),
     }
 }
 
@@ -113,6 +132,18 @@ impl Server {
         control: ControlPlane,
     ) -> Server {
         let first_relay = settings.endpoints.len();
+        Server::with_first_relay(settings, shared, seed, control, first_relay)
+    }
+
+    /// A core whose relay socket indices start at `first_relay`: the stream driver names its
+    /// connections by the indices between the listen sockets and `first_relay`.
+    pub fn with_first_relay(
+        settings: Arc<Settings>,
+        shared: Arc<TurnShared>,
+        seed: &[u8; 32],
+        control: ControlPlane,
+        first_relay: usize,
+    ) -> Server {
         Server {
             settings,
             turn: Turn::new(shared, first_relay, seed, control),
@@ -174,6 +205,48 @@ impl Server {
     /// Handles one received datagram and says what to send, if anything (the reply is
     /// written in `rx.buf`).
     pub fn handle(&mut self, now: Now, io: &mut dyn RelayIo, rx: Received<'_>) -> Action {
+        let socket = rx.socket;
+        self.dispatch(now, io, rx, socket)
+    }
+
+    /// Handles one message framed from a stream connection (TCP or TLS). `rx.socket` is the
+    /// listen socket (Binding answers as from it); `conn` is the index naming the connection
+    /// itself, between the listen sockets and the first relay socket: allocations made over
+    /// the connection are keyed by it, and relayed data for the client comes back as
+    /// [`Action::Send`] with `socket: conn`.
+    pub fn handle_stream(
+        &mut self,
+        now: Now,
+        io: &mut dyn RelayIo,
+        rx: Received<'_>,
+        conn: usize,
+    ) -> Action {
+        self.dispatch(now, io, rx, conn)
+    }
+
+    /// A stream connection closed: its allocation ends with it (RFC 8656 §3.1).
+    pub fn stream_closed(&mut self, now: Now, io: &mut dyn RelayIo, conn: usize, from: SocketAddr) {
+        let settings: &Settings = &self.settings;
+        self.turn.end_client(
+            &mut Ctx {
+                settings: &settings.turn,
+                software: &settings.software,
+                now,
+                io,
+                stats: &mut self.stats,
+            },
+            canonical(from),
+            conn,
+        );
+    }
+
+    fn dispatch(
+        &mut self,
+        now: Now,
+        io: &mut dyn RelayIo,
+        rx: Received<'_>,
+        key_socket: usize,
+    ) -> Action {
         let Received {
             transport,
             socket,
@@ -196,11 +269,16 @@ impl Server {
             stats.incr(Counter::DropBadLength);
             return Action::Drop;
         }
-        let d = Datagram {
+        // Binding answers as from the listen socket; TURN keys the client by its connection.
+        let binding_d = Datagram {
             socket,
             from,
             start,
             len,
+        };
+        let d = Datagram {
+            socket: key_socket,
+            ..binding_d
         };
         // A plain borrow, not an Arc clone: a reference-count update per packet would bounce
         // one cache line between all workers.
@@ -215,8 +293,9 @@ impl Server {
         if self.turn.is_relay_socket(socket) {
             return self.turn.on_peer_data(&mut cx, d, buf);
         }
-        // ChannelData starts with 0b01; STUN with 0b00 (RFC 8656 §12).
-        if transport == Transport::Udp && len >= 4 && buf[start] & 0xC0 == 0x40 {
+        // ChannelData starts with 0b01; STUN with 0b00 (RFC 8656 §12). Over a stream the
+        // driver framed it with its padding to 4 bytes.
+        if len >= 4 && buf[start] & 0xC0 == 0x40 {
             return self.turn.on_channel_data(&mut cx, d, buf);
         }
         let (class, method) = match Message::parse(&buf[start..start + len]) {
@@ -237,10 +316,6 @@ impl Server {
                         .report(EventKind::RateExceeded, from.ip(), now.unix);
                 }
                 if m.class() == Class::Indication && m.method() == stun::method::SEND {
-                    if transport == Transport::Tcp {
-                        cx.stats.incr(Counter::DropUnknownMethod);
-                        return Action::Drop;
-                    }
                     return self.turn.on_send_indication(&mut cx, d, &m);
                 }
                 (m.class(), m.method())
@@ -256,7 +331,7 @@ impl Server {
                     Ok(m) => binding::Request::read(&m, transport),
                     Err(_) => return Action::Drop,
                 };
-                binding::respond(settings, &request, d, buf, cx.stats)
+                binding::respond(settings, &request, binding_d, buf, cx.stats)
             }
             (Class::Indication, stun::method::BINDING) => {
                 cx.stats.incr(Counter::StunBindingIndication);
@@ -268,7 +343,7 @@ impl Server {
                 | stun::method::REFRESH
                 | stun::method::CREATE_PERMISSION
                 | stun::method::CHANNEL_BIND,
-            ) if transport == Transport::Udp => self.turn.on_request(&mut cx, d, buf),
+            ) => self.turn.on_request(&mut cx, d, buf),
             (Class::Request | Class::Indication, _) => {
                 cx.stats.incr(Counter::DropUnknownMethod);
                 Action::Drop

@@ -27,6 +27,8 @@ users = [{ name = "alice", password = "secret" }]
 const LISTEN: usize = 0;
 const FIRST_RELAY: usize = 1;
 const PEER: &str = "8.8.8.8:5000";
+/// Where relays start in a stream driver's core ([`H::stream`]).
+const STREAM_FIRST_RELAY: usize = 8;
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -35,6 +37,8 @@ fn sa(s: &str) -> SocketAddr {
 /// Hands out socket indices and remembers which are open; binds nothing.
 #[derive(Default)]
 struct FakeIo {
+    /// Added to every index handed out (a core whose relays start further up).
+    first: usize,
     next: usize,
     live: HashSet<usize>,
     closed: Vec<usize>,
@@ -42,7 +46,7 @@ struct FakeIo {
 
 impl RelayIo for FakeIo {
     fn open(&mut self, _: SocketAddr, _: bool) -> io::Result<usize> {
-        let i = FIRST_RELAY + self.next;
+        let i = FIRST_RELAY + self.first + self.next;
         self.next += 1;
         self.live.insert(i);
         Ok(i)
@@ -66,6 +70,8 @@ struct H {
     server: Server,
     io: FakeIo,
     now: Now,
+    /// The connection [`H::tcp`] hands messages in on.
+    conn: usize,
 }
 
 fn settings(toml: &str) -> Arc<Settings> {
@@ -90,7 +96,24 @@ impl H {
                 mono: Instant::now(),
                 unix: 1_800_000_000,
             },
+            conn: LISTEN,
         }
+    }
+
+    /// A core as the stream driver builds it: connections are named by the indices between
+    /// the listen socket and the relays, which start at `STREAM_FIRST_RELAY`.
+    fn stream() -> H {
+        let mut h = H::new();
+        h.server = Server::with_first_relay(
+            settings(CONFIG),
+            Arc::new(TurnShared::new(7)),
+            &[7; 32],
+            ControlPlane::detached(),
+            STREAM_FIRST_RELAY,
+        );
+        h.io.first = STREAM_FIRST_RELAY - FIRST_RELAY;
+        h.conn = 3;
+        h
     }
 
     fn stats(&self) -> &Stats {
@@ -114,7 +137,13 @@ impl H {
             start: HEADROOM,
             len: data.len(),
         };
-        match self.server.handle(self.now, &mut self.io, rx) {
+        let action = if transport == Transport::Tcp {
+            self.server
+                .handle_stream(self.now, &mut self.io, rx, self.conn)
+        } else {
+            self.server.handle(self.now, &mut self.io, rx)
+        };
+        match action {
             Action::Drop => None,
             Action::Send {
                 offset,
@@ -127,6 +156,11 @@ impl H {
 
     fn udp(&mut self, from: SocketAddr, data: &[u8]) -> Option<(Vec<u8>, usize, SocketAddr)> {
         self.handle(Transport::Udp, LISTEN, from, data)
+    }
+
+    /// A message framed from connection `self.conn`, accepted on the listen socket.
+    fn tcp(&mut self, from: SocketAddr, data: &[u8]) -> Option<(Vec<u8>, usize, SocketAddr)> {
+        self.handle(Transport::Tcp, LISTEN, from, data)
     }
 }
 
@@ -159,28 +193,32 @@ fn udp_transport(w: &mut MessageWriter<'_>) {
 
 /// Allocates for `client` and binds channel 0x4000 to PEER; returns the relay socket.
 fn allocate_with_channel(h: &mut H, client: SocketAddr) -> usize {
-    let (r, _, _) = h
-        .udp(client, &request(method::ALLOCATE, None, &udp_transport))
-        .expect("401");
+    allocate_with_channel_via(h, client, H::udp)
+}
+
+type Via = fn(&mut H, SocketAddr, &[u8]) -> Option<(Vec<u8>, usize, SocketAddr)>;
+
+fn allocate_with_channel_via(h: &mut H, client: SocketAddr, via: Via) -> usize {
+    let (r, _, _) = via(h, client, &request(method::ALLOCATE, None, &udp_transport)).expect("401");
     let nonce = Message::parse(&r)
         .unwrap()
         .get(attr::NONCE)
         .unwrap()
         .to_vec();
-    let (r, _, _) = h
-        .udp(
-            client,
-            &request(method::ALLOCATE, Some(&nonce), &udp_transport),
-        )
-        .unwrap();
+    let (r, _, _) = via(
+        h,
+        client,
+        &request(method::ALLOCATE, Some(&nonce), &udp_transport),
+    )
+    .unwrap();
     assert_eq!(Message::parse(&r).unwrap().class(), Class::SuccessResponse);
-    let relay = FIRST_RELAY + h.io.next - 1;
+    let relay = FIRST_RELAY + h.io.first + h.io.next - 1;
     let bind = request(method::CHANNEL_BIND, Some(&nonce), &|w| {
         w.add_attribute(attr::CHANNEL_NUMBER, &[0x40, 0, 0, 0])
             .unwrap();
         w.add_xor_address(attr::XOR_PEER_ADDRESS, sa(PEER)).unwrap();
     });
-    let (r, _, _) = h.udp(client, &bind).unwrap();
+    let (r, _, _) = via(h, client, &bind).unwrap();
     assert_eq!(Message::parse(&r).unwrap().class(), Class::SuccessResponse);
     relay
 }
@@ -192,46 +230,53 @@ fn channel_data(data: &[u8]) -> Vec<u8> {
     m
 }
 
+/// TURN over a stream (RFC 8656 §3.1): the allocation is keyed by the connection, relayed
+/// data for the client comes back addressed to that connection, ChannelData arrives with
+/// its stream padding, and closing the connection ends the allocation.
 #[test]
-fn turn_requests_over_tcp_never_allocate() {
-    let mut h = H::new();
+fn turn_over_a_stream_is_keyed_by_the_connection_and_ends_with_it() {
+    let mut h = H::stream();
     let client = sa("198.51.100.7:5000");
-    let r = h.handle(
-        Transport::Tcp,
-        LISTEN,
-        client,
-        &request(method::ALLOCATE, None, &udp_transport),
+    let relay = allocate_with_channel_via(&mut h, client, H::tcp);
+    assert_eq!(
+        relay, STREAM_FIRST_RELAY,
+        "relays start above the connections"
     );
-    // Either dropped or answered with an error; never a relay over the TCP thread.
-    if let Some((bytes, _, _)) = r {
-        assert_ne!(
-            Message::parse(&bytes).unwrap().class(),
-            Class::SuccessResponse
-        );
-    }
-    assert!(h.io.live.is_empty());
-    assert_eq!(h.server.turn().table().len(), 0);
-}
-
-#[test]
-fn send_indication_and_channel_data_over_tcp_are_not_relayed() {
-    let mut h = H::new();
-    let client = sa("198.51.100.7:5000");
-    allocate_with_channel(&mut h, client);
+    assert_eq!(h.server.turn().table().len(), 1);
+    // ChannelData of 5 bytes, padded to 8 as over a stream: 5 bytes reach the peer.
+    let mut cd = channel_data(b"hello");
+    cd.extend_from_slice(&[0, 0, 0]);
+    let (sent, socket, to) = h.tcp(client, &cd).expect("relayed");
+    assert_eq!(
+        (sent.as_slice(), socket, to),
+        (&b"hello"[..], relay, sa(PEER))
+    );
+    // A Send indication over the stream is relayed too.
     let mut buf = [0u8; 128];
     let mut w = MessageWriter::new(&mut buf, Class::Indication, method::SEND, &[3; 12]).unwrap();
     w.add_xor_address(attr::XOR_PEER_ADDRESS, sa(PEER)).unwrap();
     w.add_attribute(attr::DATA, b"data").unwrap();
     let n = w.finish();
-    assert!(h
-        .handle(Transport::Tcp, LISTEN, client, &buf[..n])
-        .is_none());
-    assert!(h
-        .handle(Transport::Tcp, LISTEN, client, &channel_data(b"data"))
-        .is_none());
-    // The same two over UDP are relayed.
-    assert!(h.udp(client, &buf[..n]).is_some());
-    assert!(h.udp(client, &channel_data(b"data")).is_some());
+    let (sent, socket, _) = h.tcp(client, &buf[..n]).expect("relayed");
+    assert_eq!((sent.as_slice(), socket), (&b"data"[..], relay));
+    // The same address on another connection has no allocation.
+    h.conn = 4;
+    assert!(h.tcp(client, &cd).is_none());
+    assert_eq!(h.stats().get(Counter::DropNoAllocation), 1);
+    // Data from the peer goes to the connection that made the allocation.
+    let (m, socket, to) = h
+        .handle(Transport::Udp, relay, sa(PEER), b"back")
+        .expect("to the client");
+    assert_eq!((socket, to), (3, client));
+    assert_eq!(&m[..4], &[0x40, 0x00, 0x00, 0x04]);
+    // Closing another connection of the same address changes nothing; closing its own
+    // ends the allocation and closes the relay.
+    h.server.stream_closed(h.now, &mut h.io, 4, client);
+    assert_eq!(h.server.turn().table().len(), 1);
+    h.server.stream_closed(h.now, &mut h.io, 3, client);
+    assert_eq!(h.server.turn().table().len(), 0);
+    assert_eq!(h.io.closed, vec![relay]);
+    assert_eq!(h.stats().get(Counter::TurnAllocationsDeleted), 1);
 }
 
 #[test]

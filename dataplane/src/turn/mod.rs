@@ -127,7 +127,7 @@ impl Events for Detached {
     fn report(&mut self, _: EventKind, _: IpAddr, _: u64) {}
 }
 
-/// A driver without relay sockets (the TCP thread): every open fails, so Allocate answers
+/// A driver without relay sockets (tests, tools): every open fails, so Allocate answers
 /// 508.
 pub struct NoRelay;
 
@@ -419,6 +419,13 @@ impl Turn {
             len: total,
             socket: a.listen_socket,
             to: a.client,
+        }
+    }
+
+    /// Ends the allocation of a client 5-tuple, if there is one: a stream connection closed.
+    pub fn end_client(&mut self, cx: &mut Ctx<'_>, client: SocketAddr, socket: usize) {
+        if let Some(slot) = self.table.by_client(client, socket) {
+            self.end(cx, slot, Counter::TurnAllocationsDeleted);
         }
     }
 
