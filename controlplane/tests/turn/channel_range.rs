@@ -3,16 +3,15 @@
 //! pick numbers anywhere in the old range). A ChannelBind of the top number succeeds and
 //! ChannelData on it is relayed both ways, on both packet drivers.
 
-mod common;
-mod turn_common;
-
 use std::time::Duration;
 
-use common::server::{Portico, LOCAL4};
-use turn_common::{turn_setup, udp_transport, EchoPeer, Relayed, TurnClient, PASSWORD, USER};
+use portico_testkit::turn::{udp_transport, EchoPeer, Relayed, TurnClient, PASSWORD, USER};
+use portico_testkit::{Portico, LOCAL4};
+
+use crate::turn_spec;
 
 fn top_channel_relays(io: &'static str) {
-    let p = Portico::start_tagged("turn-chan-range", turn_setup(io, true));
+    let p = Portico::start("turn-chan-range", turn_spec(io, true));
     // One peer per channel: RFC 8656 §12.2 binds a peer to one number.
     let top = EchoPeer::start(LOCAL4);
     let mid = EchoPeer::start(LOCAL4);

@@ -4,18 +4,16 @@
 //! "epoll"` (two workers each), because the drivers are separate code paths around the same
 //! protocol core: a reply sent from the wrong buffer or socket shows up only in one of them.
 
-mod common;
-
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::net::{expect_silence, recv_within, transact, udp_client, ANSWER_WAIT};
-use common::server::{Portico, Setup};
-use common::stun::{
-    crc32, Builder, Msg, BINDING_ERROR, BINDING_INDICATION, BINDING_REQUEST, BINDING_SUCCESS,
-    FINGERPRINT, MAPPED_ADDRESS, SOFTWARE, XOR_MAPPED_ADDRESS,
-};
 use portico_shared::counters::Counter;
+use portico_testkit::net::{expect_silence, recv_within, transact, udp_client};
+use portico_testkit::stun::{
+    crc32, new_tid, Builder, Msg, BINDING_ERROR, BINDING_INDICATION, BINDING_REQUEST,
+    BINDING_SUCCESS, FINGERPRINT, MAPPED_ADDRESS, SOFTWARE, XOR_MAPPED_ADDRESS,
+};
+use portico_testkit::{Portico, Spec, ANSWER_WAIT};
 
 /// A successful RFC 8489 Binding answer for `client`: the right type and id, the client's
 /// own address in XOR-MAPPED-ADDRESS, a valid FINGERPRINT as the last attribute.
@@ -58,24 +56,24 @@ fn binding_over(server: SocketAddr) {
 }
 
 fn binding_ipv4(io: &'static str) {
-    let p = Portico::start(Setup::default().io(io).workers(2));
+    let p = Portico::start("stun-udp", Spec::new().ipv6().io(io).workers(2));
     let before = p.counter(Counter::StunBindingSuccess);
     binding_over(p.udp4());
     assert!(p.wait_counter(Counter::StunBindingSuccess, before + 3) >= before + 3);
 }
 
 fn binding_ipv6(io: &'static str) {
-    let p = Portico::start(Setup::default().io(io).workers(2));
+    let p = Portico::start("stun-udp", Spec::new().ipv6().io(io).workers(2));
     binding_over(p.udp6());
 }
 
 /// RFC 3489 clients send no magic cookie and a 128-bit id; they get MAPPED-ADDRESS (they
 /// cannot undo the XOR) and their whole id back.
 fn legacy_rfc3489(io: &'static str) {
-    let p = Portico::start(Setup::default().io(io).workers(2));
+    let p = Portico::start("stun-udp", Spec::new().ipv6().io(io).workers(2));
     let s = udp_client(p.udp4());
     let mut tid16 = [0u8; 16];
-    tid16[..12].copy_from_slice(&common::stun::new_tid());
+    tid16[..12].copy_from_slice(&new_tid());
     tid16[12..].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
     tid16[0] = 0x5a; // surely not the cookie's first byte (0x21)
     let req = Builder::legacy(BINDING_REQUEST, tid16).build();
@@ -101,7 +99,7 @@ fn legacy_rfc3489(io: &'static str) {
 /// Unknown attributes below 0x8000 must be understood, so the request fails with 420 and
 /// UNKNOWN-ATTRIBUTES naming them; those above 0x8000 may be ignored, and are.
 fn unknown_attributes(io: &'static str) {
-    let p = Portico::start(Setup::default().io(io).workers(2));
+    let p = Portico::start("stun-udp", Spec::new().ipv6().io(io).workers(2));
     let s = udp_client(p.udp4());
     let req = Builder::binding()
         .attr(0x0077, b"x")
@@ -191,7 +189,7 @@ fn bad_datagrams() -> Vec<(&'static str, Vec<u8>, Counter)> {
         Counter::DropBadAttribute,
     ));
 
-    let mut response = Builder::new(BINDING_SUCCESS, common::stun::new_tid())
+    let mut response = Builder::new(BINDING_SUCCESS, new_tid())
         .attr(
             XOR_MAPPED_ADDRESS,
             &[0, 1, 0x21, 0x13, 0x5e, 0x12, 0xa4, 0x43],
@@ -215,7 +213,7 @@ fn bad_datagrams() -> Vec<(&'static str, Vec<u8>, Counter)> {
 
     v.push((
         "a Binding indication",
-        Builder::new(BINDING_INDICATION, common::stun::new_tid())
+        Builder::new(BINDING_INDICATION, new_tid())
             .fingerprint()
             .build(),
         Counter::StunBindingIndication,
@@ -226,7 +224,7 @@ fn bad_datagrams() -> Vec<(&'static str, Vec<u8>, Counter)> {
 /// Bad input gets no answer at all, raises the matching drop counter, and the server keeps
 /// answering afterwards.
 fn bad_input_is_dropped(io: &'static str) {
-    let p = Portico::start(Setup::default().io(io).workers(2));
+    let p = Portico::start("stun-udp", Spec::new().ipv6().io(io).workers(2));
     let s = udp_client(p.udp4());
     let me = s.local_addr().unwrap();
     for (what, bytes, counter) in bad_datagrams() {
@@ -257,17 +255,6 @@ fn bad_input_is_dropped(io: &'static str) {
     assert_binding_success(&m, tid, s2.local_addr().unwrap());
 }
 
-macro_rules! on_both_drivers {
-    ($($test:ident),* $(,)?) => {
-        mod io_uring {
-            $( #[test] fn $test() { super::$test("io_uring") } )*
-        }
-        mod epoll {
-            $( #[test] fn $test() { super::$test("epoll") } )*
-        }
-    };
-}
-
 on_both_drivers!(
     binding_ipv4,
     binding_ipv6,
@@ -279,7 +266,7 @@ on_both_drivers!(
 #[test]
 fn software_is_configurable_and_can_be_hidden() {
     let named = "Portico-IT \u{e9}t\u{e9} \"quoted\"";
-    let p = Portico::start(Setup::default().software(named));
+    let p = Portico::start("stun-software", Spec::new().ipv6().software(named));
     let s: UdpSocket = udp_client(p.udp4());
     let (m, _) = transact(&s, p.udp4(), &Builder::binding().build());
     assert_eq!(m.software().as_deref(), Some(named));
@@ -290,7 +277,7 @@ fn software_is_configurable_and_can_be_hidden() {
     assert!(sw < fp, "{types:x?}");
     drop(p);
 
-    let p = Portico::start(Setup::default().software(""));
+    let p = Portico::start("stun-software", Spec::new().ipv6().software(""));
     let s = udp_client(p.udp4());
     let req = Builder::binding();
     let tid = req.tid();

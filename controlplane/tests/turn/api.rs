@@ -2,36 +2,17 @@
 //! what the dataplane serves (5-tuple, relayed address, user, permissions, channels, traffic
 //! each way), and `DELETE /api/v1/turn/allocations/{id}` tears one down in the dataplane.
 
-mod common;
-mod turn_common;
-
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::server::{Portico, LOCAL4};
+use portico_testkit::net::port_becomes_free;
+use portico_testkit::turn::{EchoPeer, TurnClient, PASSWORD, USER};
+use portico_testkit::{Portico, LOCAL4};
 use serde_json::Value;
-use turn_common::*;
 
-fn api(p: &Portico, method: &str, path: &str) -> (u16, Value) {
-    let token = std::fs::read_to_string(p.layout.state_dir.join("admin.token")).unwrap();
-    let out = Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}", "-X", method, "-H"])
-        .arg(format!("Authorization: Bearer {}", token.trim()))
-        .arg(format!("http://127.0.0.1:{}{path}", p.layout.api_port))
-        .output()
-        .expect("curl (Debian package curl)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    let json = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
-    };
-    (code.trim().parse().unwrap_or(0), json)
-}
+use crate::turn_spec;
 
 fn allocations(p: &Portico) -> Vec<Value> {
-    let (code, v) = api(p, "GET", "/api/v1/turn/allocations");
+    let (code, v) = p.call("GET", "/api/v1/turn/allocations", "");
     assert_eq!(code, 200, "{v}");
     v["allocations"].as_array().cloned().unwrap_or_default()
 }
@@ -51,7 +32,7 @@ fn wait_for(p: &Portico, what: &str, check: impl Fn(&[Value]) -> bool) -> Vec<Va
 
 #[test]
 fn allocations_are_listed_with_traffic_and_can_be_deleted() {
-    let p = Portico::start_tagged("turn-api", turn_setup("io_uring", true));
+    let p = Portico::start("turn-api", turn_spec("io_uring", true));
     let echo = EchoPeer::start(LOCAL4);
     let mut a = TurnClient::new(p.udp4(), USER, PASSWORD);
     let relayed_a = a.allocate();
@@ -95,7 +76,7 @@ fn allocations_are_listed_with_traffic_and_can_be_deleted() {
     // Delete a's allocation: gone from the listing, its relay port closed, its next
     // Refresh is a mismatch; b is untouched.
     let id = ea["id"].as_u64().unwrap();
-    let (code, body) = api(&p, "DELETE", &format!("/api/v1/turn/allocations/{id}"));
+    let (code, body) = p.call("DELETE", &format!("/api/v1/turn/allocations/{id}"), "");
     assert_eq!(code, 204, "{body}");
     let list = allocations(&p);
     assert_eq!(list.len(), 1, "{list:?}");
@@ -108,8 +89,8 @@ fn allocations_are_listed_with_traffic_and_can_be_deleted() {
     a.refresh(600).expect_error(437);
     assert!(b.refresh(600).is_success());
 
-    let (code, body) = api(&p, "DELETE", &format!("/api/v1/turn/allocations/{id}"));
+    let (code, body) = p.call("DELETE", &format!("/api/v1/turn/allocations/{id}"), "");
     assert_eq!(code, 404, "{body}");
-    let (code, _) = api(&p, "DELETE", "/api/v1/turn/allocations/not-a-number");
+    let (code, _) = p.call("DELETE", "/api/v1/turn/allocations/not-a-number", "");
     assert_eq!(code, 400);
 }

@@ -8,18 +8,16 @@
 //! These clients are known to work against Portico with no loss, so a failure here is a
 //! regression. A missing tool fails the test.
 
-mod common;
-mod turn_common;
-
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::ports::free_port;
-use common::server::{Portico, LOCAL4};
-use common::tools::{require, run, Run};
 use portico_shared::counters::Counter;
-use std::net::SocketAddr;
-use turn_common::{turn_setup, without_auto_blacklist, CoturnPeer, PASSWORD, SHARED_SECRET, USER};
+use portico_testkit::process::{require, run, Run};
+use portico_testkit::turn::{CoturnPeer, PASSWORD, SHARED_SECRET, USER};
+use portico_testkit::{free_port, Portico, LOCAL4};
+
+use crate::turn_spec;
 
 /// Messages per client and clients per run: bounded load, a few seconds at 20 ms spacing.
 const MESSAGES: u64 = 100;
@@ -30,8 +28,13 @@ fn uclient() -> PathBuf {
     require("turnutils_uclient", "coturn")
 }
 
-fn peer_tool() -> PathBuf {
-    require("turnutils_peer", "coturn")
+/// coturn's echo peer on a free port of 127.0.0.1, logging into `p`'s directory.
+fn coturn_peer(p: &Portico) -> CoturnPeer {
+    CoturnPeer::start(
+        &require("turnutils_peer", "coturn"),
+        SocketAddr::new(LOCAL4, free_port()),
+        &p.dir.join("turnutils_peer.log"),
+    )
 }
 
 enum Creds {
@@ -84,7 +87,7 @@ fn run_uclient(p: &Portico, peer: SocketAddr, flags: &[&str], creds: &Creds) -> 
     }
     args.extend([
         "-p".into(),
-        p.layout.port.to_string(),
+        p.port.to_string(),
         "-e".into(),
         peer.ip().to_string(),
         "-r".into(),
@@ -97,15 +100,15 @@ fn run_uclient(p: &Portico, peer: SocketAddr, flags: &[&str], creds: &Creds) -> 
         "172".into(),
         "127.0.0.1".into(),
     ]);
-    run(&uclient(), &args, LIMIT)
+    run(&uclient(), &args, &[], LIMIT)
 }
 
 /// One uclient run in `flags` mode with `creds`; asserts no loss, and that the traffic
 /// really went through this Portico.
 fn relays_without_loss(io: &'static str, flags: &[&str], creds: Creds) {
     let tool = uclient();
-    let p = Portico::start_tagged("turn-interop", turn_setup(io, true));
-    let peer = CoturnPeer::start(&peer_tool(), SocketAddr::new(LOCAL4, free_port(&[LOCAL4])));
+    let p = Portico::start("turn-interop", turn_spec(io, true));
+    let peer = coturn_peer(&p);
     let r = run_uclient(&p, peer.addr, flags, &creds);
     let what = format!("{} {flags:?}", tool.display());
     assert!(
@@ -209,8 +212,8 @@ fn uclient_send_indications_over_epoll() {
 /// loopback: allowed without `allow_peers` because they are the server's own relays.
 #[test]
 fn uclient_client_to_client_through_own_relays() {
-    let p = Portico::start_tagged("turn-interop-y", turn_setup("auto", false));
-    let peer = SocketAddr::new(LOCAL4, free_port(&[LOCAL4]));
+    let p = Portico::start("turn-interop-y", turn_spec("auto", false));
+    let peer = SocketAddr::new(LOCAL4, free_port());
     let r = run_uclient(&p, peer, &["-y", "-c"], &Creds::LongTerm);
     assert!(!r.timed_out, "uclient -y did not finish:\n{}", r.text);
     assert_eq!(r.code, Some(0), "uclient -y failed:\n{}", r.text);
@@ -228,9 +231,10 @@ fn uclient_client_to_client_through_own_relays() {
 /// With automatic blacklisting off, the client gives up with its own error message.
 #[test]
 fn uclient_with_a_wrong_password_cannot_allocate() {
-    let setup = without_auto_blacklist(turn_setup("auto", true));
-    let p = Portico::start_tagged("turn-interop-bad", setup);
-    let peer = CoturnPeer::start(&peer_tool(), SocketAddr::new(LOCAL4, free_port(&[LOCAL4])));
+    // Every client sends from 127.0.0.1: automatic blacklisting off.
+    let spec = turn_spec("auto", true).fraud("suspicious_per_minute = 0");
+    let p = Portico::start("turn-interop-bad", spec);
+    let peer = coturn_peer(&p);
     let r = run_uclient(&p, peer.addr, &["-c"], &Creds::WrongPassword);
     assert!(!r.timed_out, "uclient did not give up:\n{}", r.text);
     assert_ne!(
@@ -252,9 +256,9 @@ fn uclient_with_a_wrong_password_cannot_allocate() {
 /// it then hears nothing more. Either way it never relays anything.
 #[test]
 fn uclient_with_a_wrong_password_relays_nothing_under_default_settings() {
-    let p = Portico::start_tagged("turn-interop-bad2", turn_setup("auto", true));
-    let peer = CoturnPeer::start(&peer_tool(), SocketAddr::new(LOCAL4, free_port(&[LOCAL4])));
-    let port = p.layout.port.to_string();
+    let p = Portico::start("turn-interop-bad2", turn_spec("auto", true));
+    let peer = coturn_peer(&p);
+    let port = p.port.to_string();
     let peer_port = peer.addr.port().to_string();
     let args: Vec<String> = [
         "-c",
@@ -274,7 +278,7 @@ fn uclient_with_a_wrong_password_relays_nothing_under_default_settings() {
     ]
     .map(String::from)
     .to_vec();
-    let r = run(&uclient(), &args, Duration::from_secs(15));
+    let r = run(&uclient(), &args, &[], Duration::from_secs(15));
     assert_ne!(
         r.code,
         Some(0),

@@ -8,19 +8,18 @@
 //! misclassify its NAT. Both drivers are run, since a changed answer leaves through another
 //! socket than the one the request came in on.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::net::{
-    expect_silence, tcp_connect, tcp_read_msg, tcp_write, transact, udp_client, udp_on,
+use portico_testkit::net::{
+    expect_silence, recv_within, tcp_connect, tcp_read_msg, tcp_write, transact, udp_client, udp_on,
 };
-use common::server::{Portico, Setup, ALT4, LOCAL4};
-use common::stun::{
-    Builder, Msg, BINDING_ERROR, BINDING_REQUEST, BINDING_SUCCESS, CHANGED_ADDRESS, CHANGE_IP,
-    CHANGE_PORT, CHANGE_REQUEST, MAPPED_ADDRESS, OTHER_ADDRESS, RESPONSE_ORIGIN, SOURCE_ADDRESS,
+use portico_testkit::stun::{
+    new_tid, Builder, Msg, BINDING_ERROR, BINDING_REQUEST, BINDING_SUCCESS, CHANGED_ADDRESS,
+    CHANGE_IP, CHANGE_PORT, CHANGE_REQUEST, MAPPED_ADDRESS, OTHER_ADDRESS, RESPONSE_ORIGIN,
+    SOURCE_ADDRESS,
 };
+use portico_testkit::{Portico, Spec, ALT4, LOCAL4};
 
 struct Quad {
     pp: SocketAddr,
@@ -30,7 +29,7 @@ struct Quad {
 }
 
 fn quad(p: &Portico) -> Quad {
-    let (pport, aport) = (p.layout.port, p.alt_port());
+    let (pport, aport) = (p.port, p.alt_port());
     let at = |ip: IpAddr, port| SocketAddr::new(ip, port);
     Quad {
         pp: at(LOCAL4, pport),
@@ -41,7 +40,7 @@ fn quad(p: &Portico) -> Quad {
 }
 
 fn start(io: &'static str) -> Portico {
-    Portico::start_tagged("rfc5780", Setup::default().io(io).workers(2).rfc5780())
+    Portico::start("rfc5780", Spec::new().io(io).workers(2).rfc5780())
 }
 
 fn assert_success_for(m: &Msg, tid: [u8; 12], client: SocketAddr) {
@@ -125,7 +124,7 @@ fn response_port_redirects_the_answer(io: &'static str) {
         let tid = req.tid();
         let bytes = req.build();
         asker.send_to(&bytes, q.pp).unwrap();
-        let (raw, from) = common::net::recv_within(&listener, Duration::from_secs(5))
+        let (raw, from) = recv_within(&listener, Duration::from_secs(5))
             .unwrap_or_else(|| panic!("nothing arrived on RESPONSE-PORT {target}"));
         let m = Msg::parse(&raw).unwrap();
         assert_eq!(from, want_from, "source of the redirected answer");
@@ -140,7 +139,7 @@ fn legacy_client_gets_source_and_changed_address(io: &'static str) {
     let q = quad(&p);
     let s = udp_on(LOCAL4);
     let mut tid16 = [7u8; 16];
-    tid16[4..16].copy_from_slice(&common::stun::new_tid());
+    tid16[4..16].copy_from_slice(&new_tid());
     for (flags, want_from) in [
         (0, q.pp),
         (CHANGE_IP | CHANGE_PORT, q.aa),
@@ -162,7 +161,7 @@ fn legacy_client_gets_source_and_changed_address(io: &'static str) {
 /// Without an alternate address, CHANGE-REQUEST asking for a change is an unknown attribute
 /// (RFC 5780 §6.1); asking for no change is answered; no RFC 5780 attributes appear.
 fn change_request_without_alternate_is_420(io: &'static str) {
-    let p = Portico::start(Setup::default().io(io).workers(2));
+    let p = Portico::start("rfc5780-none", Spec::new().ipv6().io(io).workers(2));
     let s = udp_client(p.udp4());
     for flags in [CHANGE_IP, CHANGE_PORT, CHANGE_IP | CHANGE_PORT] {
         let req = Builder::binding().change_request(flags).fingerprint();
@@ -186,17 +185,6 @@ fn change_request_without_alternate_is_420(io: &'static str) {
     assert_eq!(m.get(RESPONSE_ORIGIN), None);
 }
 
-macro_rules! on_both_drivers {
-    ($($test:ident),* $(,)?) => {
-        mod io_uring {
-            $( #[test] fn $test() { super::$test("io_uring") } )*
-        }
-        mod epoll {
-            $( #[test] fn $test() { super::$test("epoll") } )*
-        }
-    };
-}
-
 on_both_drivers!(
     other_address_and_response_origin,
     change_request_changes_the_source,
@@ -209,7 +197,7 @@ on_both_drivers!(
 /// unknown on it even though the IPv4 side does RFC 5780.
 #[test]
 fn the_other_family_is_unaffected() {
-    let p = Portico::start_tagged("rfc5780-v6", Setup::default().rfc5780().ipv6(true));
+    let p = Portico::start("rfc5780-v6", Spec::new().rfc5780().ipv6());
     let s = udp_client(p.udp6());
     let req = Builder::binding();
     let tid = req.tid();

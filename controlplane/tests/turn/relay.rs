@@ -4,20 +4,22 @@
 //! written into the wrong buffer, a reply sent from the wrong socket, a relay socket not
 //! closed show up in one of them only).
 
-mod common;
-mod turn_common;
-
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::net::{expect_silence, recv_within, udp_on};
-use common::server::{Portico, LOCAL4, LOCAL6};
-use portico_dataplane::stun::{attr, method};
 use portico_shared::counters::Counter;
-use turn_common::{
-    port_becomes_free, turn_setup, udp_transport, EchoPeer, Relayed, TurnClient, PASSWORD, USER,
+use portico_testkit::net::{expect_silence, port_becomes_free, recv_within, udp_on};
+use portico_testkit::stun::{
+    new_tid, rest_password, ALLOCATE, NONCE, REALM, REQUESTED_ADDRESS_FAMILY, XOR_MAPPED_ADDRESS,
+    XOR_RELAYED_ADDRESS,
 };
+use portico_testkit::turn::{
+    udp_transport, EchoPeer, Relayed, TurnClient, PASSWORD, PREVIOUS_SECRET, SHARED_SECRET, USER,
+};
+use portico_testkit::{Portico, LOCAL4, LOCAL6};
+
+use crate::turn_spec;
 
 const QUIET: Duration = Duration::from_millis(300);
 
@@ -44,22 +46,20 @@ fn collect(c: &TurnClient, n: usize, check: impl Fn(&Relayed) -> Vec<u8>) -> BTr
 /// Allocate, permission, Send indications both ways, ChannelBind, ChannelData both ways,
 /// Refresh, delete; with counters and the relay socket checked at each step.
 fn full_flow(io: &'static str) {
-    let p = Portico::start_tagged("turn-flow", turn_setup(io, true));
+    let p = Portico::start("turn-flow", turn_spec(io, true));
     let echo = EchoPeer::start(LOCAL4);
     let mut c = TurnClient::new(p.udp4(), USER, PASSWORD);
 
     let r = c.allocate_with(&udp_transport);
     assert!(r.is_success(), "Allocate: {:?}", r.code());
-    let relayed = r
-        .xor(attr::XOR_RELAYED_ADDRESS)
-        .expect("XOR-RELAYED-ADDRESS");
+    let relayed = r.xor(XOR_RELAYED_ADDRESS).expect("XOR-RELAYED-ADDRESS");
     assert_eq!(
         relayed.ip(),
         LOCAL4,
         "relay_ip defaults to the listen address"
     );
     assert!((16384..=32767).contains(&relayed.port()), "{relayed}");
-    assert_eq!(r.xor(attr::XOR_MAPPED_ADDRESS), Some(c.local()));
+    assert_eq!(r.xor(XOR_MAPPED_ADDRESS), Some(c.local()));
     assert_eq!(r.lifetime(), Some(600));
     assert_eq!(p.wait_counter(Counter::TurnAllocationsActive, 1), 1);
     // The relay socket is really bound.
@@ -151,16 +151,12 @@ fn full_flow_over_epoll() {
 
 #[test]
 fn ipv6_allocation_relays_to_an_ipv6_peer() {
-    let p = Portico::start_tagged("turn-v6", turn_setup("auto", true));
+    let p = Portico::start("turn-v6", turn_spec("auto", true));
     let echo = EchoPeer::start(LOCAL6);
     let mut c = TurnClient::new(p.udp6(), USER, PASSWORD);
-    let r = c.allocate_with(&|w| {
-        udp_transport(w);
-        w.add_attribute(attr::REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0])
-            .unwrap();
-    });
+    let r = c.allocate_with(&|b| udp_transport(b).attr(REQUESTED_ADDRESS_FAMILY, &[2, 0, 0, 0]));
     assert!(r.is_success(), "{:?}", r.code());
-    let relayed = r.xor(attr::XOR_RELAYED_ADDRESS).unwrap();
+    let relayed = r.xor(XOR_RELAYED_ADDRESS).unwrap();
     assert_eq!(relayed.ip(), LOCAL6);
     assert!(c.permit(&[echo.addr]).is_success());
     c.send_indication(echo.addr, b"over ipv6");
@@ -187,24 +183,24 @@ fn ipv6_allocation_relays_to_an_ipv6_peer() {
 
 #[test]
 fn retransmitted_allocate_gets_the_same_relayed_address() {
-    let p = Portico::start_tagged("turn-retx", turn_setup("auto", true));
+    let p = Portico::start("turn-retx", turn_spec("auto", true));
     let mut c = TurnClient::new(p.udp4(), USER, PASSWORD);
     // Learn the nonce, then send one signed Allocate three times, as a client whose answers
     // got lost would.
-    let challenge = c.transact(&c.build(method::ALLOCATE, &turn_common::new_tid(), &udp_transport));
+    let challenge = c.transact(&c.build(ALLOCATE, &new_tid(), &udp_transport));
     challenge.expect_error(401);
-    c.realm = challenge.get(attr::REALM);
-    c.nonce = challenge.get(attr::NONCE);
-    let req = c.build(method::ALLOCATE, &turn_common::new_tid(), &udp_transport);
+    c.realm = challenge.get(REALM);
+    c.nonce = challenge.get(NONCE);
+    let req = c.build(ALLOCATE, &new_tid(), &udp_transport);
     let first = c.transact(&req);
     assert!(first.is_success(), "{:?}", first.code());
-    let relayed = first.xor(attr::XOR_RELAYED_ADDRESS).unwrap();
+    let relayed = first.xor(XOR_RELAYED_ADDRESS).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     for _ in 0..2 {
         let again = c.transact(&req);
         assert!(again.is_success(), "retransmission: {:?}", again.code());
-        assert_eq!(again.xor(attr::XOR_RELAYED_ADDRESS), Some(relayed));
-        assert_eq!(again.xor(attr::XOR_MAPPED_ADDRESS), Some(c.local()));
+        assert_eq!(again.xor(XOR_RELAYED_ADDRESS), Some(relayed));
+        assert_eq!(again.xor(XOR_MAPPED_ADDRESS), Some(c.local()));
     }
     assert_eq!(p.counter(Counter::TurnAllocationsCreated), 1);
     assert_eq!(p.counter(Counter::TurnAllocationsActive), 1);
@@ -215,7 +211,7 @@ fn retransmitted_allocate_gets_the_same_relayed_address() {
 
 #[test]
 fn loopback_peer_is_refused_without_allow_peers() {
-    let p = Portico::start_tagged("turn-deny", turn_setup("auto", false));
+    let p = Portico::start("turn-deny", turn_spec("auto", false));
     let echo = EchoPeer::start(LOCAL4);
     let mut c = TurnClient::new(p.udp4(), USER, PASSWORD);
     c.allocate();
@@ -236,7 +232,7 @@ fn loopback_peer_is_refused_without_allow_peers() {
 
 #[test]
 fn two_clients_reach_each_other_through_their_relays_without_allow_peers() {
-    let p = Portico::start_tagged("turn-c2c", turn_setup("auto", false));
+    let p = Portico::start("turn-c2c", turn_spec("auto", false));
     let mut a = TurnClient::new(p.udp4(), USER, PASSWORD);
     let mut b = TurnClient::new(p.udp4(), "bob", "builder");
     let ra = a.allocate();
@@ -264,7 +260,7 @@ fn two_clients_reach_each_other_through_their_relays_without_allow_peers() {
 
 #[test]
 fn wrong_password_and_unknown_user_get_401_and_no_allocation() {
-    let p = Portico::start_tagged("turn-auth", turn_setup("auto", true));
+    let p = Portico::start("turn-auth", turn_spec("auto", true));
     let mut c = TurnClient::new(p.udp4(), USER, "wrong");
     c.allocate_with(&udp_transport).expect_error(401);
     let mut c = TurnClient::new(p.udp4(), "mallory", PASSWORD);
@@ -276,22 +272,19 @@ fn wrong_password_and_unknown_user_get_401_and_no_allocation() {
 
 #[test]
 fn rest_api_credentials_allocate() {
-    let p = Portico::start_tagged("turn-rest", turn_setup("auto", true));
+    let p = Portico::start("turn-rest", turn_spec("auto", true));
     let expiry = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
         + 3600;
     let user = format!("{expiry}:carol");
-    let (pw, n) = portico_dataplane::turn::auth::rest_password(
-        turn_common::SHARED_SECRET.as_bytes(),
-        user.as_bytes(),
-    );
-    let mut c = TurnClient::new(p.udp4(), &user, std::str::from_utf8(&pw[..n]).unwrap());
+    let pw = rest_password(SHARED_SECRET.as_bytes(), user.as_bytes());
+    let mut c = TurnClient::new(p.udp4(), &user, &pw);
     c.allocate();
     // Signed with the previous secret (rollover) on another 5-tuple.
-    let (pw, n) = portico_dataplane::turn::auth::rest_password(b"previous-secret", user.as_bytes());
-    let mut c = TurnClient::new(p.udp4(), &user, std::str::from_utf8(&pw[..n]).unwrap());
+    let pw = rest_password(PREVIOUS_SECRET.as_bytes(), user.as_bytes());
+    let mut c = TurnClient::new(p.udp4(), &user, &pw);
     c.allocate();
     assert_eq!(p.counter(Counter::TurnAllocationsActive), 2);
 }
@@ -300,15 +293,16 @@ fn rest_api_credentials_allocate() {
 /// error responses plus the refill; the rest are dropped, so Portico reflects little.
 #[test]
 fn error_responses_to_one_source_are_rate_limited() {
-    let mut setup = turn_setup("auto", true);
-    setup.turn_extra.push_str("error_rate = 10\n");
-    let p = Portico::start_tagged("turn-ratelimit", setup);
+    let p = Portico::start(
+        "turn-ratelimit",
+        turn_spec("auto", true).turn("error_rate = 10"),
+    );
     let s = udp_on(LOCAL4);
     let c = TurnClient::new(p.udp4(), USER, PASSWORD);
     let start = Instant::now();
     let total: u64 = 100;
     for _ in 0..total {
-        let req = c.build(method::ALLOCATE, &turn_common::new_tid(), &udp_transport);
+        let req = c.build(ALLOCATE, &new_tid(), &udp_transport);
         s.send_to(&req, p.udp4()).unwrap();
     }
     let mut answered = 0u64;

@@ -1,15 +1,13 @@
 //! STUN over TCP (RFC 8489 §6.2.2): messages framed by their own length field, any number
 //! per write, any split across writes.
 
-mod common;
-
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::net::{expect_closed, tcp_connect, tcp_read_msg, tcp_write};
-use common::server::{Portico, Setup};
-use common::stun::{Builder, Msg, BINDING_ERROR, BINDING_SUCCESS};
 use portico_shared::counters::Counter;
+use portico_testkit::net::{expect_closed, tcp_connect, tcp_read_msg, tcp_write};
+use portico_testkit::stun::{Builder, Msg, BINDING_ERROR, BINDING_SUCCESS};
+use portico_testkit::{Portico, Spec};
 
 fn assert_tcp_success(m: &Msg, tid: [u8; 12], conn: &TcpStream) {
     assert_eq!(m.typ, BINDING_SUCCESS, "attributes {:x?}", m.types());
@@ -39,7 +37,7 @@ fn one_request(server: SocketAddr) {
 
 #[test]
 fn one_request_ipv4_and_ipv6() {
-    let p = Portico::start(Setup::default());
+    let p = Portico::start("stun-tcp", Spec::new().ipv6());
     let before = p.counter(Counter::TcpAccepted);
     one_request(p.udp4());
     one_request(p.udp6());
@@ -48,7 +46,7 @@ fn one_request_ipv4_and_ipv6() {
 
 #[test]
 fn pipelined_requests_in_one_write_are_answered_in_order() {
-    let p = Portico::start(Setup::default());
+    let p = Portico::start("stun-tcp", Spec::new().ipv6());
     let mut c = tcp_connect(p.udp4());
     let mut bytes = Vec::new();
     let mut tids = Vec::new();
@@ -73,7 +71,7 @@ fn pipelined_requests_in_one_write_are_answered_in_order() {
 
 #[test]
 fn a_request_split_across_writes_is_reassembled() {
-    let p = Portico::start(Setup::default());
+    let p = Portico::start("stun-tcp", Spec::new().ipv6());
     let mut c = tcp_connect(p.udp4());
     let req = Builder::binding().attr(0xC0DE, b"split me").fingerprint();
     let tid = req.tid();
@@ -101,7 +99,7 @@ fn a_request_split_across_writes_is_reassembled() {
 
 #[test]
 fn a_non_stun_first_byte_closes_the_connection() {
-    let p = Portico::start(Setup::default());
+    let p = Portico::start("stun-tcp", Spec::new().ipv6());
     let before = p.counter(Counter::DropTcpFraming);
     let mut c = tcp_connect(p.udp4());
     // An HTTP request: 'G' is 0x47, whose top two bits (01) no STUN message has.
@@ -133,7 +131,7 @@ fn a_non_stun_first_byte_closes_the_connection() {
 
 #[test]
 fn errors_come_back_on_the_connection_too() {
-    let p = Portico::start(Setup::default());
+    let p = Portico::start("stun-tcp", Spec::new().ipv6());
     let mut c = tcp_connect(p.udp6());
     let req = Builder::binding().attr(0x0077, b"?").fingerprint();
     let tid = req.tid();

@@ -3,16 +3,14 @@
 //! busy NAT or a TURN client pool would), so nothing here depends on socket buffer sizes;
 //! a lost, duplicated, misaddressed or corrupted answer fails the test.
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::net::{recv_within, udp_client};
-use common::server::{Portico, Setup};
-use common::stun::{Builder, Msg, BINDING_SUCCESS};
 use portico_shared::counters::Counter;
+use portico_testkit::net::{recv_within, udp_client};
+use portico_testkit::stun::{Builder, Msg, BINDING_SUCCESS};
+use portico_testkit::{Portico, Spec};
 
 const SOCKETS: usize = 8;
 const PER_SOCKET: usize = 1250;
@@ -63,7 +61,7 @@ fn one_socket(server: SocketAddr, started: Instant) -> Result<usize, String> {
 }
 
 fn burst(io: &'static str) {
-    let p = Portico::start(Setup::default().io(io).workers(2));
+    let p = Portico::start("burst", Spec::new().ipv6().io(io).workers(2));
     let server = p.udp4();
     let before = p.counter(Counter::StunBindingSuccess);
     let started = Instant::now();

@@ -6,15 +6,13 @@
 //! Each test also checks the server's success counter, so a test cannot pass because the
 //! tool talked to some other server.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::ports::free_udp_pair;
-use common::server::{Portico, Setup};
-use common::tools::{require, run, Run};
 use portico_shared::counters::Counter;
+use portico_testkit::ports::free_udp_pair;
+use portico_testkit::process::{require, run, Run};
+use portico_testkit::{Portico, Spec};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -69,11 +67,12 @@ fn reflexive_addrs(text: &str) -> Vec<SocketAddr> {
 
 fn stunclient_reports(ip: &str, want: IpAddr) {
     let tool = stunclient();
-    let p = Portico::start(Setup::default());
+    let p = Portico::start("stun-interop", Spec::new().ipv6());
     let before = p.counter(Counter::StunBindingSuccess);
     let r = run(
         &tool,
-        &["-p".into(), p.layout.port.to_string(), ip.into()],
+        &["-p".into(), p.port.to_string(), ip.into()],
+        &[],
         LIMIT,
     );
     assert_ran(&r, "turnutils_stunclient");
@@ -109,11 +108,12 @@ fn turnutils_stunclient_ipv6() {
 #[test]
 fn turnutils_stunclient_sees_rfc5780() {
     let tool = stunclient();
-    let p = Portico::start(Setup::default().rfc5780());
-    let (port, alt) = (p.layout.port, p.alt_port());
+    let p = Portico::start("stun-interop", Spec::new().rfc5780());
+    let (port, alt) = (p.port, p.alt_port());
     let r = run(
         &tool,
         &["-p".into(), port.to_string(), "127.0.0.1".into()],
+        &[],
         LIMIT,
     );
     assert_ran(&r, "turnutils_stunclient");
@@ -135,17 +135,18 @@ fn turnutils_stunclient_sees_rfc5780() {
 #[test]
 fn vovida_stun_gets_a_mapped_address() {
     let tool = vovida_stun();
-    let p = Portico::start(Setup::default());
+    let p = Portico::start("stun-interop", Spec::new().ipv6());
     let before = p.counter(Counter::StunBindingSuccess);
     let src = free_udp_pair();
     let r = run(
         &tool,
         &[
-            format!("127.0.0.1:{}", p.layout.port),
+            format!("127.0.0.1:{}", p.port),
             "-v".into(),
             "-p".into(),
             src.to_string(),
         ],
+        &[],
         LIMIT,
     );
     assert_ran(&r, "stun");
@@ -166,8 +167,8 @@ fn vovida_stun_gets_a_mapped_address() {
 #[test]
 fn vovida_stun_classifies_loopback_as_open_with_rfc5780() {
     let tool = vovida_stun();
-    let p = Portico::start(Setup::default().rfc5780());
-    let (port, alt) = (p.layout.port, p.alt_port());
+    let p = Portico::start("stun-interop", Spec::new().rfc5780());
+    let (port, alt) = (p.port, p.alt_port());
     let src = free_udp_pair();
     let r = run(
         &tool,
@@ -177,6 +178,7 @@ fn vovida_stun_classifies_loopback_as_open_with_rfc5780() {
             "-p".into(),
             src.to_string(),
         ],
+        &[],
         LIMIT,
     );
     assert_ran(&r, "stun");
@@ -239,8 +241,8 @@ fn vovida_sources(text: &str) -> Vec<(u32, String)> {
 #[test]
 fn turnutils_natdiscovery_finds_endpoint_independent_behaviour() {
     let tool = natdiscovery();
-    let p = Portico::start(Setup::default().rfc5780());
-    let (port, alt) = (p.layout.port, p.alt_port());
+    let p = Portico::start("stun-interop", Spec::new().rfc5780());
+    let (port, alt) = (p.port, p.alt_port());
     let r = run(
         &tool,
         &[
@@ -250,6 +252,7 @@ fn turnutils_natdiscovery_finds_endpoint_independent_behaviour() {
             port.to_string(),
             "127.0.0.1".into(),
         ],
+        &[],
         LIMIT,
     );
     assert_ran(&r, "turnutils_natdiscovery");
