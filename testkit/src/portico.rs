@@ -218,7 +218,7 @@ impl Spec {
     /// A line (or lines) for the `[turn]` table.
     pub fn turn(mut self, lines: &str) -> Spec {
         self.turn.push_str(lines);
-        if !self.turn.ends_with('\n') {
+        if !self.turn.is_empty() && !self.turn.ends_with('\n') {
             self.turn.push('\n');
         }
         self
@@ -395,16 +395,14 @@ impl Portico {
             t.push_str("allow_peers = [\"127.0.0.0/8\", \"::1/128\"]\n");
         }
         t.push_str(&s.turn);
-        if s.software.is_some() || self.alt.is_some() {
-            t.push_str("\n[stun]\n");
-            if let Some(sw) = &s.software {
-                t.push_str(&format!("software = {}\n", toml_string(sw)));
-            }
-            if let Some(q) = self.alt {
-                t.push_str(&format!(
-                    "alternate_ip = \"127.0.0.2\"\nalternate_port = {q}\n"
-                ));
-            }
+        t.push_str("\n[stun]\n");
+        if let Some(sw) = &s.software {
+            t.push_str(&format!("software = {}\n", toml_string(sw)));
+        }
+        if let Some(q) = self.alt {
+            t.push_str(&format!(
+                "alternate_ip = \"127.0.0.2\"\nalternate_port = {q}\n"
+            ));
         }
         let mut white = vec![PROBE.to_string()];
         white.extend(s.whitelist.iter().cloned());

@@ -8,14 +8,17 @@
 //!
 //! And the generated default certificate never replaces an operator's file in the state dir.
 
-mod cp_common;
-
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use cp_common::*;
+use nix::sys::signal::Signal;
+use portico_testkit::portico::run_portico;
+use portico_testkit::{free_port, wait_until, Portico};
+
+use crate::site;
 
 /// A self-signed pair written as `<tag>.crt` / `<tag>.key` in `dir`.
 fn pair(dir: &Path, tag: &str) -> (PathBuf, PathBuf) {
@@ -37,12 +40,12 @@ fn tls_section(https: u16, cert: &Path, key: &Path) -> String {
 
 /// `portico check FILE`: (exit success, stderr).
 fn check(file: &Path) -> (bool, String) {
-    let out = Command::new(PORTICO)
-        .arg("check")
-        .arg(file)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
+    let cwd = file.parent().unwrap_or(Path::new("/"));
+    let out = run_portico(
+        &[OsStr::new("check"), file.as_os_str()],
+        cwd,
+        Duration::from_secs(10),
+    );
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -50,7 +53,7 @@ fn check(file: &Path) -> (bool, String) {
 }
 
 /// The bad values, each with the key its refusal must name.
-fn bad_cases(site: &Site, https: u16) -> Vec<(String, &'static str)> {
+fn bad_cases(site: &Portico, https: u16) -> Vec<(String, &'static str)> {
     let (c1, k1) = pair(&site.dir, "one");
     let (_, k2) = pair(&site.dir, "two");
     let base = site.config_text("");
@@ -77,7 +80,7 @@ fn bad_cases(site: &Site, https: u16) -> Vec<(String, &'static str)> {
 
 #[test]
 fn check_and_run_refuse_bad_log_level_and_tls_files() {
-    let site = Site::new("cfg-check", "");
+    let site = site("cfg-check", "");
     let https = free_port();
     let (c1, k1) = pair(&site.dir, "good");
     let good = format!("{}{}", site.config_text(""), tls_section(https, &c1, &k1));
@@ -109,16 +112,16 @@ fn check_and_run_refuse_bad_log_level_and_tls_files() {
 
 #[test]
 fn sighup_and_api_refuse_bad_log_level_and_tls_files() {
-    let site = Site::new("cfg-reload", "");
-    let cp = site.start();
-    let generation = |s: &Site| s.status()["config"]["generation"].as_u64().unwrap();
+    let site = site("cfg-reload", "");
+    let cp = site.launch();
+    let generation = |s: &Portico| s.status()["config"]["generation"].as_u64().unwrap();
     let g0 = generation(&site);
     let https = free_port();
     let good = fs::read(&site.config_path).unwrap();
 
     for (i, (text, key)) in bad_cases(&site, https).into_iter().enumerate() {
         fs::write(&site.config_path, &text).unwrap();
-        kill(cp.pid(), libc::SIGHUP);
+        cp.signal(Signal::SIGHUP);
         assert!(
             wait_until(Duration::from_secs(5), || site
                 .log()
@@ -172,7 +175,7 @@ fn sighup_and_api_refuse_bad_log_level_and_tls_files() {
 /// generated key over it) and serve TLS with the operator's pair.
 #[test]
 fn the_generated_certificate_never_replaces_an_operators_key() {
-    let site = Site::new("cfg-keep-key", "");
+    let site = site("cfg-keep-key", "");
     let https = free_port();
     let (cert, key) = pair(&site.dir, "operator");
     let kept = site.state_dir.join("key.pem");
@@ -184,7 +187,7 @@ fn the_generated_certificate_never_replaces_an_operators_key() {
         tls_section(https, &cert, &kept)
     );
     fs::write(&site.config_path, text).unwrap();
-    let _cp = site.start();
+    let _cp = site.launch();
     assert_eq!(
         fs::read(&kept).unwrap(),
         before,

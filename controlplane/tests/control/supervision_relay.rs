@@ -3,26 +3,25 @@
 //! is killed with SIGKILL and started again. The dataplane keeps relaying throughout, the new
 //! control plane adopts it and sees the allocation, and not one packet is lost.
 
-mod common;
-mod cp_common;
-mod turn_common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::server::LOCAL4;
-use cp_common::{alive, wait_until, Site};
-use turn_common::{turn_lines, EchoPeer, Relayed, TurnClient, PASSWORD, USER};
+use portico_testkit::process::alive;
+use portico_testkit::turn::{EchoPeer, Relayed, TurnClient, PASSWORD, USER};
+use portico_testkit::{wait_until, Portico, LOCAL4};
 
 #[test]
 fn relayed_media_survives_a_control_plane_kill_and_restart() {
-    let site = Site::new("supervision-relay", &turn_lines(true));
-    let mut cp1 = site.start();
+    let site = Portico::new(
+        "supervision-relay",
+        crate::spec().turn_users().loopback_peers(),
+    );
+    let mut cp1 = site.launch();
     let dp = site.status()["dataplane"]["pid"].as_u64().unwrap() as u32;
     let echo = EchoPeer::start(LOCAL4);
-    let mut client = TurnClient::new(site.stun, USER, PASSWORD);
+    let mut client = TurnClient::new(site.udp4(), USER, PASSWORD);
     client.allocate();
     assert!(client.bind(0x4000, echo.addr).is_success());
 
@@ -65,7 +64,7 @@ fn relayed_media_survives_a_control_plane_kill_and_restart() {
     );
     assert!(alive(dp), "the dataplane died with the control plane");
 
-    let mut cp2 = site.start();
+    let mut cp2 = site.launch();
     assert_eq!(
         site.status()["dataplane"]["pid"].as_u64(),
         Some(u64::from(dp))

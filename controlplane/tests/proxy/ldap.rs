@@ -1,12 +1,17 @@
 //! The reverse proxy for LDAP and LDAPS in front of a real slapd with two suffixes, driven by
 //! `ldapsearch` binding with both name forms of the reference.
 
-mod proxy_common;
+use std::time::Duration;
 
-use proxy_common::*;
+use portico_testkit::fixtures::{Pki, Slapd};
+use portico_testkit::http::raw_exchange;
+use portico_testkit::ldap::LdapClient;
+use portico_testkit::process::{require, run};
+use portico_testkit::{free_port, Portico};
+
+use crate::proxy_site;
 
 struct Env {
-    _dir: TempDir,
     pki: Pki,
     slapd: Slapd,
     portico: Portico,
@@ -20,9 +25,8 @@ fn env() -> Env {
 
 /// `limits`: the body of `[proxy.limits]`.
 fn env_with(limits: &str) -> Env {
-    let dir = TempDir::new("ldap");
-    let pki = Pki::new(&dir.0, "test");
-    let slapd = Slapd::start(&dir);
+    let slapd = Slapd::start("ldap");
+    let pki = Pki::new(&slapd.dir, "test");
     let (cert, key) = pki.leaf("proxy", &["localhost", "127.0.0.1"]);
     let (ldap, ldaps) = (free_port(), free_port());
     let toml = format!(
@@ -36,9 +40,8 @@ fn env_with(limits: &str) -> Env {
         key.display(),
         p = slapd.port,
     );
-    let portico = Portico::start("ldap", &toml, &[ldap, ldaps]);
+    let portico = proxy_site("ldap", &toml, &[ldap, ldaps]);
     Env {
-        _dir: dir,
         pki,
         slapd,
         portico,
@@ -50,7 +53,7 @@ fn env_with(limits: &str) -> Env {
 fn search(e: &Env, url: &str, bind: &str, password: &str, base: &str) -> String {
     let ca = e.pki.ca_path.display().to_string();
     let o = run(
-        &program("ldapsearch", "ldap-utils"),
+        &require("ldapsearch", "ldap-utils"),
         &[
             "-x",
             "-LLL",
@@ -68,8 +71,9 @@ fn search(e: &Env, url: &str, bind: &str, password: &str, base: &str) -> String 
             "sn",
         ],
         &[("LDAPTLS_CACERT", &ca), ("LDAPTLS_REQCERT", "demand")],
+        Duration::from_secs(30),
     );
-    text(&o)
+    o.text
 }
 
 #[test]

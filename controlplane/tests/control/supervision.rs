@@ -1,8 +1,6 @@
 //! The dataplane outlives the control plane, and the control plane restarts a dataplane that
 //! died: tested with STUN Binding traffic flowing, counting every request answered.
 
-mod cp_common;
-
 use std::net::UdpSocket;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,7 +8,13 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cp_common::*;
+use nix::sys::signal::Signal;
+use portico_testkit::net::{binding, bindings};
+use portico_testkit::portico::portico_bin;
+use portico_testkit::process::{alive, signal};
+use portico_testkit::{free_port, wait_until};
+
+use crate::site;
 
 /// Binding requests in lockstep from a background thread until stopped: each is sent only
 /// after the previous one was answered or given up on (2 s), so "lost" means exactly that.
@@ -34,7 +38,7 @@ impl Traffic {
             let mut n = 0u64;
             while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
                 s.fetch_add(1, Ordering::Relaxed);
-                if binding(&sock, server, n, Duration::from_secs(2)).is_some() {
+                if binding(&sock, server, Duration::from_secs(2)).is_some() {
                     a.fetch_add(1, Ordering::Relaxed);
                 } else {
                     lost.push(n);
@@ -83,13 +87,13 @@ fn pid_of(v: &serde_json::Value) -> u32 {
 
 #[test]
 fn control_plane_kill_loses_no_packet_and_dataplane_death_is_repaired() {
-    let site = Site::new("supervision", "");
-    let mut cp1 = site.start();
+    let site = site("supervision", "");
+    let mut cp1 = site.launch();
     let dp = pid_of(&site.status());
     assert!(alive(dp));
     assert_eq!(site.dataplane_pids(), vec![dp]);
 
-    let traffic = Traffic::start(site.stun);
+    let traffic = Traffic::start(site.udp4());
     assert!(
         wait_until(Duration::from_secs(5), || traffic.answered() >= 100),
         "STUN not answered before the kill"
@@ -133,7 +137,7 @@ fn control_plane_kill_loses_no_packet_and_dataplane_death_is_repaired() {
     );
 
     // A new control plane re-attaches to the running dataplane instead of starting another.
-    let mut cp2 = site.start();
+    let mut cp2 = site.launch();
     let st = site.status();
     assert_eq!(pid_of(&st), dp, "a second dataplane was started: {st}");
     assert_eq!(st["dataplane"]["restarts"], 0);
@@ -151,7 +155,7 @@ fn control_plane_kill_loses_no_packet_and_dataplane_death_is_repaired() {
     eprintln!("{sent} Binding requests across a control-plane kill and restart, all answered");
 
     // The dataplane dies: restarted within 1 s, counted, and answering again.
-    kill(dp, libc::SIGKILL);
+    signal(dp, Signal::SIGKILL);
     let killed = Instant::now();
     let mut new_pid = 0;
     let back = wait_until(Duration::from_secs(5), || {
@@ -169,7 +173,7 @@ fn control_plane_kill_loses_no_packet_and_dataplane_death_is_repaired() {
         .metrics()
         .lines()
         .any(|l| l == "portico_dataplane_restarts_total 1"));
-    assert_eq!(bindings(site.stun, 20), 20);
+    assert_eq!(bindings(site.udp4(), 20), 20);
     assert_eq!(site.dataplane_pids(), vec![new_pid]);
     assert!(site.log().contains("dataplane restarted"));
 
@@ -186,7 +190,7 @@ fn control_plane_kill_loses_no_packet_and_dataplane_death_is_repaired() {
 /// soon as it can start again.
 #[test]
 fn crash_loop_backs_off_and_recovers() {
-    let mut site = Site::new("backoff", "");
+    let mut site = site("backoff", "");
     let script = site.dir.join("dataplane.sh");
     let write_script = |body: &str| {
         let tmp = script.with_extension("tmp");
@@ -194,13 +198,16 @@ fn crash_loop_backs_off_and_recovers() {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::rename(&tmp, &script).unwrap();
     };
-    write_script(&format!("exec {PORTICO} dataplane \"$@\""));
+    write_script(&format!(
+        "exec {} dataplane \"$@\"",
+        portico_bin().display()
+    ));
     site.dataplane_program = script.clone();
-    let _cp = site.start();
+    let _cp = site.launch();
     let dp = pid_of(&site.status());
 
     write_script("exit 3");
-    kill(dp, libc::SIGKILL);
+    signal(dp, Signal::SIGKILL);
     let failures = |log: &str| {
         log.lines()
             .filter(|l| l.contains("dataplane restart failed"))
@@ -220,7 +227,10 @@ fn crash_loop_backs_off_and_recovers() {
     let r = site.get("/healthz", false).unwrap();
     assert_eq!(r.status, 503, "healthz while the dataplane is down");
 
-    write_script(&format!("exec {PORTICO} dataplane \"$@\""));
+    write_script(&format!(
+        "exec {} dataplane \"$@\"",
+        portico_bin().display()
+    ));
     assert!(
         wait_until(Duration::from_secs(15), || site
             .get("/healthz", false)
@@ -229,6 +239,6 @@ fn crash_loop_backs_off_and_recovers() {
         "dataplane did not come back; log:\n{}",
         site.log()
     );
-    assert_eq!(bindings(site.stun, 10), 10);
+    assert_eq!(bindings(site.udp4(), 10), 10);
     assert_eq!(site.status()["dataplane"]["restarts"], 1);
 }

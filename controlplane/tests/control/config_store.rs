@@ -3,14 +3,17 @@
 //! change or the one in flight, and a restarted control plane applies exactly that file to the
 //! dataplane, which kept running through all of it.
 
-mod cp_common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cp_common::*;
+use nix::sys::signal::Signal;
+use portico_testkit::http::http;
+use portico_testkit::process::alive;
+use portico_testkit::{wait_until, Portico};
+
+use crate::site;
 
 const ROUNDS: u64 = 25;
 
@@ -28,7 +31,7 @@ impl Rng {
 }
 
 /// Change number `n`: realm `r-n` and `n % 7` users, so the file's size moves up and down.
-fn change(site: &Site, n: u64) -> String {
+fn change(site: &Portico, n: u64) -> String {
     let users: Vec<String> = (0..n % 7)
         .map(|i| format!("{{ name = \"user{i}-{n}\", password = \"pw-{n}-{i}\" }}"))
         .collect();
@@ -47,7 +50,7 @@ fn realm_number(realm: &str) -> u64 {
 
 #[test]
 fn config_file_is_complete_and_valid_after_every_kill() {
-    let site = Site::new("store", "");
+    let site = site("store", "");
     let seed = std::env::var("PORTICO_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -67,7 +70,7 @@ fn config_file_is_complete_and_valid_after_every_kill() {
     let mut dataplane = 0u32;
 
     for round in 0..ROUNDS {
-        let mut cp = site.start();
+        let mut cp = site.launch();
         // The restarted control plane serves exactly what the file says, and the dataplane
         // (the same one all along) has applied it.
         let file = site.file_config();
@@ -145,7 +148,7 @@ fn config_file_is_complete_and_valid_after_every_kill() {
     }
 
     // A last start: the file's change is served and applied, no temp files are left behind.
-    let mut cp = site.start();
+    let mut cp = site.launch();
     let served = site.json("GET", "/api/v1/config", "", 200);
     assert_eq!(
         served["turn"]["realm"],
@@ -175,9 +178,9 @@ fn config_file_is_complete_and_valid_after_every_kill() {
 /// `SIGHUP` re-reads the file; a broken file is refused and the running configuration kept.
 #[test]
 fn sighup_rereads_the_file_and_refuses_a_broken_one() {
-    let site = Site::new("sighup", "");
-    let cp = site.start();
-    let generation = |s: &Site| s.status()["config"]["generation"].as_u64().unwrap();
+    let site = site("sighup", "");
+    let cp = site.launch();
+    let generation = |s: &Portico| s.status()["config"]["generation"].as_u64().unwrap();
     let g0 = generation(&site);
 
     std::fs::write(
@@ -185,7 +188,7 @@ fn sighup_rereads_the_file_and_refuses_a_broken_one() {
         site.config_text("realm = \"from-hup\"\n"),
     )
     .unwrap();
-    kill(cp.pid(), libc::SIGHUP);
+    cp.signal(Signal::SIGHUP);
     assert!(wait_until(Duration::from_secs(5), || site.json(
         "GET",
         "/api/v1/config",
@@ -197,7 +200,7 @@ fn sighup_rereads_the_file_and_refuses_a_broken_one() {
 
     let broken = site.config_text("").replace("40000-40999", "9-8");
     std::fs::write(&site.config_path, broken).unwrap();
-    kill(cp.pid(), libc::SIGHUP);
+    cp.signal(Signal::SIGHUP);
     assert!(wait_until(Duration::from_secs(5), || site
         .log()
         .contains("configuration not reloaded")));

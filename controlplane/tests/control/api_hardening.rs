@@ -7,18 +7,19 @@
 //! * a source that fails authentication 10 times within a minute gets 429 without its token
 //!   being looked at, until the minute is over; other sources are not affected.
 
-mod cp_common;
-
 use std::io::{Read, Write};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Duration;
 
-use cp_common::*;
+use portico_testkit::http::{http_from, parse_response, HttpResponse};
+use portico_testkit::{v4, Portico};
+
+use crate::site;
 
 #[test]
 fn manual_fraud_entries_are_bounded() {
-    let site = Site::new("api-fraud-bounds", "");
-    let _cp = site.start();
+    let site = site("api-fraud-bounds", "");
+    let _cp = site.launch();
     let post = |body: &str| {
         site.request(
             "POST",
@@ -93,7 +94,7 @@ fn manual_fraud_entries_are_bounded() {
 
 /// Sends `size` body bytes on a thread while the answer is read: a server that refuses a body
 /// over its limit answers (and may close) before the rest is written.
-fn big_body(site: &Site, method: &str, path: &str, size: usize) -> HttpResponse {
+fn big_body(site: &Portico, method: &str, path: &str, size: usize) -> HttpResponse {
     let mut s = std::net::TcpStream::connect(site.api).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let head = format!(
@@ -123,8 +124,8 @@ fn big_body(site: &Site, method: &str, path: &str, size: usize) -> HttpResponse 
 
 #[test]
 fn every_error_is_json() {
-    let site = Site::new("api-json-errors", "");
-    let _cp = site.start();
+    let site = site("api-json-errors", "");
+    let _cp = site.launch();
 
     // A 3 MB configuration, and a 3 MB user: 413, as JSON.
     for (method, path) in [("PUT", "/api/v1/config"), ("POST", "/api/v1/turn/users")] {
@@ -170,12 +171,12 @@ fn every_error_is_json() {
 
 #[test]
 fn failed_authentications_are_rate_limited_per_source() {
-    let site = Site::new("api-auth-limit", "");
-    let _cp = site.start();
-    let guesser = Ipv4Addr::new(127, 0, 0, 2);
-    let other = Ipv4Addr::new(127, 0, 0, 3);
+    let site = site("api-auth-limit", "");
+    let _cp = site.launch();
+    let guesser = v4(127, 0, 0, 2);
+    let other = v4(127, 0, 0, 3);
     let token = site.token();
-    let call = |src: Ipv4Addr, t: &str| {
+    let call = |src: IpAddr, t: &str| {
         http_from(
             src,
             site.api,

@@ -1,19 +1,20 @@
 //! The reverse proxy for HTTP and HTTPS against real nginx virtual hosts, driven by curl,
 //! openssl and raw sockets.
 
-mod proxy_common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use proxy_common::*;
+use portico_testkit::fixtures::Nginx;
+use portico_testkit::http::{curl, raw_exchange, read_response, read_until};
+use portico_testkit::process::{require, run};
+use portico_testkit::{free_port, Portico};
+
+use crate::{connect_from, proxy_site, proxy_spec};
 
 struct Env {
-    dir: TempDir,
-    pki: Pki,
     nginx: Nginx,
     portico: Portico,
     http: u16,
@@ -22,10 +23,8 @@ struct Env {
 
 /// nginx with alpha.test and beta.test, and portico in front on one HTTP and one HTTPS port.
 fn env(tag: &str, services_extra: &str, proxy_extra: &str) -> Env {
-    let dir = TempDir::new(tag);
-    let pki = Pki::new(&dir.0, "test");
-    let nginx = Nginx::start(&dir, &pki);
-    let (cert, key) = pki.leaf(
+    let nginx = Nginx::start(tag);
+    let (cert, key) = nginx.pki.leaf(
         "proxy",
         &[
             "alpha.test",
@@ -47,16 +46,14 @@ fn env(tag: &str, services_extra: &str, proxy_extra: &str) -> Env {
          {}",
         cert.display(),
         key.display(),
-        pki.ca_path.display(),
+        nginx.pki.ca_path.display(),
         nginx.alpha,
         nginx.alpha_tls,
         nginx.beta,
         services_extra.replace("BETA_PORT", &nginx.beta.to_string()),
     );
-    let portico = Portico::start(tag, &toml, &[http, https]);
+    let portico = proxy_site(tag, &toml, &[http, https]);
     Env {
-        dir,
-        pki,
         nginx,
         portico,
         http,
@@ -66,7 +63,7 @@ fn env(tag: &str, services_extra: &str, proxy_extra: &str) -> Env {
 
 impl Env {
     fn ca(&self) -> String {
-        self.pki.ca_path.display().to_string()
+        self.nginx.pki.ca_path.display().to_string()
     }
 }
 
@@ -288,9 +285,8 @@ fn url_allow_list_with_normalisation() {
 #[test]
 fn upstream_certificates_are_verified_unless_disabled() {
     // The untrusted target is configured twice: verified (default) and not.
-    let dir = TempDir::new("verify2");
-    let pki = Pki::new(&dir.0, "test");
-    let nginx = Nginx::start(&dir, &pki);
+    let nginx = Nginx::start("verify2");
+    let pki = &nginx.pki;
     let (cert, key) = pki.leaf("proxy", &["strict.test", "lax.test"]);
     let http = free_port();
     let toml = format!(
@@ -305,7 +301,7 @@ fn upstream_certificates_are_verified_unless_disabled() {
         u = nginx.untrusted_tls,
         g = nginx.alpha_tls,
     );
-    let p = Portico::start("verify2", &toml, &[http]);
+    let p = proxy_site("verify2", &toml, &[http]);
     assert_eq!(curl("http", "strict.test", http, "/", &[]).0, 502);
     p.wait_log("target unreachable");
     let (code, body) = curl("http", "lax.test", http, "/", &[]);
@@ -321,7 +317,7 @@ fn upstream_certificates_are_verified_unless_disabled() {
 fn large_bodies_both_ways_and_chunked_uploads() {
     let e = env("bodies", "", "");
     let data: Vec<u8> = (0..6_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let src = e.dir.path("upload.bin");
+    let src = e.nginx.dir.join("upload.bin");
     std::fs::write(&src, &data).unwrap();
     let src_s = src.display().to_string();
     let (code, _) = curl(
@@ -335,7 +331,7 @@ fn large_bodies_both_ways_and_chunked_uploads() {
     let stored = std::fs::read(e.nginx.www.join("files/big.bin")).unwrap_or_else(|err| {
         panic!(
             "{err}; nginx log: {}",
-            std::fs::read_to_string(e.dir.path("nginx-error.log")).unwrap_or_default()
+            std::fs::read_to_string(e.nginx.dir.join("nginx-error.log")).unwrap_or_default()
         )
     });
     assert_eq!(stored, data);
@@ -360,9 +356,9 @@ fn large_bodies_both_ways_and_chunked_uploads() {
         data
     );
     // Download through HTTPS.
-    let out = e.dir.path("down.bin");
+    let out = e.nginx.dir.join("down.bin");
     let o = run(
-        &program("curl", "curl"),
+        &require("curl", "curl"),
         &[
             "-sS",
             "--fail",
@@ -375,8 +371,9 @@ fn large_bodies_both_ways_and_chunked_uploads() {
             &format!("https://alpha.test:{}/files/big.bin", e.https),
         ],
         &[],
+        Duration::from_secs(30),
     );
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.success(), "{}", o.text);
     assert_eq!(std::fs::read(&out).unwrap(), data);
 }
 
@@ -483,16 +480,14 @@ fn slow_clients_do_not_starve_others_and_limits_hold() {
 
 #[test]
 fn per_source_connection_limit() {
-    let dir = TempDir::new("perip2");
-    let pki = Pki::new(&dir.0, "test");
-    let nginx = Nginx::start(&dir, &pki);
+    let nginx = Nginx::start("perip2");
     let http = free_port();
     let toml = format!(
         "[proxy.listen]\nhttp = \"127.0.0.1:{http}\"\n[proxy.limits]\nmax_connections_per_ip = 3\n\
          [[proxy.services]]\nname = \"alpha.test\"\nhost = \"127.0.0.1\"\nhttp = {}\n",
         nginx.alpha
     );
-    let p = Portico::start("perip2", &toml, &[http]);
+    let p = proxy_site("perip2", &toml, &[http]);
     std::thread::sleep(Duration::from_millis(200));
     let held: Vec<TcpStream> = (0..3).map(|_| connect_from([127, 0, 0, 9], http)).collect();
     std::thread::sleep(Duration::from_millis(300));
@@ -513,9 +508,8 @@ fn per_source_connection_limit() {
 
 #[test]
 fn redirect_rule_and_certificate_reload() {
-    let dir = TempDir::new("redirect2");
-    let pki = Pki::new(&dir.0, "test");
-    let nginx = Nginx::start(&dir, &pki);
+    let nginx = Nginx::start("redirect2");
+    let pki = &nginx.pki;
     let (cert, key) = pki.leaf("proxy", &["alpha.test"]);
     let (http, https) = (free_port(), free_port());
     let toml = format!(
@@ -527,7 +521,7 @@ fn redirect_rule_and_certificate_reload() {
         key.display(),
         nginx.alpha
     );
-    let p = Portico::start("redirect2", &toml, &[http, https]);
+    let p = proxy_site("redirect2", &toml, &[http, https]);
     let (code, _) = curl(
         "http",
         "alpha.test",
@@ -537,7 +531,7 @@ fn redirect_rule_and_certificate_reload() {
     );
     assert_eq!(code, 308);
     let out = run(
-        &program("curl", "curl"),
+        &require("curl", "curl"),
         &[
             "-sS",
             "-o",
@@ -549,11 +543,13 @@ fn redirect_rule_and_certificate_reload() {
             &format!("http://alpha.test:{http}/b?x=1"),
         ],
         &[],
+        Duration::from_secs(30),
     );
     assert!(
-        text(&out).contains(&format!("Location: https://alpha.test:{https}/b?x=1")),
+        out.text
+            .contains(&format!("Location: https://alpha.test:{https}/b?x=1")),
         "{}",
-        text(&out)
+        out.text
     );
     // Unknown names are not redirected anywhere.
     assert_eq!(curl("http", "evil.test", http, "/", &[]).0, 421);
@@ -627,19 +623,6 @@ fn redirect_rule_and_certificate_reload() {
         "old connection still served"
     );
     p.wait_log("proxy certificate loaded");
-}
-
-/// Reads until `needle` arrived or the stream stops giving data.
-fn read_until(r: &mut impl Read, needle: &str) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains(needle) {
-        match r.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&got).to_string()
 }
 
 #[derive(Debug)]
@@ -723,31 +706,6 @@ fn raw_target(status: u16) -> RawTarget {
     RawTarget { port, count, heads }
 }
 
-/// Reads one response with a Content-Length body: `(status, body)`; `None` at EOF or error.
-fn read_response(s: &mut impl Read) -> Option<(u16, String)> {
-    let mut got = Vec::new();
-    let mut b = [0u8; 1];
-    while !got.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b) {
-            Ok(1) => got.push(b[0]),
-            _ => return None,
-        }
-    }
-    let head = String::from_utf8_lossy(&got).to_string();
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).ok()?;
-    Some((status, String::from_utf8_lossy(&body).to_string()))
-}
-
 fn raw_proxy(tag: &str, fraud: &str, target: u16, limits: &str) -> (Portico, u16) {
     raw_proxy_with(tag, fraud, "", target, limits)
 }
@@ -765,7 +723,11 @@ fn raw_proxy_with(
         "[proxy]\n{proxy}\n[proxy.listen]\nhttp = \"127.0.0.1:{http}\"\n[proxy.limits]\n{limits}\n\
          [[proxy.services]]\nname = \"raw.test\"\nhost = \"127.0.0.1\"\nhttp = {target}\n"
     );
-    (Portico::start_with_fraud(tag, fraud, &toml, &[http]), http)
+    let mut spec = proxy_spec(&toml, &[http]);
+    if !fraud.is_empty() {
+        spec = spec.fraud(fraud);
+    }
+    (Portico::start(tag, spec), http)
 }
 
 /// One request on a new connection from 127.0.0.1 through the proxy on `port`, and the

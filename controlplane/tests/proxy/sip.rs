@@ -1,17 +1,18 @@
 //! The reverse proxy for SIP over TCP and TLS in front of a real Kamailio registrar: REGISTER
 //! with digest authentication and INVITE, routed by the From domain, from a scripted client.
 
-mod proxy_common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proxy_common::*;
+use portico_testkit::fixtures::{Kamailio, Pki};
+use portico_testkit::sip::{read_sip, sip_authorization, sip_nonce, sip_request};
+use portico_testkit::{free_port, Portico};
+
+use crate::proxy_site;
 
 struct Env {
-    _dir: TempDir,
     pki: Pki,
     kamailio: Kamailio,
     portico: Portico,
@@ -20,9 +21,8 @@ struct Env {
 }
 
 fn env() -> Env {
-    let dir = TempDir::new("sip");
-    let pki = Pki::new(&dir.0, "test");
-    let kamailio = Kamailio::start(&dir);
+    let kamailio = Kamailio::start("sip");
+    let pki = Pki::new(&kamailio.dir, "test");
     let (cert, key) = pki.leaf("proxy", &["sip.alpha.test", "127.0.0.1"]);
     let (sip, sips) = (free_port(), free_port());
     // Only a plain target port: SIPS from clients is forwarded as SIP/TCP (reference:
@@ -37,9 +37,8 @@ fn env() -> Env {
         key.display(),
         p = kamailio.port,
     );
-    let portico = Portico::start("sip", &toml, &[sip, sips]);
+    let portico = proxy_site("sip", &toml, &[sip, sips]);
     Env {
-        _dir: dir,
         pki,
         kamailio,
         portico,

@@ -3,15 +3,15 @@
 //! matching the socket inodes in `/proc/<pid>/fd` against `/proc/<pid>/net/udp{,6}`); the
 //! dataplane still runs, is reported, and is restarted by the supervisor when it dies.
 
-mod cp_common;
-
 use std::collections::HashSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use cp_common::*;
+use nix::sys::signal::Signal;
+use portico_testkit::process::signal;
+use portico_testkit::{free_port, wait_until, Portico, Spec};
 
 /// Inodes of the sockets process `pid` holds open.
 fn socket_inodes(pid: u32) -> HashSet<u64> {
@@ -111,18 +111,18 @@ fn proxy_only_box_serves_http_without_any_udp_socket() {
     );
     drop(probe);
 
-    let site = Site::new("proxy-only", "");
     let http_port = free_port();
     let backend_port = backend();
-    let text = format!(
-        "state_dir = \"{}\"\n\n[turn]\nlisten = []\n\n[api]\nlisten = \"{}\"\n\n\
-         [fraud]\nwhitelist = [\"127.0.0.0/8\"]\n\n[proxy.listen]\nhttp = \"127.0.0.1:{http_port}\"\n\n\
-         [[proxy.services]]\nname = \"pbx.test\"\nhost = \"127.0.0.1\"\nhttp = {backend_port}\n",
-        site.state_dir.display(),
-        site.api
-    );
-    fs::write(&site.config_path, text).unwrap();
-    let cp = site.start();
+    let spec = Spec::new()
+        .no_stun()
+        .whitelist("127.0.0.0/8")
+        .proxy(&format!(
+            "[proxy.listen]\nhttp = \"127.0.0.1:{http_port}\"\n\n\
+             [[proxy.services]]\nname = \"pbx.test\"\nhost = \"127.0.0.1\"\nhttp = {backend_port}\n"
+        ))
+        .ready_port(http_port);
+    let site = Portico::new("proxy-only", spec);
+    let cp = site.launch();
     assert!(
         site.log().contains("STUN/TURN off"),
         "the start line says STUN/TURN is off:\n{}",
@@ -162,7 +162,7 @@ fn proxy_only_box_serves_http_without_any_udp_socket() {
     assert_eq!(a["dataplane_applied"], true, "{a}");
 
     // Supervision works as usual: a killed dataplane is restarted, still without sockets.
-    kill(dp, libc::SIGKILL);
+    signal(dp, Signal::SIGKILL);
     let mut new_pid = 0;
     assert!(
         wait_until(Duration::from_secs(10), || {

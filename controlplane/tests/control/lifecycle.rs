@@ -2,19 +2,18 @@
 //! memory removed, exit status 0), configuration errors that name the key, `portico check`,
 //! SIGHUP reloads without a restart, and the supervisor restarting a dead dataplane.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::net::{transact, udp_client};
-use common::server::{pid_alive, run_to_exit, Layout, Portico, Setup};
-use common::stun::Builder;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use portico_shared::shm::SharedMemory;
+use portico_testkit::net::{expect_silence, recv_within, transact, udp_client};
+use portico_testkit::portico::run_portico;
+use portico_testkit::process::{alive as pid_alive, signal};
+use portico_testkit::stun::Builder;
+use portico_testkit::{Portico, Spec};
 
 fn shm_exists(name: &str) -> bool {
     Path::new("/dev/shm")
@@ -31,7 +30,7 @@ fn software_now(p: &Portico) -> Option<String> {
 }
 
 fn stops_cleanly_on(sig: Signal) {
-    let mut p = Portico::start(Setup::default().workers(2));
+    let mut p = Portico::start("stop", Spec::new().ipv6().workers(2));
     let portico = p.pid();
     let dataplane = p.dataplane_pid();
     assert_ne!(dataplane, 0, "dataplane pid published in shared memory");
@@ -57,7 +56,7 @@ fn stops_cleanly_on(sig: Signal) {
     // And nothing answers on the port any more.
     let s = udp_client(p.udp4());
     s.send_to(&Builder::binding().build(), p.udp4()).unwrap();
-    common::net::expect_silence(&s, Duration::from_millis(300), "after the stop");
+    expect_silence(&s, Duration::from_millis(300), "after the stop");
 }
 
 #[test]
@@ -71,25 +70,21 @@ fn sigint_stops_portico_and_its_dataplane() {
 }
 
 /// A valid configuration with the given text added, on free ports, in a temp dir.
-fn config_with(tag: &str, extra_top: &str, extra_turn: &str) -> (Layout, String) {
-    let setup = Setup {
-        turn_extra: extra_turn.to_string(),
-        ..Setup::default()
-    };
-    let layout = Layout::new(tag, &setup);
-    let text = format!("{extra_top}{}", layout.render(&setup));
-    (layout, text)
+fn config_with(tag: &str, extra_top: &str, extra_turn: &str) -> (Portico, String) {
+    let site = Portico::new(tag, Spec::new().ipv6().turn(extra_turn));
+    let text = format!("{extra_top}{}", site.render());
+    (site, text)
 }
 
-fn run_config(layout: &Layout, text: &str) -> (bool, String) {
-    fs::write(&layout.config_path, text).unwrap();
-    let out = run_to_exit(
+fn run_config(site: &Portico, text: &str) -> (bool, String) {
+    site.write_config(text);
+    let out = run_portico(
         &[
             OsStr::new("run"),
             OsStr::new("--config"),
-            layout.config_path.as_os_str(),
+            site.config_path.as_os_str(),
         ],
-        &layout.root,
+        &site.dir,
         Duration::from_secs(10),
     );
     let stderr =
@@ -97,11 +92,11 @@ fn run_config(layout: &Layout, text: &str) -> (bool, String) {
     (out.status.success(), stderr)
 }
 
-fn check_config(layout: &Layout, text: &str) -> (bool, String) {
-    fs::write(&layout.config_path, text).unwrap();
-    let out = run_to_exit(
-        &[OsStr::new("check"), layout.config_path.as_os_str()],
-        &layout.root,
+fn check_config(site: &Portico, text: &str) -> (bool, String) {
+    site.write_config(text);
+    let out = run_portico(
+        &[OsStr::new("check"), site.config_path.as_os_str()],
+        &site.dir,
         Duration::from_secs(10),
     );
     let text =
@@ -111,30 +106,30 @@ fn check_config(layout: &Layout, text: &str) -> (bool, String) {
 
 #[test]
 fn an_unknown_key_is_refused_by_name() {
-    let (layout, text) = config_with("unknown-key", "", "listen_on = [\"127.0.0.1:9\"]\n");
-    let (ok, msg) = run_config(&layout, &text);
+    let (site, text) = config_with("unknown-key", "", "listen_on = [\"127.0.0.1:9\"]\n");
+    let (ok, msg) = run_config(&site, &text);
     assert!(!ok, "portico run accepted an unknown key:\n{msg}");
     assert!(
         msg.contains("listen_on"),
         "message does not name the key: {msg}"
     );
-    assert!(!shm_exists(&layout.shm_name()), "nothing may be started");
-    let (ok, msg) = check_config(&layout, &text);
+    assert!(!shm_exists(&site.shm_name), "nothing may be started");
+    let (ok, msg) = check_config(&site, &text);
     assert!(!ok, "portico check accepted an unknown key");
     assert!(msg.contains("listen_on"), "{msg}");
-    let _ = fs::remove_dir_all(&layout.root);
+    drop(site);
 
-    let (layout, text) = config_with("unknown-top", "bogus_setting = 1\n", "");
-    let (ok, msg) = run_config(&layout, &text);
+    let (site, text) = config_with("unknown-top", "bogus_setting = 1\n", "");
+    let (ok, msg) = run_config(&site, &text);
     assert!(!ok);
     assert!(msg.contains("bogus_setting"), "{msg}");
-    let _ = fs::remove_dir_all(&layout.root);
+    drop(site);
 }
 
 #[test]
 fn a_bad_relay_port_range_is_refused_naming_the_key() {
-    let (layout, text) = config_with("relay-ports", "", "relay_ports = \"70000-80000\"\n");
-    let (ok, msg) = run_config(&layout, &text);
+    let (site, text) = config_with("relay-ports", "", "relay_ports = \"70000-80000\"\n");
+    let (ok, msg) = run_config(&site, &text);
     assert!(!ok, "portico run accepted relay_ports 70000-80000:\n{msg}");
     assert!(
         msg.contains("turn.relay_ports"),
@@ -144,48 +139,48 @@ fn a_bad_relay_port_range_is_refused_naming_the_key() {
         msg.contains("70000-80000"),
         "message does not show the value: {msg}"
     );
-    let (ok, msg) = check_config(&layout, &text);
+    let (ok, msg) = check_config(&site, &text);
     assert!(!ok);
     assert!(msg.contains("turn.relay_ports"), "{msg}");
-    let _ = fs::remove_dir_all(&layout.root);
+    drop(site);
 }
 
 #[test]
 fn check_accepts_a_valid_file_without_starting_anything() {
-    let (layout, text) = config_with("check-ok", "", "");
-    let (ok, msg) = check_config(&layout, &text);
+    let (site, text) = config_with("check-ok", "", "");
+    let (ok, msg) = check_config(&site, &text);
     assert!(ok, "portico check refused a valid file: {msg}");
     assert!(msg.contains("ok"), "{msg}");
     assert!(
-        !shm_exists(&layout.shm_name()),
+        !shm_exists(&site.shm_name),
         "check must not start the server"
     );
     // RFC 5780 needs both halves of the alternate address.
     let half = text.replace("[stun]\n", "[stun]\nalternate_port = 40000\n");
-    let (ok, msg) = check_config(&layout, &half);
+    let (ok, msg) = check_config(&site, &half);
     assert!(!ok, "alternate_port without alternate_ip was accepted");
     assert!(msg.contains("stun.alternate"), "{msg}");
     // A missing file is an error naming the file.
-    let missing = layout.root.join("nope.toml");
-    let out = run_to_exit(
+    let missing = site.dir.join("nope.toml");
+    let out = run_portico(
         &[OsStr::new("check"), missing.as_os_str()],
-        &layout.root,
+        &site.dir,
         Duration::from_secs(10),
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.toml"));
-    let _ = fs::remove_dir_all(&layout.root);
+    drop(site);
 }
 
 /// SIGHUP re-reads the file: a new SOFTWARE shows in later answers, with the same
 /// dataplane process (no restart, so no packet lost).
 #[test]
 fn sighup_applies_an_edited_file_without_restart() {
-    let mut p = Portico::start(Setup::default().software("before-reload"));
+    let mut p = Portico::start("sighup", Spec::new().ipv6().software("before-reload"));
     let dataplane = p.dataplane_pid();
     assert_eq!(software_now(&p).as_deref(), Some("before-reload"));
 
-    p.rewrite_config(p.setup.clone().software("after-reload"));
+    p.rewrite_config(p.spec.clone().software("after-reload"));
     p.signal(Signal::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -204,7 +199,7 @@ fn sighup_applies_an_edited_file_without_restart() {
     assert!(pid_alive(dataplane));
 
     // Hiding it works the same way.
-    p.rewrite_config(p.setup.clone().software(""));
+    p.rewrite_config(p.spec.clone().software(""));
     p.signal(Signal::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     while software_now(&p).is_some() {
@@ -216,9 +211,9 @@ fn sighup_applies_an_edited_file_without_restart() {
     }
 
     // A broken file is refused and the running configuration stays.
-    p.rewrite_config(p.setup.clone().software("never-applied"));
-    let broken = fs::read_to_string(&p.layout.config_path).unwrap() + "\nnot_a_key = 1\n";
-    fs::write(&p.layout.config_path, broken).unwrap();
+    p.rewrite_config(p.spec.clone().software("never-applied"));
+    let broken = fs::read_to_string(&p.config_path).unwrap() + "\nnot_a_key = 1\n";
+    fs::write(&p.config_path, broken).unwrap();
     p.signal(Signal::SIGHUP);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(software_now(&p), None, "a broken file must not be applied");
@@ -233,9 +228,9 @@ fn sighup_applies_an_edited_file_without_restart() {
 /// The dataplane dying is not the end: portico starts a new one, which answers again.
 #[test]
 fn a_killed_dataplane_is_restarted() {
-    let p = Portico::start(Setup::default());
+    let p = Portico::start("dataplane-restart", Spec::new().ipv6());
     let first = p.dataplane_pid();
-    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    signal(first, Signal::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let now = p.dataplane_pid();
@@ -253,7 +248,7 @@ fn a_killed_dataplane_is_restarted() {
     loop {
         let s = udp_client(p.udp4());
         s.send_to(&Builder::binding().build(), p.udp4()).unwrap();
-        if common::net::recv_within(&s, Duration::from_millis(300)).is_some() {
+        if recv_within(&s, Duration::from_millis(300)).is_some() {
             break;
         }
         assert!(

@@ -4,21 +4,19 @@
 //! file still holds the secrets and a TURN Allocate with the old password, and with REST API
 //! credentials signed by the old shared secret, still succeeds over a real socket.
 
-mod common;
-mod cp_common;
-mod turn_common;
-
-use cp_common::*;
+use portico_testkit::turn::{
+    udp_transport, TurnClient, PASSWORD, PASSWORD2, PREVIOUS_SECRET, SHARED_SECRET, USER,
+};
+use portico_testkit::Portico;
 use serde_json::{json, Value};
-use turn_common::{turn_lines, udp_transport, TurnClient, PASSWORD, SHARED_SECRET, USER};
 
 const KEY: &str = "0123456789abcdef0123456789abcdef";
 
 /// Every secret value the site holds, none of which may appear in what the API shows.
-const SECRETS: [&str; 4] = [SHARED_SECRET, "previous-secret", "builder", KEY];
+const SECRETS: [&str; 4] = [SHARED_SECRET, PREVIOUS_SECRET, PASSWORD2, KEY];
 
-fn allocates(site: &Site, user: &str, password: &str) -> bool {
-    let mut c = TurnClient::new(site.stun, user, password);
+fn allocates(site: &Portico, user: &str, password: &str) -> bool {
+    let mut c = TurnClient::new(site.udp4(), user, password);
     let r = c.allocate_with(&udp_transport);
     let ok = r.is_success();
     if ok {
@@ -28,7 +26,7 @@ fn allocates(site: &Site, user: &str, password: &str) -> bool {
 }
 
 /// TURN REST API credentials from the API, used for an Allocate.
-fn rest_credentials_allocate(site: &Site) -> bool {
+fn rest_credentials_allocate(site: &Portico) -> bool {
     let c = site.json(
         "POST",
         "/api/v1/turn/credentials",
@@ -54,8 +52,8 @@ fn assert_hidden(what: &str, text: &str) {
 
 #[test]
 fn secrets_are_redacted_and_kept_through_a_round_trip() {
-    let site = Site::new("cfg-secrets", &turn_lines(true));
-    let _cp = site.start();
+    let site = Portico::new("cfg-secrets", crate::spec().turn_users().loopback_peers());
+    let _cp = site.launch();
     site.json(
         "POST",
         "/api/v1/turn/users",

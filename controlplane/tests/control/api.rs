@@ -2,18 +2,20 @@
 //! configuration changes (validated, stored, applied live to the dataplane), TURN users, TURN
 //! REST API credentials, and the OpenAPI document against the routes actually served.
 
-mod cp_common;
-
-use std::net::UdpSocket;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cp_common::*;
+use portico_testkit::http::http;
+use portico_testkit::net::{binding, udp_on};
+use portico_testkit::stun::rest_password;
+use portico_testkit::{wait_until, Portico, LOCAL4};
 use serde_json::Value;
+
+use crate::site;
 
 #[test]
 fn authentication_is_required_except_for_healthz_and_metrics() {
-    let site = Site::new("api-auth", "");
-    let _cp = site.start();
+    let site = site("api-auth", "");
+    let _cp = site.launch();
 
     let r = site.get("/healthz", false).unwrap();
     assert_eq!((r.status, r.json()["status"].clone()), (200, "ok".into()));
@@ -64,8 +66,8 @@ fn authentication_is_required_except_for_healthz_and_metrics() {
 
 #[test]
 fn status_reports_the_running_system() {
-    let site = Site::new("api-status", "");
-    let _cp = site.start();
+    let site = site("api-status", "");
+    let _cp = site.launch();
     let st = site.status();
     assert_eq!(st["version"], env!("CARGO_PKG_VERSION"));
     assert!(
@@ -89,20 +91,20 @@ fn status_reports_the_running_system() {
     );
 }
 
-fn software_now(site: &Site) -> Option<String> {
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    binding(&sock, site.stun, 1, Duration::from_secs(2)).and_then(|r| software(&r))
+fn software_now(site: &Portico) -> Option<String> {
+    let sock = udp_on(LOCAL4);
+    binding(&sock, site.udp4(), Duration::from_secs(2)).and_then(|r| r.software())
 }
 
 #[test]
 fn config_changes_are_validated_stored_and_applied_live() {
-    let site = Site::new("api-config", "");
-    let _cp = site.start();
-    let generation = |s: &Site| s.status()["config"]["generation"].as_u64().unwrap();
+    let site = site("api-config", "");
+    let _cp = site.launch();
+    let generation = |s: &Portico| s.status()["config"]["generation"].as_u64().unwrap();
 
     // GET as JSON and as TOML agree with the file.
     let c = site.json("GET", "/api/v1/config", "", 200);
-    assert_eq!(c["turn"]["listen"][0], site.stun.to_string());
+    assert_eq!(c["turn"]["listen"][0], site.udp4().to_string());
     let r = site.get("/api/v1/config?format=toml", true).unwrap();
     assert_eq!(r.header("content-type"), Some("application/toml"));
     let from_toml = portico_shared::config::Config::from_toml(&r.text()).unwrap();
@@ -219,9 +221,9 @@ fn config_changes_are_validated_stored_and_applied_live() {
 
 #[test]
 fn turn_users_are_added_listed_and_deleted_persistently() {
-    let site = Site::new("api-users", "");
-    let _cp = site.start();
-    let list = |s: &Site| s.json("GET", "/api/v1/turn/users", "", 200)["users"].clone();
+    let site = site("api-users", "");
+    let _cp = site.launch();
+    let list = |s: &Portico| s.json("GET", "/api/v1/turn/users", "", 200)["users"].clone();
     assert_eq!(list(&site), serde_json::json!([]));
 
     let a = site.json(
@@ -299,30 +301,10 @@ fn turn_users_are_added_listed_and_deleted_persistently() {
     assert!(site.log().contains("TURN user deleted user=alice"));
 }
 
-/// Standard base64, written again here so the test does not share the server's encoder.
-fn b64(data: &[u8]) -> String {
-    let t = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let v = c
-            .iter()
-            .enumerate()
-            .fold(0u32, |a, (i, b)| a | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            out.push(if i <= c.len() {
-                t[((v >> (18 - 6 * i)) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
-}
-
 #[test]
 fn turn_rest_api_credentials() {
-    let site = Site::new("api-creds", "");
-    let _cp = site.start();
+    let site = site("api-creds", "");
+    let _cp = site.launch();
     let e = site.json(
         "POST",
         "/api/v1/turn/credentials",
@@ -361,17 +343,13 @@ fn turn_rest_api_credentials() {
     assert_eq!(c["ttl"], 3600);
     assert_eq!(c["expires_at"], expiry);
     // Signed with the first secret.
-    let key = aws_lc_rs::hmac::Key::new(
-        aws_lc_rs::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
-        b"new-secret",
-    );
-    let want = b64(aws_lc_rs::hmac::sign(&key, username.as_bytes()).as_ref());
+    let want = rest_password(b"new-secret", username.as_bytes());
     assert_eq!(c["password"], want);
     assert_eq!(
         c["uris"],
         serde_json::json!([
-            format!("turn:{}?transport=udp", site.stun),
-            format!("turn:{}?transport=tcp", site.stun),
+            format!("turn:{}?transport=udp", site.udp4()),
+            format!("turn:{}?transport=tcp", site.udp4()),
         ])
     );
 
@@ -390,8 +368,8 @@ fn turn_rest_api_credentials() {
 /// Every (path, method) in the OpenAPI document is served, and nothing else under /api/v1.
 #[test]
 fn openapi_document_is_true() {
-    let site = Site::new("api-openapi", "");
-    let _cp = site.start();
+    let site = site("api-openapi", "");
+    let _cp = site.launch();
     let doc = site.json("GET", "/api/v1/openapi.json", "", 200);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
