@@ -1,15 +1,13 @@
 //! Whitelisted sources (by `fraud.whitelist` or by an API entry) doing what gets others
 //! blacklisted are never blocked, neither by the proxy nor by the dataplane.
 
-mod fraud_common;
-
 use std::net::IpAddr;
 use std::time::Duration;
 
-use fraud_common::*;
+use crate::prelude::*;
 
 /// `n` wrong TURN passwords and `n` logins the target rejects, from `src`.
-fn misbehave(site: &Site, src: IpAddr, n: usize) {
+fn misbehave(site: &Portico, src: IpAddr, n: usize) {
     wrong_passwords(src, site.udp4(), n);
     for _ in 0..n {
         assert_eq!(
@@ -20,7 +18,7 @@ fn misbehave(site: &Site, src: IpAddr, n: usize) {
 }
 
 #[track_caller]
-fn assert_served(site: &Site, src: IpAddr) {
+fn assert_served(site: &Portico, src: IpAddr) {
     assert!(
         answered_from(src, site.udp4(), Duration::from_millis(300)),
         "STUN Binding from {src} unanswered; entries {:?}",
@@ -34,7 +32,7 @@ fn assert_served(site: &Site, src: IpAddr) {
 }
 
 #[track_caller]
-fn assert_blocked(site: &Site, src: IpAddr) {
+fn assert_blocked(site: &Portico, src: IpAddr) {
     assert!(
         !answered_from(src, site.udp4(), Duration::from_millis(300)),
         "STUN Binding from {src} answered"
@@ -48,25 +46,25 @@ fn assert_blocked(site: &Site, src: IpAddr) {
 
 #[test]
 fn whitelisted_sources_are_never_blocked() {
-    let nginx = Nginx::start();
-    let site = Site::start(
+    let nginx = Nginx::start("fraud");
+    let site = Portico::start(
         "white",
-        Setup::default()
-            .proxy(&nginx)
+        spec()
+            .http_proxy_to(nginx.alpha)
             .fraud("suspicious_per_minute = 2")
             .fraud("blacklist_minutes = \"1m\"")
-            .whitelist("127.0.0.20"),
+            .whitelist("127.0.4.20"),
     );
-    let stun_bystander = Bystander::stun(v4(127, 0, 0, 30), site.udp4());
-    let http_bystander = Bystander::http(v4(127, 0, 0, 31), site.proxy());
-    let by_config = v4(127, 0, 0, 20);
-    let by_api = v4(127, 0, 0, 21);
-    let control = v4(127, 0, 0, 22);
+    let stun_bystander = Bystander::stun(v4(127, 0, 4, 30), site.udp4());
+    let http_bystander = Bystander::http(v4(127, 0, 4, 31), site.proxy());
+    let by_config = v4(127, 0, 4, 20);
+    let by_api = v4(127, 0, 4, 21);
+    let control = v4(127, 0, 4, 22);
 
     let (status, e) = site.call(
         "POST",
         "/api/v1/fraud/entries",
-        r#"{"ip": "127.0.0.21", "kind": "white", "note": "partner"}"#,
+        r#"{"ip": "127.0.4.21", "kind": "white", "note": "partner"}"#,
     );
     assert_eq!(status, 201, "{e}");
     assert_eq!(
@@ -75,7 +73,7 @@ fn whitelisted_sources_are_never_blocked() {
             e["kind"].as_str(),
             e["origin"].as_str()
         ),
-        (Some("127.0.0.21"), Some("white"), Some("manual"))
+        (Some("127.0.4.21"), Some("white"), Some("manual"))
     );
 
     // Ten times the threshold, over TURN and through the proxy.
@@ -99,7 +97,7 @@ fn whitelisted_sources_are_never_blocked() {
     // The same from a source that is not whitelisted blocks it (the setup does block).
     wrong_passwords(control, site.udp4(), 3);
     assert!(wait_until(Duration::from_secs(1), || site
-        .entry("127.0.0.22")
+        .entry("127.0.4.22")
         .is_some()));
     assert_blocked(&site, control);
 
@@ -112,25 +110,25 @@ fn whitelisted_sources_are_never_blocked() {
 /// shared-memory table the engine fills).
 #[test]
 fn whitelisting_a_blacklisted_source_by_configuration_lets_it_in_everywhere() {
-    let nginx = Nginx::start();
-    let site = Site::start(
+    let nginx = Nginx::start("fraud");
+    let site = Portico::start(
         "white-reload",
-        Setup::default()
-            .proxy(&nginx)
+        spec()
+            .http_proxy_to(nginx.alpha)
             .fraud("suspicious_per_minute = 2")
             .fraud("blacklist_minutes = \"10m\""),
     );
-    let src = v4(127, 0, 0, 23);
+    let src = v4(127, 0, 4, 23);
     wrong_passwords(src, site.udp4(), 3);
     assert!(wait_until(Duration::from_secs(1), || site
-        .entry("127.0.0.23")
+        .entry("127.0.4.23")
         .is_some()));
     assert_blocked(&site, src);
 
     let (status, v) = site.call(
         "PATCH",
         "/api/v1/config",
-        &format!(r#"{{"fraud": {{"whitelist": ["{PROBE}", "127.0.0.23"]}}}}"#),
+        &format!(r#"{{"fraud": {{"whitelist": ["{PROBE}", "127.0.4.23"]}}}}"#),
     );
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["dataplane_applied"], true, "{v}");
@@ -150,16 +148,16 @@ fn whitelisting_a_blacklisted_source_by_configuration_lets_it_in_everywhere() {
 /// whitelist wins in the engine), so the dataplane must too.
 #[test]
 fn a_blacklist_entry_for_a_whitelisted_address_is_not_enforced_by_half() {
-    let nginx = Nginx::start();
-    let site = Site::start(
+    let nginx = Nginx::start("fraud");
+    let site = Portico::start(
         "white-black",
-        Setup::default().proxy(&nginx).whitelist("127.0.0.24"),
+        spec().http_proxy_to(nginx.alpha).whitelist("127.0.4.24"),
     );
-    let src = v4(127, 0, 0, 24);
+    let src = v4(127, 0, 4, 24);
     let (status, v) = site.call(
         "POST",
         "/api/v1/fraud/entries",
-        r#"{"ip": "127.0.0.24", "kind": "black"}"#,
+        r#"{"ip": "127.0.4.24", "kind": "black"}"#,
     );
     // Refusing the entry is as good as not enforcing it; enforcing it on one side is not.
     if status == 201 {

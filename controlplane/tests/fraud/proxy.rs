@@ -2,15 +2,13 @@
 //! with 401 is refused at accept after exactly the threshold, stays refused, and is let in
 //! again after the expiry; a client from another address is served throughout.
 
-mod fraud_common;
-
 use std::time::{Duration, Instant};
 
-use fraud_common::*;
+use crate::prelude::*;
 
 const THRESHOLD: usize = 5;
 
-fn rejected_by_target(site: &Site) -> f64 {
+fn rejected_by_target(site: &Portico) -> f64 {
     site.metric(
         "portico_fraud_suspicious_events_total",
         &[("origin", "proxy"), ("reason", "target_rejected")],
@@ -19,17 +17,17 @@ fn rejected_by_target(site: &Site) -> f64 {
 
 #[test]
 fn a_brute_force_client_is_refused_at_accept_after_exactly_the_threshold_until_expiry() {
-    let nginx = Nginx::start();
-    let site = Site::start(
+    let nginx = Nginx::start("fraud");
+    let site = Portico::start(
         "proxy-brute",
-        Setup::default()
-            .proxy(&nginx)
+        spec()
+            .http_proxy_to(nginx.alpha)
             .fraud(&format!("suspicious_per_minute = {THRESHOLD}"))
             .fraud("blacklist_minutes = \"3s\""),
     );
     let proxy = site.proxy();
-    let attacker = v4(127, 0, 0, 3);
-    let bystander = Bystander::http(v4(127, 0, 0, 4), proxy);
+    let attacker = v4(127, 0, 2, 3);
+    let bystander = Bystander::http(v4(127, 0, 2, 4), proxy);
 
     for i in 1..=THRESHOLD {
         assert_eq!(
@@ -50,7 +48,7 @@ fn a_brute_force_client_is_refused_at_accept_after_exactly_the_threshold_until_e
         Answer::Status(200),
         "refused after {THRESHOLD} events; the threshold is {THRESHOLD}"
     );
-    assert!(site.entry("127.0.0.3").is_none());
+    assert!(site.entry("127.0.2.3").is_none());
     assert_eq!(
         site.metric("portico_fraud_blocked_connections_total", &[]),
         0.0
@@ -79,7 +77,7 @@ fn a_brute_force_client_is_refused_at_accept_after_exactly_the_threshold_until_e
     );
     assert_eq!(rejected_by_target(&site), (THRESHOLD + 1) as f64);
     let e = site
-        .entry("127.0.0.3")
+        .entry("127.0.2.3")
         .unwrap_or_else(|| panic!("no entry for the attacker: {:?}", site.entries()));
     assert_eq!(
         (e["kind"].as_str(), e["origin"].as_str()),
@@ -92,7 +90,7 @@ fn a_brute_force_client_is_refused_at_accept_after_exactly_the_threshold_until_e
         "the proxy answered a blacklisted source's ClientHello"
     );
     assert!(
-        tls_hello_answered(v4(127, 0, 0, 4), site.proxy_tls()),
+        tls_hello_answered(v4(127, 0, 2, 4), site.proxy_tls()),
         "the proxy did not answer another source's ClientHello"
     );
 
@@ -143,16 +141,16 @@ fn a_brute_force_client_is_refused_at_accept_after_exactly_the_threshold_until_e
 
 #[test]
 fn requests_the_proxy_itself_rejects_count_too() {
-    let nginx = Nginx::start();
-    let site = Site::start(
+    let nginx = Nginx::start("fraud");
+    let site = Portico::start(
         "proxy-unknown",
-        Setup::default()
-            .proxy(&nginx)
+        spec()
+            .http_proxy_to(nginx.alpha)
             .fraud("suspicious_per_minute = 2")
             .fraud("blacklist_minutes = \"1m\""),
     );
     let proxy = site.proxy();
-    let scanner = v4(127, 0, 0, 9);
+    let scanner = v4(127, 0, 2, 9);
     // A Host no service has: rejected by the proxy, no target involved.
     let unknown = |src| {
         let mut s = tcp_from(src, proxy).unwrap_or_else(|e| panic!("connect: {e}"));
@@ -179,24 +177,24 @@ fn requests_the_proxy_itself_rejects_count_too() {
             &[("origin", "proxy"), ("reason", "unknown_name")]
         ) >= 3.0
     );
-    assert_eq!(get_from(v4(127, 0, 0, 10), proxy, "/"), Answer::Status(200));
+    assert_eq!(get_from(v4(127, 0, 2, 10), proxy, "/"), Answer::Status(200));
 }
 
 /// A brute-force client that keeps one connection open must lose it too: a blacklist that
 /// only acts at accept would let it go on over the connection it holds.
 #[test]
 fn a_kept_alive_connection_of_a_blacklisted_source_is_not_served_on() {
-    let nginx = Nginx::start();
-    let site = Site::start(
+    let nginx = Nginx::start("fraud");
+    let site = Portico::start(
         "proxy-keepalive",
-        Setup::default()
-            .proxy(&nginx)
+        spec()
+            .http_proxy_to(nginx.alpha)
             .fraud(&format!("suspicious_per_minute = {THRESHOLD}"))
             .fraud("blacklist_minutes = \"1m\""),
     );
-    let attacker = v4(127, 0, 0, 11);
+    let attacker = v4(127, 0, 2, 11);
     let mut conn = KeepAlive::open(attacker, site.proxy());
-    let mut other = KeepAlive::open(v4(127, 0, 0, 12), site.proxy());
+    let mut other = KeepAlive::open(v4(127, 0, 2, 12), site.proxy());
     assert_eq!(other.get("/"), Answer::Status(200));
     for _ in 0..=THRESHOLD {
         assert_eq!(
@@ -205,7 +203,7 @@ fn a_kept_alive_connection_of_a_blacklisted_source_is_not_served_on() {
         );
     }
     assert!(wait_until(Duration::from_secs(1), || site
-        .entry("127.0.0.11")
+        .entry("127.0.2.11")
         .is_some()));
     let t0 = Instant::now();
     let next = conn.get("/");

@@ -2,21 +2,19 @@
 //! manual entries for IPv6 networks. Loopback offers one IPv6 address, ::1, which lies in
 //! every prefix `::/n`, so it stands for a subscriber of any network size.
 
-mod fraud_common;
-
 use std::time::Duration;
 
-use fraud_common::*;
+use crate::prelude::*;
 
-fn site(tag: &str, prefix: Option<u8>) -> Site {
-    let mut setup = Setup::default()
+fn site(tag: &str, prefix: Option<u8>) -> Portico {
+    let mut setup = spec()
         .ipv6()
         .fraud("suspicious_per_minute = 3")
         .fraud("blacklist_minutes = \"10m\"");
     if let Some(p) = prefix {
         setup = setup.fraud(&format!("ipv6_prefix = {p}"));
     }
-    Site::start(tag, setup)
+    Portico::start(tag, setup)
 }
 
 #[test]
@@ -33,7 +31,7 @@ fn an_ipv6_source_is_blacklisted_per_64() {
         "::1 still answered with ::/64 blacklisted"
     );
     assert!(answered_from(
-        v4(127, 0, 0, 40),
+        v4(127, 0, 8, 40),
         site.udp4(),
         Duration::from_millis(300)
     ));

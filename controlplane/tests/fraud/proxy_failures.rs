@@ -3,26 +3,24 @@
 //! challenges to requests without credentials, and clients behind a trusted load balancer.
 //! Default settings (threshold 20 a minute) unless a test says otherwise; nginx is the target.
 
-mod fraud_common;
-
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use fraud_common::*;
+use crate::prelude::*;
 
 /// The default `fraud.suspicious_per_minute`.
 const THRESHOLD: usize = 20;
 /// The default `proxy.limits.max_connections_per_ip`.
 const PER_IP: usize = 512;
 
-fn proxy_events(site: &Site, reason: &str, counted: &str) -> f64 {
+fn proxy_events(site: &Portico, reason: &str, counted: &str) -> f64 {
     site.metric(
         "portico_proxy_suspicious_events_total",
         &[("reason", reason), ("counted", counted)],
     )
 }
 
-fn counted_by_engine(site: &Site) -> f64 {
+fn counted_by_engine(site: &Portico) -> f64 {
     site.metric(
         "portico_fraud_suspicious_events_total",
         &[("origin", "proxy")],
@@ -30,7 +28,7 @@ fn counted_by_engine(site: &Site) -> f64 {
 }
 
 #[track_caller]
-fn assert_not_listed(site: &Site, source: &str) {
+fn assert_not_listed(site: &Portico, source: &str) {
     assert!(
         site.entry(source).is_none(),
         "{source} is on the fraud list: {:?}",
@@ -39,21 +37,21 @@ fn assert_not_listed(site: &Site, source: &str) {
 }
 
 #[track_caller]
-fn assert_blacklisted(site: &Site, source: &str) {
+fn assert_blacklisted(site: &Portico, source: &str) {
     let e = site
         .entry(source)
         .unwrap_or_else(|| panic!("{source} not on the fraud list: {:?}", site.entries()));
     assert_eq!(e["kind"].as_str(), Some("black"), "{e}");
 }
 
-/// 100 browser-like keep-alive connections from 127.0.0.1 (about what 17 browsers open to
+/// 100 browser-like keep-alive connections from 127.0.9.1 (about what 17 browsers open to
 /// one host) plus 30 idle pre-connects that never send a request: all served, none cut,
 /// nothing counted, not blocked.
 #[test]
 fn an_office_of_browsers_on_one_address_is_served_and_never_blocked() {
-    let nginx = Nginx::start();
-    let site = Site::start("office", Setup::default().proxy(&nginx));
-    let src = v4(127, 0, 0, 1);
+    let nginx = Nginx::start("fraud");
+    let site = Portico::start("office", spec().http_proxy_to(nginx.alpha));
+    let src = v4(127, 0, 9, 1);
     let mut conns: Vec<KeepAlive> = (0..100)
         .map(|_| KeepAlive::open(src, site.proxy()))
         .collect();
@@ -83,7 +81,7 @@ fn an_office_of_browsers_on_one_address_is_served_and_never_blocked() {
             );
         }
     }
-    assert_not_listed(&site, "127.0.0.1");
+    assert_not_listed(&site, "127.0.9.1");
     assert_eq!(counted_by_engine(&site), 0.0, "normal browsing was counted");
     assert_eq!(get_from(src, site.proxy(), "/"), Answer::Status(200));
 }
@@ -92,9 +90,9 @@ fn an_office_of_browsers_on_one_address_is_served_and_never_blocked() {
 /// read; every connection already open goes on, and the refusals count toward nothing.
 #[test]
 fn over_the_per_source_limit_only_new_connections_are_refused() {
-    let nginx = Nginx::start();
-    let site = Site::start("perip-default", Setup::default().proxy(&nginx));
-    let src = v4(127, 0, 0, 1);
+    let nginx = Nginx::start("fraud");
+    let site = Portico::start("perip-default", spec().http_proxy_to(nginx.alpha));
+    let src = v4(127, 0, 9, 2);
     let mut conns: Vec<KeepAlive> = Vec::with_capacity(PER_IP);
     for i in 0..PER_IP {
         let mut c = KeepAlive::open(src, site.proxy());
@@ -130,7 +128,7 @@ fn over_the_per_source_limit_only_new_connections_are_refused() {
             "open connection {i} cut"
         );
     }
-    assert_not_listed(&site, "127.0.0.1");
+    assert_not_listed(&site, "127.0.9.2");
     assert_eq!(counted_by_engine(&site), 0.0);
     // A slot given back is a slot a new connection gets.
     conns.pop();
@@ -145,10 +143,10 @@ fn over_the_per_source_limit_only_new_connections_are_refused() {
 /// Basic on nginx (`auth_basic`), the default threshold.
 #[test]
 fn a_401_challenge_is_not_counted_and_a_basic_brute_force_is_blocked() {
-    let nginx = Nginx::start();
-    let site = Site::start("basic", Setup::default().proxy(&nginx));
+    let nginx = Nginx::start("fraud");
+    let site = Portico::start("basic", spec().http_proxy_to(nginx.alpha));
     let proxy = site.proxy();
-    let browser = v4(127, 0, 0, 21);
+    let browser = v4(127, 0, 9, 21);
     for i in 0..THRESHOLD + 10 {
         assert_eq!(
             get_from(browser, proxy, "/private"),
@@ -166,13 +164,13 @@ fn a_401_challenge_is_not_counted_and_a_basic_brute_force_is_blocked() {
         conn.get_with("/private", &[RIGHT_LOGIN]),
         Answer::Status(200)
     );
-    assert_not_listed(&site, "127.0.0.21");
+    assert_not_listed(&site, "127.0.9.21");
     assert_eq!(counted_by_engine(&site), 0.0, "401 challenges were counted");
 
     // A brute force, one connection per guess as a script would do it.
-    let attacker = v4(127, 0, 0, 22);
+    let attacker = v4(127, 0, 9, 22);
     basic_brute_force(&site, attacker, THRESHOLD);
-    assert_blacklisted(&site, "127.0.0.22");
+    assert_blacklisted(&site, "127.0.9.22");
     assert_eq!(
         get_with(attacker, proxy, "/private", &[RIGHT_LOGIN]),
         Answer::Refused,
@@ -183,12 +181,12 @@ fn a_401_challenge_is_not_counted_and_a_basic_brute_force_is_blocked() {
         get_with(browser, proxy, "/private", &[RIGHT_LOGIN]),
         Answer::Status(200)
     );
-    assert_not_listed(&site, "127.0.0.21");
+    assert_not_listed(&site, "127.0.9.21");
 }
 
 /// Wrong HTTP Basic credentials from `attacker`, a new connection per guess, until the proxy
 /// refuses the connection; the guesses answered (401) before that.
-fn basic_brute_force(site: &Site, attacker: IpAddr, threshold: usize) -> usize {
+fn basic_brute_force(site: &Portico, attacker: IpAddr, threshold: usize) -> usize {
     let mut answered = 0;
     let mut refused_at = None;
     let t0 = Instant::now();
@@ -222,20 +220,20 @@ fn basic_brute_force(site: &Site, attacker: IpAddr, threshold: usize) -> usize {
 
 #[test]
 fn a_basic_brute_force_is_cut_at_a_low_threshold_too() {
-    let nginx = Nginx::start();
-    let site = Site::start(
+    let nginx = Nginx::start("fraud");
+    let site = Portico::start(
         "basic-5",
-        Setup::default()
-            .proxy(&nginx)
+        spec()
+            .http_proxy_to(nginx.alpha)
             .fraud("suspicious_per_minute = 5"),
     );
-    basic_brute_force(&site, v4(127, 0, 0, 23), 5);
-    assert_blacklisted(&site, "127.0.0.23");
+    basic_brute_force(&site, v4(127, 0, 9, 23), 5);
+    assert_blacklisted(&site, "127.0.9.23");
 }
 
-/// `GET path` through the balancer at 127.0.0.1 (a trusted proxy) for the client `xff`
+/// `GET path` through the balancer at 127.0.9.30 (a trusted proxy) for the client `xff`
 /// (`None`: no forwarding header), with extra header lines.
-fn via_balancer(site: &Site, xff: Option<&str>, path: &str, extra: &[&str]) -> Answer {
+fn via_balancer(site: &Portico, xff: Option<&str>, path: &str, extra: &[&str]) -> Answer {
     let forwarded = xff.map(|x| format!("X-Forwarded-For: {x}"));
     let mut headers: Vec<&str> = extra.to_vec();
     if let Some(f) = &forwarded {
@@ -244,17 +242,19 @@ fn via_balancer(site: &Site, xff: Option<&str>, path: &str, extra: &[&str]) -> A
     get_with(BALANCER, site.proxy(), path, &headers)
 }
 
-const BALANCER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1));
+const BALANCER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 9, 30));
 
 /// Behind a trusted load balancer, failures are charged to the client it forwarded: that
 /// client is blocked (its requests refused with 403), while the balancer and the other
 /// clients behind it keep being served. Default threshold.
 #[test]
 fn behind_a_trusted_proxy_the_forwarded_client_is_blocked_not_the_proxy() {
-    let nginx = Nginx::start();
-    let site = Site::start(
+    let nginx = Nginx::start("fraud");
+    let site = Portico::start(
         "trusted-lb",
-        Setup::default().proxy(&nginx).trusted_proxy("127.0.0.1/32"),
+        spec()
+            .http_proxy_to(nginx.alpha)
+            .trusted_proxy("127.0.9.30/32"),
     );
     let attacker = "198.51.100.7";
     let other = "198.51.100.8";
@@ -283,7 +283,7 @@ fn behind_a_trusted_proxy_the_forwarded_client_is_blocked_not_the_proxy() {
         "after the block the client's requests are refused with 403: {answers:?}"
     );
     assert_blacklisted(&site, attacker);
-    assert_not_listed(&site, "127.0.0.1");
+    assert_not_listed(&site, "127.0.9.30");
     assert_not_listed(&site, other);
     // The blocked client stays refused, whatever it asks for ...
     assert_eq!(
@@ -320,7 +320,7 @@ fn behind_a_trusted_proxy_the_forwarded_client_is_blocked_not_the_proxy() {
         proxy_events(&site, "target_rejected", "false") >= (THRESHOLD + 5) as f64,
         "uncharged rejections not shown in the metrics"
     );
-    assert_not_listed(&site, "127.0.0.1");
+    assert_not_listed(&site, "127.0.9.30");
     assert_eq!(
         via_balancer(&site, Some(other), "/", &[]),
         Answer::Status(200)

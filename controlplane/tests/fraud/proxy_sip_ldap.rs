@@ -6,44 +6,35 @@
 //!
 //! The brute-force tests print how many wrong passwords were answered before the cut.
 
-mod fraud_common;
-mod proxy_common;
-
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use fraud_common::{tcp_from, v4, wait_until, Setup, Site, PROBE};
 use ldap3_proto::proto::LdapResultCode;
-use proxy_common::{
-    program, read_sip, run, sip_authorization, sip_nonce, sip_request, text, Kamailio, LdapClient,
-    Slapd, TempDir,
-};
+use portico_testkit::fixtures::{Kamailio, Slapd};
+use portico_testkit::ldap::LdapClient;
+use portico_testkit::process::{require, run};
+use portico_testkit::sip::{read_sip, sip_authorization, sip_nonce, sip_request};
+
+use crate::prelude::*;
 
 /// A site whose proxy listens for `stype` on a free port in front of `port` as service
-/// `alpha.test`; waits until the listener accepts.
-fn site(tag: &str, fraud: &[&str], stype: &str, port: u16) -> (Site, SocketAddr) {
-    let listen = fraud_common::free_port();
-    let mut setup = Setup::default().proxy_toml(&format!(
-        "[proxy.listen]\n{stype} = \"127.0.0.1:{listen}\"\n\n\
-         [[proxy.services]]\nname = \"alpha.test\"\nhost = \"127.0.0.1\"\n{stype} = {port}\n"
-    ));
-    for f in fraud {
-        setup = setup.fraud(f);
-    }
-    let site = Site::start(tag, setup);
-    let addr = SocketAddr::new(v4(127, 0, 0, 1), listen);
-    // From the whitelisted probe address: a connection closed unused is no event anyway.
-    assert!(
-        wait_until(Duration::from_secs(10), || tcp_from(PROBE, addr).is_ok()),
-        "the proxy does not listen for {stype} on {addr}; log:\n{}",
-        site.log()
-    );
-    (site, addr)
+/// `alpha.test`; the start waits until the listener accepts (from the whitelisted probe
+/// address: a connection closed unused is no event anyway).
+fn site(tag: &str, fraud: &[&str], stype: &str, port: u16) -> (Portico, SocketAddr) {
+    let listen = free_port();
+    let spec = spec()
+        .proxy(&format!(
+            "[proxy.listen]\n{stype} = \"127.0.0.1:{listen}\"\n\n\
+             [[proxy.services]]\nname = \"alpha.test\"\nhost = \"127.0.0.1\"\n{stype} = {port}\n"
+        ))
+        .ready_port(listen);
+    let site = Portico::start(tag, fraud.iter().fold(spec, |s, f| s.fraud(f)));
+    (site, SocketAddr::new(LOCAL4, listen))
 }
 
-fn proxy_events(site: &Site) -> f64 {
+fn proxy_events(site: &Portico) -> f64 {
     site.metric(
         "portico_fraud_suspicious_events_total",
         &[("origin", "proxy")],
@@ -52,7 +43,7 @@ fn proxy_events(site: &Site) -> f64 {
 
 /// Asserts that `src` is on the blacklist, put there automatically.
 #[track_caller]
-fn assert_blacklisted(site: &Site, src: IpAddr) {
+fn assert_blacklisted(site: &Portico, src: IpAddr) {
     let found = wait_until(Duration::from_secs(2), || {
         site.entry(&src.to_string()).is_some()
     });
@@ -73,7 +64,7 @@ fn phone(src: IpAddr, proxy: SocketAddr, i: usize) -> Result<usize, String> {
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     let user = format!("phone{i}");
-    let call_id = format!("register-{i}@127.0.0.1");
+    let call_id = format!("register-{i}@127.0.10.1");
     let mut registered = 0;
     let mut cseq = 0;
     for round in 1..=2 {
@@ -105,10 +96,9 @@ fn phone(src: IpAddr, proxy: SocketAddr, i: usize) -> Result<usize, String> {
 #[test]
 fn fifty_phones_behind_one_address_register_twice_and_are_never_blocked() {
     const PHONES: usize = 50;
-    let dir = TempDir::new("fraud-phones");
-    let kamailio = Kamailio::start(&dir);
+    let kamailio = Kamailio::start("fraud-phones");
     let (site, proxy) = site("fraud-phones", &[], "sip", kamailio.port);
-    let nat = v4(127, 0, 0, 1);
+    let nat = v4(127, 0, 10, 1);
     let start = Arc::new(Barrier::new(PHONES));
     let phones: Vec<_> = (0..PHONES)
         .map(|i| {
@@ -137,7 +127,7 @@ fn fifty_phones_behind_one_address_register_twice_and_are_never_blocked() {
     );
     assert_eq!(registered, 2 * PHONES, "registrations answered 200");
     assert!(
-        site.entry("127.0.0.1").is_none(),
+        site.entry("127.0.10.1").is_none(),
         "the phones' address was listed: {:?}",
         site.entries()
     );
@@ -150,7 +140,7 @@ fn fifty_phones_behind_one_address_register_twice_and_are_never_blocked() {
     let mut s = tcp_from(nat, proxy).unwrap_or_else(|e| panic!("{e}"));
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap_or_else(|e| panic!("{e}"));
-    let call_id = "wrong@127.0.0.1";
+    let call_id = "wrong@127.0.10.1";
     s.write_all(sip_request("REGISTER", "alpha.test", "phone0", call_id, 1, "").as_bytes())
         .unwrap_or_else(|e| panic!("{e}"));
     let nonce = sip_nonce(&read_sip(&mut s)).expect("a challenge");
@@ -165,7 +155,7 @@ fn fifty_phones_behind_one_address_register_twice_and_are_never_blocked() {
         Duration::from_secs(5),
     );
     assert_eq!(events, 1.0, "suspicious events from the proxy");
-    assert!(site.entry("127.0.0.1").is_none());
+    assert!(site.entry("127.0.10.1").is_none());
 }
 
 /// How a brute force went: wrong passwords answered before the proxy cut it off.
@@ -187,8 +177,7 @@ fn report(what: &str, threshold: usize, answered: usize) {
 /// a few attempts of the threshold: over one connection, and over a new connection each.
 #[test]
 fn a_sip_brute_force_is_cut_within_a_few_attempts_of_the_threshold() {
-    let dir = TempDir::new("fraud-sip-brute");
-    let kamailio = Kamailio::start(&dir);
+    let kamailio = Kamailio::start("fraud-sip-brute");
     for threshold in [5, 20] {
         let (site, proxy) = site(
             &format!("fraud-sip-brute-{threshold}"),
@@ -203,11 +192,11 @@ fn a_sip_brute_force_is_cut_within_a_few_attempts_of_the_threshold() {
 
         // One connection: a challenge first (not counted), then guesses as fast as the
         // answers come.
-        let attacker = v4(127, 0, 0, 7);
+        let attacker = v4(127, 0, 10, 7);
         let mut s = tcp_from(attacker, proxy).unwrap_or_else(|e| panic!("{e}"));
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap_or_else(|e| panic!("{e}"));
-        let call_id = "brute@127.0.0.7";
+        let call_id = "brute@127.0.10.7";
         s.write_all(sip_request("REGISTER", "alpha.test", "alice", call_id, 1, "").as_bytes())
             .unwrap_or_else(|e| panic!("{e}"));
         let nonce = sip_nonce(&read_sip(&mut s)).expect("a challenge");
@@ -245,11 +234,11 @@ fn a_sip_brute_force_is_cut_within_a_few_attempts_of_the_threshold() {
         );
 
         // A new connection per guess; the nonce comes from a challenge, as before.
-        let attacker = v4(127, 0, 0, 8);
+        let attacker = v4(127, 0, 10, 8);
         let mut s = tcp_from(attacker, proxy).unwrap_or_else(|e| panic!("{e}"));
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap_or_else(|e| panic!("{e}"));
-        let call_id = "brute@127.0.0.8";
+        let call_id = "brute@127.0.10.8";
         s.write_all(sip_request("REGISTER", "alpha.test", "bob", call_id, 1, "").as_bytes())
             .unwrap_or_else(|e| panic!("{e}"));
         let nonce = sip_nonce(&read_sip(&mut s)).expect("a challenge");
@@ -302,9 +291,8 @@ fn a_sip_brute_force_is_cut_within_a_few_attempts_of_the_threshold() {
 /// the threshold: over one connection (a raw client), and with `ldapsearch` per guess.
 #[test]
 fn an_ldap_brute_force_is_cut_within_a_few_attempts_of_the_threshold() {
-    let dir = TempDir::new("fraud-ldap-brute");
-    let slapd = Slapd::start(&dir);
-    let ldapsearch = program("ldapsearch", "ldap-utils");
+    let slapd = Slapd::start("fraud-ldap-brute");
+    let ldapsearch = require("ldapsearch", "ldap-utils");
     for threshold in [5, 20] {
         let (site, proxy) = site(
             &format!("fraud-ldap-brute-{threshold}"),
@@ -317,7 +305,7 @@ fn an_ldap_brute_force_is_cut_within_a_few_attempts_of_the_threshold() {
         );
         let tries = threshold + 50;
 
-        let attacker = v4(127, 0, 0, 9);
+        let attacker = v4(127, 0, 10, 9);
         let mut c = LdapClient::from(tcp_from(attacker, proxy).unwrap_or_else(|e| panic!("{e}")));
         let mut answered = 0;
         for i in 0..tries {
@@ -330,7 +318,7 @@ fn an_ldap_brute_force_is_cut_within_a_few_attempts_of_the_threshold() {
         report("LDAP brute force over one connection", threshold, answered);
         assert_blacklisted(&site, attacker);
 
-        // ldapsearch binds from 127.0.0.1, a connection per guess.
+        // ldapsearch binds from 127.0.0.1 (it cannot choose), a connection per guess.
         let url = format!("ldap://{proxy}");
         let mut answered = 0;
         for i in 0..tries {
@@ -352,8 +340,9 @@ fn an_ldap_brute_force_is_cut_within_a_few_attempts_of_the_threshold() {
                     "(cn=person)",
                 ],
                 &[],
+                Duration::from_secs(30),
             );
-            let out = text(&o);
+            let out = o.text;
             if !out.contains("Invalid credentials (49)") {
                 assert!(out.contains("Can't contact LDAP server"), "{out}");
                 break;

@@ -4,33 +4,31 @@
 //! on TCP, or one holding an authenticated allocation. A UDP source address can be forged, so
 //! a flood from an unproven one is not held against that address.
 
-mod fraud_common;
-
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use fraud_common::*;
+use crate::prelude::*;
 
 const RATE: usize = 20;
 
-fn rate_events(site: &Site) -> f64 {
+fn rate_events(site: &Portico) -> f64 {
     site.metric(
         "portico_fraud_suspicious_events_total",
         &[("origin", "stun"), ("reason", "stun_rate_exceeded")],
     )
 }
 
-fn site(tag: &str, workers: usize, rate: usize) -> Site {
+fn site(tag: &str, workers: usize, rate: usize) -> Portico {
     site_blocking_after(tag, workers, rate, 2)
 }
 
-fn site_blocking_after(tag: &str, workers: usize, rate: usize, threshold: usize) -> Site {
-    let mut setup = Setup::default()
+fn site_blocking_after(tag: &str, workers: usize, rate: usize, threshold: usize) -> Portico {
+    let spec = spec()
+        .workers(workers)
         .fraud(&format!("request_rate = {rate}"))
         .fraud(&format!("suspicious_per_minute = {threshold}"))
         .fraud("blacklist_minutes = \"10m\"");
-    setup.workers = workers;
-    Site::start(tag, setup)
+    Portico::start(tag, spec)
 }
 
 /// `bursts` bursts of `2 * RATE + 2` requests, each followed by a pause to 1.1 s: each puts
@@ -53,7 +51,7 @@ fn bursts(bursts: u32, mut ask: impl FnMut() -> bool) -> usize {
 }
 
 #[track_caller]
-fn expect_rate_events(site: &Site, n: f64) {
+fn expect_rate_events(site: &Portico, n: f64) {
     let got = site.wait_metric(
         "portico_fraud_suspicious_events_total",
         &[("origin", "stun"), ("reason", "stun_rate_exceeded")],
@@ -67,8 +65,8 @@ fn expect_rate_events(site: &Site, n: f64) {
 fn a_flood_over_tcp_is_reported_once_a_second_and_blacklisted() {
     let site = site("rate-tcp", 1, RATE);
     let server = site.udp4();
-    let calm = v4(127, 0, 0, 8);
-    let flooder = v4(127, 0, 0, 7);
+    let calm = v4(127, 0, 6, 8);
+    let flooder = v4(127, 0, 6, 7);
     // At half the rate nothing is reported.
     let mut c = TcpStun::connect(calm, server).unwrap_or_else(|e| panic!("{e}"));
     for _ in 0..2 {
@@ -94,13 +92,13 @@ fn a_flood_over_tcp_is_reported_once_a_second_and_blacklisted() {
     );
     expect_rate_events(&site, 2.0);
     assert!(
-        site.entry("127.0.0.7").is_none(),
+        site.entry("127.0.6.7").is_none(),
         "blacklisted at the threshold"
     );
     // The third second above the rate goes past the threshold of 2.
     bursts(1, || f.binding(Duration::from_millis(300)));
     assert!(
-        wait_until(Duration::from_secs(1), || site.entry("127.0.0.7").is_some()),
+        wait_until(Duration::from_secs(1), || site.entry("127.0.6.7").is_some()),
         "not blacklisted after three seconds above request_rate: {:?}",
         site.entries()
     );
@@ -121,13 +119,15 @@ fn a_flood_over_tcp_is_reported_once_a_second_and_blacklisted() {
 fn a_flood_over_udp_from_a_source_with_an_allocation_is_reported_and_blacklisted() {
     let site = site("rate-alloc", 1, RATE);
     let server = site.udp4();
-    let src = v4(127, 0, 0, 9);
-    let mut client = TurnClient::new(src, server, USER, PASSWORD);
-    client.allocate_relay();
+    let src = v4(127, 0, 6, 9);
+    let mut client = TurnClient::from(src, server, USER, PASSWORD);
+    client.allocate();
     let sock = &client.sock;
-    bursts(3, || binding(sock, server, Duration::from_millis(300)));
+    bursts(3, || {
+        binding(sock, server, Duration::from_millis(300)).is_some()
+    });
     assert!(
-        wait_until(Duration::from_secs(1), || site.entry("127.0.0.9").is_some()),
+        wait_until(Duration::from_secs(1), || site.entry("127.0.6.9").is_some()),
         "an allocation holder three seconds above request_rate was not blacklisted: {} \
          events, entries {:?}",
         rate_events(&site),
@@ -146,9 +146,9 @@ fn a_flood_over_udp_from_a_source_with_an_allocation_is_reported_and_blacklisted
 fn a_flood_over_udp_from_an_unproven_source_is_not_held_against_it() {
     let site = site("rate-udp", 1, RATE);
     let server = site.udp4();
-    let src = v4(127, 0, 0, 10);
-    let s = udp_from(src);
-    let answered = bursts(3, || binding(&s, server, ANSWER_WAIT));
+    let src = v4(127, 0, 6, 10);
+    let s = udp_on(src);
+    let answered = bursts(3, || binding(&s, server, ANSWER_WAIT).is_some());
     assert_eq!(answered, 3 * (2 * RATE + 2));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -171,15 +171,15 @@ fn the_request_rate_is_per_source_whichever_worker_serves_it() {
     // (the engine reacts at once, so with a low one the source would be cut mid-burst).
     let site = site_blocking_after("rate-workers", 2, HIGH, 10);
     let server = site.udp4();
-    let src: IpAddr = v4(127, 0, 0, 11);
-    let mut client = TurnClient::new(src, server, USER, PASSWORD);
-    client.allocate_relay();
-    let socks: Vec<std::net::UdpSocket> = (0..64).map(|_| udp_from(src)).collect();
+    let src: IpAddr = v4(127, 0, 6, 11);
+    let mut client = TurnClient::from(src, server, USER, PASSWORD);
+    client.allocate();
+    let socks: Vec<std::net::UdpSocket> = (0..64).map(|_| udp_on(src)).collect();
     // Three seconds of 1.5 x HIGH requests each, round-robin over the 64 ports.
     for _ in 0..3 {
         let t = Instant::now();
         for i in 0..HIGH * 3 / 2 {
-            assert!(binding(&socks[i % socks.len()], server, ANSWER_WAIT));
+            assert!(binding(&socks[i % socks.len()], server, ANSWER_WAIT).is_some());
         }
         std::thread::sleep(Duration::from_millis(1100).saturating_sub(t.elapsed()));
     }

@@ -6,36 +6,43 @@
 //! The offender's events within the minute exceed the threshold, so it must be blacklisted;
 //! the flood sources must not be.
 
-mod fraud_common;
-
 use std::time::{Duration, Instant};
 
-use fraud_common::*;
+use crate::prelude::*;
 
 const CAPACITY: usize = 1000;
 const THRESHOLD: usize = 20;
 const PER_SOURCE: usize = 5;
 const BATCH: usize = 100;
+/// The first flood source index (`flood_source`): above the flood test's, so no source of
+/// this test is one of that test's.
+const FIRST: usize = 50_000;
 
 #[test]
 fn a_persistent_offender_stays_counted_while_new_sources_churn_the_full_table() {
-    let site = Site::start(
+    // A flood of thousands of sources: no other test of this binary runs meanwhile.
+    let _alone = alone();
+    let site = Portico::start(
         "evict",
-        Setup::default()
+        spec()
             .fraud(&format!("max_tracked_sources = {CAPACITY}"))
             .fraud(&format!("suspicious_per_minute = {THRESHOLD}"))
             .fraud("blacklist_minutes = \"10m\""),
     );
     let server = site.udp4();
     // Fill the table first.
-    let mut total = flood(server, 0..2 * CAPACITY, BATCH, PER_SOURCE, || {
-        std::thread::sleep(Duration::from_millis(50))
-    });
+    let mut total = flood(
+        server,
+        FIRST..FIRST + 2 * CAPACITY,
+        BATCH,
+        PER_SOURCE,
+        || std::thread::sleep(Duration::from_millis(50)),
+    );
     assert!(wait_until(Duration::from_secs(5), || site
         .metric("portico_fraud_tracked_sources", &[])
         == CAPACITY as f64));
 
-    let offender = v4(127, 0, 0, 3);
+    let offender = v4(127, 0, 7, 3);
     let mut c = TurnClient::attacker(offender, server);
     c.challenge();
     let t0 = Instant::now();
@@ -48,7 +55,7 @@ fn a_persistent_offender_stays_counted_while_new_sources_churn_the_full_table() 
     let batches = 2 * THRESHOLD;
     let flooded = flood(
         server,
-        2 * CAPACITY..2 * CAPACITY + batches * BATCH,
+        FIRST + 2 * CAPACITY..FIRST + 2 * CAPACITY + batches * BATCH,
         BATCH,
         PER_SOURCE,
         || {
@@ -59,7 +66,7 @@ fn a_persistent_offender_stays_counted_while_new_sources_churn_the_full_table() 
                     Some(r) => panic!("the offender's wrong password got {:?}", r.code()),
                     // Lost, or dropped because the source is blacklisted already (the table
                     // errs upwards: an evicted entry's count is inherited).
-                    None => silenced = site.entry("127.0.0.3").is_some(),
+                    None => silenced = site.entry("127.0.7.3").is_some(),
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -75,7 +82,7 @@ fn a_persistent_offender_stays_counted_while_new_sources_churn_the_full_table() 
     // been lost on a loaded machine; that only makes the table churn less, it cannot make
     // the offender's count restart). The engine never blocks on fewer than half the
     // threshold of a source's own events.
-    let counted = |site: &Site| {
+    let counted = |site: &Portico| {
         site.metric(
             "portico_fraud_suspicious_events_total",
             &[("origin", "turn"), ("reason", "turn_auth_failure")],
@@ -102,7 +109,7 @@ fn a_persistent_offender_stays_counted_while_new_sources_churn_the_full_table() 
         took < Duration::from_secs(50),
         "the minute window would not hold"
     );
-    let caught = wait_until(Duration::from_secs(2), || site.entry("127.0.0.3").is_some());
+    let caught = wait_until(Duration::from_secs(2), || site.entry("127.0.7.3").is_some());
     assert!(
         caught,
         "a source with {sent} wrong passwords within {took:?} (threshold {THRESHOLD} per \

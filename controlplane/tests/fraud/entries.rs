@@ -2,12 +2,10 @@
 //! by the dataplane (on its listen and relay ports), listed, turned into whitelist entries,
 //! removed; manual and automatic entries survive a restart of `portico`.
 
-mod fraud_common;
-
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use fraud_common::*;
+use crate::prelude::*;
 
 /// Waits for a datagram from the TURN server carrying `payload` (a Data indication).
 fn relayed(client: &TurnClient, payload: &[u8], wait: Duration) -> bool {
@@ -34,7 +32,7 @@ fn relayed(client: &TurnClient, payload: &[u8], wait: Duration) -> bool {
 /// Time from now until a proxy connection from `src` is refused (polled every 5 ms) and a
 /// Binding from it goes unanswered (polled every 20 ms; a slow answer is no block, so the
 /// silence must then hold for three tries of 300 ms).
-fn time_until_blocked(site: &Site, src: IpAddr) -> Duration {
+fn time_until_blocked(site: &Portico, src: IpAddr) -> Duration {
     let t0 = Instant::now();
     while get_from(src, site.proxy(), "/") != Answer::Refused {
         assert!(
@@ -43,13 +41,13 @@ fn time_until_blocked(site: &Site, src: IpAddr) -> Duration {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    let s = udp_from(src);
+    let s = udp_on(src);
     loop {
         assert!(
             t0.elapsed() < Duration::from_secs(2),
             "{src} still answered"
         );
-        if !binding(&s, site.udp4(), Duration::from_millis(20)) {
+        if binding(&s, site.udp4(), Duration::from_millis(20)).is_none() {
             let took = t0.elapsed();
             if !answered_from(src, site.udp4(), Duration::from_millis(300)) {
                 return took;
@@ -59,7 +57,7 @@ fn time_until_blocked(site: &Site, src: IpAddr) -> Duration {
 }
 
 #[track_caller]
-fn assert_served(site: &Site, src: IpAddr) {
+fn assert_served(site: &Portico, src: IpAddr) {
     assert!(
         answered_from(src, site.udp4(), Duration::from_millis(300)),
         "STUN Binding from {src} unanswered; entries {:?}",
@@ -73,7 +71,7 @@ fn assert_served(site: &Site, src: IpAddr) {
 }
 
 #[track_caller]
-fn assert_blocked(site: &Site, src: IpAddr) {
+fn assert_blocked(site: &Portico, src: IpAddr) {
     assert!(
         !answered_from(src, site.udp4(), Duration::from_millis(300)),
         "STUN Binding from {src} answered; entries {:?}",
@@ -88,30 +86,27 @@ fn assert_blocked(site: &Site, src: IpAddr) {
 
 #[test]
 fn manual_entries_are_enforced_at_once_listed_converted_removed_and_survive_a_restart() {
-    let nginx = Nginx::start();
-    let mut site = Site::start(
+    let nginx = Nginx::start("fraud");
+    let mut site = Portico::start(
         "entries",
-        Setup::default()
-            .proxy(&nginx)
+        spec()
+            .http_proxy_to(nginx.alpha)
             .fraud("suspicious_per_minute = 3")
             .fraud("blacklist_minutes = \"10m\""),
     );
-    let manual = v4(127, 0, 0, 10);
-    let peer_ip = v4(127, 0, 0, 15);
-    let auto = v4(127, 0, 0, 12);
-    let bystander = v4(127, 0, 0, 13);
+    let manual = v4(127, 0, 3, 10);
+    let peer_ip = v4(127, 0, 3, 15);
+    let auto = v4(127, 0, 3, 12);
+    let bystander = v4(127, 0, 3, 13);
     let stun_bystander = Bystander::stun(bystander, site.udp4());
     assert_served(&site, manual);
 
     // A relay with a permission for the peer: the peer's data reaches the client.
-    let mut client = TurnClient::new(v4(127, 0, 0, 16), site.udp4(), USER, PASSWORD);
-    let relay = client.allocate_relay();
+    let mut client = TurnClient::from(v4(127, 0, 3, 16), site.udp4(), USER, PASSWORD);
+    let relay = client.allocate();
     let peer = UdpSocket::bind(SocketAddr::new(peer_ip, 0)).unwrap_or_else(|e| panic!("{e}"));
-    let permit = client.permit(peer.local_addr().unwrap_or_else(|e| panic!("{e}")));
-    assert_eq!(
-        permit.class(),
-        portico_dataplane::stun::Class::SuccessResponse
-    );
+    let permit = client.permit(&[peer.local_addr().unwrap_or_else(|e| panic!("{e}"))]);
+    assert_eq!(permit.class(), Class::Success);
     let _ = peer.send_to(b"peer-before", relay);
     assert!(
         relayed(&client, b"peer-before", ANSWER_WAIT),
@@ -122,7 +117,7 @@ fn manual_entries_are_enforced_at_once_listed_converted_removed_and_survive_a_re
     let (status, e) = site.call(
         "POST",
         "/api/v1/fraud/entries",
-        r#"{"ip": "127.0.0.10", "kind": "black", "note": "abuse desk ticket 7"}"#,
+        r#"{"ip": "127.0.3.10", "kind": "black", "note": "abuse desk ticket 7"}"#,
     );
     assert_eq!(status, 201, "{e}");
     let took = time_until_blocked(&site, manual);
@@ -134,7 +129,7 @@ fn manual_entries_are_enforced_at_once_listed_converted_removed_and_survive_a_re
             e["kind"].as_str(),
             e["origin"].as_str()
         ),
-        (Some("127.0.0.10"), Some("black"), Some("manual"))
+        (Some("127.0.3.10"), Some("black"), Some("manual"))
     );
     assert_eq!(e["note"], "abuse desk ticket 7");
     assert!(e["expires_at"].is_null(), "no ttl: until removed: {e}");
@@ -147,7 +142,7 @@ fn manual_entries_are_enforced_at_once_listed_converted_removed_and_survive_a_re
     let (status, e) = site.call(
         "POST",
         "/api/v1/fraud/entries",
-        r#"{"ip": "127.0.0.15", "kind": "black", "ttl_seconds": 600}"#,
+        r#"{"ip": "127.0.3.15", "kind": "black", "ttl_seconds": 600}"#,
     );
     assert_eq!(status, 201, "{e}");
     let expires = e["expires_at"].as_u64().unwrap_or(0);
@@ -176,7 +171,7 @@ fn manual_entries_are_enforced_at_once_listed_converted_removed_and_survive_a_re
     );
 
     // Turned into a whitelist entry: let in at once, for good, and no longer counted.
-    let (status, w) = site.call("POST", "/api/v1/fraud/entries/127.0.0.10/whitelist", "");
+    let (status, w) = site.call("POST", "/api/v1/fraud/entries/127.0.3.10/whitelist", "");
     assert_eq!(status, 200, "{w}");
     assert_eq!(
         (w["kind"].as_str(), w["origin"].as_str()),
@@ -190,7 +185,7 @@ fn manual_entries_are_enforced_at_once_listed_converted_removed_and_survive_a_re
 
     // Removed: the peer's data flows again; removing twice, or an unknown address, is 404;
     // a bad address is 400.
-    let (status, v) = site.call("DELETE", "/api/v1/fraud/entries/127.0.0.15", "");
+    let (status, v) = site.call("DELETE", "/api/v1/fraud/entries/127.0.3.15", "");
     assert_eq!(status, 204, "{v}");
     let _ = peer.send_to(b"peer-after", relay);
     assert!(
@@ -198,12 +193,12 @@ fn manual_entries_are_enforced_at_once_listed_converted_removed_and_survive_a_re
         "data from a peer no longer blacklisted is not relayed"
     );
     assert_eq!(
-        site.call("DELETE", "/api/v1/fraud/entries/127.0.0.15", "")
+        site.call("DELETE", "/api/v1/fraud/entries/127.0.3.15", "")
             .0,
         404
     );
     assert_eq!(
-        site.call("DELETE", "/api/v1/fraud/entries/127.0.0.99", "")
+        site.call("DELETE", "/api/v1/fraud/entries/127.0.3.99", "")
             .0,
         404
     );
@@ -215,7 +210,7 @@ fn manual_entries_are_enforced_at_once_listed_converted_removed_and_survive_a_re
         site.call(
             "POST",
             "/api/v1/fraud/entries",
-            r#"{"ip": "127.0.0.11", "kind": "grey"}"#
+            r#"{"ip": "127.0.3.11", "kind": "grey"}"#
         )
         .0,
         400
@@ -232,7 +227,7 @@ fn manual_entries_are_enforced_at_once_listed_converted_removed_and_survive_a_re
     assert_eq!(v["source"], "2001:db8:1::/64");
     wrong_passwords(auto, site.udp4(), 4);
     assert!(wait_until(Duration::from_secs(1), || site
-        .entry("127.0.0.12")
+        .entry("127.0.3.12")
         .is_some()));
     std::thread::sleep(Duration::from_millis(1500));
     let before = site.entries();
@@ -251,7 +246,7 @@ fn manual_entries_are_enforced_at_once_listed_converted_removed_and_survive_a_re
     let after = site.entries();
     assert_eq!(after, before, "the lists changed across a restart");
     let a = site
-        .entry("127.0.0.12")
+        .entry("127.0.3.12")
         .unwrap_or_else(|| panic!("{after:?}"));
     assert_eq!(
         (a["kind"].as_str(), a["origin"].as_str()),
@@ -269,15 +264,15 @@ fn manual_entries_are_enforced_at_once_listed_converted_removed_and_survive_a_re
 /// after it (an operator restart, a deploy).
 #[test]
 fn an_automatic_entry_survives_a_restart_right_after_the_decision() {
-    let nginx = Nginx::start();
-    let mut site = Site::start(
+    let nginx = Nginx::start("fraud");
+    let mut site = Portico::start(
         "entries-auto",
-        Setup::default()
-            .proxy(&nginx)
+        spec()
+            .http_proxy_to(nginx.alpha)
             .fraud("suspicious_per_minute = 2")
             .fraud("blacklist_minutes = \"10m\""),
     );
-    let src = v4(127, 0, 0, 12);
+    let src = v4(127, 0, 3, 20);
     for _ in 0..3 {
         assert_eq!(
             get_with(src, site.proxy(), "/private", &[WRONG_LOGIN]),
@@ -287,12 +282,12 @@ fn an_automatic_entry_survives_a_restart_right_after_the_decision() {
     assert!(wait_until(Duration::from_secs(1), || {
         get_from(src, site.proxy(), "/") == Answer::Refused
     }));
-    let listed = site.entry("127.0.0.12");
+    let listed = site.entry("127.0.3.20");
     assert!(listed.is_some());
     site.stop();
     site.run();
     assert_eq!(
-        site.entry("127.0.0.12"),
+        site.entry("127.0.3.20"),
         listed,
         "an automatic entry made just before a SIGTERM did not survive the restart; \
          entries {:?}",
@@ -305,8 +300,8 @@ fn an_automatic_entry_survives_a_restart_right_after_the_decision() {
 /// address 127.0.3.0 leaves the operator believing a network is blocked when it is not.
 #[test]
 fn an_ipv4_network_entry_is_not_silently_narrowed_to_one_address() {
-    let nginx = Nginx::start();
-    let site = Site::start("entries-v4net", Setup::default().proxy(&nginx));
+    let nginx = Nginx::start("fraud");
+    let site = Portico::start("entries-v4net", spec().http_proxy_to(nginx.alpha));
     let (status, v) = site.call(
         "POST",
         "/api/v1/fraud/entries",
