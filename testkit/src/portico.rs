@@ -770,8 +770,36 @@ impl Portico {
         json
     }
 
+    /// `PUT /api/v1/config` with a TOML document (authenticated); the answer.
+    pub fn put_config_toml(&self, toml: &str) -> HttpResponse {
+        self.request(
+            "PUT",
+            "/api/v1/config",
+            true,
+            &[("Content-Type", "application/toml")],
+            toml.as_bytes(),
+        )
+        .unwrap_or_else(|| panic!("PUT /api/v1/config: no answer; log:\n{}", self.log()))
+    }
+
     pub fn status(&self) -> serde_json::Value {
         self.json("GET", "/api/v1/status", "", 200)
+    }
+
+    /// The configuration generation the API reports as published.
+    pub fn config_generation(&self) -> u64 {
+        let st = self.status();
+        st["config"]["generation"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no config.generation in {st}"))
+    }
+
+    /// The SOFTWARE attribute of a Binding answer now (an unanswered request fails the test).
+    pub fn software_now(&self) -> Option<String> {
+        let s = crate::net::udp_client(self.udp4());
+        crate::net::transact(&s, self.udp4(), &crate::stun::Builder::binding().build())
+            .0
+            .software()
     }
 
     /// `GET /api/v1/fraud/entries`.

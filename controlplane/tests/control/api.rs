@@ -5,9 +5,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use portico_testkit::http::http;
-use portico_testkit::net::{binding, udp_on};
 use portico_testkit::stun::rest_password;
-use portico_testkit::{wait_until, Portico, LOCAL4};
+use portico_testkit::{wait_until, Portico};
 use serde_json::Value;
 
 use crate::site;
@@ -91,16 +90,10 @@ fn status_reports_the_running_system() {
     );
 }
 
-fn software_now(site: &Portico) -> Option<String> {
-    let sock = udp_on(LOCAL4);
-    binding(&sock, site.udp4(), Duration::from_secs(2)).and_then(|r| r.software())
-}
-
 #[test]
 fn config_changes_are_validated_stored_and_applied_live() {
     let site = site("api-config", "");
     let _cp = site.launch();
-    let generation = |s: &Portico| s.status()["config"]["generation"].as_u64().unwrap();
 
     // GET as JSON and as TOML agree with the file.
     let c = site.json("GET", "/api/v1/config", "", 200);
@@ -111,8 +104,8 @@ fn config_changes_are_validated_stored_and_applied_live() {
     assert_eq!(from_toml, site.file_config());
 
     // PATCH: one key, applied live: the dataplane's STUN answers carry the new SOFTWARE.
-    assert_ne!(software_now(&site).as_deref(), Some("Portico-API-test"));
-    let g0 = generation(&site);
+    assert_ne!(site.software_now().as_deref(), Some("Portico-API-test"));
+    let g0 = site.config_generation();
     let a = site.json(
         "PATCH",
         "/api/v1/config",
@@ -123,7 +116,7 @@ fn config_changes_are_validated_stored_and_applied_live() {
     assert_eq!(a["dataplane_applied"], true);
     assert_eq!(a["restart_required"], serde_json::json!([]));
     assert_eq!(site.file_config().stun.software, "Portico-API-test");
-    assert_eq!(software_now(&site).as_deref(), Some("Portico-API-test"));
+    assert_eq!(site.software_now().as_deref(), Some("Portico-API-test"));
     assert!(site.log().contains("configuration applied source=\"api\""));
 
     // Invalid changes: 400 naming key, value and rule; nothing written, nothing published.
@@ -165,15 +158,7 @@ fn config_changes_are_validated_stored_and_applied_live() {
         let e = r.json()["error"].as_str().unwrap().to_string();
         assert!(e.starts_with(want), "{body}: got {e:?}, want {want:?}");
     }
-    let r = site
-        .request(
-            "PUT",
-            "/api/v1/config",
-            true,
-            &[("Content-Type", "application/toml")],
-            b"[turn]\nrelay_ports = \"5-4\"\n",
-        )
-        .unwrap();
+    let r = site.put_config_toml("[turn]\nrelay_ports = \"5-4\"\n");
     assert_eq!(r.status, 400);
     assert!(r.json()["error"]
         .as_str()
@@ -184,19 +169,15 @@ fn config_changes_are_validated_stored_and_applied_live() {
         before,
         "file changed"
     );
-    assert_eq!(generation(&site), g0 + 1, "a rejected change was published");
+    assert_eq!(
+        site.config_generation(),
+        g0 + 1,
+        "a rejected change was published"
+    );
 
     // PUT replaces the whole configuration (TOML body); keys left out take defaults.
     let text = site.config_text("realm = \"put-realm\"\n");
-    let r = site
-        .request(
-            "PUT",
-            "/api/v1/config",
-            true,
-            &[("Content-Type", "application/toml")],
-            text.as_bytes(),
-        )
-        .unwrap();
+    let r = site.put_config_toml(&text);
     assert_eq!(r.status, 200, "{}", r.text());
     let file = site.file_config();
     assert_eq!(file.turn.realm, "put-realm");
@@ -204,7 +185,7 @@ fn config_changes_are_validated_stored_and_applied_live() {
         file.stun.software,
         portico_shared::config::Config::default().stun.software
     );
-    assert_ne!(software_now(&site).as_deref(), Some("Portico-API-test"));
+    assert_ne!(site.software_now().as_deref(), Some("Portico-API-test"));
 
     // A change the dataplane cannot take live says so.
     let a = site.json(

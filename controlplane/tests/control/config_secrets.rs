@@ -91,15 +91,7 @@ fn secrets_are_redacted_and_kept_through_a_round_trip() {
     assert!(rest_credentials_allocate(&site), "old shared secret lost");
 
     // The TOML form round-trips the same way.
-    let r = site
-        .request(
-            "PUT",
-            "/api/v1/config",
-            true,
-            &[("Content-Type", "application/toml")],
-            toml.text().as_bytes(),
-        )
-        .unwrap();
+    let r = site.put_config_toml(&toml.text());
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(site.file_config().turn, before);
 

@@ -180,8 +180,7 @@ fn config_file_is_complete_and_valid_after_every_kill() {
 fn sighup_rereads_the_file_and_refuses_a_broken_one() {
     let site = site("sighup", "");
     let cp = site.launch();
-    let generation = |s: &Portico| s.status()["config"]["generation"].as_u64().unwrap();
-    let g0 = generation(&site);
+    let g0 = site.config_generation();
 
     std::fs::write(
         &site.config_path,
@@ -196,7 +195,7 @@ fn sighup_rereads_the_file_and_refuses_a_broken_one() {
         200
     )["turn"]["realm"]
         == "from-hup"));
-    assert_eq!(generation(&site), g0 + 1);
+    assert_eq!(site.config_generation(), g0 + 1);
 
     let broken = site.config_text("").replace("40000-40999", "9-8");
     std::fs::write(&site.config_path, broken).unwrap();
@@ -205,7 +204,7 @@ fn sighup_rereads_the_file_and_refuses_a_broken_one() {
         .log()
         .contains("configuration not reloaded")));
     assert!(site.log().contains("turn.relay_ports"));
-    assert_eq!(generation(&site), g0 + 1);
+    assert_eq!(site.config_generation(), g0 + 1);
     assert_eq!(
         site.json("GET", "/api/v1/config", "", 200)["turn"]["realm"],
         "from-hup"

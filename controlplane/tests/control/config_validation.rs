@@ -114,8 +114,7 @@ fn check_and_run_refuse_bad_log_level_and_tls_files() {
 fn sighup_and_api_refuse_bad_log_level_and_tls_files() {
     let site = site("cfg-reload", "");
     let cp = site.launch();
-    let generation = |s: &Portico| s.status()["config"]["generation"].as_u64().unwrap();
-    let g0 = generation(&site);
+    let g0 = site.config_generation();
     let https = free_port();
     let good = fs::read(&site.config_path).unwrap();
 
@@ -132,19 +131,11 @@ fn sighup_and_api_refuse_bad_log_level_and_tls_files() {
             site.log()
         );
         assert!(site.log().contains(key), "{key}: {}", site.log());
-        assert_eq!(generation(&site), g0, "a refused file was published");
+        assert_eq!(site.config_generation(), g0, "a refused file was published");
 
         // The same document through the API: 400 naming the key, nothing written.
         fs::write(&site.config_path, &good).unwrap();
-        let r = site
-            .request(
-                "PUT",
-                "/api/v1/config",
-                true,
-                &[("Content-Type", "application/toml")],
-                text.as_bytes(),
-            )
-            .unwrap();
+        let r = site.put_config_toml(&text);
         assert_eq!(r.status, 400, "PUT accepted:\n{text}\n{}", r.text());
         let e = r.json()["error"].as_str().unwrap().to_string();
         assert!(e.starts_with(key), "{key}: {e}");
@@ -160,7 +151,7 @@ fn sighup_and_api_refuse_bad_log_level_and_tls_files() {
         r["error"].as_str().unwrap().starts_with("log_level: "),
         "{r}"
     );
-    assert_eq!(generation(&site), g0);
+    assert_eq!(site.config_generation(), g0);
     // A good value is still taken.
     site.json(
         "PATCH",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use portico_shared::shm::SharedMemory;
-use portico_testkit::net::{expect_silence, recv_within, transact, udp_client};
+use portico_testkit::net::{expect_silence, recv_within, udp_client};
 use portico_testkit::portico::run_portico;
 use portico_testkit::process::{alive as pid_alive, signal};
 use portico_testkit::stun::Builder;
@@ -20,13 +20,6 @@ fn shm_exists(name: &str) -> bool {
         .join(name.trim_start_matches('/'))
         .exists()
         || SharedMemory::attach(name).is_ok()
-}
-
-fn software_now(p: &Portico) -> Option<String> {
-    let s = udp_client(p.udp4());
-    transact(&s, p.udp4(), &Builder::binding().build())
-        .0
-        .software()
 }
 
 fn stops_cleanly_on(sig: Signal) {
@@ -178,13 +171,13 @@ fn check_accepts_a_valid_file_without_starting_anything() {
 fn sighup_applies_an_edited_file_without_restart() {
     let mut p = Portico::start("sighup", Spec::new().ipv6().software("before-reload"));
     let dataplane = p.dataplane_pid();
-    assert_eq!(software_now(&p).as_deref(), Some("before-reload"));
+    assert_eq!(p.software_now().as_deref(), Some("before-reload"));
 
     p.rewrite_config(p.spec.clone().software("after-reload"));
     p.signal(Signal::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let sw = software_now(&p);
+        let sw = p.software_now();
         if sw.as_deref() == Some("after-reload") {
             break;
         }
@@ -202,7 +195,7 @@ fn sighup_applies_an_edited_file_without_restart() {
     p.rewrite_config(p.spec.clone().software(""));
     p.signal(Signal::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while software_now(&p).is_some() {
+    while p.software_now().is_some() {
         assert!(
             Instant::now() < deadline,
             "SOFTWARE not hidden after SIGHUP"
@@ -216,7 +209,7 @@ fn sighup_applies_an_edited_file_without_restart() {
     fs::write(&p.config_path, broken).unwrap();
     p.signal(Signal::SIGHUP);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(software_now(&p), None, "a broken file must not be applied");
+    assert_eq!(p.software_now(), None, "a broken file must not be applied");
     assert_eq!(p.dataplane_pid(), dataplane);
     assert!(pid_alive(p.pid()), "portico died on a broken file");
     assert!(

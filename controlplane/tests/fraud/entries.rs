@@ -56,34 +56,6 @@ fn time_until_blocked(site: &Portico, src: IpAddr) -> Duration {
     }
 }
 
-#[track_caller]
-fn assert_served(site: &Portico, src: IpAddr) {
-    assert!(
-        answered_from(src, site.udp4(), Duration::from_millis(300)),
-        "STUN Binding from {src} unanswered; entries {:?}",
-        site.entries()
-    );
-    assert_eq!(
-        get_from(src, site.proxy(), "/"),
-        Answer::Status(200),
-        "proxy from {src}"
-    );
-}
-
-#[track_caller]
-fn assert_blocked(site: &Portico, src: IpAddr) {
-    assert!(
-        !answered_from(src, site.udp4(), Duration::from_millis(300)),
-        "STUN Binding from {src} answered; entries {:?}",
-        site.entries()
-    );
-    assert_eq!(
-        get_from(src, site.proxy(), "/"),
-        Answer::Refused,
-        "proxy from {src}"
-    );
-}
-
 #[test]
 fn manual_entries_are_enforced_at_once_listed_converted_removed_and_survive_a_restart() {
     let nginx = Nginx::start("fraud");

@@ -65,4 +65,62 @@ mod prelude {
     pub fn spec() -> Spec {
         Spec::new().turn_users().loopback_peers()
     }
+
+    /// Suspicious events from the proxy that the engine counted.
+    pub fn proxy_events_counted(site: &Portico) -> f64 {
+        site.metric(
+            "portico_fraud_suspicious_events_total",
+            &[("origin", "proxy")],
+        )
+    }
+
+    /// `source` ("127.0.2.3", "198.51.100.7") is on the blacklist (within 2 s), put there
+    /// automatically.
+    #[track_caller]
+    pub fn assert_blacklisted(site: &Portico, source: &str) {
+        let found = wait_until(std::time::Duration::from_secs(2), || {
+            site.entry(source).is_some()
+        });
+        assert!(
+            found,
+            "{source} not on the fraud list: {:?}",
+            site.entries()
+        );
+        let e = site.entry(source).unwrap_or_default();
+        assert_eq!(
+            (e["kind"].as_str(), e["origin"].as_str()),
+            (Some("black"), Some("auto")),
+            "{e}"
+        );
+    }
+
+    /// `src` is served by the dataplane (a STUN Binding) and by the proxy (`GET /`).
+    #[track_caller]
+    pub fn assert_served(site: &Portico, src: std::net::IpAddr) {
+        assert!(
+            answered_from(src, site.udp4(), std::time::Duration::from_millis(300)),
+            "STUN Binding from {src} unanswered; entries {:?}",
+            site.entries()
+        );
+        assert_eq!(
+            get_from(src, site.proxy(), "/"),
+            Answer::Status(200),
+            "proxy from {src}"
+        );
+    }
+
+    /// `src` is dropped by the dataplane and refused at accept by the proxy.
+    #[track_caller]
+    pub fn assert_blocked(site: &Portico, src: std::net::IpAddr) {
+        assert!(
+            !answered_from(src, site.udp4(), std::time::Duration::from_millis(300)),
+            "STUN Binding from {src} answered; entries {:?}",
+            site.entries()
+        );
+        assert_eq!(
+            get_from(src, site.proxy(), "/"),
+            Answer::Refused,
+            "proxy from {src}"
+        );
+    }
 }

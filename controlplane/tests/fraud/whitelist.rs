@@ -17,33 +17,6 @@ fn misbehave(site: &Portico, src: IpAddr, n: usize) {
     }
 }
 
-#[track_caller]
-fn assert_served(site: &Portico, src: IpAddr) {
-    assert!(
-        answered_from(src, site.udp4(), Duration::from_millis(300)),
-        "STUN Binding from {src} unanswered; entries {:?}",
-        site.entries()
-    );
-    assert_eq!(
-        get_from(src, site.proxy(), "/"),
-        Answer::Status(200),
-        "proxy from {src}"
-    );
-}
-
-#[track_caller]
-fn assert_blocked(site: &Portico, src: IpAddr) {
-    assert!(
-        !answered_from(src, site.udp4(), Duration::from_millis(300)),
-        "STUN Binding from {src} answered"
-    );
-    assert_eq!(
-        get_from(src, site.proxy(), "/"),
-        Answer::Refused,
-        "proxy from {src}"
-    );
-}
-
 #[test]
 fn whitelisted_sources_are_never_blocked() {
     let nginx = Nginx::start("fraud");
