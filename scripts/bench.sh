@@ -15,7 +15,7 @@
 #   fraud    brute-force reaction: the fraud tests' brute forces (TURN over UDP, HTTP Basic,
 #            SIP digest, LDAP bind; thresholds 5 and 20), built with --release and run
 #            FRAUD_ROUNDS times one test at a time; attempts answered before the cut.
-#   register H.323 registrations (pycrate's RRQ from controlplane/tests/h323/seeds.txt, RAS
+#   register H.323 registrations (pycrate's RRQ from controlplane/tests/proxy/seeds.txt, RAS
 #            per H.460.17) beside SIP REGISTER through the reverse proxy, over TCP and TLS,
 #            to a fake PBX inside `portico-perf register` that answers RCF / 200 OK: a new
 #            connection per registration (fixed rate and flat out) and kept connections;
@@ -559,7 +559,7 @@ run_fraud() {
 # Registrations through the reverse proxy (H.323 beside SIP)
 # ---------------------------------------------------------------------------------------
 
-h323_seeds=controlplane/tests/h323/seeds.txt
+h323_seeds=controlplane/tests/proxy/seeds.txt
 h323_rrq_label="rrq hq@example.com/branch alice email:alice@example.com url:h323:alice@example.com 12345"
 seed_hex() {
     awk -v l="$1" -F'|' '$1 == l { print $2 }' "$h323_seeds"

@@ -1,17 +1,21 @@
 //! The control plane against the real `portico`: the REST API (authentication, status,
 //! configuration, TURN users and credentials, hardening against nonsense), the configuration
 //! store under `kill -9`, validation at every door, redacted secrets, the example
-//! configuration, process life (signals, `check`, SIGHUP), supervision of the dataplane with
-//! traffic flowing, and Prometheus.
+//! configuration, comments in the operator's file kept across API changes, process life
+//! (signals, `check`, SIGHUP), supervision of the dataplane with traffic flowing, Prometheus
+//! and the Grafana dashboard, and the Debian package (installed, upgraded, purged; as root).
 
 use portico_testkit::{Portico, Spec};
 
 mod api;
 mod api_hardening;
+mod config_comments;
 mod config_secrets;
 mod config_store;
 mod config_validation;
+mod debian_package;
 mod example_config;
+mod grafana_dashboard;
 mod lifecycle;
 mod prometheus;
 mod supervision;

@@ -3,7 +3,8 @@
 //! targets refuse, requests it refuses itself) are counted per source; past the threshold the
 //! source is blacklisted, and the dataplane and the proxy drop it while everyone else is
 //! served. Manual entries and whitelists through the API and the configuration; IPv6 per
-//! prefix; bounded memory and a fair counting table under floods of many sources.
+//! prefix; bounded memory and a fair counting table under floods of many sources; a fleet of
+//! two boxes sharing lists and users through Redis.
 //!
 //! # Source addresses
 //!
@@ -26,6 +27,7 @@
 //! | `ipv6` | 127.0.8.0/24; ::1 |
 //! | `proxy_failures` | 127.0.9.0/24 |
 //! | `proxy_sip_ldap` | 127.0.10.0/24; 127.0.0.1 (ldapsearch cannot choose its source) |
+//! | `fleet` | 127.0.11.0/24 (two Porticos sharing their lists through a `redis-server` of its own) |
 //!
 //! Shared by design: `PROBE` (127.0.0.254, the kit's readiness probes, whitelisted in every
 //! configuration) and ::1, the only IPv6 loopback address (the `ipv6` tests, one each).
@@ -33,6 +35,7 @@
 
 mod entries;
 mod eviction;
+mod fleet;
 mod flood;
 mod ipv6;
 mod proxy;

@@ -1,12 +1,16 @@
 //! The reverse proxy against the real `portico` and real peers: HTTP and HTTPS in front of
 //! nginx (driven by curl, openssl and raw sockets), SIP in front of Kamailio, LDAP in front of
-//! slapd, and a proxy-only box without STUN/TURN.
+//! slapd, H.323 (H.225.0 with tunnelled RAS) in front of fake PBXs, Check Certificate for
+//! H.323/TLS and SIPS registrations, and a proxy-only box without STUN/TURN.
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
 
 use portico_testkit::net::tcp_from;
 use portico_testkit::{Portico, Spec, LOCAL4};
 
+mod check_certificate;
+mod h323;
+mod h323_support;
 mod http;
 mod ldap;
 mod only;

@@ -2,24 +2,35 @@
 //! changes, so comments, blank lines and the order of the file survive the change and a
 //! restart (which reads the edited file back).
 
-mod cp_common;
-
 use std::fs;
+use std::path::Path;
 use std::time::Duration;
 
-use cp_common::*;
+use portico_testkit::Portico;
+
+use crate::spec;
+
+fn read_to_string(p: &Path) -> String {
+    fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
 
 #[test]
 fn a_hand_written_comment_survives_an_api_change_and_a_restart() {
-    let site = Site::new("comments", "realm = \"before.example.com\"\n");
-    // The operator's file, with comments of their own in several places.
+    // The operator's file, with comments of their own in several places (the `[fraud]` lines
+    // go into the kit's `[fraud]` table).
+    let site = Portico::new(
+        "comments",
+        spec()
+            .turn("realm = \"before.example.com\"\n")
+            .fraud("# Raised for the call centre (ticket 4711).")
+            .fraud("suspicious_per_minute = 40 # was 20"),
+    );
     let mine = format!(
-        "# Edge box of the Hamburg office -- ask Jana before changing anything.\n{}\n\
-         [fraud]\n# Raised for the call centre (ticket 4711).\nsuspicious_per_minute = 40 # was 20\n",
+        "# Edge box of the Hamburg office -- ask Jana before changing anything.\n{}",
         site.config_text("# The realm the PBX team agreed to.\nrealm = \"before.example.com\"\n")
     );
     fs::write(&site.config_path, &mine).unwrap_or_else(|e| panic!("{e}"));
-    let mut p = site.start();
+    let mut p = site.launch();
     site.json(
         "PATCH",
         "/api/v1/config",
@@ -54,7 +65,7 @@ fn a_hand_written_comment_survives_an_api_change_and_a_restart() {
         p.terminate(Duration::from_secs(10)).is_some(),
         "portico did not stop"
     );
-    let _p = site.start();
+    let _p = site.launch();
     assert_eq!(
         site.json("GET", "/api/v1/config", "", 200)["turn"]["realm"],
         "after.example.com"

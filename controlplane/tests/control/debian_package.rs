@@ -10,19 +10,23 @@
 //! the unit would, then stopped: nothing is left running.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const PORTICO: &str = env!("CARGO_BIN_EXE_portico");
+use nix::sys::signal::Signal;
+use portico_testkit::http::http;
+use portico_testkit::portico::portico_bin;
+use portico_testkit::process::signal;
+use portico_testkit::{wait_until, LOCAL4};
+
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const CONF: &str = "/etc/portico/portico.toml";
 /// The API address of the packaged configuration (portico.example.toml).
-const API: &str = "127.0.0.1:8088";
+const API: SocketAddr = SocketAddr::new(LOCAL4, 8088);
 /// Versions this test installs; a leftover of a killed run is recognised by them.
 const V1: &str = "0.0.1~pkgtest1";
 const V2: &str = "0.0.1~pkgtest2";
@@ -60,51 +64,20 @@ fn user_exists(name: &str) -> bool {
         .success()
 }
 
-fn http_get(addr: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
-    let a: SocketAddr = addr.parse().ok()?;
-    let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let status = raw.split(' ').nth(1)?.parse().ok()?;
-    Some((status, raw))
+/// The status of `GET path` on the packaged API; `None` when nothing answers.
+fn get_status(path: &str) -> Option<u16> {
+    http(API, "GET", path, &[], b"").ok().map(|r| r.status)
 }
 
-fn patch(addr: &str, path: &str, token: &str, body: &str) -> Option<u16> {
-    let a: SocketAddr = addr.parse().ok()?;
-    let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "PATCH {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    raw.split(' ').nth(1)?.parse().ok()
-}
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The status of an authenticated JSON `PATCH path`; `None` when nothing answers.
+fn patch(path: &str, token: &str, body: &str) -> Option<u16> {
+    let headers = [
+        ("Authorization".to_string(), format!("Bearer {token}")),
+        ("Content-Type".to_string(), "application/json".to_string()),
+    ];
+    http(API, "PATCH", path, &headers, body.as_bytes())
+        .ok()
+        .map(|r| r.status)
 }
 
 /// Processes whose executable is the packaged binary.
@@ -145,8 +118,7 @@ impl Installed {
             let _ = run(Command::new("systemctl").args(["stop", "portico.service"]));
         }
         for pid in packaged_pids() {
-            // SAFETY: kill(2) with a pid we read from /proc and a valid signal number.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            signal(pid, Signal::SIGKILL);
         }
         if installed_version().is_some_and(|v| v == V1 || v == V2) {
             let _ = run(Command::new("dpkg").args(["--purge", "portico"]));
@@ -181,9 +153,10 @@ fn lock() -> fs::File {
 }
 
 fn build(dir: &Path, version: &str, config: Option<&Path>) -> PathBuf {
-    let bin_dir = Path::new(PORTICO)
+    let portico = portico_bin();
+    let bin_dir = portico
         .parent()
-        .unwrap_or_else(|| panic!("{PORTICO} has no directory"));
+        .unwrap_or_else(|| panic!("{} has no directory", portico.display()));
     assert!(
         bin_dir.join("portico-dataplane").is_file(),
         "{}/portico-dataplane is missing: run `cargo build --workspace` first",
@@ -334,7 +307,7 @@ fn the_package_installs_runs_upgrades_keeping_a_changed_conffile_and_purges() {
     }
     let log = || fs::read_to_string(dir.join("portico.log")).unwrap_or_default();
     let up = wait_until(Duration::from_secs(30), || {
-        http_get(API, "/healthz", None).is_some_and(|(s, _)| s == 200)
+        get_status("/healthz") == Some(200)
     });
     assert!(
         up,
@@ -364,7 +337,6 @@ fn the_package_installs_runs_upgrades_keeping_a_changed_conffile_and_purges() {
     // An API change is written into /etc/portico by the portico user, comments kept.
     assert_eq!(
         patch(
-            API,
             "/api/v1/config",
             &token,
             r#"{"turn": {"realm": "packaged.example.com"}}"#
@@ -386,8 +358,7 @@ fn the_package_installs_runs_upgrades_keeping_a_changed_conffile_and_purges() {
     if systemd {
         ok(Command::new("systemctl").args(["stop", "portico.service"]));
     } else if let Some(mut c) = guard.child.take() {
-        // SAFETY: kill(2) on our child's pid with a valid signal number.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        signal(c.id(), Signal::SIGTERM);
         let exited = wait_until(Duration::from_secs(20), || {
             matches!(c.try_wait(), Ok(Some(_)))
         });

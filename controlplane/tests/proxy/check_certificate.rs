@@ -5,18 +5,19 @@
 //! keeps the client's encryption. Each PBX is two fake targets (a TCP and a TLS listener of
 //! this test) that record what reaches them.
 
-mod h323;
-mod proxy_common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use h323::*;
-use proxy_common::*;
+use portico_testkit::sip::{read_sip, sip_request};
+use portico_testkit::stun::b64;
+use portico_testkit::{free_port, Portico, TempDir};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::h323_support::*;
+use crate::proxy_site;
 
 /// A CA of the test's own, with the leaves this test needs.
 struct Ca {
@@ -52,7 +53,7 @@ impl Ca {
     }
 
     fn write(&self, dir: &TempDir, name: &str) -> std::path::PathBuf {
-        let p = dir.path(name);
+        let p = dir.join(name);
         std::fs::write(&p, self.cert.pem()).unwrap();
         p
     }
@@ -88,13 +89,13 @@ fn env() -> Env {
     // The proxy's own certificate, and the fake PBXs' (not verified: verify_target_certificate
     // is off, which these tests also exercise).
     let (chain, key) = ca.leaf("proxy.test", vec![ip_san()]);
-    let proxy_cert = dir.path("proxy.crt");
-    let proxy_key = dir.path("proxy.key");
+    let proxy_cert = dir.join("proxy.crt");
+    let proxy_key = dir.join("proxy.key");
     let pem = |label: &str, der: &[u8]| {
         use std::fmt::Write as _;
-        let b64 = base64(der);
+        let encoded = b64(der);
         let mut out = format!("-----BEGIN {label}-----\n");
-        for line in b64.as_bytes().chunks(64) {
+        for line in encoded.as_bytes().chunks(64) {
             writeln!(out, "{}", std::str::from_utf8(line).unwrap()).unwrap();
         }
         out + &format!("-----END {label}-----\n")
@@ -138,7 +139,7 @@ fn env() -> Env {
         svc("on.test", (on.0.port, on.1.port), true),
         svc("off.test", (off.0.port, off.1.port), false),
     );
-    let portico = Portico::start("checkcert", &toml, &[h323, h323_tls, sip, sips]);
+    let portico = proxy_site("checkcert", &toml, &[h323, h323_tls, sip, sips]);
     Env {
         _dir: dir,
         ca,
@@ -151,24 +152,6 @@ fn env() -> Env {
         on,
         off,
     }
-}
-
-fn base64(data: &[u8]) -> String {
-    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// A connection to the proxy: TLS (with `id` as client certificate) when `tls`.

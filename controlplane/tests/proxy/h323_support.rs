@@ -1,7 +1,7 @@
-//! Helpers of the H.323 proxy tests: H.225.0 messages from pycrate (h225gen.py), fake PBX
-//! targets (plain and TLS) that record what reaches them, and tshark as a decoder.
-
-#![allow(dead_code)]
+//! Helpers of the H.323 proxy tests: H.225.0 messages from pycrate (`h225gen.py` beside this
+//! file; `seeds.txt` holds some of its messages for the decoder's unit tests and the
+//! benchmark), fake PBX targets (plain and TLS) that record what reaches them, and tshark as
+//! a decoder.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -10,11 +10,12 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::proxy_common::{program, run, text, TempDir};
+use portico_testkit::process::{require, run};
+use portico_testkit::TempDir;
 
-/// An H.225.0 message from pycrate (tests/h323/h225gen.py), as TPKT bytes.
+/// An H.225.0 message from pycrate (tests/proxy/h225gen.py), as TPKT bytes.
 pub fn msg(args: &[&str]) -> Vec<u8> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/h323/h225gen.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proxy/h225gen.py");
     let out = Command::new("python3")
         .arg(&script)
         .args(args)
@@ -115,11 +116,14 @@ impl FakePbx {
     }
 }
 
+/// How long text2pcap and tshark may take.
+const TOOL_LIMIT: Duration = Duration::from_secs(30);
+
 /// Decodes `payloads` (one TCP segment each, to port 1720) with tshark; returns its verbose
 /// text after checking that it reports no malformed packet or error.
 pub fn tshark_decode(dir: &TempDir, name: &str, payloads: &[Vec<u8>]) -> String {
-    let tshark = program("tshark", "tshark");
-    let text2pcap = program("text2pcap", "tshark");
+    let tshark = require("tshark", "tshark");
+    let text2pcap = require("text2pcap", "tshark");
     let mut dump = String::new();
     for p in payloads {
         for (i, chunk) in p.chunks(16).enumerate() {
@@ -131,8 +135,8 @@ pub fn tshark_decode(dir: &TempDir, name: &str, payloads: &[Vec<u8>]) -> String 
         }
         dump.push('\n');
     }
-    let txt = dir.path(&format!("{name}.txt"));
-    let pcap = dir.path(&format!("{name}.pcap"));
+    let txt = dir.join(format!("{name}.txt"));
+    let pcap = dir.join(format!("{name}.pcap"));
     std::fs::write(&txt, dump).unwrap();
     let o = run(
         &text2pcap,
@@ -144,11 +148,17 @@ pub fn tshark_decode(dir: &TempDir, name: &str, payloads: &[Vec<u8>]) -> String 
             pcap.to_str().unwrap(),
         ],
         &[],
+        TOOL_LIMIT,
     );
-    assert!(o.status.success(), "text2pcap: {}", text(&o));
-    let o = run(&tshark, &["-r", pcap.to_str().unwrap(), "-V"], &[]);
-    let out = text(&o);
-    assert!(o.status.success(), "tshark: {out}");
+    assert!(o.success(), "text2pcap: {}", o.text);
+    let o = run(
+        &tshark,
+        &["-r", pcap.to_str().unwrap(), "-V"],
+        &[],
+        TOOL_LIMIT,
+    );
+    assert!(o.success(), "tshark: {}", o.text);
+    let out = o.text;
     assert!(
         !out.contains("Malformed") && !out.contains("Expert Info (Error"),
         "tshark found errors in what the target received:\n{out}"

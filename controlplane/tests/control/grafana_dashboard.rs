@@ -4,15 +4,16 @@
 //! second and every panel's query is evaluated through Prometheus' HTTP API; each must
 //! succeed and return data. Every metric a query names must be one `/metrics` exports.
 
-mod fraud_common;
-
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use fraud_common::*;
-use portico_dataplane::stun::{attr, method, Class, MessageWriter};
+use portico_testkit::fixtures::{Nginx, WRONG_LOGIN};
+use portico_testkit::http::{get_from, get_with, http, url_encode, Answer};
+use portico_testkit::process::require;
+use portico_testkit::turn::{wrong_passwords, TurnClient, PASSWORD, USER};
+use portico_testkit::{free_port, v4, wait_until, Portico, Proc, Spec, ANSWER_WAIT, LOCAL4};
 
 const DASHBOARD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -64,45 +65,11 @@ fn exported(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Grafana's variables as a dashboard user with "All" instances would have them.
 fn substitute(expr: &str) -> String {
     expr.replace("$__rate_interval", "20s")
         .replace("$__range", "5m")
         .replace("$instance", ".*")
-}
-
-fn send_indication(c: &TurnClient, peer: SocketAddr, data: &[u8]) {
-    let mut buf = vec![0u8; 1500];
-    let mut w = MessageWriter::new(&mut buf, Class::Indication, method::SEND, &new_tid())
-        .unwrap_or_else(|e| panic!("{e}"));
-    w.add_xor_address(attr::XOR_PEER_ADDRESS, peer)
-        .unwrap_or_else(|e| panic!("{e}"));
-    w.add_attribute(attr::DATA, data)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let n = w.finish();
-    c.sock
-        .send_to(&buf[..n], c.server)
-        .unwrap_or_else(|e| panic!("{e}"));
-}
-
-struct Prometheus(Child);
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -122,11 +89,13 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     }
 
     // Representative traffic.
-    let nginx = Nginx::start();
-    let site = Site::start(
+    let nginx = Nginx::start("grafana");
+    let site = Portico::start(
         "grafana",
-        Setup::default()
-            .proxy(&nginx)
+        Spec::new()
+            .turn_users()
+            .loopback_peers()
+            .http_proxy_to(nginx.alpha)
             .fraud("suspicious_per_minute = 5"),
     );
     let proxy = site.proxy();
@@ -137,15 +106,15 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         get_with(v4(127, 0, 0, 11), proxy, "/private", &[WRONG_LOGIN]),
         Answer::Status(401)
     );
-    let mut client = TurnClient::new(v4(127, 0, 0, 12), site.udp4(), USER, PASSWORD);
-    let relayed = client.allocate_relay();
+    let mut client = TurnClient::from(v4(127, 0, 0, 12), site.udp4(), USER, PASSWORD);
+    let relayed = client.allocate();
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
     peer.set_read_timeout(Some(ANSWER_WAIT))
         .unwrap_or_else(|e| panic!("{e}"));
     let peer_addr = peer.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    let r = client.permit(peer_addr);
-    assert_eq!(r.class(), Class::SuccessResponse, "{:?}", r.code());
-    send_indication(&client, peer_addr, b"to the peer");
+    let r = client.permit(&[peer_addr]);
+    assert!(r.is_success(), "{:?}", r.code());
+    client.send_indication(peer_addr, b"to the peer");
     let mut buf = [0u8; 1500];
     let (n, from) = peer.recv_from(&mut buf).expect("the peer got relayed data");
     assert_eq!((&buf[..n], from), (&b"to the peer"[..], relayed));
@@ -185,7 +154,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     // A real Prometheus scraping Portico every second.
     let dir = site.dir.join("prometheus");
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let web = SocketAddr::new(v4(127, 0, 0, 1), free_port());
+    let web = SocketAddr::new(LOCAL4, free_port());
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
@@ -196,20 +165,17 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         ),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap_or_else(|e| panic!("{e}"));
-    let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address={web}"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap_or_else(|e| panic!("{e}")))
-        .stderr(log)
-        .spawn()
-        .expect("prometheus (Debian package prometheus) must be installed");
-    let _prometheus = Prometheus(child);
+    let _prometheus = Proc::spawn(
+        "prometheus",
+        Command::new(require("prometheus", "prometheus"))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={web}")),
+        &dir.join("prometheus.log"),
+    );
     let query = |q: &str| -> Option<serde_json::Value> {
         let path = format!("/api/v1/query?query={}", url_encode(q));
         let r = http(web, "GET", &path, &[], b"").ok()?;

@@ -5,91 +5,73 @@
 //! Redis has lost its data); a manual whitelist entry made on B is honoured by A; a TURN user
 //! added through B's API can allocate on A.
 
-mod fraud_common;
-
-use std::net::IpAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fraud_common::*;
+use portico_testkit::dirs::TempDir;
+use portico_testkit::process::{require, wait_port};
+use portico_testkit::Proc;
+
+use crate::prelude::*;
 
 const THRESHOLD: usize = 3;
 
+/// A `redis-server` without persistence on `port` of 127.0.0.1, run in its own directory.
 struct Redis {
     port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
+    /// Declared before `dir`, so it is stopped before its directory goes.
+    proc: Option<Proc>,
+    dir: TempDir,
 }
 
 impl Redis {
-    fn start(port: u16, dir: PathBuf) -> Redis {
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    fn start(port: u16) -> Redis {
         let mut r = Redis {
             port,
-            dir,
-            child: None,
+            dir: TempDir::new("redis"),
+            proc: None,
         };
         r.run();
         r
     }
 
     fn run(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("redis.log"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new(program("redis-server", "redis-server"))
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap_or_else(|e| panic!("{e}")))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("redis-server: {e}"));
-        self.child = Some(child);
-        let port = self.port;
-        assert!(
-            wait_until(Duration::from_secs(10), || {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            }),
-            "redis-server did not listen on {port}"
+        let proc = Proc::spawn(
+            "redis-server",
+            Command::new(require("redis-server", "redis-server"))
+                .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(self.dir.path()),
+            &self.dir.join("redis.log"),
         );
+        wait_port(SocketAddr::new(LOCAL4, self.port), &proc);
+        self.proc = Some(proc);
     }
 
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
         }
     }
 }
 
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn fleet_setup(redis: u16, name: &str) -> Setup {
-    Setup::default()
+fn fleet_spec(redis: u16, name: &str) -> Spec {
+    spec()
         .fraud(&format!("suspicious_per_minute = {THRESHOLD}"))
-        .proxy_toml(&format!(
+        .proxy(&format!(
             "[fleet]\nredis = \"redis://127.0.0.1:{redis}\"\nname = \"{name}\"\n"
         ))
 }
 
 /// Waits until `site` lists an entry for `source`; how long it took.
-fn wait_entry(site: &Site, source: &str, limit: Duration) -> Option<Duration> {
+fn wait_entry(site: &Portico, source: &str, limit: Duration) -> Option<Duration> {
     let t = Instant::now();
     wait_until(limit, || site.entry(source).is_some()).then(|| t.elapsed())
 }
 
-fn brute_force(src: IpAddr, site: &Site) {
+fn brute_force(src: IpAddr, site: &Portico) {
     wrong_passwords(src, site.udp4(), THRESHOLD + 1);
     assert!(
         wait_entry(site, &src.to_string(), Duration::from_secs(2)).is_some(),
@@ -101,12 +83,9 @@ fn brute_force(src: IpAddr, site: &Site) {
 #[test]
 fn two_boxes_share_blacklist_whitelist_and_users_through_redis() {
     let redis_port = free_port();
-    let mut redis = Redis::start(
-        redis_port,
-        std::env::temp_dir().join(format!("portico-it-redis-{}", std::process::id())),
-    );
-    let a = Site::start("fleet-a", fleet_setup(redis_port, "box-a"));
-    let b = Site::start("fleet-b", fleet_setup(redis_port, "box-b"));
+    let mut redis = Redis::start(redis_port);
+    let a = Portico::start("fleet-a", fleet_spec(redis_port, "box-a"));
+    let b = Portico::start("fleet-b", fleet_spec(redis_port, "box-b"));
     // Both subscribed (their start-up resync has run) before the attack.
     assert!(wait_until(Duration::from_secs(5), || {
         a.log().contains("fleet sharing through Redis") && b.log().contains("fleet sharing")
@@ -114,7 +93,7 @@ fn two_boxes_share_blacklist_whitelist_and_users_through_redis() {
     std::thread::sleep(Duration::from_millis(500));
 
     // 1. A brute force against A: B refuses the attacker within 100 ms.
-    let attacker = v4(127, 0, 0, 41);
+    let attacker = v4(127, 0, 11, 41);
     let mut c = TurnClient::attacker(attacker, a.udp4());
     c.challenge();
     for _ in 0..THRESHOLD {
@@ -123,14 +102,14 @@ fn two_boxes_share_blacklist_whitelist_and_users_through_redis() {
     // The event that crosses the threshold; from then on A blocks, and B must within 100 ms.
     c.wrong_password();
     let t = Instant::now();
-    let on_b = wait_until(Duration::from_secs(2), || b.entry("127.0.0.41").is_some());
+    let on_b = wait_until(Duration::from_secs(2), || b.entry("127.0.11.41").is_some());
     let took = t.elapsed();
     assert!(on_b, "B never learned of the attacker; B log:\n{}", b.log());
     assert!(
         took <= Duration::from_millis(100),
         "B took {took:?} to refuse the attacker"
     );
-    let e = b.entry("127.0.0.41").unwrap_or_default();
+    let e = b.entry("127.0.11.41").unwrap_or_default();
     assert_eq!(e["kind"], "black", "{e}");
     // And B's dataplane drops it: no answer to a STUN request from the attacker.
     assert!(!answered_from(
@@ -138,11 +117,11 @@ fn two_boxes_share_blacklist_whitelist_and_users_through_redis() {
         b.udp4(),
         Duration::from_millis(300)
     ));
-    assert!(answered_from(v4(127, 0, 0, 42), b.udp4(), ANSWER_WAIT));
+    assert!(answered_from(v4(127, 0, 11, 42), b.udp4(), ANSWER_WAIT));
 
     // 2. Redis dies for 10 s; A goes on deciding; nothing is lost.
     redis.kill();
-    let during = v4(127, 0, 0, 43);
+    let during = v4(127, 0, 11, 43);
     brute_force(during, &a);
     let (status, v) = a.call(
         "POST",
@@ -150,11 +129,11 @@ fn two_boxes_share_blacklist_whitelist_and_users_through_redis() {
         r#"{"ip": "198.51.100.7", "kind": "black", "note": "by hand during the outage"}"#,
     );
     assert_eq!(status, 201, "{v}");
-    assert!(b.entry("127.0.0.43").is_none(), "B learned without Redis?");
+    assert!(b.entry("127.0.11.43").is_none(), "B learned without Redis?");
     std::thread::sleep(Duration::from_secs(10));
     // The restarted Redis is empty (no persistence): the boxes fill it again.
     redis.run();
-    for source in ["127.0.0.43", "198.51.100.7", "127.0.0.41"] {
+    for source in ["127.0.11.43", "198.51.100.7", "127.0.11.41"] {
         assert!(
             wait_entry(&b, source, Duration::from_secs(10)).is_some(),
             "{source} did not reach B after Redis came back; B log:\n{}\nA log:\n{}",
@@ -162,24 +141,24 @@ fn two_boxes_share_blacklist_whitelist_and_users_through_redis() {
             a.log()
         );
     }
-    assert!(a.entry("127.0.0.41").is_some(), "A lost its entry");
+    assert!(a.entry("127.0.11.41").is_some(), "A lost its entry");
     assert!(!answered_from(during, b.udp4(), Duration::from_millis(300)));
 
     // 3. A manual whitelist entry made on B is honoured by A.
-    let partner = v4(127, 0, 0, 44);
+    let partner = v4(127, 0, 11, 44);
     let (status, v) = b.call(
         "POST",
         "/api/v1/fraud/entries",
-        r#"{"ip": "127.0.0.44", "kind": "white", "note": "partner"}"#,
+        r#"{"ip": "127.0.11.44", "kind": "white", "note": "partner"}"#,
     );
     assert_eq!(status, 201, "{v}");
-    let on_a = wait_entry(&a, "127.0.0.44", Duration::from_secs(2));
+    let on_a = wait_entry(&a, "127.0.11.44", Duration::from_secs(2));
     assert!(on_a.is_some(), "A never got B's whitelist entry");
-    assert_eq!(a.entry("127.0.0.44").unwrap_or_default()["kind"], "white");
+    assert_eq!(a.entry("127.0.11.44").unwrap_or_default()["kind"], "white");
     // Many wrong passwords from the partner on A: never blocked there.
     wrong_passwords(partner, a.udp4(), THRESHOLD * 3);
     assert!(answered_from(partner, a.udp4(), ANSWER_WAIT));
-    let e = a.entry("127.0.0.44").unwrap_or_default();
+    let e = a.entry("127.0.11.44").unwrap_or_default();
     assert_eq!(e["kind"], "white", "{e}");
 
     // 4. A removal on A reaches B.
@@ -197,7 +176,7 @@ fn two_boxes_share_blacklist_whitelist_and_users_through_redis() {
         r#"{"name": "carol", "password": "fleet-secret"}"#,
     );
     assert_eq!(status, 201, "{v}");
-    let mut carol = TurnClient::new(v4(127, 0, 0, 45), a.udp4(), "carol", "fleet-secret");
+    let mut carol = TurnClient::from(v4(127, 0, 11, 45), a.udp4(), "carol", "fleet-secret");
     let ok = wait_until(Duration::from_secs(3), || {
         let (_, cfg) = a.call("GET", "/api/v1/turn/users", "");
         cfg["users"]
@@ -206,5 +185,5 @@ fn two_boxes_share_blacklist_whitelist_and_users_through_redis() {
     });
     assert!(ok, "A never got carol; A log:\n{}", a.log());
     std::thread::sleep(Duration::from_millis(200));
-    carol.allocate_relay();
+    carol.allocate();
 }

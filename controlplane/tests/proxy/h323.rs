@@ -2,19 +2,17 @@
 //! routing by gatekeeper identifier and by the called party's domain, checked at two fake
 //! PBX targets (plain TCP listeners of this test that record what reaches them). The
 //! messages come from an encoder that is not Portico's (pycrate's H.225.0 module, see
-//! tests/h323/h225gen.py), and tshark, an independent decoder, must decode what the
+//! tests/proxy/h225gen.py), and tshark, an independent decoder, must decode what the
 //! targets received without errors.
-
-mod h323;
-mod proxy_common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use h323::*;
+use portico_testkit::{free_port, Portico, TempDir};
 
-use proxy_common::*;
+use crate::h323_support::*;
+use crate::proxy_site;
 
 struct Env {
     dir: TempDir,
@@ -42,7 +40,7 @@ fn env_with(limits: &str) -> Env {
         m = master.port,
         s = standby.port,
     );
-    let portico = Portico::start("h323", &toml, &[h323]);
+    let portico = proxy_site("h323", &toml, &[h323]);
     Env {
         dir,
         master,
@@ -185,7 +183,7 @@ fn target_rejections_count_as_suspicious() {
          [[proxy.services]]\nname = \"example.com\"\nhost = \"127.0.0.1\"\nh323 = {}\n",
         pbx.port
     );
-    let p = Portico::start("h323-rrj", &toml, &[h323]);
+    let p = proxy_site("h323-rrj", &toml, &[h323]);
     let mut s = send(h323, &msg(&["rrq", "example.com", "alice"]));
     let mut answer = vec![0u8; 4];
     s.read_exact(&mut answer).unwrap();
