@@ -15,7 +15,7 @@
 #   fraud    brute-force reaction: the fraud tests' brute forces (TURN over UDP, HTTP Basic,
 #            SIP digest, LDAP bind; thresholds 5 and 20), built with --release and run
 #            FRAUD_ROUNDS times one test at a time; attempts answered before the cut.
-#   register H.323 registrations (pycrate's RRQ from controlplane/tests/h323/seeds.txt, RAS
+#   register H.323 registrations (pycrate's RRQ from controlplane/tests/proxy/seeds.txt, RAS
 #            per H.460.17) beside SIP REGISTER through the reverse proxy, over TCP and TLS,
 #            to a fake PBX inside `portico-perf register` that answers RCF / 200 OK: a new
 #            connection per registration (fixed rate and flat out) and kept connections;
@@ -541,14 +541,14 @@ run_fraud() {
     for ((r = 1; r <= rounds; r++)); do
         say "fraud reaction: round $r of $rounds"
         timeout 600 cargo test --release -q -p portico \
-            --test fraud_turn --test fraud_proxy_failures --test fraud_proxy_sip_ldap \
-            brute_force -- --nocapture --test-threads=1 >>"$txt" 2>&1 ||
+            --test fraud brute_force -- --skip proxy::a_brute_force_client \
+            --nocapture --test-threads=1 >>"$txt" 2>&1 ||
             die "the brute-force tests failed: $(tail -30 "$txt")"
     done
     common_facts
     cmd=$(command_line fraud FRAUD_ROUNDS)
     "$perf" bench-report --kind fraud --markdown "$txt" --out "$out" --command "$cmd" \
-        --fact "runs=\`cargo test --release -p portico --test fraud_turn --test fraud_proxy_failures --test fraud_proxy_sip_ldap brute_force -- --nocapture --test-threads=1\`, $rounds rounds, $((SECONDS - t0)) s" \
+        --fact "runs=\`cargo test --release -p portico --test fraud brute_force -- --skip proxy::a_brute_force_client --nocapture --test-threads=1\`, $rounds rounds, $((SECONDS - t0)) s" \
         --fact "targets=Portico's own TURN users (UDP); nginx auth_basic behind the proxy (HTTP, a connection per guess); Kamailio digest auth behind the proxy (SIP, one connection and a connection per guess); slapd behind the proxy (LDAP simple bind, one connection and \`ldapsearch\` per guess)" \
         --fact "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${facts[@]}" \
         --fact "load average (1/5/15 min) after=$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -559,7 +559,7 @@ run_fraud() {
 # Registrations through the reverse proxy (H.323 beside SIP)
 # ---------------------------------------------------------------------------------------
 
-h323_seeds=controlplane/tests/h323/seeds.txt
+h323_seeds=controlplane/tests/proxy/seeds.txt
 h323_rrq_label="rrq hq@example.com/branch alice email:alice@example.com url:h323:alice@example.com 12345"
 seed_hex() {
     awk -v l="$1" -F'|' '$1 == l { print $2 }' "$h323_seeds"

@@ -112,12 +112,6 @@ if [ "$TEST_STATUS" -eq 124 ]; then
 fi
 [ "$TEST_STATUS" -eq 0 ] || FAILED_STEPS+=("test")
 
-# Hard links of portico made by test processes that found a stale portico-dataplane (see
-# controlplane/tests/common/server.rs); only those of processes that have ended.
-for d in "${TMPDIR:-/tmp}"/portico-it-bin-*; do
-    [ -d "$d" ] && ! kill -0 "${d##*-}" 2>/dev/null && rm -rf "$d"
-done
-
 read -r PASSED FAILED < <(sum_test_results "$TEST_LOG")
 rm -f "$TEST_LOG"
 if [ "$TEST_STATUS" -ne 0 ] && [ "$FAILED" -eq 0 ]; then

@@ -799,8 +799,10 @@ mod tests {
         );
         assert_eq!(parse_reaction("test foo ... ok"), None);
         assert_eq!(
-            parse_reaction("..HTTP Basic brute force, threshold 5: 6 wrong passwords answered before the cut")
-                .map(|r| r.what),
+            parse_reaction(
+                "..HTTP Basic brute force, threshold 5: 6 wrong passwords answered before the cut"
+            )
+            .map(|r| r.what),
             Some("HTTP Basic brute force".to_string())
         );
     }

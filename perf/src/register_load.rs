@@ -10,7 +10,7 @@
 //!   so only the per-message work remains.
 //!
 //! H.323: the RegistrationRequest is given as TPKT bytes (`--request-hex`; scripts/bench.sh
-//! takes pycrate's from controlplane/tests/h323/seeds.txt), RAS tunnelled per H.460.17 in a
+//! takes pycrate's from controlplane/tests/proxy/seeds.txt), RAS tunnelled per H.460.17 in a
 //! Q.931 FACILITY; the answer is a whole TPKT packet and must be exactly the target's
 //! (`--answer-hex`, an RCF likewise tunnelled). SIP: a REGISTER (RFC 3261) with a fresh
 //! Call-ID, branch and tag each time; the answer must be `200` with the same Call-ID.
@@ -894,9 +894,9 @@ pub fn run(args: &RegisterArgs) -> Result<RegisterReport, String> {
 mod tests {
     use super::*;
 
-    /// pycrate's RRQ and RCF (controlplane/tests/h323/seeds.txt).
+    /// pycrate's RRQ and RCF (controlplane/tests/proxy/seeds.txt).
     fn seed(label: &str) -> String {
-        include_str!("../../controlplane/tests/h323/seeds.txt")
+        include_str!("../../controlplane/tests/proxy/seeds.txt")
             .lines()
             .find_map(|l| l.strip_prefix(label)?.strip_prefix('|'))
             .unwrap_or_else(|| panic!("no seed {label}"))

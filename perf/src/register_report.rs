@@ -262,7 +262,7 @@ request and of the answer. Percentiles from a log-linear histogram (≤ 3.2% buc
 - **failed** (summed over the runs) counts registrations that got no whole, correct answer within the timeout \
 (connect, TLS, read) or got a wrong one (H.323: not byte for byte the fake PBX's RCF; SIP: not \
 `200` for the REGISTER's Call-ID).\n\
-- Messages: H.323 is pycrate's RegistrationRequest (controlplane/tests/h323/seeds.txt, the \
+- Messages: H.323 is pycrate's RegistrationRequest (controlplane/tests/proxy/seeds.txt, the \
 gatekeeper id `hq@example.com/branch` and four aliases) in a Q.931 FACILITY per H.460.17, \
 answered with pycrate's RegistrationConfirm likewise; SIP is a REGISTER with Via, From, To, \
 Call-ID, CSeq, Contact and Expires, answered `200 OK`.\n";

@@ -138,8 +138,7 @@ fn a_silent_server_means_loss_within_bounded_time() {
 #[test]
 fn json_report_and_server_accounting() {
     let server = echo();
-    let dir = std::env::temp_dir().join(format!("portico-perf-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = portico_testkit::TempDir::new("perf-stun-json");
     let json = dir.join("r.json");
     let mut a = StunArgs::new(server.local);
     a.sockets = 2;
@@ -152,7 +151,6 @@ fn json_report_and_server_accounting() {
     server.stop().unwrap();
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(v["scenario"], "stun");
     assert_eq!(v["mode"], "rate");
     assert_eq!(v["offered_rate"], 5000);

@@ -4,8 +4,7 @@
 //! Portico binary fails the test.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +16,8 @@ use portico_perf::echo_server::{EchoArgs, EchoServer};
 use portico_perf::turn_load::{self, TurnArgs, TurnReport};
 use portico_perf::turn_plan::Mode;
 use portico_perf::udp::free_port;
+use portico_testkit::process::require;
+use portico_testkit::{Portico, Proc, Spec, TempDir};
 
 const USER: &str = "perf";
 const PASSWORD: &str = "perf-secret";
@@ -122,38 +123,6 @@ fn churn_cycles_through_fresh_clients() {
     assert!(r.allocated_any());
 }
 
-/// A server process that is stopped when the test ends, however it ends: SIGTERM first,
-/// because `portico` then stops its dataplane (which, by design, outlives a SIGKILLed
-/// control plane), SIGKILL after 10 s.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn tool(name: &str) -> PathBuf {
-    for dir in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
-        let p = PathBuf::from(dir).join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("{name} not found: install it (apt-get install coturn), scripts/test.sh does");
-}
-
 /// Waits until one client can allocate on `server`.
 fn wait_ready(server: SocketAddr, user: Option<(&str, &str)>, secret: Option<&str>) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -172,12 +141,12 @@ fn wait_ready(server: SocketAddr, user: Option<(&str, &str)>, secret: Option<&st
     }
 }
 
-fn coturn(extra: &[&str]) -> (Proc, SocketAddr, PathBuf) {
+/// coturn's `turnserver` on a free port of 127.0.0.1 with `extra` arguments, its files in a
+/// directory of its own; stopped when the returned process is dropped.
+fn coturn(extra: &[&str]) -> (Proc, SocketAddr, TempDir) {
     let port = free_port("127.0.0.1".parse().unwrap()).unwrap();
-    let dir =
-        std::env::temp_dir().join(format!("portico-perf-coturn-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut cmd = Command::new(tool("turnserver"));
+    let dir = TempDir::new("perf-coturn");
+    let mut cmd = Command::new(require("turnserver", "coturn"));
     cmd.args([
         "-n",
         "--listening-ip",
@@ -205,17 +174,15 @@ fn coturn(extra: &[&str]) -> (Proc, SocketAddr, PathBuf) {
     .arg(dir.join("pid"))
     .arg("--userdb")
     .arg(dir.join("db"))
-    .args(extra)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let child = cmd.spawn().expect("start turnserver");
-    (Proc(child), SocketAddr::from(([127, 0, 0, 1], port)), dir)
+    .args(extra);
+    let proc = Proc::spawn("turnserver", &mut cmd, &dir.join("turnserver.out"));
+    (proc, SocketAddr::from(([127, 0, 0, 1], port)), dir)
 }
 
 #[test]
 fn coturn_with_long_term_credentials_both_modes() {
     let user = format!("{USER}:{PASSWORD}");
-    let (_p, server, dir) = coturn(&["--lt-cred-mech", "--user", &user]);
+    let (_p, server, _dir) = coturn(&["--lt-cred-mech", "--user", &user]);
     wait_ready(server, Some((USER, PASSWORD)), None);
     for mode in [Mode::Channel, Mode::Send] {
         let mut a = args(server, 20, 1.0);
@@ -224,13 +191,12 @@ fn coturn_with_long_term_credentials_both_modes() {
         assert_lossless(&r, 20);
         assert_eq!(r.setup.challenges_401, 20, "one 401 round trip per client");
     }
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
 fn coturn_with_rest_api_credentials() {
     let secret = format!("--static-auth-secret={SECRET}");
-    let (_p, server, dir) = coturn(&["--use-auth-secret", &secret]);
+    let (_p, server, _dir) = coturn(&["--use-auth-secret", &secret]);
     wait_ready(server, None, Some(SECRET));
     let mut a = args(server, 10, 1.0);
     a.user = None;
@@ -250,53 +216,23 @@ fn coturn_with_rest_api_credentials() {
         r.setup.failures
     );
     assert!(!r.allocated_any());
-    std::fs::remove_dir_all(dir).ok();
-}
-
-/// `portico` from this workspace's target directory (scripts/test.sh builds it first).
-fn portico_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    for profile in ["debug", "release"] {
-        let p = target.join(profile).join("portico");
-        if p.is_file() && target.join(profile).join("portico-dataplane").is_file() {
-            return p;
-        }
-    }
-    panic!(
-        "no portico + portico-dataplane in {}: run `cargo build --workspace` first",
-        target.display()
-    );
 }
 
 #[test]
 fn portico_relays_measures_and_churns() {
-    let port = free_port("127.0.0.1".parse().unwrap()).unwrap();
-    let api = free_port("127.0.0.1".parse().unwrap()).unwrap();
-    let dir = std::env::temp_dir().join(format!("portico-perf-turn-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("portico.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = \"{}\"\nlog_level = \"warn\"\n[turn]\nlisten = [\"127.0.0.1:{port}\"]\n\
-             workers = 2\nrealm = \"perf\"\nusers = [{{ name = \"{USER}\", password = \"{PASSWORD}\" }}]\n\
-             allow_peers = [\"127.0.0.0/8\"]\n[api]\nlisten = \"127.0.0.1:{api}\"\n",
-            dir.join("state").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(portico_binary())
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start portico");
-    let main_pid = child.id();
-    let _p = Proc(child);
-    let server = SocketAddr::from(([127, 0, 0, 1], port));
+    // `portico` of this build (scripts/test.sh builds the workspace first).
+    let site = Portico::start(
+        "perf-turn",
+        Spec::new()
+            .log_level("warn")
+            .workers(2)
+            .turn(&format!(
+                "realm = \"perf\"\nusers = [{{ name = \"{USER}\", password = \"{PASSWORD}\" }}]"
+            ))
+            .loopback_peers(),
+    );
+    let main_pid = site.pid();
+    let server = site.udp4();
     wait_ready(server, Some((USER, PASSWORD)), None);
 
     // The dataplane is the control plane's child process; both are charged.
@@ -328,7 +264,6 @@ fn portico_relays_measures_and_churns() {
         r.setup.challenges_401, c.cycles,
         "every new client is challenged"
     );
-    std::fs::remove_dir_all(dir).ok();
 }
 
 /// A scripted TURN server: challenges the first Allocate, answers the credentialed one with

@@ -2,7 +2,7 @@
 //! HGETALL, PUBLISH and SUBSCRIBE. A crate such as `redis` would bring a connection manager,
 //! URL parsing, TLS and cluster support we do not use, and its dependency tree to every build;
 //! this is ~150 lines, with every read bounded in size and nesting, and tested against a real
-//! `redis-server` (controlplane/tests/fleet.rs).
+//! `redis-server` (controlplane/tests/fraud/fleet.rs).
 
 use std::io;
 use std::time::Duration;

@@ -442,9 +442,9 @@ mod tests {
 
     const MSG_FACILITY: u8 = 0x62;
 
-    /// Messages from pycrate (tests/h323/h225gen.py): `(command line, TPKT bytes)`.
+    /// Messages from pycrate (tests/proxy/h225gen.py): `(command line, TPKT bytes)`.
     fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-        include_str!("../../../tests/h323/seeds.txt")
+        include_str!("../../../tests/proxy/seeds.txt")
             .lines()
             .filter(|l| !l.starts_with('#'))
             .map(|l| {
