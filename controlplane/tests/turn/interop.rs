@@ -9,55 +9,19 @@
 //! regression. A missing tool fails the test.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use portico_shared::counters::Counter;
-use portico_testkit::process::{require, run, Run};
-use portico_testkit::turn::{CoturnPeer, PASSWORD, SHARED_SECRET, USER};
+use portico_testkit::process::{run, Run};
+use portico_testkit::turn::{PASSWORD, SHARED_SECRET, USER};
 use portico_testkit::{free_port, Portico, LOCAL4};
 
-use crate::turn_spec;
-
-/// Messages per client and clients per run: bounded load, a few seconds at 20 ms spacing.
-const MESSAGES: u64 = 100;
-const CLIENTS: u64 = 4;
-const LIMIT: Duration = Duration::from_secs(60);
-
-fn uclient() -> PathBuf {
-    require("turnutils_uclient", "coturn")
-}
-
-/// coturn's echo peer on a free port of 127.0.0.1, logging into `p`'s directory.
-fn coturn_peer(p: &Portico) -> CoturnPeer {
-    CoturnPeer::start(
-        &require("turnutils_peer", "coturn"),
-        SocketAddr::new(LOCAL4, free_port()),
-        &p.dir.join("turnutils_peer.log"),
-    )
-}
+use crate::{coturn_peer, totals, turn_spec, uclient, CLIENTS, LIMIT, MESSAGES};
 
 enum Creds {
     LongTerm,
     Rest,
     WrongPassword,
-}
-
-/// The client's own totals: (sent, received) from its last `start_mclient: tot_send_msgs=`
-/// line.
-fn totals(text: &str) -> Option<(u64, u64)> {
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.contains("start_mclient: tot_send_msgs="))?;
-    let num = |key: &str| -> Option<u64> {
-        let rest = &line[line.find(key)? + key.len()..];
-        rest.split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
-    Some((num("tot_send_msgs=")?, num("tot_recv_msgs=")?))
 }
 
 /// Relay ports of the allocations Portico logged ("allocation created ... relay=IP:PORT").

@@ -1,13 +1,23 @@
 //! TURN over UDP against the real `portico`: the kit's TURN client relaying to echo peers on
 //! both packet drivers, coturn's `turnutils_uclient` relaying through Portico, the API's
 //! view of allocations, and the RFC 5766 channel number range.
+//! TURN over TCP and TLS (RFC 8656 §3.1): `turnutils_uclient -t` and `-t -S`, the framing
+//! with an own stream client, bad input on a stream, a TLS alert mid-stream, a stalled TLS
+//! handshake.
 
-use portico_testkit::Spec;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use portico_testkit::process::require;
+use portico_testkit::turn::CoturnPeer;
+use portico_testkit::{free_port, Portico, Spec, LOCAL4};
 
 mod api;
 mod channel_range;
 mod interop;
 mod relay;
+mod tcp;
 
 /// A server on driver `io` (listening on 127.0.0.1 and [::1]) with the kit's TURN users and
 /// REST API secrets; with `loopback_peers` the test's own loopback peers are allowed (they
@@ -19,4 +29,41 @@ pub fn turn_spec(io: &'static str, loopback_peers: bool) -> Spec {
     } else {
         spec
     }
+}
+
+// coturn's `turnutils_uclient` (Debian package `coturn`), shared by interop.rs and tcp.rs.
+
+/// Messages per client and clients per run: bounded load, a few seconds at 20 ms spacing.
+pub const MESSAGES: u64 = 100;
+pub const CLIENTS: u64 = 4;
+pub const LIMIT: Duration = Duration::from_secs(60);
+
+pub fn uclient() -> PathBuf {
+    require("turnutils_uclient", "coturn")
+}
+
+/// coturn's echo peer on a free port of 127.0.0.1, logging into `p`'s directory.
+pub fn coturn_peer(p: &Portico) -> CoturnPeer {
+    CoturnPeer::start(
+        &require("turnutils_peer", "coturn"),
+        SocketAddr::new(LOCAL4, free_port()),
+        &p.dir.join("turnutils_peer.log"),
+    )
+}
+
+/// The client's own totals: (sent, received) from its last `start_mclient: tot_send_msgs=`
+/// line.
+pub fn totals(text: &str) -> Option<(u64, u64)> {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("start_mclient: tot_send_msgs="))?;
+    let num = |key: &str| -> Option<u64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((num("tot_send_msgs=")?, num("tot_recv_msgs=")?))
 }

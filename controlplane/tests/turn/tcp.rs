@@ -5,61 +5,37 @@
 //! a valid message, a TLS alert mid-stream) gets a clean close and a counter while a UDP
 //! relay stream next to it loses nothing.
 
-mod common;
-mod turn_common;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::net::{expect_closed, tcp_connect};
-use common::ports::free_port;
-use common::server::{Portico, Setup, LOCAL4};
-use common::tools::{require, run};
-use portico_dataplane::stun::{attr, method, Message};
 use portico_shared::counters::Counter;
-use turn_common::{
-    decode_relayed, turn_setup, udp_transport, CoturnPeer, EchoPeer, Relayed, TurnClient, PASSWORD,
-    USER,
+use portico_testkit::net::{expect_closed, tcp_connect};
+use portico_testkit::process::run;
+use portico_testkit::stun::{
+    new_tid, Msg, ALLOCATE, BINDING, CHANNEL_BIND, CHANNEL_NUMBER, NONCE, REALM,
+    XOR_MAPPED_ADDRESS, XOR_PEER_ADDRESS, XOR_RELAYED_ADDRESS,
 };
+use portico_testkit::turn::{
+    decode_relayed, udp_transport, EchoPeer, Relayed, TurnClient, PASSWORD, USER,
+};
+use portico_testkit::{free_port, Portico, Spec, LOCAL4};
 
-const MESSAGES: u64 = 100;
-const CLIENTS: u64 = 4;
-const LIMIT: Duration = Duration::from_secs(60);
+use crate::{coturn_peer, totals, turn_spec, uclient, CLIENTS, LIMIT, MESSAGES};
 
-/// A TURN setup with a TLS listener on a free port of 127.0.0.1; returns it and the port.
-fn tls_setup(io: &'static str) -> (Setup, u16) {
-    let port = free_port(&[LOCAL4]);
-    let mut s = turn_setup(io, true);
-    s.turn_extra = format!("listen_tls = [\"127.0.0.1:{port}\"]\n{}", s.turn_extra);
-    (s, port)
-}
-
-fn totals(text: &str) -> Option<(u64, u64)> {
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.contains("start_mclient: tot_send_msgs="))?;
-    let num = |key: &str| -> Option<u64> {
-        let rest = &line[line.find(key)? + key.len()..];
-        rest.split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
-    Some((num("tot_send_msgs=")?, num("tot_recv_msgs=")?))
+/// A TURN spec with a TLS listener on a free port of 127.0.0.1; returns it and the port.
+fn tls_spec(io: &'static str) -> (Spec, u16) {
+    let port = free_port();
+    let spec = turn_spec(io, true).turn(&format!("listen_tls = [\"127.0.0.1:{port}\"]"));
+    (spec, port)
 }
 
 /// `turnutils_uclient` with `flags` to `port`, relaying to a `turnutils_peer`: every
 /// message comes back, and the traffic went through Portico's TCP thread.
 fn uclient_without_loss(p: &Portico, port: u16, flags: &[&str]) {
-    let tool = require("turnutils_uclient", "coturn");
-    let peer = CoturnPeer::start(
-        &require("turnutils_peer", "coturn"),
-        SocketAddr::new(LOCAL4, free_port(&[LOCAL4])),
-    );
+    let peer = coturn_peer(p);
     let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
     let n = MESSAGES.to_string();
     let m = CLIENTS.to_string();
@@ -87,7 +63,7 @@ fn uclient_without_loss(p: &Portico, port: u16, flags: &[&str]) {
         ]
         .map(String::from),
     );
-    let r = run(&tool, &args, LIMIT);
+    let r = run(&uclient(), &args, &[], LIMIT);
     let what = format!("turnutils_uclient {flags:?}");
     assert!(!r.timed_out, "{what} did not finish:\n{}", r.text);
     assert_eq!(r.code, Some(0), "{what} failed:\n{}", r.text);
@@ -109,8 +85,8 @@ fn uclient_without_loss(p: &Portico, port: u16, flags: &[&str]) {
 
 #[test]
 fn uclient_over_tcp_channel_data() {
-    let p = Portico::start_tagged("turn-tcp", turn_setup("auto", true));
-    uclient_without_loss(&p, p.layout.port, &["-t"]);
+    let p = Portico::start("turn-tcp", turn_spec("auto", true));
+    uclient_without_loss(&p, p.port, &["-t"]);
     // The allocations end with their connections.
     let deadline = Instant::now() + Duration::from_secs(5);
     while p.counter(Counter::TurnAllocationsActive) != 0 && Instant::now() < deadline {
@@ -121,22 +97,22 @@ fn uclient_over_tcp_channel_data() {
 
 #[test]
 fn uclient_over_tcp_send_indications_without_rtcp() {
-    let p = Portico::start_tagged("turn-tcp-s", turn_setup("epoll", true));
-    uclient_without_loss(&p, p.layout.port, &["-t", "-s", "-c"]);
+    let p = Portico::start("turn-tcp-s", turn_spec("epoll", true));
+    uclient_without_loss(&p, p.port, &["-t", "-s", "-c"]);
 }
 
 #[test]
 fn uclient_over_tls_channel_data() {
-    let (setup, port) = tls_setup("auto");
-    let p = Portico::start_tagged("turn-tls", setup);
+    let (spec, port) = tls_spec("auto");
+    let p = Portico::start("turn-tls", spec);
     uclient_without_loss(&p, port, &["-t", "-S"]);
     assert!(p.counter(Counter::TlsHandshakes) >= CLIENTS);
 }
 
 #[test]
 fn uclient_over_tls_send_indications() {
-    let (setup, port) = tls_setup("auto");
-    let p = Portico::start_tagged("turn-tls-s", setup);
+    let (spec, port) = tls_spec("auto");
+    let p = Portico::start("turn-tls-s", spec);
     uclient_without_loss(&p, port, &["-t", "-S", "-s"]);
 }
 
@@ -224,42 +200,37 @@ impl Stream {
 fn allocate_and_bind(s: &mut Stream, peer: SocketAddr) -> SocketAddr {
     // The client only builds messages; its UDP socket is not used.
     let mut c = TurnClient::new(SocketAddr::new(LOCAL4, 9), USER, PASSWORD);
-    let r = s.transact(&c.build(method::ALLOCATE, &turn_common::new_tid(), &udp_transport));
-    let m = Message::parse(&r).unwrap();
+    let m = parse(&s.transact(&c.build(ALLOCATE, &new_tid(), &udp_transport)));
     assert_eq!(error_code(&m), Some(401));
-    c.realm = m.get(attr::REALM).map(|v| v.to_vec());
-    c.nonce = m.get(attr::NONCE).map(|v| v.to_vec());
-    let r = s.transact(&c.build(method::ALLOCATE, &turn_common::new_tid(), &udp_transport));
-    let m = Message::parse(&r).unwrap();
+    c.realm = m.get(REALM).map(<[u8]>::to_vec);
+    c.nonce = m.get(NONCE).map(<[u8]>::to_vec);
+    let m = parse(&s.transact(&c.build(ALLOCATE, &new_tid(), &udp_transport)));
     assert_eq!(error_code(&m), None, "Allocate over a stream succeeds");
-    let tid = m.transaction_id();
-    let relayed = attr::decode_xor_address(m.get(attr::XOR_RELAYED_ADDRESS).unwrap(), &tid)
-        .expect("XOR-RELAYED-ADDRESS");
-    let mapped = attr::decode_xor_address(m.get(attr::XOR_MAPPED_ADDRESS).unwrap(), &tid)
-        .expect("XOR-MAPPED-ADDRESS");
+    let relayed = m
+        .xor_address(XOR_RELAYED_ADDRESS)
+        .unwrap_or_else(|| panic!("no XOR-RELAYED-ADDRESS"));
+    let mapped = m
+        .xor_address(XOR_MAPPED_ADDRESS)
+        .unwrap_or_else(|| panic!("no XOR-MAPPED-ADDRESS"));
     assert_eq!(
         mapped,
         s.tcp().local_addr().unwrap(),
         "mapped = the client's end"
     );
-    let r = s.transact(
-        &c.build(method::CHANNEL_BIND, &turn_common::new_tid(), &|w| {
-            w.add_attribute(attr::CHANNEL_NUMBER, &[0x40, 0x01, 0, 0])
-                .unwrap();
-            w.add_xor_address(attr::XOR_PEER_ADDRESS, peer).unwrap();
-        }),
-    );
-    assert_eq!(
-        error_code(&Message::parse(&r).unwrap()),
-        None,
-        "ChannelBind"
-    );
+    let r = s.transact(&c.build(CHANNEL_BIND, &new_tid(), &|b| {
+        b.attr(CHANNEL_NUMBER, &[0x40, 0x01, 0, 0])
+            .xor_address(XOR_PEER_ADDRESS, peer)
+    }));
+    assert_eq!(error_code(&parse(&r)), None, "ChannelBind");
     relayed
 }
 
-fn error_code(m: &Message<'_>) -> Option<u16> {
-    let v = m.get(attr::ERROR_CODE)?;
-    Some(u16::from(v[2]) * 100 + u16::from(v[3]))
+fn parse(frame: &[u8]) -> Msg {
+    Msg::parse(frame).unwrap_or_else(|e| panic!("not STUN ({e}): {frame:02x?}"))
+}
+
+fn error_code(m: &Msg) -> Option<u16> {
+    m.error_code().map(|(code, _)| code)
 }
 
 fn channel_data(data: &[u8]) -> Vec<u8> {
@@ -347,17 +318,13 @@ fn expect_closed_after_alert(t: &mut TcpStream, what: &str) {
     }
 }
 
-fn wait_counter_at_least(p: &Portico, c: Counter, n: u64) -> u64 {
-    p.wait_counter(c, n)
-}
-
 fn cert_of(p: &Portico) -> PathBuf {
-    p.layout.state_dir.join("cert.pem")
+    p.state_dir.join("cert.pem")
 }
 
 #[test]
 fn framing_over_tcp_and_bad_input_close_cleanly() {
-    let p = Portico::start_tagged("turn-tcp-own", turn_setup("auto", true));
+    let p = Portico::start("turn-tcp-own", turn_spec("auto", true));
     let peer = EchoPeer::start(LOCAL4);
     let server = p.udp4();
     let got = udp_stream_during(&p, 400, || {
@@ -368,17 +335,13 @@ fn framing_over_tcp_and_bad_input_close_cleanly() {
         echo_over(&mut s, &peer);
         let deleted = p.counter(Counter::TurnAllocationsDeleted);
         drop(s);
-        wait_counter_at_least(&p, Counter::TurnAllocationsDeleted, deleted + 1);
+        p.wait_counter(Counter::TurnAllocationsDeleted, deleted + 1);
 
         // Garbage after a valid message: the message is answered, then the connection is
         // closed and counted.
         let framing = p.counter(Counter::DropTcpFraming);
         let mut s = tcp_connect(server);
-        let mut b = TurnClient::new(server, USER, PASSWORD).build(
-            method::BINDING,
-            &turn_common::new_tid(),
-            &|_| {},
-        );
+        let mut b = TurnClient::new(server, USER, PASSWORD).build(BINDING, &new_tid(), &|b| b);
         b.extend_from_slice(b"\xff\xffGARBAGE!");
         s.write_all(&b).unwrap();
         let mut head = [0u8; 20];
@@ -391,7 +354,7 @@ fn framing_over_tcp_and_bad_input_close_cleanly() {
         let mut rest = vec![0u8; usize::from(u16::from_be_bytes([head[2], head[3]]))];
         s.read_exact(&mut rest).unwrap();
         expect_closed(&mut s, Duration::from_secs(5), "garbage after a message");
-        wait_counter_at_least(&p, Counter::DropTcpFraming, framing + 1);
+        p.wait_counter(Counter::DropTcpFraming, framing + 1);
 
         // A frame longer than the limit (a ChannelData claiming 60000 bytes): closed.
         let mut s = Stream::Tcp(tcp_connect(server));
@@ -404,9 +367,9 @@ fn framing_over_tcp_and_bad_input_close_cleanly() {
         };
         let _ = t.write_all(&big);
         expect_closed(&mut t, Duration::from_secs(5), "an oversized frame");
-        wait_counter_at_least(&p, Counter::DropTcpFraming, framing + 2);
+        p.wait_counter(Counter::DropTcpFraming, framing + 2);
         // Its allocation went with it.
-        wait_counter_at_least(&p, Counter::TurnAllocationsDeleted, deleted + 1);
+        p.wait_counter(Counter::TurnAllocationsDeleted, deleted + 1);
 
         // A truncated frame, then the client goes away: its allocation ends.
         let mut s = Stream::Tcp(tcp_connect(server));
@@ -415,7 +378,7 @@ fn framing_over_tcp_and_bad_input_close_cleanly() {
         s.write(&channel_data(b"whole")[..6]);
         let Stream::Tcp(t) = s else { unreachable!() };
         t.shutdown(std::net::Shutdown::Both).unwrap();
-        wait_counter_at_least(&p, Counter::TurnAllocationsDeleted, deleted + 1);
+        p.wait_counter(Counter::TurnAllocationsDeleted, deleted + 1);
     });
     assert_eq!(got, 400, "the UDP relay stream lost datagrams meanwhile");
     assert_eq!(
@@ -427,8 +390,8 @@ fn framing_over_tcp_and_bad_input_close_cleanly() {
 
 #[test]
 fn framing_over_tls_and_an_alert_mid_stream() {
-    let (setup, port) = tls_setup("auto");
-    let p = Portico::start_tagged("turn-tls-own", setup);
+    let (spec, port) = tls_spec("auto");
+    let p = Portico::start("turn-tls-own", spec);
     let peer = EchoPeer::start(LOCAL4);
     let tls_addr = SocketAddr::new(LOCAL4, port);
     let got = udp_stream_during(&p, 300, || {
@@ -448,19 +411,15 @@ fn framing_over_tls_and_an_alert_mid_stream() {
             .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])
             .unwrap();
         expect_closed_after_alert(&mut t.sock, "an alert mid-stream");
-        wait_counter_at_least(&p, Counter::TcpClosedTlsError, errors + 1);
-        wait_counter_at_least(&p, Counter::TurnAllocationsDeleted, deleted + 1);
+        p.wait_counter(Counter::TcpClosedTlsError, errors + 1);
+        p.wait_counter(Counter::TurnAllocationsDeleted, deleted + 1);
 
         // Plain STUN on the TLS port is not a handshake: closed and counted.
         let mut t = tcp_connect(tls_addr);
-        let b = TurnClient::new(tls_addr, USER, PASSWORD).build(
-            method::BINDING,
-            &turn_common::new_tid(),
-            &|_| {},
-        );
+        let b = TurnClient::new(tls_addr, USER, PASSWORD).build(BINDING, &new_tid(), &|b| b);
         t.write_all(&b).unwrap();
         expect_closed_after_alert(&mut t, "plain STUN on the TLS port");
-        wait_counter_at_least(&p, Counter::TcpClosedTlsError, errors + 2);
+        p.wait_counter(Counter::TcpClosedTlsError, errors + 2);
     });
     assert_eq!(got, 300, "the UDP relay stream lost datagrams meanwhile");
 }
@@ -469,8 +428,8 @@ fn framing_over_tls_and_an_alert_mid_stream() {
 /// deadline is 10 s, so this checks only that a half-open connection does not block others.
 #[test]
 fn a_stalled_tls_handshake_does_not_block_others() {
-    let (setup, port) = tls_setup("auto");
-    let p = Portico::start_tagged("turn-tls-stall", setup);
+    let (spec, port) = tls_spec("auto");
+    let p = Portico::start("turn-tls-stall", spec);
     let tls_addr = SocketAddr::new(LOCAL4, port);
     let _stalled = tcp_connect(tls_addr);
     let peer = EchoPeer::start(LOCAL4);
