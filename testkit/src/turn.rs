@@ -410,11 +410,14 @@ impl EchoPeer {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
                 if let Some((bytes, from)) = recv_within(&sock, Duration::from_millis(50)) {
-                    if sock.send_to(&bytes, from).is_ok() {
-                        e.fetch_add(1, Ordering::Relaxed);
-                    }
+                    // Counted and recorded before the echo leaves: a test that has received
+                    // the echo must find it counted (counting after the send raced with it).
                     if let Ok(mut v) = s.lock() {
                         v.push(from);
+                    }
+                    e.fetch_add(1, Ordering::SeqCst);
+                    if sock.send_to(&bytes, from).is_err() {
+                        e.fetch_sub(1, Ordering::SeqCst);
                     }
                 }
             }
@@ -429,7 +432,7 @@ impl EchoPeer {
     }
 
     pub fn count(&self) -> usize {
-        self.echoed.load(Ordering::Relaxed)
+        self.echoed.load(Ordering::SeqCst)
     }
 }
 
