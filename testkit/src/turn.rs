@@ -410,11 +410,14 @@ impl EchoPeer {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
                 if let Some((bytes, from)) = recv_within(&sock, Duration::from_millis(50)) {
-                    if sock.send_to(&bytes, from).is_ok() {
-                        e.fetch_add(1, Ordering::Relaxed);
-                    }
+                    // Counted and noted before the echo leaves, so a test that has its
+                    // echo back sees the count (counting after the send raced with it).
                     if let Ok(mut v) = s.lock() {
                         v.push(from);
+                    }
+                    e.fetch_add(1, Ordering::Relaxed);
+                    if sock.send_to(&bytes, from).is_err() {
+                        e.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
             }
