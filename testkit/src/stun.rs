@@ -70,6 +70,9 @@ pub const REQUESTED_ADDRESS_FAMILY: u16 = 0x0017;
 pub const REQUESTED_TRANSPORT: u16 = 0x0019;
 pub const XOR_MAPPED_ADDRESS: u16 = 0x0020;
 pub const RESPONSE_PORT: u16 = 0x0027;
+/// RFC 8656 §18.11, §18.12: a dual allocation's request, and why one family was not given.
+pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
+pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
 pub const SOFTWARE: u16 = 0x8022;
 pub const FINGERPRINT: u16 = 0x8028;
 pub const RESPONSE_ORIGIN: u16 = 0x802B;
@@ -326,6 +329,19 @@ impl Msg {
         mask[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
         mask[4..].copy_from_slice(&self.tid());
         self.get(typ).map(|v| decode_address(v, Some(&mask)))
+    }
+
+    /// Every XOR-*-ADDRESS attribute of type `typ`, decoded, in order (a dual allocation's
+    /// answer has two XOR-RELAYED-ADDRESS).
+    pub fn xor_addresses(&self, typ: u16) -> Vec<SocketAddr> {
+        let mut mask = [0u8; 16];
+        mask[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        mask[4..].copy_from_slice(&self.tid());
+        self.attrs
+            .iter()
+            .filter(|(t, _, _)| *t == typ)
+            .map(|(_, v, _)| decode_address(v, Some(&mask)))
+            .collect()
     }
 
     pub fn xor_mapped(&self) -> Option<SocketAddr> {

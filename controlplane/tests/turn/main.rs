@@ -1,21 +1,24 @@
 //! TURN over UDP against the real `portico`: the kit's TURN client relaying to echo peers on
 //! both packet drivers, coturn's `turnutils_uclient` relaying through Portico, the API's
 //! view of allocations, and the RFC 5766 channel number range.
+//! IPv6 relays (RFC 8656 §7.2, RFC 6156): `turnutils_uclient -x` to a peer on ::1, dual
+//! allocations with the kit's client, 440 where a family cannot be served.
 //! TURN over TCP and TLS (RFC 8656 §3.1): `turnutils_uclient -t` and `-t -S`, the framing
 //! with an own stream client, bad input on a stream, a TLS alert mid-stream, a stalled TLS
 //! handshake.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use portico_testkit::process::require;
 use portico_testkit::turn::CoturnPeer;
-use portico_testkit::{free_port, Portico, Spec, LOCAL4};
+use portico_testkit::{free_port_on, Portico, Spec, LOCAL4};
 
 mod api;
 mod channel_range;
 mod interop;
+mod ipv6;
 mod relay;
 mod tcp;
 
@@ -44,10 +47,18 @@ pub fn uclient() -> PathBuf {
 
 /// coturn's echo peer on a free port of 127.0.0.1, logging into `p`'s directory.
 pub fn coturn_peer(p: &Portico) -> CoturnPeer {
+    coturn_peer_on(p, LOCAL4)
+}
+
+/// coturn's echo peer on a free port of `ip` (127.0.0.1 or ::1).
+pub fn coturn_peer_on(p: &Portico, ip: IpAddr) -> CoturnPeer {
     CoturnPeer::start(
         &require("turnutils_peer", "coturn"),
-        SocketAddr::new(LOCAL4, free_port()),
-        &p.dir.join("turnutils_peer.log"),
+        SocketAddr::new(ip, free_port_on(&[ip])),
+        &p.dir.join(format!(
+            "turnutils_peer-{}.log",
+            if ip.is_ipv4() { 4 } else { 6 }
+        )),
     )
 }
 

@@ -183,7 +183,7 @@ impl AllocationTable for ShmAllocations {
             r.publish(&AllocInfo {
                 id: a.id,
                 client: a.client,
-                relay: a.relay_public,
+                relay: a.relay.public,
                 created_unix: now.unix.saturating_sub(age),
                 expires_unix: now.unix + left,
                 permissions: a.permissions.len() as u32,

@@ -67,17 +67,33 @@ pub struct Traffic {
     pub bytes_to_client: u64,
 }
 
+/// One relayed transport address of an allocation and the relay socket behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Relay {
+    /// The driver's socket index.
+    pub socket: usize,
+    /// Address the relay socket is bound to.
+    pub local: SocketAddr,
+    /// Address told to the client (external_ip when behind a static NAT map).
+    pub public: SocketAddr,
+}
+
 #[derive(Debug)]
 pub struct Allocation {
     pub id: u64,
     pub client: SocketAddr,
     /// Listen socket the client talks to; replies and relayed data leave from it.
     pub listen_socket: usize,
-    pub relay_socket: usize,
-    /// Address the relay socket is bound to.
-    pub relay_local: SocketAddr,
-    /// Address told to the client (external_ip when behind a static NAT map).
-    pub relay_public: SocketAddr,
+    /// The relayed address of the family the Allocate asked for (IPv4 unless
+    /// REQUESTED-ADDRESS-FAMILY said IPv6).
+    pub relay: Relay,
+    /// The other family's relayed address of a dual allocation (ADDITIONAL-ADDRESS-FAMILY,
+    /// RFC 8656 §7.2). Permissions and channels are per IP address, so per family: each
+    /// peer is reached from the relay of its own family.
+    pub second: Option<Relay>,
+    /// The ADDRESS-ERROR-CODE of the Allocate's answer (the additional family could not be
+    /// served: 440 or 508), repeated to a retransmission.
+    pub family_error: Option<u16>,
     pub created: Instant,
     pub expires: Instant,
     /// Transaction of the Allocate that made it: a retransmission gets the same answer.
@@ -94,6 +110,16 @@ pub struct Allocation {
 }
 
 impl Allocation {
+    /// The relayed addresses, the requested family's first.
+    pub fn relays(&self) -> impl Iterator<Item = &Relay> {
+        std::iter::once(&self.relay).chain(self.second.as_ref())
+    }
+
+    /// The relay of a family, if the allocation has one.
+    pub fn relay_for(&self, v4: bool) -> Option<&Relay> {
+        self.relays().find(|r| r.local.is_ipv4() == v4)
+    }
+
     pub fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
         self.permissions
             .iter()
@@ -219,7 +245,7 @@ impl Table {
 
     pub fn insert(&mut self, a: Allocation) -> usize {
         let key = (a.client, a.listen_socket);
-        let relay = a.relay_socket;
+        let sockets: Vec<usize> = a.relays().map(|r| r.socket).collect();
         let slot = match self.free.pop() {
             Some(s) => {
                 self.slots[s] = Some(a);
@@ -231,21 +257,50 @@ impl Table {
             }
         };
         self.by_client.insert(key, slot);
-        if relay >= self.by_relay.len() {
-            self.by_relay.resize(relay + 1, 0);
+        for relay in sockets {
+            if relay >= self.by_relay.len() {
+                self.by_relay.resize(relay + 1, 0);
+            }
+            self.by_relay[relay] = slot as u32 + 1;
         }
-        self.by_relay[relay] = slot as u32 + 1;
         slot
     }
 
     pub fn remove(&mut self, slot: usize) -> Option<Allocation> {
         let a = self.slots.get_mut(slot)?.take()?;
         self.by_client.remove(&(a.client, a.listen_socket));
-        if let Some(v) = self.by_relay.get_mut(a.relay_socket) {
-            *v = 0;
+        for r in a.relays() {
+            if let Some(v) = self.by_relay.get_mut(r.socket) {
+                *v = 0;
+            }
         }
         self.free.push(slot);
         Some(a)
+    }
+
+    /// Takes one family's relay out of a dual allocation (the other stays, and becomes
+    /// [`Allocation::relay`] if it was the second), with the permissions and channels of
+    /// that family. Returns the relay and how many permissions and channels went; `None`
+    /// when the allocation has no second relay or none of that family.
+    pub fn remove_relay(&mut self, slot: usize, v4: bool) -> Option<(Relay, usize, usize)> {
+        let a = self.slots.get_mut(slot)?.as_mut()?;
+        let second = a.second?;
+        let gone = if a.relay.local.is_ipv4() == v4 {
+            std::mem::replace(&mut a.relay, second)
+        } else if second.local.is_ipv4() == v4 {
+            second
+        } else {
+            return None;
+        };
+        a.second = None;
+        let (p, c) = (a.permissions.len(), a.channels.len());
+        a.permissions.retain(|p| p.ip.is_ipv4() != v4);
+        a.channels.retain(|c| c.peer.is_ipv4() != v4);
+        let (p, c) = (p - a.permissions.len(), c - a.channels.len());
+        if let Some(v) = self.by_relay.get_mut(gone.socket) {
+            *v = 0;
+        }
+        Some((gone, p, c))
     }
 
     pub fn slots(&self) -> impl Iterator<Item = (usize, &Allocation)> {

@@ -324,7 +324,12 @@ impl Turn {
             cx.stats.incr(Counter::DropNoChannel);
             return Action::Drop;
         };
-        to_peer(a, cx, d.start + 4, len, peer)
+        // A channel is only bound to a peer of a family the allocation relays.
+        let Some(socket) = a.relay_for(peer.is_ipv4()).map(|r| r.socket) else {
+            cx.stats.incr(Counter::DropNoChannel);
+            return Action::Drop;
+        };
+        to_peer(a, cx, d.start + 4, len, peer, socket)
     }
 
     /// A Send indication (RFC 8656 §11.2): DATA goes to XOR-PEER-ADDRESS if permitted.
@@ -364,14 +369,15 @@ impl Turn {
         // Permissions are per IP address, but the exception for the server's own relays is
         // per port range: check the policy again so a permission for this box's address
         // cannot reach its other services.
-        if peer.is_ipv4() != a.relay_local.is_ipv4()
-            || !a.has_permission(peer.ip(), cx.now.mono)
-            || cx.settings.policy.check(peer.ip(), peer.port()).is_err()
-        {
+        let socket = a.relay_for(peer.is_ipv4()).map(|r| r.socket);
+        let Some(socket) = socket.filter(|_| {
+            a.has_permission(peer.ip(), cx.now.mono)
+                && cx.settings.policy.check(peer.ip(), peer.port()).is_ok()
+        }) else {
             cx.stats.incr(Counter::DropNoPermission);
             return Action::Drop;
-        }
-        to_peer(a, cx, d.start + off, len, peer)
+        };
+        to_peer(a, cx, d.start + off, len, peer, socket)
     }
 
     /// A datagram from a peer on a relay socket: to the client as ChannelData when a
@@ -432,7 +438,9 @@ impl Turn {
     /// Ends an allocation: closes its relay socket and gives back its quota.
     fn end(&mut self, cx: &mut Ctx<'_>, slot: usize, reason: Counter) -> Option<Allocation> {
         let a = self.table.remove(slot)?;
-        cx.io.close(a.relay_socket);
+        for r in a.relays() {
+            cx.io.close(r.socket);
+        }
         self.control.allocations.remove(a.id);
         self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
         self.shared.release_user(&a.username);
@@ -445,7 +453,7 @@ impl Turn {
         tracing::info!(
             id = a.id,
             client = %a.client,
-            relay = %a.relay_public,
+            relay = %a.relay.public,
             user = %a.username,
             reason = if reason == Counter::TurnAllocationsExpired { "expired" } else { "deleted" },
             "allocation ended"
@@ -598,13 +606,14 @@ fn next_tid(state: &mut u64) -> [u8; 12] {
 }
 
 /// Client-to-peer data at `buf[offset..offset + len]`: bandwidth cap, accounting, send from
-/// the relay socket.
+/// the relay socket of the peer's family.
 fn to_peer(
     a: &mut Allocation,
     cx: &mut Ctx<'_>,
     offset: usize,
     len: usize,
     peer: SocketAddr,
+    socket: usize,
 ) -> Action {
     if !a.up.take(cx.now.mono, cx.settings.max_bandwidth, len) {
         cx.stats.incr(Counter::DropBandwidth);
@@ -617,7 +626,7 @@ fn to_peer(
     Action::Send {
         offset,
         len,
-        socket: a.relay_socket,
+        socket,
         to: peer,
     }
 }

@@ -11,7 +11,7 @@ use portico_shared::counters::Counter;
 use portico_shared::shm::EventKind;
 
 use super::allocation::{
-    Allocation, Bucket, Channel, Permission, Traffic, CHANNEL_LIFETIME, PERMISSION_LIFETIME,
+    Allocation, Bucket, Channel, Permission, Relay, Traffic, CHANNEL_LIFETIME, PERMISSION_LIFETIME,
 };
 use super::auth::{AuthError, Authed, Integrity, NONCE_BYTES};
 use super::policy::{self, Denied};
@@ -129,9 +129,12 @@ impl Req {
 enum Success {
     Allocate {
         relayed: SocketAddr,
+        /// The IPv6 relayed address of a dual allocation.
+        second: Option<SocketAddr>,
         lifetime: u32,
         token: Option<[u8; 8]>,
-        family_error: bool,
+        /// Why the additional family was not allocated (ADDRESS-ERROR-CODE).
+        family_error: Option<Failure>,
     },
     Refresh {
         lifetime: u32,
@@ -152,6 +155,15 @@ const FAMILY_NOT_SUPPORTED: Failure = Failure(440, "Address Family not Supported
 const FAMILY_MISMATCH: Failure = Failure(443, "Peer Address Family Mismatch");
 const QUOTA: Failure = Failure(486, "Allocation Quota Reached");
 const CAPACITY: Failure = Failure(508, "Insufficient Capacity");
+
+/// The failure an ADDRESS-ERROR-CODE code stands for.
+fn family_failure(code: u16) -> Failure {
+    if code == CAPACITY.0 {
+        CAPACITY
+    } else {
+        FAMILY_NOT_SUPPORTED
+    }
+}
 
 impl Turn {
     /// Handles a TURN request in `buf[d.start..d.start + d.len]`; the response is written at
@@ -273,10 +285,11 @@ impl Turn {
             return match self.table.get(slot) {
                 Some(a) if a.tid == req.tid && *a.username == *authed.username => {
                     Ok(Success::Allocate {
-                        relayed: a.relay_public,
+                        relayed: a.relay.public,
+                        second: a.second.map(|r| r.public),
                         lifetime: a.expires.saturating_duration_since(now.mono).as_secs() as u32,
                         token: a.reservation_token,
-                        family_error: req.additional_family == Some(FAMILY_V6),
+                        family_error: a.family_error.map(family_failure),
                     })
                 }
                 _ => Err(MISMATCH),
@@ -287,22 +300,31 @@ impl Turn {
             Some(UDP) => {}
             Some(_) => return Err(UNSUPPORTED_TRANSPORT),
         }
-        if req.token.is_some() && (req.even_port.is_some() || req.family.is_some()) {
+        // RFC 8656 §7.2: a reservation is one socket of one family, so RESERVATION-TOKEN
+        // goes with neither EVEN-PORT nor a family attribute; ADDITIONAL-ADDRESS-FAMILY may
+        // only name IPv6 (the IPv4 relay being the default) and never comes with
+        // REQUESTED-ADDRESS-FAMILY.
+        if req.token.is_some()
+            && (req.even_port.is_some() || req.family.is_some() || req.additional_family.is_some())
+        {
             return Err(BAD_REQUEST);
         }
         if req.family.is_some() && req.additional_family.is_some() {
             return Err(BAD_REQUEST);
         }
+        let dual = match req.additional_family {
+            None => false,
+            Some(FAMILY_V6) => true,
+            Some(_) => return Err(BAD_REQUEST),
+        };
         let v4 = match req.family {
             None | Some(FAMILY_V4) => true,
             Some(FAMILY_V6) => false,
             Some(_) => return Err(FAMILY_NOT_SUPPORTED),
         };
-        // Dual allocation (ADDITIONAL-ADDRESS-FAMILY IPv6) is not offered: the IPv4 relay is
-        // allocated and the IPv6 part reported failed, as RFC 8656 §7.2 allows.
-        let family_error = req.additional_family == Some(FAMILY_V6);
-        if req.additional_family == Some(FAMILY_V4) {
-            return Err(BAD_REQUEST);
+        // A family the server has no relay address for: 440 before any quota is taken.
+        if req.token.is_none() && s.relay_ip(v4).is_none() {
+            return Err(FAMILY_NOT_SUPPORTED);
         }
 
         // Quotas: server-wide, then per user.
@@ -329,7 +351,7 @@ impl Turn {
             cx.stats.incr(Counter::TurnQuotaRejected);
             return Err(QUOTA);
         }
-        let opened = self.open_relay(cx, req, v4);
+        let opened = self.open_relay(cx, req, v4, true);
         let (socket, local, token) = match opened {
             Ok(x) => x,
             Err(f) => {
@@ -339,16 +361,43 @@ impl Turn {
                 return Err(f);
             }
         };
+        let relay = Relay {
+            socket,
+            local,
+            public: s.public_address(local),
+        };
+        // The additional IPv6 relay of a dual allocation: a random port of the range (EVEN-PORT
+        // is about the first relay). If it cannot be had, the IPv4 allocation stands and the
+        // answer says why in ADDRESS-ERROR-CODE (RFC 8656 §7.2).
+        let (second, family_error) = if !dual {
+            (None, None)
+        } else if s.relay_ip(false).is_none() {
+            (None, Some(FAMILY_NOT_SUPPORTED))
+        } else {
+            match self.open_relay(cx, req, false, false) {
+                Ok((socket, local, _)) => {
+                    let public = s.public_address(local);
+                    (
+                        Some(Relay {
+                            socket,
+                            local,
+                            public,
+                        }),
+                        None,
+                    )
+                }
+                Err(f) => (None, Some(f)),
+            }
+        };
         let lifetime = Self::lifetime(s, req.lifetime);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let relay_public = s.public_address(local);
         let a = Allocation {
             id,
             client: d.from,
             listen_socket: d.socket,
-            relay_socket: socket,
-            relay_local: local,
-            relay_public,
+            relay,
+            second,
+            family_error: family_error.map(|f| f.0),
             created: now.mono,
             expires: now.mono + lifetime,
             tid: req.tid,
@@ -369,32 +418,48 @@ impl Turn {
         }
         cx.stats.incr(Counter::TurnAllocationsCreated);
         cx.stats.add(Counter::TurnAllocationsActive, 1);
-        tracing::info!(
-            id,
-            client = %d.from,
-            relay = %relay_public,
-            user = %authed.username,
-            lifetime = lifetime.as_secs(),
-            "allocation created"
-        );
+        match (second, family_error) {
+            (Some(r), _) => tracing::info!(
+                id,
+                client = %d.from,
+                relay = %relay.public,
+                relay6 = %r.public,
+                user = %authed.username,
+                lifetime = lifetime.as_secs(),
+                "allocation created"
+            ),
+            (None, f) => tracing::info!(
+                id,
+                client = %d.from,
+                relay = %relay.public,
+                user = %authed.username,
+                lifetime = lifetime.as_secs(),
+                ipv6_refused = f.map(|f| f.0),
+                "allocation created"
+            ),
+        }
         Ok(Success::Allocate {
-            relayed: relay_public,
+            relayed: relay.public,
+            second: second.map(|r| r.public),
             lifetime: lifetime.as_secs() as u32,
             token,
             family_error,
         })
     }
 
-    /// Binds the relay socket: a redeemed reservation, an even port (with its odd neighbour
-    /// reserved when asked), or a random port of the range.
+    /// Binds a relay socket of family `v4`: for the `first` relay of an allocation a redeemed
+    /// reservation, an even port (with its odd neighbour reserved when asked), or a random
+    /// port of the range; for the second relay of a dual allocation, a random port.
     fn open_relay(
         &mut self,
         cx: &mut Ctx<'_>,
         req: &Req,
         v4: bool,
+        first: bool,
     ) -> Result<(usize, SocketAddr, Option<[u8; 8]>), Failure> {
         let (s, now, io) = (cx.settings, cx.now, &mut *cx.io);
-        if let Some(token) = req.token {
+        let even_port = if first { req.even_port } else { None };
+        if let (Some(token), true) = (req.token, first) {
             let r = self
                 .shared
                 .reservations
@@ -413,14 +478,14 @@ impl Turn {
         let span = u32::from(high - low) + 1;
         for _ in 0..PORT_TRIES {
             let mut port = (u32::from(low) + self.random.next_u32() % span) as u16;
-            if req.even_port.is_some() {
+            if even_port.is_some() {
                 port &= !1;
                 if port < low || port.checked_add(1).is_none_or(|p| p > high) {
                     continue;
                 }
             }
             let addr = SocketAddr::new(ip, port);
-            let reserve = req.even_port == Some(true);
+            let reserve = even_port == Some(true);
             let odd = if reserve {
                 match io.reserve(SocketAddr::new(ip, port + 1)) {
                     Ok(r) => Some(r),
@@ -475,8 +540,23 @@ impl Turn {
         let (s, now) = (cx.settings, cx.now);
         let slot = self.own_allocation(d, authed)?;
         if let (Some(f), Some(a)) = (req.family, self.table.get(slot)) {
-            if (f == FAMILY_V4) != a.relay_local.is_ipv4() {
+            if a.relay_for(f == FAMILY_V4).is_none() {
                 return Err(FAMILY_MISMATCH);
+            }
+            // RFC 8656 §7.3: a Refresh naming one family of a dual allocation applies to that
+            // family; with LIFETIME 0 it deletes that relay alone. (A non-zero lifetime
+            // refreshes the allocation as a whole: both relays share one lifetime here.)
+            if req.lifetime == Some(0) && a.second.is_some() {
+                if let Some((gone, p, c)) = self.table.remove_relay(slot, f == FAMILY_V4) {
+                    cx.io.close(gone.socket);
+                    cx.stats.sub(Counter::TurnPermissionsActive, p as u64);
+                    cx.stats.sub(Counter::TurnChannelsActive, c as u64);
+                    if let Some(a) = self.table.get(slot) {
+                        tracing::info!(id = a.id, relay = %gone.public, "relay of one family deleted");
+                        self.control.allocations.publish(a, now);
+                    }
+                    return Ok(Success::Refresh { lifetime: 0 });
+                }
             }
         }
         if req.lifetime == Some(0) {
@@ -503,7 +583,7 @@ impl Turn {
         stats: &mut Stats,
     ) -> Result<SocketAddr, Failure> {
         let canon = policy::canonical(peer.ip());
-        if canon.is_ipv4() != a.relay_local.is_ipv4() {
+        if a.relay_for(canon.is_ipv4()).is_none() {
             return Err(FAMILY_MISMATCH);
         }
         match s.policy.check(peer.ip(), peer.port()) {
@@ -666,25 +746,32 @@ fn write_success(
         match *success {
             Success::Allocate {
                 relayed,
+                second,
                 lifetime,
                 token,
                 family_error,
             } => {
+                // A dual allocation has one XOR-RELAYED-ADDRESS per family (RFC 8656 §7.2).
                 w.add_xor_address(attr::XOR_RELAYED_ADDRESS, relayed).ok()?;
+                if let Some(second) = second {
+                    w.add_xor_address(attr::XOR_RELAYED_ADDRESS, second).ok()?;
+                }
                 w.add_u32(attr::LIFETIME, lifetime).ok()?;
                 if let Some(t) = token {
                     w.add_attribute(attr::RESERVATION_TOKEN, &t).ok()?;
                 }
                 w.add_xor_address(attr::XOR_MAPPED_ADDRESS, d.from).ok()?;
-                if family_error {
-                    // ADDRESS-ERROR-CODE: family 0x02 (IPv6), then an ERROR-CODE-shaped body.
-                    let reason = b"Address Family not Supported";
-                    let mut v = [0u8; 4 + 28];
+                if let Some(Failure(code, reason)) = family_error {
+                    // ADDRESS-ERROR-CODE (RFC 8656 §18.12): family 0x02 (IPv6, the only
+                    // additional family), then an ERROR-CODE-shaped body.
+                    let mut v = [0u8; 4 + 64];
                     v[0] = FAMILY_V6;
-                    v[2] = 4;
-                    v[3] = 40;
-                    v[4..].copy_from_slice(reason);
-                    w.add_attribute(attr::ADDRESS_ERROR_CODE, &v).ok()?;
+                    v[2] = (code / 100) as u8;
+                    v[3] = (code % 100) as u8;
+                    let n = reason.len().min(64);
+                    v[4..4 + n].copy_from_slice(&reason.as_bytes()[..n]);
+                    w.add_attribute(attr::ADDRESS_ERROR_CODE, &v[..4 + n])
+                        .ok()?;
                 }
             }
             Success::Refresh { lifetime } => w.add_u32(attr::LIFETIME, lifetime).ok()?,

@@ -86,6 +86,8 @@ struct FakeIo {
     adopted: Vec<(usize, SocketAddr)>,
     fail_ports: HashSet<u16>,
     fail_all: bool,
+    /// Every IPv6 bind fails (a dual allocation's second relay cannot be had).
+    fail_v6: bool,
 }
 
 impl FakeIo {
@@ -99,6 +101,7 @@ impl FakeIo {
     /// A port in use (open or reserved) cannot be bound again, as with real sockets.
     fn refuse(&self, addr: SocketAddr) -> bool {
         self.fail_all
+            || (self.fail_v6 && addr.is_ipv6())
             || self.fail_ports.contains(&addr.port())
             || self.live.values().any(|a| *a == addr)
             || self.holding.values().any(|a| *a == addr)
@@ -236,6 +239,22 @@ impl Out {
         let m = self.msg();
         m.get(typ)
             .map(|v| attr::decode_xor_address(v, &m.transaction_id()).unwrap())
+    }
+
+    /// Every XOR-RELAYED-ADDRESS, in order (a dual allocation has two).
+    fn relayed(&self) -> Vec<SocketAddr> {
+        let m = self.msg();
+        let tid = m.transaction_id();
+        m.attributes()
+            .filter(|a| a.typ == attr::XOR_RELAYED_ADDRESS)
+            .map(|a| attr::decode_xor_address(a.value, &tid).unwrap())
+            .collect()
+    }
+
+    /// ADDRESS-ERROR-CODE as (family, code).
+    fn address_error(&self) -> Option<(u8, u16)> {
+        self.get(attr::ADDRESS_ERROR_CODE)
+            .map(|e| (e[0], u16::from(e[2] & 7) * 100 + u16::from(e[3])))
     }
 
     fn lifetime(&self) -> Option<u32> {
@@ -939,30 +958,250 @@ fn ipv6_allocation_relays_on_the_ipv6_address() {
     assert!(c.permit(&mut h, &[sa(PEER6)]).is_success());
 }
 
+fn dual(w: &mut MessageWriter<'_>) {
+    udp(w);
+    w.add_attribute(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
+        .unwrap();
+}
+
+fn family(w: &mut MessageWriter<'_>, f: u8) {
+    w.add_attribute(attr::REQUESTED_ADDRESS_FAMILY, &[f, 0, 0, 0])
+        .unwrap();
+}
+
+/// RFC 8656 §7.2: ADDITIONAL-ADDRESS-FAMILY IPv6 without REQUESTED-ADDRESS-FAMILY gets an
+/// IPv4 and an IPv6 relayed address, two XOR-RELAYED-ADDRESS attributes; each peer is
+/// reached from the relay of its family, and its data comes back to the one client.
 #[test]
-fn additional_ipv6_family_gets_the_ipv4_relay_and_an_address_error_code() {
+fn dual_allocation_gives_an_ipv4_and_an_ipv6_relayed_address() {
     let mut h = H::new();
     let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+    let r = c.allocate_with(&mut h, &dual);
+    assert!(r.is_success(), "{:?}", r.code());
+    let relayed = r.relayed();
+    assert_eq!(relayed.len(), 2, "{relayed:?}");
+    assert_eq!(relayed[0].ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    assert_eq!(relayed[1].ip(), IpAddr::V6(Ipv6Addr::LOCALHOST));
+    assert_eq!(r.address_error(), None);
+    assert_eq!(h.io.opened.len(), 2);
+    assert_eq!(h.allocations(), 1, "one allocation, two relays");
+    assert_eq!(h.stat(Counter::TurnAllocationsActive), 1);
+    assert_eq!(h.shared.allocations.load(Ordering::Relaxed), 1);
+    let (relay4, relay6) = (
+        h.relay_socket(relayed[0].port()),
+        h.relay_socket(relayed[1].port()),
+    );
+    // Permissions of both families in one request; channels of both families.
+    assert!(c.permit(&mut h, &[sa(PEER1), sa(PEER6)]).is_success());
+    assert!(c.bind(&mut h, 0x4000, sa(PEER2)).is_success());
+    let peer6b = sa("[2a00:1450::2]:6000");
+    assert!(c.bind(&mut h, 0x4001, peer6b).is_success());
+    // Out: each from the relay of the peer's family.
+    let out = c.send_indication(&mut h, sa(PEER1), b"to v4").unwrap();
+    assert_eq!((out.socket, out.to), (relay4, sa(PEER1)));
+    let out = c.send_indication(&mut h, sa(PEER6), b"to v6").unwrap();
+    assert_eq!((out.socket, out.to), (relay6, sa(PEER6)));
+    assert_eq!(out.bytes, b"to v6");
+    let out = c.channel_data(&mut h, 0x4000, b"ch4", 1).unwrap();
+    assert_eq!((out.socket, out.to), (relay4, sa(PEER2)));
+    let out = c.channel_data(&mut h, 0x4001, b"ch6", 1).unwrap();
+    assert_eq!((out.socket, out.to), (relay6, peer6b));
+    // Back: both relays lead to the client on its IPv4 listen socket.
+    let out = h.peer_sends(relay6, sa(PEER6), b"from v6").unwrap();
+    assert_eq!((out.socket, out.to), (LISTEN4, c.addr));
+    assert_eq!(
+        parse_data_indication(&out),
+        (sa(PEER6), b"from v6".to_vec())
+    );
+    let out = h.peer_sends(relay4, sa(PEER1), b"from v4").unwrap();
+    assert_eq!(
+        parse_data_indication(&out),
+        (sa(PEER1), b"from v4".to_vec())
+    );
+    let out = h.peer_sends(relay6, peer6b, b"chan").unwrap();
+    assert_eq!(&out.bytes[..2], &0x4001u16.to_be_bytes());
+    // Deleting the allocation closes both relay sockets.
+    assert!(c.refresh(&mut h, Some(0)).is_success());
+    let mut closed = h.io.closed.clone();
+    closed.sort();
+    assert_eq!(closed, vec![relay4, relay6]);
+    assert!(h.peer_sends(relay6, sa(PEER6), b"late").is_none());
+    assert_eq!(h.stat(Counter::TurnPermissionsActive), 0);
+    assert_eq!(h.stat(Counter::TurnChannelsActive), 0);
+    assert_eq!(h.shared.allocations.load(Ordering::Relaxed), 0);
+}
+
+/// RFC 8656 §7.2: a server without an IPv6 relay address allocates the IPv4 relay and says
+/// 440 for IPv6 in ADDRESS-ERROR-CODE; IPv6 peers are then a family mismatch.
+#[test]
+fn dual_allocation_without_an_ipv6_relay_address_keeps_ipv4_and_says_440() {
+    let mut h = H::with(|c| {
+        c.turn.listen = vec![sa("127.0.0.1:40001"), sa("127.0.0.1:40002")];
+        c.turn.relay_ip = vec!["127.0.0.1".parse().unwrap()];
+    });
+    let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+    let r = c.allocate_with(&mut h, &dual);
+    assert!(r.is_success(), "{:?}", r.code());
+    let relayed = r.relayed();
+    assert_eq!(relayed.len(), 1);
+    assert!(relayed[0].is_ipv4());
+    assert_eq!(r.address_error(), Some((2, 440)));
+    assert_eq!(h.io.opened.len(), 1);
+    c.permit(&mut h, &[sa(PEER6)]).expect_error(443);
+    assert!(c.permit(&mut h, &[sa(PEER1)]).is_success());
+}
+
+/// No IPv6 port can be bound: the IPv4 allocation stands, ADDRESS-ERROR-CODE says 508.
+#[test]
+fn dual_allocation_without_a_free_ipv6_port_keeps_ipv4_and_says_508() {
+    let mut h = H::new();
+    h.io.fail_v6 = true;
+    let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+    let r = c.allocate_with(&mut h, &dual);
+    assert!(r.is_success(), "{:?}", r.code());
+    assert_eq!(r.relayed().len(), 1);
+    assert_eq!(r.address_error(), Some((2, 508)));
+    assert_eq!(h.io.live.len(), 1);
+    assert_eq!(h.allocations(), 1);
+}
+
+/// RFC 8656 §7.2: with no REQUESTED-ADDRESS-FAMILY the relay is IPv4, so a server with
+/// IPv6 relays only answers 440, as it does to REQUESTED-ADDRESS-FAMILY IPv4; nothing is
+/// opened and no quota kept.
+#[test]
+fn ipv4_relay_when_the_server_has_only_ipv6_is_440() {
+    let mut h = H::with(|c| {
+        c.turn.listen = vec![sa("[::1]:40001"), sa("[::1]:40002")];
+        c.turn.relay_ip = vec!["::1".parse().unwrap()];
+    });
+    let mut c = Client::new(sa("[2001:db8::7]:5000"), "alice", "secret");
+    c.socket = LISTEN4;
+    c.allocate_with(&mut h, &udp).expect_error(440);
+    c.allocate_with(&mut h, &|w| {
+        udp(w);
+        family(w, 1);
+    })
+    .expect_error(440);
+    c.allocate_with(&mut h, &dual).expect_error(440);
+    assert!(h.io.opened.is_empty());
+    assert_eq!(h.shared.allocations.load(Ordering::Relaxed), 0);
+    // IPv6 itself is served.
     let r = c.allocate_with(&mut h, &|w| {
         udp(w);
-        w.add_attribute(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
-            .unwrap();
+        family(w, 2);
     });
-    assert!(r.is_success());
-    assert!(r.xor(attr::XOR_RELAYED_ADDRESS).unwrap().is_ipv4());
-    let e = r.get(attr::ADDRESS_ERROR_CODE).expect("ADDRESS-ERROR-CODE");
-    assert_eq!(e[0], 2, "about the IPv6 family");
-    assert_eq!(u16::from(e[2]) * 100 + u16::from(e[3]), 440);
-    // Both families at once is a 400.
-    let mut c = h.client("198.51.100.8:5000", "alice", "secret");
-    let r = c.allocate_with(&mut h, &|w| {
-        udp(w);
-        w.add_attribute(attr::REQUESTED_ADDRESS_FAMILY, &[1, 0, 0, 0])
-            .unwrap();
-        w.add_attribute(attr::ADDITIONAL_ADDRESS_FAMILY, &[2, 0, 0, 0])
-            .unwrap();
-    });
-    r.expect_error(400);
+    assert!(r.is_success(), "{:?}", r.code());
+    assert!(r.relayed()[0].is_ipv6());
+}
+
+/// RFC 8656 §7.2: ADDITIONAL-ADDRESS-FAMILY only names IPv6 and never comes with
+/// REQUESTED-ADDRESS-FAMILY (nor with RESERVATION-TOKEN, a one-socket reservation): 400,
+/// with nothing opened.
+#[test]
+fn additional_family_rules_are_400() {
+    let mut h = H::new();
+    let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+    for f in [1u8, 2] {
+        c.allocate_with(&mut h, &|w| {
+            dual(w);
+            family(w, f);
+        })
+        .expect_error(400);
+    }
+    for f in [1u8, 3] {
+        c.allocate_with(&mut h, &|w| {
+            udp(w);
+            w.add_attribute(attr::ADDITIONAL_ADDRESS_FAMILY, &[f, 0, 0, 0])
+                .unwrap();
+        })
+        .expect_error(400);
+    }
+    c.allocate_with(&mut h, &|w| {
+        dual(w);
+        w.add_attribute(attr::RESERVATION_TOKEN, &[1; 8]).unwrap();
+    })
+    .expect_error(400);
+    assert!(h.io.opened.is_empty());
+    assert_eq!(h.allocations(), 0);
+    assert_eq!(h.shared.allocations.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn retransmitted_dual_allocate_repeats_both_addresses_and_the_address_error() {
+    for v6 in [true, false] {
+        let mut h = H::with(|c| {
+            if !v6 {
+                c.turn.listen = vec![sa("127.0.0.1:40001"), sa("127.0.0.1:40002")];
+                c.turn.relay_ip = vec!["127.0.0.1".parse().unwrap()];
+            }
+        });
+        let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+        let r = c.send_raw(&mut h, &c.build(method::ALLOCATE, &new_tid(), &dual));
+        c.learn(&r.unwrap());
+        let req = c.build(method::ALLOCATE, &new_tid(), &dual);
+        let first = c.send_raw(&mut h, &req).unwrap();
+        let second = c.send_raw(&mut h, &req).unwrap();
+        assert!(second.is_success(), "{:?}", second.code());
+        assert_eq!(first.relayed(), second.relayed());
+        assert_eq!(first.relayed().len(), if v6 { 2 } else { 1 });
+        assert_eq!(first.address_error(), second.address_error());
+        assert_eq!(second.address_error().is_some(), !v6);
+        assert_eq!(h.io.opened.len(), first.relayed().len());
+    }
+}
+
+/// RFC 8656 §7.3: a Refresh naming one family of a dual allocation applies to that family:
+/// with LIFETIME 0 it deletes that relay, its permissions and channels, and the other
+/// family's relay carries on.
+#[test]
+fn refresh_of_one_family_of_a_dual_allocation_deletes_only_that_relay() {
+    for gone_v4 in [false, true] {
+        let mut h = H::new();
+        let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+        let relayed = c.allocate_with(&mut h, &dual).relayed();
+        let (relay4, relay6) = (
+            h.relay_socket(relayed[0].port()),
+            h.relay_socket(relayed[1].port()),
+        );
+        c.permit(&mut h, &[sa(PEER1), sa(PEER6)]);
+        c.bind(&mut h, 0x4000, sa(PEER2));
+        c.bind(&mut h, 0x4001, sa("[2a00:1450::2]:6000"));
+        assert_eq!(h.stat(Counter::TurnPermissionsActive), 4);
+        let f = if gone_v4 { 1 } else { 2 };
+        let r = c.request(&mut h, method::REFRESH, &|w| {
+            family(w, f);
+            w.add_u32(attr::LIFETIME, 0).unwrap();
+        });
+        assert!(r.is_success(), "{:?}", r.code());
+        assert_eq!(r.lifetime(), Some(0));
+        let (gone, kept, gone_peer, kept_peer) = if gone_v4 {
+            (relay4, relay6, sa(PEER1), sa(PEER6))
+        } else {
+            (relay6, relay4, sa(PEER6), sa(PEER1))
+        };
+        assert_eq!(h.io.closed, vec![gone]);
+        assert_eq!(h.allocations(), 1);
+        assert_eq!(h.stat(Counter::TurnPermissionsActive), 2);
+        assert_eq!(h.stat(Counter::TurnChannelsActive), 1);
+        assert!(h.peer_sends(gone, gone_peer, b"x").is_none());
+        assert!(c.send_indication(&mut h, gone_peer, b"x").is_none());
+        let out = c.send_indication(&mut h, kept_peer, b"kept").unwrap();
+        assert_eq!(out.socket, kept);
+        // That family is gone: naming it is now a mismatch, and new peers of it too.
+        c.request(&mut h, method::REFRESH, &|w| family(w, f))
+            .expect_error(443);
+        c.permit(&mut h, &[gone_peer]).expect_error(443);
+        // A Refresh 0 naming the remaining family deletes the allocation.
+        let r = c.request(&mut h, method::REFRESH, &|w| {
+            family(w, 3 - f);
+            w.add_u32(attr::LIFETIME, 0).unwrap();
+        });
+        assert!(r.is_success());
+        assert_eq!(h.allocations(), 0);
+        assert!(h.io.live.is_empty());
+        assert_eq!(h.stat(Counter::TurnPermissionsActive), 0);
+        assert_eq!(h.stat(Counter::TurnChannelsActive), 0);
+    }
 }
 
 #[test]
