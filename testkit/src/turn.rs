@@ -410,12 +410,13 @@ impl EchoPeer {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
                 if let Some((bytes, from)) = recv_within(&sock, Duration::from_millis(50)) {
-                    if sock.send_to(&bytes, from).is_ok() {
-                        e.fetch_add(1, Ordering::Relaxed);
-                    }
+                    // Counted before the echo leaves: a test that got the echo back reads
+                    // a count and sources that include it (after the send, they raced).
+                    e.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut v) = s.lock() {
                         v.push(from);
                     }
+                    let _ = sock.send_to(&bytes, from);
                 }
             }
         });
