@@ -47,6 +47,10 @@ impl std::error::Error for ConfigError {}
 /// prepending a new secret to what GET returned is a rollover. It is never a valid secret.
 pub const REDACTED: &str = "<redacted>";
 
+/// Most `turn.alternate_servers` addresses: a 300 carries one per family, so more only
+/// spreads clients wider.
+pub const MAX_ALTERNATE_SERVERS: usize = 32;
+
 fn err(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.to_string(),
@@ -144,6 +148,11 @@ pub struct TurnConfig {
     /// Error responses (401 challenges and other failures) per source IP per second; above
     /// it requests are dropped so Portico cannot be used as a reflector.
     pub error_rate: u32,
+    /// Other boxes of the fleet (RFC 8489 §10, RFC 8656 §7.2): when this box is full
+    /// (`max_allocations` reached, or no free relay port), an Allocate is answered
+    /// 300 Try Alternate with ALTERNATE-SERVER naming one of them instead of 508.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alternate_servers: Vec<SocketAddr>,
 }
 
 impl Default for TurnConfig {
@@ -174,6 +183,7 @@ impl Default for TurnConfig {
             max_channels: 32,
             max_bandwidth: 0,
             error_rate: 100,
+            alternate_servers: Vec::new(),
         }
     }
 }
@@ -564,6 +574,36 @@ impl Config {
         if t.error_rate == 0 {
             return Err(err("turn.error_rate", "must be at least 1 per second"));
         }
+        if t.alternate_servers.len() > MAX_ALTERNATE_SERVERS {
+            return Err(err(
+                "turn.alternate_servers",
+                format!(
+                    "{} addresses is more than {MAX_ALTERNATE_SERVERS}",
+                    t.alternate_servers.len()
+                ),
+            ));
+        }
+        for (i, a) in t.alternate_servers.iter().enumerate() {
+            let ip = a.ip();
+            if ip.is_unspecified() || ip.is_multicast() || a.port() == 0 {
+                return Err(err(
+                    "turn.alternate_servers",
+                    format!("{a} is not a unicast address with a port"),
+                ));
+            }
+            if t.alternate_servers[..i].contains(a) {
+                return Err(err(
+                    "turn.alternate_servers",
+                    format!("{a} is listed twice"),
+                ));
+            }
+            if t.listen.contains(a) {
+                return Err(err(
+                    "turn.alternate_servers",
+                    format!("{a} is this box's own turn.listen address"),
+                ));
+            }
+        }
         if t.workers > crate::shm::MAX_WORKERS {
             return Err(err(
                 "turn.workers",
@@ -789,6 +829,46 @@ mod tests {
             let e = Config::from_toml(&format!("[fleet]\n{text}\n")).unwrap_err();
             assert!(e.to_string().starts_with(key), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn alternate_servers_are_checked_at_load_naming_the_key() {
+        let c = Config::from_toml(
+            "[turn]\nalternate_servers = [\"203.0.113.8:3478\", \"[2001:db8::8]:3478\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.turn.alternate_servers,
+            vec![
+                "203.0.113.8:3478".parse::<SocketAddr>().unwrap(),
+                "[2001:db8::8]:3478".parse().unwrap()
+            ]
+        );
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        for text in [
+            "[\"203.0.113.8\"]",
+            "[\"0.0.0.0:3478\"]",
+            "[\"203.0.113.8:0\"]",
+            "[\"[ff02::1]:3478\"]",
+            "[\"203.0.113.8:3478\", \"203.0.113.8:3478\"]",
+            "[\"127.0.0.1:3478\"]",
+            "\"203.0.113.8:3478\"",
+        ] {
+            let e = Config::from_toml(&format!(
+                "[turn]\nlisten = [\"127.0.0.1:3478\"]\nalternate_servers = {text}\n"
+            ))
+            .unwrap_err();
+            assert!(e.key.starts_with("turn.alternate_servers"), "{text}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_ALTERNATE_SERVERS)
+            .map(|i| format!("\"203.0.113.{}:3478\"", i + 1))
+            .collect();
+        let e = Config::from_toml(&format!(
+            "[turn]\nalternate_servers = [{}]\n",
+            many.join(", ")
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "turn.alternate_servers", "{e}");
     }
 
     #[test]

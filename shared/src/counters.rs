@@ -86,7 +86,7 @@ counters! {
     TurnAuthWrongUser => "turn_auth_failures" ["reason" = "wrong_credentials"] "TURN authentication failures, by reason.";
     TurnPeerDeniedSpecial => "turn_peer_denied" ["reason" = "special_purpose"] "Peers refused by the peer policy, by reason.";
     TurnPeerDeniedConfigured => "turn_peer_denied" ["reason" = "configured"] "Peers refused by the peer policy, by reason.";
-    TurnQuotaRejected => "turn_quota_rejected" [] "Requests refused by a quota (486, 508).";
+    TurnQuotaRejected => "turn_quota_rejected" [] "Requests refused by a quota (486, 508, or 300 Try Alternate to another box).";
     RelayClientToPeerPackets => "relay_packets" ["direction" = "client_to_peer"] "Relayed packets, by direction.";
     RelayPeerToClientPackets => "relay_packets" ["direction" = "peer_to_client"] "Relayed packets, by direction.";
     RelayClientToPeerBytes => "relay_bytes" ["direction" = "client_to_peer"] "Relayed payload bytes, by direction.";

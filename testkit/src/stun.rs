@@ -74,6 +74,7 @@ pub const RESPONSE_PORT: u16 = 0x0027;
 pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
 pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
 pub const SOFTWARE: u16 = 0x8022;
+pub const ALTERNATE_SERVER: u16 = 0x8023;
 pub const FINGERPRINT: u16 = 0x8028;
 pub const RESPONSE_ORIGIN: u16 = 0x802B;
 pub const OTHER_ADDRESS: u16 = 0x802C;
@@ -321,6 +322,15 @@ impl Msg {
 
     pub fn address(&self, typ: u16) -> Option<SocketAddr> {
         self.get(typ).map(|v| decode_address(v, None))
+    }
+
+    /// Every address attribute of type `typ` (MAPPED-ADDRESS style), in order.
+    pub fn addresses(&self, typ: u16) -> Vec<SocketAddr> {
+        self.attrs
+            .iter()
+            .filter(|(t, _, _)| *t == typ)
+            .map(|(_, v, _)| decode_address(v, None))
+            .collect()
     }
 
     /// An XOR-*-ADDRESS attribute of type `typ`, decoded.

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use super::access::{canonical_ip, normalize_target, url_allowed};
 use super::events::{Events, Reason};
 use super::forward::{self, Activity, BoxStream, BUF};
+use super::metrics::UNKNOWN_SERVICE;
 use super::route::{Lookup, Target};
 use super::sniff::http::{host_name, parse_request, parse_response, split_absolute};
 use super::sniff::http::{BodyFramer, HttpError, RequestHead};
@@ -87,6 +88,16 @@ impl Conn {
     }
 
     /// Whether `addr` has been blacklisted since the connection was accepted; counted.
+    /// Counts one of the proxy's own answers, for the service of `route` if the request was
+    /// routed (`portico_proxy_requests_total`).
+    fn answered(&self, route: Option<usize>, code: u16) {
+        let service = match route {
+            Some(i) => self.snap.routes_by_index(i).name.as_str(),
+            None => UNKNOWN_SERVICE,
+        };
+        self.events.metrics().request(service, self.stype, code);
+    }
+
     fn now_blocked(&self, addr: IpAddr) -> bool {
         let b = (self.blocked)(addr);
         if b {
@@ -175,8 +186,9 @@ enum Decision {
         target: Target,
         head: Vec<u8>,
     },
-    Refuse(u16, Option<Reason>),
-    Redirect(u16, String),
+    /// Code, the suspicious event to report, the route when the request named one.
+    Refuse(u16, Option<Reason>, Option<usize>),
+    Redirect(u16, String, usize),
 }
 
 enum HeadRead {
@@ -252,15 +264,18 @@ pub async fn serve(client: BoxStream, conn: Conn) {
             // one): slowloris on a keep-alive connection is the same attack.
             HeadRead::Timeout if first || !buf.is_empty() => {
                 conn.report(&conn.client(None), Reason::FirstMessageTimeout);
+                conn.answered(None, 408);
                 return finish(up, cw, response(408, None), idle).await;
             }
             HeadRead::Timeout => break,
             HeadRead::Bad(HttpError::TooLarge) => {
                 conn.report(&conn.client(None), Reason::TooLarge);
+                conn.answered(None, 431);
                 return finish(up, cw, response(431, None), idle).await;
             }
             HeadRead::Bad(HttpError::Syntax(m)) => {
                 conn.report(&conn.client(None), Reason::Malformed(m));
+                conn.answered(None, 400);
                 return finish(up, cw, response(400, None), idle).await;
             }
         };
@@ -270,16 +285,19 @@ pub async fn serve(client: BoxStream, conn: Conn) {
         if conn.now_blocked(client.addr) {
             // Blacklisted meanwhile (maybe by this very connection's failed logins): the
             // responses still owed go out, then the refusal, then the connection closes.
+            conn.answered(None, 403);
             return finish(up, cw, response(403, None), idle).await;
         }
         let (route, target, out) = match decide(&conn, &head, &client) {
-            Decision::Refuse(code, reason) => {
+            Decision::Refuse(code, reason, route) => {
                 if let Some(r) = reason {
                     conn.report(&client, r);
                 }
+                conn.answered(route, code);
                 return finish(up, cw, response(code, None), idle).await;
             }
-            Decision::Redirect(code, location) => {
+            Decision::Redirect(code, location, route) => {
+                conn.answered(Some(route), code);
                 return finish(up, cw, response(code, Some(&location)), idle).await;
             }
             Decision::Forward {
@@ -289,6 +307,7 @@ pub async fn serve(client: BoxStream, conn: Conn) {
             } => (route, target, head),
         };
         if up.as_ref().is_some_and(|u| u.route != route) {
+            conn.answered(Some(route), 421);
             return finish(up, cw, response(421, None), idle).await;
         }
         if up.is_none() {
@@ -299,6 +318,7 @@ pub async fn serve(client: BoxStream, conn: Conn) {
                 Err(e) => {
                     tracing::debug!(peer = %conn.peer, "target unreachable: {e}");
                     conn.report(&client, Reason::TargetUnreachable(e));
+                    conn.answered(Some(route), 502);
                     return finish(None, Some(writer), response(502, None), idle).await;
                 }
             }
@@ -440,28 +460,38 @@ fn decide(conn: &Conn, head: &RequestHead, client: &Client) -> Decision {
         (Some((auth, path)), _) => (auth.to_string(), path.clone()),
         (None, Some(h)) => (h.clone(), head.target.clone()),
         (None, None) => {
-            return Decision::Refuse(400, Some(Reason::Malformed("no Host header")));
+            return Decision::Refuse(400, Some(Reason::Malformed("no Host header")), None);
         }
     };
     let name = host_name(&authority);
     let (route, target) = match snap.routes.lookup(name, conn.stype) {
         Lookup::Found(r, t) => (r, t),
         Lookup::Unknown => {
-            return Decision::Refuse(421, Some(Reason::UnknownName(name.to_string())));
+            return Decision::Refuse(421, Some(Reason::UnknownName(name.to_string())), None);
         }
         Lookup::NotOffered(r) => {
-            return Decision::Refuse(421, Some(Reason::TypeNotOffered(r.name.clone())));
+            return Decision::Refuse(
+                421,
+                Some(Reason::TypeNotOffered(r.name.clone())),
+                Some(r.index),
+            );
         }
     };
     if !route.allows(conn.stype, client.addr) {
-        return Decision::Refuse(403, Some(Reason::NotAllowedFrom));
+        return Decision::Refuse(403, Some(Reason::NotAllowedFrom), Some(route.index));
     }
     let normal = match normalize_target(&origin) {
         Ok(n) => n,
-        Err(e) => return Decision::Refuse(400, Some(Reason::Malformed(e.as_str()))),
+        Err(e) => {
+            return Decision::Refuse(400, Some(Reason::Malformed(e.as_str())), Some(route.index))
+        }
     };
     if !url_allowed(&route.service.urls, &normal.path) {
-        return Decision::Refuse(404, Some(Reason::UrlNotAllowed(normal.path)));
+        return Decision::Refuse(
+            404,
+            Some(Reason::UrlNotAllowed(normal.path)),
+            Some(route.index),
+        );
     }
     if let Some(r) = snap.redirect.get(conn.stype) {
         let scheme =
@@ -477,6 +507,7 @@ fn decide(conn: &Conn, head: &RequestHead, client: &Client) -> Decision {
         return Decision::Redirect(
             r.status,
             format!("{scheme}://{host}{port}{}", normal.to_target()),
+            route.index,
         );
     }
     let out = rewrite_head(
@@ -695,6 +726,7 @@ fn start_pump(
         events: conn.events.clone(),
         peer: canonical_ip(conn.peer.ip()),
         stype: conn.stype,
+        service: conn.snap.routes_by_index(route).name.clone(),
         max: conn.snap.limits.max_header_bytes.max(64 * 1024),
         idle: conn.snap.limits.idle_timeout.get(),
         activity: activity.clone(),
@@ -722,6 +754,8 @@ struct PumpCtx {
     events: Events,
     peer: std::net::IpAddr,
     stype: ServiceType,
+    /// The configured name of the connection's one service (the `service` label).
+    service: String,
     max: usize,
     idle: Duration,
     activity: Activity,
@@ -755,6 +789,7 @@ async fn pump_responses(
             ctx.activity.touch();
         }
         if head.status == 101 {
+            ctx.events.metrics().request(&ctx.service, ctx.stype, 101);
             if let Some(tx) = reqs.recv().await.and_then(|i| i.upgrade) {
                 let _ = tx.send(true);
             }
@@ -766,6 +801,10 @@ async fn pump_responses(
         if (100..200).contains(&head.status) {
             continue;
         }
+        // A final response: the request it answers is counted (interim 1xx are not).
+        ctx.events
+            .metrics()
+            .request(&ctx.service, ctx.stype, head.status);
         let info = reqs.recv().await;
         if let Some(i) = &info {
             // A 401 to a request without credentials is the challenge every browser gets

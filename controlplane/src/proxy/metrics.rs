@@ -10,6 +10,24 @@ use prometheus_client::registry::Registry;
 
 type TypeLabel = [(&'static str, &'static str); 1];
 type TypeReasonLabels = [(&'static str, &'static str); 3];
+/// `service` (a configured service name, or [`UNKNOWN_SERVICE`]), `type`, `status` (a class).
+type RequestLabels = [(&'static str, String); 3];
+
+/// The `service` label of a request that named no configured service, or was answered
+/// before it was routed (malformed, too large, timed out, from a blacklisted source).
+pub const UNKNOWN_SERVICE: &str = "unknown";
+
+/// The `status` label: the class of an HTTP status, so the label has at most six values.
+pub fn status_class(code: u16) -> &'static str {
+    match code / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "other",
+    }
+}
 
 #[derive(Default)]
 pub struct ProxyMetrics {
@@ -19,6 +37,9 @@ pub struct ProxyMetrics {
     pub active: Family<TypeLabel, Gauge>,
     /// Requests (HTTP requests, first SIP/LDAP messages) forwarded to a target.
     pub forwarded: Family<TypeLabel, Counter>,
+    /// HTTP(S) requests answered, by service, type and status class: the target's final
+    /// responses and the proxy's own answers (refusals, redirects, 502).
+    pub requests: Family<RequestLabels, Counter>,
     /// Suspicious events by service type, reason, and whether they counted toward
     /// blacklisting (`counted="false"`: normal behaviour such as idle browser connections, or
     /// a request through a trusted proxy that named no client).
@@ -56,6 +77,11 @@ impl ProxyMetrics {
             "proxy_forwarded_requests",
             "Requests the reverse proxy forwarded to a target, by service type",
             self.forwarded.clone(),
+        );
+        registry.register(
+            "proxy_requests",
+            "HTTP(S) requests the reverse proxy answered (the target's final response or its own), by configured service (\"unknown\" for none), service type and status class",
+            self.requests.clone(),
         );
         registry.register(
             "proxy_suspicious_events",
@@ -97,6 +123,18 @@ impl ProxyMetrics {
         self.forwarded.get_or_create(&ty(t)).inc();
     }
 
+    /// One HTTP(S) request answered with `code` for `service` (a configured name; anything
+    /// else must be [`UNKNOWN_SERVICE`], which keeps the label set bounded by the configuration).
+    pub fn request(&self, service: &str, t: ServiceType, code: u16) {
+        self.requests
+            .get_or_create(&[
+                ("service", service.to_string()),
+                ("type", t.key().to_string()),
+                ("status", status_class(code).to_string()),
+            ])
+            .inc();
+    }
+
     pub fn suspicious(&self, t: ServiceType, reason: &'static str, counted: bool) {
         let counted = if counted { "true" } else { "false" };
         self.suspicious_events
@@ -134,5 +172,29 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("portico_proxy_active_connections{type=\"https\"} 1"));
+    }
+
+    #[test]
+    fn requests_are_counted_by_service_type_and_status_class() {
+        let m = ProxyMetrics::default();
+        let mut reg = Registry::with_prefix("portico");
+        m.register(&mut reg);
+        m.request("app.test", ServiceType::Https, 200);
+        m.request("app.test", ServiceType::Https, 204);
+        m.request("app.test", ServiceType::Http, 503);
+        m.request(UNKNOWN_SERVICE, ServiceType::Https, 421);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        for line in [
+            "portico_proxy_requests_total{service=\"app.test\",type=\"https\",status=\"2xx\"} 2",
+            "portico_proxy_requests_total{service=\"app.test\",type=\"http\",status=\"5xx\"} 1",
+            "portico_proxy_requests_total{service=\"unknown\",type=\"https\",status=\"4xx\"} 1",
+        ] {
+            assert!(out.contains(line), "{line} in:\n{out}");
+        }
+        assert_eq!(
+            [101, 302, 404, 599, 600, 99].map(status_class),
+            ["1xx", "3xx", "4xx", "5xx", "other", "other"]
+        );
     }
 }

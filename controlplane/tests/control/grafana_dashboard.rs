@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use portico_testkit::fixtures::{Nginx, WRONG_LOGIN};
-use portico_testkit::http::{get_from, get_with, http, url_encode, Answer};
+use portico_testkit::http::{get_from, get_with, http, http_from, url_encode, Answer};
 use portico_testkit::process::require;
 use portico_testkit::turn::{wrong_passwords, TurnClient, PASSWORD, USER};
 use portico_testkit::{free_port, v4, wait_until, Portico, Proc, Spec, ANSWER_WAIT, LOCAL4};
@@ -106,6 +106,21 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         get_with(v4(127, 0, 0, 11), proxy, "/private", &[WRONG_LOGIN]),
         Answer::Status(401)
     );
+    // A name no service has: the proxy's own 421, counted for service "unknown".
+    let r = http_from(v4(127, 0, 0, 14), proxy, "GET", "/", &[], b"")
+        .unwrap_or_else(|e| panic!("request naming no service: {e}"));
+    assert_eq!(r.status, 421);
+    // Requests by service and status, as the proxy followed the responses.
+    for (service, status, n) in [("app.test", "2xx", 3.0), ("app.test", "4xx", 1.0)] {
+        let labels = [("service", service), ("type", "http"), ("status", status)];
+        assert_eq!(
+            site.metric("portico_proxy_requests_total", &labels),
+            n,
+            "{labels:?}"
+        );
+    }
+    let unknown = [("service", "unknown"), ("type", "http"), ("status", "4xx")];
+    assert_eq!(site.metric("portico_proxy_requests_total", &unknown), 1.0);
     let mut client = TurnClient::from(v4(127, 0, 0, 12), site.udp4(), USER, PASSWORD);
     let relayed = client.allocate();
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
@@ -149,7 +164,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         }
     }
     // The checker can fail.
-    assert!(!have.contains("portico_proxy_requests_total"));
+    assert!(!have.contains("portico_proxy_no_such_metric_total"));
 
     // A real Prometheus scraping Portico every second.
     let dir = site.dir.join("prometheus");
@@ -212,6 +227,6 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         assert!(ok, "panel {title:?}: {q} gave {last:?}");
     }
     // And one that cannot return data does not pass.
-    let none = query("sum by (type) (rate(portico_proxy_requests_total[20s]))");
+    let none = query("sum by (type) (rate(portico_proxy_no_such_metric_total[20s]))");
     assert!(none.is_some_and(|v| v["data"]["result"].as_array().is_some_and(|r| r.is_empty())));
 }

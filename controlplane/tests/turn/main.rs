@@ -15,6 +15,7 @@ use portico_testkit::process::require;
 use portico_testkit::turn::CoturnPeer;
 use portico_testkit::{free_port_on, Portico, Spec, LOCAL4};
 
+mod alternate;
 mod api;
 mod channel_range;
 mod interop;

@@ -155,6 +155,18 @@ const FAMILY_NOT_SUPPORTED: Failure = Failure(440, "Address Family not Supported
 const FAMILY_MISMATCH: Failure = Failure(443, "Peer Address Family Mismatch");
 const QUOTA: Failure = Failure(486, "Allocation Quota Reached");
 const CAPACITY: Failure = Failure(508, "Insufficient Capacity");
+/// The box is full and `turn.alternate_servers` names another (RFC 8656 §7.2, RFC 8489 §10).
+const TRY_ALTERNATE: Failure = Failure(300, "Try Alternate");
+
+/// The answer when the box itself is full: another box of the fleet when one of the
+/// client's address family is configured, else 508.
+fn box_full(s: &TurnSettings, client: SocketAddr) -> Failure {
+    if s.redirects(client) {
+        TRY_ALTERNATE
+    } else {
+        CAPACITY
+    }
+}
 
 /// The failure an ADDRESS-ERROR-CODE code stands for.
 fn family_failure(code: u16) -> Failure {
@@ -332,7 +344,7 @@ impl Turn {
         if total >= s.max_allocations {
             self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
             cx.stats.incr(Counter::TurnQuotaRejected);
-            return Err(CAPACITY);
+            return Err(box_full(s, d.from));
         }
         let user_ok = match self.shared.per_user.lock() {
             Ok(mut m) => {
@@ -358,6 +370,11 @@ impl Turn {
                 self.shared.allocations.fetch_sub(1, Ordering::Relaxed);
                 self.shared.release_user(&authed.username);
                 cx.stats.incr(Counter::TurnQuotaRejected);
+                // No free relay port is the box being full too; a reservation token that
+                // cannot be redeemed names a port of this box, so it is not redirected.
+                if f.0 == CAPACITY.0 && req.token.is_none() {
+                    return Err(box_full(s, d.from));
+                }
                 return Err(f);
             }
         };
@@ -799,6 +816,14 @@ fn write_error(
         w.add_error_code(f.0, f.1).ok()?;
         if f.0 == 420 {
             w.add_unknown_attributes(req.unknown.as_slice()).ok()?;
+        }
+        if f.0 == TRY_ALTERNATE.0 {
+            // The transaction id chooses among several alternates: clients spread, and a
+            // retransmission is sent to the same box.
+            let pick = u32::from_be_bytes([req.tid[8], req.tid[9], req.tid[10], req.tid[11]]);
+            for a in s.alternates_for(d.from, pick as usize) {
+                w.add_address(attr::ALTERNATE_SERVER, a).ok()?;
+            }
         }
         if challenge {
             let mut nonce = [0u8; NONCE_BYTES];

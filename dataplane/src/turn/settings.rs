@@ -25,6 +25,8 @@ pub struct TurnSettings {
     pub max_channels: usize,
     pub max_bandwidth: u64,
     pub error_rate: u32,
+    /// Other boxes a full box sends clients to (300 Try Alternate), in configuration order.
+    pub alternate_servers: Vec<SocketAddr>,
 }
 
 /// The source address of each family's default route, as the runtime found it (the core
@@ -97,6 +99,7 @@ impl TurnSettings {
             max_channels: t.max_channels,
             max_bandwidth: t.max_bandwidth,
             error_rate: t.error_rate,
+            alternate_servers: t.alternate_servers.clone(),
         }
     }
 
@@ -106,6 +109,39 @@ impl TurnSettings {
         } else {
             self.relay_v6
         }
+    }
+
+    /// Whether a full box redirects a client at `client`: RFC 8489 §10 needs an alternate of
+    /// the request's own address family.
+    pub fn redirects(&self, client: SocketAddr) -> bool {
+        let v4 = super::policy::canonical(client.ip()).is_ipv4();
+        self.alternate_servers.iter().any(|a| a.is_ipv4() == v4)
+    }
+
+    /// The ALTERNATE-SERVER addresses for a client at `client`: one of its family first,
+    /// then one of the other family if configured. `pick` chooses among several of a
+    /// family, so clients spread over the alternates.
+    pub fn alternates_for(
+        &self,
+        client: SocketAddr,
+        pick: usize,
+    ) -> impl Iterator<Item = SocketAddr> + '_ {
+        let v4 = super::policy::canonical(client.ip()).is_ipv4();
+        [v4, !v4].into_iter().filter_map(move |family| {
+            let n = self
+                .alternate_servers
+                .iter()
+                .filter(|a| a.is_ipv4() == family)
+                .count();
+            if n == 0 {
+                return None;
+            }
+            self.alternate_servers
+                .iter()
+                .filter(|a| a.is_ipv4() == family)
+                .nth(pick % n)
+                .copied()
+        })
     }
 
     /// The address clients are told for a relay bound at `local`.

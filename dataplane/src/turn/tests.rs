@@ -1323,6 +1323,135 @@ fn allocate_is_508_when_every_relay_port_bind_fails() {
     assert_eq!(relayed.port(), 50002);
 }
 
+impl Out {
+    /// Every ALTERNATE-SERVER of the message, in order.
+    fn alternates(&self) -> Vec<SocketAddr> {
+        self.msg()
+            .attributes()
+            .filter(|a| a.typ == attr::ALTERNATE_SERVER)
+            .map(|a| attr::decode_address(a.value).unwrap())
+            .collect()
+    }
+}
+
+const ALT4: &str = "203.0.113.8:3478";
+const ALT6: &str = "[2001:db8::8]:3478";
+
+/// A full box with `turn.alternate_servers` answers 300 Try Alternate (RFC 8656 §7.2) with
+/// ALTERNATE-SERVER of the client's family first and one of the other family after it,
+/// signed like any error to an authenticated request (checked by `Client::request`).
+#[test]
+fn a_full_box_with_alternates_answers_300_with_alternate_server() {
+    let mut h = H::with(|c| {
+        c.turn.max_allocations = 1;
+        c.turn.alternate_servers = vec![sa(ALT4), sa(ALT6)];
+    });
+    let mut a = h.client("198.51.100.7:5000", "alice", "secret");
+    let mut b = h
+        .client("198.51.100.8:5000", "bob", "hunter2")
+        .auth(Auth::Sha256);
+    let mut c = h.client("[2001:db8:1::7]:5000", "carol", "c4r0l");
+    a.allocate(&mut h);
+    let r = b.allocate_with(&mut h, &udp);
+    r.expect_error(300);
+    assert_eq!(r.alternates(), vec![sa(ALT4), sa(ALT6)]);
+    let names: Vec<u16> = r.msg().attributes().map(|a| a.typ).collect();
+    let at = |t: u16| names.iter().position(|n| *n == t).unwrap();
+    assert!(at(attr::ALTERNATE_SERVER) < at(attr::MESSAGE_INTEGRITY_SHA256));
+    assert!(r.get(attr::XOR_RELAYED_ADDRESS).is_none());
+    let r = c.allocate_with(&mut h, &udp);
+    r.expect_error(300);
+    assert_eq!(r.alternates(), vec![sa(ALT6), sa(ALT4)]);
+    assert_eq!(h.stat(Counter::TurnQuotaRejected), 2);
+    assert_eq!(h.allocations(), 1);
+    assert_eq!(h.shared.allocations.load(Ordering::Relaxed), 1);
+    // Room again: the box allocates itself.
+    a.refresh(&mut h, Some(0));
+    b.allocate(&mut h);
+}
+
+/// RFC 8489 §10: the ALTERNATE-SERVER must be of the request's family; with none of it the
+/// box answers as without alternates. A user over the per-user quota is not redirected.
+#[test]
+fn no_redirect_without_an_alternate_of_the_family_nor_for_the_per_user_quota() {
+    let mut h = H::with(|c| {
+        c.turn.max_allocations = 2;
+        c.turn.max_allocations_per_user = 1;
+        c.turn.alternate_servers = vec![sa(ALT6)];
+    });
+    let mut a1 = h.client("198.51.100.7:5000", "alice", "secret");
+    let mut a2 = h.client("198.51.100.7:5001", "alice", "secret");
+    a1.allocate(&mut h);
+    let r = a2.allocate_with(&mut h, &udp);
+    r.expect_error(486);
+    assert!(r.alternates().is_empty());
+    let mut b = h.client("198.51.100.8:5000", "bob", "hunter2");
+    b.allocate(&mut h);
+    let mut c4 = h.client("198.51.100.9:5000", "carol", "c4r0l");
+    let r = c4.allocate_with(&mut h, &udp);
+    r.expect_error(508);
+    assert!(r.alternates().is_empty());
+    let mut c6 = h.client("[2001:db8:1::9]:5000", "carol", "c4r0l");
+    let r = c6.allocate_with(&mut h, &udp);
+    r.expect_error(300);
+    assert_eq!(r.alternates(), vec![sa(ALT6)]);
+}
+
+/// No free relay port is the box being full as well; a reservation token that cannot be
+/// redeemed is not (it names a port of this box).
+#[test]
+fn no_free_relay_port_redirects_a_stale_reservation_token_does_not() {
+    let mut h = H::with(|c| {
+        c.turn.relay_ports = PortRange::new(50000, 50003).unwrap();
+        c.turn.alternate_servers = vec![sa(ALT4)];
+    });
+    h.io.fail_ports = (50000..=50003).collect();
+    let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+    let r = c.allocate_with(&mut h, &udp);
+    r.expect_error(300);
+    assert_eq!(r.alternates(), vec![sa(ALT4)]);
+    assert_eq!(h.shared.allocations.load(Ordering::Relaxed), 0);
+    let r = c.allocate_with(&mut h, &|w| {
+        udp(w);
+        w.add_attribute(attr::RESERVATION_TOKEN, &[7; 8]).unwrap();
+    });
+    r.expect_error(508);
+    assert!(r.alternates().is_empty());
+}
+
+/// Several alternates of one family: clients are spread over them by transaction id, and a
+/// retransmitted request is sent to the same one.
+#[test]
+fn clients_spread_over_several_alternates_and_a_retransmission_gets_the_same() {
+    let alts = [
+        sa("203.0.113.8:3478"),
+        sa("203.0.113.9:3478"),
+        sa("203.0.113.10:3479"),
+    ];
+    let mut h = H::with(|c| {
+        c.turn.max_allocations = 1;
+        c.turn.alternate_servers = alts.to_vec();
+    });
+    h.client("198.51.100.7:5000", "alice", "secret")
+        .allocate(&mut h);
+    let mut seen = HashSet::new();
+    let mut b = h.client("198.51.100.8:5000", "bob", "hunter2");
+    for _ in 0..30 {
+        let r = b.allocate_with(&mut h, &udp);
+        r.expect_error(300);
+        let got = r.alternates();
+        assert_eq!(got.len(), 1, "one per configured family");
+        assert!(alts.contains(&got[0]), "{got:?}");
+        seen.insert(got[0]);
+    }
+    assert_eq!(seen.len(), alts.len(), "every alternate is used: {seen:?}");
+    let req = b.build(method::ALLOCATE, &new_tid(), &udp);
+    let first = b.send_raw(&mut h, &req).unwrap();
+    let again = b.send_raw(&mut h, &req).unwrap();
+    first.expect_error(300);
+    assert_eq!(first.alternates(), again.alternates());
+}
+
 #[test]
 fn relay_ports_stay_in_the_configured_range() {
     let mut h = H::with(|c| c.turn.relay_ports = PortRange::new(50000, 50015).unwrap());
