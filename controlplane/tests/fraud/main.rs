@@ -31,7 +31,7 @@
 //!
 //! Shared by design: `PROBE` (127.0.0.254, the kit's readiness probes, whitelisted in every
 //! configuration) and ::1, the only IPv6 loopback address (the `ipv6` tests, one each).
-//! The two flood tests run `alone`.
+//! The two flood tests and the brute-force reaction tests run `alone`.
 
 mod entries;
 mod eviction;

@@ -132,6 +132,8 @@ fn over_the_per_source_limit_only_new_connections_are_refused() {
 /// Basic on nginx (`auth_basic`), the default threshold.
 #[test]
 fn a_401_challenge_is_not_counted_and_a_basic_brute_force_is_blocked() {
+    // A reaction-time measurement: alone (see fraud::turn).
+    let _alone = alone();
     let nginx = Nginx::start("fraud");
     let site = Portico::start("basic", spec().http_proxy_to(nginx.alpha));
     let proxy = site.proxy();
@@ -213,6 +215,8 @@ fn basic_brute_force(site: &Portico, attacker: IpAddr, threshold: usize) -> usiz
 
 #[test]
 fn a_basic_brute_force_is_cut_at_a_low_threshold_too() {
+    // A reaction-time measurement: alone (see fraud::turn).
+    let _alone = alone();
     let nginx = Nginx::start("fraud");
     let site = Portico::start(
         "basic-5",

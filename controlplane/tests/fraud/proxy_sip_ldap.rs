@@ -155,6 +155,8 @@ fn report(what: &str, threshold: usize, answered: usize) {
 /// a few attempts of the threshold: over one connection, and over a new connection each.
 #[test]
 fn a_sip_brute_force_is_cut_within_a_few_attempts_of_the_threshold() {
+    // A reaction-time measurement: alone (see fraud::turn).
+    let _alone = alone();
     let kamailio = Kamailio::start("fraud-sip-brute");
     for threshold in [5, 20] {
         let (site, proxy) = site(
@@ -269,6 +271,8 @@ fn a_sip_brute_force_is_cut_within_a_few_attempts_of_the_threshold() {
 /// the threshold: over one connection (a raw client), and with `ldapsearch` per guess.
 #[test]
 fn an_ldap_brute_force_is_cut_within_a_few_attempts_of_the_threshold() {
+    // A reaction-time measurement: alone (see fraud::turn).
+    let _alone = alone();
     let slapd = Slapd::start("fraud-ldap-brute");
     let ldapsearch = require("ldapsearch", "ldap-utils");
     for threshold in [5, 20] {
