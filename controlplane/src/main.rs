@@ -2,15 +2,6 @@
 //! state directory, creates (or re-attaches to) the shared memory, starts and supervises the
 //! dataplane, and serves the REST API and Prometheus metrics.
 
-mod api;
-mod config;
-mod control;
-mod fraud;
-mod metrics;
-mod proxy;
-mod state;
-mod supervisor;
-
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -22,7 +13,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 use tracing_subscriber::EnvFilter;
 
-use control::{Control, LogReload};
+use portico::control::{Control, LogReload};
+use portico::{api, config, fraud, proxy, state, supervisor};
 use supervisor::Dataplane;
 
 #[derive(Parser)]

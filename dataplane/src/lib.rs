@@ -9,3 +9,6 @@ pub mod runtime;
 pub mod server;
 pub mod stun;
 pub mod turn;
+
+#[doc(hidden)]
+pub mod fuzzing;
