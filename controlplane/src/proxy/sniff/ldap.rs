@@ -212,6 +212,13 @@ impl Monitor for LdapMonitor {
         self.buf.extend_from_slice(data);
         let mut codec = LdapCodec::new(Some(MONITOR_MAX_MESSAGE));
         loop {
+            // As for the first message: the decoder recurses once per nesting level, and an
+            // answer nested deep enough would overflow the stack (and end the process).
+            if matches!(shape(&self.buf), Shape::TooDeep | Shape::Broken) {
+                self.lost = true;
+                self.buf = BytesMut::new();
+                break;
+            }
             match codec.decode(&mut self.buf) {
                 Ok(Some(m)) => {
                     if let LdapOp::BindResponse(r) = m.op {
