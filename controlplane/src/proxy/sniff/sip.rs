@@ -265,7 +265,9 @@ impl Monitor for SipMonitor {
                 }
             }
             let body = head.content_length().unwrap_or(0);
-            let total = head.len + body;
+            // A Content-Length near usize::MAX must not wrap around (it would mark the
+            // body as already here): saturate, and the rest of the stream is skipped.
+            let total = head.len.saturating_add(body);
             if total <= self.buf.len() {
                 self.buf.drain(..total);
             } else {
