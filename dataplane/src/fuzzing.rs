@@ -368,9 +368,14 @@ const METHODS: [u16; 8] = [
 ];
 
 /// Builds and signs one request from the input. Layout: method, flags, source/transaction
-/// byte, attribute count, then per attribute a selector and its value (see below).
-/// Flags: bit 0 MESSAGE-INTEGRITY-SHA256, bit 1 the SHA-256 password algorithm, bit 2
-/// USERHASH, bits 3-4 the user, bit 5 no FINGERPRINT, bit 6 over TCP, bit 7 an indication.
+/// byte, attribute count (0-7), then per attribute a selector and its value: an index into
+/// [`ATTRS`] (XOR-PEER-ADDRESS: a peer index; REQUESTED-TRANSPORT: the protocol byte;
+/// CHANNEL-NUMBER: the low byte; LIFETIME: 4 bytes; others: a length byte and the bytes) or,
+/// past its end, a 16-bit type, a length byte and the bytes. Flags: bit 0
+/// MESSAGE-INTEGRITY-SHA256, bit 1 the SHA-256 password algorithm, bit 2 USERHASH, bits 3-4
+/// the user, bit 5 no FINGERPRINT, bit 6 over TCP, bit 7 an indication. USERNAME (or
+/// USERHASH), REALM, a valid NONCE for the source, the integrity attribute and FINGERPRINT
+/// are added after the input's attributes.
 fn signed(core: &mut Core<'_>, input: &mut Input<'_>) -> Option<Vec<u8>> {
     let m = input.byte();
     let flags = input.byte();
@@ -438,7 +443,10 @@ fn signed(core: &mut Core<'_>, input: &mut Input<'_>) -> Option<Vec<u8>> {
                 let lo = input.byte();
                 w.add_attribute(attr::CHANNEL_NUMBER, &[0x40, lo, 0, 0])
             }
-            Some(&attr::LIFETIME) => w.add_u32(attr::LIFETIME, u32::from(input.u16())),
+            Some(&attr::LIFETIME) => {
+                let l = u32::from(input.u16()) << 16 | u32::from(input.u16());
+                w.add_u32(attr::LIFETIME, l)
+            }
             Some(&typ) => {
                 let len = usize::from(input.byte());
                 w.add_attribute(typ, input.bytes(len))

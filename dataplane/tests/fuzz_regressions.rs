@@ -386,7 +386,7 @@ fn send(s: u8, peer: u8) -> Vec<u8> {
     v.extend_from_slice(b"hello");
     v
 }
-fn refresh(s: u8, secs: u16) -> Vec<u8> {
+fn refresh(s: u8, secs: u32) -> Vec<u8> {
     let mut v = vec![0, 2, 0, s, 1, 3];
     v.extend_from_slice(&secs.to_be_bytes());
     v
@@ -449,6 +449,10 @@ fn turn_auth_seeds() -> Seeds {
         vec![0, 1, 0, 5, 2, 0, 17, 8, 4, 2, 0, 0, 0],
     ));
     out.push(("binding".into(), vec![0, 0, 0, 0, 0]));
+    out.push((
+        "allocate-lifetime-max".into(),
+        vec![0, 1, 0, 0, 2, 0, 17, 3, 0xff, 0xff, 0xff, 0xff],
+    ));
     // Raw datagram: an unauthenticated Allocate.
     let mut raw = vec![4, 0, 0];
     let m = msg(Class::Request, method::ALLOCATE, |w| {
