@@ -23,10 +23,12 @@
 # file to fuzz/regressions/TARGET/ so `cargo test` replays it for good
 # (tests/fuzz_regressions.rs in dataplane/ and controlplane/).
 #
-# Builds are optimised with debug assertions and overflow checks on. Environment:
-# FUZZ_SANITIZER [none] (address adds AddressSanitizer, for the unsafe code and the C of
-# aws-lc, at about half the speed), FUZZ_RSS_MB [2048] (-rss_limit_mb and -malloc_limit_mb), FUZZ_TIMEOUT s [10]
-# (-timeout, per input). Exit status 1 when any target found something.
+# Builds are optimised, with debug assertions and overflow checks on. Environment:
+#   FUZZ_SANITIZER [none]  address adds AddressSanitizer (for unsafe code and the C of
+#                          aws-lc) at a fraction of the speed
+#   FUZZ_RSS_MB [2048]     -rss_limit_mb and -malloc_limit_mb
+#   FUZZ_TIMEOUT s [10]    -timeout, per input
+# Exit status 1 when any target found something.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
