@@ -70,8 +70,11 @@ fi
 
 export RUSTC_BOOTSTRAP=1
 echo "building the fuzz targets (sanitizer: $SANITIZER)"
+# `cargo fuzz build` takes one target or none (= all).
+BUILD=$TARGET
+[ "$BUILD" = all ] && BUILD=
 # shellcheck disable=SC2086
-if ! nice cargo fuzz build -s "$SANITIZER" $TARGETS; then
+if ! nice cargo fuzz build -s "$SANITIZER" $BUILD; then
     echo "building the fuzz targets failed" >&2
     exit 1
 fi

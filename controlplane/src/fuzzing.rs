@@ -175,6 +175,12 @@ fn drain(guard: &mut dyn Guard, g: &mut Guarded, drop_odd: bool, pushed: usize) 
                 g.messages.push((check, bytes));
                 guard.decide(forward);
             }
+            // Why a stream broke may show at different bytes when it comes in reads (a
+            // prefix is already no SIP message, the whole head is no UTF-8), and a broken
+            // head beyond the limit is "broken" when it arrives whole but "too large" when a
+            // read leaves it incomplete past the limit: only that the connection ends in an
+            // error must agree.
+            Step::Broken(_) | Step::TooLarge => g.end = Some(Step::Broken("")),
             end => g.end = Some(end),
         }
     }
