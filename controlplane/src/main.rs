@@ -4,16 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-mod api;
-mod config;
-mod control;
-mod fleet;
-mod fraud;
-mod metrics;
-mod proxy;
-mod state;
-mod supervisor;
-
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -25,7 +15,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 use tracing_subscriber::EnvFilter;
 
-use control::{Control, LogReload};
+use portico::control::{Control, LogReload};
+use portico::{api, config, fleet, fraud, proxy, state, supervisor};
 use supervisor::Dataplane;
 
 #[derive(Parser)]

@@ -12,3 +12,6 @@ pub mod runtime;
 pub mod server;
 pub mod stun;
 pub mod turn;
+
+#[doc(hidden)]
+pub mod fuzzing;

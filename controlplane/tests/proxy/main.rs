@@ -9,6 +9,7 @@ use portico_testkit::net::tcp_from;
 use portico_testkit::{Portico, Spec, LOCAL4};
 
 mod check_certificate;
+mod fuzz_regressions;
 mod h323;
 mod h323_support;
 mod http;

@@ -55,25 +55,11 @@ fn shape(buf: &[u8]) -> Shape {
         if i >= buf.len() {
             return Shape::Partial;
         }
+        // One identifier byte, as the decoder (lber) reads it: it has no high-tag-number
+        // form, and reading one here would walk other elements than the decoder does (a
+        // shallow walk here, a deep recursion there).
         let tag = buf[i];
         i += 1;
-        if tag & 0x1f == 0x1f {
-            // High tag number: base-128 digits, last one without the top bit.
-            let mut digits = 0;
-            loop {
-                let Some(&b) = buf.get(i) else {
-                    return Shape::Partial;
-                };
-                i += 1;
-                digits += 1;
-                if digits > 4 {
-                    return Shape::Broken;
-                }
-                if b & 0x80 == 0 {
-                    break;
-                }
-            }
-        }
         let Some(&first) = buf.get(i) else {
             return Shape::Partial;
         };

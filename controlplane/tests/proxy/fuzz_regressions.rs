@@ -1,0 +1,305 @@
+//! Replays the committed fuzz inputs of the reverse proxy's sniffers through the entry points
+//! the fuzz targets call (`portico::fuzzing`): the seed corpora (`fuzz/corpus/TARGET/`) and
+//! every input a fuzzer ever crashed on (`fuzz/regressions/TARGET/`), so a fixed crash stays
+//! fixed under a plain `cargo test`. The seeds are written by the ignored test
+//! `write_seed_corpus` below (real HTTP, SIP and LDAP messages, and the H.323 messages of
+//! `seeds.txt`); `scripts/fuzz.sh` runs the
+//! fuzzers.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use bytes::BytesMut;
+use ldap3_proto::proto::{
+    LdapBindCred, LdapBindRequest, LdapBindResponse, LdapMsg, LdapOp, LdapPartialAttribute,
+    LdapResult, LdapResultCode, LdapSearchResultEntry, SaslCredentials,
+};
+use ldap3_proto::LdapCodec;
+use portico::fuzzing;
+use tokio_util::codec::Encoder;
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+}
+
+/// Every file of `fuzz/{corpus,regressions}/TARGET`, in name order.
+fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for kind in ["corpus", "regressions"] {
+        let Ok(dir) = fs::read_dir(fuzz_dir().join(kind).join(target)) else {
+            continue;
+        };
+        for e in dir.flatten() {
+            let path = e.path();
+            if path.is_file() {
+                let data = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                out.push((path, data));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn replay(target: &str, run: fn(&[u8])) {
+    let inputs = inputs(target);
+    assert!(
+        inputs.len() >= 5,
+        "only {} inputs for {target} under {}",
+        inputs.len(),
+        fuzz_dir().display()
+    );
+    for (path, data) in &inputs {
+        // Shown only when the replay panics: which input it was.
+        eprintln!("replaying {}", path.display());
+        run(data);
+    }
+}
+
+#[test]
+fn http_sniff_inputs() {
+    replay("http_sniff", fuzzing::http_sniff);
+}
+
+#[test]
+fn sip_sniff_inputs() {
+    replay("sip_sniff", fuzzing::sip_sniff);
+}
+
+#[test]
+fn ldap_sniff_inputs() {
+    replay("ldap_sniff", fuzzing::ldap_sniff);
+}
+
+#[test]
+fn h323_sniff_inputs() {
+    replay("h323_sniff", fuzzing::h323_sniff);
+}
+
+// ---- Seed corpus -------------------------------------------------------------------------
+
+/// Named seed inputs of one target.
+type Seeds = Vec<(String, Vec<u8>)>;
+
+/// The selector byte: limit 16 KiB (bit 7) and reads of `read` bytes (1-16).
+fn sel(read: u8) -> u8 {
+    0x80 | (read - 1)
+}
+
+fn with_sel(s: u8, data: &[u8]) -> Vec<u8> {
+    let mut v = vec![s];
+    v.extend_from_slice(data);
+    v
+}
+
+fn http_seeds() -> Seeds {
+    let messages: [(&str, &[u8]); 12] = [
+        ("get", b"GET /index.html?x=1 HTTP/1.1\r\nHost: pbx.example.com\r\nUser-Agent: curl/8.0\r\nAccept: */*\r\n\r\n"),
+        ("get-http10", b"GET / HTTP/1.0\r\nHost: pbx.example.com:8080\r\n\r\n"),
+        ("post-length", b"POST /api/login HTTP/1.1\r\nHost: pbx.example.com\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n{\"user\":\"a\",\"password\":\"b\"}GET /next HTTP/1.1\r\nHost: pbx.example.com\r\n\r\n"),
+        ("post-chunked", b"POST /upload HTTP/1.1\r\nHost: pbx.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1a\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nTrailer: x\r\n\r\n"),
+        ("absolute-form", b"GET http://user@pbx.example.com:81/a/b?c HTTP/1.1\r\nHost: pbx.example.com:81\r\n\r\n"),
+        ("websocket", b"GET /ws HTTP/1.1\r\nHost: [2001:db8::1]:443\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"),
+        ("response-length", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 204 No Content\r\n\r\n"),
+        ("response-401-chunked", b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Digest realm=\"pbx\", nonce=\"abc\"\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nauth\r\n0\r\n\r\n"),
+        ("response-until-close", b"HTTP/1.0 403 Forbidden\r\nServer: x\r\n\r\nforbidden"),
+        ("response-gzip-chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+        ("chunked-body", b"10\r\n0123456789abcdef\r\n0\r\n\r\n"),
+        ("response-101", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
+    ];
+    let mut out = Vec::new();
+    for (i, (name, m)) in messages.iter().enumerate() {
+        out.push((name.to_string(), with_sel(sel(1 + (i as u8 % 16)), m)));
+    }
+    // A small limit: the head is too large.
+    out.push(("too-large".into(), with_sel(0x02, messages[0].1)));
+    out
+}
+
+fn sip_request(method: &str, domain: &str, extra: &str, body: &str) -> String {
+    format!(
+        "{method} sip:{domain} SIP/2.0\r\n\
+         Via: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bK-{method}\r\n\
+         Max-Forwards: 70\r\n\
+         From: \"Alice\" <sip:alice@{domain}>;tag=a1\r\n\
+         To: <sip:alice@{domain}>\r\n\
+         Call-ID: call-{method}@127.0.0.1\r\n\
+         CSeq: 1 {method}\r\n\
+         Contact: <sip:alice@127.0.0.1:5999;transport=tcp>\r\n\
+         {extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn sip_seeds() -> Seeds {
+    let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+    let responses = "SIP/2.0 100 Trying\r\nVia: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bK-INVITE\r\nContent-Length: 0\r\n\r\n\
+         SIP/2.0 401 Unauthorized\r\nWWW-Authenticate: Digest realm=\"alpha.test\", nonce=\"n\"\r\nl: 4\r\n\r\nabcd\
+         \r\n\r\nSIP/2.0 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n\
+         SIP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n";
+    let messages: Vec<(&str, String)> = vec![
+        ("register", sip_request("REGISTER", "alpha.test", "Expires: 3600\r\n", "")),
+        ("register-auth", sip_request("REGISTER", "alpha.test", "Authorization: Digest username=\"alice\", realm=\"alpha.test\", nonce=\"n\", uri=\"sip:alpha.test\", response=\"0123456789abcdef0123456789abcdef\"\r\n", "")),
+        ("invite-sdp", sip_request("INVITE", "pbx.example.com", "Content-Type: application/sdp\r\n", sdp)),
+        ("options-compact", "OPTIONS sip:b@x SIP/2.0\r\nv: SIP/2.0/TCP h\r\nf: <sips:bob@[2001:db8::1]:5061;transport=tls>;tag=1\r\nt: <sip:b@x>\r\ni: 1@h\r\nCSeq: 1 OPTIONS\r\nl: 0\r\n\r\n".into()),
+        ("folded-from", "INVITE sip:b@x SIP/2.0\r\nFrom:\r\n  \"Quoted <name>\"\r\n\t<sip:a@folded.example>;tag=2\r\n\r\n".into()),
+        ("keepalive-then-ack", format!("\r\n\r\n{}", sip_request("ACK", "alpha.test", "", ""))),
+        ("bare-lf", "BYE sip:b@x SIP/2.0\nFrom: sip:a@lf.example;tag=1\nCall-ID: 2\n\n".into()),
+        ("responses", responses.into()),
+    ];
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, m))| {
+            (
+                name.to_string(),
+                with_sel(sel(1 + (i as u8 % 16)), m.as_bytes()),
+            )
+        })
+        .collect()
+}
+
+fn encode(m: LdapMsg) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    LdapCodec::default().encode(m, &mut b).expect("encode");
+    b.to_vec()
+}
+
+fn bind(id: i32, dn: &str, cred: LdapBindCred) -> Vec<u8> {
+    encode(LdapMsg::new(
+        id,
+        LdapOp::BindRequest(LdapBindRequest {
+            dn: dn.into(),
+            cred,
+        }),
+    ))
+}
+
+fn bind_response(id: i32, code: LdapResultCode) -> Vec<u8> {
+    encode(LdapMsg::new(
+        id,
+        LdapOp::BindResponse(LdapBindResponse {
+            res: LdapResult {
+                code,
+                matcheddn: String::new(),
+                message: "message".into(),
+                referral: Vec::new(),
+            },
+            saslcreds: None,
+        }),
+    ))
+}
+
+fn ldap_seeds() -> Seeds {
+    let mut responses = bind_response(1, LdapResultCode::Success);
+    responses.extend(encode(LdapMsg::new(
+        2,
+        LdapOp::SearchResultEntry(LdapSearchResultEntry {
+            dn: "cn=alice,dc=example,dc=com".into(),
+            attributes: vec![LdapPartialAttribute {
+                atype: "mail".into(),
+                vals: vec![b"alice@example.com".to_vec()],
+            }],
+        }),
+    )));
+    responses.extend(bind_response(3, LdapResultCode::InvalidCredentials));
+    let messages: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "bind-domain-user",
+            bind(
+                1,
+                "PBX.example.com\\ldap-guest",
+                LdapBindCred::Simple("pw".into()),
+            ),
+        ),
+        (
+            "bind-dn",
+            bind(
+                7,
+                "CN=ckl, DC=innovaphone, DC=com",
+                LdapBindCred::Simple("secret".into()),
+            ),
+        ),
+        (
+            "bind-anonymous",
+            bind(2, "", LdapBindCred::Simple(String::new())),
+        ),
+        (
+            "bind-sasl",
+            bind(
+                4,
+                "dc=example,dc=org",
+                LdapBindCred::SASL(SaslCredentials {
+                    mechanism: "EXTERNAL".into(),
+                    credentials: b"dn:cn=a".to_vec(),
+                }),
+            ),
+        ),
+        ("unbind", encode(LdapMsg::new(3, LdapOp::UnbindRequest))),
+        (
+            "bind-invalid-credentials",
+            bind_response(1, LdapResultCode::InvalidCredentials),
+        ),
+        ("responses", responses),
+    ];
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, m))| (name.to_string(), with_sel(sel(1 + (i as u8 % 16)), &m)))
+        .collect()
+}
+
+/// The pycrate-made H.225.0 messages of `seeds.txt` (`label|hex` lines), one seed each, and
+/// a stream of a Setup behind a registration.
+fn h323_seeds() -> Seeds {
+    let text =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proxy/seeds.txt"))
+            .expect("seeds.txt");
+    let mut out = Seeds::new();
+    let mut all = Vec::new();
+    for (i, line) in text.lines().filter(|l| !l.starts_with('#')).enumerate() {
+        let Some((label, hex)) = line.split_once('|') else {
+            continue;
+        };
+        let bytes: Vec<u8> = (0..hex.len() / 2)
+            .map(|j| u8::from_str_radix(&hex[2 * j..2 * j + 2], 16).expect("hex"))
+            .collect();
+        let name: String = label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(40)
+            .collect();
+        out.push((
+            format!("{i:02}-{name}"),
+            with_sel(sel(1 + (i as u8 % 16)), &bytes),
+        ));
+        all.push((label.to_string(), bytes));
+    }
+    let mut stream = Vec::new();
+    for (label, bytes) in &all {
+        if label.starts_with("rrq") || label.starts_with("setup") {
+            stream.extend_from_slice(bytes);
+        }
+    }
+    out.push(("stream".into(), with_sel(sel(7), &stream)));
+    out
+}
+
+/// Writes the seed corpora under `fuzz/corpus/`:
+/// `cargo test -p portico --test proxy -- --ignored write_seed_corpus`.
+#[test]
+#[ignore = "writes files; run by hand when the seeds change"]
+fn write_seed_corpus() {
+    for (target, seeds) in [
+        ("http_sniff", http_seeds()),
+        ("sip_sniff", sip_seeds()),
+        ("ldap_sniff", ldap_seeds()),
+        ("h323_sniff", h323_seeds()),
+    ] {
+        let dir = fuzz_dir().join("corpus").join(target);
+        fs::create_dir_all(&dir).unwrap();
+        for (name, data) in seeds {
+            fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+        }
+    }
+}
