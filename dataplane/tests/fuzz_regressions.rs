@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use portico_dataplane::fuzzing;
 use portico_dataplane::stun::integrity::{
@@ -14,43 +14,7 @@ use portico_dataplane::stun::integrity::{
 };
 use portico_dataplane::stun::{attr, method, Class, Message, MessageWriter};
 
-fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
-}
-
-/// Every file of `fuzz/{corpus,regressions}/TARGET`, in name order.
-fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    for kind in ["corpus", "regressions"] {
-        let Ok(dir) = fs::read_dir(fuzz_dir().join(kind).join(target)) else {
-            continue;
-        };
-        for e in dir.flatten() {
-            let path = e.path();
-            if path.is_file() {
-                let data = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                out.push((path, data));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-fn replay(target: &str, run: fn(&[u8])) {
-    let inputs = inputs(target);
-    assert!(
-        inputs.len() >= 5,
-        "only {} inputs for {target} under {}",
-        inputs.len(),
-        fuzz_dir().display()
-    );
-    for (path, data) in &inputs {
-        // Shown only when the replay panics: which input it was.
-        eprintln!("replaying {}", path.display());
-        run(data);
-    }
-}
+use portico_testkit::fuzz::{fuzz_dir, replay};
 
 #[test]
 fn stun_parse_inputs() {

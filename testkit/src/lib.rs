@@ -21,6 +21,7 @@
 pub mod bystander;
 pub mod dirs;
 pub mod fixtures;
+pub mod fuzz;
 pub mod http;
 pub mod ldap;
 pub mod metrics;

@@ -7,7 +7,7 @@
 //! fuzzers.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bytes::BytesMut;
 use ldap3_proto::proto::{
@@ -18,43 +18,7 @@ use ldap3_proto::LdapCodec;
 use portico::fuzzing;
 use tokio_util::codec::Encoder;
 
-fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
-}
-
-/// Every file of `fuzz/{corpus,regressions}/TARGET`, in name order.
-fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    for kind in ["corpus", "regressions"] {
-        let Ok(dir) = fs::read_dir(fuzz_dir().join(kind).join(target)) else {
-            continue;
-        };
-        for e in dir.flatten() {
-            let path = e.path();
-            if path.is_file() {
-                let data = fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                out.push((path, data));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-fn replay(target: &str, run: fn(&[u8])) {
-    let inputs = inputs(target);
-    assert!(
-        inputs.len() >= 5,
-        "only {} inputs for {target} under {}",
-        inputs.len(),
-        fuzz_dir().display()
-    );
-    for (path, data) in &inputs {
-        // Shown only when the replay panics: which input it was.
-        eprintln!("replaying {}", path.display());
-        run(data);
-    }
-}
+use portico_testkit::fuzz::{fuzz_dir, replay};
 
 #[test]
 fn http_sniff_inputs() {
