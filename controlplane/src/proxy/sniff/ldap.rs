@@ -12,7 +12,7 @@ use ldap3_proto::proto::{
 use ldap3_proto::LdapCodec;
 use tokio_util::codec::{Decoder, Encoder};
 
-use super::{Check, Guard, Monitor, Refusal, Sniffed, Sniffer, Step};
+use super::{Backlog, Check, Guard, Monitor, Refusal, Sniffed, Sniffer, Step};
 
 pub struct Ldap;
 
@@ -475,87 +475,70 @@ impl Sniffer for Ldap {
 /// as they come, framed by their BER header only.
 #[derive(Default)]
 pub struct LdapGuard {
-    buf: Vec<u8>,
+    q: Backlog,
     max: usize,
-    /// Bytes of the current message still to hand out (`forward`) or drop.
-    rest: usize,
-    forward: bool,
     /// The rest of the message waiting for [`Guard::decide`].
     pending: Option<usize>,
-    broken: bool,
-}
-
-impl LdapGuard {
-    fn fail(&mut self, step: Step) -> Step {
-        self.broken = true;
-        self.buf = Vec::new();
-        step
-    }
 }
 
 impl Guard for LdapGuard {
     fn push(&mut self, data: &[u8]) {
-        if !self.broken {
-            self.buf.extend_from_slice(data);
-        }
+        self.q.push(data);
     }
 
     fn next(&mut self) -> Step {
         loop {
-            if self.broken || self.pending.is_some() || self.buf.is_empty() {
+            if self.q.broken || self.pending.is_some() || self.q.buf.is_empty() {
                 return Step::Idle;
             }
-            if self.rest > 0 {
-                let n = self.rest.min(self.buf.len());
-                self.rest -= n;
-                let bytes: Vec<u8> = self.buf.drain(..n).collect();
-                if self.forward {
-                    return Step::Forward(bytes);
+            if self.q.rest > 0 {
+                match self.q.take_rest() {
+                    Some(step) => return step,
+                    None => continue,
                 }
-                continue;
             }
-            let (total, op_at, op) = match frame(&self.buf) {
+            let (total, op_at, op) = match frame(&self.q.buf) {
                 Frame::Partial => return Step::Idle,
-                Frame::Broken(e) => return self.fail(Step::Broken(e)),
+                Frame::Broken(e) => return self.q.fail(Step::Broken(e)),
                 Frame::Whole { total, op_at, op } => (total, op_at, op),
             };
             if op != BIND_REQUEST {
                 self.pending = Some(total - (op_at + 1));
                 return Step::Message {
                     check: Check::Pass,
-                    bytes: self.buf.drain(..=op_at).collect(),
+                    bytes: self.q.buf.drain(..=op_at).collect(),
                 };
             }
             if total > self.max {
-                return self.fail(Step::TooLarge);
+                return self.q.fail(Step::TooLarge);
             }
-            if self.buf.len() < total {
+            if self.q.buf.len() < total {
                 return Step::Idle;
             }
-            let check = match decode_first(&self.buf[..total], self.max) {
+            let check = match decode_first(&self.q.buf[..total], self.max) {
                 Decoded::Msg(m) => match m.op {
                     LdapOp::BindRequest(b) => match bind_request_domain(&b) {
                         Some(d) => Check::Name(d),
                         None => Check::NoName("bind name has no domain"),
                     },
-                    _ => return self.fail(Step::Broken("undecodable LDAP bind")),
+                    _ => return self.q.fail(Step::Broken("undecodable LDAP bind")),
                 },
                 Decoded::More | Decoded::Bad => {
-                    return self.fail(Step::Broken("undecodable LDAP bind"))
+                    return self.q.fail(Step::Broken("undecodable LDAP bind"))
                 }
             };
             self.pending = Some(0);
             return Step::Message {
                 check,
-                bytes: self.buf.drain(..total).collect(),
+                bytes: self.q.buf.drain(..total).collect(),
             };
         }
     }
 
     fn decide(&mut self, forward: bool) {
         if let Some(rest) = self.pending.take() {
-            self.rest = rest;
-            self.forward = forward;
+            self.q.rest = rest;
+            self.q.forward = forward;
         }
     }
 }

@@ -59,6 +59,42 @@ pub trait Monitor: Send {
 /// pipelined messages behind it are seen too). Sans-IO: [`Guard::push`] bytes, then take
 /// [`Guard::next`] steps until [`Step::Idle`]. Its buffer is bounded: a message that must be
 /// looked at whole may not exceed the `max` it was made with.
+/// What a [`Guard`] has read and not handed out yet: the buffered bytes, the part of the
+/// current message still to pass on (`forward`) or drop, and whether the stream could no
+/// longer be followed. The SIP and LDAP guards differ only in how they frame a message.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    pub buf: Vec<u8>,
+    /// Bytes of the current message still to hand out (`forward`) or drop.
+    pub rest: usize,
+    pub forward: bool,
+    pub broken: bool,
+}
+
+impl Backlog {
+    pub fn push(&mut self, data: &[u8]) {
+        if !self.broken {
+            self.buf.extend_from_slice(data);
+        }
+    }
+
+    /// Stops following the stream; `step` says why.
+    pub fn fail(&mut self, step: Step) -> Step {
+        self.broken = true;
+        self.buf = Vec::new();
+        step
+    }
+
+    /// Takes what is buffered of the current message's rest: `Some` step to return when it
+    /// is forwarded, `None` when it was dropped (the caller goes on with what follows).
+    pub fn take_rest(&mut self) -> Option<Step> {
+        let n = self.rest.min(self.buf.len());
+        self.rest -= n;
+        let bytes: Vec<u8> = self.buf.drain(..n).collect();
+        self.forward.then_some(Step::Forward(bytes))
+    }
+}
+
 pub trait Guard: Send {
     /// Adds bytes read from the client.
     fn push(&mut self, data: &[u8]);

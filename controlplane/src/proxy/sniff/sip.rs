@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use super::{Check, Guard, Monitor, Refusal, Sniffed, Sniffer, Step};
+use super::{Backlog, Check, Guard, Monitor, Refusal, Sniffed, Sniffer, Step};
 
 pub struct Sip;
 
@@ -240,12 +240,9 @@ impl Sniffer for Sip {
     fn session(&self, max: usize) -> (Box<dyn Guard>, Box<dyn Monitor>) {
         let table = Arc::new(Mutex::new(Credentialed::default()));
         let guard = SipGuard {
-            buf: Vec::new(),
+            q: Backlog::default(),
             max,
-            rest: 0,
-            forward: false,
             pending: None,
-            broken: false,
             table: Arc::clone(&table),
         };
         let monitor = SipMonitor {
@@ -359,66 +356,50 @@ fn is_status_line(start: &str) -> bool {
 /// requests and the client's responses to the target's requests pass. Requests let through
 /// with credentials are noted in the shared [`Credentialed`] table.
 pub struct SipGuard {
-    buf: Vec<u8>,
+    q: Backlog,
     max: usize,
     /// Body bytes of the current message still to hand out (`forward`) or drop.
-    rest: usize,
-    forward: bool,
     /// The message waiting for [`Guard::decide`]: its body length and, when it carried
     /// credentials, its transaction key.
     pending: Option<(usize, Option<u64>)>,
-    broken: bool,
     table: Arc<Mutex<Credentialed>>,
-}
-
-impl SipGuard {
-    fn fail(&mut self, step: Step) -> Step {
-        self.broken = true;
-        self.buf = Vec::new();
-        step
-    }
 }
 
 impl Guard for SipGuard {
     fn push(&mut self, data: &[u8]) {
-        if !self.broken {
-            self.buf.extend_from_slice(data);
-        }
+        self.q.push(data);
     }
 
     fn next(&mut self) -> Step {
         loop {
-            if self.broken || self.pending.is_some() || self.buf.is_empty() {
+            if self.q.broken || self.pending.is_some() || self.q.buf.is_empty() {
                 return Step::Idle;
             }
-            if self.rest > 0 {
-                let n = self.rest.min(self.buf.len());
-                self.rest -= n;
-                let bytes: Vec<u8> = self.buf.drain(..n).collect();
-                if self.forward {
-                    return Step::Forward(bytes);
+            if self.q.rest > 0 {
+                match self.q.take_rest() {
+                    Some(step) => return step,
+                    None => continue,
                 }
-                continue;
             }
-            let k = skip_keepalive(&self.buf);
+            let k = skip_keepalive(&self.q.buf);
             if k > 0 {
-                return Step::Forward(self.buf.drain(..k).collect());
+                return Step::Forward(self.q.buf.drain(..k).collect());
             }
-            let head = match parse_head(&self.buf) {
+            let head = match parse_head(&self.q.buf) {
                 Ok(Some(h)) => h,
-                Ok(None) if self.buf.len() > self.max => return self.fail(Step::TooLarge),
-                Ok(None) if !self.buf[0].is_ascii_alphabetic() => {
-                    return self.fail(Step::Broken("not a SIP message"))
+                Ok(None) if self.q.buf.len() > self.max => return self.q.fail(Step::TooLarge),
+                Ok(None) if !self.q.buf[0].is_ascii_alphabetic() => {
+                    return self.q.fail(Step::Broken("not a SIP message"))
                 }
                 Ok(None) => return Step::Idle,
-                Err(e) => return self.fail(Step::Broken(e)),
+                Err(e) => return self.q.fail(Step::Broken(e)),
             };
             if head.len > self.max {
-                return self.fail(Step::TooLarge);
+                return self.q.fail(Step::TooLarge);
             }
             let body = match body_length(&head) {
                 Ok(b) => b,
-                Err(e) => return self.fail(Step::Broken(e)),
+                Err(e) => return self.q.fail(Step::Broken(e)),
             };
             let (check, key) = if is_request_line(head.start) {
                 let method = head.start.split(' ').next().unwrap_or("");
@@ -437,21 +418,23 @@ impl Guard for SipGuard {
             } else if is_status_line(head.start) {
                 (Check::Pass, None)
             } else {
-                return self.fail(Step::Broken("not a SIP request or response line"));
+                return self
+                    .q
+                    .fail(Step::Broken("not a SIP request or response line"));
             };
             let len = head.len;
             self.pending = Some((body, key));
             return Step::Message {
                 check,
-                bytes: self.buf.drain(..len).collect(),
+                bytes: self.q.buf.drain(..len).collect(),
             };
         }
     }
 
     fn decide(&mut self, forward: bool) {
         if let Some((body, key)) = self.pending.take() {
-            self.rest = body;
-            self.forward = forward;
+            self.q.rest = body;
+            self.q.forward = forward;
             if let (true, Some(key)) = (forward, key) {
                 lock(&self.table).insert(key);
             }
