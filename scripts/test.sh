@@ -34,6 +34,11 @@ tshark:tshark
 wireshark-common:text2pcap
 python3:python3
 python3-pip:pip3
+nftables:nft
+chromium:chromium
+sip-tester:sipp
+baresip:baresip
+rtpengine-daemon:rtpengine
 "
 
 # Upper bounds per step, so a hung test cannot use up CI's time; normal runs are far below.
@@ -58,12 +63,18 @@ if ! install_missing_tools "$REQUIRED_TOOLS"; then
     exit 1
 fi
 
-# Python packages the tests use as independent encoders: pycrate (H.225.0 in aligned PER,
-# for the H.323 proxy tests). Debian 12's pip refuses system-wide installs without
-# --break-system-packages; pycrate has no dependencies, so nothing of Debian's is replaced.
+# Python packages the tests use as independent peers: pycrate (H.225.0 in aligned PER,
+# for the H.323 proxy tests) and aioice (ICE agents relaying through Portico over TURN).
+# Debian 12's pip refuses system-wide installs without --break-system-packages; pycrate has no
+# dependencies and aioice only pure-Python ones (dnspython, ifaddr), so nothing of Debian's is
+# replaced.
 if ! python3 -c 'import pycrate_asn1dir.H225' 2>/dev/null; then
     python3 -m pip install --quiet --break-system-packages 'pycrate==0.8.1' ||
         echo "warning: pip could not install pycrate; the H.323 proxy tests will fail" >&2
+fi
+if ! python3 -c 'import aioice' 2>/dev/null; then
+    python3 -m pip install --quiet --break-system-packages 'aioice==0.13.0' ||
+        echo "warning: pip could not install aioice; the aioice interop tests will fail" >&2
 fi
 
 section "Environment"
