@@ -795,4 +795,35 @@ fn login_cookie_and_logout() {
     );
     assert_eq!(r.status, 200);
     assert!(site.log().contains("admin page login failed: wrong token"));
+
+    // Wrong logins count like wrong bearer tokens: after 10 from one source, 429 for the
+    // login and the API alike, even with the right token.
+    for _ in 0..10 {
+        let r = req(
+            &site,
+            70,
+            "POST",
+            "/admin/login",
+            &[json_ct],
+            r#"{"token": "guess"}"#,
+        );
+        assert_eq!(r.status, 401);
+    }
+    let body = json!({ "token": site.token() }).to_string();
+    let r = req(&site, 70, "POST", "/admin/login", &[json_ct], &body);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(r.header("set-cookie"), None);
+    let bearer = format!("Bearer {}", site.token());
+    let r = req(
+        &site,
+        70,
+        "GET",
+        "/api/v1/status",
+        &[("Authorization", &bearer)],
+        "",
+    );
+    assert_eq!(r.status, 429);
+    let r = req(&site, 71, "POST", "/admin/login", &[json_ct], &body);
+    assert_eq!(r.status, 200, "another source is not affected");
 }

@@ -297,7 +297,9 @@ async fn login(State(admin): State<Admin>, req: Request) -> Result<Response, Api
 /// clears the cookie.
 async fn logout(State(admin): State<Admin>, headers: HeaderMap) -> Response {
     if let Some(id) = session_id(&headers) {
-        admin.sessions.remove(id);
+        if admin.sessions.remove(id) {
+            tracing::info!("admin page logout");
+        }
     }
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.headers_mut()
