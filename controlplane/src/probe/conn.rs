@@ -311,9 +311,11 @@ fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
     let total = match b0 >> 6 {
         0 => HEADER_LEN + len,
         1 => 4 + len + (4 - len % 4) % 4,
-        _ => return Err(WireError::Garbage(format!(
+        _ => {
+            return Err(WireError::Garbage(format!(
             "the server sent a frame that is neither STUN nor ChannelData (first byte 0x{b0:02x})"
-        ))),
+        )))
+        }
     };
     if total > MAX_FRAME {
         return Err(WireError::Garbage(format!("frame of {total} bytes")));

@@ -227,6 +227,47 @@ fn probe_names_a_wrong_password_at_the_relay_step() {
     );
 }
 
+/// A realm other than the one expected, and arguments that cannot work, are named.
+#[test]
+fn probe_names_an_unexpected_realm_and_bad_arguments() {
+    let (p, _) = portico_for_probe("probe-args", true);
+    let server = format!("127.0.0.1:{}", p.port);
+    let r = probe(&[
+        &server,
+        "--transports",
+        "udp",
+        "--user",
+        USER,
+        "--password",
+        PASSWORD,
+        "--realm",
+        "example.org",
+    ]);
+    assert_eq!(r.code, Some(1), "{}", r.text);
+    assert!(
+        r.stdout.contains(&format!(
+            "Conclusion FAILURE: UDP fails at relayed: the server's realm is \"{REALM_NAME}\", \
+             not \"example.org\" (--realm)"
+        )),
+        "{}",
+        r.text
+    );
+    for (args, says) in [
+        (&["--user", USER][..], "--user needs --password"),
+        (&["--timeout", "0"][..], "--timeout must be above 0"),
+        (&["--count", "100000"][..], "--count must be 1 to 1000"),
+        (&["--transports", "sctp"][..], "invalid value 'sctp'"),
+    ] {
+        let r = probe(&[&[&server[..]], args].concat());
+        assert_eq!(r.code, Some(2), "{args:?}: {}", r.text);
+        assert!(r.stderr.contains(says), "{args:?}: {}", r.text);
+        assert!(r.stdout.is_empty(), "{args:?}: {}", r.text);
+    }
+    let r = probe(&["127.0.0.1:notaport"]);
+    assert_eq!(r.code, Some(2), "{}", r.text);
+    assert!(r.stderr.contains("bad port \"notaport\""), "{}", r.text);
+}
+
 #[test]
 fn probe_names_the_peer_policy_refusing_its_peer() {
     // Portico's default policy refuses loopback peers.
