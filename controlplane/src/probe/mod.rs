@@ -31,6 +31,8 @@ use crate::proxy::tls as ptls;
 
 /// Packets sent through the relay per transport, at most.
 const MAX_COUNT: u32 = 1000;
+/// Packets tried before a round trip that gets none through gives up.
+const GIVE_UP_AFTER: u32 = 3;
 /// Longest `--timeout`.
 const MAX_TIMEOUT: f64 = 60.0;
 /// How long a REST API credential made from `--secret` lives.
@@ -452,7 +454,9 @@ fn probe_transport(
     };
 
     // Round trip: through the relay to a local peer socket and back.
-    match round_trip(&mut client, relayed, udp_server, udp_works, ctx) {
+    // Over UDP this transport's own Binding just showed that UDP reaches the server.
+    let udp_reaches = udp_works || t == Transport::Udp;
+    match round_trip(&mut client, relayed, udp_server, udp_reaches, ctx) {
         Ok((rtt, detail)) => {
             rep.round_trip = Some(rtt);
             steps.ok(Step::RoundTrip, detail);
@@ -498,6 +502,11 @@ fn round_trip(
     client
         .create_permission(peer_addr)
         .map_err(|f| (None, prefixed("CreatePermission", f)))?;
+    // A NAT in front of the peer lets the relay's packets in only once the peer has sent to
+    // the relayed address (as an ICE agent's checks would): one packet opens the way. The
+    // relay hands it to the client as data, which the probe ignores.
+    peer.send_to(b"portico-probe: open the NAT", relayed)
+        .map_err(wire)?;
     client
         .channel_bind(peer_addr)
         .map_err(|f| (None, prefixed("ChannelBind", f)))?;
@@ -509,7 +518,13 @@ fn round_trip(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
+    let mut sent = 0u32;
     for seq in 0..ctx.count {
+        // Nothing through after the first few: the path is closed, waiting on is no use.
+        if seq == GIVE_UP_AFTER && rtts.is_empty() {
+            break;
+        }
+        sent += 1;
         let mut payload = Vec::with_capacity(172);
         payload.extend_from_slice(b"portico-probe");
         payload.extend_from_slice(&token.to_be_bytes());
@@ -541,9 +556,9 @@ fn round_trip(
     }
     let received = rtts.len() as u32;
     let mut rtt = Rtt {
-        sent: ctx.count,
+        sent,
         received,
-        loss_percent: f64::from(ctx.count - received) * 100.0 / f64::from(ctx.count),
+        loss_percent: f64::from(sent - received) * 100.0 / f64::from(sent),
         ..Rtt::default()
     };
     if !rtts.is_empty() {
@@ -554,22 +569,19 @@ fn round_trip(
     if received == 0 {
         let f = if reached_peer == 0 {
             Failure::Lost(format!(
-                "timeout: the relay delivered none of {} packets to the peer {peer_addr} within {} s each",
-                ctx.count,
+                "timeout: the relay delivered none of {sent} packets to the peer {peer_addr} within {} s each",
                 secs_text(secs)
             ))
         } else {
             Failure::Lost(format!(
-                "timeout: the peer got {reached_peer}/{} packets, but none of its echoes came back through the relay within {} s",
-                ctx.count,
+                "timeout: the peer got {reached_peer}/{sent} packets, but none of its echoes came back through the relay within {} s",
                 secs_text(secs)
             ))
         };
         return Err((Some(rtt), f));
     }
     let mut detail = format!(
-        "{received}/{} back via peer {peer_addr}, RTT min/avg/max {:.2}/{:.2}/{:.2} ms, loss {:.0}%",
-        ctx.count,
+        "{received}/{sent} back via peer {peer_addr}, RTT min/avg/max {:.2}/{:.2}/{:.2} ms, loss {:.0}%",
         rtt.min_ms.unwrap_or(0.0),
         rtt.avg_ms.unwrap_or(0.0),
         rtt.max_ms.unwrap_or(0.0),

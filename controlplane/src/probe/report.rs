@@ -89,8 +89,9 @@ pub struct TransportReport {
 }
 
 impl TransportReport {
+    /// No step failed (steps are skipped only after a failure, or without credentials).
     pub fn ok(&self) -> bool {
-        self.steps.iter().all(|s| s.status == Status::Ok)
+        !self.steps.is_empty() && self.steps.iter().all(|s| s.status != Status::Fail)
     }
 
     /// The first failed step.
@@ -234,4 +235,131 @@ fn conclusion(transports: &[TransportReport], relay_tested: bool) -> String {
         s.push_str(&format!("; STUN over {} works", list(&working)));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transport(
+        name: &'static str,
+        statuses: &[(Status, &str, Option<&'static str>)],
+    ) -> TransportReport {
+        TransportReport {
+            transport: name,
+            server: "192.0.2.1:3478".into(),
+            steps: Step::ALL
+                .iter()
+                .zip(statuses)
+                .map(|(step, (status, detail, kind))| StepResult {
+                    step: *step,
+                    status: *status,
+                    detail: detail.to_string(),
+                    error_kind: *kind,
+                    error_code: None,
+                })
+                .collect(),
+            host: None,
+            server_reflexive: None,
+            relayed: None,
+            round_trip: None,
+        }
+    }
+
+    const OK: (Status, &str, Option<&str>) = (Status::Ok, "x", None);
+    const SKIP: (Status, &str, Option<&str>) = (Status::Skipped, "not run", None);
+
+    #[test]
+    fn verdicts() {
+        let all_ok = |n| transport(n, &[OK, OK, OK, OK]);
+        let r = Report::new(
+            "s".into(),
+            true,
+            vec![all_ok("udp"), all_ok("tcp"), all_ok("tls")],
+            Nat::NotRun,
+        );
+        assert!(r.success);
+        assert_eq!(
+            r.conclusion,
+            "Conclusion SUCCESS: media will flow through the relay over UDP, TCP and TLS"
+        );
+
+        // Without credentials only STUN is checked, and says so.
+        let r = Report::new(
+            "s".into(),
+            false,
+            vec![transport("tcp", &[OK, OK, SKIP, SKIP])],
+            Nat::NotRun,
+        );
+        assert!(r.success);
+        assert_eq!(
+            r.conclusion,
+            "Conclusion SUCCESS: the server answers STUN over TCP (relay not tested: no credentials)"
+        );
+
+        // Blocked UDP, and two transports failing alike named together.
+        let udp = transport(
+            "udp",
+            &[
+                OK,
+                (
+                    Status::Fail,
+                    "timeout: no answer to Binding within 2 s",
+                    Some("timeout"),
+                ),
+                SKIP,
+                SKIP,
+            ],
+        );
+        let bad = (
+            Status::Fail,
+            "401 Unauthorized: wrong user or password",
+            Some("error_response"),
+        );
+        let r = Report::new(
+            "s".into(),
+            true,
+            vec![
+                udp,
+                transport("tcp", &[OK, OK, bad, SKIP]),
+                transport("tls", &[OK, OK, bad, SKIP]),
+            ],
+            Nat::NotRun,
+        );
+        assert!(!r.success);
+        assert_eq!(
+            r.conclusion,
+            "Conclusion FAILURE: UDP blocked (timeout: no answer to Binding within 2 s); TCP and \
+             TLS fail at relayed: 401 Unauthorized: wrong user or password; no transport works"
+        );
+        let table = r.table();
+        assert!(
+            table.contains(
+                "UDP        server-reflexive  FAIL    timeout: no answer to Binding within 2 s\n"
+            ),
+            "{table}"
+        );
+        assert!(table.ends_with(&format!("{}\n", r.conclusion)));
+
+        // A certificate problem is not "blocked"; what works is named.
+        let tls = transport(
+            "tls",
+            &[
+                (
+                    Status::Fail,
+                    "TLS handshake: invalid peer certificate: UnknownIssuer",
+                    Some("tls"),
+                ),
+                SKIP,
+                SKIP,
+                SKIP,
+            ],
+        );
+        let r = Report::new("s".into(), true, vec![all_ok("udp"), tls], Nat::NotRun);
+        assert_eq!(
+            r.conclusion,
+            "Conclusion FAILURE: TLS fails at host: TLS handshake: invalid peer certificate: \
+             UnknownIssuer; relay over UDP works"
+        );
+    }
 }

@@ -7,7 +7,8 @@
 //! with an own stream client, bad input on a stream, a TLS alert mid-stream, a stalled TLS
 //! handshake.
 //! `portico probe` (probe.rs): SUCCESS against Portico and coturn; the failing step and
-//! transport named for a wrong password, a refused peer, and UDP blocked in a namespace.
+//! transport named for a wrong password, a refused peer, and UDP blocked in a namespace; the
+//! NAT type behind a masquerading router in namespaces.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

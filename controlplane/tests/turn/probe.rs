@@ -1,7 +1,9 @@
 //! `portico probe` against real servers: SUCCESS against Portico (UDP, TCP, TLS, RFC 5780)
-//! and coturn; a specific failure (which step, which transport) for a wrong password, for
-//! the relay's peer policy refusing the probe's peer, and for UDP dropped by an nftables rule
-//! in a network namespace the test creates (TCP and TLS still relay); `--json` parsed.
+//! and coturn; a specific failure (which step, which transport) for a wrong password, an
+//! unexpected realm, the relay's peer policy refusing the probe's peer, and UDP dropped by an
+//! nftables rule in a network namespace the test creates (TCP and TLS still relay); behind a
+//! masquerading router in namespaces, the NAT classified by RFC 5780 and the relay reached
+//! through it; bad arguments; `--json` parsed.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -479,9 +481,16 @@ impl Netns {
 
     /// `nft -f -` inside the namespace.
     fn nft(&self, script: &str) {
+        nft_in(&self.name, script);
+    }
+}
+
+/// `nft -f -` inside namespace `ns`.
+fn nft_in(ns: &str, script: &str) {
+    {
         use std::io::Write;
         let mut child = Command::new(require("ip", "iproute2"))
-            .args(["netns", "exec", &self.name])
+            .args(["netns", "exec", ns])
             .arg(require("nft", "nftables"))
             .args(["-f", "-"])
             .stdin(std::process::Stdio::piped())
@@ -497,8 +506,7 @@ impl Netns {
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
-            "nft -f - in {}: {}\n{script}",
-            self.name,
+            "nft -f - in {ns}: {}\n{script}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -512,36 +520,38 @@ impl Drop for Netns {
     }
 }
 
-/// Portico inside `ns` on its veth address (STUN/TURN 3478, TLS 5349), the probe's side
-/// allowed as a peer. Field order: the process stops before its directory goes.
+/// Portico inside network namespace `ns` on `[turn]` lines `turn` and `[stun]` lines `stun`
+/// (with the kit's realm and user). Field order: the process stops before its directory goes.
 struct NsPortico {
     proc: Proc,
     dir: TempDir,
 }
 
-fn portico_in(ns: &Netns) -> NsPortico {
+impl NsPortico {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("portico.log")).unwrap_or_default()
+    }
+}
+
+fn start_portico_in(ns: &str, turn: &str, stun: &str, whitelist: Ipv4Addr) -> NsPortico {
     let dir = TempDir::new("probe-netns");
     let state = dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
     let config = dir.join("portico.toml");
-    let inside = ns.inside;
     std::fs::write(
         &config,
         format!(
-            "state_dir = \"{}\"\n\n[turn]\nlisten = [\"{inside}:3478\"]\n\
-             listen_tls = [\"{inside}:5349\"]\nrelay_ip = [\"{inside}\"]\n\
-             realm = \"{REALM_NAME}\"\nusers = [{{ name = \"{USER}\", password = \"{PASSWORD}\" }}]\n\
-             allow_peers = [\"{}/32\"]\n\n[fraud]\nwhitelist = [\"{}\"]\n\n\
+            "state_dir = \"{}\"\n\n[turn]\n{turn}\n\
+             realm = \"{REALM_NAME}\"\nusers = [{{ name = \"{USER}\", password = \"{PASSWORD}\" }}]\n\n\
+             [stun]\n{stun}\n\n[fraud]\nwhitelist = [\"{whitelist}\"]\n\n\
              [api]\nlisten = \"127.0.0.1:{}\"\n",
             state.display(),
-            ns.outside,
-            ns.outside,
             free_port()
         ),
     )
     .unwrap();
     let mut cmd = Command::new(require("ip", "iproute2"));
-    cmd.args(["netns", "exec", &ns.name])
+    cmd.args(["netns", "exec", ns])
         .arg(portico_bin())
         .arg("run")
         .arg("--config")
@@ -550,10 +560,27 @@ fn portico_in(ns: &Netns) -> NsPortico {
         .env("NO_COLOR", "1")
         .env_remove("RUST_LOG");
     let proc = Proc::spawn("portico", &mut cmd, &dir.join("portico.log"));
-    for port in [3478, 5349] {
-        wait_tcp(SocketAddr::from((inside, port)), &dir.join("portico.log"));
-    }
     NsPortico { proc, dir }
+}
+
+/// Portico inside `ns` on its veth address (STUN/TURN 3478, TLS 5349), the probe's side of
+/// the veth pair allowed as a peer.
+fn portico_in(ns: &Netns) -> NsPortico {
+    let inside = ns.inside;
+    let p = start_portico_in(
+        &ns.name,
+        &format!(
+            "listen = [\"{inside}:3478\"]\nlisten_tls = [\"{inside}:5349\"]\n\
+             relay_ip = [\"{inside}\"]\nallow_peers = [\"{}/32\"]",
+            ns.outside
+        ),
+        "",
+        ns.outside,
+    );
+    for port in [3478, 5349] {
+        wait_tcp(SocketAddr::from((inside, port)), &p.dir.join("portico.log"));
+    }
+    p
 }
 
 #[test]
@@ -586,7 +613,7 @@ fn probe_names_udp_blocked_by_a_firewall_in_a_namespace() {
         Some(0),
         "{}\nportico log:\n{}",
         r.text,
-        std::fs::read_to_string(portico.dir.join("portico.log")).unwrap_or_default()
+        portico.log()
     );
     assert!(r.stdout.contains("Conclusion SUCCESS"), "{}", r.text);
 
@@ -624,6 +651,249 @@ fn probe_names_udp_blocked_by_a_firewall_in_a_namespace() {
     assert!(
         r.stdout.contains(
             "Conclusion FAILURE: UDP blocked (timeout: no answer to Binding within 1 s); relay over TCP works"
+        ),
+        "{}",
+        r.text
+    );
+    drop(portico.proc);
+}
+
+// --- behind a NAT: RFC 5780 classification -----------------------------------------------------
+
+/// Three namespaces: a client behind a masquerading router, the router, and a server with
+/// two addresses (for RFC 5780); deleted on drop.
+struct NatLab {
+    names: Vec<String>,
+    n: u8,
+}
+
+impl NatLab {
+    fn client(&self) -> &str {
+        &self.names[0]
+    }
+    fn router(&self) -> &str {
+        &self.names[1]
+    }
+    fn server(&self) -> &str {
+        &self.names[2]
+    }
+    /// The router's address on the server side: the client's address after the NAT.
+    fn public(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 215, self.n, 1)
+    }
+    fn primary(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 215, self.n, 2)
+    }
+    fn alternate(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 215, self.n, 3)
+    }
+
+    fn create() -> Result<NatLab, String> {
+        let pid = std::process::id();
+        let n = (pid % 250) as u8 + 1;
+        let mut lab = NatLab {
+            names: Vec::new(),
+            n,
+        };
+        for role in ["client", "router", "server"] {
+            let name = format!("portico-probe-{role}-{pid}");
+            ip(&["netns", "add", &name])?;
+            lab.names.push(name);
+        }
+        let (c, r, s) = (lab.client(), lab.router(), lab.server());
+        let (c0, r0, r1, s1) = (
+            format!("pnc{pid}"),
+            format!("pnr{pid}"),
+            format!("pns{pid}"),
+            format!("pnt{pid}"),
+        );
+        ip(&[
+            "link", "add", &c0, "netns", c, "type", "veth", "peer", "name", &r0, "netns", r,
+        ])?;
+        ip(&[
+            "link", "add", &r1, "netns", r, "type", "veth", "peer", "name", &s1, "netns", s,
+        ])?;
+        let client_ip = format!("10.214.{n}.2/30");
+        let router_in = format!("10.214.{n}.1/30");
+        ip(&["-n", c, "addr", "add", &client_ip, "dev", &c0])?;
+        ip(&["-n", r, "addr", "add", &router_in, "dev", &r0])?;
+        ip(&[
+            "-n",
+            r,
+            "addr",
+            "add",
+            &format!("{}/24", lab.public()),
+            "dev",
+            &r1,
+        ])?;
+        ip(&[
+            "-n",
+            s,
+            "addr",
+            "add",
+            &format!("{}/24", lab.primary()),
+            "dev",
+            &s1,
+        ])?;
+        ip(&[
+            "-n",
+            s,
+            "addr",
+            "add",
+            &format!("{}/24", lab.alternate()),
+            "dev",
+            &s1,
+        ])?;
+        for (ns, dev) in [(c, &c0), (r, &r0), (r, &r1), (s, &s1)] {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        for ns in [c, r, s] {
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        ip(&[
+            "-n",
+            c,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.214.{n}.1"),
+        ])?;
+        ip(&["netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        nft_in(
+            r,
+            &format!(
+                "table ip probe_nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    \
+                 oifname \"{r1}\" masquerade\n  }}\n}}\n"
+            ),
+        );
+        Ok(lab)
+    }
+
+    /// `portico probe ARGS` run inside the client namespace.
+    fn probe(&self, args: &[&str]) -> Run {
+        let bin = portico_bin().to_str().unwrap();
+        let r = run(
+            &require("ip", "iproute2"),
+            &[&["netns", "exec", self.client(), bin, "probe"][..], args].concat(),
+            &[],
+            LIMIT,
+        );
+        assert!(
+            !r.timed_out,
+            "portico probe {args:?} did not finish:\n{}",
+            r.text
+        );
+        r
+    }
+}
+
+impl Drop for NatLab {
+    fn drop(&mut self) {
+        for name in &self.names {
+            if let Err(e) = ip(&["netns", "del", name]) {
+                eprintln!("removing network namespace {name}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn probe_classifies_a_masquerading_nat_and_relays_through_it() {
+    let lab = match NatLab::create() {
+        Ok(lab) => lab,
+        Err(e) => {
+            eprintln!(
+                "\n*** SKIPPED probe_classifies_a_masquerading_nat_and_relays_through_it: cannot \
+                 create network namespaces here ({e}); it needs root (CAP_NET_ADMIN) ***\n"
+            );
+            return;
+        }
+    };
+    let (primary, alternate) = (lab.primary(), lab.alternate());
+    let portico = start_portico_in(
+        lab.server(),
+        &format!(
+            "listen = [\"{primary}:3478\"]\nrelay_ip = [\"{primary}\"]\n\
+             allow_peers = [\"{}/32\"]",
+            lab.public()
+        ),
+        &format!("alternate_ip = \"{alternate}\"\nalternate_port = 3479"),
+        lab.public(),
+    );
+    let server = primary.to_string();
+    // Ready once STUN over TCP answers from the client's side (bounded).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = lab.probe(&[&server, "--transports", "tcp", "--timeout", "0.5"]);
+        if r.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "portico never answered the probe:\n{}\nportico log:\n{}",
+            r.text,
+            portico.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let r = lab.probe(&[
+        &server,
+        "--transports",
+        "udp,tcp",
+        "--user",
+        USER,
+        "--password",
+        PASSWORD,
+        "--json",
+    ]);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "{}\nportico log:\n{}",
+        r.text,
+        portico.log()
+    );
+    let v = json(&r);
+    assert_all_ok(&v, &["udp", "tcp"], 10);
+    let public = lab.public().to_string();
+    for t in ["udp", "tcp"] {
+        let d = step(&v, t, "server_reflexive")["detail"].as_str().unwrap();
+        assert!(
+            d.starts_with(&format!("{public}:")) && d.ends_with("(differs from host: behind NAT)"),
+            "{t}: {d}"
+        );
+        // The peer was reached at its address outside the NAT.
+        let rt = step(&v, t, "round_trip")["detail"].as_str().unwrap();
+        assert!(rt.contains(&format!("via peer {public}:")), "{t}: {rt}");
+    }
+    // Linux masquerading keeps one mapping per socket and lets in only the destinations the
+    // socket sent to (conntrack).
+    assert_eq!(v["nat"]["status"], "classified", "{v:#}");
+    assert_eq!(v["nat"]["no_nat"], false, "{v:#}");
+    assert_eq!(v["nat"]["mapping"], "endpoint-independent", "{v:#}");
+    assert_eq!(v["nat"]["filtering"], "address-and-port-dependent", "{v:#}");
+    assert_eq!(
+        v["nat"]["other_address"],
+        format!("{alternate}:3479"),
+        "{v:#}"
+    );
+
+    let r = lab.probe(&[
+        &server,
+        "--transports",
+        "udp",
+        "--user",
+        USER,
+        "--password",
+        PASSWORD,
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    assert!(
+        r.stdout.contains(
+            "NAT (RFC 5780, UDP): NAT with endpoint-independent mapping; \
+             address-and-port-dependent filtering"
         ),
         "{}",
         r.text
