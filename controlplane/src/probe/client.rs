@@ -410,8 +410,16 @@ impl Client {
 
     /// Allocate a UDP relay, answering the 401 challenge with `creds`. Returns the response.
     pub fn allocate(&mut self, creds: Option<&Credentials>) -> Result<Response, Failure> {
-        let req =
+        let mut req =
             Request::new(method::ALLOCATE).raw(attr::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+        // The relay must reach the probe's own peer socket, of the family used to reach the
+        // server; IPv4 is the default (RFC 8656 §7.2), IPv6 is asked for.
+        if self.conn.server.is_ipv6() {
+            req = req.raw(
+                attr::REQUESTED_ADDRESS_FAMILY,
+                &[attr::FAMILY_IPV6, 0, 0, 0],
+            );
+        }
         let server = self.conn.server;
         let first = self.answer(&req, false, server)?;
         let (realm, nonce) = match error_of(&first, "Allocate")? {
@@ -478,6 +486,13 @@ impl Client {
                 code: 441,
                 reason,
                 hint: "the credentials do not match this allocation".into(),
+            },
+            Failure::Error {
+                code: 440, reason, ..
+            } => Failure::Error {
+                code: 440,
+                reason,
+                hint: "the server has no relay address of this family".into(),
             },
             Failure::Error {
                 code: 486, reason, ..
@@ -572,11 +587,17 @@ fn error_of(resp: &Response, name: &str) -> Result<Option<Failure>, Failure> {
         return Ok(None);
     }
     match m.get(attr::ERROR_CODE).map(attr::decode_error_code) {
-        Some(Ok((code, reason))) => Ok(Some(Failure::Error {
-            code,
-            reason: reason.to_string(),
-            hint: String::new(),
-        })),
+        Some(Ok((code, reason))) => {
+            let hint = match m.get(attr::ALTERNATE_SERVER).map(attr::decode_address) {
+                Some(Ok(alt)) if code == 300 => format!("the server sends clients to {alt}"),
+                _ => String::new(),
+            };
+            Ok(Some(Failure::Error {
+                code,
+                reason: reason.to_string(),
+                hint,
+            }))
+        }
         _ => Err(Failure::Protocol(format!(
             "{name} error response without a valid ERROR-CODE"
         ))),

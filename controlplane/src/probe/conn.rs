@@ -286,8 +286,13 @@ impl Conn {
     pub fn close(&mut self) {
         if let Kind::Stream { stream, .. } = &mut self.kind {
             if let Stream::Tls(s) = stream {
+                // Write the alert out; reading the peer's is not waited for.
                 s.conn.send_close_notify();
-                let _ = s.conn.complete_io(&mut s.sock);
+                while s.conn.wants_write() {
+                    if s.conn.write_tls(&mut s.sock).is_err() {
+                        break;
+                    }
+                }
             }
             let _ = stream.tcp().shutdown(Shutdown::Both);
         }

@@ -146,6 +146,28 @@ fn probe_succeeds_against_portico_over_udp_tcp_tls() {
         .unwrap()
         .starts_with("Conclusion SUCCESS"));
 
+    // IPv6: the same server on [::1].
+    let r = probe(&[
+        &format!("[::1]:{}", p.port),
+        "--transports",
+        "udp,tcp",
+        "--user",
+        USER,
+        "--password",
+        PASSWORD,
+        "--json",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.text);
+    let v = json(&r);
+    assert_all_ok(&v, &["udp", "tcp"], 10);
+    let host = step(&v, "udp", "host")["detail"].as_str().unwrap();
+    assert!(host.starts_with("[::1]:"), "{host}");
+    // An IPv6 relay (REQUESTED-ADDRESS-FAMILY) to reach the probe's IPv6 peer.
+    for t in ["udp", "tcp"] {
+        let relayed = step(&v, t, "relayed")["detail"].as_str().unwrap();
+        assert!(relayed.starts_with("[::1]:"), "{t}: {relayed}");
+    }
+
     // Without --ca the generated certificate is not trusted: TLS fails at its handshake.
     let r = probe(&[
         &server,
