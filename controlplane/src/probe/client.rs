@@ -169,7 +169,7 @@ impl Response {
 /// What the long-term credential mechanism learnt from the server.
 struct Session {
     username: String,
-    realm: String,
+    realm: Vec<u8>,
     nonce: Vec<u8>,
     key: [u8; 16],
 }
@@ -270,8 +270,7 @@ impl Client {
             if let Some(s) = &self.session {
                 w.add_attribute(attr::USERNAME, s.username.as_bytes())
                     .map_err(bad)?;
-                w.add_attribute(attr::REALM, s.realm.as_bytes())
-                    .map_err(bad)?;
+                w.add_attribute(attr::REALM, &s.realm).map_err(bad)?;
                 w.add_attribute(attr::NONCE, &s.nonce).map_err(bad)?;
                 w.add_message_integrity(&s.key).map_err(bad)?;
             }
@@ -422,7 +421,7 @@ impl Client {
         }
         let server = self.conn.server;
         let first = self.answer(&req, false, server)?;
-        let (realm, nonce) = match error_of(&first, "Allocate")? {
+        let (realm_raw, nonce) = match error_of(&first, "Allocate")? {
             None => return Ok(first),
             Some(Failure::Error {
                 code: 401, reason, ..
@@ -430,7 +429,7 @@ impl Client {
                 // The challenge: its realm and nonce sign the next try.
                 let m = first.message()?;
                 match (m.get(attr::REALM), m.get(attr::NONCE)) {
-                    (Some(r), Some(n)) => (String::from_utf8_lossy(r).into_owned(), n.to_vec()),
+                    (Some(r), Some(n)) => (r.to_vec(), n.to_vec()),
                     _ => {
                         return Err(Failure::Error {
                             code: 401,
@@ -442,6 +441,8 @@ impl Client {
             }
             Some(e) => return Err(e),
         };
+        // The key is made from the realm's bytes as sent; people see it made printable.
+        let realm = printable(&String::from_utf8_lossy(&realm_raw));
         let Some(creds) = creds else {
             return Err(Failure::Error {
                 code: 401,
@@ -452,7 +453,7 @@ impl Client {
             });
         };
         if let Some(want) = &creds.realm {
-            if *want != realm {
+            if want.as_bytes() != realm_raw {
                 return Err(Failure::Unable(format!(
                     "the server's realm is \"{realm}\", not \"{want}\" (--realm)"
                 )));
@@ -460,12 +461,12 @@ impl Client {
         }
         let key = long_term_key_md5(
             creds.username.as_bytes(),
-            realm.as_bytes(),
+            &realm_raw,
             creds.password.as_bytes(),
         );
         self.session = Some(Session {
             username: creds.username.clone(),
-            realm: realm.clone(),
+            realm: realm_raw,
             nonce,
             key,
         });
@@ -594,7 +595,7 @@ fn error_of(resp: &Response, name: &str) -> Result<Option<Failure>, Failure> {
             };
             Ok(Some(Failure::Error {
                 code,
-                reason: reason.to_string(),
+                reason: printable(reason),
                 hint,
             }))
         }
@@ -602,6 +603,15 @@ fn error_of(resp: &Response, name: &str) -> Result<Option<Failure>, Failure> {
             "{name} error response without a valid ERROR-CODE"
         ))),
     }
+}
+
+/// Text from the server made safe to print: control characters (terminal escapes) replaced,
+/// at most 128 characters.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .take(128)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// Reads peer data out of a frame from the server.

@@ -250,8 +250,9 @@ impl Conn {
                         let mut frame = std::mem::replace(buf, rest);
                         // ChannelData is padded on streams; hand out the frame without it.
                         if frame.first().is_some_and(|b| b & 0xC0 == 0x40) {
-                            let data_len = usize::from(u16::from_be_bytes([frame[2], frame[3]]));
-                            frame.truncate(4 + data_len);
+                            if let Some(&[l0, l1]) = frame.get(2..4) {
+                                frame.truncate(4 + usize::from(u16::from_be_bytes([l0, l1])));
+                            }
                         }
                         return Ok(Some((frame, server)));
                     }
