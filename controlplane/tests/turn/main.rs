@@ -6,6 +6,9 @@
 //! TURN over TCP and TLS (RFC 8656 §3.1): `turnutils_uclient -t` and `-t -S`, the framing
 //! with an own stream client, bad input on a stream, a TLS alert mid-stream, a stalled TLS
 //! handshake.
+//! `portico probe` (probe.rs): SUCCESS against Portico and coturn; the failing step and
+//! transport named for a wrong password, a refused peer, and UDP blocked in a namespace; the
+//! NAT type behind a masquerading router in namespaces.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -20,6 +23,7 @@ mod api;
 mod channel_range;
 mod interop;
 mod ipv6;
+mod probe;
 mod relay;
 mod tcp;
 
