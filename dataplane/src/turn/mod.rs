@@ -32,7 +32,7 @@ use crate::server::{Action, Now, Stats};
 use crate::stun::{self, attr};
 use allocation::{Allocation, Table};
 use random::Random;
-pub use settings::{DefaultRoutes, TurnSettings};
+pub use settings::{DefaultRoutes, StreamLimits, TurnSettings};
 
 /// Channel numbers accepted in ChannelBind and in ChannelData. RFC 8656 allows
 /// 0x4000-0x4FFF; RFC 5766 (§11) allowed the whole 0x4000-0x7FFF, and clients of that era

@@ -36,6 +36,7 @@ use super::relay::Slots;
 use super::uring::PAYLOAD_CAPACITY;
 use super::{fold, SettingsWatch, Shared, BUF_SIZE, TICK};
 use crate::server::{Action, Now, Received, Server, Stats, Transport, HEADROOM};
+use crate::turn::StreamLimits;
 use conn::{flush, queue, serve, Conns};
 pub use listen::{bind_listeners, load_tls, Listener};
 use relays::StreamRelays;
@@ -45,28 +46,8 @@ const RELAY_TOKEN: usize = 1 << (usize::BITS - 2);
 /// Datagrams read from one relay socket before the others get a turn.
 const BUDGET: usize = 64;
 
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    pub max_connections: usize,
-    pub per_source: usize,
-    /// Time for the TLS handshake and the first complete message.
-    pub first_message: Duration,
-    pub idle: Duration,
-    /// Bytes queued for a connection that does not read fast enough.
-    pub max_output: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            max_connections: 4096,
-            per_source: 64,
-            first_message: Duration::from_secs(10),
-            idle: Duration::from_secs(300),
-            max_output: 64 * 1024,
-        }
-    }
-}
+/// The limits come from `turn.tcp_*` ([`StreamLimits`]).
+pub type Limits = StreamLimits;
 
 /// What serving the connections works with during one loop turn.
 struct Cx<'a, 'r> {
@@ -115,7 +96,6 @@ pub fn run(
     counter_block: usize,
     shared: Arc<Shared>,
     mut listeners: Vec<Listener>,
-    limits: Limits,
 ) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let registry = poll.registry().try_clone()?;
@@ -126,6 +106,7 @@ pub fn run(
     let base = listeners.len();
     let block = shared.shm.segment().counters(counter_block);
     let conn_base = shared.current_settings().endpoints.len();
+    let mut limits = shared.current_settings().turn.stream;
     let first_relay = conn_base + limits.max_connections;
     let mut server = shared.new_server_at(counter_block, first_relay)?;
     let mut watch = SettingsWatch::new(&shared);
@@ -170,8 +151,15 @@ pub fn run(
         }
         let before = Arc::as_ptr(server.settings());
         watch.refresh(&shared, &mut server);
-        if !std::ptr::eq(before, Arc::as_ptr(server.settings())) && listeners.iter().any(|l| l.tls)
-        {
+        let changed = !std::ptr::eq(before, Arc::as_ptr(server.settings()));
+        if changed {
+            // The index space of connections was sized at start: that limit stays.
+            limits = Limits {
+                max_connections: limits.max_connections,
+                ..server.settings().turn.stream
+            };
+        }
+        if changed && listeners.iter().any(|l| l.tls) {
             // The certificate may have been replaced or moved: load it again.
             let (cert, key) = &server.settings().tls_files;
             match load_tls(cert, key) {
