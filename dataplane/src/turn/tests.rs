@@ -894,11 +894,17 @@ fn allocate_without_requested_transport_is_400() {
 }
 
 #[test]
-fn allocate_for_tcp_is_442() {
+fn allocate_for_tcp_over_udp_is_400_and_other_transports_442() {
     let mut h = H::new();
     let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+    // RFC 6062 §5.1: a TCP relay is only for a client over TCP or TLS.
     let r = c.allocate_with(&mut h, &|w| {
         w.add_attribute(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0])
+            .unwrap();
+    });
+    r.expect_error(400);
+    let r = c.allocate_with(&mut h, &|w| {
+        w.add_attribute(attr::REQUESTED_TRANSPORT, &[132, 0, 0, 0])
             .unwrap();
     });
     r.expect_error(442);

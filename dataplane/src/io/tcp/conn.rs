@@ -13,11 +13,13 @@ use portico_shared::shm::Blacklist;
 use rustls::{ServerConfig, ServerConnection};
 
 use super::listen::Listener;
+use super::pipe;
 use super::Cx;
 use crate::io::uring::PAYLOAD_CAPACITY;
 use crate::io::BUF_SIZE;
 use crate::server::{Action, Received, Transport, HEADROOM};
 use crate::stun;
+use crate::turn::TcpEvent;
 
 pub(super) struct Conn {
     pub(super) stream: TcpStream,
@@ -31,6 +33,13 @@ pub(super) struct Conn {
     pub(super) opened: Instant,
     pub(super) last_message: Option<Instant>,
     pub(super) writable_interest: bool,
+    /// RFC 6062: a data connection, piped to this peer socket.
+    pub(super) pipe: Option<usize>,
+    /// A data connection whose input is full while its peer's buffer is: not read until
+    /// the peer's buffer drains.
+    pub(super) paused: bool,
+    /// A data connection whose peer is gone: closes once its output is written.
+    pub(super) drain_close: bool,
 }
 
 /// Appends a message to a connection's output, ChannelData padded to 4 bytes (RFC 8656
@@ -137,6 +146,9 @@ impl Conns {
                 opened: now.mono,
                 last_message: None,
                 writable_interest: false,
+                pipe: None,
+                paused: false,
+                drain_close: false,
             });
         }
     }
@@ -145,6 +157,7 @@ impl Conns {
     pub(super) fn close(&mut self, idx: usize, cx: &mut Cx<'_, '_>) {
         if let Some(mut c) = self.slots.get_mut(idx).and_then(|c| c.take()) {
             let _ = cx.poll.registry().deregister(&mut c.stream);
+            pipe::client_closed(&mut c, cx);
             cx.server
                 .stream_closed(cx.now, &mut *cx.relays, cx.conn_base + idx, c.peer);
             let src = c.peer.ip().to_canonical();
@@ -178,9 +191,11 @@ pub(super) fn serve(c: &mut Conn, cx: &mut Cx<'_, '_>, token: usize, idx: usize)
 fn read_and_answer(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
     loop {
         if c.in_len == c.input.len() {
-            // A full buffer without a complete message: the frame is too large.
-            cx.stats().incr(Counter::DropTcpFraming);
-            return true;
+            match full(c, cx, idx) {
+                Full::Close => return true,
+                Full::Paused => return false,
+                Full::Room => {}
+            }
         }
         match c.stream.read(&mut c.input[c.in_len..]) {
             Ok(0) => return true,
@@ -194,21 +209,89 @@ fn read_and_answer(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
         }
         // Frame as we go so a client that pipelines many requests is served without the
         // buffer filling up.
-        if frame_all(c, cx, idx) {
+        if consume(c, cx, idx) {
             return true;
         }
     }
-    frame_all(c, cx, idx)
+    consume(c, cx, idx)
+}
+
+enum Full {
+    Close,
+    Paused,
+    Room,
+}
+
+/// The input buffer is full: a frame too large on a TURN connection; on a data connection
+/// whose peer cannot take more, a pause.
+fn full(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> Full {
+    if c.pipe.is_none() {
+        // A full buffer without a complete message: the frame is too large.
+        cx.stats().incr(Counter::DropTcpFraming);
+        return Full::Close;
+    }
+    if consume(c, cx, idx) {
+        return Full::Close;
+    }
+    if c.in_len < c.input.len() {
+        return Full::Room;
+    }
+    if !c.paused {
+        c.paused = true;
+        cx.stats().incr(Counter::TcpRelayPaused);
+    }
+    Full::Paused
+}
+
+/// What was read: framed and answered, or on a data connection piped to the peer. Returns
+/// true to close.
+fn consume(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
+    if c.drain_close {
+        // The peer is gone; what the client still sends has nowhere to go.
+        c.in_len = 0;
+        return false;
+    }
+    if c.pipe.is_none() && frame_all(c, cx, idx) {
+        return true;
+    }
+    c.pipe.is_some() && pipe::pipe_in(c, cx)
 }
 
 /// The same over TLS: records in, plaintext framed. A TLS error (a bad record, an alert
 /// from the client) closes the connection, after our alert if rustls has one to send.
 fn read_tls_and_answer(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
+    let mut eof = false;
     loop {
+        // Plaintext rustls holds first (records read before a pause are there).
+        loop {
+            if c.in_len == c.input.len() {
+                match full(c, cx, idx) {
+                    Full::Close => return true,
+                    Full::Paused => return false,
+                    Full::Room => {}
+                }
+            }
+            let Some(tls) = c.tls.as_mut() else {
+                return true;
+            };
+            match tls.reader().read(&mut c.input[c.in_len..]) {
+                // close_notify: a clean end.
+                Ok(0) => return true,
+                Ok(n) => c.in_len += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return true,
+            }
+            if consume(c, cx, idx) {
+                return true;
+            }
+        }
+        if eof || consume(c, cx, idx) {
+            return true;
+        }
         let Some(tls) = c.tls.as_mut() else {
             return true;
         };
-        let mut eof = false;
         match tls.read_tls(&mut c.stream) {
             Ok(0) => eof = true,
             Ok(n) => cx.stats().add(Counter::RxBytes, n as u64),
@@ -225,29 +308,6 @@ fn read_tls_and_answer(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
         }
         if was_handshaking && !tls.is_handshaking() {
             cx.stats().incr(Counter::TlsHandshakes);
-        }
-        loop {
-            if c.in_len == c.input.len() {
-                cx.stats().incr(Counter::DropTcpFraming);
-                return true;
-            }
-            let Some(tls) = c.tls.as_mut() else {
-                return true;
-            };
-            match tls.reader().read(&mut c.input[c.in_len..]) {
-                // close_notify: a clean end.
-                Ok(0) => return true,
-                Ok(n) => c.in_len += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return true,
-            }
-            if frame_all(c, cx, idx) {
-                return true;
-            }
-        }
-        if eof || frame_all(c, cx, idx) {
-            return true;
         }
     }
 }
@@ -317,6 +377,18 @@ fn frame_all(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
             }
             cx.stats().incr(Counter::TxPackets);
         }
+        // A ConnectionBind made this a data connection: what follows it is the peer's.
+        cx.server.take_tcp_events(cx.events);
+        let bound = cx
+            .events
+            .iter()
+            .position(|e| matches!(e, TcpEvent::Pipe { conn: k, .. } if *k == conn));
+        if let Some(i) = bound {
+            if let TcpEvent::Pipe { peer, .. } = cx.events.remove(i) {
+                pipe::bind(c, idx, peer, cx);
+            }
+            break;
+        }
     }
     c.input.copy_within(start..c.in_len, 0);
     c.in_len -= start;
@@ -359,6 +431,18 @@ pub(super) fn flush(c: &mut Conn, cx: &mut Cx<'_, '_>, token: usize) -> bool {
         }
     }
     let want_write = !c.output.is_empty() || c.tls.as_ref().is_some_and(|t| t.wants_write());
+    if c.drain_close && !want_write {
+        return true;
+    }
+    // A data connection's peer paused on this full output reads again from half.
+    if let Some(d) = c.pipe.and_then(|p| cx.relays.data_mut(p)) {
+        if d.paused && c.output.len() <= cx.limits.max_output / 2 {
+            d.paused = false;
+            if let Some(p) = c.pipe {
+                cx.relays.pending.push(p);
+            }
+        }
+    }
     if want_write != c.writable_interest {
         let interest = if want_write {
             Interest::READABLE | Interest::WRITABLE

@@ -20,6 +20,7 @@
 
 mod conn;
 mod listen;
+mod pipe;
 mod relays;
 
 use std::collections::HashMap;
@@ -36,10 +37,10 @@ use super::relay::Slots;
 use super::uring::PAYLOAD_CAPACITY;
 use super::{fold, SettingsWatch, Shared, BUF_SIZE, TICK};
 use crate::server::{Action, Now, Received, Server, Stats, Transport, HEADROOM};
-use crate::turn::StreamLimits;
+use crate::turn::{StreamLimits, TcpEvent};
 use conn::{flush, queue, serve, Conns};
 pub use listen::{bind_listeners, load_tls, Listener};
-use relays::StreamRelays;
+use relays::{RelaySock, StreamRelays};
 
 /// Tokens of relay sockets carry this bit; below it are listeners, then connections.
 const RELAY_TOKEN: usize = 1 << (usize::BITS - 2);
@@ -62,6 +63,10 @@ struct Cx<'a, 'r> {
     now: Now,
     /// Socket index of connection slot 0.
     conn_base: usize,
+    /// The core's RFC 6062 events, drained after each call that may make them.
+    events: &'a mut Vec<TcpEvent>,
+    /// Data connections whose paused input may go on (connection slots).
+    resume: &'a mut Vec<usize>,
 }
 
 impl Cx<'_, '_> {
@@ -78,8 +83,8 @@ impl Cx<'_, '_> {
     /// Sends client data from a relay socket to a peer.
     fn send_to_peer(&mut self, socket: usize, offset: usize, len: usize, to: SocketAddr) {
         let sent = match self.relays.slots.get(socket) {
-            Some(s) => s.send_to(&self.work[offset..offset + len], to),
-            None => Err(io::Error::from(io::ErrorKind::NotFound)),
+            Some(RelaySock::Udp(s)) => s.send_to(&self.work[offset..offset + len], to),
+            _ => Err(io::Error::from(io::ErrorKind::NotFound)),
         };
         let stats = self.server.stats_mut();
         match sent {
@@ -127,7 +132,10 @@ pub fn run(
         reservations: &shared.reservations,
         registry: &registry,
         pending: Vec::new(),
+        orphans: Vec::new(),
     };
+    let mut tcp_events = Vec::new();
+    let mut resume = Vec::new();
     let mut conns = Conns {
         base,
         slots: Vec::new(),
@@ -176,6 +184,8 @@ pub fn run(
             poll: &poll,
             now: super::now(),
             conn_base,
+            events: &mut tcp_events,
+            resume: &mut resume,
         };
         relay_ready.clear();
         relay_ready.append(&mut cx.relays.pending);
@@ -204,8 +214,14 @@ pub fn run(
             }
         }
         for &r in &relay_ready {
-            from_peers(r, &mut conns, &mut cx);
+            match cx.relays.slots.get(r) {
+                Some(RelaySock::Udp(_)) => from_peers(r, &mut conns, &mut cx),
+                Some(RelaySock::Listen(_)) => pipe::accept_peers(r, &mut cx),
+                Some(RelaySock::Data(_)) => pipe::data_event(r, &mut conns, &mut cx),
+                None => {}
+            }
         }
+        pipe::deliver(&mut conns, &mut cx);
         // Flush what peers sent to clients this turn.
         for idx in 0..conns.slots.len() {
             let close = match conns.slots[idx].as_mut() {
@@ -227,7 +243,11 @@ pub fn run(
                             Some(Counter::TcpClosedHandshakeTimeout)
                         }
                         Some(t) if now.duration_since(t) > limits.idle => {
-                            Some(Counter::TcpClosedIdle)
+                            Some(if c.pipe.is_some() {
+                                Counter::TcpRelayClosedIdle
+                            } else {
+                                Counter::TcpClosedIdle
+                            })
                         }
                         _ => None,
                     });
@@ -239,6 +259,7 @@ pub fn run(
         }
         let now = cx.now;
         cx.server.tick(now, &mut *cx.relays);
+        pipe::deliver(&mut conns, &mut cx);
         fold(server.stats_mut(), block);
     }
     server.shutdown(super::now(), &mut relays);
@@ -254,8 +275,8 @@ fn from_peers(r: usize, conns: &mut Conns, cx: &mut Cx<'_, '_>) {
             return;
         }
         let received = match cx.relays.slots.get(r) {
-            Some(s) => s.recv_from(&mut cx.work[HEADROOM..]),
-            None => return,
+            Some(RelaySock::Udp(s)) => s.recv_from(&mut cx.work[HEADROOM..]),
+            _ => return,
         };
         let (len, from) = match received {
             Ok(x) => x,
