@@ -22,6 +22,7 @@ mod interop;
 mod ipv6;
 mod relay;
 mod tcp;
+mod tcp_idle;
 mod tcp_relay;
 
 /// A server on driver `io` (listening on 127.0.0.1 and [::1]) with the kit's TURN users and

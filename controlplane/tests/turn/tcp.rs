@@ -197,7 +197,7 @@ impl Stream {
 }
 
 /// Allocates over `s` (401 round trip first) and binds channel 0x4001 to `peer`.
-fn allocate_and_bind(s: &mut Stream, peer: SocketAddr) -> SocketAddr {
+pub(crate) fn allocate_and_bind(s: &mut Stream, peer: SocketAddr) -> SocketAddr {
     // The client only builds messages; its UDP socket is not used.
     let mut c = TurnClient::new(SocketAddr::new(LOCAL4, 9), USER, PASSWORD);
     let m = parse(&s.transact(&c.build(ALLOCATE, &new_tid(), &udp_transport)));
@@ -243,7 +243,7 @@ fn channel_data(data: &[u8]) -> Vec<u8> {
 
 /// ChannelData both ways over the stream, with every length mod 4: the padding is there
 /// on the wire and the peer gets exactly the data.
-fn echo_over(s: &mut Stream, peer: &EchoPeer) {
+pub(crate) fn echo_over(s: &mut Stream, peer: &EchoPeer) {
     for n in [1usize, 2, 3, 4, 5, 7, 100, 1001] {
         let data: Vec<u8> = (0..n).map(|i| (i * 7 + n) as u8).collect();
         s.write(&channel_data(&data));
