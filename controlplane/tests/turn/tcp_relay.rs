@@ -20,7 +20,7 @@ use portico_testkit::stun::{
     XOR_RELAYED_ADDRESS,
 };
 use portico_testkit::turn::{TcpEchoPeer, TurnClient, PASSWORD, USER};
-use portico_testkit::{Portico, LOCAL4};
+use portico_testkit::{free_port, Portico, LOCAL4};
 
 use crate::tcp::{error_code, parse, tls_spec, Stream};
 use crate::{totals, turn_spec, uclient, LIMIT};
@@ -188,6 +188,13 @@ fn connect_connection_attempt_bind_refusals_and_the_end_with_the_allocation() {
 
     // With a permission: Connect, then ConnectionBind on a new connection, then bytes.
     ctl.permit(echo.addr);
+    // A permitted address where nothing listens: 447 once the connection is refused.
+    let nobody = SocketAddr::new(LOCAL4, free_port());
+    assert_eq!(
+        error_code(&ctl.connect(nobody)),
+        Some(447),
+        "Connect to {nobody}"
+    );
     let id = connection_id(&ctl.connect(echo.addr));
     assert_eq!(
         error_code(&ctl.connect(echo.addr)),
