@@ -217,12 +217,7 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         let h = thread::Builder::new()
             .name("portico-tcp".into())
             .spawn(move || {
-                if let Err(e) = io::tcp::run(
-                    MAX_WORKERS,
-                    Arc::clone(&sh),
-                    tcp_listeners,
-                    Default::default(),
-                ) {
+                if let Err(e) = io::tcp::run(MAX_WORKERS, Arc::clone(&sh), tcp_listeners) {
                     tracing::error!("tcp thread failed: {e}");
                     sh.stop.store(true, Ordering::Relaxed);
                 }

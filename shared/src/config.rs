@@ -153,6 +153,20 @@ pub struct TurnConfig {
     /// 300 Try Alternate with ALTERNATE-SERVER naming one of them instead of 508.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub alternate_servers: Vec<SocketAddr>,
+    /// TURN over TCP and TLS: open client connections in total (read at dataplane start).
+    pub tcp_max_connections: usize,
+    /// Open client connections per source IP address.
+    pub tcp_max_connections_per_source: usize,
+    /// Time for the TLS handshake and the first complete message of a connection.
+    pub tcp_handshake_timeout: Duration,
+    /// A connection without a message for this long is closed (a bound RFC 6062 data
+    /// connection: without a byte in either direction).
+    pub tcp_idle_timeout: Duration,
+    /// Bytes queued towards one connection (and, on an RFC 6062 data connection, towards its
+    /// peer) before relayed data is dropped or the other side is no longer read.
+    pub tcp_output_buffer: usize,
+    /// RFC 6062 data connections (Connect and ConnectionAttempt) per TCP allocation.
+    pub tcp_relay_connections: usize,
 }
 
 impl Default for TurnConfig {
@@ -184,6 +198,12 @@ impl Default for TurnConfig {
             max_bandwidth: 0,
             error_rate: 100,
             alternate_servers: Vec::new(),
+            tcp_max_connections: 4096,
+            tcp_max_connections_per_source: 64,
+            tcp_handshake_timeout: Duration::from_secs(10),
+            tcp_idle_timeout: Duration::from_secs(300),
+            tcp_output_buffer: 64 * 1024,
+            tcp_relay_connections: 32,
         }
     }
 }
@@ -574,6 +594,52 @@ impl Config {
         if t.error_rate == 0 {
             return Err(err("turn.error_rate", "must be at least 1 per second"));
         }
+        for (key, v, min, max) in [
+            (
+                "turn.tcp_max_connections",
+                t.tcp_max_connections,
+                1,
+                1 << 20,
+            ),
+            (
+                "turn.tcp_max_connections_per_source",
+                t.tcp_max_connections_per_source,
+                1,
+                1 << 20,
+            ),
+            (
+                "turn.tcp_output_buffer",
+                t.tcp_output_buffer,
+                4096,
+                16 << 20,
+            ),
+            (
+                "turn.tcp_relay_connections",
+                t.tcp_relay_connections,
+                1,
+                1024,
+            ),
+        ] {
+            if v < min || v > max {
+                return Err(err(key, format!("{v} is not between {min} and {max}")));
+            }
+        }
+        if t.tcp_max_connections_per_source > t.tcp_max_connections {
+            return Err(err(
+                "turn.tcp_max_connections_per_source",
+                format!(
+                    "{} is more than turn.tcp_max_connections ({})",
+                    t.tcp_max_connections_per_source, t.tcp_max_connections
+                ),
+            ));
+        }
+        check_duration(
+            "turn.tcp_handshake_timeout",
+            t.tcp_handshake_timeout,
+            1,
+            300,
+        )?;
+        check_duration("turn.tcp_idle_timeout", t.tcp_idle_timeout, 1, 86_400)?;
         if t.alternate_servers.len() > MAX_ALTERNATE_SERVERS {
             return Err(err(
                 "turn.alternate_servers",
@@ -1122,6 +1188,46 @@ mod tests {
         ] {
             let e = Config::from_toml(bad).unwrap_err();
             assert_eq!(e.key, "turn.listen_tls", "{bad}");
+        }
+    }
+
+    #[test]
+    fn stream_limits_are_typed_and_checked_naming_the_key() {
+        let c = Config::from_toml(
+            "[turn]\ntcp_max_connections = 20000\ntcp_max_connections_per_source = 100\n\
+             tcp_handshake_timeout = \"2s\"\ntcp_idle_timeout = \"1m\"\n\
+             tcp_output_buffer = 8192\ntcp_relay_connections = 4\n",
+        )
+        .unwrap();
+        assert_eq!(c.turn.tcp_max_connections, 20000);
+        assert_eq!(c.turn.tcp_max_connections_per_source, 100);
+        assert_eq!(c.turn.tcp_handshake_timeout.as_secs(), 2);
+        assert_eq!(c.turn.tcp_idle_timeout.as_secs(), 60);
+        assert_eq!(c.turn.tcp_output_buffer, 8192);
+        assert_eq!(c.turn.tcp_relay_connections, 4);
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        for (bad, key) in [
+            ("tcp_max_connections = 0", "turn.tcp_max_connections"),
+            (
+                "tcp_max_connections_per_source = 0",
+                "turn.tcp_max_connections_per_source",
+            ),
+            (
+                "tcp_max_connections = 10\ntcp_max_connections_per_source = 11",
+                "turn.tcp_max_connections_per_source",
+            ),
+            ("tcp_handshake_timeout = 0", "turn.tcp_handshake_timeout"),
+            (
+                "tcp_handshake_timeout = \"1h\"",
+                "turn.tcp_handshake_timeout",
+            ),
+            ("tcp_idle_timeout = \"soon\"", "turn.tcp_idle_timeout"),
+            ("tcp_output_buffer = 100", "turn.tcp_output_buffer"),
+            ("tcp_output_buffer = -1", "turn.tcp_output_buffer"),
+            ("tcp_relay_connections = 0", "turn.tcp_relay_connections"),
+        ] {
+            let e = Config::from_toml(&format!("[turn]\n{bad}\n")).unwrap_err();
+            assert_eq!(e.key, key, "{bad}: {e}");
         }
     }
 

@@ -26,6 +26,8 @@ mod ipv6;
 mod probe;
 mod relay;
 mod tcp;
+mod tcp_idle;
+mod tcp_relay;
 
 /// A server on driver `io` (listening on 127.0.0.1 and [::1]) with the kit's TURN users and
 /// REST API secrets; with `loopback_peers` the test's own loopback peers are allowed (they

@@ -26,7 +26,7 @@ use portico_testkit::{free_port, Portico, Spec, LOCAL4};
 use crate::{coturn_peer, totals, turn_spec, uclient, CLIENTS, LIMIT, MESSAGES};
 
 /// A TURN spec with a TLS listener on a free port of 127.0.0.1; returns it and the port.
-fn tls_spec(io: &'static str) -> (Spec, u16) {
+pub(crate) fn tls_spec(io: &'static str) -> (Spec, u16) {
     let port = free_port();
     let spec = turn_spec(io, true).turn(&format!("listen_tls = [\"127.0.0.1:{port}\"]"));
     (spec, port)
@@ -117,13 +117,13 @@ fn uclient_over_tls_send_indications() {
 }
 
 /// A stream to the server: plain TCP or TLS (trusting the generated certificate).
-enum Stream {
+pub(crate) enum Stream {
     Tcp(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl Stream {
-    fn tls(to: SocketAddr, cert: &Path) -> Stream {
+    pub(crate) fn tls(to: SocketAddr, cert: &Path) -> Stream {
         use rustls_pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pki_types::CertificateDer::pem_file_iter(cert)
@@ -142,14 +142,14 @@ impl Stream {
         Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp_connect(to))))
     }
 
-    fn tcp(&self) -> &TcpStream {
+    pub(crate) fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Tcp(s) => s,
             Stream::Tls(s) => &s.sock,
         }
     }
 
-    fn write(&mut self, b: &[u8]) {
+    pub(crate) fn write(&mut self, b: &[u8]) {
         let r = match self {
             Stream::Tcp(s) => s.write_all(b).and_then(|_| s.flush()),
             Stream::Tls(s) => s.write_all(b).and_then(|_| s.flush()),
@@ -157,7 +157,7 @@ impl Stream {
         r.unwrap_or_else(|e| panic!("write: {e}"));
     }
 
-    fn read_exact(&mut self, b: &mut [u8]) -> std::io::Result<()> {
+    pub(crate) fn read_exact(&mut self, b: &mut [u8]) -> std::io::Result<()> {
         match self {
             Stream::Tcp(s) => s.read_exact(b),
             Stream::Tls(s) => s.read_exact(b),
@@ -166,7 +166,7 @@ impl Stream {
 
     /// One frame: a STUN message or a ChannelData message with its padding, which must be
     /// there over a stream.
-    fn read_frame(&mut self) -> Vec<u8> {
+    pub(crate) fn read_frame(&mut self) -> Vec<u8> {
         let mut head = [0u8; 4];
         self.read_exact(&mut head)
             .unwrap_or_else(|e| panic!("reading a frame: {e}"));
@@ -197,7 +197,7 @@ impl Stream {
 }
 
 /// Allocates over `s` (401 round trip first) and binds channel 0x4001 to `peer`.
-fn allocate_and_bind(s: &mut Stream, peer: SocketAddr) -> SocketAddr {
+pub(crate) fn allocate_and_bind(s: &mut Stream, peer: SocketAddr) -> SocketAddr {
     // The client only builds messages; its UDP socket is not used.
     let mut c = TurnClient::new(SocketAddr::new(LOCAL4, 9), USER, PASSWORD);
     let m = parse(&s.transact(&c.build(ALLOCATE, &new_tid(), &udp_transport)));
@@ -225,11 +225,11 @@ fn allocate_and_bind(s: &mut Stream, peer: SocketAddr) -> SocketAddr {
     relayed
 }
 
-fn parse(frame: &[u8]) -> Msg {
+pub(crate) fn parse(frame: &[u8]) -> Msg {
     Msg::parse(frame).unwrap_or_else(|e| panic!("not STUN ({e}): {frame:02x?}"))
 }
 
-fn error_code(m: &Msg) -> Option<u16> {
+pub(crate) fn error_code(m: &Msg) -> Option<u16> {
     m.error_code().map(|(code, _)| code)
 }
 
@@ -243,7 +243,7 @@ fn channel_data(data: &[u8]) -> Vec<u8> {
 
 /// ChannelData both ways over the stream, with every length mod 4: the padding is there
 /// on the wire and the peer gets exactly the data.
-fn echo_over(s: &mut Stream, peer: &EchoPeer) {
+pub(crate) fn echo_over(s: &mut Stream, peer: &EchoPeer) {
     for n in [1usize, 2, 3, 4, 5, 7, 100, 1001] {
         let data: Vec<u8> = (0..n).map(|i| (i * 7 + n) as u8).collect();
         s.write(&channel_data(&data));
@@ -262,7 +262,7 @@ fn echo_over(s: &mut Stream, peer: &EchoPeer) {
 
 /// A UDP client relaying to an echo peer through Portico the whole time; returns how many
 /// of `n` datagrams came back (counted as they arrive, so no socket buffer overflows).
-fn udp_stream_during(p: &Portico, n: usize, during: impl FnOnce()) -> usize {
+pub(crate) fn udp_stream_during(p: &Portico, n: usize, during: impl FnOnce()) -> usize {
     let peer = EchoPeer::start(LOCAL4);
     let mut c = TurnClient::new(p.udp4(), USER, PASSWORD);
     c.allocate();
@@ -318,7 +318,7 @@ fn expect_closed_after_alert(t: &mut TcpStream, what: &str) {
     }
 }
 
-fn cert_of(p: &Portico) -> PathBuf {
+pub(crate) fn cert_of(p: &Portico) -> PathBuf {
     p.state_dir.join("cert.pem")
 }
 

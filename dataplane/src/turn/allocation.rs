@@ -91,6 +91,8 @@ pub struct Allocation {
     /// RFC 8656 §7.2). Permissions and channels are per IP address, so per family: each
     /// peer is reached from the relay of its own family.
     pub second: Option<Relay>,
+    /// An RFC 6062 TCP allocation: `relay` is a listening TCP socket.
+    pub tcp: bool,
     /// The ADDRESS-ERROR-CODE of the Allocate's answer (the additional family could not be
     /// served: 440 or 508), repeated to a retransmission.
     pub family_error: Option<u16>,

@@ -17,6 +17,7 @@ pub mod random;
 pub mod ratelimit;
 mod requests;
 pub mod settings;
+pub mod tcp_relay;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -32,7 +33,8 @@ use crate::server::{Action, Now, Stats};
 use crate::stun::{self, attr};
 use allocation::{Allocation, Table};
 use random::Random;
-pub use settings::{DefaultRoutes, TurnSettings};
+pub use settings::{DefaultRoutes, StreamLimits, TurnSettings};
+pub use tcp_relay::{TcpEvent, TcpRelays};
 
 /// Channel numbers accepted in ChannelBind and in ChannelData. RFC 8656 allows
 /// 0x4000-0x4FFF; RFC 5766 (§11) allowed the whole 0x4000-0x7FFF, and clients of that era
@@ -58,8 +60,22 @@ pub trait RelayIo {
     fn adopt(&mut self, reserved: Reserved, dont_fragment: bool) -> io::Result<usize>;
     /// Closes a reserved socket nobody redeemed.
     fn release(&mut self, reserved: Reserved);
-    /// Stops receiving on a relay socket and closes it.
+    /// Stops receiving on a relay socket and closes it (also a TCP relay's listener or
+    /// data connection; closing a bound data connection closes its client side too).
     fn close(&mut self, socket: usize);
+    /// RFC 6062: binds a listening TCP socket to `addr` for a TCP allocation; returns its
+    /// socket index. Drivers without TCP relays refuse.
+    fn listen_tcp(&mut self, addr: SocketAddr) -> io::Result<usize> {
+        let _ = addr;
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    /// RFC 6062: starts a TCP connection to `peer` from the address of TCP relay `relay`;
+    /// returns the data connection's socket index. The driver reports the outcome with
+    /// [`Turn::tcp_connected`].
+    fn connect_tcp(&mut self, relay: usize, peer: SocketAddr) -> io::Result<usize> {
+        let _ = (relay, peer);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
 }
 
 /// Where the core lists its allocations so the control plane can show them, and where it
@@ -229,6 +245,8 @@ pub struct Ctx<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Datagram {
     pub socket: usize,
+    /// Came over a stream connection (TCP or TLS), where `socket` names the connection.
+    pub stream: bool,
     pub from: SocketAddr,
     pub start: usize,
     pub len: usize,
@@ -253,6 +271,8 @@ pub struct Turn {
     /// Set when the configuration changed: permissions and channels are checked against the
     /// (possibly narrower) peer policy at the next sweep.
     pub recheck_peers: bool,
+    /// RFC 6062 data connections.
+    tcp: TcpRelays,
 }
 
 impl Turn {
@@ -278,6 +298,7 @@ impl Turn {
             last_control: None,
             blacklist_seen: 0,
             recheck_peers: false,
+            tcp: TcpRelays::default(),
         }
     }
 
@@ -437,6 +458,8 @@ impl Turn {
 
     /// Ends an allocation: closes its relay socket and gives back its quota.
     fn end(&mut self, cx: &mut Ctx<'_>, slot: usize, reason: Counter) -> Option<Allocation> {
+        let a = self.table.get(slot).map(|a| a.id)?;
+        self.tcp_end(cx, slot, a);
         let a = self.table.remove(slot)?;
         for r in a.relays() {
             cx.io.close(r.socket);
@@ -470,6 +493,7 @@ impl Turn {
             self.recheck_peers = false;
             self.drop_refused_peers(cx);
         }
+        self.tcp_sweep(cx);
         // Control-plane requests are looked at every 50 ms, not every loop turn: under load a
         // turn is one datagram, and scanning the request slots each time cost more than the
         // packet itself.

@@ -27,6 +27,45 @@ pub struct TurnSettings {
     pub error_rate: u32,
     /// Other boxes a full box sends clients to (300 Try Alternate), in configuration order.
     pub alternate_servers: Vec<SocketAddr>,
+    /// TURN over TCP and TLS: the stream driver's limits and the RFC 6062 bound.
+    pub stream: StreamLimits,
+}
+
+/// Bounds of TURN over TCP and TLS (`turn.tcp_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Client connections in total; fixed when the stream thread starts (it sizes the
+    /// socket index space).
+    pub max_connections: usize,
+    pub per_source: usize,
+    /// Time for the TLS handshake and the first complete message.
+    pub first_message: Duration,
+    pub idle: Duration,
+    /// Bytes queued for a connection that does not read fast enough (and per direction of
+    /// an RFC 6062 data connection).
+    pub max_output: usize,
+    /// RFC 6062 data connections per TCP allocation.
+    pub relay_connections: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> StreamLimits {
+        StreamLimits::from_config(&Config::default())
+    }
+}
+
+impl StreamLimits {
+    pub fn from_config(config: &Config) -> StreamLimits {
+        let t = &config.turn;
+        StreamLimits {
+            max_connections: t.tcp_max_connections,
+            per_source: t.tcp_max_connections_per_source,
+            first_message: t.tcp_handshake_timeout.get(),
+            idle: t.tcp_idle_timeout.get(),
+            max_output: t.tcp_output_buffer,
+            relay_connections: t.tcp_relay_connections,
+        }
+    }
 }
 
 /// The source address of each family's default route, as the runtime found it (the core
@@ -100,6 +139,7 @@ impl TurnSettings {
             max_bandwidth: t.max_bandwidth,
             error_rate: t.error_rate,
             alternate_servers: t.alternate_servers.clone(),
+            stream: StreamLimits::from_config(config),
         }
     }
 
