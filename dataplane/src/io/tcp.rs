@@ -428,22 +428,36 @@ fn from_peers(r: usize, conns: &mut Conns, cx: &mut Cx<'_, '_>) {
         else {
             continue;
         };
-        let conn = socket
-            .checked_sub(cx.conn_base)
-            .and_then(|i| conns.slots.get_mut(i))
+        let Some(idx) = socket.checked_sub(cx.conn_base) else {
+            cx.stats().incr(Counter::SendErrors);
+            continue;
+        };
+        let conn = conns
+            .slots
+            .get_mut(idx)
             .and_then(|c| c.as_mut())
             .filter(|c| c.peer.ip().to_canonical() == to.ip() && c.peer.port() == to.port());
-        match conn {
-            Some(c) => {
-                if !queue(c, &cx.work[offset..offset + len], cx.limits.max_output) {
-                    // A client that does not read loses data, as it would over UDP; its
-                    // queue does not grow.
-                    cx.stats().incr(Counter::DropStreamBacklog);
-                } else {
-                    cx.stats().incr(Counter::TxPackets);
-                }
+        let Some(c) = conn else {
+            cx.stats().incr(Counter::SendErrors);
+            continue;
+        };
+        let mut fits = queue(c, &cx.work[offset..offset + len], cx.limits.max_output);
+        if !fits {
+            // The queue may hold only this turn's batch from the relay sockets: write it
+            // out before dropping anything, so a client that reads loses nothing.
+            if flush(c, cx, conns.base + idx) {
+                cx.stats().incr(Counter::DropStreamBacklog);
+                conns.close(idx, cx);
+                continue;
             }
-            None => cx.stats().incr(Counter::SendErrors),
+            fits = queue(c, &cx.work[offset..offset + len], cx.limits.max_output);
+        }
+        if fits {
+            cx.stats().incr(Counter::TxPackets);
+        } else {
+            // A client that does not read loses data, as it would over UDP; its queue
+            // does not grow.
+            cx.stats().incr(Counter::DropStreamBacklog);
         }
     }
 }
