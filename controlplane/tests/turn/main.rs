@@ -6,6 +6,8 @@
 //! TURN over TCP and TLS (RFC 8656 §3.1): `turnutils_uclient -t` and `-t -S`, the framing
 //! with an own stream client, bad input on a stream, a TLS alert mid-stream, a stalled TLS
 //! handshake.
+//! Two independent ICE stacks relay-to-relay through Portico over UDP, TCP and TLS: aioice
+//! agents and headless Chromium's RTCPeerConnections with a data channel.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -15,13 +17,17 @@ use portico_testkit::process::require;
 use portico_testkit::turn::CoturnPeer;
 use portico_testkit::{free_port_on, Portico, Spec, LOCAL4};
 
+mod aioice;
 mod alternate;
 mod api;
 mod channel_range;
+mod ice;
 mod interop;
 mod ipv6;
 mod relay;
+mod stream_burst;
 mod tcp;
+mod webrtc;
 
 /// A server on driver `io` (listening on 127.0.0.1 and [::1]) with the kit's TURN users and
 /// REST API secrets; with `loopback_peers` the test's own loopback peers are allowed (they

@@ -1,0 +1,188 @@
+//! Portico's side of two independent ICE stacks (aioice.rs, webrtc.rs) connecting
+//! relay-to-relay through it: the server they use, and the proof from its API and counters
+//! that the traffic went through its allocations over the expected client transport.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use portico_shared::counters::Counter;
+use portico_testkit::{free_port, Portico, LOCAL4};
+use serde_json::Value;
+
+use crate::turn_spec;
+
+/// How the ICE agents reach Portico.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+/// Portico with the kit's TURN users, loopback peers allowed (the two relayed addresses are
+/// on 127.0.0.1, so each relay's peer is the other relay), and a TLS listener on a free
+/// port of 127.0.0.1 with the generated certificate (which names `localhost`); returns it
+/// and the TLS port.
+pub fn ice_portico(tag: &str) -> (Portico, u16) {
+    let port = free_port();
+    let spec = turn_spec("auto", true).turn(&format!("listen_tls = [\"127.0.0.1:{port}\"]"));
+    (Portico::start(tag, spec), port)
+}
+
+/// The allocations `GET /api/v1/turn/allocations` lists.
+pub fn allocations(p: &Portico) -> Vec<Value> {
+    let (code, v) = p.call("GET", "/api/v1/turn/allocations", "");
+    assert_eq!(code, 200, "{v}");
+    v["allocations"].as_array().cloned().unwrap_or_default()
+}
+
+/// Checks, from Portico's side, that the agents' relayed candidates `gathered` are exactly
+/// the allocations it serves, that for each selected pair `(from, to)` of relayed addresses
+/// the allocation of `from` sent at least `bytes` to its peer and the one of `to` passed as
+/// many to its client (the dataplane republishes traffic each second, so this polls a few
+/// seconds), and that their clients came over `via`: for TCP and TLS each client address is
+/// one end of an established connection to the listener, TLS handshakes were completed, and
+/// for UDP no TCP connection was accepted at all; and that Portico dropped nothing for
+/// framing, size or a full output queue. Returns the allocations.
+pub fn expect_relayed_through(
+    p: &Portico,
+    via: Via,
+    tls_port: u16,
+    gathered: &[SocketAddr],
+    flows: &[(SocketAddr, SocketAddr)],
+    bytes: u64,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let carried = |list: &[Value], relayed: &SocketAddr, way: &str| {
+        list.iter().any(|a| {
+            a["relayed"] == relayed.to_string() && a[way]["bytes"].as_u64().unwrap_or(0) >= bytes
+        })
+    };
+    let list = loop {
+        let list = allocations(p);
+        let all = flows
+            .iter()
+            .all(|(from, to)| carried(&list, from, "to_peer") && carried(&list, to, "to_client"));
+        if all {
+            break list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Portico does not show {bytes} bytes along each of {flows:?}: {list:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut served: Vec<String> = list.iter().map(|a| a["relayed"].to_string()).collect();
+    let mut expected: Vec<String> = gathered.iter().map(|r| format!("\"{r}\"")).collect();
+    served.sort();
+    expected.sort();
+    assert_eq!(
+        served, expected,
+        "an allocation for each relayed candidate and no other: {list:#?}"
+    );
+    for a in &list {
+        assert_eq!(a["user"], portico_testkit::turn::USER, "{a}");
+    }
+    for (r, _) in flows {
+        let a = list.iter().find(|a| a["relayed"] == r.to_string());
+        assert!(
+            a.is_some_and(|a| a["permissions"].as_u64() == Some(1)),
+            "the selected relay {r} has a permission for the other relay: {a:?}"
+        );
+    }
+    let listener = match via {
+        Via::Udp => None,
+        Via::Tcp => Some(SocketAddr::new(LOCAL4, p.port)),
+        Via::Tls => Some(SocketAddr::new(LOCAL4, tls_port)),
+    };
+    let tcp = established_tcp();
+    for a in &list {
+        let client: SocketAddr = a["client"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no client address: {a}"));
+        match listener {
+            Some(server) => assert!(
+                tcp.contains(&(client, server)),
+                "{via:?}: the client {client} of {a} is no connection to {server}; \
+                 established: {tcp:?}"
+            ),
+            None => assert!(
+                !tcp.iter().any(|(local, _)| *local == client),
+                "UDP: the client {client} is a TCP connection"
+            ),
+        }
+    }
+    // Nothing the stacks sent was malformed for Portico or dropped by it on the way.
+    for c in [
+        Counter::DropTcpFraming,
+        Counter::DropStreamBacklog,
+        Counter::DropBadChannelData,
+        Counter::DropTruncated,
+        Counter::DropBadLength,
+        Counter::DropNotStun,
+        Counter::DropNoChannel,
+        Counter::TcpClosedBacklog,
+    ] {
+        assert_eq!(p.counter(c), 0, "{via:?}: {c:?} counted");
+    }
+    let accepted = p.counter(Counter::TcpAccepted);
+    let handshakes = p.counter(Counter::TlsHandshakes);
+    match via {
+        Via::Udp => assert_eq!(accepted, 0, "no TCP connection over UDP"),
+        Via::Tcp => {
+            assert!(accepted >= gathered.len() as u64, "accepted {accepted}");
+            assert_eq!(handshakes, 0, "no TLS over plain TCP");
+        }
+        Via::Tls => assert!(
+            handshakes >= gathered.len() as u64,
+            "handshakes {handshakes}"
+        ),
+    }
+    list
+}
+
+/// Waits (bounded) until Portico serves no allocation: a stream client's allocations end
+/// with its connection, and a UDP client deletes its own when it closes.
+pub fn expect_no_allocations(p: &Portico, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = allocations(p);
+        if list.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: allocations remain: {list:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The established IPv4 TCP connections of this host as (local, remote), from
+/// /proc/net/tcp (a loopback connection is listed once from each end).
+pub fn established_tcp() -> Vec<(SocketAddr, SocketAddr)> {
+    let text = fs::read_to_string("/proc/net/tcp").unwrap_or_else(|e| panic!("/proc/net/tcp: {e}"));
+    let addr = |s: &str| -> Option<SocketAddr> {
+        let (ip, port) = s.split_once(':')?;
+        // The address is the network-order word printed as a host-order number.
+        let ip = u32::from_str_radix(ip, 16).ok()?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(ip.to_ne_bytes())),
+            port,
+        ))
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // State 01 is ESTABLISHED.
+            if f.len() < 4 || f[3] != "01" {
+                return None;
+            }
+            Some((addr(f[1])?, addr(f[2])?))
+        })
+        .collect()
+}

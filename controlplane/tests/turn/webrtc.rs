@@ -1,0 +1,381 @@
+//! Headless Chromium (libwebrtc) through Portico: one page (`webrtc_pair.html`, served by
+//! the test on 127.0.0.1) with two RTCPeerConnections, `iceTransportPolicy: "relay"`, the
+//! TURN server given as `turn:…?transport=udp`, `turn:…?transport=tcp` or `turns:…`, opens a
+//! data channel and sends messages both ways; the page POSTs the outcome back. Portico's API
+//! shows the two allocations carrying the traffic with clients on the expected transport.
+//!
+//! TURNS: Chromium verifies the TURN server's certificate (a certificate it does not trust
+//! fails gathering with 701), and `--ignore-certificate-errors-spki-list` with the SHA-256
+//! of the generated certificate's public key makes it accept exactly that certificate; the
+//! TLS test checks both.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use portico_shared::counters::Counter;
+use portico_testkit::process::require;
+use portico_testkit::turn::{PASSWORD, USER};
+use portico_testkit::{Portico, TempDir};
+use serde_json::{json, Value};
+
+use crate::ice::{allocations, expect_no_allocations, expect_relayed_through, ice_portico, Via};
+
+const PAGE: &str = include_str!("webrtc_pair.html");
+/// Messages each way and their size: each one fills most of a datagram, so the bytes each
+/// allocation carries bound the messages from below whatever SCTP bundles.
+const COUNT: u64 = 500;
+const SIZE: u64 = 1000;
+/// From Chromium's start to the page's report, on a loaded machine.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// One Chromium at a time: each is a handful of processes on a small machine.
+static ONE_BROWSER: Mutex<()> = Mutex::new(());
+
+/// A tiny HTTP server on 127.0.0.1: `GET /` answers the page with its configuration,
+/// `POST /result` hands the body to the test; anything else is 404.
+struct PageServer {
+    addr: SocketAddr,
+    results: mpsc::Receiver<String>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PageServer {
+    fn start(config: Value) -> PageServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let page = PAGE.replace("/*CONFIG*/null", &config.to_string());
+        let (tx, results) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => serve(s, &page, &tx),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        PageServer {
+            addr,
+            results,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One request on `s` (bounded in size and time), answered and closed.
+fn serve(mut s: TcpStream, page: &str, results: &mpsc::Sender<String>) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match s.read(&mut chunk) {
+            Ok(n) if n > 0 && buf.len() < 64 * 1024 => buf.extend_from_slice(&chunk[..n]),
+            _ => return,
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+        .min(1 << 20);
+    while buf.len() < head_end + length {
+        match s.read(&mut chunk) {
+            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return,
+        }
+    }
+    let answer = |status: &str, kind: &str, body: &str| {
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let reply = if head.starts_with("GET / ") {
+        answer("200 OK", "text/html; charset=utf-8", page)
+    } else if head.starts_with("POST /result ") {
+        let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).to_string();
+        let _ = results.send(body);
+        answer("200 OK", "text/plain", "")
+    } else {
+        answer("404 Not Found", "text/plain", "")
+    };
+    let _ = s.write_all(reply.as_bytes());
+}
+
+/// Headless Chromium in its own process group with a fresh profile; the group is killed
+/// (and the browser reaped) when dropped.
+struct Browser {
+    child: Child,
+    log: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl Browser {
+    fn open(url: &str, extra: &[String]) -> Browser {
+        let chromium = require("chromium", "chromium");
+        let dir = TempDir::new("chromium");
+        let profile = dir.join("profile");
+        std::fs::create_dir_all(&profile).unwrap_or_else(|e| panic!("{e}"));
+        let log = dir.join("chromium.log");
+        let out = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--enable-logging=stderr",
+                "--v=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
+            .arg(url)
+            .env("HOME", dir.path())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting chromium: {e}"));
+        Browser {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The page's console lines and Chromium's errors, for a failure message.
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("CONSOLE") || (l.contains("ERROR") && !l.contains("dbus")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Opens the page in Chromium with the TURN server `url` and returns the page's report
+/// (the browser is still running, its connections open).
+fn run_page(url: &str, extra: &[String]) -> (Value, Browser, PageServer) {
+    let server = PageServer::start(json!({
+        "url": url,
+        "user": USER,
+        "password": PASSWORD,
+        "count": COUNT,
+        "size": SIZE,
+        "wait_ms": 15000,
+        "timeout_ms": 45000,
+    }));
+    let browser = Browser::open(&format!("http://{}/", server.addr), extra);
+    let started = Instant::now();
+    let body = server.results.recv_timeout(LIMIT).unwrap_or_else(|_| {
+        panic!(
+            "no report from the page within {LIMIT:?}; Chromium's console:\n{}",
+            browser.console()
+        )
+    });
+    let report: Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("the page's report ({e}): {body}"));
+    eprintln!("{url}: report after {:?}", started.elapsed());
+    (report, browser, server)
+}
+
+fn addr(v: &Value) -> SocketAddr {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an address: {v}"))
+}
+
+/// The page through Portico via `via`: every message arrives intact both ways, the nominated
+/// pairs are relay to relay over the expected protocol, and Portico's API shows the two
+/// allocations carrying the traffic.
+fn data_channel_through(p: &Portico, via: Via, tls_port: u16, extra: &[String]) {
+    let url = match via {
+        Via::Udp => format!("turn:127.0.0.1:{}?transport=udp", p.port),
+        Via::Tcp => format!("turn:127.0.0.1:{}?transport=tcp", p.port),
+        Via::Tls => format!("turns:localhost:{tls_port}?transport=tcp"),
+    };
+    let (report, browser, _server) = run_page(&url, extra);
+    let context = || format!("{report:#}\nChromium's console:\n{}", browser.console());
+    assert_eq!(report["ok"], true, "{}", context());
+    for name in ["a", "b"] {
+        assert_eq!(
+            report["received"][name].as_u64(),
+            Some(COUNT),
+            "{}",
+            context()
+        );
+        assert_eq!(report["intact"][name], true, "{}", context());
+        let cands = report["candidates"][name]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(!cands.is_empty(), "{}", context());
+        assert!(
+            cands.iter().all(|c| c["type"] == "relay"),
+            "relay candidates only: {}",
+            context()
+        );
+    }
+    let gathered: Vec<SocketAddr> = ["a", "b"]
+        .iter()
+        .flat_map(|name| {
+            report["candidates"][name]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|c| {
+            format!("{}:{}", c["address"].as_str().unwrap_or("?"), c["port"])
+                .parse()
+                .unwrap_or_else(|e| panic!("candidate {c}: {e}"))
+        })
+        .collect();
+    let mut flows = Vec::new();
+    for (me, other) in [("a", "b"), ("b", "a")] {
+        let pair = &report["pairs"][me];
+        assert_eq!(pair["local_type"], "relay", "{}", context());
+        assert_eq!(pair["remote_type"], "relay", "{}", context());
+        let protocol = match via {
+            Via::Udp => "udp",
+            Via::Tcp => "tcp",
+            Via::Tls => "tls",
+        };
+        assert_eq!(pair["relay_protocol"], protocol, "{}", context());
+        // Each side's selected pair is one of its relays to one of the other's (with two
+        // allocations a side, from `turns:localhost`, the two may differ).
+        let theirs = &report["candidates"][other];
+        assert!(
+            theirs.as_array().is_some_and(|c| c.iter().any(|c| format!(
+                "{}:{}",
+                c["address"].as_str().unwrap_or("?"),
+                c["port"]
+            ) == pair["remote"]
+                .as_str()
+                .unwrap_or("-"))),
+            "{}",
+            context()
+        );
+        flows.push((addr(&pair["local"]), addr(&pair["remote"])));
+    }
+    expect_relayed_through(p, via, tls_port, &gathered, &flows, COUNT * SIZE);
+    drop(browser);
+    expect_no_allocations_or_udp(p, via);
+}
+
+/// Once Chromium is gone: a stream client's allocations end with its connection. A killed
+/// browser deletes nothing over UDP, so those stay until they expire.
+fn expect_no_allocations_or_udp(p: &Portico, via: Via) {
+    if via != Via::Udp {
+        expect_no_allocations(p, "after Chromium was killed");
+    }
+}
+
+/// SHA-256 of the generated certificate's public key (SubjectPublicKeyInfo), base64: what
+/// `--ignore-certificate-errors-spki-list` takes.
+fn spki_of(p: &Portico) -> String {
+    let path = p.state_dir.join("key.pem");
+    let pem = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let key = rcgen::KeyPair::from_pem(&pem).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &key.public_key_der());
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+fn one_browser() -> std::sync::MutexGuard<'static, ()> {
+    ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn chromium_data_channel_relay_to_relay_over_udp() {
+    let _one = one_browser();
+    let (p, tls_port) = ice_portico("webrtc-udp");
+    data_channel_through(&p, Via::Udp, tls_port, &[]);
+}
+
+#[test]
+fn chromium_data_channel_relay_to_relay_over_tcp() {
+    let _one = one_browser();
+    let (p, tls_port) = ice_portico("webrtc-tcp");
+    data_channel_through(&p, Via::Tcp, tls_port, &[]);
+}
+
+#[test]
+fn chromium_data_channel_relay_to_relay_over_tls() {
+    let _one = one_browser();
+    let (p, tls_port) = ice_portico("webrtc-tls");
+    let url = format!("turns:localhost:{tls_port}?transport=tcp");
+
+    // Chromium verifies a TURNS server's certificate: the generated one is self-signed, so
+    // without an exception gathering fails (701) and no allocation is made.
+    let (report, browser, _server) = run_page(&url, &[]);
+    assert_eq!(report["ok"], false, "{report:#}");
+    assert_eq!(report["why"], "no relayed candidate", "{report:#}");
+    let errors = report["errors"].as_array().cloned().unwrap_or_default();
+    assert!(
+        !errors.is_empty() && errors.iter().all(|e| e["code"] == 701),
+        "{report:#}\n{}",
+        browser.console()
+    );
+    drop(browser);
+    assert!(allocations(&p).is_empty());
+    assert_eq!(p.counter(Counter::TlsHandshakes), 0);
+    assert!(
+        p.counter(Counter::TcpAccepted) >= 1,
+        "Chromium did try Portico"
+    );
+
+    // Pinned to the certificate's key, it connects.
+    data_channel_through(
+        &p,
+        Via::Tls,
+        tls_port,
+        &[format!(
+            "--ignore-certificate-errors-spki-list={}",
+            spki_of(&p)
+        )],
+    );
+}
