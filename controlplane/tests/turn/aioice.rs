@@ -2,7 +2,8 @@
 //! candidates only, reach Portico over UDP, TCP or TLS (verifying the generated certificate
 //! for `localhost`), connect relay-to-relay and send datagrams both ways
 //! (`aioice_pair.py`); Portico's API shows the two allocations carrying the traffic, with
-//! clients on the expected transport, and none left once the agents close.
+//! clients on the expected transport, and none left once the agents close (also when their
+//! nonce went stale meanwhile).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use portico_shared::counters::Counter;
 use portico_testkit::process::require;
 use portico_testkit::turn::{PASSWORD, USER};
 use portico_testkit::Portico;
@@ -141,8 +143,14 @@ fn addr(v: &Value) -> SocketAddr {
         .unwrap_or_else(|| panic!("not an address: {v}"))
 }
 
-fn relay_to_relay(tag: &str, via: Via) {
-    let (p, tls_port) = ice_portico(tag);
+/// The agents through Portico via `via`; they close after `hold` (their Refresh with
+/// lifetime 0 is answered 438 Stale Nonce once the nonce is older than `nonce_lifetime`,
+/// and they retry with the new one).
+fn relay_to_relay(tag: &str, via: Via, nonce_lifetime: Option<u64>, hold: Duration) {
+    let extra = nonce_lifetime
+        .map(|s| format!("nonce_lifetime = {s}"))
+        .unwrap_or_default();
+    let (p, tls_port) = ice_portico(tag, &extra);
     let mut agents = Agents::start(&p, via, tls_port);
     let report: Value = serde_json::from_str(&agents.expect("READY", LIMIT))
         .unwrap_or_else(|e| panic!("report: {e}"));
@@ -188,21 +196,52 @@ fn relay_to_relay(tag: &str, via: Via) {
             .unwrap_or_else(|| panic!("{r} not listed"));
         assert_eq!(a["client"], report[name]["client"]["addr"], "{name}: {a}");
     }
+    std::thread::sleep(hold);
+    let stale = p.counter(Counter::TurnAuthStaleNonce);
     agents.close();
     expect_no_allocations(&p, "after the agents closed");
+    if let Some(lifetime) = nonce_lifetime {
+        assert!(hold > Duration::from_secs(lifetime));
+        assert!(
+            p.counter(Counter::TurnAuthStaleNonce) >= stale + 2,
+            "each agent's closing Refresh met a stale nonce first"
+        );
+    }
 }
 
 #[test]
 fn aioice_relay_to_relay_over_udp() {
-    relay_to_relay("aioice-udp", Via::Udp);
+    relay_to_relay("aioice-udp", Via::Udp, None, Duration::ZERO);
 }
 
 #[test]
 fn aioice_relay_to_relay_over_tcp() {
-    relay_to_relay("aioice-tcp", Via::Tcp);
+    relay_to_relay("aioice-tcp", Via::Tcp, None, Duration::ZERO);
 }
 
 #[test]
 fn aioice_relay_to_relay_over_tls() {
-    relay_to_relay("aioice-tls", Via::Tls);
+    relay_to_relay("aioice-tls", Via::Tls, None, Duration::ZERO);
+}
+
+/// The shortest nonce lifetime (30 s) passes before the agents close: over UDP and over a
+/// stream, the 438 carries the new nonce and the retried Refresh deletes the allocation.
+#[test]
+fn aioice_close_after_the_nonce_went_stale_over_udp() {
+    relay_to_relay(
+        "aioice-stale-udp",
+        Via::Udp,
+        Some(30),
+        Duration::from_secs(32),
+    );
+}
+
+#[test]
+fn aioice_close_after_the_nonce_went_stale_over_tcp() {
+    relay_to_relay(
+        "aioice-stale-tcp",
+        Via::Tcp,
+        Some(30),
+        Duration::from_secs(32),
+    );
 }

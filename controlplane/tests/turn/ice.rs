@@ -22,11 +22,13 @@ pub enum Via {
 
 /// Portico with the kit's TURN users, loopback peers allowed (the two relayed addresses are
 /// on 127.0.0.1, so each relay's peer is the other relay), and a TLS listener on a free
-/// port of 127.0.0.1 with the generated certificate (which names `localhost`); returns it
-/// and the TLS port.
-pub fn ice_portico(tag: &str) -> (Portico, u16) {
+/// port of 127.0.0.1 with the generated certificate (which names `localhost`), and `extra`
+/// lines for `[turn]`; returns it and the TLS port.
+pub fn ice_portico(tag: &str, extra: &str) -> (Portico, u16) {
     let port = free_port();
-    let spec = turn_spec("auto", true).turn(&format!("listen_tls = [\"127.0.0.1:{port}\"]"));
+    let spec = turn_spec("auto", true)
+        .turn(&format!("listen_tls = [\"127.0.0.1:{port}\"]"))
+        .turn(extra);
     (Portico::start(tag, spec), port)
 }
 

@@ -352,21 +352,21 @@ fn one_browser() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn chromium_data_channel_relay_to_relay_over_udp() {
     let _one = one_browser();
-    let (p, tls_port) = ice_portico("webrtc-udp");
+    let (p, tls_port) = ice_portico("webrtc-udp", "");
     data_channel_through(&p, Via::Udp, tls_port, &[]);
 }
 
 #[test]
 fn chromium_data_channel_relay_to_relay_over_tcp() {
     let _one = one_browser();
-    let (p, tls_port) = ice_portico("webrtc-tcp");
+    let (p, tls_port) = ice_portico("webrtc-tcp", "");
     data_channel_through(&p, Via::Tcp, tls_port, &[]);
 }
 
 #[test]
 fn chromium_data_channel_relay_to_relay_over_tls() {
     let _one = one_browser();
-    let (p, tls_port) = ice_portico("webrtc-tls");
+    let (p, tls_port) = ice_portico("webrtc-tls", "");
     let url = format!("turns:localhost:{tls_port}?transport=tcp");
 
     // Chromium verifies a TURNS server's certificate: the generated one is self-signed, so
