@@ -1,12 +1,12 @@
 //! aioice (the Python ICE stack under aiortc) through Portico: two agents, relay
 //! candidates only, reach Portico over UDP, TCP or TLS (verifying the generated certificate
-//! for `localhost`), connect relay-to-relay and send datagrams both ways
+//! for `localhost`), on 127.0.0.1 or [::1], connect relay-to-relay and send datagrams both ways
 //! (`aioice_pair.py`); Portico's API shows the two allocations carrying the traffic, with
 //! clients on the expected transport, and none left once the agents close (also when their
 //! nonce went stale meanwhile).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use portico_shared::counters::Counter;
 use portico_testkit::process::require;
 use portico_testkit::turn::{PASSWORD, USER};
-use portico_testkit::Portico;
+use portico_testkit::{Portico, LOCAL4, LOCAL6};
 use serde_json::Value;
 
 use crate::ice::{expect_no_allocations, expect_relayed_through, ice_portico, Via};
@@ -45,7 +45,7 @@ impl Drop for Agents {
 }
 
 impl Agents {
-    fn start(p: &Portico, via: Via, tls_port: u16) -> Agents {
+    fn start(p: &Portico, via: Via, server: IpAddr, tls_port: u16) -> Agents {
         let python = require("python3", "python3");
         let check = Command::new(&python)
             .args(["-c", "import aioice; print(aioice.__version__)"])
@@ -58,9 +58,10 @@ impl Agents {
             String::from_utf8_lossy(&check.stderr)
         );
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/turn/aioice_pair.py");
+        let ip = server.to_string();
         let (host, port, transport) = match via {
-            Via::Udp => ("127.0.0.1", p.port, "udp"),
-            Via::Tcp => ("127.0.0.1", p.port, "tcp"),
+            Via::Udp => (ip.as_str(), p.port, "udp"),
+            Via::Tcp => (ip.as_str(), p.port, "tcp"),
             // The certificate names localhost; the script verifies it against itself.
             Via::Tls => ("localhost", tls_port, "tls"),
         };
@@ -146,12 +147,18 @@ fn addr(v: &Value) -> SocketAddr {
 /// The agents through Portico via `via`; they close after `hold` (their Refresh with
 /// lifetime 0 is answered 438 Stale Nonce once the nonce is older than `nonce_lifetime`,
 /// and they retry with the new one).
-fn relay_to_relay(tag: &str, via: Via, nonce_lifetime: Option<u64>, hold: Duration) {
+fn relay_to_relay(
+    tag: &str,
+    via: Via,
+    server: IpAddr,
+    nonce_lifetime: Option<u64>,
+    hold: Duration,
+) {
     let extra = nonce_lifetime
         .map(|s| format!("nonce_lifetime = {s}"))
         .unwrap_or_default();
     let (p, tls_port) = ice_portico(tag, &extra);
-    let mut agents = Agents::start(&p, via, tls_port);
+    let mut agents = Agents::start(&p, via, server, tls_port);
     let report: Value = serde_json::from_str(&agents.expect("READY", LIMIT))
         .unwrap_or_else(|e| panic!("report: {e}"));
     let mut relayed = Vec::new();
@@ -182,6 +189,7 @@ fn relay_to_relay(tag: &str, via: Via, nonce_lifetime: Option<u64>, hold: Durati
     let list = expect_relayed_through(
         &p,
         via,
+        server,
         tls_port,
         &relayed,
         &[(relayed[0], relayed[1]), (relayed[1], relayed[0])],
@@ -211,17 +219,28 @@ fn relay_to_relay(tag: &str, via: Via, nonce_lifetime: Option<u64>, hold: Durati
 
 #[test]
 fn aioice_relay_to_relay_over_udp() {
-    relay_to_relay("aioice-udp", Via::Udp, None, Duration::ZERO);
+    relay_to_relay("aioice-udp", Via::Udp, LOCAL4, None, Duration::ZERO);
 }
 
 #[test]
 fn aioice_relay_to_relay_over_tcp() {
-    relay_to_relay("aioice-tcp", Via::Tcp, None, Duration::ZERO);
+    relay_to_relay("aioice-tcp", Via::Tcp, LOCAL4, None, Duration::ZERO);
 }
 
 #[test]
 fn aioice_relay_to_relay_over_tls() {
-    relay_to_relay("aioice-tls", Via::Tls, None, Duration::ZERO);
+    relay_to_relay("aioice-tls", Via::Tls, LOCAL4, None, Duration::ZERO);
+}
+
+/// Clients reaching Portico on [::1] (the relays stay IPv4: they ask for no other family).
+#[test]
+fn aioice_relay_to_relay_from_ipv6_over_udp() {
+    relay_to_relay("aioice-udp6", Via::Udp, LOCAL6, None, Duration::ZERO);
+}
+
+#[test]
+fn aioice_relay_to_relay_from_ipv6_over_tcp() {
+    relay_to_relay("aioice-tcp6", Via::Tcp, LOCAL6, None, Duration::ZERO);
 }
 
 /// The shortest nonce lifetime (30 s) passes before the agents close: over UDP and over a
@@ -231,6 +250,7 @@ fn aioice_close_after_the_nonce_went_stale_over_udp() {
     relay_to_relay(
         "aioice-stale-udp",
         Via::Udp,
+        LOCAL4,
         Some(30),
         Duration::from_secs(32),
     );
@@ -241,6 +261,7 @@ fn aioice_close_after_the_nonce_went_stale_over_tcp() {
     relay_to_relay(
         "aioice-stale-tcp",
         Via::Tcp,
+        LOCAL4,
         Some(30),
         Duration::from_secs(32),
     );

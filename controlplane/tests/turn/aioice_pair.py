@@ -30,6 +30,7 @@ def client_socket(conn):
         kind = "stream" if sock.type == socket.SOCK_STREAM else "datagram"
         host, port = inner.transport.get_extra_info("sockname")[:2]
         tls = inner.transport.get_extra_info("ssl_object") is not None
+        host = f"[{host}]" if ":" in host else host
         return {"addr": f"{host}:{port}", "socket": kind, "tls": tls}
     raise SystemExit("no relay protocol")
 

@@ -3,11 +3,11 @@
 //! that the traffic went through its allocations over the expected client transport.
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use portico_shared::counters::Counter;
-use portico_testkit::{free_port, Portico, LOCAL4};
+use portico_testkit::{free_port_on, Portico, LOCAL4, LOCAL6};
 use serde_json::Value;
 
 use crate::turn_spec;
@@ -21,13 +21,15 @@ pub enum Via {
 }
 
 /// Portico with the kit's TURN users, loopback peers allowed (the two relayed addresses are
-/// on 127.0.0.1, so each relay's peer is the other relay), and a TLS listener on a free
-/// port of 127.0.0.1 with the generated certificate (which names `localhost`), and `extra`
+/// on 127.0.0.1, so each relay's peer is the other relay), listeners on 127.0.0.1 and [::1],
+/// TLS ones on a free port of both with the generated certificate (which names `localhost`), and `extra`
 /// lines for `[turn]`; returns it and the TLS port.
 pub fn ice_portico(tag: &str, extra: &str) -> (Portico, u16) {
-    let port = free_port();
+    let port = free_port_on(&[LOCAL4, LOCAL6]);
     let spec = turn_spec("auto", true)
-        .turn(&format!("listen_tls = [\"127.0.0.1:{port}\"]"))
+        .turn(&format!(
+            "listen_tls = [\"127.0.0.1:{port}\", \"[::1]:{port}\"]"
+        ))
         .turn(extra);
     (Portico::start(tag, spec), port)
 }
@@ -43,13 +45,15 @@ pub fn allocations(p: &Portico) -> Vec<Value> {
 /// the allocations it serves, that for each selected pair `(from, to)` of relayed addresses
 /// the allocation of `from` sent at least `bytes` to its peer and the one of `to` passed as
 /// many to its client (the dataplane republishes traffic each second, so this polls a few
-/// seconds), and that their clients came over `via`: for TCP and TLS each client address is
-/// one end of an established connection to the listener, TLS handshakes were completed, and
+/// seconds), and that their clients came over `via` (to Portico's address `server` over TCP,
+/// to `localhost` over TLS): for TCP and TLS each client address is one end of an
+/// established connection to that listener, TLS handshakes were completed, and
 /// for UDP no TCP connection was accepted at all; and that Portico dropped nothing for
 /// framing, size or a full output queue. Returns the allocations.
 pub fn expect_relayed_through(
     p: &Portico,
     via: Via,
+    server: IpAddr,
     tls_port: u16,
     gathered: &[SocketAddr],
     flows: &[(SocketAddr, SocketAddr)],
@@ -93,10 +97,15 @@ pub fn expect_relayed_through(
             "the selected relay {r} has a permission for the other relay: {a:?}"
         );
     }
-    let listener = match via {
-        Via::Udp => None,
-        Via::Tcp => Some(SocketAddr::new(LOCAL4, p.port)),
-        Via::Tls => Some(SocketAddr::new(LOCAL4, tls_port)),
+    // Over TLS the agents name the server `localhost` (the certificate's name), which
+    // resolves to both loopback addresses.
+    let listeners = match via {
+        Via::Udp => vec![],
+        Via::Tcp => vec![SocketAddr::new(server, p.port)],
+        Via::Tls => vec![
+            SocketAddr::new(LOCAL4, tls_port),
+            SocketAddr::new(LOCAL6, tls_port),
+        ],
     };
     let tcp = established_tcp();
     for a in &list {
@@ -104,16 +113,17 @@ pub fn expect_relayed_through(
             .as_str()
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("no client address: {a}"));
-        match listener {
-            Some(server) => assert!(
-                tcp.contains(&(client, server)),
-                "{via:?}: the client {client} of {a} is no connection to {server}; \
-                 established: {tcp:?}"
-            ),
-            None => assert!(
+        if listeners.is_empty() {
+            assert!(
                 !tcp.iter().any(|(local, _)| *local == client),
                 "UDP: the client {client} is a TCP connection"
-            ),
+            );
+        } else {
+            assert!(
+                listeners.iter().any(|l| tcp.contains(&(client, *l))),
+                "{via:?}: the client {client} of {a} is no connection to {listeners:?}; \
+                 established: {tcp:?}"
+            );
         }
     }
     // Nothing the stacks sent was malformed for Portico or dropped by it on the way.
@@ -162,29 +172,37 @@ pub fn expect_no_allocations(p: &Portico, what: &str) {
     }
 }
 
-/// The established IPv4 TCP connections of this host as (local, remote), from
-/// /proc/net/tcp (a loopback connection is listed once from each end).
+/// The established TCP connections of this host as (local, remote), from /proc/net/tcp and
+/// tcp6 (a loopback connection is listed once from each end).
 pub fn established_tcp() -> Vec<(SocketAddr, SocketAddr)> {
-    let text = fs::read_to_string("/proc/net/tcp").unwrap_or_else(|e| panic!("/proc/net/tcp: {e}"));
+    // An address is network-order 32-bit words, each printed as a host-order number.
     let addr = |s: &str| -> Option<SocketAddr> {
         let (ip, port) = s.split_once(':')?;
-        // The address is the network-order word printed as a host-order number.
-        let ip = u32::from_str_radix(ip, 16).ok()?;
-        let port = u16::from_str_radix(port, 16).ok()?;
-        Some(SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::from(ip.to_ne_bytes())),
-            port,
-        ))
+        let mut bytes = Vec::new();
+        for i in (0..ip.len()).step_by(8) {
+            let word = u32::from_str_radix(ip.get(i..i + 8)?, 16).ok()?;
+            bytes.extend_from_slice(&word.to_ne_bytes());
+        }
+        let ip = match bytes.len() {
+            4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+            16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, u16::from_str_radix(port, 16).ok()?))
     };
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
+    let mut all = Vec::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = fs::read_to_string(file).unwrap_or_else(|e| panic!("{file}: {e}"));
+        for l in text.lines().skip(1) {
             let f: Vec<&str> = l.split_whitespace().collect();
             // State 01 is ESTABLISHED.
             if f.len() < 4 || f[3] != "01" {
-                return None;
+                continue;
             }
-            Some((addr(f[1])?, addr(f[2])?))
-        })
-        .collect()
+            if let (Some(local), Some(remote)) = (addr(f[1]), addr(f[2])) {
+                all.push((local, remote));
+            }
+        }
+    }
+    all
 }

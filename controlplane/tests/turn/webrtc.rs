@@ -1,8 +1,9 @@
 //! Headless Chromium (libwebrtc) through Portico: one page (`webrtc_pair.html`, served by
 //! the test on 127.0.0.1) with two RTCPeerConnections, `iceTransportPolicy: "relay"`, the
-//! TURN server given as `turn:…?transport=udp`, `turn:…?transport=tcp` or `turns:…`, opens a
-//! data channel and sends messages both ways; the page POSTs the outcome back. Portico's API
-//! shows the two allocations carrying the traffic with clients on the expected transport.
+//! TURN server given as `turn:…?transport=udp`, `turn:…?transport=tcp` (on 127.0.0.1 or
+//! [::1]) or `turns:localhost…`, opens a data channel and sends messages both ways; the page
+//! POSTs the outcome back. Portico's API shows the allocations carrying the traffic with
+//! clients on the expected transport, and none left once the page closes its connections.
 //!
 //! TURNS: Chromium verifies the TURN server's certificate (a certificate it does not trust
 //! fails gathering with 701), and `--ignore-certificate-errors-spki-list` with the SHA-256
@@ -10,7 +11,7 @@
 //! TLS test checks both.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +23,7 @@ use base64::Engine;
 use portico_shared::counters::Counter;
 use portico_testkit::process::require;
 use portico_testkit::turn::{PASSWORD, USER};
-use portico_testkit::{Portico, TempDir};
+use portico_testkit::{Portico, TempDir, LOCAL4, LOCAL6};
 use serde_json::{json, Value};
 
 use crate::ice::{allocations, expect_no_allocations, expect_relayed_through, ice_portico, Via};
@@ -257,10 +258,12 @@ fn addr(v: &Value) -> SocketAddr {
 /// The page through Portico via `via`: every message arrives intact both ways, the nominated
 /// pairs are relay to relay over the expected protocol, and Portico's API shows the two
 /// allocations carrying the traffic.
-fn data_channel_through(p: &Portico, via: Via, tls_port: u16, extra: &[String]) {
+fn data_channel_through(p: &Portico, via: Via, turn_ip: IpAddr, tls_port: u16, extra: &[String]) {
+    let host = SocketAddr::new(turn_ip, 0).to_string();
+    let host = host.trim_end_matches(":0");
     let url = match via {
-        Via::Udp => format!("turn:127.0.0.1:{}?transport=udp", p.port),
-        Via::Tcp => format!("turn:127.0.0.1:{}?transport=tcp", p.port),
+        Via::Udp => format!("turn:{host}:{}?transport=udp", p.port),
+        Via::Tcp => format!("turn:{host}:{}?transport=tcp", p.port),
         Via::Tls => format!("turns:localhost:{tls_port}?transport=tcp"),
     };
     let (report, browser, server) = run_page(&url, extra);
@@ -326,7 +329,7 @@ fn data_channel_through(p: &Portico, via: Via, tls_port: u16, extra: &[String]) 
         );
         flows.push((addr(&pair["local"]), addr(&pair["remote"])));
     }
-    expect_relayed_through(p, via, tls_port, &gathered, &flows, COUNT * SIZE);
+    expect_relayed_through(p, via, turn_ip, tls_port, &gathered, &flows, COUNT * SIZE);
     // Closing the connections releases the allocations (Refresh with lifetime 0, which
     // Portico must accept over every transport).
     let _ = server.release.send(());
@@ -353,14 +356,29 @@ fn one_browser() -> std::sync::MutexGuard<'static, ()> {
 fn chromium_data_channel_relay_to_relay_over_udp() {
     let _one = one_browser();
     let (p, tls_port) = ice_portico("webrtc-udp", "");
-    data_channel_through(&p, Via::Udp, tls_port, &[]);
+    data_channel_through(&p, Via::Udp, LOCAL4, tls_port, &[]);
 }
 
 #[test]
 fn chromium_data_channel_relay_to_relay_over_tcp() {
     let _one = one_browser();
     let (p, tls_port) = ice_portico("webrtc-tcp", "");
-    data_channel_through(&p, Via::Tcp, tls_port, &[]);
+    data_channel_through(&p, Via::Tcp, LOCAL4, tls_port, &[]);
+}
+
+/// Chromium reaching Portico on [::1] (its relays stay IPv4: it asks for no other family).
+#[test]
+fn chromium_data_channel_relay_to_relay_from_ipv6_over_udp() {
+    let _one = one_browser();
+    let (p, tls_port) = ice_portico("webrtc-udp6", "");
+    data_channel_through(&p, Via::Udp, LOCAL6, tls_port, &[]);
+}
+
+#[test]
+fn chromium_data_channel_relay_to_relay_from_ipv6_over_tcp() {
+    let _one = one_browser();
+    let (p, tls_port) = ice_portico("webrtc-tcp6", "");
+    data_channel_through(&p, Via::Tcp, LOCAL6, tls_port, &[]);
 }
 
 #[test]
@@ -392,6 +410,7 @@ fn chromium_data_channel_relay_to_relay_over_tls() {
     data_channel_through(
         &p,
         Via::Tls,
+        LOCAL4,
         tls_port,
         &[format!(
             "--ignore-certificate-errors-spki-list={}",
