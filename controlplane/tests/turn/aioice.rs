@@ -18,7 +18,7 @@ use portico_testkit::turn::{PASSWORD, USER};
 use portico_testkit::{Portico, LOCAL4, LOCAL6};
 use serde_json::Value;
 
-use crate::ice::{expect_no_allocations, expect_relayed_through, ice_portico, Via};
+use crate::ice::{expect_no_allocations, expect_relayed_through, ice_portico, Traffic, Via};
 
 /// Datagrams each way, and their sizes in the script (100 and 200 bytes of payload after
 /// an 11-byte header).
@@ -191,9 +191,12 @@ fn relay_to_relay(
         via,
         server,
         tls_port,
-        &relayed,
-        &[(relayed[0], relayed[1]), (relayed[1], relayed[0])],
-        COUNT * A_TO_B.min(B_TO_A),
+        USER,
+        Traffic {
+            gathered: &relayed,
+            flows: &[(relayed[0], relayed[1]), (relayed[1], relayed[0])],
+            bytes: COUNT * A_TO_B.min(B_TO_A),
+        },
     );
     // Each agent's own TURN client socket is the client of the allocation for its relay.
     for (me, r) in relayed.iter().enumerate() {

@@ -20,6 +20,43 @@ pub enum Via {
     Tls,
 }
 
+/// The TURN credentials the agents use.
+pub struct Creds {
+    pub user: String,
+    pub password: String,
+}
+
+impl Creds {
+    /// The kit's long-term user.
+    pub fn kit() -> Creds {
+        Creds {
+            user: portico_testkit::turn::USER.to_string(),
+            password: portico_testkit::turn::PASSWORD.to_string(),
+        }
+    }
+
+    /// TURN REST API credentials (what WebRTC applications hand to browsers): user
+    /// `expiry:name`, password base64(HMAC-SHA1(secret, user)), with the kit's secret.
+    pub fn rest(name: &str) -> Creds {
+        use base64::Engine;
+        let expiry = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            + 3600;
+        let user = format!("{expiry}:{name}");
+        let key = aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+            portico_testkit::turn::SHARED_SECRET.as_bytes(),
+        );
+        let tag = aws_lc_rs::hmac::sign(&key, user.as_bytes());
+        Creds {
+            password: base64::engine::general_purpose::STANDARD.encode(tag.as_ref()),
+            user,
+        }
+    }
+}
+
 /// Portico with the kit's TURN users, loopback peers allowed (the two relayed addresses are
 /// on 127.0.0.1, so each relay's peer is the other relay), listeners on 127.0.0.1 and [::1],
 /// TLS ones on a free port of both with the generated certificate (which names `localhost`), and `extra`
@@ -41,8 +78,16 @@ pub fn allocations(p: &Portico) -> Vec<Value> {
     v["allocations"].as_array().cloned().unwrap_or_default()
 }
 
+/// What the agents report: their relayed candidates, the selected pairs (from one relayed
+/// address to another) and how many bytes each pair carried at least.
+pub struct Traffic<'a> {
+    pub gathered: &'a [SocketAddr],
+    pub flows: &'a [(SocketAddr, SocketAddr)],
+    pub bytes: u64,
+}
+
 /// Checks, from Portico's side, that the agents' relayed candidates `gathered` are exactly
-/// the allocations it serves, that for each selected pair `(from, to)` of relayed addresses
+/// the allocations it serves (all of `user`), that for each selected pair `(from, to)` of relayed addresses
 /// the allocation of `from` sent at least `bytes` to its peer and the one of `to` passed as
 /// many to its client (the dataplane republishes traffic each second, so this polls a few
 /// seconds), and that their clients came over `via` (to Portico's address `server` over TCP,
@@ -55,10 +100,14 @@ pub fn expect_relayed_through(
     via: Via,
     server: IpAddr,
     tls_port: u16,
-    gathered: &[SocketAddr],
-    flows: &[(SocketAddr, SocketAddr)],
-    bytes: u64,
+    user: &str,
+    traffic: Traffic<'_>,
 ) -> Vec<Value> {
+    let Traffic {
+        gathered,
+        flows,
+        bytes,
+    } = traffic;
     let deadline = Instant::now() + Duration::from_secs(6);
     let carried = |list: &[Value], relayed: &SocketAddr, way: &str| {
         list.iter().any(|a| {
@@ -88,7 +137,7 @@ pub fn expect_relayed_through(
         "an allocation for each relayed candidate and no other: {list:#?}"
     );
     for a in &list {
-        assert_eq!(a["user"], portico_testkit::turn::USER, "{a}");
+        assert_eq!(a["user"], user, "{a}");
     }
     for (r, _) in flows {
         let a = list.iter().find(|a| a["relayed"] == r.to_string());

@@ -22,11 +22,12 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use portico_shared::counters::Counter;
 use portico_testkit::process::require;
-use portico_testkit::turn::{PASSWORD, USER};
 use portico_testkit::{Portico, TempDir, LOCAL4, LOCAL6};
 use serde_json::{json, Value};
 
-use crate::ice::{allocations, expect_no_allocations, expect_relayed_through, ice_portico, Via};
+use crate::ice::{
+    allocations, expect_no_allocations, expect_relayed_through, ice_portico, Creds, Traffic, Via,
+};
 
 const PAGE: &str = include_str!("webrtc_pair.html");
 /// Messages each way and their size: each one fills most of a datagram, so the bytes each
@@ -230,11 +231,11 @@ impl Drop for Browser {
 
 /// Opens the page in Chromium with the TURN server `url` and returns the page's report
 /// (the browser is still running, its connections open).
-fn run_page(url: &str, extra: &[String]) -> (Value, Browser, PageServer) {
+fn run_page(url: &str, creds: &Creds, extra: &[String]) -> (Value, Browser, PageServer) {
     let server = PageServer::start(json!({
         "url": url,
-        "user": USER,
-        "password": PASSWORD,
+        "user": creds.user,
+        "password": creds.password,
         "count": COUNT,
         "size": SIZE,
         "wait_ms": 15000,
@@ -258,7 +259,14 @@ fn addr(v: &Value) -> SocketAddr {
 /// The page through Portico via `via`: every message arrives intact both ways, the nominated
 /// pairs are relay to relay over the expected protocol, and Portico's API shows the two
 /// allocations carrying the traffic.
-fn data_channel_through(p: &Portico, via: Via, turn_ip: IpAddr, tls_port: u16, extra: &[String]) {
+fn data_channel_through(
+    p: &Portico,
+    via: Via,
+    turn_ip: IpAddr,
+    tls_port: u16,
+    creds: &Creds,
+    extra: &[String],
+) {
     let host = SocketAddr::new(turn_ip, 0).to_string();
     let host = host.trim_end_matches(":0");
     let url = match via {
@@ -266,7 +274,7 @@ fn data_channel_through(p: &Portico, via: Via, turn_ip: IpAddr, tls_port: u16, e
         Via::Tcp => format!("turn:{host}:{}?transport=tcp", p.port),
         Via::Tls => format!("turns:localhost:{tls_port}?transport=tcp"),
     };
-    let (report, browser, server) = run_page(&url, extra);
+    let (report, browser, server) = run_page(&url, creds, extra);
     let context = || format!("{report:#}\nChromium's console:\n{}", browser.console());
     assert_eq!(report["ok"], true, "{}", context());
     for name in ["a", "b"] {
@@ -329,7 +337,18 @@ fn data_channel_through(p: &Portico, via: Via, turn_ip: IpAddr, tls_port: u16, e
         );
         flows.push((addr(&pair["local"]), addr(&pair["remote"])));
     }
-    expect_relayed_through(p, via, turn_ip, tls_port, &gathered, &flows, COUNT * SIZE);
+    expect_relayed_through(
+        p,
+        via,
+        turn_ip,
+        tls_port,
+        &creds.user,
+        Traffic {
+            gathered: &gathered,
+            flows: &flows,
+            bytes: COUNT * SIZE,
+        },
+    );
     // Closing the connections releases the allocations (Refresh with lifetime 0, which
     // Portico must accept over every transport).
     let _ = server.release.send(());
@@ -356,14 +375,22 @@ fn one_browser() -> std::sync::MutexGuard<'static, ()> {
 fn chromium_data_channel_relay_to_relay_over_udp() {
     let _one = one_browser();
     let (p, tls_port) = ice_portico("webrtc-udp", "");
-    data_channel_through(&p, Via::Udp, LOCAL4, tls_port, &[]);
+    data_channel_through(&p, Via::Udp, LOCAL4, tls_port, &Creds::kit(), &[]);
 }
 
 #[test]
 fn chromium_data_channel_relay_to_relay_over_tcp() {
     let _one = one_browser();
     let (p, tls_port) = ice_portico("webrtc-tcp", "");
-    data_channel_through(&p, Via::Tcp, LOCAL4, tls_port, &[]);
+    data_channel_through(&p, Via::Tcp, LOCAL4, tls_port, &Creds::kit(), &[]);
+}
+
+/// What WebRTC applications hand to browsers: TURN REST API credentials (here over TCP).
+#[test]
+fn chromium_data_channel_with_rest_api_credentials() {
+    let _one = one_browser();
+    let (p, tls_port) = ice_portico("webrtc-rest", "");
+    data_channel_through(&p, Via::Tcp, LOCAL4, tls_port, &Creds::rest("carol"), &[]);
 }
 
 /// Chromium reaching Portico on [::1] (its relays stay IPv4: it asks for no other family).
@@ -371,14 +398,14 @@ fn chromium_data_channel_relay_to_relay_over_tcp() {
 fn chromium_data_channel_relay_to_relay_from_ipv6_over_udp() {
     let _one = one_browser();
     let (p, tls_port) = ice_portico("webrtc-udp6", "");
-    data_channel_through(&p, Via::Udp, LOCAL6, tls_port, &[]);
+    data_channel_through(&p, Via::Udp, LOCAL6, tls_port, &Creds::kit(), &[]);
 }
 
 #[test]
 fn chromium_data_channel_relay_to_relay_from_ipv6_over_tcp() {
     let _one = one_browser();
     let (p, tls_port) = ice_portico("webrtc-tcp6", "");
-    data_channel_through(&p, Via::Tcp, LOCAL6, tls_port, &[]);
+    data_channel_through(&p, Via::Tcp, LOCAL6, tls_port, &Creds::kit(), &[]);
 }
 
 #[test]
@@ -389,7 +416,7 @@ fn chromium_data_channel_relay_to_relay_over_tls() {
 
     // Chromium verifies a TURNS server's certificate: the generated one is self-signed, so
     // without an exception gathering fails (701) and no allocation is made.
-    let (report, browser, _server) = run_page(&url, &[]);
+    let (report, browser, _server) = run_page(&url, &Creds::kit(), &[]);
     assert_eq!(report["ok"], false, "{report:#}");
     assert_eq!(report["why"], "no relayed candidate", "{report:#}");
     let errors = report["errors"].as_array().cloned().unwrap_or_default();
@@ -412,6 +439,7 @@ fn chromium_data_channel_relay_to_relay_over_tls() {
         Via::Tls,
         LOCAL4,
         tls_port,
+        &Creds::kit(),
         &[format!(
             "--ignore-certificate-errors-spki-list={}",
             spki_of(&p)
