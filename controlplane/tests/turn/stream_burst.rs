@@ -4,7 +4,9 @@
 //! datagrams overflowed the queue's cap and was dropped as "stream_backlog" although the
 //! client read everything at once. The queue is written out before anything is dropped
 //! now: a reading client loses nothing, and a client that does not read still loses data
-//! (counted) without disturbing the one that reads.
+//! (counted) without disturbing the one that reads. The same held for answers: a client
+//! that pipelined requests in one write was closed as "not reading its answers" once they
+//! passed the cap within one read, although it read them all.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -199,4 +201,42 @@ fn a_client_that_does_not_read_loses_data_alone() {
         "only the stalled client's data is dropped"
     );
     drop(stalled);
+}
+
+/// A client that pipelines many requests in one write and then reads: the answers to all of
+/// them (more than the output cap together) arrive, the connection stays open.
+#[test]
+fn pipelined_requests_are_all_answered() {
+    use portico_testkit::stun::BINDING;
+    const N: usize = 3000;
+    let p = Portico::start("turn-tcp-pipeline", turn_spec("auto", true));
+    let mut s = tcp_connect(p.udp4());
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let c = TurnClient::new(p.udp4(), USER, PASSWORD);
+    let mut all = Vec::new();
+    for _ in 0..N {
+        all.extend_from_slice(&c.build(BINDING, &new_tid(), &|b| b));
+    }
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&all).is_ok());
+    let mut answered = 0;
+    while answered < N {
+        let mut head = [0u8; 20];
+        if s.read_exact(&mut head).is_err() {
+            break;
+        }
+        let mut rest = vec![0u8; usize::from(u16::from_be_bytes([head[2], head[3]]))];
+        if s.read_exact(&mut rest).is_err() {
+            break;
+        }
+        assert_eq!(head[..2], [0x01, 0x01], "a Binding success");
+        answered += 1;
+    }
+    assert!(writer.join().unwrap(), "the server stopped reading");
+    assert_eq!(
+        p.counter(Counter::TcpClosedBacklog),
+        0,
+        "closed for not reading its answers, after {answered} of {N}"
+    );
+    assert_eq!(answered, N);
 }

@@ -212,6 +212,8 @@ struct Cx<'a, 'r> {
     now: Now,
     /// Socket index of connection slot 0.
     conn_base: usize,
+    /// Poll token of connection slot 0.
+    token_base: usize,
 }
 
 impl Cx<'_, '_> {
@@ -319,6 +321,7 @@ pub fn run(
             poll: &poll,
             now: super::now(),
             conn_base,
+            token_base: base,
         };
         relay_ready.clear();
         relay_ready.append(&mut cx.relays.pending);
@@ -445,7 +448,7 @@ fn from_peers(r: usize, conns: &mut Conns, cx: &mut Cx<'_, '_>) {
         if !fits {
             // The queue may hold only this turn's batch from the relay sockets: write it
             // out before dropping anything, so a client that reads loses nothing.
-            if flush(c, cx, conns.base + idx) {
+            if flush(c, cx, cx.token_base + idx) {
                 cx.stats().incr(Counter::DropStreamBacklog);
                 conns.close(idx, cx);
                 continue;
@@ -739,7 +742,16 @@ fn frame_all(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
                 cx.send_to_peer(socket, offset, len, to);
                 continue;
             }
-            if !queue(c, &cx.work[offset..offset + len], cx.limits.max_output) {
+            let mut fits = queue(c, &cx.work[offset..offset + len], cx.limits.max_output);
+            if !fits {
+                // A client that pipelines requests may have more answers waiting than fit:
+                // they are written out first (a failed write closes the connection).
+                if flush(c, cx, cx.token_base + idx) {
+                    return true;
+                }
+                fits = queue(c, &cx.work[offset..offset + len], cx.limits.max_output);
+            }
+            if !fits {
                 // The client sends requests faster than it reads their answers.
                 cx.stats().incr(Counter::TcpClosedBacklog);
                 return true;
