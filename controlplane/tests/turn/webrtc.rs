@@ -61,10 +61,20 @@ impl PageServer {
         let (release, released) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let released = Arc::new(Mutex::new(released));
+        let page = Arc::new(page);
         let thread = std::thread::spawn(move || {
+            // A thread per connection (an idle speculative one must not hold up the
+            // report), at most 64 of them.
+            let mut connections = 0;
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((s, _)) => serve(s, &page, &tx, &released),
+                    Ok((s, _)) if connections < 64 => {
+                        connections += 1;
+                        let (page, tx, released) = (page.clone(), tx.clone(), released.clone());
+                        std::thread::spawn(move || serve(s, &page, &tx, &released));
+                    }
+                    Ok(_) => {}
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
@@ -109,7 +119,7 @@ fn serve(
     mut s: TcpStream,
     page: &str,
     results: &mpsc::Sender<(String, String)>,
-    released: &mpsc::Receiver<()>,
+    released: &Mutex<mpsc::Receiver<()>>,
 ) {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
@@ -155,7 +165,9 @@ fn serve(
         let _ = results.send((path, body));
         answer("200 OK", "text/plain", "")
     } else if head.starts_with("GET /close ") {
-        let _ = released.recv_timeout(Duration::from_secs(60));
+        if let Ok(r) = released.lock() {
+            let _ = r.recv_timeout(Duration::from_secs(60));
+        }
         answer("200 OK", "text/plain", "")
     } else {
         answer("404 Not Found", "text/plain", "")
