@@ -444,6 +444,8 @@ fn chromium_data_channel_relay_to_relay_over_tls() {
         p.counter(Counter::TcpAccepted) >= 1,
         "Chromium did try Portico"
     );
+    // Chromium ends each handshake with an alert; Portico counts the failure.
+    assert!(p.wait_counter(Counter::TcpClosedTlsError, 1) >= 1);
 
     // Pinned to the certificate's key, it connects.
     data_channel_through(
