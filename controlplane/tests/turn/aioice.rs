@@ -45,7 +45,7 @@ impl Drop for Agents {
 }
 
 impl Agents {
-    fn start(p: &Portico, via: Via, server: IpAddr, tls_port: u16) -> Agents {
+    fn start(p: &Portico, vias: [Via; 2], server: IpAddr, tls_port: u16) -> Agents {
         let python = require("python3", "python3");
         let check = Command::new(&python)
             .args(["-c", "import aioice; print(aioice.__version__)"])
@@ -58,21 +58,28 @@ impl Agents {
             String::from_utf8_lossy(&check.stderr)
         );
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/turn/aioice_pair.py");
+        let name = |v: Via| match v {
+            Via::Udp => "udp",
+            Via::Tcp => "tcp",
+            Via::Tls => "tls",
+        };
         let ip = server.to_string();
-        let (host, port, transport) = match via {
-            Via::Udp => (ip.as_str(), p.port, "udp"),
-            Via::Tcp => (ip.as_str(), p.port, "tcp"),
-            // The certificate names localhost; the script verifies it against itself.
-            Via::Tls => ("localhost", tls_port, "tls"),
+        // The certificate names localhost: over TLS the script connects by that name and
+        // verifies the certificate against itself.
+        let (host, port, transport) = match vias {
+            [Via::Tls, Via::Tls] => ("localhost", tls_port, "tls".to_string()),
+            [a, b] if a == b => (ip.as_str(), p.port, name(a).to_string()),
+            [a, b] => (ip.as_str(), p.port, format!("{},{}", name(a), name(b))),
         };
         let dir = portico_testkit::TempDir::new("aioice");
         let stderr = dir.join("aioice.log");
         let mut cmd = Command::new(&python);
         cmd.arg("-u")
             .arg(&script)
-            .args([host, &port.to_string(), transport, USER, PASSWORD])
+            .args([host, &port.to_string(), &transport, USER, PASSWORD])
             .arg(COUNT.to_string())
             .arg(p.state_dir.join("cert.pem"))
+            .arg(tls_port.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap_or_else(|e| panic!("{e}")));
@@ -147,22 +154,48 @@ fn addr(v: &Value) -> SocketAddr {
 /// The agents through Portico via `via`; they close after `hold` (their Refresh with
 /// lifetime 0 is answered 438 Stale Nonce once the nonce is older than `nonce_lifetime`,
 /// and they retry with the new one).
-fn relay_to_relay(
-    tag: &str,
-    via: Via,
+/// One run of the agents.
+struct Case {
+    tag: &'static str,
+    /// How agents a and b reach Portico.
+    vias: [Via; 2],
+    /// Portico's address for UDP and TCP.
     server: IpAddr,
+    /// `turn.nonce_lifetime`, and how long the agents stay before closing.
     nonce_lifetime: Option<u64>,
     hold: Duration,
-) {
-    let extra = nonce_lifetime
+    /// Portico's default peer policy (loopback denied): each relay reaches the other only
+    /// because both are Portico's own.
+    own_relays_only: bool,
+}
+
+impl Case {
+    fn new(tag: &'static str, via: Via) -> Case {
+        Case {
+            tag,
+            vias: [via, via],
+            server: LOCAL4,
+            nonce_lifetime: None,
+            hold: Duration::ZERO,
+            own_relays_only: false,
+        }
+    }
+}
+
+/// The agents through Portico; they close after `hold` (their Refresh with lifetime 0 is
+/// answered 438 Stale Nonce once the nonce is older than `nonce_lifetime`, and they retry
+/// with the new one).
+fn relay_to_relay(case: Case) {
+    let extra = case
+        .nonce_lifetime
         .map(|s| format!("nonce_lifetime = {s}"))
         .unwrap_or_default();
-    let (p, tls_port) = ice_portico(tag, &extra);
-    let mut agents = Agents::start(&p, via, server, tls_port);
+    let (p, tls_port) = ice_portico(case.tag, &extra, !case.own_relays_only);
+    let mut agents = Agents::start(&p, case.vias, case.server, tls_port);
     let report: Value = serde_json::from_str(&agents.expect("READY", LIMIT))
         .unwrap_or_else(|e| panic!("report: {e}"));
     let mut relayed = Vec::new();
-    for (me, other) in [("a", "b"), ("b", "a")] {
+    for (i, (me, other)) in [("a", "b"), ("b", "a")].into_iter().enumerate() {
         let r = &report[me];
         let cands = r["candidates"].as_array().cloned().unwrap_or_default();
         assert_eq!(cands.len(), 1, "{me}: one candidate: {r}");
@@ -178,7 +211,7 @@ fn relay_to_relay(
         );
         assert_eq!(r["pair"]["remote_type"], "relay", "{me}: {r}");
         let client = &r["client"];
-        let (socket, tls) = match via {
+        let (socket, tls) = match case.vias[i] {
             Via::Udp => ("datagram", false),
             Via::Tcp => ("stream", false),
             Via::Tls => ("stream", true),
@@ -188,8 +221,8 @@ fn relay_to_relay(
     }
     let list = expect_relayed_through(
         &p,
-        via,
-        server,
+        &case.vias,
+        case.server,
         tls_port,
         USER,
         Traffic {
@@ -207,12 +240,16 @@ fn relay_to_relay(
             .unwrap_or_else(|| panic!("{r} not listed"));
         assert_eq!(a["client"], report[name]["client"]["addr"], "{name}: {a}");
     }
-    std::thread::sleep(hold);
+    if case.own_relays_only {
+        assert_eq!(p.counter(Counter::TurnPeerDeniedSpecial), 0);
+        assert_eq!(p.counter(Counter::TurnPeerDeniedConfigured), 0);
+    }
+    std::thread::sleep(case.hold);
     let stale = p.counter(Counter::TurnAuthStaleNonce);
     agents.close();
     expect_no_allocations(&p, "after the agents closed");
-    if let Some(lifetime) = nonce_lifetime {
-        assert!(hold > Duration::from_secs(lifetime));
+    if let Some(lifetime) = case.nonce_lifetime {
+        assert!(case.hold > Duration::from_secs(lifetime));
         assert!(
             p.counter(Counter::TurnAuthStaleNonce) >= stale + 2,
             "each agent's closing Refresh met a stale nonce first"
@@ -222,50 +259,64 @@ fn relay_to_relay(
 
 #[test]
 fn aioice_relay_to_relay_over_udp() {
-    relay_to_relay("aioice-udp", Via::Udp, LOCAL4, None, Duration::ZERO);
+    relay_to_relay(Case::new("aioice-udp", Via::Udp));
 }
 
 #[test]
 fn aioice_relay_to_relay_over_tcp() {
-    relay_to_relay("aioice-tcp", Via::Tcp, LOCAL4, None, Duration::ZERO);
+    relay_to_relay(Case::new("aioice-tcp", Via::Tcp));
 }
 
 #[test]
 fn aioice_relay_to_relay_over_tls() {
-    relay_to_relay("aioice-tls", Via::Tls, LOCAL4, None, Duration::ZERO);
+    relay_to_relay(Case::new("aioice-tls", Via::Tls));
 }
 
 /// Clients reaching Portico on [::1] (the relays stay IPv4: they ask for no other family).
 #[test]
 fn aioice_relay_to_relay_from_ipv6_over_udp() {
-    relay_to_relay("aioice-udp6", Via::Udp, LOCAL6, None, Duration::ZERO);
+    relay_to_relay(Case {
+        server: LOCAL6,
+        ..Case::new("aioice-udp6", Via::Udp)
+    });
 }
 
 #[test]
 fn aioice_relay_to_relay_from_ipv6_over_tcp() {
-    relay_to_relay("aioice-tcp6", Via::Tcp, LOCAL6, None, Duration::ZERO);
+    relay_to_relay(Case {
+        server: LOCAL6,
+        ..Case::new("aioice-tcp6", Via::Tcp)
+    });
+}
+
+/// As deployed: one agent over UDP, the other behind a UDP-hostile firewall over TLS (its
+/// relay lives in the TCP thread, the other's in a UDP worker), and Portico's default peer
+/// policy, under which loopback is denied and the relays reach each other as Portico's own.
+#[test]
+fn aioice_udp_agent_to_tls_agent_under_the_default_peer_policy() {
+    relay_to_relay(Case {
+        vias: [Via::Udp, Via::Tls],
+        own_relays_only: true,
+        ..Case::new("aioice-udp-tls", Via::Udp)
+    });
 }
 
 /// The shortest nonce lifetime (30 s) passes before the agents close: over UDP and over a
 /// stream, the 438 carries the new nonce and the retried Refresh deletes the allocation.
 #[test]
 fn aioice_close_after_the_nonce_went_stale_over_udp() {
-    relay_to_relay(
-        "aioice-stale-udp",
-        Via::Udp,
-        LOCAL4,
-        Some(30),
-        Duration::from_secs(32),
-    );
+    relay_to_relay(Case {
+        nonce_lifetime: Some(30),
+        hold: Duration::from_secs(32),
+        ..Case::new("aioice-stale-udp", Via::Udp)
+    });
 }
 
 #[test]
 fn aioice_close_after_the_nonce_went_stale_over_tcp() {
-    relay_to_relay(
-        "aioice-stale-tcp",
-        Via::Tcp,
-        LOCAL4,
-        Some(30),
-        Duration::from_secs(32),
-    );
+    relay_to_relay(Case {
+        nonce_lifetime: Some(30),
+        hold: Duration::from_secs(32),
+        ..Case::new("aioice-stale-tcp", Via::Tcp)
+    });
 }

@@ -8,7 +8,8 @@ and its TURN client socket's address, datagrams received) and the script waits f
 on stdin before closing, so the test can look at the server's allocations meanwhile. The
 test runs it under a time limit and kills it after that.
 
-Arguments: HOST PORT TRANSPORT(udp|tcp|tls) USER PASSWORD COUNT [CAFILE]
+Arguments: HOST PORT TRANSPORT USER PASSWORD COUNT [CAFILE [TLS_PORT]], TRANSPORT one of
+udp, tcp, tls, or A,B (agent a over A, agent b over B; tls then goes to localhost:TLS_PORT).
 """
 
 import asyncio
@@ -39,25 +40,31 @@ async def main():
     host, port, transport, user, password, count = sys.argv[1:7]
     port, count = int(port), int(count)
     cafile = sys.argv[7] if len(sys.argv) > 7 else None
-    tls = None
-    if transport == "tls":
-        # The server's generated certificate is the only trust anchor; it names
-        # "localhost", and the test connects by that name.
-        tls = ssl.create_default_context(cafile=cafile)
-    agents = [
-        aioice.Connection(
+    # "udp", "tcp", "tls", or "A,B": agent a over A, agent b over B, each "udp" or "tcp"
+    # to HOST:PORT or "tls" to localhost:TLS_PORT (argument 8).
+    kinds = transport.split(",") if "," in transport else [transport, transport]
+    tls_port = int(sys.argv[8]) if len(sys.argv) > 8 else port
+
+    def agent(controlling, kind):
+        tls = None
+        if kind == "tls":
+            # The server's generated certificate is the only trust anchor; it names
+            # "localhost", and the test connects by that name.
+            tls = ssl.create_default_context(cafile=cafile)
+        mixed = kind == "tls" and "," in transport
+        return aioice.Connection(
             ice_controlling=controlling,
             components=1,
-            turn_server=(host, port),
+            turn_server=("localhost", tls_port) if mixed else (host, port),
             turn_username=user,
             turn_password=password,
-            turn_transport="udp" if transport == "udp" else "tcp",
+            turn_transport="udp" if kind == "udp" else "tcp",
             turn_ssl=tls if tls is not None else False,
             use_ipv6=False,
             transport_policy=aioice.TransportPolicy.RELAY,
         )
-        for controlling in (True, False)
-    ]
+
+    agents = [agent(True, kinds[0]), agent(False, kinds[1])]
     a, b = agents
     await asyncio.gather(a.gather_candidates(), b.gather_candidates())
     for me, other in ((a, b), (b, a)):

@@ -351,7 +351,7 @@ fn data_channel_through(
     }
     expect_relayed_through(
         p,
-        via,
+        &[via],
         turn_ip,
         tls_port,
         &creds.user,
@@ -386,14 +386,14 @@ fn one_browser() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn chromium_data_channel_relay_to_relay_over_udp() {
     let _one = one_browser();
-    let (p, tls_port) = ice_portico("webrtc-udp", "");
+    let (p, tls_port) = ice_portico("webrtc-udp", "", true);
     data_channel_through(&p, Via::Udp, LOCAL4, tls_port, &Creds::kit(), &[]);
 }
 
 #[test]
 fn chromium_data_channel_relay_to_relay_over_tcp() {
     let _one = one_browser();
-    let (p, tls_port) = ice_portico("webrtc-tcp", "");
+    let (p, tls_port) = ice_portico("webrtc-tcp", "", true);
     data_channel_through(&p, Via::Tcp, LOCAL4, tls_port, &Creds::kit(), &[]);
 }
 
@@ -401,7 +401,7 @@ fn chromium_data_channel_relay_to_relay_over_tcp() {
 #[test]
 fn chromium_data_channel_with_rest_api_credentials() {
     let _one = one_browser();
-    let (p, tls_port) = ice_portico("webrtc-rest", "");
+    let (p, tls_port) = ice_portico("webrtc-rest", "", true);
     data_channel_through(&p, Via::Tcp, LOCAL4, tls_port, &Creds::rest("carol"), &[]);
 }
 
@@ -409,21 +409,21 @@ fn chromium_data_channel_with_rest_api_credentials() {
 #[test]
 fn chromium_data_channel_relay_to_relay_from_ipv6_over_udp() {
     let _one = one_browser();
-    let (p, tls_port) = ice_portico("webrtc-udp6", "");
+    let (p, tls_port) = ice_portico("webrtc-udp6", "", true);
     data_channel_through(&p, Via::Udp, LOCAL6, tls_port, &Creds::kit(), &[]);
 }
 
 #[test]
 fn chromium_data_channel_relay_to_relay_from_ipv6_over_tcp() {
     let _one = one_browser();
-    let (p, tls_port) = ice_portico("webrtc-tcp6", "");
+    let (p, tls_port) = ice_portico("webrtc-tcp6", "", true);
     data_channel_through(&p, Via::Tcp, LOCAL6, tls_port, &Creds::kit(), &[]);
 }
 
 #[test]
 fn chromium_data_channel_relay_to_relay_over_tls() {
     let _one = one_browser();
-    let (p, tls_port) = ice_portico("webrtc-tls", "");
+    let (p, tls_port) = ice_portico("webrtc-tls", "", true);
     let url = format!("turns:localhost:{tls_port}?transport=tcp");
 
     // Chromium verifies a TURNS server's certificate: the generated one is self-signed, so
