@@ -221,13 +221,12 @@ fn relay_to_relay(case: Case) {
     }
     let list = expect_relayed_through(
         &p,
-        &case.vias,
+        case.vias,
         case.server,
         tls_port,
         USER,
         Traffic {
-            gathered: &relayed,
-            flows: &[(relayed[0], relayed[1]), (relayed[1], relayed[0])],
+            sides: [&relayed[..1], &relayed[1..]],
             bytes: COUNT * A_TO_B.min(B_TO_A),
         },
     );

@@ -79,54 +79,51 @@ pub fn allocations(p: &Portico) -> Vec<Value> {
     v["allocations"].as_array().cloned().unwrap_or_default()
 }
 
-/// What the agents report: their relayed candidates, the selected pairs (from one relayed
-/// address to another) and how many bytes each pair carried at least.
+/// What the agents report: their relayed candidates (`sides[0]` agent a's, `sides[1]`
+/// agent b's) and how many bytes each agent sent at least.
 pub struct Traffic<'a> {
-    pub gathered: &'a [SocketAddr],
-    pub flows: &'a [(SocketAddr, SocketAddr)],
+    pub sides: [&'a [SocketAddr]; 2],
     pub bytes: u64,
 }
 
-/// Checks, from Portico's side, that the agents' relayed candidates `gathered` are exactly
-/// the allocations it serves (all of `user`), that for each selected pair `(from, to)` of
-/// relayed addresses the allocation of `from` sent at least `bytes` to its peer and the one
-/// of `to` passed as many to its client (the dataplane republishes traffic each second, so
-/// this polls a few seconds), and that the client of `gathered[i]` came over `vias[i]` (or
-/// all over `vias[0]`; to Portico's address `server` over TCP, to `localhost` over TLS): for
-/// TCP and TLS each client address is one end of an established connection to that
-/// listener and TLS handshakes were completed, for UDP it is no TCP connection (and none was
-/// accepted when all are UDP); and that Portico dropped nothing for framing, size or a full
-/// output queue. Returns the allocations.
+/// Checks, from Portico's side, that the agents' relayed candidates are exactly the
+/// allocations it serves (all of `user`), that each agent's allocations together sent at
+/// least `bytes` to their peers and passed as many to their client (the dataplane
+/// republishes traffic each second, so this polls a few seconds; which of an agent's relays
+/// carries its data is the agent's choice), and that the clients of agent i came over
+/// `vias[i]` (to Portico's address `server` over TCP, to `localhost` over TLS): for TCP and
+/// TLS each client address is one end of an established connection to that listener and
+/// TLS handshakes were completed, for UDP it is no TCP connection (and none was accepted
+/// when all are UDP); and that Portico dropped nothing for framing, size or a full output
+/// queue. Returns the allocations.
 pub fn expect_relayed_through(
     p: &Portico,
-    vias: &[Via],
+    vias: [Via; 2],
     server: IpAddr,
     tls_port: u16,
     user: &str,
     traffic: Traffic<'_>,
 ) -> Vec<Value> {
-    let Traffic {
-        gathered,
-        flows,
-        bytes,
-    } = traffic;
+    let Traffic { sides, bytes } = traffic;
+    let gathered: Vec<SocketAddr> = sides.iter().flat_map(|s| s.iter().copied()).collect();
     let deadline = Instant::now() + Duration::from_secs(6);
-    let carried = |list: &[Value], relayed: &SocketAddr, way: &str| {
-        list.iter().any(|a| {
-            a["relayed"] == relayed.to_string() && a[way]["bytes"].as_u64().unwrap_or(0) >= bytes
-        })
+    let total = |list: &[Value], side: &[SocketAddr], way: &str| -> u64 {
+        list.iter()
+            .filter(|a| side.iter().any(|r| a["relayed"] == r.to_string()))
+            .map(|a| a[way]["bytes"].as_u64().unwrap_or(0))
+            .sum()
     };
     let list = loop {
         let list = allocations(p);
-        let all = flows
-            .iter()
-            .all(|(from, to)| carried(&list, from, "to_peer") && carried(&list, to, "to_client"));
+        let all = sides.iter().all(|side| {
+            total(&list, side, "to_peer") >= bytes && total(&list, side, "to_client") >= bytes
+        });
         if all {
             break list;
         }
         assert!(
             Instant::now() < deadline,
-            "Portico does not show {bytes} bytes along each of {flows:?}: {list:#?}"
+            "Portico does not show {bytes} bytes each way through each of {sides:?}: {list:#?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -141,19 +138,20 @@ pub fn expect_relayed_through(
     for a in &list {
         assert_eq!(a["user"], user, "{a}");
     }
-    for (r, _) in flows {
-        let a = list.iter().find(|a| a["relayed"] == r.to_string());
+    for side in sides {
         assert!(
-            a.is_some_and(|a| a["permissions"].as_u64() == Some(1)),
-            "the selected relay {r} has a permission for the other relay: {a:?}"
+            list.iter()
+                .any(|a| side.iter().any(|r| a["relayed"] == r.to_string())
+                    && a["permissions"].as_u64() == Some(1)),
+            "a relay of {side:?} has a permission for the other side's: {list:#?}"
         );
     }
     let via_of = |relayed: &Value| -> Via {
-        let i = gathered
-            .iter()
-            .position(|g| *relayed == g.to_string())
-            .unwrap_or(0);
-        *vias.get(i).or(vias.first()).unwrap_or(&Via::Udp)
+        if sides[1].iter().any(|r| *relayed == r.to_string()) {
+            vias[1]
+        } else {
+            vias[0]
+        }
     };
     let tcp = established_tcp();
     for a in &list {

@@ -243,9 +243,9 @@ impl Drop for Browser {
 
 /// Opens the page in Chromium with the TURN server `url` and returns the page's report
 /// (the browser is still running, its connections open).
-fn run_page(url: &str, creds: &Creds, extra: &[String]) -> (Value, Browser, PageServer) {
+fn run_page(urls: [&str; 2], creds: &Creds, extra: &[String]) -> (Value, Browser, PageServer) {
     let server = PageServer::start(json!({
-        "url": url,
+        "urls": urls,
         "user": creds.user,
         "password": creds.password,
         "count": COUNT,
@@ -258,7 +258,7 @@ fn run_page(url: &str, creds: &Creds, extra: &[String]) -> (Value, Browser, Page
     let body = server.next("/result", LIMIT, &browser);
     let report: Value =
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("the page's report ({e}): {body}"));
-    eprintln!("{url}: report after {:?}", started.elapsed());
+    eprintln!("{urls:?}: report after {:?}", started.elapsed());
     (report, browser, server)
 }
 
@@ -268,12 +268,13 @@ fn addr(v: &Value) -> SocketAddr {
         .unwrap_or_else(|| panic!("not an address: {v}"))
 }
 
-/// The page through Portico via `via`: every message arrives intact both ways, the nominated
-/// pairs are relay to relay over the expected protocol, and Portico's API shows the two
-/// allocations carrying the traffic.
+/// The page through Portico, connection a via `vias[0]` and b via `vias[1]`: every message
+/// arrives intact both ways, the selected pairs are relay to relay over the expected
+/// protocols, Portico's API shows the allocations carrying the traffic, and none is left once
+/// the page closes its connections.
 fn data_channel_through(
     p: &Portico,
-    via: Via,
+    vias: [Via; 2],
     turn_ip: IpAddr,
     tls_port: u16,
     creds: &Creds,
@@ -281,12 +282,13 @@ fn data_channel_through(
 ) {
     let host = SocketAddr::new(turn_ip, 0).to_string();
     let host = host.trim_end_matches(":0");
-    let url = match via {
+    let url = |via| match via {
         Via::Udp => format!("turn:{host}:{}?transport=udp", p.port),
         Via::Tcp => format!("turn:{host}:{}?transport=tcp", p.port),
         Via::Tls => format!("turns:localhost:{tls_port}?transport=tcp"),
     };
-    let (report, browser, server) = run_page(&url, creds, extra);
+    let urls = vias.map(url);
+    let (report, browser, server) = run_page([&urls[0], &urls[1]], creds, extra);
     let context = || format!("{report:#}\nChromium's console:\n{}", browser.console());
     assert_eq!(report["ok"], true, "{}", context());
     for name in ["a", "b"] {
@@ -308,56 +310,46 @@ fn data_channel_through(
             context()
         );
     }
-    let gathered: Vec<SocketAddr> = ["a", "b"]
-        .iter()
-        .flat_map(|name| {
-            report["candidates"][name]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .map(|c| {
-            format!("{}:{}", c["address"].as_str().unwrap_or("?"), c["port"])
-                .parse()
-                .unwrap_or_else(|e| panic!("candidate {c}: {e}"))
-        })
-        .collect();
-    let mut flows = Vec::new();
-    for (me, other) in [("a", "b"), ("b", "a")] {
-        let pair = &report["pairs"][me];
+    let side = |name: &str| -> Vec<SocketAddr> {
+        report["candidates"][name]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                format!("{}:{}", c["address"].as_str().unwrap_or("?"), c["port"])
+                    .parse()
+                    .unwrap_or_else(|e| panic!("candidate {c}: {e}"))
+            })
+            .collect()
+    };
+    let (side_a, side_b) = (side("a"), side("b"));
+    for (i, (me, other)) in [(&side_a, &side_b), (&side_b, &side_a)]
+        .into_iter()
+        .enumerate()
+    {
+        let pair = &report["pairs"][["a", "b"][i]];
         assert_eq!(pair["local_type"], "relay", "{}", context());
         assert_eq!(pair["remote_type"], "relay", "{}", context());
-        let protocol = match via {
+        let protocol = match vias[i] {
             Via::Udp => "udp",
             Via::Tcp => "tcp",
             Via::Tls => "tls",
         };
         assert_eq!(pair["relay_protocol"], protocol, "{}", context());
         // Each side's selected pair is one of its relays to one of the other's (with two
-        // allocations a side, from `turns:localhost`, the two may differ).
-        let theirs = &report["candidates"][other];
-        assert!(
-            theirs.as_array().is_some_and(|c| c.iter().any(|c| format!(
-                "{}:{}",
-                c["address"].as_str().unwrap_or("?"),
-                c["port"]
-            ) == pair["remote"]
-                .as_str()
-                .unwrap_or("-"))),
-            "{}",
-            context()
-        );
-        flows.push((addr(&pair["local"]), addr(&pair["remote"])));
+        // allocations a side, from `turns:localhost`, the two sides' choices may differ).
+        assert!(me.contains(&addr(&pair["local"])), "{}", context());
+        assert!(other.contains(&addr(&pair["remote"])), "{}", context());
     }
     expect_relayed_through(
         p,
-        &[via],
+        vias,
         turn_ip,
         tls_port,
         &creds.user,
         Traffic {
-            gathered: &gathered,
-            flows: &flows,
+            sides: [&side_a, &side_b],
             bytes: COUNT * SIZE,
         },
     );
@@ -387,14 +379,14 @@ fn one_browser() -> std::sync::MutexGuard<'static, ()> {
 fn chromium_data_channel_relay_to_relay_over_udp() {
     let _one = one_browser();
     let (p, tls_port) = ice_portico("webrtc-udp", "", true);
-    data_channel_through(&p, Via::Udp, LOCAL4, tls_port, &Creds::kit(), &[]);
+    data_channel_through(&p, [Via::Udp; 2], LOCAL4, tls_port, &Creds::kit(), &[]);
 }
 
 #[test]
 fn chromium_data_channel_relay_to_relay_over_tcp() {
     let _one = one_browser();
     let (p, tls_port) = ice_portico("webrtc-tcp", "", true);
-    data_channel_through(&p, Via::Tcp, LOCAL4, tls_port, &Creds::kit(), &[]);
+    data_channel_through(&p, [Via::Tcp; 2], LOCAL4, tls_port, &Creds::kit(), &[]);
 }
 
 /// What WebRTC applications hand to browsers: TURN REST API credentials (here over TCP).
@@ -402,7 +394,37 @@ fn chromium_data_channel_relay_to_relay_over_tcp() {
 fn chromium_data_channel_with_rest_api_credentials() {
     let _one = one_browser();
     let (p, tls_port) = ice_portico("webrtc-rest", "", true);
-    data_channel_through(&p, Via::Tcp, LOCAL4, tls_port, &Creds::rest("carol"), &[]);
+    data_channel_through(
+        &p,
+        [Via::Tcp; 2],
+        LOCAL4,
+        tls_port,
+        &Creds::rest("carol"),
+        &[],
+    );
+}
+
+/// As deployed: one browser over UDP, the other behind a UDP-hostile firewall over
+/// `turns:` (its relay lives in the TCP thread, the other's in a UDP worker), under
+/// Portico's default peer policy: loopback is denied, the relays reach each other as
+/// Portico's own.
+#[test]
+fn chromium_udp_to_turns_under_the_default_peer_policy() {
+    let _one = one_browser();
+    let (p, tls_port) = ice_portico("webrtc-udp-tls", "", false);
+    data_channel_through(
+        &p,
+        [Via::Udp, Via::Tls],
+        LOCAL4,
+        tls_port,
+        &Creds::kit(),
+        &[format!(
+            "--ignore-certificate-errors-spki-list={}",
+            spki_of(&p)
+        )],
+    );
+    assert_eq!(p.counter(Counter::TurnPeerDeniedSpecial), 0);
+    assert_eq!(p.counter(Counter::TurnPeerDeniedConfigured), 0);
 }
 
 /// Chromium reaching Portico on [::1] (its relays stay IPv4: it asks for no other family).
@@ -410,14 +432,14 @@ fn chromium_data_channel_with_rest_api_credentials() {
 fn chromium_data_channel_relay_to_relay_from_ipv6_over_udp() {
     let _one = one_browser();
     let (p, tls_port) = ice_portico("webrtc-udp6", "", true);
-    data_channel_through(&p, Via::Udp, LOCAL6, tls_port, &Creds::kit(), &[]);
+    data_channel_through(&p, [Via::Udp; 2], LOCAL6, tls_port, &Creds::kit(), &[]);
 }
 
 #[test]
 fn chromium_data_channel_relay_to_relay_from_ipv6_over_tcp() {
     let _one = one_browser();
     let (p, tls_port) = ice_portico("webrtc-tcp6", "", true);
-    data_channel_through(&p, Via::Tcp, LOCAL6, tls_port, &Creds::kit(), &[]);
+    data_channel_through(&p, [Via::Tcp; 2], LOCAL6, tls_port, &Creds::kit(), &[]);
 }
 
 #[test]
@@ -425,10 +447,11 @@ fn chromium_data_channel_relay_to_relay_over_tls() {
     let _one = one_browser();
     let (p, tls_port) = ice_portico("webrtc-tls", "", true);
     let url = format!("turns:localhost:{tls_port}?transport=tcp");
+    let urls = [url.as_str(), url.as_str()];
 
     // Chromium verifies a TURNS server's certificate: the generated one is self-signed, so
     // without an exception gathering fails (701) and no allocation is made.
-    let (report, browser, _server) = run_page(&url, &Creds::kit(), &[]);
+    let (report, browser, _server) = run_page(urls, &Creds::kit(), &[]);
     assert_eq!(report["ok"], false, "{report:#}");
     assert_eq!(report["why"], "no relayed candidate", "{report:#}");
     let errors = report["errors"].as_array().cloned().unwrap_or_default();
@@ -450,7 +473,7 @@ fn chromium_data_channel_relay_to_relay_over_tls() {
     // Pinned to the certificate's key, it connects.
     data_channel_through(
         &p,
-        Via::Tls,
+        [Via::Tls; 2],
         LOCAL4,
         tls_port,
         &Creds::kit(),
