@@ -9,6 +9,8 @@
 //! `portico probe` (probe.rs): SUCCESS against Portico and coturn; the failing step and
 //! transport named for a wrong password, a refused peer, and UDP blocked in a namespace; the
 //! NAT type behind a masquerading router in namespaces.
+//! Two independent ICE stacks relay-to-relay through Portico over UDP, TCP and TLS: aioice
+//! agents and headless Chromium's RTCPeerConnections with a data channel.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -18,16 +20,20 @@ use portico_testkit::process::require;
 use portico_testkit::turn::CoturnPeer;
 use portico_testkit::{free_port_on, Portico, Spec, LOCAL4};
 
+mod aioice;
 mod alternate;
 mod api;
 mod channel_range;
+mod ice;
 mod interop;
 mod ipv6;
 mod probe;
 mod relay;
+mod stream_burst;
 mod tcp;
 mod tcp_idle;
 mod tcp_relay;
+mod webrtc;
 
 /// A server on driver `io` (listening on 127.0.0.1 and [::1]) with the kit's TURN users and
 /// REST API secrets; with `loopback_peers` the test's own loopback peers are allowed (they

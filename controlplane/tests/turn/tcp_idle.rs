@@ -158,7 +158,11 @@ fn ten_thousand_idle_connections_from_one_source() {
     for mut s in talked {
         expect_closed(&mut s, Duration::from_secs(15), "an idle connection");
     }
-    p.wait_counter(Counter::TcpClosedIdle, idle_closed0 + 5);
+    let want = idle_closed0 + 5;
+    assert!(
+        p.wait_counter(Counter::TcpClosedIdle, want) >= want,
+        "TcpClosedIdle did not reach {want}"
+    );
     assert_eq!(
         metric_of(
             &p,

@@ -220,8 +220,16 @@ fn connect_connection_attempt_bind_refusals_and_the_end_with_the_allocation() {
     assert!(echo.echoed.load(std::sync::atomic::Ordering::SeqCst) >= 1 << 20);
     assert!(p.counter(Counter::TcpRelayConnected) >= 1);
     // Counted as the bytes move (folded to shared memory at the end of the loop turn).
-    p.wait_counter(Counter::RelayClientToPeerBytes, 1 << 20);
-    p.wait_counter(Counter::RelayPeerToClientBytes, 1 << 20);
+    let want = 1 << 20;
+    assert!(
+        p.wait_counter(Counter::RelayClientToPeerBytes, want) >= want,
+        "RelayClientToPeerBytes did not reach {want}"
+    );
+    let want = 1 << 20;
+    assert!(
+        p.wait_counter(Counter::RelayPeerToClientBytes, want) >= want,
+        "RelayPeerToClientBytes did not reach {want}"
+    );
 
     // A peer connecting to the relayed address (it has a permission: 127.0.0.1): the
     // client is told, binds, and bytes go both ways, those sent before the bind included.
@@ -250,7 +258,11 @@ fn connect_connection_attempt_bind_refusals_and_the_end_with_the_allocation() {
     let refused = p.counter(Counter::TcpRelayRefused);
     let mut stranger = tcp_from(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), relayed).unwrap();
     expect_closed(&mut stranger, Duration::from_secs(5), "an unpermitted peer");
-    p.wait_counter(Counter::TcpRelayRefused, refused + 1);
+    let want = refused + 1;
+    assert!(
+        p.wait_counter(Counter::TcpRelayRefused, want) >= want,
+        "TcpRelayRefused did not reach {want}"
+    );
 
     // The control connection closes: the allocation ends, and every data connection with
     // it, on both sides.
@@ -260,7 +272,11 @@ fn connect_connection_attempt_bind_refusals_and_the_end_with_the_allocation() {
     expect_closed(&mut d1, Duration::from_secs(5), "data connection 1");
     expect_closed(&mut d2, Duration::from_secs(5), "data connection 2");
     expect_closed(&mut incoming, Duration::from_secs(5), "the incoming peer");
-    p.wait_counter(Counter::TcpRelayClosedAllocation, ended + 2);
+    let want = ended + 2;
+    assert!(
+        p.wait_counter(Counter::TcpRelayClosedAllocation, want) >= want,
+        "TcpRelayClosedAllocation did not reach {want}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while echo.closed() < 1 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -344,9 +360,10 @@ fn uclient_tcp_relays_over_tcp() {
     let p = Portico::start("turn-tcp-relay-uc", turn_spec("auto", true));
     uclient_tcp_relays(&p, p.port, &[]);
     // Everything ends with the control connections.
-    p.wait_counter(
-        Counter::TurnAllocationsDeleted,
-        p.counter(Counter::TurnAllocationsCreated),
+    let want = p.counter(Counter::TurnAllocationsCreated);
+    assert!(
+        p.wait_counter(Counter::TurnAllocationsDeleted, want) >= want,
+        "TurnAllocationsDeleted did not reach {want}"
     );
     assert_eq!(p.counter(Counter::TurnAllocationsActive), 0);
 }

@@ -370,7 +370,16 @@ fn frame_all(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
                 cx.send_to_peer(socket, offset, len, to);
                 continue;
             }
-            if !queue(c, &cx.work[offset..offset + len], cx.limits.max_output) {
+            let mut fits = queue(c, &cx.work[offset..offset + len], cx.limits.max_output);
+            if !fits {
+                // A client that pipelines requests may have more answers waiting than fit:
+                // they are written out first (a failed write closes the connection).
+                if flush(c, cx, cx.token_base + idx) {
+                    return true;
+                }
+                fits = queue(c, &cx.work[offset..offset + len], cx.limits.max_output);
+            }
+            if !fits {
                 // The client sends requests faster than it reads their answers.
                 cx.stats().incr(Counter::TcpClosedBacklog);
                 return true;

@@ -63,6 +63,8 @@ struct Cx<'a, 'r> {
     now: Now,
     /// Socket index of connection slot 0.
     conn_base: usize,
+    /// Poll token of connection slot 0.
+    token_base: usize,
     /// The core's RFC 6062 events, drained after each call that may make them.
     events: &'a mut Vec<TcpEvent>,
     /// Data connections whose paused input may go on (connection slots).
@@ -184,6 +186,7 @@ pub fn run(
             poll: &poll,
             now: super::now(),
             conn_base,
+            token_base: base,
             events: &mut tcp_events,
             resume: &mut resume,
         };
@@ -306,22 +309,36 @@ fn from_peers(r: usize, conns: &mut Conns, cx: &mut Cx<'_, '_>) {
         else {
             continue;
         };
-        let conn = socket
-            .checked_sub(cx.conn_base)
-            .and_then(|i| conns.slots.get_mut(i))
+        let Some(idx) = socket.checked_sub(cx.conn_base) else {
+            cx.stats().incr(Counter::SendErrors);
+            continue;
+        };
+        let conn = conns
+            .slots
+            .get_mut(idx)
             .and_then(|c| c.as_mut())
             .filter(|c| c.peer.ip().to_canonical() == to.ip() && c.peer.port() == to.port());
-        match conn {
-            Some(c) => {
-                if !queue(c, &cx.work[offset..offset + len], cx.limits.max_output) {
-                    // A client that does not read loses data, as it would over UDP; its
-                    // queue does not grow.
-                    cx.stats().incr(Counter::DropStreamBacklog);
-                } else {
-                    cx.stats().incr(Counter::TxPackets);
-                }
+        let Some(c) = conn else {
+            cx.stats().incr(Counter::SendErrors);
+            continue;
+        };
+        let mut fits = queue(c, &cx.work[offset..offset + len], cx.limits.max_output);
+        if !fits {
+            // The queue may hold only this turn's batch from the relay sockets: write it
+            // out before dropping anything, so a client that reads loses nothing.
+            if flush(c, cx, cx.token_base + idx) {
+                cx.stats().incr(Counter::DropStreamBacklog);
+                conns.close(idx, cx);
+                continue;
             }
-            None => cx.stats().incr(Counter::SendErrors),
+            fits = queue(c, &cx.work[offset..offset + len], cx.limits.max_output);
+        }
+        if fits {
+            cx.stats().incr(Counter::TxPackets);
+        } else {
+            // A client that does not read loses data, as it would over UDP; its queue
+            // does not grow.
+            cx.stats().incr(Counter::DropStreamBacklog);
         }
     }
 }
