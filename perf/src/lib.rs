@@ -29,6 +29,7 @@ pub mod turn_msg;
 pub mod turn_peer;
 pub mod turn_plan;
 pub mod turn_report;
+pub mod turn_scale;
 pub mod turn_stub;
 pub mod txtable;
 pub mod uclient_run;
