@@ -6,6 +6,8 @@
 //! TURN over TCP and TLS (RFC 8656 §3.1): `turnutils_uclient -t` and `-t -S`, the framing
 //! with an own stream client, bad input on a stream, a TLS alert mid-stream, a stalled TLS
 //! handshake.
+//! Scale: the descriptor limit raised for `turn.max_allocations` (or the start refused), relays
+//! spread over several `turn.relay_ip` addresses.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -21,6 +23,7 @@ mod channel_range;
 mod interop;
 mod ipv6;
 mod relay;
+mod scale;
 mod tcp;
 
 /// A server on driver `io` (listening on 127.0.0.1 and [::1]) with the kit's TURN users and
