@@ -91,6 +91,10 @@ pub struct ScaleArgs {
     /// Whole run bound, seconds.
     #[arg(long, default_value_t = 1800)]
     pub time_limit: u64,
+    /// Longest wait for the allocations to expire after the keep-alive stops (the wait is
+    /// the longest lifetime the server granted + 15 s, at most this).
+    #[arg(long, default_value_t = 700)]
+    pub expiry_max_secs: u64,
     /// Write the JSON report here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -147,6 +151,8 @@ pub struct LevelReport {
     pub setup_failed: u64,
     pub setup_secs: f64,
     pub rss_kib: u64,
+    /// Descriptors the server processes hold (`/proc/<pid>/fd`).
+    pub fds: u64,
     pub kernel: KernelMem,
     pub hold_secs: f64,
     pub server_cpu_secs: f64,
@@ -183,6 +189,10 @@ pub struct ScaleReport {
     pub expiry_gone: u64,
     pub expiry_kernel: KernelMem,
     pub expiry_rss_kib: u64,
+    /// The longest lifetime the server granted (what the expiry wait is based on), and the
+    /// LIFETIME asked for.
+    pub expiry_granted_secs: u32,
+    pub lifetime_asked: u32,
     /// Keep-alive requests (Refresh and ChannelBind) over the whole run, and failures.
     pub keepalive_requests: u64,
     pub keepalive_failed: u64,
@@ -299,6 +309,9 @@ struct Gen {
     all_refreshes: u64,
     all_refresh_failed: u64,
     next_seq: u32,
+    /// Longest LIFETIME the server granted an Allocate (servers may grant more than asked:
+    /// RFC 8656 §7.2 raises a shorter request to the server's default).
+    granted: u32,
     /// Error responses and timeouts by request and cause, over the run.
     errors: std::collections::BTreeMap<String, u64>,
 }
@@ -675,12 +688,13 @@ impl Gen {
                     .or_insert(0) += 1;
                 self.fail(kind, i)
             }
-            Reply::Success { .. } => match (kind, {
+            Reply::Success { lifetime, .. } => match (kind, {
                 c.stale = 0;
                 c.step
             }) {
                 (Kind::Held, Step::Allocating) => {
                     c.step = Step::Permitting;
+                    self.granted = self.granted.max(lifetime.unwrap_or(0));
                     self.request(kind, i, Request::CreatePermission { peer })?;
                 }
                 (Kind::Held, Step::Permitting) => {
@@ -903,6 +917,15 @@ impl Gen {
             .sum()
     }
 
+    fn server_fds(&self) -> u64 {
+        self.args
+            .pids
+            .iter()
+            .filter_map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
+            .map(|d| d.count() as u64)
+            .sum()
+    }
+
     fn server_rss(&self) -> u64 {
         self.args
             .pids
@@ -961,12 +984,14 @@ pub fn run(args: &ScaleArgs) -> Result<ScaleReport, String> {
         all_refreshes: 0,
         all_refresh_failed: 0,
         next_seq: 0,
+        granted: 0,
         errors: Default::default(),
     };
     let mut report = ScaleReport {
         server: args.server.clone(),
         baseline_rss_kib: g.server_rss(),
         baseline_kernel: KernelMem::read(),
+        lifetime_asked: args.lifetime,
         ..Default::default()
     };
     let cpu0 = g.server_cpu();
@@ -1013,6 +1038,7 @@ fn run_levels(g: &mut Gen, report: &mut ScaleReport) -> Result<(), String> {
             setup_failed: c0.setup_failed + c.setup_failed,
             setup_secs,
             rss_kib: g.server_rss(),
+            fds: g.server_fds(),
             kernel: KernelMem::read(),
             hold_secs: hold,
             server_cpu_secs: cpu1 - cpu0,
@@ -1069,7 +1095,13 @@ fn run_levels(g: &mut Gen, report: &mut ScaleReport) -> Result<(), String> {
     report.expiry_allocations = g.ready;
     report.keepalive_requests = g.all_refreshes;
     report.keepalive_failed = g.all_refresh_failed;
-    let wait = f64::from(g.args.lifetime) + 15.0;
+    let granted = if g.granted > 0 {
+        g.granted
+    } else {
+        g.args.lifetime
+    };
+    report.expiry_granted_secs = granted;
+    let wait = (f64::from(granted) + 15.0).min(g.args.expiry_max_secs as f64);
     eprintln!(
         "turn-scale: {}: keep-alive stopped; {wait:.0} s for {} allocations to expire",
         g.args.server, g.ready
@@ -1139,7 +1171,7 @@ pub fn markdown_rows(r: &ScaleReport) -> Vec<String> {
             String::new()
         };
         rows.push(format!(
-            "| {} | {} | {} ({} failed, {:.0} s) | {} (+{} KiB/alloc) | +{} / +{} ({} / {} KiB/alloc) | {} sockets, {} | {:.1}% ({} µs per message) | {} / {} / {} / {} | {:.2} / {:.2} ms ({} probes, {} failed) | {} |",
+            "| {} | {} | {} ({} failed, {:.0} s) | {} (+{} KiB/alloc) | {} | +{} / +{} ({} / {} KiB/alloc) | {} sockets, {} | {:.1}% ({} µs per message) | {} / {} / {} / {} | {:.2} / {:.2} ms ({} probes, {} failed) | {} |",
             r.server,
             l.level,
             l.held,
@@ -1147,6 +1179,7 @@ pub fn markdown_rows(r: &ScaleReport) -> Vec<String> {
             l.setup_secs,
             kib(l.rss_kib),
             per_alloc(rss_d),
+            l.fds,
             kib(slab_d.max(0) as u64),
             kib(sunr_d.max(0) as u64),
             per_alloc(slab_d),
@@ -1172,12 +1205,14 @@ pub fn markdown_rows(r: &ScaleReport) -> Vec<String> {
 /// One line on expiry.
 pub fn expiry_line(r: &ScaleReport) -> String {
     format!(
-        "{}: idle CPU before the run {:.1}%; keep-alive requests over the run {} ({} failed); {} allocations left to expire: server CPU {:.2} s over the {:.0} s wait; afterwards {}/{} sampled clients got 437 (gone); RSS then {}, UDP sockets in use {}; errors {:?}{}",
+        "{}: idle CPU before the run {:.1}%; keep-alive requests over the run {} ({} failed); {} allocations left to expire (lifetime granted {} s for {} asked): server CPU {:.2} s over the {:.0} s wait; afterwards {}/{} sampled clients got 437 (gone); RSS then {}, UDP sockets in use {}; errors {:?}{}",
         r.server,
         r.idle_cpu_pct,
         r.keepalive_requests,
         r.keepalive_failed,
         r.expiry_allocations,
+        r.expiry_granted_secs,
+        r.lifetime_asked,
         r.expiry_server_cpu_secs,
         r.expiry_secs,
         r.expiry_gone,
@@ -1190,6 +1225,64 @@ pub fn expiry_line(r: &ScaleReport) -> String {
             .map(|s| format!("; stopped early: {s}"))
             .unwrap_or_default(),
     )
+}
+
+/// The results section: setup facts, one table row per server and level, the expiry lines,
+/// then `notes` (what the box allowed, written by bench.sh).
+pub fn section(
+    args: &crate::bench_report::BenchReportArgs,
+    dir: &std::path::Path,
+    notes: &str,
+) -> Result<String, String> {
+    use std::fmt::Write as _;
+    let mut reports = Vec::new();
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().and_then(|x| x.to_str()) == Some("json"))
+        .collect();
+    paths.sort();
+    for p in paths {
+        let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let r: ScaleReport =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+        reports.push(r);
+    }
+    let order = |s: &str| {
+        args.servers
+            .iter()
+            .position(|x| x == s)
+            .unwrap_or(usize::MAX)
+    };
+    reports.sort_by_key(|r| (order(&r.server), r.server.clone()));
+    let mut md = String::from("## TURN at scale: allocations held, Portico vs coturn\n\n");
+    let _ = writeln!(md, "| | |\n|---|---|\n| command | `{}` |", args.command);
+    for f in &args.facts {
+        let (k, v) = f.split_once('=').unwrap_or((f.as_str(), ""));
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    md.push_str(
+        "\n| server | level | held (setup failed, growth time) | RSS (per allocation over idle) \
+         | server descriptors | kernel Slab / SUnreclaim over idle (per allocation) | UDP sockets, UDP buffer memory \
+         | server CPU while holding (per keep-alive message) | refreshes / failed / data sent / relayed back \
+         | Allocate p50 / p99 while holding | churn at this level |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in &reports {
+        for row in markdown_rows(r) {
+            let _ = writeln!(md, "{row}");
+        }
+    }
+    md.push('\n');
+    for r in &reports {
+        let _ = writeln!(md, "- {}", expiry_line(r));
+    }
+    if !notes.trim().is_empty() {
+        md.push('\n');
+        md.push_str(notes.trim_end());
+        md.push('\n');
+    }
+    Ok(md)
 }
 
 #[cfg(test)]
@@ -1222,6 +1315,7 @@ mod tests {
             pids: vec![],
             server: "x".into(),
             time_limit: 5,
+            expiry_max_secs: 700,
             json: None,
         };
         assert!(run(&a).unwrap_err().contains("increasing"));
@@ -1252,6 +1346,7 @@ mod tests {
             pids: vec![],
             server: "silent".into(),
             time_limit: 20,
+            expiry_max_secs: 700,
             json: None,
         };
         let t = Instant::now();
