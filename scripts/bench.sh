@@ -31,7 +31,9 @@
 #            Allocate p99 while holding, failed refreshes; churn at 50k; CPU while all
 #            expire. Levels the descriptor limit cannot hold (RLIMIT_NOFILE hard limit,
 #            raised first when this shell may) are replaced by the largest that fits, and
-#            the section says so. About 5 minutes per server.
+#            the section says so. About 5 minutes per server (coturn: 15, as it grants at
+#            least its 600 s default lifetime). Then `portico-perf sk-lookup-probe`: a
+#            relay port range steered to one socket by eBPF sk_lookup (feasibility).
 #   all      stun (3 rounds), turn, proxy (about 18 minutes of runs with the defaults).
 #
 # Servers run on 127.0.0.1 on ports picked at run time, each with its own temporary state
@@ -997,6 +999,18 @@ TOML
             die "turn-scale against $server failed"
         stop_servers
     done
+    # The descriptor-free design's feasibility on this kernel (docs/DESIGN.md): a relay port
+    # range steered to one socket by sk_lookup, answers from the relayed port by raw socket.
+    local probe
+    if probe=$(timeout 60 "$perf" sk-lookup-probe --packets 20000 2>&1); then
+        {
+            echo
+            echo "Relays without a descriptor each (\`portico-perf sk-lookup-probe --packets 20000\`, a feasibility probe, not the dataplane): $(echo "$probe" | tr -d '\n ' | sed 's/[{}"]//g; s/,/, /g')."
+        } >>"$notes"
+    else
+        echo "sk_lookup probe failed or not permitted here: $probe" >&2
+        printf '\nRelays without a descriptor each: the sk_lookup probe could not run here: %s\n' "$(echo "$probe" | head -1)" >>"$notes"
+    fi
     common_facts
     "$perf" bench-report --kind scale --dir "$results" --markdown "$notes" --out "$out" \
         --command "$(command_line "$@" SCALE_LEVELS SCALE_HOLD SCALE_LIFETIME SCALE_REFRESH SCALE_DATA SCALE_CHURN_LEVEL SCALE_CHURN_DURATION SCALE_SERVERS)" \

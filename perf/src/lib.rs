@@ -20,6 +20,7 @@ pub mod register_load;
 pub mod register_report;
 pub mod report;
 pub mod results_doc;
+pub mod sk_lookup_probe;
 pub mod stamp;
 pub mod stun_load;
 pub mod svg;
