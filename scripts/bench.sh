@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/bench.sh [stun|turn|proxy|fraud|register|profile|all]   (default: stun)
+# scripts/bench.sh [stun|turn|proxy|fraud|register|profile|scale|all]   (default: stun)
 #
 # Side-by-side benchmarks on the machine this runs on, written into perf/RESULTS.md (one
 # section per scenario; running one scenario replaces only its own section):
@@ -24,6 +24,16 @@
 #   profile  where Portico's relay spends CPU: `perf record -e cpu-clock` of Portico and of
 #            coturn under the same TURN load, and callgrind of Portico's dataplane; written
 #            to perf/profile/ (linked from the TURN section).
+#   scale    allocations held: `portico-perf turn-scale` grows Portico, then coturn, through
+#            10k, 50k and 100k allocations (one loopback source address per client), each
+#            with a light keep-alive (Refresh, ChannelBind, a ChannelData packet every few
+#            seconds); per level RSS, kernel Slab/SUnreclaim and UDP socket memory, CPU,
+#            Allocate p99 while holding, failed refreshes; churn at 50k; CPU while all
+#            expire. Levels the descriptor limit cannot hold (RLIMIT_NOFILE hard limit,
+#            raised first when this shell may) are replaced by the largest that fits, and
+#            the section says so. About 5 minutes per server (coturn: 15, as it grants at
+#            least its 600 s default lifetime). Then `portico-perf sk-lookup-probe`: a
+#            relay port range steered to one socket by eBPF sk_lookup (feasibility).
 #   all      stun (3 rounds), turn, proxy (about 18 minutes of runs with the defaults).
 #
 # Servers run on 127.0.0.1 on ports picked at run time, each with its own temporary state
@@ -46,19 +56,23 @@
 #          REGISTER_CONNS connections at a time [8], REGISTER_POINTS ["rate flat kept"],
 #          REGISTER_TRANSPORTS ["tcp tls direct"]
 #   profile: PROFILE_DURATION s of sampling [15], PROFILE_STREAMS [1000]
+#   scale: SCALE_LEVELS ["10000 50000 100000"], SCALE_HOLD s per level [30], SCALE_LIFETIME s
+#          [60], SCALE_REFRESH s [30], SCALE_DATA s between packets [5], SCALE_CHURN_LEVEL
+#          [50000], SCALE_CHURN_DURATION s [20], SCALE_SERVERS ["portico coturn"],
+#          SCALE_EXPIRY_MAX s [700] (coturn grants at least its 600 s default lifetime)
 #   BENCH_OUT [perf/RESULTS.md]; KEEP_WORK=1 keeps the temporary directory (per-run JSON and
 #   text reports, server logs). A quick TURN run: TURN_ROUNDS=1 TURN_DURATION=10
 #   TURN_RAMP_STEPS="100 1000" TURN_SCENARIOS="ramp sustained" scripts/bench.sh turn
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [stun|turn|proxy|fraud|register|profile|all]" >&2
+    echo "usage: $0 [stun|turn|proxy|fraud|register|profile|scale|all]" >&2
     exit 2
 }
 (($# <= 1)) || usage
 scenario=${1:-stun}
 case $scenario in
-stun | turn | proxy | fraud | register | profile | all) ;;
+stun | turn | proxy | fraud | register | profile | scale | all) ;;
 *) usage ;;
 esac
 
@@ -849,6 +863,167 @@ run_profile() {
         die "callgrind profile failed (see $work/callgrind-*)"
 }
 
+# ---------------------------------------------------------------------------------------
+# Scale
+# ---------------------------------------------------------------------------------------
+
+# Largest multiple of 1000 allocations a server holds within `fds` descriptors at `per`
+# descriptors per allocation, after `reserve` for everything else.
+scale_fit() {
+    local fds=$1 per=$2 reserve=$3
+    echo $((((fds - reserve) / per) / 1000 * 1000))
+}
+
+# The levels of the list `$2` that fit under `fit` (comma-separated), plus `fit` itself
+# when some did not.
+scale_levels() {
+    local fit=$1 l out=() dropped=0
+    for l in $2; do
+        if ((l <= fit)); then out+=("$l"); else dropped=1; fi
+    done
+    if ((dropped)) && ((${#out[@]} == 0 || out[${#out[@]} - 1] < fit)); then
+        out+=("$fit")
+    fi
+    local IFS=,
+    echo "${out[*]}"
+}
+
+run_scale() {
+    local levels=${SCALE_LEVELS:-"10000 50000 100000"} hold=${SCALE_HOLD:-30}
+    local lifetime=${SCALE_LIFETIME:-60} refresh=${SCALE_REFRESH:-30} data=${SCALE_DATA:-5}
+    local churn_level=${SCALE_CHURN_LEVEL:-50000} churn_s=${SCALE_CHURN_DURATION:-20}
+    local servers=${SCALE_SERVERS:-"portico coturn"}
+    local max=0 l hard_before hard fit server list churn ips i relay_toml relay_flags=()
+    local results=$work/scale notes=$work/scale-notes.md t0=$SECONDS started_at tcp=256
+    # Allocations beyond the top level for the latency probes and the churn clients, which
+    # must not find the box full.
+    local headroom=200
+    local port api dir pids
+    started_at=$(date -u +%Y-%m-%dT%H:%MZ)
+    mkdir -p "$results"
+    for l in $levels; do ((l > max)) && max=$l; done
+    # Servers inherit this shell's limit (Portico raises its own further when it may).
+    hard_before=$(ulimit -Hn)
+    ulimit -Hn $((2 * max + 4096)) 2>/dev/null || true
+    hard=$(ulimit -Hn)
+    ulimit -Sn "$hard"
+    # Enough relay addresses for the largest level: 16384 ports each.
+    ips=$((max / 14000 + 1))
+    relay_toml='"127.0.0.1"'
+    relay_flags=(--relay-ip 127.0.0.1)
+    for ((i = 2; i <= ips; i++)); do
+        relay_toml+=", \"127.0.0.$i\""
+        relay_flags+=(--relay-ip "127.0.0.$i")
+    done
+    if ((hard > hard_before)); then
+        echo "Descriptor limit: RLIMIT_NOFILE hard limit $hard_before at the start, raised to $hard for the servers." >"$notes"
+    else
+        echo "Descriptor limit: RLIMIT_NOFILE hard limit $hard_before, and raising it to $((2 * max + 4096)) failed (no CAP_SYS_RESOURCE here, although uid $(id -u)), so every server ran with $hard descriptors at most; the levels below were cut to fit:" >"$notes"
+    fi
+    echo >>"$notes"
+    for server in $servers; do
+        case $server in
+        # One relay socket per allocation; TCP connections, the probes' and churn's
+        # allocations and the rest reserved.
+        portico) fit=$(scale_fit "$hard" 1 $((tcp + headroom + 600))) ;;
+        # coturn, UDP clients on a UDP listener: one relay socket per allocation too
+        # (checked: 1000 allocations, +1000 descriptors; the table's descriptor column).
+        coturn) fit=$(scale_fit "$hard" 1 $((headroom + 600))) ;;
+        *) die "SCALE_SERVERS: unknown server $server" ;;
+        esac
+        list=$(scale_levels "$fit" "$levels")
+        churn=$churn_level
+        [[ ",$list," == *",$churn,"* ]] || churn=${list##*,}
+        if [[ $list != "${levels// /,}" ]]; then
+            echo "- $server: levels $list instead of ${levels// /,} ($hard descriptors hold about $fit allocations); churn at $churn." >>"$notes"
+        fi
+        port=$("$perf" free-port)
+        dir=$work/$server-scale
+        mkdir -p "$dir"
+        case $server in
+        portico)
+            api=$("$perf" free-port)
+            cat >"$dir/portico.toml" <<TOML
+state_dir = "$dir/state"
+log_level = "info"
+
+[turn]
+listen = ["127.0.0.1:$port"]
+workers = $workers
+io = "io_uring"
+realm = "$turn_realm"
+users = [{ name = "$turn_user", password = "$turn_password" }]
+allow_peers = ["127.0.0.0/8"]
+relay_ip = [$relay_toml]
+relay_ports = "16384-32767"
+default_lifetime = $lifetime
+max_allocations = $((${list##*,} + headroom))
+max_allocations_per_user = $((${list##*,} + headroom))
+max_tcp_connections = $tcp
+
+[api]
+listen = "127.0.0.1:$api"
+TOML
+            target=127.0.0.1:$port
+            # Info level for the start lines launch_portico checks (driver, workers, the
+            # descriptor limit), without a line per allocation created and ended.
+            RUST_LOG="info,portico_dataplane::turn=warn" launch_portico "$dir" io_uring
+            wait_turn "$target" "${stop_pids[0]}" ||
+                die "portico does not relay TURN: $(strip_ansi "$dir/log" | tail -5)"
+            echo "- portico's start log: \`$(strip_ansi "$dir/log" | grep -o 'file descriptor limit.*' | head -1)\`" >>"$notes"
+            ;;
+        coturn)
+            turnserver -n --listening-ip 127.0.0.1 "${relay_flags[@]}" --relay-threads "$workers" \
+                --lt-cred-mech --user "$turn_user:$turn_password" --realm "$turn_realm" \
+                --allow-loopback-peers --no-cli --no-tls --no-dtls --simple-log \
+                --min-port 16384 --max-port 32767 --max-allocate-lifetime 3600 \
+                --listening-port "$port" --log-file "$dir/turn.log" \
+                --pidfile "$dir/turnserver.pid" --userdb "$dir/turndb" >"$dir/stdout" 2>&1 &
+            stop_pids=("$!")
+            measure_pids=("$!")
+            target=127.0.0.1:$port
+            wait_turn "$target" "${stop_pids[0]}" ||
+                die "coturn does not relay TURN: $(tail -5 "$dir/stdout")"
+            ;;
+        esac
+        say "scale: $server, levels $list, churn at $churn"
+        pids=$(
+            IFS=,
+            echo "${measure_pids[*]}"
+        )
+        timeout 1800 "$perf" turn-scale --target "$target" --user "$turn_user" \
+            --password "$turn_password" --levels "$list" --hold-secs "$hold" \
+            --lifetime "$lifetime" --refresh-secs "$refresh" --data-secs "$data" \
+            --churn-level "$churn" --churn-secs "$churn_s" --pids "$pids" --server "$server" \
+            --expiry-max-secs "${SCALE_EXPIRY_MAX:-700}" --time-limit 1700 --json "$results/$server.json" | tee "$work/$server-scale.txt" >&2 ||
+            die "turn-scale against $server failed"
+        stop_servers
+    done
+    # The descriptor-free design's feasibility on this kernel (docs/DESIGN.md): a relay port
+    # range steered to one socket by sk_lookup, answers from the relayed port by raw socket.
+    local probe
+    if probe=$(timeout 60 "$perf" sk-lookup-probe --packets 20000 2>&1); then
+        {
+            echo
+            echo "Relays without a descriptor each (\`portico-perf sk-lookup-probe --packets 20000\`, a feasibility probe, not the dataplane): $(echo "$probe" | tr -d '\n ' | sed 's/[{}"]//g; s/,/, /g')."
+        } >>"$notes"
+    else
+        echo "sk_lookup probe failed or not permitted here: $probe" >&2
+        printf '\nRelays without a descriptor each: the sk_lookup probe could not run here: %s\n' "$(echo "$probe" | head -1)" >>"$notes"
+    fi
+    common_facts
+    "$perf" bench-report --kind scale --dir "$results" --markdown "$notes" --out "$out" \
+        --command "$(command_line "$@" SCALE_LEVELS SCALE_HOLD SCALE_LIFETIME SCALE_REFRESH SCALE_DATA SCALE_CHURN_LEVEL SCALE_CHURN_DURATION SCALE_SERVERS)" \
+        "${facts[@]}" \
+        --fact "date=$started_at, $((SECONDS - t0)) s of runs, one run per server; the 2 cores were shared with other agents' builds and tests during the runs" \
+        --fact "portico=\`portico run\`, $workers workers, io_uring, listen 127.0.0.1, one user, \`allow_peers = [\"127.0.0.0/8\"]\`, relay_ip 127.0.0.1 to 127.0.0.$ips, relay ports 16384-32767 on each, default_lifetime $lifetime s, max_allocations = the top level + $headroom (probes, churn), max_tcp_connections $tcp, log level info without the per-allocation lines (RUST_LOG=info,portico_dataplane::turn=warn); CPU and RSS = controlplane + dataplane" \
+        --fact "coturn=coturn $(turnserver --version 2>/dev/null | head -1), $workers relay threads, no default-lifetime option (a LIFETIME $lifetime request gets its 600 s default, RFC 8656 §7.2), so its expiry wait is longer, the same relay addresses and ports, lt-cred-mech, --max-allocate-lifetime 3600, log to a file (its default level: a few lines per allocation)" \
+        --fact "generator=\`portico-perf turn-scale\`, 1 thread, one IP_PKTINFO socket, one loopback source address per client (127.128.0.0/9); per allocation Allocate (401, then with credentials, LIFETIME $lifetime), CreatePermission, ChannelBind to a peer socket of the generator; keep-alive: Refresh every $refresh s, ChannelBind every 240 s, one 64-byte ChannelData every $data s; Allocate latency = round trip of the authenticated Allocate of a fresh client every 100 ms while holding (deleted at once); churn = 16 clients cycling Allocate (401, authenticated) and Refresh 0 from fresh addresses for $churn_s s" \
+        --fact "kernel memory=machine-wide /proc/meminfo and /proc/net/sockstat minus the figures with the server idle before its first allocation; other agents' work moves them too" \
+        --server portico --server coturn
+    say "wrote $out"
+}
+
 case $scenario in
 stun) run_stun 5 ;;
 turn) run_turn ;;
@@ -856,6 +1031,7 @@ proxy) run_proxy ;;
 fraud) run_fraud ;;
 register) run_register ;;
 profile) run_profile ;;
+scale) run_scale ;;
 all)
     t_all=$SECONDS
     run_stun 3

@@ -20,6 +20,7 @@ use portico_shared::config::{Config, IoMode};
 use portico_shared::counters::Counter;
 use portico_shared::shm::{Driver, SharedMemory, MAX_WORKERS};
 
+use crate::fdlimit;
 use crate::io::{self, relay, Shared};
 use crate::server::Settings;
 use crate::turn::{DefaultRoutes, TurnShared};
@@ -105,6 +106,50 @@ fn pin_to_core(worker: usize) {
     }
 }
 
+/// Raises `RLIMIT_NOFILE` to what `turn.max_allocations` and the TCP limits need (see
+/// [`fdlimit`]), logging what was set in one line; refuses the start when not even one relay
+/// socket per allocation can be had.
+fn raise_fd_limit(
+    config: &Config,
+    settings: &Settings,
+    workers: usize,
+    listen: usize,
+) -> Result<(), String> {
+    let t = &config.turn;
+    let dual = settings.turn.relay_ip(true).is_some() && settings.turn.relay_ip(false).is_some();
+    let budget = fdlimit::FdBudget::new(
+        t.max_allocations,
+        dual,
+        t.tcp_max_connections,
+        listen,
+        t.listen_tls.len(),
+        workers,
+    );
+    let r = fdlimit::raise(&budget, t.max_allocations)?;
+    if r.all_wanted {
+        tracing::info!(
+            soft = r.after.0,
+            hard = r.after.1,
+            was = format!("{}/{}", r.before.0, r.before.1),
+            needed = budget.wanted(),
+            max_allocations = t.max_allocations,
+            "file descriptor limit (RLIMIT_NOFILE) set"
+        );
+    } else {
+        tracing::warn!(
+            soft = r.after.0,
+            hard = r.after.1,
+            was = format!("{}/{}", r.before.0, r.before.1),
+            needed = budget.wanted(),
+            max_allocations = t.max_allocations,
+            "file descriptor limit (RLIMIT_NOFILE) covers one relay per allocation but not {} more for dual-family allocations and EVEN-PORT reservations: past {} descriptors those get 508",
+            budget.second_relays,
+            r.after.0
+        );
+    }
+    Ok(())
+}
+
 /// Runs the dataplane attached to the named segment until SIGTERM or SIGINT.
 pub fn run(shm_name: &str) -> Result<(), String> {
     // Block the signals before any thread starts so that only the signalfd sees them.
@@ -143,6 +188,9 @@ pub fn run(shm_name: &str) -> Result<(), String> {
     let meter_seed = u64::from_ne_bytes(io::random_bytes().map_err(|e| e.to_string())?);
     let settings = settings_for(&config, &secret);
     let addrs = settings.endpoints.addrs().to_vec();
+    if serving {
+        raise_fd_limit(&config, &settings, workers, addrs.len())?;
+    }
     // Bind everything before starting any thread, so a bad address fails the start cleanly.
     let tcp_listeners = io::tcp::bind_listeners(&addrs, &config.turn.listen_tls)?;
     let mut sockets: Vec<Vec<UdpSocket>> = Vec::with_capacity(workers);
@@ -293,6 +341,13 @@ fn apply(shared: &Shared, started_with: &Config, new: &Config, generation: u64) 
     let mut settings = settings_for(new, &shared.secret);
     // Keep the socket table the workers were started with.
     settings.endpoints = shared.current_settings().endpoints.clone();
+    if shared.workers > 0 && new.turn.max_allocations > started_with.turn.max_allocations {
+        // A raised quota needs its descriptors now; the limit is never lowered.
+        let listen = settings.endpoints.addrs().len();
+        if let Err(e) = raise_fd_limit(new, &settings, shared.workers, listen) {
+            tracing::error!(generation, "{e}; Allocates past the limit will get 508");
+        }
+    }
     shared.publish_settings(settings);
     let seg = shared.shm.segment();
     seg.counters(MAX_WORKERS).incr(Counter::ConfigApplied);

@@ -28,6 +28,10 @@ pub enum Kind {
     /// H.323 and SIP registrations through the reverse proxy (`portico-perf register`
     /// reports in `--dir`), see [`crate::register_report`].
     Register,
+    /// Allocations held at scale: `portico-perf turn-scale` JSON reports in `--dir` (one
+    /// per server), and `--markdown` notes appended (the limits met), see
+    /// [`crate::turn_scale::section`].
+    Scale,
 }
 
 impl Kind {
@@ -38,6 +42,7 @@ impl Kind {
             Kind::Proxy => "proxy",
             Kind::Fraud => "fraud",
             Kind::Register => "register",
+            Kind::Scale => "scale",
         }
     }
 }
@@ -667,6 +672,15 @@ pub fn run(args: &BenchReportArgs) -> Result<(), String> {
             fraud_section(args, &text)?
         }
         Kind::Register => crate::register_report::render(args, &load(dir()?)?),
+        Kind::Scale => {
+            let notes = match &args.markdown {
+                Some(p) => {
+                    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?
+                }
+                None => String::new(),
+            };
+            crate::turn_scale::section(args, dir()?, &notes)?
+        }
     };
     let existing = match std::fs::read_to_string(&args.out) {
         Ok(t) => t,

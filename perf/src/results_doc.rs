@@ -15,6 +15,7 @@ pub const SECTIONS: &[(&str, &str)] = &[
         "H.323 and SIP registrations through the reverse proxy",
     ),
     ("fraud", "Fraud detection reaction"),
+    ("scale", "TURN at scale: allocations held"),
 ];
 
 fn open(name: &str) -> String {

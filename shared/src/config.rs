@@ -50,6 +50,9 @@ pub const REDACTED: &str = "<redacted>";
 /// Most `turn.alternate_servers` addresses: a 300 carries one per family, so more only
 /// spreads clients wider.
 pub const MAX_ALTERNATE_SERVERS: usize = 32;
+/// Most `turn.relay_ip` addresses: 64 addresses × 64k ports is over four million relays,
+/// four times the `turn.max_allocations` cap.
+pub const MAX_RELAY_IPS: usize = 64;
 
 fn err(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError {
@@ -101,9 +104,11 @@ pub struct TurnConfig {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub listen_tls: Vec<SocketAddr>,
     pub realm: String,
-    /// Local addresses relay sockets bind to, at most one per family (a string or a list).
-    /// Unset: a specific listen address of each family, else the address of the interface
-    /// the default route leaves from.
+    /// Local addresses relay sockets bind to (a string or a list, up to [`MAX_RELAY_IPS`]).
+    /// Several of a family share out the allocations: each address has the whole
+    /// `relay_ports` range, so a box past ~64k allocations needs more than one. Unset: a
+    /// specific listen address of each family, else the address of the interface the
+    /// default route leaves from.
     #[serde(
         deserialize_with = "one_or_many_ip",
         skip_serializing_if = "Vec::is_empty"
@@ -552,9 +557,36 @@ impl Config {
                 return Err(err(&key, format!("user \"{}\" is listed twice", u.name)));
             }
         }
-        let v4 = t.relay_ip.iter().filter(|ip| ip.is_ipv4()).count();
-        if v4 > 1 || t.relay_ip.len() - v4 > 1 {
-            return Err(err("turn.relay_ip", "at most one address per family"));
+        // Several addresses of a family multiply the relay ports (each address has the whole
+        // `relay_ports` range): one address caps a box near 64k allocations.
+        if t.relay_ip.len() > MAX_RELAY_IPS {
+            return Err(err(
+                "turn.relay_ip",
+                format!(
+                    "{} addresses is more than {MAX_RELAY_IPS}",
+                    t.relay_ip.len()
+                ),
+            ));
+        }
+        for (i, ip) in t.relay_ip.iter().enumerate() {
+            if t.relay_ip[..i].contains(ip) {
+                return Err(err("turn.relay_ip", format!("{ip} is listed twice")));
+            }
+        }
+        if let Some(ext) = t.external_ip {
+            let same = t
+                .relay_ip
+                .iter()
+                .filter(|ip| ip.is_ipv4() == ext.is_ipv4())
+                .count();
+            if same > 1 {
+                return Err(err(
+                    "turn.external_ip",
+                    format!(
+                        "a static NAT map names one relay address, but turn.relay_ip has {same} of its family"
+                    ),
+                ));
+            }
         }
         if let Some(ip) = t
             .relay_ip
@@ -1255,5 +1287,24 @@ mod example_file {
             key: None,
         }];
         assert_eq!(Config::from_toml(text).unwrap(), expected);
+    }
+
+    #[test]
+    fn several_relay_ips_are_accepted_and_checked_naming_the_key() {
+        let c = Config::from_toml("[turn]\nrelay_ip = [\"127.0.0.2\", \"127.0.0.3\", \"::1\"]\n")
+            .unwrap();
+        assert_eq!(c.turn.relay_ip.len(), 3);
+        let e =
+            Config::from_toml("[turn]\nrelay_ip = [\"127.0.0.2\", \"127.0.0.2\"]\n").unwrap_err();
+        assert_eq!(e.to_string(), "turn.relay_ip: 127.0.0.2 is listed twice");
+        let e = Config::from_toml(
+            "[turn]\nrelay_ip = [\"127.0.0.2\", \"127.0.0.3\"]\nexternal_ip = \"203.0.113.9\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("turn.external_ip: "), "{e}");
+        let many: Vec<String> = (1..=65).map(|i| format!("\"10.0.0.{i}\"")).collect();
+        let e =
+            Config::from_toml(&format!("[turn]\nrelay_ip = [{}]\n", many.join(", "))).unwrap_err();
+        assert_eq!(e.to_string(), "turn.relay_ip: 65 addresses is more than 64");
     }
 }

@@ -11,6 +11,8 @@
 //! NAT type behind a masquerading router in namespaces.
 //! Two independent ICE stacks relay-to-relay through Portico over UDP, TCP and TLS: aioice
 //! agents and headless Chromium's RTCPeerConnections with a data channel.
+//! Scale: the descriptor limit raised for `turn.max_allocations` (or the start refused), relays
+//! spread over several `turn.relay_ip` addresses.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -29,6 +31,7 @@ mod interop;
 mod ipv6;
 mod probe;
 mod relay;
+mod scale;
 mod stream_burst;
 mod tcp;
 mod tcp_idle;

@@ -67,7 +67,7 @@ fn ten_thousand_idle_connections_from_one_source() {
     let p = Portico::start(
         "turn-tcp-10k",
         turn_spec("auto", true).turn(&format!(
-            "tcp_max_connections = 20000\ntcp_max_connections_per_source = {PER_SOURCE}\n\
+            "tcp_max_connections = 4096\ntcp_max_connections_per_source = {PER_SOURCE}\n\
              tcp_handshake_timeout = 3\ntcp_idle_timeout = 4"
         )),
     );

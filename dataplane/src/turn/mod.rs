@@ -266,6 +266,8 @@ pub struct Turn {
     pub first_relay_socket: usize,
     pub(crate) control: ControlPlane,
     kills: Vec<u64>,
+    /// Scratch list of slots (timers due, traffic touched), kept to reuse its memory.
+    due: Vec<usize>,
     last_control: Option<Instant>,
     blacklist_seen: u64,
     /// Set when the configuration changed: permissions and channels are checked against the
@@ -295,6 +297,7 @@ impl Turn {
             first_relay_socket,
             control,
             kills: Vec::new(),
+            due: Vec::new(),
             last_control: None,
             blacklist_seen: 0,
             recheck_peers: false,
@@ -350,7 +353,9 @@ impl Turn {
             cx.stats.incr(Counter::DropNoChannel);
             return Action::Drop;
         };
-        to_peer(a, cx, d.start + 4, len, peer, socket)
+        let action = to_peer(a, cx, d.start + 4, len, peer, socket);
+        self.table.touch(slot);
+        action
     }
 
     /// A Send indication (RFC 8656 §11.2): DATA goes to XOR-PEER-ADDRESS if permitted.
@@ -398,7 +403,9 @@ impl Turn {
             cx.stats.incr(Counter::DropNoPermission);
             return Action::Drop;
         };
-        to_peer(a, cx, d.start + off, len, peer, socket)
+        let action = to_peer(a, cx, d.start + off, len, peer, socket);
+        self.table.touch(slot);
+        action
     }
 
     /// A datagram from a peer on a relay socket: to the client as ChannelData when a
@@ -439,13 +446,15 @@ impl Turn {
         };
         a.traffic.packets_to_client += 1;
         a.traffic.bytes_to_client += d.len as u64;
+        let (socket, to) = (a.listen_socket, a.client);
+        self.table.touch(slot);
         stats.incr(Counter::RelayPeerToClientPackets);
         stats.add(Counter::RelayPeerToClientBytes, d.len as u64);
         Action::Send {
             offset,
             len: total,
-            socket: a.listen_socket,
-            to: a.client,
+            socket,
+            to,
         }
     }
 
@@ -508,8 +517,7 @@ impl Turn {
         self.control.allocations.deletes(&mut self.kills);
         for i in 0..self.kills.len() {
             let id = self.kills[i];
-            let slot = self.table.slots().find(|(_, a)| a.id == id).map(|(s, _)| s);
-            if let Some(slot) = slot {
+            if let Some(slot) = self.table.by_id(id) {
                 self.end(cx, slot, Counter::TurnAllocationsDeleted);
                 self.control.allocations.deleted(id);
             }
@@ -537,29 +545,35 @@ impl Turn {
             return;
         }
         self.last_sweep = Some(now.mono);
-        let expired: Vec<usize> = self
-            .table
-            .slots()
-            .filter(|(_, a)| a.expires <= now.mono)
-            .map(|(i, _)| i)
-            .collect();
-        for slot in expired {
-            self.end(cx, slot, Counter::TurnAllocationsExpired);
-        }
-        for slot in 0..self.table.slot_count() {
-            if let Some(a) = self.table.get_mut(slot) {
-                let p = a.permissions.len();
-                a.permissions.retain(|p| p.expires > now.mono);
-                let c = a.channels.len();
-                a.channels.retain(|c| c.expires > now.mono);
-                cx.stats.sub(
-                    Counter::TurnPermissionsActive,
-                    (p - a.permissions.len()) as u64,
-                );
-                cx.stats
-                    .sub(Counter::TurnChannelsActive, (c - a.channels.len()) as u64);
+        // Only the allocations whose next deadline passed (the timer wheel): expiry costs
+        // per expiring allocation, permission or channel, never a walk of the table.
+        self.due.clear();
+        self.table.due(now.mono, &mut self.due);
+        for i in 0..self.due.len() {
+            let slot = self.due[i];
+            let Some(a) = self.table.get_mut(slot) else {
+                continue;
+            };
+            if a.expires <= now.mono {
+                self.end(cx, slot, Counter::TurnAllocationsExpired);
+                continue;
             }
-            // Traffic figures and counts for the API, once a second.
+            let (p, c) = (a.permissions.len(), a.channels.len());
+            a.permissions.retain(|p| p.expires > now.mono);
+            a.channels.retain(|c| c.expires > now.mono);
+            let (gone_p, gone_c) = (p - a.permissions.len(), c - a.channels.len());
+            cx.stats.sub(Counter::TurnPermissionsActive, gone_p as u64);
+            cx.stats.sub(Counter::TurnChannelsActive, gone_c as u64);
+            if gone_p + gone_c > 0 {
+                self.table.touch(slot);
+            }
+            self.table.reschedule(slot);
+        }
+        // Traffic figures and counts for the API, once a second, of the allocations whose
+        // figures moved.
+        self.due.clear();
+        self.table.take_touched(&mut self.due);
+        for &slot in &self.due {
             if let Some(a) = self.table.get(slot) {
                 self.control.allocations.publish(a, now);
             }

@@ -521,11 +521,20 @@ impl Turn {
                 .map_err(|_| CAPACITY)?;
             return Ok((socket, addr, None));
         }
-        let ip = s.relay_ip(v4).ok_or(FAMILY_NOT_SUPPORTED)?;
+        let ips = s.relay_ip_count(v4) as u32;
+        if ips == 0 {
+            return Err(FAMILY_NOT_SUPPORTED);
+        }
         let (low, high) = (s.ports.low(), s.ports.high());
         let span = u32::from(high - low) + 1;
         for _ in 0..PORT_TRIES {
-            let mut port = (u32::from(low) + self.random.next_u32() % span) as u16;
+            // A random port of a random relay address of the family: the addresses share
+            // the allocations evenly, each with the whole range.
+            let r = self.random.next_u32();
+            let Some(ip) = s.relay_ip_nth(v4, ((r / span) % ips) as usize) else {
+                return Err(FAMILY_NOT_SUPPORTED);
+            };
+            let mut port = (u32::from(low) + r % span) as u16;
             if even_port.is_some() {
                 port &= !1;
                 if port < low || port.checked_add(1).is_none_or(|p| p > high) {
@@ -620,6 +629,9 @@ impl Turn {
         if let Some(a) = self.table.get_mut(slot) {
             a.expires = now.mono + lifetime;
         }
+        // A shorter lifetime than before moves the timer forward; a longer one leaves it,
+        // and the earlier timer reschedules when it fires.
+        self.table.schedule_earlier(slot, now.mono + lifetime);
         if let Some(a) = self.table.get(slot) {
             self.control.allocations.publish(a, now);
         }
@@ -705,6 +717,8 @@ impl Turn {
             Self::permit(s, a, ip, now, stats)?;
         }
         self.control.allocations.publish(a, now);
+        self.table
+            .schedule_earlier(slot, now.mono + PERMISSION_LIFETIME);
         Ok(Success::Empty)
     }
 
@@ -752,6 +766,9 @@ impl Turn {
         }
         Self::permit(s, a, peer.ip(), now, stats)?;
         self.control.allocations.publish(a, now);
+        // The permission (300 s) expires before the channel (600 s).
+        self.table
+            .schedule_earlier(slot, now.mono + PERMISSION_LIFETIME);
         Ok(Success::Empty)
     }
 }

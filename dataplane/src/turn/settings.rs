@@ -14,6 +14,9 @@ pub struct TurnSettings {
     /// Address relay sockets bind to, per family.
     pub relay_v4: Option<IpAddr>,
     pub relay_v6: Option<IpAddr>,
+    /// The further `turn.relay_ip` addresses of either family, after `relay_v4`/`relay_v6`:
+    /// relays are spread over all addresses of their family, each with the whole port range.
+    pub relay_more: Vec<IpAddr>,
     /// Advertised relay address when a static NAT map sits in front (same family only).
     pub external_ip: Option<IpAddr>,
     pub ports: PortRange,
@@ -113,9 +116,16 @@ impl TurnSettings {
         let relay_v4 = pick_relay(config, routes, true);
         let relay_v6 = pick_relay(config, routes, false);
         let ports = t.relay_ports;
+        let relay_more: Vec<IpAddr> = t
+            .relay_ip
+            .iter()
+            .filter(|ip| Some(**ip) != relay_v4 && Some(**ip) != relay_v6)
+            .copied()
+            .collect();
         let mut own: Vec<IpAddr> = [relay_v4, relay_v6, t.external_ip]
             .into_iter()
             .flatten()
+            .chain(relay_more.iter().copied())
             .collect();
         own.dedup();
         TurnSettings {
@@ -128,6 +138,7 @@ impl TurnSettings {
             ),
             relay_v4,
             relay_v6,
+            relay_more,
             external_ip: t.external_ip,
             ports,
             default_lifetime: t.default_lifetime.get(),
@@ -148,6 +159,33 @@ impl TurnSettings {
             self.relay_v4
         } else {
             self.relay_v6
+        }
+    }
+
+    /// How many relay addresses a family has (each with the whole port range).
+    pub fn relay_ip_count(&self, v4: bool) -> usize {
+        match self.relay_ip(v4) {
+            None => 0,
+            Some(_) => {
+                1 + self
+                    .relay_more
+                    .iter()
+                    .filter(|ip| ip.is_ipv4() == v4)
+                    .count()
+            }
+        }
+    }
+
+    /// The `n`th relay address of a family (`n` below [`TurnSettings::relay_ip_count`]).
+    pub fn relay_ip_nth(&self, v4: bool, n: usize) -> Option<IpAddr> {
+        match n {
+            0 => self.relay_ip(v4),
+            n => self
+                .relay_more
+                .iter()
+                .filter(|ip| ip.is_ipv4() == v4)
+                .nth(n - 1)
+                .copied(),
         }
     }
 

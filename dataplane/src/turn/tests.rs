@@ -2862,3 +2862,79 @@ fn tcp_relay_refusals_and_data_connections_end_with_the_allocation() {
     assert_eq!(h.stat(Counter::TcpRelayClosedAllocation), 1);
     assert!(h.server.turn().tcp_relays().is_empty());
 }
+
+// ---------------------------------------------------------------------------------------
+// Scale: several relay addresses, timers
+// ---------------------------------------------------------------------------------------
+
+/// Several `turn.relay_ip` addresses of a family share out the relays (each has the whole
+/// port range, so the box holds more than one address's 64k ports); the address a relay is
+/// bound to is the one advertised.
+#[test]
+fn relays_spread_over_every_relay_ip_of_the_family() {
+    let mut h = H::with(|c| {
+        c.turn.relay_ip = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "::1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+    });
+    let mut seen = std::collections::BTreeMap::new();
+    for i in 0..60 {
+        let mut c = h.client(&format!("198.51.100.{}:5000", i + 1), "alice", "secret");
+        let r = c.allocate_with(&mut h, &udp);
+        assert!(r.is_success(), "{:?}", r.code());
+        let relayed = r.xor(attr::XOR_RELAYED_ADDRESS).unwrap();
+        let bound = h.io.opened.last().unwrap().1;
+        assert_eq!(bound, relayed);
+        *seen.entry(relayed.ip()).or_insert(0) += 1;
+    }
+    let v4: Vec<IpAddr> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), v4, "{seen:?}");
+    // Roughly even: 60 over 3 addresses, none starved.
+    assert!(seen.values().all(|n| *n >= 8), "{seen:?}");
+}
+
+/// A Refresh to a shorter lifetime than the allocation had must bring its expiry timer
+/// forward: the allocation ends at the new time, not at the old one.
+#[test]
+fn a_refresh_to_a_shorter_lifetime_expires_at_the_new_time() {
+    let mut h = H::new();
+    let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+    let r = c.allocate_with(&mut h, &|w| {
+        udp(w);
+        w.add_u32(attr::LIFETIME, 3600).unwrap();
+    });
+    assert!(r.is_success());
+    h.advance_and_tick(10);
+    let r = c.refresh(&mut h, Some(600));
+    assert!(r.is_success());
+    h.advance_and_tick(599);
+    assert_eq!(h.allocations(), 1);
+    h.advance_and_tick(2);
+    assert_eq!(h.allocations(), 0);
+    assert_eq!(h.stat(Counter::TurnAllocationsExpired), 1);
+}
+
+/// The control plane's delete of one allocation among many finds it by id.
+#[test]
+fn a_control_plane_delete_ends_the_allocation_with_that_id() {
+    let mut h = H::new();
+    let mut relays = Vec::new();
+    for i in 0..50 {
+        let mut c = h.client(&format!("198.51.100.{}:5000", i + 1), "alice", "secret");
+        relays.push(c.allocate(&mut h).1);
+    }
+    let (id, relay) = {
+        let t = h.server.turn().table();
+        let (_, a) = t.slots().nth(17).unwrap();
+        (a.id, a.relay.socket)
+    };
+    h.control.0.borrow_mut().deletes.push(id);
+    h.advance_and_tick(1);
+    assert_eq!(h.allocations(), 49);
+    assert_eq!(h.io.closed, vec![relay]);
+    assert!(h.server.turn().table().by_id(id).is_none());
+}
