@@ -52,13 +52,13 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [stun|turn|proxy|fraud|register|profile|all]" >&2
+    echo "usage: $0 [stun|turn|proxy|fraud|register|media|profile|all]" >&2
     exit 2
 }
 (($# <= 1)) || usage
 scenario=${1:-stun}
 case $scenario in
-stun | turn | proxy | fraud | register | profile | all) ;;
+stun | turn | proxy | fraud | register | media | profile | all) ;;
 *) usage ;;
 esac
 
@@ -849,8 +849,50 @@ run_profile() {
         die "callgrind profile failed (see $work/callgrind-*)"
 }
 
+# Media relay: MEDIA_SESSIONS sessions (1000) through the API, RTP at 50 packets/s each way
+# per session for MEDIA_SECONDS (10), two endpoints per session on loopback; the dataplane's
+# CPU per million relayed packets, loss, and RSS per 1000 sessions. Printed (and kept in
+# $work/media.txt), not yet written into the generated sections of $out: see perf/RESULTS.md,
+# "Media relay".
+run_media() {
+    local port api dir i
+    port=$("$perf" free-port)
+    api=$("$perf" free-port)
+    dir=$work/portico-media
+    mkdir -p "$dir"
+    cat >"$dir/portico.toml" <<EOF
+state_dir = "$dir/state"
+log_level = "warn"
+
+[turn]
+listen = ["127.0.0.1:$port"]
+workers = $workers
+io = "io_uring"
+relay_ip = "127.0.0.1"
+allow_peers = ["127.0.0.0/8"]
+relay_ports = "20000-29999"
+
+[api]
+listen = "127.0.0.1:$api"
+
+[media]
+ports = "30000-39999"
+max_sessions = 4000
+EOF
+    launch_portico "$dir" io_uring
+    for i in $(seq 50); do
+        [[ -s $dir/state/admin.token ]] && break
+        sleep 0.1
+    done
+    "$perf" media --api "127.0.0.1:$api" --token-file "$dir/state/admin.token" \
+        --server-pid "${stop_pids[1]}" --sessions "${MEDIA_SESSIONS:-1000}" --rate 50 \
+        --duration "${MEDIA_SECONDS:-10}" | tee "$work/media.txt"
+    stop_servers
+}
+
 case $scenario in
 stun) run_stun 5 ;;
+media) run_media ;;
 turn) run_turn ;;
 proxy) run_proxy ;;
 fraud) run_fraud ;;
