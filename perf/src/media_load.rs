@@ -41,16 +41,19 @@ pub struct MediaReport {
     pub cpu_seconds: f64,
     pub rss_before_kib: u64,
     pub rss_after_kib: u64,
+    /// Seconds to create all sessions through the API.
+    pub create_seconds: f64,
 }
 
 impl MediaReport {
     pub fn text(&self) -> String {
         let lost = self.sent.saturating_sub(self.received);
         format!(
-            "media: {} sessions, {:.1} s, sent {}, relayed {}, lost {} ({:.3}%), out of order {}, \
+            "media: {} sessions (created in {:.2} s), {:.1} s, sent {}, relayed {}, lost {} ({:.3}%), out of order {}, \
              {:.0} relayed pkt/s, dataplane CPU {:.2} s = {:.2} CPU-s per million packets, \
              RSS {} -> {} KiB = {:.2} MiB per 1000 sessions",
             self.sessions,
+            self.create_seconds,
             self.seconds,
             self.sent,
             self.received,
@@ -82,6 +85,34 @@ fn http(api: SocketAddr, token: &str, method: &str, path: &str, body: &str) -> i
     Ok(out)
 }
 
+/// Threads creating sessions at once.
+const CREATORS: usize = 8;
+
+fn create(
+    api: SocketAddr,
+    token: &str,
+    a: SocketAddr,
+    b: SocketAddr,
+) -> Result<(String, SocketAddr, SocketAddr), String> {
+    let body = format!(r#"{{"legs":[{{"address":"{a}"}},{{"address":"{b}"}}],"label":"bench"}}"#);
+    let answer = http(api, token, "POST", "/api/v1/media/sessions", &body)
+        .map_err(|e| format!("create: {e}"))?;
+    let json = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("create: {e}: {answer}"))?;
+    let local = |i: usize| -> Result<SocketAddr, String> {
+        v["legs"][i]["local"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("create: no leg {i} in {answer}"))
+    };
+    Ok((
+        v["id"].as_str().unwrap_or("").to_string(),
+        local(0)?,
+        local(1)?,
+    ))
+}
+
 fn rtp(seq: u16, ssrc: u32) -> [u8; 172] {
     let mut p = [0u8; 172];
     p[0] = 0x80;
@@ -105,30 +136,43 @@ pub fn run(args: &MediaArgs) -> Result<MediaReport, String> {
         .map_err(|e| format!("{}: {e}", args.token_file.display()))?;
     let token = token.trim();
     let rss_before = proc_stats::rss_kib(args.server_pid).map_err(|e| e.to_string())?;
+    // Endpoint sockets first, then the sessions, created by a few threads in parallel (each
+    // create waits for a worker to bind the legs).
+    let mut socks = Vec::with_capacity(2 * sessions);
+    for _ in 0..2 * sessions {
+        socks.push(UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?);
+    }
+    let addrs: Vec<SocketAddr> = socks
+        .iter()
+        .map(|s| s.local_addr().map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let created_at = Instant::now();
+    let results: Vec<Result<(String, SocketAddr, SocketAddr), String>> = std::thread::scope(|sc| {
+        let chunks: Vec<_> = addrs
+            .chunks(2 * sessions.div_ceil(CREATORS))
+            .map(|chunk| {
+                sc.spawn(move || {
+                    chunk
+                        .chunks(2)
+                        .map(|pair| create(args.api, token, pair[0], pair[1]))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        chunks
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let create_seconds = created_at.elapsed().as_secs_f64();
     let mut ends: Vec<End> = Vec::with_capacity(2 * sessions);
     let mut ids = Vec::with_capacity(sessions);
-    for _ in 0..sessions {
-        let a = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        let b = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        let body = format!(
-            r#"{{"legs":[{{"address":"{}"}},{{"address":"{}"}}],"label":"bench"}}"#,
-            a.local_addr().map_err(|e| e.to_string())?,
-            b.local_addr().map_err(|e| e.to_string())?
-        );
-        let answer = http(args.api, token, "POST", "/api/v1/media/sessions", &body)
-            .map_err(|e| format!("create: {e}"))?;
-        let json = answer.split("\r\n\r\n").nth(1).unwrap_or("");
-        let v: serde_json::Value =
-            serde_json::from_str(json).map_err(|e| format!("create: {e}: {answer}"))?;
-        let local = |i: usize| -> Result<SocketAddr, String> {
-            v["legs"][i]["local"]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| format!("create: no leg {i} in {answer}"))
-        };
-        let (l0, l1) = (local(0)?, local(1)?);
-        ids.push(v["id"].as_str().unwrap_or("").to_string());
-        for (sock, to) in [(a, l0), (b, l1)] {
+    let mut socks = socks.into_iter();
+    for r in results {
+        let (id, l0, l1) = r?;
+        ids.push(id);
+        for to in [l0, l1] {
+            let sock = socks.next().ok_or("socket count")?;
             sock.set_nonblocking(true).map_err(|e| e.to_string())?;
             ends.push(End {
                 sock,
@@ -202,5 +246,6 @@ pub fn run(args: &MediaArgs) -> Result<MediaReport, String> {
         cpu_seconds: cpu,
         rss_before_kib: rss_before,
         rss_after_kib: rss_after,
+        create_seconds,
     })
 }
