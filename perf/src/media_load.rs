@@ -13,12 +13,16 @@ use crate::proc_stats;
 
 #[derive(clap::Args, Debug)]
 pub struct MediaArgs {
-    /// The REST API address.
-    #[arg(long)]
-    pub api: SocketAddr,
-    /// File holding the admin token.
-    #[arg(long)]
-    pub token_file: PathBuf,
+    /// Portico's REST API address (or --rtpengine).
+    #[arg(long, required_unless_present = "rtpengine")]
+    pub api: Option<SocketAddr>,
+    /// File holding Portico's admin token.
+    #[arg(long, required_unless_present = "rtpengine")]
+    pub token_file: Option<PathBuf>,
+    /// Drive rtpengine instead: its ng control address (bencode over UDP); sessions are
+    /// created with offer/answer and deleted with delete.
+    #[arg(long, conflicts_with_all = ["api", "token_file"])]
+    pub rtpengine: Option<SocketAddr>,
     /// The dataplane's pid (CPU and RSS are read from /proc).
     #[arg(long)]
     pub server_pid: u32,
@@ -88,12 +92,101 @@ fn http(api: SocketAddr, token: &str, method: &str, path: &str, body: &str) -> i
 /// Threads creating sessions at once.
 const CREATORS: usize = 8;
 
+/// Who relays: Portico (REST API) or rtpengine (ng protocol).
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Portico(SocketAddr),
+    Rtpengine(SocketAddr),
+}
+
+/// One ng request (bencode dictionary text) and its answer, with a cookie in front.
+fn ng_call(ng: SocketAddr, dict: &str) -> Result<String, String> {
+    let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    // rtpengine answers a repeated cookie from its cache: one per request of this process.
+    static COOKIE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let cookie = format!(
+        "{:x}-{:x}",
+        std::process::id(),
+        COOKIE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    for _ in 0..3 {
+        s.send_to(format!("{cookie} {dict}").as_bytes(), ng)
+            .map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 65536];
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if !text.contains("6:result2:ok") {
+                return Err(format!("rtpengine: {text}"));
+            }
+            return Ok(text);
+        }
+    }
+    Err("rtpengine: no answer".into())
+}
+
+/// The audio port of the SDP in an ng answer.
+fn ng_port(answer: &str) -> Result<u16, String> {
+    answer
+        .split("m=audio ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("rtpengine: no m=audio in {answer}"))
+}
+
+fn sdp(a: SocketAddr) -> String {
+    format!(
+        "v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n",
+        ip = a.ip(),
+        port = a.port()
+    )
+}
+
+fn bstr(s: &str) -> String {
+    format!("{}:{s}", s.len())
+}
+
 fn create(
-    api: SocketAddr,
+    target: Target,
     token: &str,
     a: SocketAddr,
     b: SocketAddr,
 ) -> Result<(String, SocketAddr, SocketAddr), String> {
+    let api = match target {
+        Target::Portico(api) => api,
+        Target::Rtpengine(ng) => {
+            // Offer from A: the answer's port is where B sends (towards A); the answer from
+            // B: its port is where A sends (towards B).
+            let call = format!("bench-{}-{}", a.port(), b.port());
+            let offer = ng_call(
+                ng,
+                &format!(
+                    "d7:command5:offer7:call-id{}8:from-tag{}3:sdp{}e",
+                    bstr(&call),
+                    bstr("a"),
+                    bstr(&sdp(a))
+                ),
+            )?;
+            let answer = ng_call(
+                ng,
+                &format!(
+                    "d7:command6:answer7:call-id{}8:from-tag{}6:to-tag{}3:sdp{}e",
+                    bstr(&call),
+                    bstr("a"),
+                    bstr("b"),
+                    bstr(&sdp(b))
+                ),
+            )?;
+            let ip = a.ip();
+            return Ok((
+                call,
+                SocketAddr::new(ip, ng_port(&answer)?),
+                SocketAddr::new(ip, ng_port(&offer)?),
+            ));
+        }
+    };
     let body = format!(r#"{{"legs":[{{"address":"{a}"}},{{"address":"{b}"}}],"label":"bench"}}"#);
     let answer = http(api, token, "POST", "/api/v1/media/sessions", &body)
         .map_err(|e| format!("create: {e}"))?;
@@ -132,9 +225,19 @@ struct End {
 pub fn run(args: &MediaArgs) -> Result<MediaReport, String> {
     let sessions = args.sessions.clamp(1, 4000);
     let duration = Duration::from_secs(args.duration.clamp(1, 120));
-    let token = std::fs::read_to_string(&args.token_file)
-        .map_err(|e| format!("{}: {e}", args.token_file.display()))?;
-    let token = token.trim();
+    let token = match &args.token_file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| format!("{}: {e}", f.display()))?
+            .trim()
+            .to_string(),
+        None => String::new(),
+    };
+    let token = token.as_str();
+    let target = match (args.rtpengine, args.api) {
+        (Some(ng), _) => Target::Rtpengine(ng),
+        (None, Some(api)) => Target::Portico(api),
+        (None, None) => return Err("--api or --rtpengine".into()),
+    };
     let rss_before = proc_stats::rss_kib(args.server_pid).map_err(|e| e.to_string())?;
     // Endpoint sockets first, then the sessions, created by a few threads in parallel (each
     // create waits for a worker to bind the legs).
@@ -154,7 +257,7 @@ pub fn run(args: &MediaArgs) -> Result<MediaReport, String> {
                 sc.spawn(move || {
                     chunk
                         .chunks(2)
-                        .map(|pair| create(args.api, token, pair[0], pair[1]))
+                        .map(|pair| create(target, token, pair[0], pair[1]))
                         .collect::<Vec<_>>()
                 })
             })
@@ -229,13 +332,23 @@ pub fn run(args: &MediaArgs) -> Result<MediaReport, String> {
     let seconds = start.elapsed().as_secs_f64();
     let cpu = proc_stats::cpu_seconds(args.server_pid).map_err(|e| e.to_string())? - cpu0;
     for id in ids {
-        let _ = http(
-            args.api,
-            token,
-            "DELETE",
-            &format!("/api/v1/media/sessions/{id}"),
-            "",
-        );
+        match target {
+            Target::Portico(api) => {
+                let _ = http(
+                    api,
+                    token,
+                    "DELETE",
+                    &format!("/api/v1/media/sessions/{id}"),
+                    "",
+                );
+            }
+            Target::Rtpengine(ng) => {
+                let _ = ng_call(
+                    ng,
+                    &format!("d7:command6:delete7:call-id{}:{id}e", id.len()),
+                );
+            }
+        }
     }
     Ok(MediaReport {
         sessions,
