@@ -66,13 +66,13 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [stun|turn|proxy|fraud|register|profile|scale|all]" >&2
+    echo "usage: $0 [stun|turn|proxy|fraud|register|media|profile|scale|all]" >&2
     exit 2
 }
 (($# <= 1)) || usage
 scenario=${1:-stun}
 case $scenario in
-stun | turn | proxy | fraud | register | profile | scale | all) ;;
+stun | turn | proxy | fraud | register | media | profile | scale | all) ;;
 *) usage ;;
 esac
 
@@ -959,7 +959,7 @@ relay_ports = "16384-32767"
 default_lifetime = $lifetime
 max_allocations = $((${list##*,} + headroom))
 max_allocations_per_user = $((${list##*,} + headroom))
-max_tcp_connections = $tcp
+tcp_max_connections = $tcp
 
 [api]
 listen = "127.0.0.1:$api"
@@ -1016,7 +1016,7 @@ TOML
         --command "$(command_line "$@" SCALE_LEVELS SCALE_HOLD SCALE_LIFETIME SCALE_REFRESH SCALE_DATA SCALE_CHURN_LEVEL SCALE_CHURN_DURATION SCALE_SERVERS)" \
         "${facts[@]}" \
         --fact "date=$started_at, $((SECONDS - t0)) s of runs, one run per server; the 2 cores were shared with other agents' builds and tests during the runs" \
-        --fact "portico=\`portico run\`, $workers workers, io_uring, listen 127.0.0.1, one user, \`allow_peers = [\"127.0.0.0/8\"]\`, relay_ip 127.0.0.1 to 127.0.0.$ips, relay ports 16384-32767 on each, default_lifetime $lifetime s, max_allocations = the top level + $headroom (probes, churn), max_tcp_connections $tcp, log level info without the per-allocation lines (RUST_LOG=info,portico_dataplane::turn=warn); CPU and RSS = controlplane + dataplane" \
+        --fact "portico=\`portico run\`, $workers workers, io_uring, listen 127.0.0.1, one user, \`allow_peers = [\"127.0.0.0/8\"]\`, relay_ip 127.0.0.1 to 127.0.0.$ips, relay ports 16384-32767 on each, default_lifetime $lifetime s, max_allocations = the top level + $headroom (probes, churn), tcp_max_connections $tcp, log level info without the per-allocation lines (RUST_LOG=info,portico_dataplane::turn=warn); CPU and RSS = controlplane + dataplane" \
         --fact "coturn=coturn $(turnserver --version 2>/dev/null | head -1), $workers relay threads, no default-lifetime option (a LIFETIME $lifetime request gets its 600 s default, RFC 8656 §7.2), so its expiry wait is longer, the same relay addresses and ports, lt-cred-mech, --max-allocate-lifetime 3600, log to a file (its default level: a few lines per allocation)" \
         --fact "generator=\`portico-perf turn-scale\`, 1 thread, one IP_PKTINFO socket, one loopback source address per client (127.128.0.0/9); per allocation Allocate (401, then with credentials, LIFETIME $lifetime), CreatePermission, ChannelBind to a peer socket of the generator; keep-alive: Refresh every $refresh s, ChannelBind every 240 s, one 64-byte ChannelData every $data s; Allocate latency = round trip of the authenticated Allocate of a fresh client every 100 ms while holding (deleted at once); churn = 16 clients cycling Allocate (401, authenticated) and Refresh 0 from fresh addresses for $churn_s s" \
         --fact "kernel memory=machine-wide /proc/meminfo and /proc/net/sockstat minus the figures with the server idle before its first allocation; other agents' work moves them too" \
@@ -1024,8 +1024,78 @@ TOML
     say "wrote $out"
 }
 
+# Media relay: MEDIA_SESSIONS sessions (1000) at 50 RTP packets/s each way per session for
+# MEDIA_SECONDS (10), two endpoints per session on loopback, interleaved in MEDIA_ROUNDS (2)
+# rounds of: Portico media relay, Portico TURN ChannelData (as many allocations, same rate,
+# same process), rtpengine in userspace (--table=-1, sessions by ng offer/answer). Reports
+# each run's relayed packets, loss, server CPU per million relayed packets and RSS per 1000
+# sessions; printed and kept in $work/media-*.txt (perf/RESULTS.md "Media relay" quotes a run).
+run_media() {
+    local port api ng dir i round pid sessions=${MEDIA_SESSIONS:-1000} secs=${MEDIA_SECONDS:-10}
+    port=$("$perf" free-port)
+    api=$("$perf" free-port)
+    dir=$work/portico-media
+    mkdir -p "$dir"
+    {
+        echo "state_dir = \"$dir/state\""
+        echo 'log_level = "info"'
+        echo '[turn]'
+        echo "listen = [\"127.0.0.1:$port\"]"
+        echo "workers = $workers"
+        echo 'io = "io_uring"'
+        echo 'relay_ip = "127.0.0.1"'
+        echo 'allow_peers = ["127.0.0.0/8"]'
+        echo 'relay_ports = "20000-29999"'
+        echo "realm = \"$turn_realm\""
+        echo "users = [{ name = \"$turn_user\", password = \"$turn_password\" }]"
+        echo 'max_allocations = 100000'
+        echo 'max_allocations_per_user = 100000'
+        echo '[api]'
+        echo "listen = \"127.0.0.1:$api\""
+        echo '[media]'
+        echo 'ports = "30000-39999"'
+        echo 'max_sessions = 4000'
+    } >"$dir/portico.toml"
+    for round in $(seq "${MEDIA_ROUNDS:-2}"); do
+        launch_portico "$dir" io_uring
+        for i in $(seq 50); do
+            [[ -s $dir/state/admin.token ]] && break
+            sleep 0.1
+        done
+        say "round $round: portico media relay"
+        "$perf" media --api "127.0.0.1:$api" --token-file "$dir/state/admin.token" \
+            --server-pid "${stop_pids[1]}" --sessions "$sessions" --rate 50 \
+            --duration "$secs" | tee "$work/media-portico-$round.txt"
+        say "round $round: portico TURN ChannelData"
+        "$perf" turn --quiet --server "127.0.0.1:$port" --user "$turn_user" \
+            --password "$turn_password" --server-pid "${stop_pids[1]}" --clients "$sessions" \
+            --rate 50 --duration "$secs" --mode channel >"$work/media-turn-$round.txt" 2>&1 ||
+            die "turn run failed: $(cat "$work/media-turn-$round.txt")"
+        grep -E 'relayed|server CPU|server RSS|lost' "$work/media-turn-$round.txt"
+        stop_servers
+        if command -v rtpengine >/dev/null; then
+            say "round $round: rtpengine (userspace)"
+            ng=$("$perf" free-port)
+            rtpengine --table=-1 --interface=127.0.0.1 --listen-ng="127.0.0.1:$ng" \
+                --listen-cli="127.0.0.1:$("$perf" free-port)" \
+                --foreground --log-stderr --log-level=4 --port-min=40000 --port-max=49999 \
+                --num-threads="$workers" >"$work/rtpengine.log" 2>&1 &
+            pid=$!
+            stop_pids=("$pid")
+            sleep 2
+            "$perf" media --rtpengine "127.0.0.1:$ng" --server-pid "$pid" \
+                --sessions "$sessions" --rate 50 --duration "$secs" |
+                tee "$work/media-rtpengine-$round.txt"
+            stop_servers
+        else
+            echo "bench.sh: rtpengine is not installed (Debian rtpengine-daemon): no comparison" >&2
+        fi
+    done
+}
+
 case $scenario in
 stun) run_stun 5 ;;
+media) run_media ;;
 turn) run_turn ;;
 proxy) run_proxy ;;
 fraud) run_fraud ;;

@@ -39,6 +39,10 @@ pub struct FdBudget {
     pub tcp_connections: u64,
     /// Listen sockets (one UDP socket per worker per address, one TCP listener each).
     pub listeners: u64,
+    /// Media relay sockets (four per session: RTP and RTCP of two legs, up to
+    /// `media.max_sessions`, at most the ports of `media.ports`) and static NAT map sockets
+    /// (each public port, plus up to `max_bindings` binding sockets per map).
+    pub media: u64,
     /// Rings, event fds, signalfd, shared memory, logs, margin.
     pub fixed: u64,
 }
@@ -61,13 +65,20 @@ impl FdBudget {
             second_relays: if dual { max_allocations as u64 } else { 0 },
             tcp_connections: tcp_connections as u64,
             listeners: workers * listen + listen + listen_tls as u64,
+            media: 0,
             fixed: workers * FIXED_PER_WORKER + SLACK,
         }
     }
 
+    /// Adds the media relay's and the NAT maps' sockets: `media_sockets` of them.
+    pub fn with_media(mut self, media_sockets: usize) -> FdBudget {
+        self.media = media_sockets as u64;
+        self
+    }
+
     /// Below this the configured quota cannot be served: the start is refused.
     pub fn required(&self) -> u64 {
-        self.allocations + self.tcp_connections + self.listeners + self.fixed
+        self.allocations + self.tcp_connections + self.listeners + self.media + self.fixed
     }
 
     /// With this every allocation may also be dual (or reserve a port).

@@ -124,7 +124,8 @@ fn raise_fd_limit(
         listen,
         t.listen_tls.len(),
         workers,
-    );
+    )
+    .with_media(media_sockets(config));
     let r = fdlimit::raise(&budget, t.max_allocations)?;
     if r.all_wanted {
         tracing::info!(
@@ -148,6 +149,22 @@ fn raise_fd_limit(
         );
     }
     Ok(())
+}
+
+/// Sockets the media relay and the static NAT maps may hold at once: four per media session
+/// (never more than `media.ports` has), and per NAT map its public ports and its bindings.
+fn media_sockets(config: &Config) -> usize {
+    let media = match config.media.ports {
+        Some(p) => (config.media.max_sessions * 4).min(p.len()),
+        None => 0,
+    };
+    let nat: usize = config
+        .nat
+        .maps
+        .iter()
+        .map(|m| m.public_ports.len() + m.max_bindings)
+        .sum();
+    media + nat
 }
 
 /// Runs the dataplane attached to the named segment until SIGTERM or SIGINT.
@@ -220,6 +237,7 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         secret,
         workers,
     });
+    io::media::forget_dead_sessions(&shared);
     let seg = shared.shm.segment();
     seg.header.driver.store(driver as u32, Ordering::Relaxed);
     seg.header.workers.store(workers as u32, Ordering::Relaxed);

@@ -14,6 +14,7 @@
 
 pub mod bufring;
 pub mod epoll;
+pub mod media;
 pub mod relay;
 pub mod sockaddr;
 pub mod sockopt;
@@ -38,6 +39,19 @@ use std::collections::HashMap;
 
 /// How long a driver may sleep before it looks at the stop flag and the configuration.
 pub const TICK: Duration = Duration::from_millis(100);
+
+/// [`TICK`] while the media relay is on: a worker then takes up a session request (the API
+/// waits for it) within this long even when no packet wakes it.
+pub const MEDIA_TICK: Duration = Duration::from_millis(5);
+
+/// The longest sleep for a worker running `server`'s settings.
+pub fn tick_for(server: &Server) -> Duration {
+    if server.settings().media.ports.is_some() {
+        MEDIA_TICK
+    } else {
+        TICK
+    }
+}
 
 /// Largest datagram a worker accepts; larger ones are dropped as truncated. RTP and TURN
 /// traffic stays under the path MTU, so 2 KiB per buffer keeps the pool small.
@@ -107,13 +121,15 @@ impl Shared {
                 shared: Arc::clone(self),
             }),
         };
-        Ok(Server::with_first_relay(
+        let mut server = Server::with_first_relay(
             self.current_settings(),
             Arc::clone(&self.turn),
             &seed,
             control,
             first_relay,
-        ))
+        );
+        server.set_media_control(Box::new(media::ShmMedia::new(Arc::clone(self), index)));
+        Ok(server)
     }
 
     pub fn publish_settings(&self, s: Settings) {
