@@ -6,6 +6,8 @@
 //! TURN over TCP and TLS (RFC 8656 §3.1): `turnutils_uclient -t` and `-t -S`, the framing
 //! with an own stream client, bad input on a stream, a TLS alert mid-stream, a stalled TLS
 //! handshake.
+//! One port for HTTPS and TURN over TLS (`proxy.turn_on_https`): curl routed by Host and
+//! TURN clients (uclient without ALPN, a client with ALPN `stun.turn`) on the same port.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -20,6 +22,7 @@ mod api;
 mod channel_range;
 mod interop;
 mod ipv6;
+mod port443;
 mod relay;
 mod tcp;
 

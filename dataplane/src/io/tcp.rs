@@ -25,13 +25,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Registry, Token};
 use portico_shared::counters::Counter;
 use portico_shared::shm::{Blacklist, WorkerCounters};
 use rustls::{ServerConfig, ServerConnection};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::handoff::{Handoff, Stream};
 use super::relay::{self, Reservations, Slots};
 use super::uring::PAYLOAD_CAPACITY;
 use super::{fold, SettingsWatch, Shared, BUF_SIZE, TICK};
@@ -41,6 +42,9 @@ use crate::turn::{RelayIo, Reserved};
 
 /// Tokens of relay sockets carry this bit; below it are listeners, then connections.
 const RELAY_TOKEN: usize = 1 << (usize::BITS - 2);
+/// The token of the hand-off socket ([`super::handoff`]), clear of the relay bit and far above
+/// any connection's.
+const HANDOFF_TOKEN: usize = RELAY_TOKEN - 1;
 /// Datagrams read from one relay socket before the others get a turn.
 const BUDGET: usize = 64;
 
@@ -76,7 +80,7 @@ pub struct Listener {
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     peer: SocketAddr,
     /// The endpoint Binding answers as from; a TLS connection answers as itself.
     endpoint: Option<usize>,
@@ -246,6 +250,7 @@ pub fn run(
     counter_block: usize,
     shared: Arc<Shared>,
     mut listeners: Vec<Listener>,
+    mut handoff: Option<Handoff>,
     limits: Limits,
 ) -> io::Result<()> {
     let mut poll = Poll::new()?;
@@ -254,13 +259,17 @@ pub fn run(
     for (i, l) in listeners.iter_mut().enumerate() {
         registry.register(&mut l.listener, Token(i), Interest::READABLE)?;
     }
+    if let Some(h) = handoff.as_mut() {
+        h.register(&registry, Token(HANDOFF_TOKEN))?;
+    }
+    let wants_tls = listeners.iter().any(|l| l.tls) || handoff.is_some();
     let base = listeners.len();
     let block = shared.shm.segment().counters(counter_block);
     let conn_base = shared.current_settings().endpoints.len();
     let first_relay = conn_base + limits.max_connections;
     let mut server = shared.new_server_at(counter_block, first_relay)?;
     let mut watch = SettingsWatch::new(&shared);
-    let mut tls_config = if listeners.iter().any(|l| l.tls) {
+    let mut tls_config = if wants_tls {
         let (cert, key) = &server.settings().tls_files;
         match load_tls(cert, key) {
             Ok(c) => Some(c),
@@ -301,8 +310,7 @@ pub fn run(
         }
         let before = Arc::as_ptr(server.settings());
         watch.refresh(&shared, &mut server);
-        if !std::ptr::eq(before, Arc::as_ptr(server.settings())) && listeners.iter().any(|l| l.tls)
-        {
+        if !std::ptr::eq(before, Arc::as_ptr(server.settings())) && wants_tls {
             // The certificate may have been replaced or moved: load it again.
             let (cert, key) = &server.settings().tls_files;
             match load_tls(cert, key) {
@@ -326,6 +334,11 @@ pub fn run(
             let t = ev.token().0;
             if t & RELAY_TOKEN != 0 {
                 relay_ready.push(t & !RELAY_TOKEN);
+            } else if t == HANDOFF_TOKEN {
+                if let Some(h) = handoff.as_mut() {
+                    let blacklist = &shared.shm.segment().blacklist;
+                    conns.take_handoffs(&mut cx, h, tls_config.as_ref(), blacklist);
+                }
             } else if t < base {
                 let blacklist = &shared.shm.segment().blacklist;
                 let l = &mut listeners[t];
@@ -483,41 +496,95 @@ impl Conns {
         tls: Result<Option<&Arc<ServerConfig>>, ()>,
         blacklist: &Blacklist,
     ) {
-        let (limits, poll, now) = (cx.limits, cx.poll, cx.now);
         loop {
-            let (mut stream, peer) = match listener.listener.accept() {
+            let (stream, peer) = match listener.listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // Out of descriptors or a connection reset before accept: next turn.
                 Err(_) => return,
             };
+            let tls = match tls {
+                Ok(config) => config.map(Arc::clone),
+                Err(()) => {
+                    cx.stats().incr(Counter::TcpClosedTlsError);
+                    cx.fold();
+                    continue;
+                }
+            };
+            self.admit(
+                cx,
+                Stream::Tcp(stream),
+                peer,
+                listener.endpoint,
+                tls,
+                blacklist,
+            );
+        }
+    }
+
+    /// Takes every connection the proxy handed over ([`super::handoff`]).
+    fn take_handoffs(
+        &mut self,
+        cx: &mut Cx<'_, '_>,
+        handoff: &mut Handoff,
+        tls: Option<&Arc<ServerConfig>>,
+        blacklist: &Blacklist,
+    ) {
+        loop {
+            let incoming = match handoff.receive() {
+                Ok(Some(i)) => i,
+                Ok(None) => return,
+                Err(_refused) => {
+                    cx.stats().incr(Counter::TcpRejected);
+                    cx.fold();
+                    continue;
+                }
+            };
+            let config = match (incoming.tls, tls) {
+                (false, _) => None,
+                (true, Some(base)) => Some(handoff.tls_config(base)),
+                (true, None) => {
+                    cx.stats().incr(Counter::TcpClosedTlsError);
+                    cx.fold();
+                    continue;
+                }
+            };
+            self.admit(cx, incoming.stream, incoming.peer, None, config, blacklist);
+        }
+    }
+
+    /// Serves a new connection unless its source is blacklisted or over a limit.
+    fn admit(
+        &mut self,
+        cx: &mut Cx<'_, '_>,
+        mut stream: Stream,
+        peer: SocketAddr,
+        endpoint: Option<usize>,
+        tls: Option<Arc<ServerConfig>>,
+        blacklist: &Blacklist,
+    ) {
+        let (limits, poll, now) = (cx.limits, cx.poll, cx.now);
+        {
             let src = peer.ip().to_canonical();
             if blacklist.is_blocked(src, now.unix) {
                 cx.stats().incr(Counter::DropBlacklisted);
                 cx.fold();
-                continue;
+                return;
             }
             let n = self.per_source.get(&src).copied().unwrap_or(0);
             if self.live >= limits.max_connections || n >= limits.per_source {
                 cx.stats().incr(Counter::TcpRejected);
                 cx.fold();
-                continue;
+                return;
             }
-            let session = match tls {
-                Ok(None) => None,
-                Ok(Some(config)) => match ServerConnection::new(Arc::clone(config)) {
-                    Ok(s) => Some(Box::new(s)),
-                    Err(_) => {
-                        cx.stats().incr(Counter::TcpClosedTlsError);
-                        cx.fold();
-                        continue;
-                    }
-                },
-                Err(()) => {
+            let session = match tls.map(ServerConnection::new) {
+                None => None,
+                Some(Ok(s)) => Some(Box::new(s)),
+                Some(Err(_)) => {
                     cx.stats().incr(Counter::TcpClosedTlsError);
                     cx.fold();
-                    continue;
+                    return;
                 }
             };
             let idx = match self.free.pop() {
@@ -535,16 +602,16 @@ impl Conns {
                 self.free.push(idx);
                 cx.stats().incr(Counter::TcpRejected);
                 cx.fold();
-                continue;
+                return;
             }
-            let _ = stream.set_nodelay(true);
+            stream.set_nodelay();
             cx.stats().incr(Counter::TcpAccepted);
             *self.per_source.entry(src).or_insert(0) += 1;
             self.live += 1;
             self.slots[idx] = Some(Conn {
                 stream,
                 peer,
-                endpoint: listener.endpoint,
+                endpoint,
                 tls: session,
                 input: vec![0u8; PAYLOAD_CAPACITY].into_boxed_slice(),
                 in_len: 0,
