@@ -28,6 +28,9 @@ pub enum Kind {
     /// H.323 and SIP registrations through the reverse proxy (`portico-perf register`
     /// reports in `--dir`), see [`crate::register_report`].
     Register,
+    /// TURN over TCP and TLS vs coturn (`portico-perf turn --transport tcp|tls` reports in
+    /// `--dir`), see [`crate::turn_tcp_report`].
+    TurnTcp,
 }
 
 impl Kind {
@@ -38,6 +41,7 @@ impl Kind {
             Kind::Proxy => "proxy",
             Kind::Fraud => "fraud",
             Kind::Register => "register",
+            Kind::TurnTcp => "turn-tcp",
         }
     }
 }
@@ -667,6 +671,7 @@ pub fn run(args: &BenchReportArgs) -> Result<(), String> {
             fraud_section(args, &text)?
         }
         Kind::Register => crate::register_report::render(args, &load(dir()?)?),
+        Kind::TurnTcp => crate::turn_tcp_report::render(args, &load(dir()?)?),
     };
     let existing = match std::fs::read_to_string(&args.out) {
         Ok(t) => t,

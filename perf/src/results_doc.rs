@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 pub const SECTIONS: &[(&str, &str)] = &[
     ("stun", "STUN Binding"),
     ("turn", "TURN relay"),
+    ("turn-tcp", "TURN over TCP and TLS"),
     ("proxy", "Reverse proxy"),
     (
         "register",

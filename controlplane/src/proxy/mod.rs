@@ -320,7 +320,7 @@ async fn handle(
     if let Some(socket) = &turn_handoff {
         // A TURN client that says so in its ClientHello goes to the dataplane untouched.
         if turn::peek_hello(&tcp, first_deadline).await == sniff::turn::Verdict::Turn {
-            turn::hand_over_socket(tcp, peer, socket, events.metrics()).await;
+            turn::hand_over_socket(tcp, peer, socket, events.metrics(), first_deadline).await;
             return;
         }
     }
@@ -418,8 +418,16 @@ async fn turn_after_tls(
         match sniff::turn::first_bytes(&first[..n]) {
             sniff::turn::Verdict::NeedMore => continue,
             sniff::turn::Verdict::Turn => {
-                turn::relay_plaintext(client, &first[..n], peer, socket, events.metrics(), blocked)
-                    .await;
+                turn::relay_plaintext(
+                    client,
+                    &first[..n],
+                    peer,
+                    socket,
+                    events.metrics(),
+                    blocked,
+                    deadline,
+                )
+                .await;
                 return None;
             }
             sniff::turn::Verdict::NotTurn => break,
