@@ -145,5 +145,43 @@ pub fn render(args: &BenchReportArgs, runs: &Runs) -> String {
         }
         md.push('\n');
     }
+    md += &noise(runs);
     md
+}
+
+/// How loaded the box was and how far the generator fell behind its schedule: at 1000
+/// streams a starved generator offers less than 50 pkt/s per stream, and every figure above
+/// is then a measurement at that lower load.
+fn noise(runs: &Runs) -> String {
+    let all: Vec<&Value> = runs.values().flat_map(|m| m.values().flatten()).collect();
+    let others: Vec<f64> = all
+        .iter()
+        .filter_map(|v| Some(num(v, &["others_cpu_s"])? / num(v, &["window_s"])?))
+        .collect();
+    let behind: Vec<f64> = all
+        .iter()
+        .filter_map(|v| {
+            let b = num(v, &["data", "generator_behind"])?;
+            let sent = num(v, &["data", "up", "sent"])?;
+            Some(b / (b + sent).max(1.0))
+        })
+        .collect();
+    let (Some(o), Some(b)) = (Spread::of(&others), Spread::of(&behind)) else {
+        return String::new();
+    };
+    format!(
+        "### Noise\n\nOther processes kept {} cores busy during a run (median; min {}, max {}) \
+         out of {}; the generator fell behind its schedule by {} of the packets it should have \
+         sent (median; min {}, max {}), so the offered load was below the nominal 50 pkt/s per \
+         stream by that much, alike for both servers (they alternate within every round). \
+         Where the time goes, and what decided where the stream side runs: docs/DESIGN.md, \
+         \"TURN over TCP and TLS\".\n\n",
+        two(o.median),
+        two(o.min),
+        two(o.max),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        pct(b.median),
+        pct(b.min),
+        pct(b.max)
+    )
 }

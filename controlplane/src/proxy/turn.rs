@@ -79,7 +79,8 @@ async fn send(
 /// Peeks at the ClientHello without consuming it (bounded by `deadline`): `Turn` when it
 /// offers ALPN `stun.turn`.
 pub async fn peek_hello(tcp: &TcpStream, deadline: tokio::time::Instant) -> Verdict {
-    let mut buf = vec![0u8; HELLO_PEEK];
+    // Most ClientHellos fit in 2 KiB; the buffer grows to a whole record only when needed.
+    let mut buf = vec![0u8; 2048];
     let mut last = 0;
     let peeked = tokio::time::timeout_at(deadline, async {
         loop {
@@ -88,6 +89,9 @@ pub async fn peek_hello(tcp: &TcpStream, deadline: tokio::time::Instant) -> Verd
                 Ok(n) => n,
             };
             match client_hello(&buf[..n]) {
+                Verdict::NeedMore if n == buf.len() && buf.len() < HELLO_PEEK => {
+                    buf.resize(HELLO_PEEK, 0);
+                }
                 Verdict::NeedMore if n < buf.len() => {
                     // A ClientHello split over segments: peek again once more has come.
                     if n == last {

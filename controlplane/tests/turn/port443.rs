@@ -223,7 +223,11 @@ fn uclient_tls_without_loss(p: &Portico, port: u16) {
     assert_eq!(r.code, Some(0), "uclient failed:\n{}", r.text);
     assert!(
         r.text.contains("Total lost packets 0 (0.000000%)"),
-        "uclient lost packets:\n{}",
+        "uclient lost packets (stream backlog drops {}, send errors {}, relayed {}/{}):\n{}",
+        p.counter(Counter::DropStreamBacklog),
+        p.counter(Counter::SendErrors),
+        p.counter(Counter::RelayClientToPeerPackets),
+        p.counter(Counter::RelayPeerToClientPackets),
         r.text
     );
     let (sent, received) = totals(&r.text).unwrap_or_else(|| panic!("no totals:\n{}", r.text));
@@ -244,10 +248,13 @@ fn https_and_turn_over_tls_share_the_port() {
     // uclient (no ALPN) while curl goes on on the same port.
     let uclient_done = std::thread::scope(|s| {
         let u = s.spawn(|| uclient_tls_without_loss(&p, https));
+        // A few requests spread over the run: concurrent, without starving uclient of the
+        // box's two cores (its loss counts what is late at its end).
         let mut curls = 0;
-        while !u.is_finished() && curls < 50 {
+        while !u.is_finished() && curls < 10 {
             assert_https_routed(https);
             curls += 1;
+            std::thread::sleep(Duration::from_millis(300));
         }
         u.join().is_ok()
     });
