@@ -223,7 +223,10 @@ fn uclient_tls_without_loss(p: &Portico, port: u16) {
     assert_eq!(r.code, Some(0), "uclient failed:\n{}", r.text);
     assert!(
         r.text.contains("Total lost packets 0 (0.000000%)"),
-        "uclient lost packets (stream backlog drops {}, send errors {}, relayed {}/{}):\n{}",
+        "uclient lost packets (hand-offs alpn {} plaintext {}, stream backlog drops {}, send \
+         errors {}, relayed {}/{}):\n{}",
+        handoffs(p, "alpn"),
+        handoffs(p, "plaintext"),
         p.counter(Counter::DropStreamBacklog),
         p.counter(Counter::SendErrors),
         p.counter(Counter::RelayClientToPeerPackets),
