@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/bench.sh [stun|turn|proxy|fraud|register|profile|scale|all]   (default: stun)
+# scripts/bench.sh [stun|turn|turn-tcp|proxy|fraud|register|media|profile|scale|all]   (default: stun)
 #
 # Side-by-side benchmarks on the machine this runs on, written into perf/RESULTS.md (one
 # section per scenario; running one scenario replaces only its own section):
@@ -11,6 +11,11 @@
 #            generator's ceiling): (a) ramp of streams until loss > 0.1%, flat out,
 #            (b) 1000 streams × 50 pkt/s for 60 s, (c) allocation churn, (d) coturn's own
 #            turnutils_uclient + turnutils_peer at one fixed load. Charts in perf/charts/.
+#   turn-tcp TURN over TCP and over TLS: Portico vs coturn, the same generator
+#            (`portico-perf turn --transport tcp|tls`, a connection per client from its own
+#            loopback address), TURN_TCP_STREAMS (1000) streams × 50 pkt/s for
+#            TURN_TCP_DURATION (20) s, TURN_TCP_ROUNDS (2) rounds, servers interleaved; plus
+#            Portico's one port 443 (`proxy.turn_on_https`) with and without ALPN stun.turn.
 #   proxy    scripts/bench-proxy.sh (Portico vs HAProxy, HTTP/HTTPS/TLS handshakes), merged.
 #   fraud    brute-force reaction: the fraud tests' brute forces (TURN over UDP, HTTP Basic,
 #            SIP digest, LDAP bind; thresholds 5 and 20), built with --release and run
@@ -66,13 +71,13 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [stun|turn|proxy|fraud|register|media|profile|scale|all]" >&2
+    echo "usage: $0 [stun|turn|turn-tcp|proxy|fraud|register|media|profile|scale|all]" >&2
     exit 2
 }
 (($# <= 1)) || usage
 scenario=${1:-stun}
 case $scenario in
-stun | turn | proxy | fraud | register | media | profile | scale | all) ;;
+stun | turn | turn-tcp | proxy | fraud | register | media | profile | scale | all) ;;
 *) usage ;;
 esac
 
@@ -130,6 +135,7 @@ case $scenario in
 proxy | all) tools="$tools nginx:nginx haproxy:haproxy wrk:wrk openssl:openssl python3:python3" ;;
 esac
 [[ $scenario == profile ]] && tools="$tools valgrind:valgrind linux-perf:perf"
+[[ $scenario == turn-tcp ]] && tools="$tools openssl:openssl"
 # Installs without starting services (coturn's would take port 3478): see lib/install.sh.
 install_missing_tools "$tools" >&2 || die "could not install the tools this benchmark needs"
 
@@ -524,6 +530,142 @@ run_turn() {
         --fact "load points=ramp: $steps streams × $ramp_s s, one server per round across its steps, stopped after the first step with loss > 0.1%; flat out: $flat_clients streams × $flat_window in flight, $flat_s s; sustained: $streams streams × $sustained_s s; churn: $churn_clients clients × $churn_s s; uclient: \`${uc[*]}\`" \
         --server portico --server coturn --server turn-stub \
         --ratio portico/coturn --reference turn-stub
+}
+
+# ---------------------------------------------------------------------------------------
+# TURN over TCP and TLS
+# ---------------------------------------------------------------------------------------
+
+# One ECDSA P-256 pair for both servers' TLS.
+make_bench_cert() {
+    bench_cert=$work/bench-cert.pem
+    bench_key=$work/bench-key.pem
+    [[ -s $bench_cert ]] && return 0
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=portico.bench -keyout "$bench_key" -out "$bench_cert" >/dev/null 2>&1 ||
+        die "openssl could not make the benchmark certificate"
+}
+
+# Portico with TURN on TCP (turn.listen), TLS (turn.listen_tls) and the proxy's HTTPS port
+# with proxy.turn_on_https; sets tcp_port, tls_port, https_port.
+start_portico_turn_tcp() {
+    local tag=$1 port api dir
+    port=$("$perf" free-port)
+    api=$("$perf" free-port)
+    tls_port=$("$perf" free-port)
+    https_port=$("$perf" free-port)
+    dir=$work/portico-$tag
+    mkdir -p "$dir"
+    cat >"$dir/portico.toml" <<EOF
+state_dir = "$dir/state"
+log_level = "info"
+
+[turn]
+listen = ["127.0.0.1:$port"]
+listen_tls = ["127.0.0.1:$tls_port"]
+workers = $workers
+io = "io_uring"
+realm = "$turn_realm"
+users = [{ name = "$turn_user", password = "$turn_password" }]
+allow_peers = ["127.0.0.0/8"]
+relay_ports = "$relay_ports"
+max_allocations = 100000
+max_allocations_per_user = 100000
+
+[api]
+listen = "127.0.0.1:$api"
+
+[proxy]
+turn_on_https = true
+
+[proxy.listen]
+https = "127.0.0.1:$https_port"
+
+[proxy.tls]
+cert = "$bench_cert"
+key = "$bench_key"
+
+[proxy.limits]
+max_connections = 8192
+max_connections_per_ip = 8192
+EOF
+    target=127.0.0.1:$port
+    tcp_port=$port
+    launch_portico "$dir" io_uring
+    wait_turn "$target" "${stop_pids[0]}" ||
+        die "portico does not relay TURN: $(strip_ansi "$dir/log" | tail -5)"
+}
+
+coturn_tcp_flags=(-n --listening-ip 127.0.0.1 --relay-ip 127.0.0.1 --relay-threads "$workers"
+    --lt-cred-mech --user "$turn_user:$turn_password" --realm "$turn_realm"
+    --allow-loopback-peers --no-cli --no-dtls --simple-log
+    --min-port "${relay_ports%-*}" --max-port "${relay_ports#*-}")
+start_coturn_turn_tcp() {
+    local tag=$1 port dir pid
+    port=$("$perf" free-port)
+    tls_port=$("$perf" free-port)
+    dir=$work/coturn-$tag
+    mkdir -p "$dir"
+    turnserver "${coturn_tcp_flags[@]}" --listening-port "$port" --tls-listening-port "$tls_port" \
+        --cert "$bench_cert" --pkey "$bench_key" --log-file "$dir/turn.log" \
+        --pidfile "$dir/turnserver.pid" --userdb "$dir/turndb" >"$dir/stdout" 2>&1 &
+    pid=$!
+    stop_pids=("$pid")
+    measure_pids=("$pid")
+    target=127.0.0.1:$port
+    tcp_port=$port
+    wait_turn "$target" "$pid" || die "coturn does not relay TURN: $(tail -5 "$dir/stdout")"
+}
+
+run_turn_tcp() {
+    local rounds=${TURN_TCP_ROUNDS:-2} rate=50 streams=${TURN_TCP_STREAMS:-1000}
+    local secs=${TURN_TCP_DURATION:-20} threads=${TURN_TCP_THREADS:-2}
+    local points=${TURN_TCP_POINTS:-"tcp tls tls-443-alpn tls-443-plain"}
+    local round point server name started_at load_before port transport extra
+    turn_results=$work/turn-tcp-results
+    mkdir -p "$turn_results"
+    turn_t0=$SECONDS
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    make_bench_cert
+    say "TURN over TCP/TLS: points '$points', $rounds rounds, $streams streams × $rate pkt/s × $secs s"
+    for round in $(seq "$rounds"); do
+        for point in $points; do
+            for server in portico coturn; do
+                # The one-port-443 points exist only for Portico.
+                [[ $point == tls-443-* && $server == coturn ]] && continue
+                name=${server}__${point}__r${round}
+                case $server in
+                portico) start_portico_turn_tcp "$name" ;;
+                coturn) start_coturn_turn_tcp "$name" ;;
+                esac
+                extra=()
+                case $point in
+                tcp) port=$tcp_port transport=tcp ;;
+                tls) port=$tls_port transport=tls ;;
+                tls-443-alpn) port=$https_port transport=tls extra=(--alpn) ;;
+                tls-443-plain) port=$https_port transport=tls ;;
+                *) die "unknown point $point" ;;
+                esac
+                target=127.0.0.1:$port
+                turn_run "$name" --transport "$transport" "${extra[@]}" --clients "$streams" \
+                    --rate "$rate" --duration "$secs" --threads "$threads" --setup-window 256
+                stop_servers
+            done
+        done
+    done
+    say "writing the TURN over TCP/TLS section of $out"
+    common_facts
+    "$perf" bench-report --kind turn-tcp --dir "$turn_results" --out "$out" \
+        --command "$(command_line turn-tcp TURN_TCP_ROUNDS TURN_TCP_STREAMS TURN_TCP_DURATION TURN_TCP_THREADS TURN_TCP_POINTS)" \
+        --fact "date=$started_at, $((SECONDS - turn_t0)) s of runs" "${facts[@]}" \
+        --fact "load average (1/5/15 min)=before: $load_before; after: $(cut -d' ' -f1-3 /proc/loadavg)" \
+        --fact "portico=\`portico run\`, $workers UDP workers + the one TCP/TLS thread, \`turn.listen\` (TCP), \`turn.listen_tls\`, and the proxy's https listener with \`proxy.turn_on_https = true\`; ECDSA P-256 certificate; CPU and RSS = controlplane + dataplane" \
+        --fact "coturn=$(turnserver --version 2>/dev/null | head -1) \`turnserver ${coturn_tcp_flags[*]} --tls-listening-port … --cert … --pkey …\` (same certificate)" \
+        --fact "generator=\`portico-perf turn --transport tcp|tls\`, $threads client threads (mio), 1 peer thread; a TCP connection per client from its own loopback address, TLS without certificate check (rustls; the handshake signature is still verified); 401 round trip, CreatePermission + ChannelBind, 172-byte payload, ChannelData padded to 4 bytes; $rate pkt/s per stream each way, the UDP peer echoes" \
+        --fact "points=tcp: TURN over TCP on the TURN port; tls: TURN over TLS on turn.listen_tls / coturn's tls-listening-port; tls-443-alpn: Portico's proxy https port, ClientHello with ALPN stun.turn (the socket is handed to the dataplane); tls-443-plain: the same port without ALPN (TLS ends in the control plane, plaintext relayed to the dataplane over a unix socket)" \
+        --fact "RSS per 1000 allocations=(server RSS after setup − RSS idle) ÷ ready allocations × 1000, i.e. with their TCP/TLS connections" \
+        --server portico --server coturn --ratio portico/coturn
 }
 
 # ---------------------------------------------------------------------------------------
@@ -1097,6 +1239,7 @@ case $scenario in
 stun) run_stun 5 ;;
 media) run_media ;;
 turn) run_turn ;;
+turn-tcp) run_turn_tcp ;;
 proxy) run_proxy ;;
 fraud) run_fraud ;;
 register) run_register ;;

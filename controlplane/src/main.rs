@@ -233,6 +233,7 @@ async fn serve(
             let fraud = Arc::clone(&control.fraud);
             Arc::new(move |ip| fraud.is_blocked(ip))
         },
+        portico_shared::handoff::socket_path(&state.dir),
     ));
     {
         let fraud = Arc::clone(&control.fraud);

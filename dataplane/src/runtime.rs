@@ -210,6 +210,19 @@ pub fn run(shm_name: &str) -> Result<(), String> {
     }
     // Bind everything before starting any thread, so a bad address fails the start cleanly.
     let tcp_listeners = io::tcp::bind_listeners(&addrs, &config.turn.listen_tls)?;
+    // Where the proxy hands over TURN connections from its HTTPS port (proxy.turn_on_https);
+    // bound whenever TURN is served, so the switch works without restarting the dataplane.
+    let handoff = if serving {
+        match io::handoff::bind(&config.state_dir) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::error!("{e}; proxy.turn_on_https cannot hand connections over");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut sockets: Vec<Vec<UdpSocket>> = Vec::with_capacity(workers);
     for _ in 0..workers {
         sockets.push(io::bind_all(&addrs)?);
@@ -283,7 +296,7 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         let h = thread::Builder::new()
             .name("portico-tcp".into())
             .spawn(move || {
-                if let Err(e) = io::tcp::run(MAX_WORKERS, Arc::clone(&sh), tcp_listeners) {
+                if let Err(e) = io::tcp::run(MAX_WORKERS, Arc::clone(&sh), tcp_listeners, handoff) {
                     tracing::error!("tcp thread failed: {e}");
                     sh.stop.store(true, Ordering::Relaxed);
                 }

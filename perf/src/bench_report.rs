@@ -32,6 +32,9 @@ pub enum Kind {
     /// per server), and `--markdown` notes appended (the limits met), see
     /// [`crate::turn_scale::section`].
     Scale,
+    /// TURN over TCP and TLS vs coturn (`portico-perf turn --transport tcp|tls` reports in
+    /// `--dir`), see [`crate::turn_tcp_report`].
+    TurnTcp,
 }
 
 impl Kind {
@@ -43,6 +46,7 @@ impl Kind {
             Kind::Fraud => "fraud",
             Kind::Register => "register",
             Kind::Scale => "scale",
+            Kind::TurnTcp => "turn-tcp",
         }
     }
 }
@@ -681,6 +685,7 @@ pub fn run(args: &BenchReportArgs) -> Result<(), String> {
             };
             crate::turn_scale::section(args, dir()?, &notes)?
         }
+        Kind::TurnTcp => crate::turn_tcp_report::render(args, &load(dir()?)?),
     };
     let existing = match std::fs::read_to_string(&args.out) {
         Ok(t) => t,

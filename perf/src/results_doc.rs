@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 pub const SECTIONS: &[(&str, &str)] = &[
     ("stun", "STUN Binding"),
     ("turn", "TURN relay"),
+    ("turn-tcp", "TURN over TCP and TLS"),
     ("proxy", "Reverse proxy"),
     (
         "register",
@@ -16,6 +17,7 @@ pub const SECTIONS: &[(&str, &str)] = &[
     ),
     ("fraud", "Fraud detection reaction"),
     ("scale", "TURN at scale: allocations held"),
+    ("media", "Media relay"),
 ];
 
 fn open(name: &str) -> String {

@@ -13,6 +13,8 @@
 //! agents and headless Chromium's RTCPeerConnections with a data channel.
 //! Scale: the descriptor limit raised for `turn.max_allocations` (or the start refused), relays
 //! spread over several `turn.relay_ip` addresses.
+//! One port for HTTPS and TURN over TLS (`proxy.turn_on_https`): curl routed by Host and
+//! TURN clients (uclient without ALPN, a client with ALPN `stun.turn`) on the same port.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -29,6 +31,7 @@ mod channel_range;
 mod ice;
 mod interop;
 mod ipv6;
+mod port443;
 mod probe;
 mod relay;
 mod scale;

@@ -6,7 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use mio::net::TcpStream;
 use mio::{Interest, Token};
 use portico_shared::counters::Counter;
 use portico_shared::shm::Blacklist;
@@ -15,6 +14,7 @@ use rustls::{ServerConfig, ServerConnection};
 use super::listen::Listener;
 use super::pipe;
 use super::Cx;
+use crate::io::handoff::{Handoff, Stream};
 use crate::io::uring::PAYLOAD_CAPACITY;
 use crate::io::BUF_SIZE;
 use crate::server::{Action, Received, Transport, HEADROOM};
@@ -22,7 +22,7 @@ use crate::stun;
 use crate::turn::TcpEvent;
 
 pub(super) struct Conn {
-    pub(super) stream: TcpStream,
+    pub(super) stream: Stream,
     pub(super) peer: SocketAddr,
     /// The endpoint Binding answers as from; a TLS connection answers as itself.
     pub(super) endpoint: Option<usize>,
@@ -77,80 +77,132 @@ impl Conns {
         tls: Result<Option<&Arc<ServerConfig>>, ()>,
         blacklist: &Blacklist,
     ) {
-        let (limits, poll, now) = (cx.limits, cx.poll, cx.now);
         loop {
-            let (mut stream, peer) = match listener.listener.accept() {
+            let (stream, peer) = match listener.listener.accept() {
                 Ok(x) => x,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // Out of descriptors or a connection reset before accept: next turn.
                 Err(_) => return,
             };
-            let src = peer.ip().to_canonical();
-            if blacklist.is_blocked(src, now.unix) {
-                cx.stats().incr(Counter::DropBlacklisted);
-                cx.fold();
-                continue;
-            }
-            let n = self.per_source.get(&src).copied().unwrap_or(0);
-            if self.live >= limits.max_connections || n >= limits.per_source {
-                cx.stats().incr(Counter::TcpRejected);
-                cx.fold();
-                continue;
-            }
-            let session = match tls {
-                Ok(None) => None,
-                Ok(Some(config)) => match ServerConnection::new(Arc::clone(config)) {
-                    Ok(s) => Some(Box::new(s)),
-                    Err(_) => {
-                        cx.stats().incr(Counter::TcpClosedTlsError);
-                        cx.fold();
-                        continue;
-                    }
-                },
+            let tls = match tls {
+                Ok(config) => config.map(Arc::clone),
                 Err(()) => {
                     cx.stats().incr(Counter::TcpClosedTlsError);
                     cx.fold();
                     continue;
                 }
             };
-            let idx = match self.free.pop() {
-                Some(i) => i,
-                None => {
-                    self.slots.push(None);
-                    self.slots.len() - 1
+            self.admit(
+                cx,
+                Stream::Tcp(stream),
+                peer,
+                listener.endpoint,
+                tls,
+                blacklist,
+            );
+        }
+    }
+
+    /// Takes every connection the proxy handed over ([`crate::io::handoff`]).
+    pub(super) fn take_handoffs(
+        &mut self,
+        cx: &mut Cx<'_, '_>,
+        handoff: &mut Handoff,
+        tls: Option<&Arc<ServerConfig>>,
+        blacklist: &Blacklist,
+    ) {
+        loop {
+            let incoming = match handoff.receive() {
+                Ok(Some(i)) => i,
+                Ok(None) => return,
+                Err(_refused) => {
+                    cx.stats().incr(Counter::TcpRejected);
+                    cx.fold();
+                    continue;
                 }
             };
-            if poll
-                .registry()
-                .register(&mut stream, Token(self.base + idx), Interest::READABLE)
-                .is_err()
-            {
-                self.free.push(idx);
-                cx.stats().incr(Counter::TcpRejected);
-                cx.fold();
-                continue;
-            }
-            let _ = stream.set_nodelay(true);
-            cx.stats().incr(Counter::TcpAccepted);
-            *self.per_source.entry(src).or_insert(0) += 1;
-            self.live += 1;
-            self.slots[idx] = Some(Conn {
-                stream,
-                peer,
-                endpoint: listener.endpoint,
-                tls: session,
-                input: vec![0u8; PAYLOAD_CAPACITY].into_boxed_slice(),
-                in_len: 0,
-                output: Vec::new(),
-                opened: now.mono,
-                last_message: None,
-                writable_interest: false,
-                pipe: None,
-                paused: false,
-                drain_close: false,
-            });
+            let config = match (incoming.tls, tls) {
+                (false, _) => None,
+                (true, Some(base)) => Some(handoff.tls_config(base)),
+                (true, None) => {
+                    cx.stats().incr(Counter::TcpClosedTlsError);
+                    cx.fold();
+                    continue;
+                }
+            };
+            self.admit(cx, incoming.stream, incoming.peer, None, config, blacklist);
         }
+    }
+
+    /// Serves a new connection unless its source is blacklisted or over a limit.
+    fn admit(
+        &mut self,
+        cx: &mut Cx<'_, '_>,
+        mut stream: Stream,
+        peer: SocketAddr,
+        endpoint: Option<usize>,
+        tls: Option<Arc<ServerConfig>>,
+        blacklist: &Blacklist,
+    ) {
+        let (limits, poll, now) = (cx.limits, cx.poll, cx.now);
+        let src = peer.ip().to_canonical();
+        if blacklist.is_blocked(src, now.unix) {
+            cx.stats().incr(Counter::DropBlacklisted);
+            cx.fold();
+            return;
+        }
+        let n = self.per_source.get(&src).copied().unwrap_or(0);
+        if self.live >= limits.max_connections || n >= limits.per_source {
+            cx.stats().incr(Counter::TcpRejected);
+            cx.fold();
+            return;
+        }
+        let session = match tls.map(ServerConnection::new) {
+            None => None,
+            Some(Ok(s)) => Some(Box::new(s)),
+            Some(Err(_)) => {
+                cx.stats().incr(Counter::TcpClosedTlsError);
+                cx.fold();
+                return;
+            }
+        };
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        if poll
+            .registry()
+            .register(&mut stream, Token(self.base + idx), Interest::READABLE)
+            .is_err()
+        {
+            self.free.push(idx);
+            cx.stats().incr(Counter::TcpRejected);
+            cx.fold();
+            return;
+        }
+        stream.set_nodelay();
+        cx.stats().incr(Counter::TcpAccepted);
+        *self.per_source.entry(src).or_insert(0) += 1;
+        self.live += 1;
+        self.slots[idx] = Some(Conn {
+            stream,
+            peer,
+            endpoint,
+            tls: session,
+            input: vec![0u8; PAYLOAD_CAPACITY].into_boxed_slice(),
+            in_len: 0,
+            output: Vec::new(),
+            opened: now.mono,
+            last_message: None,
+            writable_interest: false,
+            pipe: None,
+            paused: false,
+            drain_close: false,
+        });
     }
 
     /// Closes a connection; the allocation made over it ends with it.

@@ -33,6 +33,7 @@ use mio::{Events, Interest, Poll, Token};
 use portico_shared::counters::Counter;
 use portico_shared::shm::WorkerCounters;
 
+use super::handoff::Handoff;
 use super::relay::Slots;
 use super::uring::PAYLOAD_CAPACITY;
 use super::{fold, SettingsWatch, Shared, BUF_SIZE, TICK};
@@ -44,6 +45,9 @@ use relays::{RelaySock, StreamRelays};
 
 /// Tokens of relay sockets carry this bit; below it are listeners, then connections.
 const RELAY_TOKEN: usize = 1 << (usize::BITS - 2);
+/// The token of the hand-off socket ([`super::handoff`]), clear of the relay bit and far above
+/// any connection's.
+const HANDOFF_TOKEN: usize = RELAY_TOKEN - 1;
 /// Datagrams read from one relay socket before the others get a turn.
 const BUDGET: usize = 64;
 
@@ -103,6 +107,7 @@ pub fn run(
     counter_block: usize,
     shared: Arc<Shared>,
     mut listeners: Vec<Listener>,
+    mut handoff: Option<Handoff>,
 ) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let registry = poll.registry().try_clone()?;
@@ -110,6 +115,10 @@ pub fn run(
     for (i, l) in listeners.iter_mut().enumerate() {
         registry.register(&mut l.listener, Token(i), Interest::READABLE)?;
     }
+    if let Some(h) = handoff.as_mut() {
+        h.register(&registry, Token(HANDOFF_TOKEN))?;
+    }
+    let wants_tls = listeners.iter().any(|l| l.tls) || handoff.is_some();
     let base = listeners.len();
     let block = shared.shm.segment().counters(counter_block);
     let conn_base = shared.current_settings().endpoints.len();
@@ -117,7 +126,7 @@ pub fn run(
     let first_relay = conn_base + limits.max_connections;
     let mut server = shared.new_server_at(counter_block, first_relay)?;
     let mut watch = SettingsWatch::new(&shared);
-    let mut tls_config = if listeners.iter().any(|l| l.tls) {
+    let mut tls_config = if wants_tls {
         let (cert, key) = &server.settings().tls_files;
         match load_tls(cert, key) {
             Ok(c) => Some(c),
@@ -169,7 +178,7 @@ pub fn run(
                 ..server.settings().turn.stream
             };
         }
-        if changed && listeners.iter().any(|l| l.tls) {
+        if changed && wants_tls {
             // The certificate may have been replaced or moved: load it again.
             let (cert, key) = &server.settings().tls_files;
             match load_tls(cert, key) {
@@ -196,6 +205,11 @@ pub fn run(
             let t = ev.token().0;
             if t & RELAY_TOKEN != 0 {
                 relay_ready.push(t & !RELAY_TOKEN);
+            } else if t == HANDOFF_TOKEN {
+                if let Some(h) = handoff.as_mut() {
+                    let blacklist = &shared.shm.segment().blacklist;
+                    conns.take_handoffs(&mut cx, h, tls_config.as_ref(), blacklist);
+                }
             } else if t < base {
                 let blacklist = &shared.shm.segment().blacklist;
                 let l = &mut listeners[t];
