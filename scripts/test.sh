@@ -39,6 +39,10 @@ chromium:chromium
 sip-tester:sipp
 baresip:baresip
 rtpengine-daemon:rtpengine
+ethtool:ethtool
+clang:clang
+llvm:llc
+libbpf-dev:/usr/include/bpf/bpf_helpers.h
 "
 
 # Upper bounds per step, so a hung test cannot use up CI's time; normal runs are far below.

@@ -128,6 +128,10 @@ pub struct TurnConfig {
     /// virtual machine the scheduler's freedom to move a worker off a busy core is worth more.
     pub pin_workers: bool,
     pub io: IoMode,
+    /// Kernel fast path for established channels (an eBPF program on the interfaces of the
+    /// listen and relay addresses): `"auto"` loads it when it can and otherwise runs without
+    /// it (one log line), `"on"` refuses to start without it, `"off"` never loads it.
+    pub fast_path: FastPathMode,
     /// How long a nonce stays valid before a request gets 438 Stale Nonce (plain numbers:
     /// seconds).
     pub nonce_lifetime: Duration,
@@ -174,6 +178,7 @@ impl Default for TurnConfig {
             workers: 0,
             pin_workers: false,
             io: IoMode::Auto,
+            fast_path: FastPathMode::Off,
             nonce_lifetime: Duration::from_secs(600),
             default_lifetime: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
@@ -208,6 +213,20 @@ pub enum IoMode {
     Auto,
     IoUring,
     Epoll,
+}
+
+/// `turn.fast_path`: whether relayed packets of established channels are forwarded by an
+/// eBPF program in the kernel instead of the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPathMode {
+    /// Load it where the build has the program and the kernel accepts it; otherwise run
+    /// without it and say why in one log line.
+    Auto,
+    /// Load it or refuse to start.
+    On,
+    /// Never load it (the default: attaching a TC program changes the box's interfaces).
+    Off,
 }
 
 impl fmt::Display for IoMode {

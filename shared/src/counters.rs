@@ -100,6 +100,9 @@ counters! {
     DropBlacklisted => "dataplane_drops" ["reason" = "blacklisted"] "Packets dropped, by reason.";
     ConfigApplied => "dataplane_config_applied" [] "Configuration generations the dataplane applied.";
     LoopTurns => "dataplane_loop_turns" [] "Turns of the worker event loops.";
+    FastPathClientToPeerPackets => "fastpath_packets" ["direction" = "client_to_peer"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets).";
+    FastPathPeerToClientPackets => "fastpath_packets" ["direction" = "peer_to_client"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets).";
+    FastPathEntries => "fastpath_entries_active" [] "Channels installed in the kernel fast path.";
 }
 
 /// Slots reserved per worker; more than [`Counter::ALL`] so counters can be added without

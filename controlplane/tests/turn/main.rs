@@ -21,6 +21,7 @@ use portico_testkit::{free_port_on, Portico, Spec, LOCAL4};
 mod alternate;
 mod api;
 mod channel_range;
+mod fast_path;
 mod interop;
 mod ipv6;
 mod probe;

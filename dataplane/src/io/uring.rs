@@ -391,6 +391,7 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
     let ts = types::Timespec::from(TICK);
     let args = types::SubmitArgs::new().timespec(&ts);
     let mut batch: Vec<cqueue::Entry> = Vec::with_capacity(CQ_BATCH);
+    let mut fast = (shared.fast_path.clone()).map(|f| crate::fastpath::Worker::new(f, &mut server));
     w.queue_ring_work()?;
     while !shared.stopping() {
         match w.ring.submitter().submit_with_args(1, &args) {
@@ -421,6 +422,9 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
             w.bufs.publish();
         }
         server.tick(now, &mut w.relays);
+        if let Some(f) = fast.as_mut() {
+            f.sync(&mut server, now);
+        }
         fold(server.stats_mut(), block);
         w.bufs.publish();
         w.queue_ring_work()?;

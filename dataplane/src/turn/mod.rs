@@ -234,6 +234,55 @@ pub struct Datagram {
     pub len: usize,
 }
 
+/// Most allocations remembered as changed between two drains; past it the driver is told
+/// to look at all of them.
+const CHANGES_MAX: usize = 4096;
+
+/// Which allocations' relayed channels may have changed (channel bound, permission created,
+/// either expired or removed, allocation ended, blacklist or settings changed): the hook a
+/// driver with a kernel fast path drains to keep the kernel's entries to what the core
+/// allows ([`crate::fastpath`]). Recorded only once a driver enabled it.
+#[derive(Default)]
+pub struct Changes {
+    enabled: bool,
+    all: bool,
+    /// Client 5-tuples (client address, listen socket) of changed allocations.
+    list: Vec<(SocketAddr, usize)>,
+}
+
+impl Changes {
+    pub(crate) fn mark(&mut self, client: SocketAddr, listen_socket: usize) {
+        if !self.enabled || self.all {
+            return;
+        }
+        if self.list.len() >= CHANGES_MAX {
+            self.all = true;
+            self.list.clear();
+        } else {
+            self.list.push((client, listen_socket));
+        }
+    }
+
+    pub(crate) fn mark_all(&mut self) {
+        if self.enabled {
+            self.all = true;
+            self.list.clear();
+        }
+    }
+
+    /// Starts recording.
+    pub fn enable(&mut self) {
+        self.enabled = true;
+        self.all = true;
+    }
+
+    /// Moves the changed allocations to `out`; true when all of them must be looked at.
+    pub fn drain(&mut self, out: &mut Vec<(SocketAddr, usize)>) -> bool {
+        out.append(&mut self.list);
+        std::mem::take(&mut self.all)
+    }
+}
+
 /// Per-worker TURN state.
 pub struct Turn {
     shared: Arc<TurnShared>,
@@ -253,6 +302,8 @@ pub struct Turn {
     /// Set when the configuration changed: permissions and channels are checked against the
     /// (possibly narrower) peer policy at the next sweep.
     pub recheck_peers: bool,
+    /// Changes a kernel fast path must follow.
+    pub changes: Changes,
 }
 
 impl Turn {
@@ -278,11 +329,22 @@ impl Turn {
             last_control: None,
             blacklist_seen: 0,
             recheck_peers: false,
+            changes: Changes::default(),
         }
     }
 
     pub fn table(&self) -> &Table {
         &self.table
+    }
+
+    /// For the driver: traffic a kernel fast path relayed is credited to its allocation.
+    pub fn table_mut(&mut self) -> &mut Table {
+        &mut self.table
+    }
+
+    /// Whether `ip` is on the control plane's blacklist.
+    pub fn blocked(&self, ip: IpAddr, unix: u64) -> bool {
+        self.control.blacklist.blocked(ip, unix)
     }
 
     /// Whether any worker holds an allocation for a client at `ip`.
@@ -438,6 +500,7 @@ impl Turn {
     /// Ends an allocation: closes its relay socket and gives back its quota.
     fn end(&mut self, cx: &mut Ctx<'_>, slot: usize, reason: Counter) -> Option<Allocation> {
         let a = self.table.remove(slot)?;
+        self.changes.mark(a.client, a.listen_socket);
         for r in a.relays() {
             cx.io.close(r.socket);
         }
@@ -468,6 +531,7 @@ impl Turn {
         let now = cx.now;
         if self.recheck_peers {
             self.recheck_peers = false;
+            self.changes.mark_all();
             self.drop_refused_peers(cx);
         }
         // Control-plane requests are looked at every 50 ms, not every loop turn: under load a
@@ -495,6 +559,8 @@ impl Turn {
         let g = self.control.blacklist.generation();
         if g != self.blacklist_seen {
             self.blacklist_seen = g;
+            // A blocked peer must leave the kernel's entries too.
+            self.changes.mark_all();
             let blacklist = &self.control.blacklist;
             let blocked: Vec<usize> = self
                 .table
@@ -534,6 +600,9 @@ impl Turn {
                 );
                 cx.stats
                     .sub(Counter::TurnChannelsActive, (c - a.channels.len()) as u64);
+                if p != a.permissions.len() || c != a.channels.len() {
+                    self.changes.mark(a.client, a.listen_socket);
+                }
             }
             // Traffic figures and counts for the API, once a second.
             if let Some(a) = self.table.get(slot) {
@@ -569,6 +638,7 @@ impl Turn {
                 .retain(|c| policy.check(c.peer.ip(), c.peer.port()).is_ok());
             let (gone_p, gone_c) = (p - a.permissions.len(), c - a.channels.len());
             if gone_p + gone_c > 0 {
+                self.changes.mark(a.client, a.listen_socket);
                 cx.stats.sub(Counter::TurnPermissionsActive, gone_p as u64);
                 cx.stats.sub(Counter::TurnChannelsActive, gone_c as u64);
                 tracing::info!(
