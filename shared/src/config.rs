@@ -1150,6 +1150,21 @@ mod tests {
         assert_eq!(c.turn.io, IoMode::IoUring);
         assert!(Config::from_toml("[turn]\nio = \"uring\"\n").is_err());
     }
+
+    #[test]
+    fn fast_path_modes_default_off_and_a_bad_one_names_the_key() {
+        assert_eq!(Config::default().turn.fast_path, FastPathMode::Off);
+        for (text, mode) in [
+            ("auto", FastPathMode::Auto),
+            ("on", FastPathMode::On),
+            ("off", FastPathMode::Off),
+        ] {
+            let c = Config::from_toml(&format!("[turn]\nfast_path = \"{text}\"\n")).unwrap();
+            assert_eq!(c.turn.fast_path, mode);
+        }
+        let e = Config::from_toml("[turn]\nfast_path = \"maybe\"\n").unwrap_err();
+        assert_eq!(e.key, "turn.fast_path");
+    }
 }
 
 #[cfg(test)]

@@ -2630,3 +2630,6 @@ fn relay_ports_and_tokens_come_from_the_drivers_seed() {
     let (a, b) = (run(1), run(2));
     assert_ne!(a.1, b.1, "another seed, another token");
 }
+
+#[path = "../fastpath/tests.rs"]
+mod fastpath;
