@@ -14,6 +14,8 @@
 //!   within one second; a peer without a permission is never forwarded.
 //! * `fast_path = "off"` never loads it; `"auto"` with a missing object falls back with one
 //!   log line; `"on"` with a missing object refuses to start.
+//! * Both packet drivers (io_uring and epoll) install and remove entries.
+//! * coturn's `turnutils_uclient` relays through it to `turnutils_peer` without loss.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
@@ -257,6 +259,10 @@ struct NsPortico {
 
 impl NsPortico {
     fn start(lab: &Lab, mode: &str, env: &[(&str, &str)]) -> NsPortico {
+        NsPortico::start_on(lab, mode, "auto", env)
+    }
+
+    fn start_on(lab: &Lab, mode: &str, io: &str, env: &[(&str, &str)]) -> NsPortico {
         let dir = TempDir::new("fast-path");
         let state = dir.join("state");
         std::fs::create_dir_all(&state).unwrap();
@@ -265,7 +271,7 @@ impl NsPortico {
             &config,
             format!(
                 "state_dir = \"{}\"\n\n[turn]\nlisten = [\"{}:3478\"]\nrelay_ip = [\"{}\"]\n\
-                 allow_peers = [\"{}/24\"]\nfast_path = \"{mode}\"\nworkers = 1\n\
+                 allow_peers = [\"{}/24\"]\nfast_path = \"{mode}\"\nworkers = 1\nio = \"{io}\"\n\
                  realm = \"{REALM_NAME}\"\nusers = [{{ name = \"{USER}\", password = \"{PASSWORD}\" }}]\n\n\
                  [api]\nlisten = \"127.0.0.1:{API_PORT}\"\n",
                 state.display(),
@@ -493,7 +499,11 @@ fn lab_or_skip(test: &str) -> Option<Lab> {
 
 /// Portico with the fast path on, or `None` (loudly) where this kernel or build refuses it.
 fn fast_portico(lab: &Lab, test: &str) -> Option<NsPortico> {
-    let mut p = NsPortico::start(lab, "on", &[]);
+    fast_portico_on(lab, "auto", test)
+}
+
+fn fast_portico_on(lab: &Lab, io: &str, test: &str) -> Option<NsPortico> {
+    let mut p = NsPortico::start_on(lab, "on", io, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let log = p.log();
@@ -631,12 +641,30 @@ fn fast_path_relays_a_recorded_stream_like_user_space_without_waking_it() {
 
 #[test]
 fn fast_path_stops_on_delete_and_blacklist_and_never_serves_a_peer_without_permission() {
-    const T: &str =
-        "fast_path_stops_on_delete_and_blacklist_and_never_serves_a_peer_without_permission";
-    let Some(lab) = lab_or_skip(T) else { return };
-    let Some(fast) = fast_portico(&lab, T) else {
+    stops_on_delete_and_blacklist(
+        "io_uring",
+        "fast_path_stops_on_delete_and_blacklist_and_never_serves_a_peer_without_permission",
+    );
+}
+
+#[test]
+fn fast_path_stops_on_delete_and_blacklist_over_epoll() {
+    stops_on_delete_and_blacklist(
+        "epoll",
+        "fast_path_stops_on_delete_and_blacklist_over_epoll",
+    );
+}
+
+fn stops_on_delete_and_blacklist(io: &str, test: &str) {
+    let Some(lab) = lab_or_skip(test) else { return };
+    let Some(fast) = fast_portico_on(&lab, io, test) else {
         return;
     };
+    assert!(
+        fast.log().contains(&format!("driver=\"{io}\"")),
+        "{}",
+        fast.log()
+    );
 
     // A peer address without a permission: nothing reaches the client, in the kernel or
     // in user space, and user space saw (and dropped) it.
@@ -764,4 +792,76 @@ fn fast_path_modes_fall_back_or_refuse_when_the_object_is_missing() {
         "{log}"
     );
     assert!(!log.contains("kernel fast path loaded"), "{log}");
+}
+
+/// coturn's `turnutils_uclient` in the client namespace, relaying ChannelData to coturn's
+/// `turnutils_peer` in the peer namespace: no loss, and the kernel relayed the stream.
+#[test]
+fn uclient_relays_through_the_fast_path_without_loss() {
+    const T: &str = "uclient_relays_through_the_fast_path_without_loss";
+    let uclient = crate::uclient();
+    let peer_tool = require("turnutils_peer", "coturn");
+    let Some(lab) = lab_or_skip(T) else { return };
+    let Some(fast) = fast_portico(&lab, T) else {
+        return;
+    };
+    let mut cmd = Command::new(require("ip", "iproute2"));
+    cmd.args(["netns", "exec", &lab.peer_ns])
+        .arg(&peer_tool)
+        .args(["-L", &lab.peer.to_string(), "-p", "3480"]);
+    let _peer = Proc::spawn("turnutils_peer", &mut cmd, &fast.dir.join("peer.log"));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = fast.metrics();
+    let (messages, clients) = (200u64, 8u64);
+    let (peer, listen) = (lab.peer.to_string(), lab.listen.to_string());
+    let (n, m) = (messages.to_string(), clients.to_string());
+    let tool = uclient.to_string_lossy().into_owned();
+    let args = [
+        "netns",
+        "exec",
+        &lab.client_ns,
+        &tool,
+        "-c",
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-p",
+        "3478",
+        "-e",
+        &peer,
+        "-r",
+        "3480",
+        "-n",
+        &n,
+        "-m",
+        &m,
+        "-l",
+        "172",
+        &listen,
+    ];
+    let r = portico_testkit::process::run(&require("ip", "iproute2"), &args, &[], crate::LIMIT);
+    assert!(!r.timed_out, "uclient did not finish:\n{}", r.text);
+    assert_eq!(r.code, Some(0), "uclient failed:\n{}", r.text);
+    assert!(
+        r.text.contains("Total lost packets 0 (0.000000%)"),
+        "uclient lost packets:\n{}",
+        r.text
+    );
+    let (sent, received) =
+        crate::totals(&r.text).unwrap_or_else(|| panic!("no totals line:\n{}", r.text));
+    assert_eq!(sent, messages * clients, "{}", r.text);
+    assert_eq!(received, sent, "{}", r.text);
+    std::thread::sleep(Duration::from_millis(600));
+    let after = fast.metrics();
+    let d = |name: &str| counter(&after, name, &[]) - counter(&before, name, &[]);
+    // Every message went out and came back; the kernel carried most of them (the first
+    // packets of a channel may reach user space before the worker installs it).
+    assert!(d("portico_relay_packets") >= 2 * sent, "{after}");
+    assert!(
+        d("portico_fastpath_packets") >= sent,
+        "the kernel relayed {} of {} packets",
+        d("portico_fastpath_packets"),
+        2 * sent
+    );
 }

@@ -9,6 +9,9 @@
 //! `portico probe` (probe.rs): SUCCESS against Portico and coturn; the failing step and
 //! transport named for a wrong password, a refused peer, and UDP blocked in a namespace; the
 //! NAT type behind a masquerading router in namespaces.
+//! The kernel fast path (fast_path.rs) with client, Portico and peer in namespaces of their
+//! own: a recorded stream identical to the user-space relay's, counters, removal within a
+//! second, no permission no forwarding, fallback, uclient.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
