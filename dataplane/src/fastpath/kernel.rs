@@ -133,10 +133,13 @@ impl FastPath {
         Ok(())
     }
 
-    /// Removes both directions of a channel.
-    pub fn remove(&self, f: &Flow) {
-        let _ = delete(self.channels, &chan_key(f));
-        let _ = delete(self.peers, &peer_key(f));
+    /// Removes both directions of a channel; returns their last counters (read and deleted
+    /// in one step, so no packet counted in between is lost).
+    pub fn remove(&self, f: &Flow) -> (Counts, Counts) {
+        (
+            take(self.channels, &chan_key(f)).unwrap_or_default(),
+            take(self.peers, &peer_key(f)).unwrap_or_default(),
+        )
     }
 
     /// The counters of a channel: client to peer, peer to client.
@@ -237,6 +240,7 @@ struct ElemAttr {
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 
 fn bpf(cmd: libc::c_long, attr: &ElemAttr) -> io::Result<()> {
     // SAFETY: the attribute block is valid for the call, and the key and value pointers in
@@ -282,10 +286,27 @@ fn delete(fd: RawFd, key: &[u8]) -> io::Result<()> {
     )
 }
 
+/// Reads and deletes an entry (Linux 5.14+ for hash maps; the fast path needs 6.6), or at
+/// worst reads then deletes it.
+fn take(fd: RawFd, key: &[u8]) -> Option<Counts> {
+    match read(BPF_MAP_LOOKUP_AND_DELETE_ELEM, fd, key) {
+        Some(c) => Some(c),
+        None => {
+            let c = lookup(fd, key);
+            let _ = delete(fd, key);
+            c
+        }
+    }
+}
+
 fn lookup(fd: RawFd, key: &[u8]) -> Option<Counts> {
+    read(BPF_MAP_LOOKUP_ELEM, fd, key)
+}
+
+fn read(cmd: libc::c_long, fd: RawFd, key: &[u8]) -> Option<Counts> {
     let mut v = [0u8; VALUE];
     bpf(
-        BPF_MAP_LOOKUP_ELEM,
+        cmd,
         &ElemAttr {
             map_fd: fd as u32,
             _pad: 0,

@@ -17,7 +17,8 @@
 //! Anything else -- Send and Data indications, STUN, IPv6, packets the program cannot handle
 //! -- reaches user space as before. The program counts packets and bytes per entry; the
 //! worker folds them into its counters (`relay_packets`, `relay_bytes`, and
-//! `fastpath_packets`) and the allocation's traffic figures, at most 250 ms late, so
+//! `fastpath_packets`) and the allocation's traffic figures about once a second (and at
+//! removal, read and deleted in one step), so
 //! `/metrics` and the API show the same totals with and without the fast path.
 
 pub mod kernel;
@@ -34,8 +35,9 @@ use crate::server::{Now, Server, Settings};
 use crate::turn::Turn;
 pub use kernel::FastPath;
 
-/// How often a worker reads the counters of its entries.
-const FOLD_EVERY: Duration = Duration::from_millis(250);
+/// How often a worker reads the counters of its entries (two `bpf(2)` calls per channel;
+/// allocation records are republished once a second anyway).
+const FOLD_EVERY: Duration = Duration::from_secs(1);
 /// How often a worker checks all its allocations even without a recorded change (blacklist
 /// entries that lapse, for one).
 const FULL_EVERY: Duration = Duration::from_secs(10);
@@ -267,8 +269,8 @@ impl Worker {
             }
             let mut e = cur.swap_remove(i);
             // Counts up to the removal go to the allocation (if it still exists).
-            fold(&self.fp, server, key, &mut e);
-            self.fp.remove(&e.flow);
+            let (up, down) = self.fp.remove(&e.flow);
+            credit(server, key, &mut e, up, down);
             server.stats_mut().sub(Counter::FastPathEntries, 1);
         }
         for f in &self.desired {
@@ -314,6 +316,17 @@ impl Worker {
 /// the allocation's traffic figures.
 fn fold(fp: &FastPath, server: &mut Server, key: (SocketAddr, usize), e: &mut Entry) {
     let (up, down) = fp.counts(&e.flow);
+    credit(server, key, e, up, down);
+}
+
+/// Adds the counts beyond those already folded for `e`.
+fn credit(
+    server: &mut Server,
+    key: (SocketAddr, usize),
+    e: &mut Entry,
+    up: kernel::Counts,
+    down: kernel::Counts,
+) {
     let (dp, db) = (
         up.packets.saturating_sub(e.up.packets),
         up.bytes.saturating_sub(e.up.bytes),
