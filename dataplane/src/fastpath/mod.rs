@@ -122,14 +122,16 @@ pub fn start(config: &Config, settings: &Settings) -> Result<Option<Arc<FastPath
     if mode == FastPathMode::Off {
         return Ok(None);
     }
-    let loaded = addresses(settings).and_then(|addrs| {
-        let max = (config
-            .turn
-            .max_allocations
-            .saturating_mul(config.turn.max_channels))
-        .clamp(64, 1 << 20) as u32;
-        FastPath::load(&addrs, max)
-    });
+    let loaded = addresses(settings)
+        .and_then(|addrs| {
+            let max = (config
+                .turn
+                .max_allocations
+                .saturating_mul(config.turn.max_channels))
+            .clamp(64, 1 << 20) as u32;
+            FastPath::load(&addrs, max)
+        })
+        .map_err(|e| one_line(&e));
     match (loaded, mode) {
         (Ok(fp), _) => {
             tracing::info!(
@@ -145,6 +147,20 @@ pub fn start(config: &Config, settings: &Settings) -> Result<Option<Arc<FastPath
             Ok(None)
         }
     }
+}
+
+/// An error on one line of bounded length: the verifier's log can run to thousands of lines.
+fn one_line(e: &str) -> String {
+    let mut s: String = e
+        .split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    if s.chars().count() > 400 {
+        s = s.chars().take(400).collect::<String>() + " ...";
+    }
+    s
 }
 
 /// The IPv4 listen and relay addresses the program must see: their interfaces get it.
@@ -172,6 +188,15 @@ fn addresses(settings: &Settings) -> Result<Vec<std::net::Ipv4Addr>, String> {
         _ => return Err("no specific IPv4 relay address".into()),
     }
     Ok(out)
+}
+
+#[cfg(test)]
+#[test]
+fn errors_are_logged_on_one_bounded_line() {
+    assert_eq!(one_line("a\nb\r\n\n c "), "a | b | c");
+    let long = "x\n".repeat(1000);
+    let l = one_line(&long);
+    assert!(!l.contains('\n') && l.chars().count() <= 404, "{l}");
 }
 
 /// An installed channel and the counts already folded.
