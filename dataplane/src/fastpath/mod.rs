@@ -124,11 +124,14 @@ pub fn start(config: &Config, settings: &Settings) -> Result<Option<Arc<FastPath
     }
     let loaded = addresses(settings)
         .and_then(|addrs| {
-            let max = (config
+            // Per map: two channels per allocation on average (a WebRTC allocation usually has
+            // one peer), at most 2^18. Hash maps are preallocated, and a bigger table spreads
+            // lookups over more cache lines; channels past it stay in user space (logged).
+            let max = config
                 .turn
                 .max_allocations
-                .saturating_mul(config.turn.max_channels))
-            .clamp(64, 1 << 20) as u32;
+                .saturating_mul(2)
+                .clamp(1024, 1 << 18) as u32;
             FastPath::load(&addrs, max)
         })
         .map_err(|e| one_line(&e));
