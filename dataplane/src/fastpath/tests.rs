@@ -157,3 +157,29 @@ fn changes_are_not_recorded_until_enabled_and_stay_bounded() {
         "past the bound: one full look instead"
     );
 }
+
+#[test]
+fn a_new_configuration_is_looked_at_whole_and_a_cap_takes_it_back() {
+    let mut h = H::new();
+    h.server.turn_mut().changes.enable();
+    let mut c = h.client(CLIENT, "alice", "secret");
+    c.allocate(&mut h);
+    c.bind(&mut h, 0x4000, sa(PEER2));
+    let _ = changed(&mut h);
+    assert_eq!(flows_of(&h, CLIENT).len(), 1);
+    // The same configuration with a bandwidth cap, applied as the driver does.
+    let mut config = Config::from_toml(&BASE.replace("CAROL_KEY", &"0".repeat(32))).unwrap();
+    config.turn.max_bandwidth = 64_000;
+    let settings = Settings::from_config(&config, &[7u8; 32], &DefaultRoutes::default());
+    h.server.set_settings(Arc::new(settings));
+    h.tick();
+    assert_eq!(
+        changed(&mut h),
+        None,
+        "a new configuration asks for a full look"
+    );
+    assert!(
+        flows_of(&h, CLIENT).is_empty(),
+        "capped: every packet metered in user space"
+    );
+}
