@@ -637,6 +637,35 @@ fn fast_path_relays_a_recorded_stream_like_user_space_without_waking_it() {
             - counter(&before, "portico_dataplane_rx_packets", &[]),
         0
     );
+
+    // A dataplane that stops takes its entries out of the kernel (the gauge back to 0) and
+    // the next one loads the program again.
+    let log = fast.log();
+    let pid: i32 = log
+        .split("dataplane_pid=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no dataplane_pid in the log:\n{log}"));
+    // SAFETY: a signal to the dataplane process this test's Portico started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let loaded = fast.log().matches("kernel fast path loaded").count();
+        if loaded >= 2 {
+            if let Some((200, m)) = fast.api("GET", "/metrics", "") {
+                if counter(&m, "portico_fastpath_entries_active", &[]) == 0 {
+                    break;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no restart with the fast path, or entries left:\n{}",
+            fast.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -277,6 +277,18 @@ impl Worker {
         }
     }
 
+    /// The worker stops: every entry leaves the kernel, its last counts credited, so the
+    /// gauge and the totals are right for the next dataplane.
+    pub fn shutdown(&mut self, server: &mut Server) {
+        for (key, entries) in std::mem::take(&mut self.installed) {
+            for mut e in entries {
+                let (up, down) = self.fp.remove(&e.flow);
+                credit(server, key, &mut e, up, down);
+                server.stats_mut().sub(Counter::FastPathEntries, 1);
+            }
+        }
+    }
+
     fn reconcile(&mut self, server: &mut Server, key: (SocketAddr, usize), now: Now) {
         self.desired.clear();
         let settings = Arc::clone(server.settings());

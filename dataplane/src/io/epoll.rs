@@ -200,6 +200,9 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
         }
         fold(server.stats_mut(), block);
     }
+    if let Some(f) = fast.as_mut() {
+        f.shutdown(&mut server);
+    }
     server.shutdown(super::now(), &mut relays);
     fold(server.stats_mut(), block);
     Ok(())

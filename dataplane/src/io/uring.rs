@@ -429,6 +429,9 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
         w.bufs.publish();
         w.queue_ring_work()?;
     }
+    if let Some(f) = fast.as_mut() {
+        f.shutdown(&mut server);
+    }
     server.shutdown(super::now(), &mut w.relays);
     fold(server.stats_mut(), block);
     Ok(())
