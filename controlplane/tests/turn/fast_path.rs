@@ -801,8 +801,18 @@ fn fast_path_modes_fall_back_or_refuse_when_the_object_is_missing() {
     let log = auto.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("fast path")).collect();
     assert_eq!(lines.len(), 1, "one line says why:\n{log}");
+    // The reason: the missing object, or (a build without clang) no program at all.
+    let reason = if lines[0].contains("this build has no fast path") {
+        eprintln!(
+            "\n*** {T}: this build has no fast path (clang or libbpf-dev missing at build \
+             time); only the fallback itself is checked ***\n"
+        );
+        "this build has no fast path"
+    } else {
+        "/nonexistent/relay.bpf.o"
+    };
     assert!(
-        lines[0].contains("not used") && lines[0].contains("/nonexistent/relay.bpf.o"),
+        lines[0].contains("not used") && lines[0].contains(reason),
         "{}",
         lines[0]
     );
@@ -817,7 +827,7 @@ fn fast_path_modes_fall_back_or_refuse_when_the_object_is_missing() {
     }
     let log = on.log();
     assert!(
-        log.contains("turn.fast_path = ") && log.contains("/nonexistent/relay.bpf.o"),
+        log.contains("turn.fast_path = ") && log.contains(reason),
         "{log}"
     );
     assert!(!log.contains("kernel fast path loaded"), "{log}");

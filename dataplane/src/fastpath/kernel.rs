@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Mutex;
 
 use super::Flow;
@@ -48,6 +48,7 @@ impl FastPath {
     #[cfg(portico_fastpath)]
     pub fn load(addrs: &[Ipv4Addr], max_entries: u32) -> Result<FastPath, String> {
         use aya::programs::links::LinkOrder;
+        use std::os::fd::{AsFd, AsRawFd};
         use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
         use aya::EbpfLoader;
 
