@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/bench.sh [stun|turn|turn-tcp|proxy|fraud|register|media|profile|scale|all]   (default: stun)
+# scripts/bench.sh [stun|turn|turn-tcp|fastpath|proxy|fraud|register|media|profile|scale|all]   (default: stun)
 #
 # Side-by-side benchmarks on the machine this runs on, written into perf/RESULTS.md (one
 # section per scenario; running one scenario replaces only its own section):
@@ -16,6 +16,12 @@
 #            loopback address), TURN_TCP_STREAMS (1000) streams × 50 pkt/s for
 #            TURN_TCP_DURATION (20) s, TURN_TCP_ROUNDS (2) rounds, servers interleaved; plus
 #            Portico's one port 443 (`proxy.turn_on_https`) with and without ALPN stun.turn.
+#   fastpath TURN relay with the kernel fast path (`turn.fast_path = "on"`) vs Portico's
+#            user-space relay vs coturn, 1000 streams × 50 pkt/s (`portico-perf turn`), all in a
+#            network namespace this script creates (the TC program is attached to that
+#            namespace's `lo` only, never to the host's interfaces) and deletes; machine-wide
+#            CPU per million relayed packets from /proc/stat, with and without the
+#            generator's own CPU.
 #   proxy    scripts/bench-proxy.sh (Portico vs HAProxy, HTTP/HTTPS/TLS handshakes), merged.
 #   fraud    brute-force reaction: the fraud tests' brute forces (TURN over UDP, HTTP Basic,
 #            SIP digest, LDAP bind; thresholds 5 and 20), built with --release and run
@@ -55,6 +61,8 @@
 #          TURN_FLAT_DURATION s [5], TURN_STREAMS [1000], TURN_DURATION s [60],
 #          TURN_CHURN_CLIENTS [32], TURN_CHURN_DURATION s [10], TURN_UCLIENT_CLIENTS [100],
 #          TURN_UCLIENT_MESSAGES per client [400]
+#   fastpath: FP_ROUNDS [3], FP_STREAMS [1000], FP_RATE pkt/s per stream [50],
+#          FP_DURATION s [60], FP_SERVERS ["portico-fastpath portico coturn"]
 #   proxy: PROXY_DURATION s per measurement [10], PROXY_CONNS [50]
 #   fraud: FRAUD_ROUNDS [3]
 #   register: REGISTER_ROUNDS [3], REGISTER_DURATION s per run [4], REGISTER_RATE reg/s [500],
@@ -71,13 +79,13 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [stun|turn|turn-tcp|proxy|fraud|register|media|profile|scale|all]" >&2
+    echo "usage: $0 [stun|turn|turn-tcp|fastpath|proxy|fraud|register|media|profile|scale|all]" >&2
     exit 2
 }
 (($# <= 1)) || usage
 scenario=${1:-stun}
 case $scenario in
-stun | turn | turn-tcp | proxy | fraud | register | media | profile | scale | all) ;;
+stun | turn | turn-tcp | fastpath | proxy | fraud | register | media | profile | scale | all) ;;
 *) usage ;;
 esac
 
@@ -95,6 +103,9 @@ say() { echo "== $*" >&2; }
 
 # Processes of the server currently under test (and its helpers), stopped in this order.
 stop_pids=()
+# `ip netns exec NS` when servers and generator run in a namespace (fastpath), else empty.
+in_ns=()
+bench_ns=""
 work=$(mktemp -d "${TMPDIR:-/tmp}/portico-bench.XXXXXX")
 
 stop_pid() {
@@ -117,6 +128,7 @@ stop_servers() {
 cleanup() {
     local rc=$?
     stop_servers
+    [[ -z $bench_ns ]] || ip netns del "$bench_ns" 2>/dev/null || true
     if [[ -n ${KEEP_WORK:-} ]]; then
         echo "bench.sh: kept $work" >&2
     else
@@ -192,7 +204,7 @@ wait_stun() {
 # Starts `portico run` with the config in "$dir/portico.toml"; sets stop_pids, measure_pids.
 launch_portico() {
     local dir=$1 io=$2 main dp driver i
-    NO_COLOR=1 "$bin/portico" run --config "$dir/portico.toml" >"$dir/log" 2>&1 &
+    NO_COLOR=1 "${in_ns[@]}" "$bin/portico" run --config "$dir/portico.toml" >"$dir/log" 2>&1 &
     main=$!
     stop_pids=("$main")
     dp=""
@@ -260,8 +272,8 @@ start_echo() {
     port=$("$perf" free-port)
     dir=$work/echo-$tag
     mkdir -p "$dir"
-    "$perf" echo-server --listen "127.0.0.1:$port" --threads "$workers" --duration "$secs" \
-        "$@" >"$dir/log" 2>&1 &
+    "${in_ns[@]}" "$perf" echo-server --listen "127.0.0.1:$port" --threads "$workers" \
+        --duration "$secs" "$@" >"$dir/log" 2>&1 &
     pid=$!
     stop_pids=("$pid")
     measure_pids=("$pid")
@@ -337,7 +349,7 @@ wait_turn() {
     local target=$1 pid=$2 i
     for i in $(seq 50); do
         kill -0 "$pid" 2>/dev/null || return 1
-        if "$perf" turn --quiet --server "$target" --user "$turn_user" \
+        if "${in_ns[@]}" "$perf" turn --quiet --server "$target" --user "$turn_user" \
             --password "$turn_password" --clients 1 --rate 20 --duration 0.2 \
             --timeout-ms 200 --setup-timeout 2 >/dev/null 2>&1; then
             return 0
@@ -361,6 +373,7 @@ log_level = "info"
 listen = ["127.0.0.1:$port"]
 workers = $workers
 io = "io_uring"
+fast_path = "${turn_fast_path:-off}"
 realm = "$turn_realm"
 users = [{ name = "$turn_user", password = "$turn_password" }]
 allow_peers = ["127.0.0.0/8"]
@@ -386,8 +399,9 @@ start_coturn_turn() {
     port=$("$perf" free-port)
     dir=$work/coturn-$tag
     mkdir -p "$dir"
-    turnserver "${coturn_turn_flags[@]}" --listening-port "$port" --log-file "$dir/turn.log" \
-        --pidfile "$dir/turnserver.pid" --userdb "$dir/turndb" >"$dir/stdout" 2>&1 &
+    "${in_ns[@]}" turnserver "${coturn_turn_flags[@]}" --listening-port "$port" \
+        --log-file "$dir/turn.log" --pidfile "$dir/turnserver.pid" --userdb "$dir/turndb" \
+        >"$dir/stdout" 2>&1 &
     pid=$!
     stop_pids=("$pid")
     measure_pids=("$pid")
@@ -403,6 +417,11 @@ start_turn_stub() {
 start_turn_server() {
     case $1 in
     portico) start_portico_turn "$2" ;;
+    portico-fastpath)
+        turn_fast_path=on start_portico_turn "$2"
+        strip_ansi "$work/portico-$2/log" | grep -q 'kernel fast path loaded' ||
+            die "the fast path did not load: $(strip_ansi "$work/portico-$2/log" | grep -i 'fast' | head -3)"
+        ;;
     coturn) start_coturn_turn "$2" ;;
     turn-stub) start_turn_stub "$2" ;;
     *) die "unknown server $1" ;;
@@ -417,8 +436,8 @@ turn_run() {
     for p in "${measure_pids[@]}"; do
         pid_args+=(--server-pid "$p")
     done
-    "$perf" turn --quiet --server "$target" --user "$turn_user" --password "$turn_password" \
-        "${pid_args[@]}" --json "$turn_results/$name.json" "$@" >"$work/$name.txt" 2>&1 || rc=$?
+    "${in_ns[@]}" "$perf" turn --quiet --server "$target" --user "$turn_user" \
+        --password "$turn_password" "${pid_args[@]}" --json "$turn_results/$name.json" "$@" >"$work/$name.txt" 2>&1 || rc=$?
     ((rc == 0)) || die "$name: portico-perf turn exited $rc: $(cat "$work/$name.txt")"
     printf '[%4ds] %-28s %s | %s | %s\n' $((SECONDS - turn_t0)) "$name" \
         "$(grep -o 'relayed .*loss [0-9.]*%' "$work/$name.txt" || grep -o 'churn .*allocations/s' "$work/$name.txt")" \
@@ -666,6 +685,132 @@ run_turn_tcp() {
         --fact "points=tcp: TURN over TCP on the TURN port; tls: TURN over TLS on turn.listen_tls / coturn's tls-listening-port; tls-443-alpn: Portico's proxy https port, ClientHello with ALPN stun.turn (the socket is handed to the dataplane); tls-443-plain: the same port without ALPN (TLS ends in the control plane, plaintext relayed to the dataplane over a unix socket)" \
         --fact "RSS per 1000 allocations=(server RSS after setup − RSS idle) ÷ ready allocations × 1000, i.e. with their TCP/TLS connections" \
         --server portico --server coturn --ratio portico/coturn
+}
+
+# ---------------------------------------------------------------------------------------
+# TURN kernel fast path
+# ---------------------------------------------------------------------------------------
+
+# Servers and generator inside one network namespace this script creates: the fast path's
+# TC program is attached to that namespace's `lo` only. CPU: /proc/stat is machine-wide, so
+# the runs see everything the kernel does for the relay (softirq included), for every server
+# alike; "minus generator" subtracts the generator process's own CPU.
+run_fastpath() {
+    local rounds=${FP_ROUNDS:-3} streams=${FP_STREAMS:-1000} rate=${FP_RATE:-50}
+    local duration=${FP_DURATION:-60} servers=${FP_SERVERS:-"portico-fastpath portico coturn"}
+    local results=$work/fastpath-results round server name started_at load_before t0=$SECONDS
+    mkdir -p "$results"
+    bench_ns=portico-bench-fp-$$
+    ip netns add "$bench_ns" || die "cannot create a network namespace (needs root)"
+    ip -n "$bench_ns" link set lo up
+    in_ns=(ip netns exec "$bench_ns")
+    turn_results=$results
+    turn_t0=$SECONDS
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    say "TURN fast path: $servers, $rounds rounds of $streams streams × $rate pkt/s × $duration s in namespace $bench_ns"
+    for round in $(seq "$rounds"); do
+        for server in $servers; do
+            name=${server}__fp${streams}__r${round}
+            start_turn_server "$server" "$name"
+            turn_run "$name" --clients "$streams" --rate "$rate" --duration "$duration"
+            if [[ $server == portico-fastpath ]]; then
+                # The kernel's share, from the server's own counters.
+                "${in_ns[@]}" curl -s "http://$(grep -o '127.0.0.1:[0-9]*' \
+                    "$work/portico-$name/portico.toml" | tail -1)/metrics" \
+                    >"$results/$name.metrics" 2>/dev/null || true
+            fi
+            stop_servers
+        done
+    done
+    in_ns=()
+    ip netns del "$bench_ns" || true
+    bench_ns=""
+    say "writing the fast-path section of $out"
+    common_facts
+    FP_CMD=$(command_line fastpath FP_ROUNDS FP_STREAMS FP_RATE FP_DURATION FP_SERVERS) \
+        FP_FACTS="date=$started_at, $((SECONDS - t0)) s of runs; load average before: $load_before, after: $(cut -d' ' -f1-3 /proc/loadavg)" \
+        FP_MACHINE="$(nproc) cores, $(uname -r)" \
+        python3 - "$results" "$out" <<'PY'
+import glob, json, os, re, statistics, sys
+
+results, out = sys.argv[1], sys.argv[2]
+runs = {}
+for path in sorted(glob.glob(os.path.join(results, "*.json"))):
+    name = os.path.basename(path)[:-5]
+    server = name.split("__")[0]
+    with open(path) as f:
+        v = json.load(f)
+    d = v.get("data") or {}
+    up, down = d.get("up", {}), d.get("down", {})
+    relayed = up.get("received", 0) + down.get("received", 0)
+    m = relayed / 1e6 if relayed else float("nan")
+    machine = v["machine_busy_cpu_s"]
+    gen = v["generator_cpu_s"]
+    su = v.get("server_usage") or {}
+    kern = ""
+    mp = os.path.join(results, name + ".metrics")
+    if os.path.exists(mp):
+        fp = sum(float(l.split()[-1]) for l in open(mp) if l.startswith("portico_fastpath_packets"))
+        rp = sum(float(l.split()[-1]) for l in open(mp) if l.startswith("portico_relay_packets"))
+        kern = f"{100 * fp / rp:.1f}%" if rp else ""
+    runs.setdefault(server, []).append({
+        "pps": d.get("relayed_pps", 0),
+        "loss": d.get("round_trip_loss_ratio", float("nan")),
+        "p99": max(up.get("latency_us", {}).get("p99", 0), down.get("latency_us", {}).get("p99", 0)),
+        "machine": machine / m,
+        "minus_gen": (machine - gen) / m,
+        "server": su.get("cpu_s_per_million_relayed") or float("nan"),
+        # Generator and server processes together: on `lo` (no IRQ time accounting) the
+        # softirq work of a send, the fast path's included, is charged to the sender, so
+        # this sum holds the whole relay even when other work keeps the machine busy.
+        "procs": (gen + su.get("cpu_s", float("nan"))) / m,
+        "gen": v.get("generator_cpu_us_per_packet") or float("nan"),
+        "others": v.get("others_cpu_s", 0) / v["window_s"] if v.get("window_s") else 0,
+        "kern": kern,
+    })
+
+def med(xs):
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+lines = ["## TURN kernel fast path: fast path vs user-space relay vs coturn", "",
+         "From the runs of the command below; rerun it to refresh this section.", "",
+         "| | |", "|---|---|",
+         f"| command | `{os.environ['FP_CMD']}` |",
+         f"| runs | {os.environ['FP_FACTS']} |",
+         f"| machine | {os.environ['FP_MACHINE']} |",
+         "| topology | servers and `portico-perf turn` in one network namespace created for the run, on its `lo`; the fast path's TC program attached to that `lo` only |",
+         "", "Median over the rounds.", "",
+         "| server | runs | relayed pkt/s | loss | p99 µs (worse direction) | machine CPU-s / M pkt | machine − generator CPU-s / M pkt | generator + server processes CPU-s / M pkt | server processes CPU-s / M pkt | generator µs / pkt | others' CPU, cores | kernel share |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+for server in ["portico-fastpath", "portico", "coturn", "turn-stub"]:
+    r = runs.get(server)
+    if not r:
+        continue
+    g = lambda k: med([x[k] for x in r])
+    kern = ", ".join(x["kern"] for x in r if x["kern"]) or "–"
+    lines.append(f"| {server} | {len(r)} | {g('pps'):,.0f} | {100 * g('loss'):.3f}% | {g('p99'):.1f} | {g('machine'):.2f} | {g('minus_gen'):.2f} | {g('procs'):.2f} | {g('server'):.2f} | {g('gen'):.2f} | {g('others'):.2f} | {kern} |")
+if "coturn" in runs:
+    lines.append("")
+    for k, what in [("minus_gen", "machine − generator"), ("procs", "generator + server processes")]:
+        c = med([x[k] for x in runs["coturn"]])
+        for s in ["portico-fastpath", "portico"]:
+            if s in runs:
+                x = med([y[k] for y in runs[s]])
+                if x > 0:
+                    lines.append(f"- {s} / coturn, {what} CPU per M packets: {c / x:.2f}× less")
+section = "\n".join(lines) + "\n"
+text = open(out).read() if os.path.exists(out) else ""
+start = text.find("## TURN kernel fast path")
+if start >= 0:
+    nxt = text.find("\n## ", start + 1)
+    text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
+else:
+    text = text.rstrip("\n") + "\n\n" + section
+open(out, "w").write(text)
+print(section)
+PY
 }
 
 # ---------------------------------------------------------------------------------------
@@ -1240,6 +1385,7 @@ stun) run_stun 5 ;;
 media) run_media ;;
 turn) run_turn ;;
 turn-tcp) run_turn_tcp ;;
+fastpath) run_fastpath ;;
 proxy) run_proxy ;;
 fraud) run_fraud ;;
 register) run_register ;;

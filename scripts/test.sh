@@ -39,6 +39,10 @@ chromium:chromium
 sip-tester:sipp
 baresip:baresip
 rtpengine-daemon:rtpengine
+ethtool:ethtool
+clang:clang
+llvm:llc
+libbpf-dev:/usr/include/bpf/bpf_helpers.h
 "
 
 # Upper bounds per step, so a hung test cannot use up CI's time; normal runs are far below.
@@ -82,7 +86,7 @@ uname -srm
 cargo --version
 rustc --version
 for c in $(tool_commands "$REQUIRED_TOOLS"); do
-    printf '  %-24s %s\n' "$c" "$(command -v "$c")"
+    printf '  %-24s %s\n' "$c" "$(command -v "$c" || { [ -e "$c" ] && echo present; } || true)"
 done
 if ! ip -6 addr show dev lo 2>/dev/null | grep -q '::1/128'; then
     echo "warning: ::1 is not configured on lo; the IPv6 tests will fail" >&2

@@ -32,13 +32,14 @@ pub const FILE_HEADER: &str =
      # every key is documented in portico.example.toml.\n";
 
 /// Keys whose new value the running processes cannot take over live.
-const DATAPLANE_RESTART_KEYS: [&str; 6] = [
+const DATAPLANE_RESTART_KEYS: [&str; 7] = [
     "turn.listen",
     "turn.workers",
     "turn.pin_workers",
     "turn.io",
     "stun.alternate_ip",
     "stun.alternate_port",
+    "turn.fast_path",
 ];
 
 #[derive(Debug)]
@@ -286,6 +287,7 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         old.turn.io != new.turn.io,
         old.stun.alternate_ip != new.stun.alternate_ip,
         old.stun.alternate_port != new.stun.alternate_port,
+        old.turn.fast_path != new.turn.fast_path,
     ];
     let mut keys: Vec<&'static str> = DATAPLANE_RESTART_KEYS
         .iter()

@@ -240,6 +240,12 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         );
     }
 
+    // After the binds, before the workers: "on" fails the start here.
+    let fast_path = if serving {
+        crate::fastpath::start(&config, &settings)?
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
         shm,
         stop: AtomicBool::new(false),
@@ -249,6 +255,7 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         reservations: Arc::new(relay::Reservations::default()),
         secret,
         workers,
+        fast_path,
     });
     io::media::forget_dead_sessions(&shared);
     let seg = shared.shm.segment();
@@ -361,12 +368,13 @@ fn apply(shared: &Shared, started_with: &Config, new: &Config, generation: u64) 
         || started_with.turn.workers != new.turn.workers
         || started_with.turn.pin_workers != new.turn.pin_workers
         || started_with.turn.io != new.turn.io
+        || started_with.turn.fast_path != new.turn.fast_path
         || started_with.stun.alternate_ip != new.stun.alternate_ip
         || started_with.stun.alternate_port != new.stun.alternate_port;
     if needs_restart {
         tracing::warn!(
             generation,
-            "turn.listen, turn.listen_tls, turn.workers, turn.pin_workers, turn.io and stun.alternate_* take effect when the dataplane restarts"
+            "turn.listen, turn.listen_tls, turn.workers, turn.pin_workers, turn.io, turn.fast_path and stun.alternate_* take effect when the dataplane restarts"
         );
     }
     let mut settings = settings_for(new, &shared.secret);

@@ -1,6 +1,7 @@
 # Installs the Debian packages whose commands the tests need. Sourced by scripts/test.sh.
 #
-# The list is "package:command" pairs; a package is installed when any of its commands is
+# The list is "package:command" pairs (a command may be an absolute file path, for packages
+# without one: headers); a package is installed when any of its commands is
 # missing, so a rerun with everything present costs nothing and touches no network.
 
 # tool_commands LIST: the commands of LIST, one per line.
@@ -17,7 +18,9 @@ missing_packages() {
     for pair in $1; do
         pkg=${pair%%:*}
         cmd=${pair#*:}
-        if ! command -v "$cmd" >/dev/null 2>&1; then
+        # A "command" starting with / is a file the package installs (headers: libbpf-dev).
+        if { [ "${cmd#/}" != "$cmd" ] && [ ! -e "$cmd" ]; } ||
+            { [ "${cmd#/}" = "$cmd" ] && ! command -v "$cmd" >/dev/null 2>&1; }; then
             case " $out " in
                 *" $pkg "*) ;;
                 *) out="$out $pkg" ;;

@@ -140,6 +140,10 @@ pub struct TurnConfig {
     /// virtual machine the scheduler's freedom to move a worker off a busy core is worth more.
     pub pin_workers: bool,
     pub io: IoMode,
+    /// Kernel fast path for established channels (an eBPF program on the interfaces of the
+    /// listen and relay addresses): `"auto"` loads it when it can and otherwise runs without
+    /// it (one log line), `"on"` refuses to start without it, `"off"` never loads it.
+    pub fast_path: FastPathMode,
     /// How long a nonce stays valid before a request gets 438 Stale Nonce (plain numbers:
     /// seconds).
     pub nonce_lifetime: Duration,
@@ -200,6 +204,7 @@ impl Default for TurnConfig {
             workers: 0,
             pin_workers: false,
             io: IoMode::Auto,
+            fast_path: FastPathMode::Off,
             nonce_lifetime: Duration::from_secs(600),
             default_lifetime: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
@@ -240,6 +245,20 @@ pub enum IoMode {
     Auto,
     IoUring,
     Epoll,
+}
+
+/// `turn.fast_path`: whether relayed packets of established channels are forwarded by an
+/// eBPF program in the kernel instead of the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPathMode {
+    /// Load it where the build has the program and the kernel accepts it; otherwise run
+    /// without it and say why in one log line.
+    Auto,
+    /// Load it or refuse to start.
+    On,
+    /// Never load it (the default: attaching a TC program changes the box's interfaces).
+    Off,
 }
 
 impl fmt::Display for IoMode {
@@ -1276,6 +1295,21 @@ mod tests {
         let c = Config::from_toml("[turn]\nio = \"io_uring\"\n").unwrap();
         assert_eq!(c.turn.io, IoMode::IoUring);
         assert!(Config::from_toml("[turn]\nio = \"uring\"\n").is_err());
+    }
+
+    #[test]
+    fn fast_path_modes_default_off_and_a_bad_one_names_the_key() {
+        assert_eq!(Config::default().turn.fast_path, FastPathMode::Off);
+        for (text, mode) in [
+            ("auto", FastPathMode::Auto),
+            ("on", FastPathMode::On),
+            ("off", FastPathMode::Off),
+        ] {
+            let c = Config::from_toml(&format!("[turn]\nfast_path = \"{text}\"\n")).unwrap();
+            assert_eq!(c.turn.fast_path, mode);
+        }
+        let e = Config::from_toml("[turn]\nfast_path = \"maybe\"\n").unwrap_err();
+        assert_eq!(e.key, "turn.fast_path");
     }
 }
 

@@ -128,6 +128,9 @@ counters! {
     DropNatBindingsFull => "dataplane_drops" ["reason" = "nat_bindings_full"] "Packets dropped, by reason.";
     DropNatForeignReply => "dataplane_drops" ["reason" = "nat_foreign_reply"] "Packets dropped, by reason.";
     DropNatPeerDenied => "dataplane_drops" ["reason" = "nat_peer_denied"] "Packets dropped, by reason.";
+    FastPathClientToPeerPackets => "fastpath_packets" ["direction" = "client_to_peer"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets).";
+    FastPathPeerToClientPackets => "fastpath_packets" ["direction" = "peer_to_client"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets).";
+    FastPathEntries => "fastpath_entries_active" [] "Channels installed in the kernel fast path.";
 }
 
 /// Slots reserved per worker; more than [`Counter::ALL`] so counters can be added without

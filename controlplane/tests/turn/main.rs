@@ -15,6 +15,9 @@
 //! spread over several `turn.relay_ip` addresses.
 //! One port for HTTPS and TURN over TLS (`proxy.turn_on_https`): curl routed by Host and
 //! TURN clients (uclient without ALPN, a client with ALPN `stun.turn`) on the same port.
+//! The kernel fast path (fast_path.rs) with client, Portico and peer in namespaces of their
+//! own: a recorded stream identical to the user-space relay's, counters, removal within a
+//! second, no permission no forwarding, fallback, uclient.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -28,6 +31,7 @@ mod aioice;
 mod alternate;
 mod api;
 mod channel_range;
+mod fast_path;
 mod ice;
 mod interop;
 mod ipv6;

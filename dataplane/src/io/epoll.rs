@@ -103,6 +103,7 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
         pending: vec![false; listen.len()],
     };
     let mut server = shared.new_server(index)?;
+    let mut fast = (shared.fast_path.clone()).map(|f| crate::fastpath::Worker::new(f, &mut server));
     let mut watch = SettingsWatch::new(&shared);
     let block = shared.shm.segment().counters(index);
     // Same layout as an io_uring buffer: headroom, then the datagram (one byte more than
@@ -194,7 +195,13 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
             }
         }
         server.tick(now, &mut relays);
+        if let Some(f) = fast.as_mut() {
+            f.sync(&mut server, now);
+        }
         fold(server.stats_mut(), block);
+    }
+    if let Some(f) = fast.as_mut() {
+        f.shutdown(&mut server);
     }
     server.shutdown(super::now(), &mut relays);
     fold(server.stats_mut(), block);

@@ -73,6 +73,8 @@ pub struct Shared {
     pub secret: [u8; 32],
     /// Worker threads started (they split the allocation records).
     pub workers: usize,
+    /// The kernel fast path, when `turn.fast_path` loaded it ([`crate::fastpath`]).
+    pub fast_path: Option<Arc<crate::fastpath::FastPath>>,
 }
 
 impl Shared {

@@ -393,6 +393,7 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
     let media_ts = types::Timespec::from(MEDIA_TICK);
     let media_args = types::SubmitArgs::new().timespec(&media_ts);
     let mut batch: Vec<cqueue::Entry> = Vec::with_capacity(CQ_BATCH);
+    let mut fast = (shared.fast_path.clone()).map(|f| crate::fastpath::Worker::new(f, &mut server));
     w.queue_ring_work()?;
     while !shared.stopping() {
         let wait = if server.settings().media.ports.is_some() {
@@ -428,9 +429,15 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
             w.bufs.publish();
         }
         server.tick(now, &mut w.relays);
+        if let Some(f) = fast.as_mut() {
+            f.sync(&mut server, now);
+        }
         fold(server.stats_mut(), block);
         w.bufs.publish();
         w.queue_ring_work()?;
+    }
+    if let Some(f) = fast.as_mut() {
+        f.shutdown(&mut server);
     }
     server.shutdown(super::now(), &mut w.relays);
     fold(server.stats_mut(), block);

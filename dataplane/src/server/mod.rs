@@ -180,6 +180,11 @@ impl Server {
         &self.turn
     }
 
+    /// For the driver's kernel fast path: the change list and traffic credits.
+    pub fn turn_mut(&mut self) -> &mut Turn {
+        &mut self.turn
+    }
+
     /// What this worker counted since the driver last drained it.
     pub fn stats(&self) -> &Stats {
         &self.stats

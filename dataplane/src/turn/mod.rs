@@ -252,6 +252,55 @@ pub struct Datagram {
     pub len: usize,
 }
 
+/// Most allocations remembered as changed between two drains; past it the driver is told
+/// to look at all of them.
+const CHANGES_MAX: usize = 4096;
+
+/// Which allocations' relayed channels may have changed (channel bound, permission created,
+/// either expired or removed, allocation ended, blacklist or settings changed): the hook a
+/// driver with a kernel fast path drains to keep the kernel's entries to what the core
+/// allows ([`crate::fastpath`]). Recorded only once a driver enabled it.
+#[derive(Default)]
+pub struct Changes {
+    enabled: bool,
+    all: bool,
+    /// Client 5-tuples (client address, listen socket) of changed allocations.
+    list: Vec<(SocketAddr, usize)>,
+}
+
+impl Changes {
+    pub(crate) fn mark(&mut self, client: SocketAddr, listen_socket: usize) {
+        if !self.enabled || self.all {
+            return;
+        }
+        if self.list.len() >= CHANGES_MAX {
+            self.all = true;
+            self.list.clear();
+        } else {
+            self.list.push((client, listen_socket));
+        }
+    }
+
+    pub(crate) fn mark_all(&mut self) {
+        if self.enabled {
+            self.all = true;
+            self.list.clear();
+        }
+    }
+
+    /// Starts recording.
+    pub fn enable(&mut self) {
+        self.enabled = true;
+        self.all = true;
+    }
+
+    /// Moves the changed allocations to `out`; true when all of them must be looked at.
+    pub fn drain(&mut self, out: &mut Vec<(SocketAddr, usize)>) -> bool {
+        out.append(&mut self.list);
+        std::mem::take(&mut self.all)
+    }
+}
+
 /// Per-worker TURN state.
 pub struct Turn {
     shared: Arc<TurnShared>,
@@ -275,6 +324,8 @@ pub struct Turn {
     pub recheck_peers: bool,
     /// RFC 6062 data connections.
     tcp: TcpRelays,
+    /// Changes a kernel fast path must follow.
+    pub changes: Changes,
 }
 
 impl Turn {
@@ -302,11 +353,22 @@ impl Turn {
             blacklist_seen: 0,
             recheck_peers: false,
             tcp: TcpRelays::default(),
+            changes: Changes::default(),
         }
     }
 
     pub fn table(&self) -> &Table {
         &self.table
+    }
+
+    /// For the driver: traffic a kernel fast path relayed is credited to its allocation.
+    pub fn table_mut(&mut self) -> &mut Table {
+        &mut self.table
+    }
+
+    /// Whether `ip` is on the control plane's blacklist.
+    pub fn blocked(&self, ip: IpAddr, unix: u64) -> bool {
+        self.control.blacklist.blocked(ip, unix)
     }
 
     /// Whether any worker holds an allocation for a client at `ip`.
@@ -470,6 +532,7 @@ impl Turn {
         let a = self.table.get(slot).map(|a| a.id)?;
         self.tcp_end(cx, slot, a);
         let a = self.table.remove(slot)?;
+        self.changes.mark(a.client, a.listen_socket);
         for r in a.relays() {
             cx.io.close(r.socket);
         }
@@ -500,6 +563,7 @@ impl Turn {
         let now = cx.now;
         if self.recheck_peers {
             self.recheck_peers = false;
+            self.changes.mark_all();
             self.drop_refused_peers(cx);
         }
         self.tcp_sweep(cx);
@@ -527,6 +591,8 @@ impl Turn {
         let g = self.control.blacklist.generation();
         if g != self.blacklist_seen {
             self.blacklist_seen = g;
+            // A blocked peer must leave the kernel's entries too.
+            self.changes.mark_all();
             let blacklist = &self.control.blacklist;
             let blocked: Vec<usize> = self
                 .table
@@ -565,6 +631,8 @@ impl Turn {
             cx.stats.sub(Counter::TurnPermissionsActive, gone_p as u64);
             cx.stats.sub(Counter::TurnChannelsActive, gone_c as u64);
             if gone_p + gone_c > 0 {
+                // A kernel fast path entry may rest on what expired.
+                self.changes.mark(a.client, a.listen_socket);
                 self.table.touch(slot);
             }
             self.table.reschedule(slot);
@@ -607,6 +675,7 @@ impl Turn {
                 .retain(|c| policy.check(c.peer.ip(), c.peer.port()).is_ok());
             let (gone_p, gone_c) = (p - a.permissions.len(), c - a.channels.len());
             if gone_p + gone_c > 0 {
+                self.changes.mark(a.client, a.listen_socket);
                 cx.stats.sub(Counter::TurnPermissionsActive, gone_p as u64);
                 cx.stats.sub(Counter::TurnChannelsActive, gone_c as u64);
                 tracing::info!(

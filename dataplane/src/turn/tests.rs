@@ -2938,3 +2938,6 @@ fn a_control_plane_delete_ends_the_allocation_with_that_id() {
     assert_eq!(h.io.closed, vec![relay]);
     assert!(h.server.turn().table().by_id(id).is_none());
 }
+
+#[path = "../fastpath/tests.rs"]
+mod fastpath;

@@ -1,0 +1,329 @@
+//! The kernel side of the fast path, owned by the driver: loads the program clang compiled
+//! in the build (`bpf/relay.bpf.c`) with aya, attaches it to the ingress of the interfaces
+//! holding the TURN listen and relay addresses, and writes, deletes and reads the entries of
+//! its two maps.
+//!
+//! The program is attached with TCX links (Linux 6.6+), never with a netlink filter: a link
+//! dies with the process that holds it, so a crashed dataplane cannot leave a program behind
+//! that keeps relaying for allocations nobody manages any more.
+//!
+//! Map entries are written with plain `bpf(2)` calls on the maps' descriptors, so every
+//! worker updates its own entries without a lock (the kernel's hash map is safe for that).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::RawFd;
+use std::sync::Mutex;
+
+use super::Flow;
+
+/// Per-entry counters read back from a map value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+const CHAN_KEY: usize = 16;
+const PEER_KEY: usize = 12;
+const VALUE: usize = 40;
+
+/// The loaded and attached program and its maps.
+pub struct FastPath {
+    /// The program, its links and the maps' owners: dropping them detaches the program.
+    #[allow(dead_code)]
+    keep: Mutex<Box<dyn Send>>,
+    channels: RawFd,
+    peers: RawFd,
+    /// Interface index of each local IPv4 address on an attached interface.
+    ifindex: HashMap<Ipv4Addr, u32>,
+    /// Names of the interfaces the program is attached to.
+    pub interfaces: Vec<String>,
+    pub max_entries: u32,
+}
+
+impl FastPath {
+    /// Loads the program and attaches it to the interfaces holding `addrs`.
+    #[cfg(portico_fastpath)]
+    pub fn load(addrs: &[Ipv4Addr], max_entries: u32) -> Result<FastPath, String> {
+        use aya::programs::links::LinkOrder;
+        use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
+        use aya::EbpfLoader;
+        use std::os::fd::{AsFd, AsRawFd};
+
+        let (interfaces, ifindex) = interfaces_of(addrs)?;
+        let mut loader = EbpfLoader::new();
+        loader
+            .set_max_entries("CHANNELS", max_entries)
+            .set_max_entries("PEERS", max_entries);
+        // An operator (or a test) may point at another build of the object.
+        let mut ebpf = match std::env::var_os("PORTICO_FASTPATH_OBJECT") {
+            Some(path) => loader.load_file(&path).map_err(|e| {
+                format!(
+                    "loading {} (PORTICO_FASTPATH_OBJECT): {e}",
+                    std::path::Path::new(&path).display()
+                )
+            })?,
+            None => loader
+                .load(aya::include_bytes_aligned!(env!("PORTICO_FASTPATH_OBJ")))
+                .map_err(|e| format!("loading the program: {e}"))?,
+        };
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut("portico_relay")
+            .ok_or("the object has no program portico_relay")?
+            .try_into()
+            .map_err(|e| format!("portico_relay: {e}"))?;
+        prog.load()
+            .map_err(|e| format!("the kernel refused the program: {e}"))?;
+        for name in &interfaces {
+            prog.attach_with_options(
+                name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| format!("attaching to {name} (TCX, Linux 6.6+): {e}"))?;
+        }
+        let channels = take_hash(&mut ebpf, "CHANNELS")?;
+        let peers = take_hash(&mut ebpf, "PEERS")?;
+        let (cfd, pfd) = (
+            channels.fd().as_fd().as_raw_fd(),
+            peers.fd().as_fd().as_raw_fd(),
+        );
+        Ok(FastPath {
+            keep: Mutex::new(Box::new((ebpf, channels, peers))),
+            channels: cfd,
+            peers: pfd,
+            ifindex,
+            interfaces,
+            max_entries,
+        })
+    }
+
+    /// Built without the program: says why.
+    #[cfg(not(portico_fastpath))]
+    pub fn load(_: &[Ipv4Addr], _: u32) -> Result<FastPath, String> {
+        Err(format!(
+            "this build has no fast path: {}",
+            env!("PORTICO_FASTPATH_MISSING")
+        ))
+    }
+
+    /// Interface index of a local address on an attached interface.
+    pub fn ifindex(&self, ip: Ipv4Addr) -> Option<u32> {
+        self.ifindex.get(&ip).copied()
+    }
+
+    /// Installs both directions of a channel, counters at zero.
+    pub fn install(&self, f: &Flow) -> io::Result<()> {
+        let (Some(to_peer_if), Some(to_client_if)) =
+            (self.ifindex(*f.relay.ip()), self.ifindex(*f.listen.ip()))
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no attached interface holds the relay or listen address",
+            ));
+        };
+        let up = value(f.relay, f.peer, 0, to_peer_if);
+        let down = value(f.listen, f.client, f.channel, to_client_if);
+        update(self.channels, &chan_key(f), &up)?;
+        if let Err(e) = update(self.peers, &peer_key(f), &down) {
+            let _ = delete(self.channels, &chan_key(f));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes both directions of a channel; returns their last counters (read and deleted
+    /// in one step, so no packet counted in between is lost).
+    pub fn remove(&self, f: &Flow) -> (Counts, Counts) {
+        (
+            take(self.channels, &chan_key(f)).unwrap_or_default(),
+            take(self.peers, &peer_key(f)).unwrap_or_default(),
+        )
+    }
+
+    /// The counters of a channel: client to peer, peer to client.
+    pub fn counts(&self, f: &Flow) -> (Counts, Counts) {
+        (
+            lookup(self.channels, &chan_key(f)).unwrap_or_default(),
+            lookup(self.peers, &peer_key(f)).unwrap_or_default(),
+        )
+    }
+}
+
+#[cfg(portico_fastpath)]
+fn take_hash(ebpf: &mut aya::Ebpf, name: &str) -> Result<aya::maps::MapData, String> {
+    match ebpf.take_map(name) {
+        Some(aya::maps::Map::HashMap(m)) => Ok(m),
+        _ => Err(format!("the object has no hash map {name}")),
+    }
+}
+
+/// The interfaces holding `addrs`, and the index of every IPv4 address on them.
+#[cfg_attr(not(portico_fastpath), allow(dead_code))]
+fn interfaces_of(addrs: &[Ipv4Addr]) -> Result<(Vec<String>, HashMap<Ipv4Addr, u32>), String> {
+    let mut names: Vec<String> = Vec::new();
+    let mut by_ip: Vec<(String, Ipv4Addr)> = Vec::new();
+    let all = nix::ifaddrs::getifaddrs().map_err(|e| format!("listing interfaces: {e}"))?;
+    for i in all {
+        if let Some(sin) = i.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            by_ip.push((i.interface_name.clone(), sin.ip()));
+        }
+    }
+    for a in addrs {
+        match by_ip.iter().find(|(_, ip)| ip == a) {
+            Some((n, _)) => {
+                if !names.contains(n) {
+                    names.push(n.clone());
+                }
+            }
+            None => return Err(format!("no interface holds {a}")),
+        }
+    }
+    let mut ifindex = HashMap::new();
+    for (n, ip) in &by_ip {
+        if names.contains(n) {
+            let idx = nix::net::if_::if_nametoindex(n.as_str())
+                .map_err(|e| format!("interface {n}: {e}"))?;
+            ifindex.insert(*ip, idx);
+        }
+    }
+    Ok((names, ifindex))
+}
+
+fn chan_key(f: &Flow) -> [u8; CHAN_KEY] {
+    let mut k = [0u8; CHAN_KEY];
+    k[0..4].copy_from_slice(&f.client.ip().octets());
+    k[4..8].copy_from_slice(&f.listen.ip().octets());
+    k[8..10].copy_from_slice(&f.client.port().to_be_bytes());
+    k[10..12].copy_from_slice(&f.listen.port().to_be_bytes());
+    k[12..14].copy_from_slice(&f.channel.to_be_bytes());
+    k
+}
+
+fn peer_key(f: &Flow) -> [u8; PEER_KEY] {
+    let mut k = [0u8; PEER_KEY];
+    k[0..4].copy_from_slice(&f.peer.ip().octets());
+    k[4..8].copy_from_slice(&f.relay.ip().octets());
+    k[8..10].copy_from_slice(&f.peer.port().to_be_bytes());
+    k[10..12].copy_from_slice(&f.relay.port().to_be_bytes());
+    k
+}
+
+/// A map value: the packet leaves from `from` to `to` on interface `ifindex`.
+fn value(
+    from: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+    channel: u16,
+    ifindex: u32,
+) -> [u8; VALUE] {
+    let mut v = [0u8; VALUE];
+    v[0..4].copy_from_slice(&from.ip().octets());
+    v[4..8].copy_from_slice(&to.ip().octets());
+    v[8..10].copy_from_slice(&from.port().to_be_bytes());
+    v[10..12].copy_from_slice(&to.port().to_be_bytes());
+    v[12..14].copy_from_slice(&channel.to_be_bytes());
+    v[16..20].copy_from_slice(&ifindex.to_ne_bytes());
+    v
+}
+
+/// `union bpf_attr` as the map element commands read it.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+fn bpf(cmd: libc::c_long, attr: &ElemAttr) -> io::Result<()> {
+    // SAFETY: the attribute block is valid for the call, and the key and value pointers in
+    // it point at buffers of the map's key and value sizes that outlive it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn update(fd: RawFd, key: &[u8], value: &[u8; VALUE]) -> io::Result<()> {
+    bpf(
+        BPF_MAP_UPDATE_ELEM,
+        &ElemAttr {
+            map_fd: fd as u32,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value: value.as_ptr() as u64,
+            flags: 0, // BPF_ANY
+        },
+    )
+}
+
+fn delete(fd: RawFd, key: &[u8]) -> io::Result<()> {
+    bpf(
+        BPF_MAP_DELETE_ELEM,
+        &ElemAttr {
+            map_fd: fd as u32,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value: 0,
+            flags: 0,
+        },
+    )
+}
+
+/// Reads and deletes an entry (Linux 5.14+ for hash maps; the fast path needs 6.6), or at
+/// worst reads then deletes it.
+fn take(fd: RawFd, key: &[u8]) -> Option<Counts> {
+    match read(BPF_MAP_LOOKUP_AND_DELETE_ELEM, fd, key) {
+        Some(c) => Some(c),
+        None => {
+            let c = lookup(fd, key);
+            let _ = delete(fd, key);
+            c
+        }
+    }
+}
+
+fn lookup(fd: RawFd, key: &[u8]) -> Option<Counts> {
+    read(BPF_MAP_LOOKUP_ELEM, fd, key)
+}
+
+fn read(cmd: libc::c_long, fd: RawFd, key: &[u8]) -> Option<Counts> {
+    let mut v = [0u8; VALUE];
+    bpf(
+        cmd,
+        &ElemAttr {
+            map_fd: fd as u32,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value: v.as_mut_ptr() as u64,
+            flags: 0,
+        },
+    )
+    .ok()?;
+    let u = |r: std::ops::Range<usize>| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&v[r]);
+        u64::from_ne_bytes(b)
+    };
+    Some(Counts {
+        packets: u(24..32),
+        bytes: u(32..40),
+    })
+}
