@@ -169,8 +169,10 @@ def main():
             if a.expect is not None and len(stats.seen) >= a.expect and sending_done[0]:
                 return
 
+    late_ms = 0
     if a.start_at is not None:
         wait = a.start_at - time.time()
+        late_ms = max(0, int(-wait * 1000))
         if wait > 0:
             drain(time.monotonic() + min(wait, 30))
     to = a.to
@@ -210,6 +212,9 @@ def main():
         "duplicates": stats.duplicates,
         "reordered": stats.reordered,
         "first_from": stats.first_from,
+        # How late this end began against --start-at (a busy machine): the other end's
+        # first packets may have arrived before this socket existed.
+        "late_ms": late_ms,
     }
     if a.expect is not None:
         out["lost"] = max(a.expect - unique, 0)

@@ -456,6 +456,10 @@ pub fn join<T>(h: JoinHandle<T>) -> T {
     h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
+/// How far ahead rtp.py runs are told to start together (--start-at): time for a few
+/// Python interpreters to start inside namespaces on a busy two-core machine.
+pub const LEAD: Duration = Duration::from_millis(2500);
+
 /// UNIX time `after` from now, for rtp.py's --start-at.
 pub fn start_at(after: Duration) -> f64 {
     (SystemTime::now() + after)

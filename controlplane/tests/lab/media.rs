@@ -72,7 +72,7 @@ fn one_way_audio_without_help() {
     let Some(lab) = provider_lab("media-one-way") else {
         return;
     };
-    let go = start_at(Duration::from_millis(800));
+    let go = start_at(crate::LEAD);
     let mut runs = Vec::new();
     for (i, nat) in ALL_NATS.iter().enumerate() {
         let n = i as u8 + 1;
@@ -159,7 +159,7 @@ fn nat_detection_fixes_the_provider_case() {
     };
     lab.public("box", &[BOX]);
     let b = Boxed::start(&lab, "box", BOX, None, &[NET], MEDIA);
-    let phone_go = start_at(Duration::from_millis(800));
+    let phone_go = start_at(crate::LEAD);
     let gw_go = phone_go + 0.3;
     let mut runs = Vec::new();
     for (i, nat) in ALL_NATS.iter().enumerate() {
@@ -233,7 +233,7 @@ fn private_to_private_fails_without_a_relay() {
     let Some(lab) = branch_lab("media-private") else {
         return;
     };
-    let go = start_at(Duration::from_millis(800));
+    let go = start_at(crate::LEAD);
     let mut runs = Vec::new();
     for (a, c) in CALLS {
         let (pa, pc) = (sa(phone(a), RTP), sa(phone(c), RTP));
@@ -278,7 +278,7 @@ fn media_relay_fixes_the_branch_case() {
     lab.public("box", &[BOX]);
     let b = Boxed::start(&lab, "box", BOX, None, &[NET], MEDIA);
     let sessions = branch_sessions(&lab, &b);
-    let go = start_at(Duration::from_millis(800));
+    let go = start_at(crate::LEAD);
     let runs: Vec<_> = sessions
         .into_iter()
         .map(|(a, c, id, la, lc)| {
@@ -350,7 +350,7 @@ fn a_third_host_cannot_hijack_a_latched_leg() {
     // Past the 2 s learning window of both legs.
     std::thread::sleep(Duration::from_millis(2500));
     let before = b.json("GET", &format!("/api/v1/media/sessions/{id}"), "", 200);
-    let go = start_at(Duration::from_millis(800));
+    let go = start_at(crate::LEAD);
     let ra = Rtp::start(
         &lab,
         &format!("phone{a}"),

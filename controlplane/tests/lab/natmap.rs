@@ -29,7 +29,7 @@ fn call(
     to: SocketAddr,
     inside: SocketAddr,
 ) -> (crate::RtpReport, crate::RtpReport) {
-    let go = start_at(Duration::from_millis(600));
+    let go = start_at(crate::LEAD);
     let gw = Rtp::start(lab, "gw", inside, To::Reply, COUNT, go);
     let c = Rtp::start(lab, "caller", from, To::Addr(to), COUNT, go);
     (c.report(), gw.report())
@@ -111,7 +111,7 @@ fn static_nat_map_reaches_an_internal_endpoint() {
     // Any external source reaches an existing map (full cone): a second caller.
     let other = Ipv4Addr::new(198, 18, 0, 31);
     lab.public("caller2", &[other]);
-    let go = start_at(Duration::from_millis(600));
+    let go = start_at(crate::LEAD);
     let gw = Rtp::start(&lab, "gw", sa(internal(), 5004), To::Reply, COUNT, go);
     let c = Rtp::start(
         &lab,
