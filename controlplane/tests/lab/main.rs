@@ -24,7 +24,7 @@
 //! number), removed by [`Lab`]'s drop even when the test fails.
 
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -156,7 +156,10 @@ impl Lab {
             N.fetch_add(1, Ordering::Relaxed)
         );
         if let Some(why) = no_netns(&format!("{prefix}-probe")) {
-            eprintln!(
+            // Straight to the stderr descriptor: libtest captures eprintln! of a passing
+            // test, and this must be seen.
+            let _ = writeln!(
+                std::io::stderr(),
                 "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
                  !!! NAT LAB SKIPPED: {test}\n\
                  !!! network namespaces cannot be created here: {why}.\n\

@@ -7,7 +7,6 @@
 //! on each port of the range; deleting the map stops it again.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
 
 use crate::{sa, start_at, Boxed, Lab, Rtp, To, BOX, NET};
 
