@@ -172,6 +172,7 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         secret,
         workers,
     });
+    io::media::forget_dead_sessions(&shared);
     let seg = shared.shm.segment();
     seg.header.driver.store(driver as u32, Ordering::Relaxed);
     seg.header.workers.store(workers as u32, Ordering::Relaxed);

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::addr::CidrList;
+use crate::media_config::{MediaConfig, NatConfig};
 use crate::proxy_config::ProxyConfig;
 pub use crate::values::{Duration, Minutes, PortRange};
 
@@ -73,6 +74,10 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub fraud: FraudConfig,
     pub fleet: FleetConfig,
+    /// RTP media relay sessions (off without `media.ports`).
+    pub media: MediaConfig,
+    /// Static UDP NAT maps.
+    pub nat: NatConfig,
 }
 
 impl Default for Config {
@@ -86,6 +91,8 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             fraud: FraudConfig::default(),
             fleet: FleetConfig::default(),
+            media: MediaConfig::default(),
+            nat: NatConfig::default(),
         }
     }
 }
@@ -611,6 +618,7 @@ impl Config {
             ));
         }
         self.proxy.validate()?;
+        crate::media_config::validate(&self.media, &self.nat, t.relay_ports)?;
         let f = &self.fraud;
         check_duration(
             "fraud.blacklist_minutes",

@@ -100,6 +100,24 @@ counters! {
     DropBlacklisted => "dataplane_drops" ["reason" = "blacklisted"] "Packets dropped, by reason.";
     ConfigApplied => "dataplane_config_applied" [] "Configuration generations the dataplane applied.";
     LoopTurns => "dataplane_loop_turns" [] "Turns of the worker event loops.";
+    MediaSessionsActive => "media_sessions_active" [] "Media relay sessions now active.";
+    MediaSessionsCreated => "media_sessions_created" [] "Media relay sessions created.";
+    MediaSessionsEndedIdle => "media_sessions_ended" ["reason" = "idle"] "Media relay sessions ended, by reason.";
+    MediaSessionsEndedDeleted => "media_sessions_ended" ["reason" = "deleted"] "Media relay sessions ended, by reason.";
+    MediaSessionsFailed => "media_sessions_failed" [] "Media relay session requests the dataplane refused (no free port pair, a leg address the peer policy denies).";
+    MediaPackets => "media_relay_packets" [] "RTP and RTCP packets relayed between media legs.";
+    MediaBytes => "media_relay_bytes" [] "RTP and RTCP bytes relayed between media legs.";
+    MediaLatched => "media_latches" [] "Media leg sources learned (latching / NAT detection), re-learning within the learn window included.";
+    DropMediaForeignSource => "dataplane_drops" ["reason" = "media_foreign_source"] "Packets dropped, by reason.";
+    DropMediaNoRemote => "dataplane_drops" ["reason" = "media_no_remote"] "Packets dropped, by reason.";
+    DropMediaPeerDenied => "dataplane_drops" ["reason" = "media_peer_denied"] "Packets dropped, by reason.";
+    NatBindingsActive => "nat_bindings_active" [] "Static NAT map bindings (external sources) now held.";
+    NatBindingsCreated => "nat_bindings_created" [] "Static NAT map bindings created.";
+    NatInboundPackets => "nat_packets" ["direction" = "inbound"] "Packets forwarded through static NAT maps, by direction.";
+    NatOutboundPackets => "nat_packets" ["direction" = "outbound"] "Packets forwarded through static NAT maps, by direction.";
+    DropNatBindingsFull => "dataplane_drops" ["reason" = "nat_bindings_full"] "Packets dropped, by reason.";
+    DropNatForeignReply => "dataplane_drops" ["reason" = "nat_foreign_reply"] "Packets dropped, by reason.";
+    DropNatPeerDenied => "dataplane_drops" ["reason" = "nat_peer_denied"] "Packets dropped, by reason.";
 }
 
 /// Slots reserved per worker; more than [`Counter::ALL`] so counters can be added without

@@ -156,7 +156,8 @@ pub struct Spec {
     pub http_proxy_to: Option<u16>,
     /// `proxy.trusted_proxies` entries (with `http_proxy_to`).
     pub trusted_proxies: Vec<String>,
-    /// `[proxy...]` tables written as they are, at the end.
+    /// `[proxy...]` tables (and any other, see [`Spec::tables`]) written as they are, at the
+    /// end.
     pub proxy: String,
     /// TCP ports on 127.0.0.1 that must accept before the start counts.
     pub ready_ports: Vec<u16>,
@@ -252,6 +253,15 @@ impl Spec {
     /// `[proxy...]` tables, appended to the file as they are.
     pub fn proxy(mut self, toml: &str) -> Spec {
         self.proxy.push_str(toml);
+        self
+    }
+
+    /// Other tables (`[media]`, `[[nat.maps]]`, ...), appended to the file as they are.
+    pub fn tables(mut self, toml: &str) -> Spec {
+        self.proxy.push_str(toml);
+        if !self.proxy.ends_with('\n') {
+            self.proxy.push('\n');
+        }
         self
     }
 

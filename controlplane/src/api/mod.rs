@@ -13,6 +13,7 @@ mod allocations;
 mod config;
 mod credentials;
 mod fraud;
+mod media;
 mod status;
 mod users;
 
@@ -142,6 +143,26 @@ pub fn routes() -> Vec<Route> {
             "/api/v1/turn/allocations/{id}",
             &["delete"],
             delete(allocations::remove),
+        ),
+        route(
+            "/api/v1/media/sessions",
+            &["get", "post"],
+            get(media::list).post(media::create),
+        ),
+        route(
+            "/api/v1/media/sessions/{id}",
+            &["get", "delete"],
+            get(media::get).delete(media::remove),
+        ),
+        route(
+            "/api/v1/nat/maps",
+            &["get", "post"],
+            get(media::list_maps).post(media::create_map),
+        ),
+        route(
+            "/api/v1/nat/maps/{port}",
+            &["delete"],
+            delete(media::remove_map),
         ),
         route(
             "/api/v1/fraud/entries",

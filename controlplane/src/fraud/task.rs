@@ -374,6 +374,7 @@ impl Fraud {
     fn dataplane_event(&self, kind: EventKind, ip: IpAddr) {
         let origin = match kind {
             EventKind::RateExceeded => "stun",
+            EventKind::MediaForeignSource => "media",
             _ => "turn",
         };
         *lock(&self.stats)

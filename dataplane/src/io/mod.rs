@@ -14,6 +14,7 @@
 
 pub mod bufring;
 pub mod epoll;
+pub mod media;
 pub mod relay;
 pub mod sockaddr;
 pub mod sockopt;
@@ -107,13 +108,15 @@ impl Shared {
                 shared: Arc::clone(self),
             }),
         };
-        Ok(Server::with_first_relay(
+        let mut server = Server::with_first_relay(
             self.current_settings(),
             Arc::clone(&self.turn),
             &seed,
             control,
             first_relay,
-        ))
+        );
+        server.set_media_control(Box::new(media::ShmMedia::new(Arc::clone(self), index)));
+        Ok(server)
     }
 
     pub fn publish_settings(&self, s: Settings) {

@@ -20,6 +20,7 @@ use portico_shared::config::Config;
 use portico_shared::counters::Counter;
 use portico_shared::shm::EventKind;
 
+use crate::media::{Media, MediaControl, MediaCtx, MediaSettings};
 use crate::stun::{self, Class, Message, ParseError};
 use crate::turn::{
     ControlPlane, Ctx, Datagram, DefaultRoutes, RelayIo, Turn, TurnSettings, TurnShared,
@@ -85,6 +86,8 @@ pub struct Settings {
     /// Certificate chain and key for TURN over TLS: the proxy's (`proxy.tls.cert`/`key`),
     /// else the pair the control plane generates in `state_dir`.
     pub tls_files: (PathBuf, PathBuf),
+    /// Media relay sessions and static NAT maps.
+    pub media: MediaSettings,
 }
 
 impl Settings {
@@ -97,6 +100,7 @@ impl Settings {
             turn: TurnSettings::from_config(config, secret, routes),
             request_rate: config.fraud.request_rate,
             tls_files: tls_files(config),
+            media: MediaSettings::from_config(config),
         }
     }
 }
@@ -119,6 +123,8 @@ pub fn tls_files(config: &Config) -> (PathBuf, PathBuf) {
 pub struct Server {
     settings: Arc<Settings>,
     turn: Turn,
+    media: Media,
+    media_control: Box<dyn MediaControl>,
     stats: Stats,
 }
 
@@ -144,11 +150,26 @@ impl Server {
         control: ControlPlane,
         first_relay: usize,
     ) -> Server {
+        let mut media_seed = [0u8; 8];
+        media_seed.copy_from_slice(&seed[24..]);
         Server {
             settings,
             turn: Turn::new(shared, first_relay, seed, control),
+            media: Media::new(u64::from_le_bytes(media_seed)),
+            media_control: Box::new(crate::media::Detached),
             stats: Stats::default(),
         }
+    }
+
+    /// Links the media core to the control plane (the dataplane's shared memory); without it
+    /// no session is ever requested and no NAT map owned.
+    pub fn set_media_control(&mut self, control: Box<dyn MediaControl>) {
+        self.media_control = control;
+        self.media.recheck = true;
+    }
+
+    pub fn media(&self) -> &Media {
+        &self.media
     }
 
     pub fn settings(&self) -> &Arc<Settings> {
@@ -176,6 +197,8 @@ impl Server {
         // The peer policy may have narrowed: existing permissions and channels are checked
         // against it at the next tick.
         self.turn.recheck_peers = true;
+        // NAT maps may have changed, and the policy latched sources passed.
+        self.media.recheck = true;
     }
 
     /// Timers: call once per loop turn.
@@ -188,11 +211,31 @@ impl Server {
             io,
             stats: &mut self.stats,
         });
+        self.media.tick(
+            &mut MediaCtx {
+                settings: &settings.media,
+                turn: &settings.turn,
+                now,
+                stats: &mut self.stats,
+                io,
+            },
+            &mut *self.media_control,
+        );
     }
 
     /// Ends every allocation (shutdown).
     pub fn shutdown(&mut self, now: Now, io: &mut dyn RelayIo) {
         let settings: &Settings = &self.settings;
+        self.media.clear(
+            &mut MediaCtx {
+                settings: &settings.media,
+                turn: &settings.turn,
+                now,
+                stats: &mut self.stats,
+                io,
+            },
+            &mut *self.media_control,
+        );
         self.turn.clear(&mut Ctx {
             settings: &settings.turn,
             software: &settings.software,
@@ -268,6 +311,23 @@ impl Server {
         if start.checked_add(len).is_none_or(|end| end > buf.len()) {
             stats.incr(Counter::DropBadLength);
             return Action::Drop;
+        }
+        if self.media.owns(socket) {
+            let settings: &Settings = &self.settings;
+            return self.media.handle(
+                &mut MediaCtx {
+                    settings: &settings.media,
+                    turn: &settings.turn,
+                    now,
+                    stats,
+                    io,
+                },
+                &mut *self.turn.control.events,
+                socket,
+                from,
+                start,
+                len,
+            );
         }
         // Binding answers as from the listen socket; TURN keys the client by its connection.
         let binding_d = Datagram {

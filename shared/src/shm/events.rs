@@ -19,6 +19,9 @@ pub enum EventKind {
     PeerDenied = 2,
     /// STUN/TURN requests from one source above the configured rate.
     RateExceeded = 3,
+    /// RTP/RTCP to a latched media leg from another source after the learn window (a
+    /// hijack or injection attempt, RTP bleed).
+    MediaForeignSource = 4,
 }
 
 impl EventKind {
@@ -27,6 +30,7 @@ impl EventKind {
             1 => Some(EventKind::AuthFailure),
             2 => Some(EventKind::PeerDenied),
             3 => Some(EventKind::RateExceeded),
+            4 => Some(EventKind::MediaForeignSource),
             _ => None,
         }
     }
@@ -36,6 +40,7 @@ impl EventKind {
             EventKind::AuthFailure => "turn_auth_failure",
             EventKind::PeerDenied => "turn_peer_denied",
             EventKind::RateExceeded => "stun_rate_exceeded",
+            EventKind::MediaForeignSource => "media_foreign_source",
         }
     }
 }

@@ -9,7 +9,9 @@
 //! * one [`WorkerCounters`] block per dataplane thread (`counters`);
 //! * the kill slots and the [`AllocRecord`]s of TURN allocations (`records`);
 //! * the double-buffered [`Blacklist`] (`blacklist`);
-//! * one [`EventRing`] of suspicious events per counter block and their doorbell (`events`).
+//! * one [`EventRing`] of suspicious events per counter block and their doorbell (`events`);
+//! * the media relay session records, request and published session in one ([`MediaRecord`],
+//!   `media`), and the counter that tells workers a request or delete is waiting.
 //!
 //! The object is named after the state dir so a restarted control plane finds the segment of
 //! a dataplane that outlived it.
@@ -40,12 +42,18 @@ mod events;
 mod futex;
 #[allow(unsafe_code)]
 mod mapping;
+mod media;
 mod records;
 
 pub use blacklist::{Blacklist, BlacklistTable, BLACKLIST_V6_PREFIXES};
 pub use config::{ConfigBlock, ConfigWriteError};
 pub use counters::WorkerCounters;
 pub use events::{Event, EventKind, EventRing};
+pub use media::{
+    LegCounters, LegInfo, MediaFailure, MediaInfo, MediaRecord, MediaRequest,
+    ACTIVE as MEDIA_ACTIVE, DELETING as MEDIA_DELETING, FAILED as MEDIA_FAILED,
+    REQUESTED as MEDIA_REQUESTED,
+};
 pub use records::{AllocInfo, AllocRecord};
 
 use mapping::{Mapping, ShmObject};
@@ -53,7 +61,7 @@ use mapping::{Mapping, ShmObject};
 /// "PORTICO" and a format byte, as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PORTICO\x01");
 /// Bump on every change to the layout of [`Segment`].
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 pub const MAX_WORKERS: usize = 64;
 /// Counter blocks: one per worker plus one for the TCP thread, which also writes counters.
 pub const COUNTER_BLOCKS: usize = MAX_WORKERS + 1;
@@ -67,6 +75,8 @@ pub const KILL_SLOTS: usize = 64;
 pub const BLACKLIST_SLOTS: usize = 1 << 16;
 /// Suspicious-event ring per counter block (worker or TCP thread).
 pub const EVENT_SLOTS: usize = 4096;
+/// Media relay session records: the most `media.max_sessions` may be.
+pub const MEDIA_RECORDS: usize = 8192;
 
 /// Which packet driver the dataplane runs, as published in [`Header::driver`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +137,19 @@ pub struct Segment {
     records: [AllocRecord; ALLOC_RECORDS],
     pub blacklist: Blacklist,
     events: [EventRing; COUNTER_BLOCKS],
+    media_pending: MediaPending,
+    media: [MediaRecord; MEDIA_RECORDS],
+}
+
+/// [`Segment::media_pending`]'s counter, on a cache line of its own.
+#[repr(C, align(64))]
+struct MediaPending(AtomicU64);
+
+impl std::ops::Deref for MediaPending {
+    type Target = AtomicU64;
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
 }
 
 #[derive(Debug)]
@@ -326,7 +349,7 @@ mod tests {
     fn the_layout_is_pinned_to_its_version() {
         use std::mem::{align_of, offset_of};
         assert_eq!(
-            LAYOUT_VERSION, 6,
+            LAYOUT_VERSION, 7,
             "update the figures below with the version"
         );
         let header = [
@@ -352,11 +375,16 @@ mod tests {
             offset_of!(Segment, records),
             offset_of!(Segment, blacklist),
             offset_of!(Segment, events),
+            offset_of!(Segment, media_pending),
+            offset_of!(Segment, media),
             size_of::<Segment>(),
         ];
         assert_eq!(
             segment,
-            [0, 64, 262_272, 328_832, 329_344, 3_475_072, 7_669_568, 14_071_808]
+            [
+                0, 64, 262_272, 328_832, 329_344, 3_475_072, 7_669_568, 14_071_808, 14_071_872,
+                16_693_312
+            ]
         );
         let parts = [
             size_of::<ConfigBlock>(),
@@ -365,8 +393,12 @@ mod tests {
             size_of::<BlacklistTable>(),
             size_of::<Blacklist>(),
             size_of::<EventRing>(),
+            size_of::<MediaRecord>(),
         ];
-        assert_eq!(parts, [262_208, 1024, 192, 2_097_216, 4_194_496, 98_496]);
+        assert_eq!(
+            parts,
+            [262_208, 1024, 192, 2_097_216, 4_194_496, 98_496, 320]
+        );
         assert_eq!(align_of::<Segment>(), 64);
     }
 }

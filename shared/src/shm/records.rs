@@ -42,7 +42,7 @@ pub struct AllocInfo {
     pub username: String,
 }
 
-fn encode_addr(a: std::net::SocketAddr) -> [u64; 3] {
+pub(super) fn encode_addr(a: std::net::SocketAddr) -> [u64; 3] {
     let (ip, family) = match a.ip() {
         std::net::IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 4u64),
         std::net::IpAddr::V6(v6) => (v6.octets(), 6u64),
@@ -58,7 +58,7 @@ fn encode_addr(a: std::net::SocketAddr) -> [u64; 3] {
     ]
 }
 
-fn decode_addr(w: [u64; 3]) -> std::net::SocketAddr {
+pub(super) fn decode_addr(w: [u64; 3]) -> std::net::SocketAddr {
     let mut ip = [0u8; 16];
     ip[..8].copy_from_slice(&w[0].to_be_bytes());
     ip[8..].copy_from_slice(&w[1].to_be_bytes());

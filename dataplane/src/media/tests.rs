@@ -1,0 +1,336 @@
+//! The media core without sockets: a fake driver hands out socket indices, a fake control
+//! plane queues requests; latching, the learn window, hijack drops and NAT bindings are
+//! checked on the actions the core returns.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use portico_shared::config::Config;
+use portico_shared::counters::Counter;
+use portico_shared::shm::{EventKind, MediaFailure, MediaRequest};
+
+use super::*;
+use crate::server::{Action, Now, Settings, Stats};
+use crate::turn::{DefaultRoutes, Events, RelayIo, Reserved};
+
+#[derive(Default)]
+struct FakeIo {
+    open: Vec<(usize, SocketAddr)>,
+    next: usize,
+    taken: Vec<SocketAddr>,
+}
+
+impl RelayIo for FakeIo {
+    fn open(&mut self, addr: SocketAddr, _: bool) -> io::Result<usize> {
+        if self.taken.contains(&addr)
+            || self
+                .open
+                .iter()
+                .any(|(_, a)| *a == addr && addr.port() != 0)
+        {
+            return Err(io::Error::from(io::ErrorKind::AddrInUse));
+        }
+        self.next += 1;
+        let i = 10 + self.next;
+        self.open.push((i, addr));
+        Ok(i)
+    }
+    fn reserve(&mut self, _: SocketAddr) -> io::Result<Reserved> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    fn adopt(&mut self, _: Reserved, _: bool) -> io::Result<usize> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    fn release(&mut self, _: Reserved) {}
+    fn close(&mut self, socket: usize) {
+        self.open.retain(|(i, _)| *i != socket);
+    }
+}
+
+#[derive(Default)]
+struct FakeControl {
+    queue: Vec<Command>,
+    created: Vec<(usize, [SocketAddr; 2])>,
+    failed: Vec<(usize, MediaFailure)>,
+    published: Vec<(usize, PublishedLegs)>,
+    ended: Vec<usize>,
+}
+
+impl MediaControl for FakeControl {
+    fn worker(&self) -> (usize, usize) {
+        (0, 1)
+    }
+    fn commands(&mut self, out: &mut Vec<Command>) {
+        out.append(&mut self.queue);
+    }
+    fn created(&mut self, r: usize, l: [SocketAddr; 2]) {
+        self.created.push((r, l));
+    }
+    fn failed(&mut self, r: usize, w: MediaFailure) {
+        self.failed.push((r, w));
+    }
+    fn publish(&mut self, r: usize, l: PublishedLegs) {
+        self.published.push((r, l));
+    }
+    fn ended(&mut self, r: usize) {
+        self.ended.push(r);
+    }
+}
+
+#[derive(Default)]
+struct FakeEvents(Vec<(EventKind, IpAddr)>);
+
+impl Events for FakeEvents {
+    fn report(&mut self, kind: EventKind, ip: IpAddr, _: u64) {
+        self.0.push((kind, ip));
+    }
+}
+
+fn settings(extra: &str) -> Settings {
+    let c = Config::from_toml(&format!(
+        "[turn]\nrelay_ip = \"127.0.0.1\"\nallow_peers = [\"127.0.0.0/8\"]\n{extra}"
+    ))
+    .unwrap();
+    Settings::from_config(&c, &[0; 32], &DefaultRoutes { v4: None, v6: None })
+}
+
+fn a(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+struct Rig {
+    media: Media,
+    settings: Settings,
+    io: FakeIo,
+    control: FakeControl,
+    events: FakeEvents,
+    stats: Stats,
+    t0: Instant,
+}
+
+impl Rig {
+    fn new(extra: &str) -> Rig {
+        Rig {
+            media: Media::new(0),
+            settings: settings(extra),
+            io: FakeIo::default(),
+            control: FakeControl::default(),
+            events: FakeEvents::default(),
+            stats: Stats::default(),
+            t0: Instant::now(),
+        }
+    }
+
+    fn now(&self, ms: u64) -> Now {
+        Now {
+            mono: self.t0 + Duration::from_millis(ms),
+            unix: 1000,
+        }
+    }
+
+    fn tick(&mut self, ms: u64) {
+        let now = self.now(ms);
+        let mut cx = MediaCtx {
+            settings: &self.settings.media,
+            turn: &self.settings.turn,
+            now,
+            stats: &mut self.stats,
+            io: &mut self.io,
+        };
+        self.media.tick(&mut cx, &mut self.control);
+    }
+
+    fn packet(&mut self, ms: u64, socket: usize, from: &str) -> Action {
+        let now = self.now(ms);
+        let mut cx = MediaCtx {
+            settings: &self.settings.media,
+            turn: &self.settings.turn,
+            now,
+            stats: &mut self.stats,
+            io: &mut self.io,
+        };
+        self.media
+            .handle(&mut cx, &mut self.events, socket, a(from), 80, 172)
+    }
+
+    fn socket_of(&self, addr: SocketAddr) -> usize {
+        self.io
+            .open
+            .iter()
+            .find(|(_, x)| *x == addr)
+            .map(|(i, _)| *i)
+            .expect("socket open")
+    }
+}
+
+const MEDIA: &str =
+    "[media]\nports = \"40000-40009\"\nlearn_window = \"2s\"\nidle_timeout = \"10s\"\n";
+
+#[test]
+fn latching_follows_within_the_window_then_drops_and_reports_foreign_sources() {
+    let mut r = Rig::new(MEDIA);
+    r.control.queue.push(Command::Create(MediaRequest {
+        index: 7,
+        id: 1,
+        addresses: [Some(a("127.0.0.1:5000")), Some(a("127.0.0.2:6000"))],
+    }));
+    r.tick(0);
+    let (record, locals) = r.control.created[0];
+    assert_eq!(record, 7);
+    assert_eq!(locals[0].port() % 2, 0);
+    assert_eq!(r.io.open.len(), 4, "two RTP/RTCP pairs");
+    let leg0 = r.socket_of(locals[0]);
+    let leg1 = r.socket_of(locals[1]);
+    // First packet from another port than signalled: latched, forwarded to leg 1's address.
+    assert_eq!(
+        r.packet(10, leg0, "127.0.0.1:5555"),
+        Action::Send {
+            offset: 80,
+            len: 172,
+            socket: leg1,
+            to: a("127.0.0.2:6000")
+        }
+    );
+    // Leg 1's answer goes to leg 0's latched source, not its signalled address.
+    assert_eq!(
+        r.packet(20, leg1, "127.0.0.2:6000"),
+        Action::Send {
+            offset: 80,
+            len: 172,
+            socket: leg0,
+            to: a("127.0.0.1:5555")
+        }
+    );
+    // Within the window a new source is followed.
+    assert!(matches!(
+        r.packet(1500, leg0, "127.0.0.1:5556"),
+        Action::Send { .. }
+    ));
+    assert_eq!(
+        r.packet(1600, leg1, "127.0.0.2:6000"),
+        Action::Send {
+            offset: 80,
+            len: 172,
+            socket: leg0,
+            to: a("127.0.0.1:5556")
+        }
+    );
+    // After it: strict. Dropped, counted, reported once per second.
+    for ms in [2100, 2200, 2300] {
+        assert_eq!(r.packet(ms, leg0, "127.0.0.66:7000"), Action::Drop);
+    }
+    assert_eq!(
+        r.events.0,
+        vec![(EventKind::MediaForeignSource, a("127.0.0.66:7000").ip())]
+    );
+    assert_eq!(r.stats.get(Counter::DropMediaForeignSource), 3);
+    // Leg 1's traffic still goes to the latched source.
+    assert_eq!(
+        r.packet(2400, leg1, "127.0.0.2:6000"),
+        Action::Send {
+            offset: 80,
+            len: 172,
+            socket: leg0,
+            to: a("127.0.0.1:5556")
+        }
+    );
+    r.tick(2500);
+    let (_, legs) = r.control.published.last().copied().unwrap();
+    assert_eq!(legs[0].0, Some(a("127.0.0.1:5556")));
+    assert_eq!(legs[0].1.foreign_dropped, 3);
+    assert_eq!(legs[0].1.packets_in, 2);
+    assert_eq!(legs[0].1.packets_out, 3);
+    // Idle: ended, sockets closed.
+    r.tick(2500 + 10_100);
+    assert_eq!(r.control.ended, vec![7]);
+    assert!(r.io.open.is_empty());
+    assert_eq!(r.media.sessions(), 0);
+}
+
+#[test]
+fn a_denied_address_or_no_free_pair_fails_the_request() {
+    let mut r = Rig::new(MEDIA);
+    r.control.queue.push(Command::Create(MediaRequest {
+        index: 1,
+        id: 1,
+        addresses: [None, Some(a("10.0.0.1:4000"))],
+    }));
+    r.tick(0);
+    assert_eq!(r.control.failed, vec![(1, MediaFailure::Leg1Denied)]);
+    // 40000-40009 holds 5 pairs: two sessions fit, the third does not.
+    for i in 2..5 {
+        r.control.queue.push(Command::Create(MediaRequest {
+            index: i,
+            id: i as u64,
+            addresses: [None, None],
+        }));
+    }
+    r.tick(1);
+    assert_eq!(r.control.created.len(), 2);
+    assert_eq!(r.control.failed[1], (4, MediaFailure::NoPorts));
+    assert!(r
+        .io
+        .open
+        .iter()
+        .all(|(_, x)| x.port() >= 40000 && x.port() <= 40009));
+    // Without a remote for the other leg the packet is dropped, and a source the peer policy
+    // refuses is never learned.
+    let leg0 = r.socket_of(r.control.created[0].1[0]);
+    assert_eq!(r.packet(5, leg0, "127.0.0.1:5000"), Action::Drop);
+    assert_eq!(r.stats.get(Counter::DropMediaNoRemote), 1);
+    let leg0b = r.socket_of(r.control.created[1].1[0]);
+    assert_eq!(r.packet(5, leg0b, "10.9.9.9:5000"), Action::Drop);
+    assert_eq!(r.stats.get(Counter::DropMediaPeerDenied), 1);
+    r.control.queue.push(Command::Delete { record: 2 });
+    r.tick(2);
+    assert_eq!(r.control.ended, vec![2]);
+    assert_eq!(r.io.open.len(), 4);
+}
+
+#[test]
+fn a_nat_map_binds_per_source_and_replies_from_the_public_port() {
+    let mut r = Rig::new(
+        "[[nat.maps]]\npublic_ports = \"5004-5005\"\ninternal = \"127.0.0.9:6004\"\nmax_bindings = 2\nidle_timeout = \"5s\"\n",
+    );
+    r.tick(0);
+    assert_eq!(r.media.nat.public_sockets(), 2);
+    let p5005 = r.socket_of(a("127.0.0.1:5005"));
+    let Action::Send { socket: bx, to, .. } = r.packet(1, p5005, "127.0.0.20:1000") else {
+        panic!("not forwarded");
+    };
+    assert_eq!(to, a("127.0.0.9:6005"), "port offset kept");
+    assert!(matches!(
+        r.packet(2, p5005, "127.0.0.21:1000"),
+        Action::Send { .. }
+    ));
+    assert_eq!(
+        r.packet(3, p5005, "127.0.0.22:1000"),
+        Action::Drop,
+        "max_bindings"
+    );
+    assert_eq!(r.stats.get(Counter::DropNatBindingsFull), 1);
+    // The internal host's reply to X's binding goes back to X from the public port.
+    assert_eq!(
+        r.packet(4, bx, "127.0.0.9:6005"),
+        Action::Send {
+            offset: 80,
+            len: 172,
+            socket: p5005,
+            to: a("127.0.0.20:1000")
+        }
+    );
+    assert_eq!(
+        r.packet(5, bx, "127.0.0.50:6005"),
+        Action::Drop,
+        "only the internal host"
+    );
+    assert_eq!(r.media.nat.bindings(), 2);
+    r.tick(6000);
+    assert_eq!(r.media.nat.bindings(), 0, "idle bindings expire");
+    // A settings change without the map closes its ports.
+    r.settings = settings("");
+    r.media.recheck = true;
+    r.tick(6001);
+    assert!(r.io.open.is_empty());
+}
