@@ -25,7 +25,8 @@
 #   lab.sh exec   PREFIX NAME CMD...              run CMD inside PREFIX-NAME
 #   lab.sh list   PREFIX                          the namespaces of a lab
 #   lab.sh down   PREFIX                          kill what runs inside, delete every namespace
-#   lab.sh demo   [TYPE]                          build the branch topology, show it, clean up
+#   lab.sh demo   [TYPE_A [TYPE_C]]               the branch case without, then with Portico's
+#                                                 media relay (needs a built portico)
 #
 # Router TYPEs (the classic names; RFC 4787 mapping/filtering behaviour in brackets):
 #   full-cone        [endpoint-independent mapping, endpoint-independent filtering]
@@ -234,35 +235,102 @@ cmd_down() {
     done
 }
 
-# A guided tour for an operator: the reference's branch case (two phones behind NAT routers
-# of TYPE) with Portico's box on the internet; runs an RTP stream that cannot arrive, then
-# cleans up whatever happens (trap).
+# One RTP call of 50 packets each way between phone A and phone C of demo lab $1: A sends
+# from $2 to $3, C from $4 to $5; prints both reports.
+demo_call() {
+    local p=$1 rtp start
+    rtp="$(dirname "$SELF")/rtp.py"
+    start=$(python3 -c 'import time; print(time.time() + 1)')
+    in_ns "$(ns "$p" phonea)" python3 "$rtp" --bind "$2" --to "$3" --count 50 --expect 50 \
+        --start-at "$start" --label "phone A" >"$DEMO_OUT/a" &
+    local a=$!
+    in_ns "$(ns "$p" phonec)" python3 "$rtp" --bind "$4" --to "$5" --count 50 --expect 50 \
+        --start-at "$start" --label "phone C" >"$DEMO_OUT/c"
+    wait "$a"
+    sed 's/^/   /' "$DEMO_OUT/a" "$DEMO_OUT/c"
+}
+
+# A guided tour for an operator: the reference's branch case, two phones behind NAT routers
+# of TYPE_A and TYPE_C, first without help (nothing arrives), then, with a portico binary
+# (PORTICO, else target/release or target/debug of this checkout), through a media relay
+# session on Portico's box on the internet. Everything is removed on exit (trap), Ctrl-C
+# included.
 cmd_demo() {
-    local type=${1:-port-restricted} p="labdemo$$"
-    trap 'cmd_down '"$p" EXIT INT TERM
+    local type_a=${1:-symmetric} type_c=${2:-${1:-port-restricted}} p="labdemo$$"
+    local root bin=""
+    root=$(cd "$(dirname "$SELF")/../.." && pwd)
+    DEMO_OUT=$(mktemp -d)
+    # Ctrl-C or kill: exit, and the EXIT trap removes everything.
+    trap 'cmd_down '"$p"'; rm -rf "$DEMO_OUT"' EXIT
+    trap 'exit 130' INT TERM
     cmd_net "$p"
-    cmd_public "$p" box "$LAB_NET.10,$LAB_NET.11"
-    cmd_router "$p" ra "$LAB_NET.101" 10.0.1 "$type"
+    cmd_public "$p" box "$LAB_NET.10"
+    cmd_router "$p" ra "$LAB_NET.101" 10.0.1 "$type_a"
     cmd_host "$p" phonea ra 10.0.1.2
-    cmd_router "$p" rc "$LAB_NET.103" 10.0.3 "$type"
+    cmd_router "$p" rc "$LAB_NET.103" 10.0.3 "$type_c"
     cmd_host "$p" phonec rc 10.0.3.2
     echo "namespaces:"
     cmd_list "$p" | sed 's/^/  /'
-    echo "phone A signals its private address 10.0.1.2:5004, phone C 10.0.3.2:5004;"
-    echo "each sends 50 RTP packets to the address the other signalled (private to private):"
-    local rtp start out
-    rtp="$(dirname "$SELF")/rtp.py"
-    out=$(mktemp -d)
-    trap 'cmd_down '"$p"'; rm -rf '"$out" EXIT INT TERM
-    start=$(python3 -c 'import time; print(time.time() + 0.5)')
-    in_ns "$(ns "$p" phonea)" python3 "$rtp" --bind 10.0.1.2:5004 --to 10.0.3.2:5004 \
-        --count 50 --start-at "$start" --label "phone A" >"$out/a" &
-    in_ns "$(ns "$p" phonec)" python3 "$rtp" --bind 10.0.3.2:5004 --to 10.0.1.2:5004 \
-        --count 50 --start-at "$start" --label "phone C" >"$out/c"
-    wait
-    cat "$out/a" "$out/c"
-    echo "nothing arrived either way (\"received\": 0): the reference's 'Private to Private"
-    echo "Communication'. docs/operations.md ('NAT lab') shows how Portico fixes it."
+    echo
+    echo "1. Phone A (behind $type_a) signals 10.0.1.2:5004, phone C (behind $type_c) 10.0.3.2:5004;"
+    echo "   each sends RTP to the address the other signalled (private to private):"
+    demo_call "$p" 10.0.1.2:5004 10.0.3.2:5004 10.0.3.2:5004 10.0.1.2:5004
+    echo "   nothing arrived either way (\"received\": 0): the reference's 'Private to Private"
+    echo "   Communication'."
+    if [[ -n ${PORTICO:-} ]]; then
+        bin=$PORTICO
+    elif [[ -x $root/target/release/portico ]]; then
+        bin=$root/target/release/portico
+    elif [[ -x $root/target/debug/portico ]]; then
+        bin=$root/target/debug/portico
+    fi
+    if [[ -z $bin ]]; then
+        echo "No portico binary (cargo build, or PORTICO=/path/to/portico): the demo stops here."
+        return 0
+    fi
+    command -v curl >/dev/null || die "\`curl\` is missing (Debian package curl)"
+    echo
+    echo "2. The same call through a media relay session on Portico ($bin) at $LAB_NET.10:"
+    printf '%s\n' \
+        "state_dir = \"$DEMO_OUT/state\"" \
+        "[turn]" \
+        "listen = [\"$LAB_NET.10:3478\"]" \
+        "relay_ip = \"$LAB_NET.10\"" \
+        "allow_peers = [\"$LAB_NET.0/24\"]" \
+        "workers = 1" \
+        "[media]" \
+        "ports = \"40000-40099\"" \
+        "[api]" \
+        "listen = \"127.0.0.1:8088\"" >"$DEMO_OUT/portico.toml"
+    in_ns "$(ns "$p" box)" env PORTICO_DATAPLANE="$bin" "$bin" run --config "$DEMO_OUT/portico.toml" \
+        >"$DEMO_OUT/portico.log" 2>&1 &
+    local i
+    for i in $(seq 100); do
+        in_ns "$(ns "$p" box)" curl -sf http://127.0.0.1:8088/healthz >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    local session l0 l1
+    # The phones' SDP carries only private addresses: no leg gets an address; Portico latches
+    # onto the source of each phone's first packet (NAT detection).
+    session=$(in_ns "$(ns "$p" box)" curl -sf -H "Authorization: Bearer $(cat "$DEMO_OUT/state/admin.token")" \
+        -H 'Content-Type: application/json' -d '{"legs":[{},{}],"label":"demo"}' \
+        http://127.0.0.1:8088/api/v1/media/sessions) || {
+        cat "$DEMO_OUT/portico.log"
+        die "could not create a media session"
+    }
+    echo "   POST /api/v1/media/sessions -> $session"
+    l0=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["legs"][0]["local"])' <<<"$session")
+    l1=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["legs"][1]["local"])' <<<"$session")
+    echo "   phone A is told to send to $l0, phone C to $l1 (the SBC rewrites the SDP)."
+    # Each phone's first packet latches its leg (a phone starts sending when the call is
+    # answered); then the call.
+    in_ns "$(ns "$p" phonea)" python3 "$(dirname "$SELF")/rtp.py" --bind 10.0.1.2:5004 --to "$l0" \
+        --count 1 --linger 0 >/dev/null
+    in_ns "$(ns "$p" phonec)" python3 "$(dirname "$SELF")/rtp.py" --bind 10.0.3.2:5004 --to "$l1" \
+        --count 1 --linger 0 >/dev/null
+    demo_call "$p" 10.0.1.2:5004 "$l0" 10.0.3.2:5004 "$l1"
+    echo "   every packet arrived both ways (\"lost\": 0), from the box's leg addresses: the"
+    echo "   reference's 'Media Relay'."
 }
 
 main() {
