@@ -22,6 +22,7 @@
 #                                                 (router 10.0.N.1/24), TYPE below
 #   lab.sh host   PREFIX NAME ROUTER IP           a host in ROUTER's LAN, default route via it
 #   lab.sh forward PREFIX ROUTER PROTO PORT IP[:PORT]  a static NAT map (DNAT) on ROUTER
+#   lab.sh block-udp PREFIX ROUTER                a firewall: no UDP out of ROUTER's LAN
 #   lab.sh exec   PREFIX NAME CMD...              run CMD inside PREFIX-NAME
 #   lab.sh list   PREFIX                          the namespaces of a lab
 #   lab.sh down   PREFIX                          kill what runs inside, delete every namespace
@@ -210,6 +211,13 @@ cmd_forward() {
     in_ns "$n" nft add rule ip lab prerouting_lab iifname "wan0" "$proto" dport "$port" dnat to "$target"
 }
 
+# A corporate firewall on ROUTER: no UDP leaves its LAN (so no STUN, no TURN over UDP, no
+# RTP), TCP does (the reference: "TURN works with UDP and TCP by design").
+cmd_block_udp() {
+    local p=$1 router=$2
+    in_ns "$(ns "$p" "$router")" nft add rule ip lab forward_lab iifname "lan0" meta l4proto udp drop
+}
+
 cmd_list() {
     local p=$1
     ip netns list | awk '{print $1}' | grep -E "^$p-[a-z0-9]+$" || true
@@ -341,6 +349,7 @@ main() {
     public) need_root; [[ $# -eq 3 ]] || die "usage: public PREFIX NAME IP[,IP]"; cmd_public "$@" ;;
     router) need_root; [[ $# -eq 5 ]] || die "usage: router PREFIX NAME WAN_IP 10.X.Y TYPE"; cmd_router "$@" ;;
     host) need_root; [[ $# -eq 4 ]] || die "usage: host PREFIX NAME ROUTER IP"; cmd_host "$@" ;;
+    block-udp) need_root; [[ $# -eq 2 ]] || die "usage: block-udp PREFIX ROUTER"; cmd_block_udp "$@" ;;
     forward) need_root; [[ $# -eq 5 ]] || die "usage: forward PREFIX ROUTER tcp|udp PORT IP[:PORT]"; cmd_forward "$@" ;;
     exec) need_root; [[ $# -ge 3 ]] || die "usage: exec PREFIX NAME CMD..."; local n; n=$(ns "$1" "$2"); shift 2; in_ns "$n" "$@" ;;
     list) [[ $# -eq 1 ]] || die "usage: list PREFIX"; cmd_list "$@" ;;

@@ -11,8 +11,9 @@
 //! * stun.rs: STUN returns the right server-reflexive address behind each NAT type; RFC 5780
 //!   behaviour discovery (the test's own classifier and coturn's `turnutils_natdiscovery`)
 //!   classifies each type; hole punching with STUN addresses works only for some pairs.
-//! * turn.rs: TURN fixes every NAT type; the reference's internal TURN server in the LAN,
-//!   reached over TCP through one DNAT rule on the router.
+//! * turn.rs: TURN fixes every NAT type; TURN over TCP gets media out of a network that
+//!   blocks UDP; the reference's internal TURN server in the LAN, reached over TCP through
+//!   one DNAT rule on the router.
 //! * natmap.rs: a static NAT map reaches an internal endpoint.
 //!
 //! Network namespaces need root. Where they cannot be created (not root, no `ip netns`),
