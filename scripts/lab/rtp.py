@@ -120,6 +120,13 @@ def main():
     ap.add_argument("--expect", type=int, help="packets expected to arrive (enables 'lost')")
     ap.add_argument("--linger", type=float, default=1.0, help="seconds to wait after sending")
     ap.add_argument("--start-at", type=float, help="UNIX time to start sending (both ends together)")
+    ap.add_argument("--ready", help="create this file once the socket is bound")
+    ap.add_argument(
+        "--go",
+        help="start once this file exists (at most 60 s; with --ready, several ends in "
+        "several namespaces start together whatever their start-up time)",
+    )
+    ap.add_argument("--delay", type=float, default=0.0, help="seconds to wait after the start")
     ap.add_argument("--ssrc", type=lambda s: int(s, 0), help="SSRC (default random)")
     ap.add_argument("--label", default="", help="a name for the report")
     a = ap.parse_args()
@@ -131,6 +138,8 @@ def main():
         ap.error("--linger must be 0..60 seconds")
     if (a.to is None) == (not a.reply):
         ap.error("give exactly one of --to and --reply")
+    if not 0 <= a.delay <= 60:
+        ap.error("--delay must be 0..60 seconds")
     if not 0 <= a.wait <= 60:
         ap.error("--wait must be 0..60 seconds")
     if a.count / a.rate > MAX_SECONDS:
@@ -169,12 +178,23 @@ def main():
             if a.expect is not None and len(stats.seen) >= a.expect and sending_done[0]:
                 return
 
+    if a.ready:
+        with open(a.ready, "w") as f:
+            f.write(f"{os.getpid()}\n")
     late_ms = 0
+    if a.go:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(a.go) and time.monotonic() < deadline:
+            drain(time.monotonic() + 0.005)
+        if not os.path.exists(a.go):
+            ap.error(f"{a.go} did not appear within 60 s")
     if a.start_at is not None:
         wait = a.start_at - time.time()
         late_ms = max(0, int(-wait * 1000))
         if wait > 0:
             drain(time.monotonic() + min(wait, 30))
+    if a.delay > 0:
+        drain(time.monotonic() + a.delay)
     to = a.to
     if a.reply:
         deadline = time.monotonic() + a.wait

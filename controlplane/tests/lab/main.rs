@@ -32,7 +32,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 use portico_testkit::http::http;
@@ -460,16 +460,57 @@ pub fn join<T>(h: JoinHandle<T>) -> T {
     h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
-/// How far ahead rtp.py runs are told to start together (--start-at): time for a few
-/// Python interpreters to start inside namespaces on a busy two-core machine.
-pub const LEAD: Duration = Duration::from_millis(2500);
+/// Starts several rtp.py ends together, however long each takes to come up on a busy
+/// machine: each creates a file once its socket is bound (--ready), all wait for one file
+/// (--go), which [`Go::fire`] creates once every end is ready.
+pub struct Go {
+    dir: PathBuf,
+    ends: std::cell::Cell<u32>,
+}
 
-/// UNIX time `after` from now, for rtp.py's --start-at.
-pub fn start_at(after: Duration) -> f64 {
-    (SystemTime::now() + after)
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+impl Go {
+    pub fn new(lab: &Lab) -> Go {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = lab
+            .dir
+            .join(format!("go{}", N.fetch_add(1, Ordering::Relaxed)));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        Go {
+            dir,
+            ends: std::cell::Cell::new(0),
+        }
+    }
+
+    fn ready_file(&self) -> PathBuf {
+        let n = self.ends.get();
+        self.ends.set(n + 1);
+        self.dir.join(format!("{n}.ready"))
+    }
+
+    fn go_file(&self) -> PathBuf {
+        self.dir.join("go")
+    }
+
+    /// Waits (30 s at most) until every end started with this `Go` has bound its socket,
+    /// then lets them all start.
+    pub fn fire(&self) {
+        let want = self.ends.get() as usize;
+        let count = || {
+            fs::read_dir(&self.dir)
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| e.file_name().to_string_lossy().ends_with(".ready"))
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        assert!(
+            wait_until(Duration::from_secs(30), || count() >= want),
+            "only {} of {want} rtp.py ends came up within 30 s",
+            count()
+        );
+        fs::write(self.go_file(), b"go\n").unwrap_or_else(|e| panic!("{e}"));
+    }
 }
 
 /// One rtp.py run in a namespace (see scripts/lab/rtp.py).
@@ -538,15 +579,32 @@ pub enum To {
 }
 
 impl Rtp {
-    /// Starts rtp.py in `node`: binds `bind`, sends `count` packets (50/s) to `to` from
-    /// `start` (UNIX time) on, expects `count` back.
-    pub fn start(lab: &Lab, node: &str, bind: SocketAddr, to: To, count: u32, start: f64) -> Rtp {
+    /// Starts rtp.py in `node`: binds `bind`, sends `count` packets (50/s) to `to` once `go`
+    /// fires, expects `count` back.
+    pub fn start(lab: &Lab, node: &str, bind: SocketAddr, to: To, count: u32, go: &Go) -> Rtp {
+        Rtp::start_delayed(lab, node, bind, to, count, go, 0.0)
+    }
+
+    /// [`Rtp::start`], sending `delay` seconds after `go` fires.
+    pub fn start_delayed(
+        lab: &Lab,
+        node: &str,
+        bind: SocketAddr,
+        to: To,
+        count: u32,
+        go: &Go,
+        delay: f64,
+    ) -> Rtp {
         let python = require("python3", "python3");
         let mut c = Command::new("timeout");
-        c.args(["-k", "2", "40", "ip", "netns", "exec", &lab.ns(node)])
+        c.args(["-k", "2", "90", "ip", "netns", "exec", &lab.ns(node)])
             .arg(python)
             .arg(rtp_py())
-            .args(["--bind", &bind.to_string()]);
+            .args(["--bind", &bind.to_string()])
+            .arg("--ready")
+            .arg(go.ready_file())
+            .arg("--go")
+            .arg(go.go_file());
         match to {
             To::Addr(a) => c.args(["--to", &a.to_string()]),
             To::Reply => c.args(["--reply", "--wait", "4"]),
@@ -556,8 +614,8 @@ impl Rtp {
             &count.to_string(),
             "--expect",
             &count.to_string(),
-            "--start-at",
-            &format!("{start:.3}"),
+            "--delay",
+            &format!("{delay:.3}"),
             "--linger",
             "1",
             "--label",

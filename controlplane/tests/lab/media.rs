@@ -17,7 +17,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use crate::{sa, start_at, Boxed, Lab, Rtp, RtpReport, To, ALL_NATS, BOX, NET, PROVIDER, RTP};
+use crate::{sa, Boxed, Go, Lab, Rtp, RtpReport, To, ALL_NATS, BOX, NET, PROVIDER, RTP};
 
 const COUNT: u32 = 100;
 
@@ -72,7 +72,7 @@ fn one_way_audio_without_help() {
     let Some(lab) = provider_lab("media-one-way") else {
         return;
     };
-    let go = start_at(crate::LEAD);
+    let go = Go::new(&lab);
     let mut runs = Vec::new();
     for (i, nat) in ALL_NATS.iter().enumerate() {
         let n = i as u8 + 1;
@@ -84,11 +84,12 @@ fn one_way_audio_without_help() {
             signalled,
             To::Addr(gw),
             COUNT,
-            go,
+            &go,
         );
-        let g = Rtp::start(&lab, "provider", gw, To::Addr(signalled), COUNT, go);
+        let g = Rtp::start(&lab, "provider", gw, To::Addr(signalled), COUNT, &go);
         runs.push((*nat, n, p, g));
     }
+    go.fire();
     for (nat, n, p, g) in runs {
         let (p, g) = (p.report(), g.report());
         assert_eq!(
@@ -161,8 +162,7 @@ fn nat_detection_fixes_the_provider_case() {
     };
     lab.public("box", &[BOX]);
     let b = Boxed::start(&lab, "box", BOX, None, &[NET], MEDIA);
-    let phone_go = start_at(crate::LEAD);
-    let gw_go = phone_go + 0.3;
+    let go = Go::new(&lab);
     let mut runs = Vec::new();
     for (i, nat) in ALL_NATS.iter().enumerate() {
         let n = i as u8 + 1;
@@ -175,11 +175,13 @@ fn nat_detection_fixes_the_provider_case() {
             signalled,
             To::Addr(leg0),
             COUNT,
-            phone_go,
+            &go,
         );
-        let g = Rtp::start(&lab, "provider", gw, To::Addr(leg1), COUNT, gw_go);
+        // The gateway 300 ms after the phone: the phone's first packet latches its leg.
+        let g = Rtp::start_delayed(&lab, "provider", gw, To::Addr(leg1), COUNT, &go, 0.3);
         runs.push((*nat, n, id, gw, leg0, leg1, p, g));
     }
+    go.fire();
     for (nat, n, id, gw, leg0, leg1, p, g) in runs {
         let (p, g) = (p.report(), g.report());
         g.expect_all(
@@ -235,14 +237,15 @@ fn private_to_private_fails_without_a_relay() {
     let Some(lab) = branch_lab("media-private") else {
         return;
     };
-    let go = start_at(crate::LEAD);
+    let go = Go::new(&lab);
     let mut runs = Vec::new();
     for (a, c) in CALLS {
         let (pa, pc) = (sa(phone(a), RTP), sa(phone(c), RTP));
-        let ra = Rtp::start(&lab, &format!("phone{a}"), pa, To::Addr(pc), COUNT, go);
-        let rc = Rtp::start(&lab, &format!("phone{c}"), pc, To::Addr(pa), COUNT, go);
+        let ra = Rtp::start(&lab, &format!("phone{a}"), pa, To::Addr(pc), COUNT, &go);
+        let rc = Rtp::start(&lab, &format!("phone{c}"), pc, To::Addr(pa), COUNT, &go);
         runs.push((a, c, ra, rc));
     }
+    go.fire();
     for (a, c, ra, rc) in runs {
         let what = format!(
             "{:?} <-> {:?}",
@@ -289,7 +292,7 @@ fn media_relay_fixes_the_branch_case() {
     lab.public("box", &[BOX]);
     let b = Boxed::start(&lab, "box", BOX, None, &[NET], MEDIA);
     let sessions = branch_sessions(&lab, &b);
-    let go = start_at(crate::LEAD);
+    let go = Go::new(&lab);
     let mut runs = Vec::new();
     for (a, c, id, la, lc) in sessions {
         for rtcp in [false, true] {
@@ -299,11 +302,12 @@ fn media_relay_fixes_the_branch_case() {
             } else {
                 (pa, pc, la, lc)
             };
-            let ra = Rtp::start(&lab, &format!("phone{a}"), pa, To::Addr(la), COUNT, go);
-            let rc = Rtp::start(&lab, &format!("phone{c}"), pc, To::Addr(lc), COUNT, go);
+            let ra = Rtp::start(&lab, &format!("phone{a}"), pa, To::Addr(la), COUNT, &go);
+            let rc = Rtp::start(&lab, &format!("phone{c}"), pc, To::Addr(lc), COUNT, &go);
             runs.push((a, c, id.clone(), rtcp, la, lc, ra, rc));
         }
     }
+    go.fire();
     for (a, c, id, rtcp, la, lc, ra, rc) in runs {
         let what = format!(
             "{:?} <-> {:?} ({})",
@@ -353,14 +357,14 @@ fn a_third_host_cannot_hijack_a_latched_leg() {
     // Past the 2 s learning window of both legs.
     std::thread::sleep(Duration::from_millis(2500));
     let before = b.json("GET", &format!("/api/v1/media/sessions/{id}"), "", 200);
-    let go = start_at(crate::LEAD);
+    let go = Go::new(&lab);
     let ra = Rtp::start(
         &lab,
         &format!("phone{a}"),
         sa(phone(a), RTP),
         To::Addr(la),
         COUNT,
-        go,
+        &go,
     );
     let rc = Rtp::start(
         &lab,
@@ -368,7 +372,7 @@ fn a_third_host_cannot_hijack_a_latched_leg() {
         sa(phone(c), RTP),
         To::Addr(lc),
         COUNT,
-        go,
+        &go,
     );
     let evil = Rtp::start(
         &lab,
@@ -376,8 +380,9 @@ fn a_third_host_cannot_hijack_a_latched_leg() {
         sa(attacker, 9000),
         To::Addr(la),
         COUNT,
-        go,
+        &go,
     );
+    go.fire();
     let (ra, rc, evil) = (ra.report(), rc.report(), evil.report());
     // Phone c hears phone a only (one SSRC, from its leg), phone a hears c: nothing lost.
     rc.expect_all(u64::from(COUNT), lc, "phone c during the attack");

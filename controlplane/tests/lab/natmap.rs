@@ -8,7 +8,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use crate::{sa, start_at, Boxed, Lab, Rtp, To, BOX, NET};
+use crate::{sa, Boxed, Go, Lab, Rtp, To, BOX, NET};
 
 const COUNT: u32 = 100;
 
@@ -28,9 +28,10 @@ fn call(
     to: SocketAddr,
     inside: SocketAddr,
 ) -> (crate::RtpReport, crate::RtpReport) {
-    let go = start_at(crate::LEAD);
-    let gw = Rtp::start(lab, "gw", inside, To::Reply, COUNT, go);
-    let c = Rtp::start(lab, "caller", from, To::Addr(to), COUNT, go);
+    let go = Go::new(lab);
+    let gw = Rtp::start(lab, "gw", inside, To::Reply, COUNT, &go);
+    let c = Rtp::start(lab, "caller", from, To::Addr(to), COUNT, &go);
+    go.fire();
     (c.report(), gw.report())
 }
 
@@ -110,16 +111,17 @@ fn static_nat_map_reaches_an_internal_endpoint() {
     // Any external source reaches an existing map (full cone): a second caller.
     let other = Ipv4Addr::new(198, 18, 0, 31);
     lab.public("caller2", &[other]);
-    let go = start_at(crate::LEAD);
-    let gw = Rtp::start(&lab, "gw", sa(internal(), 5004), To::Reply, COUNT, go);
+    let go = Go::new(&lab);
+    let gw = Rtp::start(&lab, "gw", sa(internal(), 5004), To::Reply, COUNT, &go);
     let c = Rtp::start(
         &lab,
         "caller2",
         sa(other, 7100),
         To::Addr(sa(BOX, 5004)),
         COUNT,
-        go,
+        &go,
     );
+    go.fire();
     c.report()
         .expect_all(u64::from(COUNT), sa(BOX, 5004), "internal -> second caller");
     assert_eq!(
