@@ -698,8 +698,3 @@ pub fn rtp_packet(seq: u16, ssrc: u32) -> Vec<u8> {
 pub fn rtp_seq(p: &[u8]) -> Option<u16> {
     (p.len() >= 12 && p[0] >> 6 == 2).then(|| u16::from_be_bytes([p[2], p[3]]))
 }
-
-/// Waits (bounded) for `f` to hold.
-pub fn eventually(limit: Duration, f: impl FnMut() -> bool) -> bool {
-    wait_until(limit, f)
-}
