@@ -15,6 +15,8 @@
 //!   blocks UDP; the reference's internal TURN server in the LAN, reached over TCP through
 //!   one DNAT rule on the router.
 //! * natmap.rs: a static NAT map reaches an internal endpoint.
+//! * ice.rs: ICE agents (aioice) connect directly where STUN suffices, fail behind two
+//!   symmetric NATs with STUN alone, and connect through Portico's TURN relay.
 //!
 //! Network namespaces need root. Where they cannot be created (not root, no `ip netns`),
 //! every test says so loudly on stderr and passes without running; anything else missing
@@ -41,6 +43,7 @@ use portico_testkit::process::{require, wait_until, Proc};
 use portico_testkit::turn::{PASSWORD, REALM_NAME, USER};
 use portico_testkit::TempDir;
 
+mod ice;
 mod media;
 mod natmap;
 mod stun;
