@@ -201,7 +201,10 @@ fn nat_detection_fixes_the_provider_case() {
             leg0,
             &format!("{nat:?}: gateway -> phone via the relay"),
         );
-        let s = b.json("GET", &format!("/api/v1/media/sessions/{id}"), "", 200);
+        let s = session_when(&b, &id, &format!("{nat:?}: counters"), |s| {
+            s["legs"][0]["packets_in"].as_u64() >= Some(u64::from(COUNT))
+                && s["legs"][1]["packets_in"].as_u64() >= Some(u64::from(COUNT))
+        });
         let latched: SocketAddr = s["legs"][0]["latched"]
             .as_str()
             .and_then(|t| t.parse().ok())
@@ -223,6 +226,23 @@ fn nat_detection_fixes_the_provider_case() {
         b.json("DELETE", &format!("/api/v1/media/sessions/{id}"), "", 204);
         b.json("GET", &format!("/api/v1/media/sessions/{id}"), "", 404);
     }
+}
+
+/// GET of session `id` until `ok` holds (3 s at most: the dataplane publishes a session's
+/// counters every 250 ms); the last answer.
+fn session_when(
+    b: &Boxed,
+    id: &str,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let good = portico_testkit::process::wait_until(Duration::from_secs(3), || {
+        last = b.json("GET", &format!("/api/v1/media/sessions/{id}"), "", 200);
+        ok(&last)
+    });
+    assert!(good, "{what}: GET /api/v1/media/sessions/{id}: {last}");
+    last
 }
 
 /// Two branches: phones 1-4 behind one router of each NAT type; calls between phone 1
@@ -342,7 +362,10 @@ fn media_relay_fixes_the_branch_case() {
         if rtcp {
             continue;
         }
-        let s = b.json("GET", &format!("/api/v1/media/sessions/{id}"), "", 200);
+        let s = session_when(&b, &id, &format!("{what}: counters"), |s| {
+            s["legs"][0]["packets_in"].as_u64() >= Some(u64::from(COUNT))
+                && s["legs"][1]["packets_in"].as_u64() >= Some(u64::from(COUNT))
+        });
         for (leg, n) in [(0, a), (1, c)] {
             let latched = s["legs"][leg]["latched"].as_str().unwrap_or("");
             assert!(
@@ -410,7 +433,9 @@ fn a_third_host_cannot_hijack_a_latched_leg() {
     );
     ra.expect_all(u64::from(COUNT), la, "phone a during the attack");
     evil.expect_nothing("the attacker");
-    let after = b.json("GET", &format!("/api/v1/media/sessions/{id}"), "", 200);
+    let after = session_when(&b, &id, "foreign packets counted on leg 0", |s| {
+        s["legs"][0]["foreign_dropped"].as_u64() >= Some(u64::from(COUNT))
+    });
     assert_eq!(
         after["legs"][0]["latched"], before["legs"][0]["latched"],
         "leg 0 was taken over: {after}"
@@ -419,29 +444,37 @@ fn a_third_host_cannot_hijack_a_latched_leg() {
         after["legs"][0]["foreign_dropped"].as_u64() >= Some(u64::from(COUNT)),
         "foreign packets counted on the leg: {after}"
     );
-    let metrics = b.metrics();
-    let foreign: f64 = portico_testkit::metrics::metric(
-        &metrics,
-        "portico_drops_total",
-        &[("reason", "media_foreign_source")],
-    ) + portico_testkit::metrics::metric(
-        &metrics,
-        "portico_dataplane_drops_total",
-        &[("reason", "media_foreign_source")],
-    );
+    // The drops and the suspicious events (through the fraud engine, at most one per leg
+    // per second) in /metrics.
+    let mut metrics = String::new();
+    let counted = |m: &str| {
+        let metric = portico_testkit::metrics::metric;
+        (
+            metric(
+                m,
+                "portico_dataplane_drops_total",
+                &[("reason", "media_foreign_source")],
+            ),
+            metric(
+                m,
+                "portico_fraud_suspicious_events_total",
+                &[("origin", "media"), ("reason", "media_foreign_source")],
+            ),
+        )
+    };
+    let ok = portico_testkit::process::wait_until(Duration::from_secs(5), || {
+        metrics = b.metrics();
+        let (foreign, suspicious) = counted(&metrics);
+        foreign >= f64::from(COUNT) && suspicious >= 1.0
+    });
     assert!(
-        foreign >= f64::from(COUNT),
-        "drops{{reason=\"media_foreign_source\"}} = {foreign}:\n{}",
+        ok,
+        "(drops, suspicious events) = {:?}:\n{}",
+        counted(&metrics),
         metrics
             .lines()
             .filter(|l| l.contains("media"))
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let suspicious = metrics
-        .lines()
-        .filter(|l| l.starts_with("portico_fraud_suspicious_events_total") && l.contains("media"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>();
-    assert!(suspicious >= 1.0, "no suspicious media event in /metrics");
 }
