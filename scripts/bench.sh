@@ -52,13 +52,13 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [stun|turn|proxy|fraud|register|profile|all]" >&2
+    echo "usage: $0 [stun|turn|proxy|fraud|register|media|profile|all]" >&2
     exit 2
 }
 (($# <= 1)) || usage
 scenario=${1:-stun}
 case $scenario in
-stun | turn | proxy | fraud | register | profile | all) ;;
+stun | turn | proxy | fraud | register | media | profile | all) ;;
 *) usage ;;
 esac
 
@@ -849,8 +849,78 @@ run_profile() {
         die "callgrind profile failed (see $work/callgrind-*)"
 }
 
+# Media relay: MEDIA_SESSIONS sessions (1000) at 50 RTP packets/s each way per session for
+# MEDIA_SECONDS (10), two endpoints per session on loopback, interleaved in MEDIA_ROUNDS (2)
+# rounds of: Portico media relay, Portico TURN ChannelData (as many allocations, same rate,
+# same process), rtpengine in userspace (--table=-1, sessions by ng offer/answer). Reports
+# each run's relayed packets, loss, server CPU per million relayed packets and RSS per 1000
+# sessions; printed and kept in $work/media-*.txt (perf/RESULTS.md "Media relay" quotes a run).
+run_media() {
+    local port api ng dir i round pid sessions=${MEDIA_SESSIONS:-1000} secs=${MEDIA_SECONDS:-10}
+    port=$("$perf" free-port)
+    api=$("$perf" free-port)
+    dir=$work/portico-media
+    mkdir -p "$dir"
+    {
+        echo "state_dir = \"$dir/state\""
+        echo 'log_level = "info"'
+        echo '[turn]'
+        echo "listen = [\"127.0.0.1:$port\"]"
+        echo "workers = $workers"
+        echo 'io = "io_uring"'
+        echo 'relay_ip = "127.0.0.1"'
+        echo 'allow_peers = ["127.0.0.0/8"]'
+        echo 'relay_ports = "20000-29999"'
+        echo "realm = \"$turn_realm\""
+        echo "users = [{ name = \"$turn_user\", password = \"$turn_password\" }]"
+        echo 'max_allocations = 100000'
+        echo 'max_allocations_per_user = 100000'
+        echo '[api]'
+        echo "listen = \"127.0.0.1:$api\""
+        echo '[media]'
+        echo 'ports = "30000-39999"'
+        echo 'max_sessions = 4000'
+    } >"$dir/portico.toml"
+    for round in $(seq "${MEDIA_ROUNDS:-2}"); do
+        launch_portico "$dir" io_uring
+        for i in $(seq 50); do
+            [[ -s $dir/state/admin.token ]] && break
+            sleep 0.1
+        done
+        say "round $round: portico media relay"
+        "$perf" media --api "127.0.0.1:$api" --token-file "$dir/state/admin.token" \
+            --server-pid "${stop_pids[1]}" --sessions "$sessions" --rate 50 \
+            --duration "$secs" | tee "$work/media-portico-$round.txt"
+        say "round $round: portico TURN ChannelData"
+        "$perf" turn --quiet --server "127.0.0.1:$port" --user "$turn_user" \
+            --password "$turn_password" --server-pid "${stop_pids[1]}" --clients "$sessions" \
+            --rate 50 --duration "$secs" --mode channel >"$work/media-turn-$round.txt" 2>&1 ||
+            die "turn run failed: $(cat "$work/media-turn-$round.txt")"
+        grep -E 'relayed|server CPU|server RSS|lost' "$work/media-turn-$round.txt"
+        stop_servers
+        if command -v rtpengine >/dev/null; then
+            say "round $round: rtpengine (userspace)"
+            ng=$("$perf" free-port)
+            rtpengine --table=-1 --interface=127.0.0.1 --listen-ng="127.0.0.1:$ng" \
+                --listen-cli="127.0.0.1:$("$perf" free-port)" \
+                --foreground --log-stderr --log-level=4 --port-min=40000 --port-max=49999 \
+                --num-threads="$workers" >"$work/rtpengine.log" 2>&1 &
+            pid=$!
+            stop_pids=("$pid")
+            sleep 2
+            "$perf" media --rtpengine "127.0.0.1:$ng" --server-pid "$pid" \
+                --sessions "$sessions" --rate 50 --duration "$secs" |
+                tee "$work/media-rtpengine-$round.txt"
+            stop_servers
+        else
+            echo "bench.sh: rtpengine is not installed (Debian rtpengine-daemon): no comparison" >&2
+        fi
+    done
+}
+
 case $scenario in
 stun) run_stun 5 ;;
+media) run_media ;;
 turn) run_turn ;;
 proxy) run_proxy ;;
 fraud) run_fraud ;;

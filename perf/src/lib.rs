@@ -15,6 +15,7 @@
 pub mod bench_report;
 pub mod echo_server;
 pub mod histogram;
+pub mod media_load;
 pub mod proc_stats;
 pub mod register_load;
 pub mod register_report;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use portico_perf::{
-    bench_report, echo_server, register_load, stun_load, turn_load, uclient_run, udp,
+    bench_report, echo_server, media_load, register_load, stun_load, turn_load, uclient_run, udp,
 };
 
 #[derive(Parser)]
@@ -33,6 +33,9 @@ enum Cmd {
     /// against a fake PBX in this process: registrations/s, latency, proxy CPU per
     /// registration. Exit status 3 when not a single registration succeeded.
     Register(register_load::RegisterArgs),
+    /// Media relay load: sessions created through the API, RTP both ways per session;
+    /// relayed packets, loss, dataplane CPU per million packets, RSS per 1000 sessions.
+    Media(media_load::MediaArgs),
     /// Runs coturn's turnutils_uclient (the command after `--`) bounded in time, with the
     /// server's CPU and RSS sampled around it; parses its summary into a report.
     Uclient(uclient_run::UclientArgs),
@@ -76,6 +79,14 @@ fn main() -> ExitCode {
         Cmd::Register(args) => register_load::run(&args).map(|r| {
             print!("{}", r.text());
             if r.completed == 0 {
+                ExitCode::from(EXIT_NOTHING_COMPLETED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }),
+        Cmd::Media(args) => media_load::run(&args).map(|r| {
+            println!("{}", r.text());
+            if r.received == 0 {
                 ExitCode::from(EXIT_NOTHING_COMPLETED)
             } else {
                 ExitCode::SUCCESS

@@ -13,7 +13,7 @@ use portico_shared::counters::Counter;
 
 use super::relay::{self, Reservations, Slots};
 use super::uring::PAYLOAD_CAPACITY;
-use super::{fold, SettingsWatch, Shared, BUF_SIZE, TICK};
+use super::{fold, tick_for, SettingsWatch, Shared, BUF_SIZE};
 use crate::server::{Action, Received, Transport, HEADROOM};
 use crate::turn::{RelayIo, Reserved};
 
@@ -112,7 +112,7 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
         let timeout = if relays.pending.iter().any(|p| *p) {
             Duration::ZERO
         } else {
-            TICK
+            tick_for(&server)
         };
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             if e.kind() != io::ErrorKind::Interrupted {

@@ -40,6 +40,19 @@ use std::collections::HashMap;
 /// How long a driver may sleep before it looks at the stop flag and the configuration.
 pub const TICK: Duration = Duration::from_millis(100);
 
+/// [`TICK`] while the media relay is on: a worker then takes up a session request (the API
+/// waits for it) within this long even when no packet wakes it.
+pub const MEDIA_TICK: Duration = Duration::from_millis(5);
+
+/// The longest sleep for a worker running `server`'s settings.
+pub fn tick_for(server: &Server) -> Duration {
+    if server.settings().media.ports.is_some() {
+        MEDIA_TICK
+    } else {
+        TICK
+    }
+}
+
 /// Largest datagram a worker accepts; larger ones are dropped as truncated. RTP and TURN
 /// traffic stays under the path MTU, so 2 KiB per buffer keeps the pool small.
 pub const BUF_SIZE: usize = 2048;

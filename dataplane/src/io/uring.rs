@@ -19,7 +19,7 @@ use portico_shared::counters::Counter;
 use super::bufring::BufRing;
 use super::relay::{self, Reservations, Slots};
 use super::sockaddr::{self, SOCKADDR_LEN};
-use super::{fold, SettingsWatch, Shared, BUF_SIZE, TICK};
+use super::{fold, SettingsWatch, Shared, BUF_SIZE, MEDIA_TICK, TICK};
 use crate::server::{Action, Now, Received, Server, Stats, Transport, HEADROOM};
 use crate::turn::{RelayIo, Reserved};
 
@@ -390,10 +390,17 @@ pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Re
     let block = shared.shm.segment().counters(index);
     let ts = types::Timespec::from(TICK);
     let args = types::SubmitArgs::new().timespec(&ts);
+    let media_ts = types::Timespec::from(MEDIA_TICK);
+    let media_args = types::SubmitArgs::new().timespec(&media_ts);
     let mut batch: Vec<cqueue::Entry> = Vec::with_capacity(CQ_BATCH);
     w.queue_ring_work()?;
     while !shared.stopping() {
-        match w.ring.submitter().submit_with_args(1, &args) {
+        let wait = if server.settings().media.ports.is_some() {
+            &media_args
+        } else {
+            &args
+        };
+        match w.ring.submitter().submit_with_args(1, wait) {
             Ok(_) => {}
             Err(e)
                 if matches!(

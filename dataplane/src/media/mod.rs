@@ -171,6 +171,8 @@ pub struct Media {
     commands: Vec<Command>,
     /// Next port pair to try (an index into the pairs of `media.ports`).
     cursor: usize,
+    /// xorshift state for the pair tried after a taken one.
+    rng: u64,
     next_scan: Option<Instant>,
     /// The settings changed: NAT maps and latched sources are checked again at the next tick.
     pub recheck: bool,
@@ -196,6 +198,7 @@ impl Media {
             active: 0,
             commands: Vec::with_capacity(16),
             cursor: seed as usize,
+            rng: seed | 1,
             next_scan: None,
             recheck: true,
             nat: nat::Nat::default(),
@@ -531,7 +534,17 @@ impl Media {
             return None;
         }
         let pairs = usize::from((range.high() - first - 1) / 2 + 1);
-        for _ in 0..pairs.min(PORT_TRIES) {
+        // Sequential from this worker's cursor while pairs are free. In a range larger than
+        // the tries, a random pair after a taken one: other workers (and other programs)
+        // fill the range in runs of their own, which a sequential probe would have to walk
+        // through pair by pair. A small range is walked whole.
+        for attempt in 0..pairs.min(PORT_TRIES) {
+            if attempt > 0 && pairs > PORT_TRIES {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                self.cursor = self.rng as usize;
+            }
             let k = self.cursor % pairs;
             self.cursor = self.cursor.wrapping_add(1);
             let port = first + 2 * k as u16;

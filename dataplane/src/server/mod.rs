@@ -197,7 +197,7 @@ impl Server {
         // The peer policy may have narrowed: existing permissions and channels are checked
         // against it at the next tick.
         self.turn.recheck_peers = true;
-        // NAT maps may have changed, and the policy latched sources passed.
+        // NAT maps may have changed, and their bindings are checked against the new policy.
         self.media.recheck = true;
     }
 
