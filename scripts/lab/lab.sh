@@ -26,6 +26,7 @@
 #   lab.sh exec   PREFIX NAME CMD...              run CMD inside PREFIX-NAME
 #   lab.sh list   PREFIX                          the namespaces of a lab
 #   lab.sh down   PREFIX                          kill what runs inside, delete every namespace
+#   lab.sh up     PREFIX TOPOLOGY [TYPES]         a whole topology of the reference (cmd_up)
 #   lab.sh demo   [TYPE_A [TYPE_C]]               the branch case without, then with Portico's
 #                                                 media relay (needs a built portico)
 #
@@ -243,6 +244,71 @@ cmd_down() {
     done
 }
 
+# The reference's topologies in one command; they stay up until `lab.sh down PREFIX`.
+#   provider [TYPE]          phonea behind router ra (TYPE, default port-restricted); the
+#                            provider's media gateway 198.18.0.20; Portico's box 198.18.0.10
+#   branch [TYPE_A [TYPE_C]] two branches: phonea behind ra, phonec behind rc; the box
+#   zoo                      one phone behind a router of each type (phone1..phone4 behind
+#                            r1..r4: full-cone, restricted, port-restricted, symmetric); the box
+#                            with its RFC 5780 alternate address 198.18.0.11
+#   internal-turn            the box in a LAN (10.0.5.10) behind a port-restricted router r5
+#                            with one map, 3478/tcp to the box; a LAN peer 10.0.5.20; a client
+#                            on the internet 198.18.0.30
+#   dmz                      the box with a public (198.18.0.10) and a private side (10.0.9.1,
+#                            no forwarding) and an internal host gw 10.0.9.2; a caller
+#                            198.18.0.30
+cmd_up() {
+    local p=$1 topology=$2
+    shift 2
+    cmd_net "$p"
+    case $topology in
+    provider)
+        cmd_public "$p" box "$LAB_NET.10"
+        cmd_public "$p" provider "$LAB_NET.20"
+        cmd_router "$p" ra "$LAB_NET.101" 10.0.1 "${1:-port-restricted}"
+        cmd_host "$p" phonea ra 10.0.1.2
+        ;;
+    branch)
+        cmd_public "$p" box "$LAB_NET.10"
+        cmd_router "$p" ra "$LAB_NET.101" 10.0.1 "${1:-symmetric}"
+        cmd_host "$p" phonea ra 10.0.1.2
+        cmd_router "$p" rc "$LAB_NET.103" 10.0.3 "${2:-${1:-port-restricted}}"
+        cmd_host "$p" phonec rc 10.0.3.2
+        ;;
+    zoo)
+        cmd_public "$p" box "$LAB_NET.10,$LAB_NET.11"
+        local n=1 type
+        for type in full-cone restricted port-restricted symmetric; do
+            cmd_router "$p" "r$n" "$LAB_NET.10$n" "10.0.$n" "$type"
+            cmd_host "$p" "phone$n" "r$n" "10.0.$n.2"
+            n=$((n + 1))
+        done
+        ;;
+    internal-turn)
+        cmd_router "$p" r5 "$LAB_NET.105" 10.0.5 port-restricted
+        cmd_host "$p" box r5 10.0.5.10
+        cmd_host "$p" peer r5 10.0.5.20
+        cmd_public "$p" client "$LAB_NET.30"
+        cmd_forward "$p" r5 tcp 3478 10.0.5.10:3478
+        ;;
+    dmz)
+        cmd_router "$p" box "$LAB_NET.10" 10.0.9 none
+        cmd_host "$p" gw box 10.0.9.2
+        cmd_public "$p" caller "$LAB_NET.30"
+        ;;
+    *)
+        cmd_down "$p"
+        die "unknown topology '$topology' (provider, branch, zoo, internal-turn, dmz)"
+        ;;
+    esac
+    echo "lab $p ($topology) is up:"
+    local n
+    for n in $(cmd_list "$p"); do
+        printf '  %-24s %s\n' "$n" "$(ip -n "$n" -4 -o addr show | awk '$2 != "lo" {print $4}' | tr '\n' ' ')"
+    done
+    echo "run things inside with: $SELF exec $p NODE CMD...; remove with: $SELF down $p"
+}
+
 # One RTP call of 50 packets each way between phone A and phone C of demo lab $1: A sends
 # from $2 to $3, C from $4 to $5; prints both reports.
 demo_call() {
@@ -258,6 +324,12 @@ demo_call() {
     sed 's/^/   /' "$DEMO_OUT/a" "$DEMO_OUT/c"
 }
 
+# "A C": how many distinct packets phone A and phone C received in the last demo_call.
+demo_received() {
+    python3 -c 'import json,sys; print(" ".join(str(json.load(open(f))["unique"]) for f in sys.argv[1:]))' \
+        "$DEMO_OUT/a" "$DEMO_OUT/c"
+}
+
 # A guided tour for an operator: the reference's branch case, two phones behind NAT routers
 # of TYPE_A and TYPE_C, first without help (nothing arrives), then, with a portico binary
 # (PORTICO, else target/release or target/debug of this checkout), through a media relay
@@ -271,20 +343,17 @@ cmd_demo() {
     # Ctrl-C or kill: exit, and the EXIT trap removes everything.
     trap 'cmd_down '"$p"'; rm -rf "$DEMO_OUT"' EXIT
     trap 'exit 130' INT TERM
-    cmd_net "$p"
-    cmd_public "$p" box "$LAB_NET.10"
-    cmd_router "$p" ra "$LAB_NET.101" 10.0.1 "$type_a"
-    cmd_host "$p" phonea ra 10.0.1.2
-    cmd_router "$p" rc "$LAB_NET.103" 10.0.3 "$type_c"
-    cmd_host "$p" phonec rc 10.0.3.2
-    echo "namespaces:"
-    cmd_list "$p" | sed 's/^/  /'
+    cmd_up "$p" branch "$type_a" "$type_c" | grep -v '^run things'
     echo
     echo "1. Phone A (behind $type_a) signals 10.0.1.2:5004, phone C (behind $type_c) 10.0.3.2:5004;"
     echo "   each sends RTP to the address the other signalled (private to private):"
     demo_call "$p" 10.0.1.2:5004 10.0.3.2:5004 10.0.3.2:5004 10.0.1.2:5004
-    echo "   nothing arrived either way (\"received\": 0): the reference's 'Private to Private"
-    echo "   Communication'."
+    if [[ $(demo_received) == "0 0" ]]; then
+        echo "   nothing arrived either way (\"received\": 0): the reference's 'Private to Private"
+        echo "   Communication'."
+    else
+        echo "   packets arrived ($(demo_received)): not what the reference describes; look at the routers."
+    fi
     if [[ -n ${PORTICO:-} ]]; then
         bin=$PORTICO
     elif [[ -x $root/target/release/portico ]]; then
@@ -337,8 +406,14 @@ cmd_demo() {
     in_ns "$(ns "$p" phonec)" python3 "$(dirname "$SELF")/rtp.py" --bind 10.0.3.2:5004 --to "$l1" \
         --count 1 --linger 0 >/dev/null
     demo_call "$p" 10.0.1.2:5004 "$l0" 10.0.3.2:5004 "$l1"
-    echo "   every packet arrived both ways (\"lost\": 0), from the box's leg addresses: the"
-    echo "   reference's 'Media Relay'."
+    if [[ $(demo_received) == "50 50" ]]; then
+        echo "   every packet arrived both ways (50 of 50), from the box's leg addresses: the"
+        echo "   reference's 'Media Relay'."
+    else
+        echo "   packets were lost (received: $(demo_received) of 50 each); Portico's log:"
+        sed 's/^/     /' "$DEMO_OUT/portico.log"
+        return 1
+    fi
 }
 
 main() {
@@ -354,6 +429,7 @@ main() {
     exec) need_root; [[ $# -ge 3 ]] || die "usage: exec PREFIX NAME CMD..."; local n; n=$(ns "$1" "$2"); shift 2; in_ns "$n" "$@" ;;
     list) [[ $# -eq 1 ]] || die "usage: list PREFIX"; cmd_list "$@" ;;
     down) need_root; [[ $# -eq 1 ]] || die "usage: down PREFIX"; cmd_down "$@" ;;
+    up) need_root; [[ $# -ge 2 ]] || die "usage: up PREFIX provider|branch|zoo|internal-turn|dmz [TYPES]"; cmd_up "$@" ;;
     demo) need_root; cmd_demo "$@" ;;
     *) sed -n '2,/^set -euo/p' "$SELF" | sed '$d' | sed 's/^# \{0,1\}//'; [[ -z $cmd ]] || exit 2 ;;
     esac
