@@ -226,9 +226,22 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Resp
             _ => {}
         }
         if tokio::time::Instant::now() > deadline {
-            if !seg.media_withdraw(index) {
-                // Taken up at the last moment: ask for it to be deleted again.
-                seg.media_delete(index, id);
+            if !seg.media_withdraw(index) && r.id() == id {
+                // A worker took it up at the last moment: it settles within its loop turn;
+                // undo what it made.
+                for _ in 0..200 {
+                    match r.state() {
+                        MEDIA_ACTIVE => {
+                            seg.media_delete(index, id);
+                            break;
+                        }
+                        MEDIA_FAILED => {
+                            r.free();
+                            break;
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                }
             }
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,

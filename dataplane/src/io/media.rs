@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use portico_shared::shm::{
-    LegCounters, MediaFailure, MEDIA_ACTIVE, MEDIA_DELETING, MEDIA_REQUESTED,
+    LegCounters, MediaFailure, MEDIA_ACTIVE, MEDIA_DELETING, MEDIA_REQUESTED, MEDIA_TAKEN,
 };
 
 use super::Shared;
@@ -59,7 +59,7 @@ impl MediaControl for ShmMedia {
             }
             if state == MEDIA_DELETING {
                 out.push(Command::Delete { record: i });
-            } else if let Some(req) = r.request(i) {
+            } else if let Some(req) = r.take(i) {
                 out.push(Command::Create(req));
             }
         }
@@ -95,7 +95,7 @@ impl MediaControl for ShmMedia {
 pub fn forget_dead_sessions(shared: &Shared) {
     for (_, r) in shared.shm.segment().media_records() {
         let s = r.state();
-        if s == MEDIA_ACTIVE || s == MEDIA_DELETING {
+        if s == MEDIA_ACTIVE || s == MEDIA_DELETING || s == MEDIA_TAKEN {
             r.free();
         }
     }

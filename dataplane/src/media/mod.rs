@@ -558,15 +558,6 @@ impl Media {
         }
         None
     }
-
-    /// Local addresses and latched sources of a session's legs (tests).
-    pub fn describe(&self, record: usize) -> Option<[(SocketAddr, Option<SocketAddr>); 2]> {
-        let s = self.sessions[self.find(record)?].as_ref()?;
-        Some([
-            (s.legs[0].local, s.legs[0].latched[0]),
-            (s.legs[1].local, s.legs[1].latched[0]),
-        ])
-    }
 }
 
 /// The peer policy's verdict on `a` (a signalled address, a source to learn, a NAT source).

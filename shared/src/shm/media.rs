@@ -7,9 +7,11 @@
 //! * `FREE` → `CLAIMED` (control plane, compare-and-swap, so concurrent API calls never
 //!   share a record) → `REQUESTED` once the id, the target worker, the label and the legs'
 //!   signalled addresses are written; the control plane then bumps [`Segment::media_pending`].
-//! * `REQUESTED` → `ACTIVE` (the target worker, after binding the leg sockets; it writes their
-//!   ports first) or → `FAILED` with an error code (no free port pair, a leg address the peer
-//!   policy refuses); the control plane reads the code and frees the record.
+//! * `REQUESTED` → `TAKEN` (the target worker, compare-and-swap, when it takes the request up;
+//!   until then the control plane may withdraw it, `REQUESTED` → `FREE`) → `ACTIVE` (after
+//!   binding the leg sockets; it writes their ports first) or → `FAILED` with an error code (no
+//!   free port pair, a leg address the peer policy refuses); the control plane reads the code
+//!   and frees the record.
 //! * `ACTIVE` → `DELETING` (control plane) → `FREE` (the owning worker, after closing the
 //!   sockets); an idle session goes `ACTIVE` → `FREE` by the worker alone.
 //!
@@ -30,6 +32,7 @@ pub const REQUESTED: u64 = 2;
 pub const ACTIVE: u64 = 3;
 pub const DELETING: u64 = 4;
 pub const FAILED: u64 = 5;
+pub const TAKEN: u64 = 6;
 
 /// Why the dataplane could not create a session (the code of a `FAILED` record).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,11 +166,12 @@ impl MediaRecord {
         self.seq.store(seq + 2, Ordering::Release);
     }
 
-    /// The request of a `REQUESTED` record (dataplane side).
-    pub fn request(&self, index: usize) -> Option<MediaRequest> {
-        if self.state() != REQUESTED {
-            return None;
-        }
+    /// Takes up the request of a `REQUESTED` record (its target worker): `None` when it is
+    /// not (or no longer) requested, for instance withdrawn by a control plane that gave up.
+    pub fn take(&self, index: usize) -> Option<MediaRequest> {
+        self.state
+            .compare_exchange(REQUESTED, TAKEN, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()?;
         Some(MediaRequest {
             index,
             id: self.id(),
@@ -408,7 +412,12 @@ mod tests {
             .media_request(77, 1, 5, "call-1", [Some(a), None])
             .unwrap();
         assert!(dp.segment().media_pending() > p0);
-        let req = dp.segment().media_record(i).unwrap().request(i).unwrap();
+        let req = dp.segment().media_record(i).unwrap().take(i).unwrap();
+        assert!(
+            !cp.segment().media_withdraw(i),
+            "taken up: no longer withdrawn"
+        );
+        assert!(dp.segment().media_record(i).unwrap().take(i).is_none());
         assert_eq!(req.addresses, [Some(a), None]);
         assert_eq!(req.id, 77);
         let l0: SocketAddr = "127.0.0.1:40000".parse().unwrap();

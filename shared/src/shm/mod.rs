@@ -52,7 +52,7 @@ pub use events::{Event, EventKind, EventRing};
 pub use media::{
     LegCounters, LegInfo, MediaFailure, MediaInfo, MediaRecord, MediaRequest,
     ACTIVE as MEDIA_ACTIVE, DELETING as MEDIA_DELETING, FAILED as MEDIA_FAILED,
-    REQUESTED as MEDIA_REQUESTED,
+    REQUESTED as MEDIA_REQUESTED, TAKEN as MEDIA_TAKEN,
 };
 pub use records::{AllocInfo, AllocRecord};
 
