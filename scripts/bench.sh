@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/bench.sh [stun|turn|proxy|fraud|register|profile|all]   (default: stun)
+# scripts/bench.sh [stun|turn|turn-tcp|proxy|fraud|register|media|profile|scale|all]   (default: stun)
 #
 # Side-by-side benchmarks on the machine this runs on, written into perf/RESULTS.md (one
 # section per scenario; running one scenario replaces only its own section):
@@ -11,6 +11,11 @@
 #            generator's ceiling): (a) ramp of streams until loss > 0.1%, flat out,
 #            (b) 1000 streams × 50 pkt/s for 60 s, (c) allocation churn, (d) coturn's own
 #            turnutils_uclient + turnutils_peer at one fixed load. Charts in perf/charts/.
+#   turn-tcp TURN over TCP and over TLS: Portico vs coturn, the same generator
+#            (`portico-perf turn --transport tcp|tls`, a connection per client from its own
+#            loopback address), TURN_TCP_STREAMS (1000) streams × 50 pkt/s for
+#            TURN_TCP_DURATION (20) s, TURN_TCP_ROUNDS (2) rounds, servers interleaved; plus
+#            Portico's one port 443 (`proxy.turn_on_https`) with and without ALPN stun.turn.
 #   proxy    scripts/bench-proxy.sh (Portico vs HAProxy, HTTP/HTTPS/TLS handshakes), merged.
 #   fraud    brute-force reaction: the fraud tests' brute forces (TURN over UDP, HTTP Basic,
 #            SIP digest, LDAP bind; thresholds 5 and 20), built with --release and run
@@ -24,6 +29,16 @@
 #   profile  where Portico's relay spends CPU: `perf record -e cpu-clock` of Portico and of
 #            coturn under the same TURN load, and callgrind of Portico's dataplane; written
 #            to perf/profile/ (linked from the TURN section).
+#   scale    allocations held: `portico-perf turn-scale` grows Portico, then coturn, through
+#            10k, 50k and 100k allocations (one loopback source address per client), each
+#            with a light keep-alive (Refresh, ChannelBind, a ChannelData packet every few
+#            seconds); per level RSS, kernel Slab/SUnreclaim and UDP socket memory, CPU,
+#            Allocate p99 while holding, failed refreshes; churn at 50k; CPU while all
+#            expire. Levels the descriptor limit cannot hold (RLIMIT_NOFILE hard limit,
+#            raised first when this shell may) are replaced by the largest that fits, and
+#            the section says so. About 5 minutes per server (coturn: 15, as it grants at
+#            least its 600 s default lifetime). Then `portico-perf sk-lookup-probe`: a
+#            relay port range steered to one socket by eBPF sk_lookup (feasibility).
 #   all      stun (3 rounds), turn, proxy (about 18 minutes of runs with the defaults).
 #
 # Servers run on 127.0.0.1 on ports picked at run time, each with its own temporary state
@@ -46,19 +61,23 @@
 #          REGISTER_CONNS connections at a time [8], REGISTER_POINTS ["rate flat kept"],
 #          REGISTER_TRANSPORTS ["tcp tls direct"]
 #   profile: PROFILE_DURATION s of sampling [15], PROFILE_STREAMS [1000]
+#   scale: SCALE_LEVELS ["10000 50000 100000"], SCALE_HOLD s per level [30], SCALE_LIFETIME s
+#          [60], SCALE_REFRESH s [30], SCALE_DATA s between packets [5], SCALE_CHURN_LEVEL
+#          [50000], SCALE_CHURN_DURATION s [20], SCALE_SERVERS ["portico coturn"],
+#          SCALE_EXPIRY_MAX s [700] (coturn grants at least its 600 s default lifetime)
 #   BENCH_OUT [perf/RESULTS.md]; KEEP_WORK=1 keeps the temporary directory (per-run JSON and
 #   text reports, server logs). A quick TURN run: TURN_ROUNDS=1 TURN_DURATION=10
 #   TURN_RAMP_STEPS="100 1000" TURN_SCENARIOS="ramp sustained" scripts/bench.sh turn
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [stun|turn|proxy|fraud|register|media|profile|all]" >&2
+    echo "usage: $0 [stun|turn|turn-tcp|proxy|fraud|register|media|profile|scale|all]" >&2
     exit 2
 }
 (($# <= 1)) || usage
 scenario=${1:-stun}
 case $scenario in
-stun | turn | proxy | fraud | register | media | profile | all) ;;
+stun | turn | turn-tcp | proxy | fraud | register | media | profile | scale | all) ;;
 *) usage ;;
 esac
 
@@ -116,6 +135,7 @@ case $scenario in
 proxy | all) tools="$tools nginx:nginx haproxy:haproxy wrk:wrk openssl:openssl python3:python3" ;;
 esac
 [[ $scenario == profile ]] && tools="$tools valgrind:valgrind linux-perf:perf"
+[[ $scenario == turn-tcp ]] && tools="$tools openssl:openssl"
 # Installs without starting services (coturn's would take port 3478): see lib/install.sh.
 install_missing_tools "$tools" >&2 || die "could not install the tools this benchmark needs"
 
@@ -513,6 +533,142 @@ run_turn() {
 }
 
 # ---------------------------------------------------------------------------------------
+# TURN over TCP and TLS
+# ---------------------------------------------------------------------------------------
+
+# One ECDSA P-256 pair for both servers' TLS.
+make_bench_cert() {
+    bench_cert=$work/bench-cert.pem
+    bench_key=$work/bench-key.pem
+    [[ -s $bench_cert ]] && return 0
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=portico.bench -keyout "$bench_key" -out "$bench_cert" >/dev/null 2>&1 ||
+        die "openssl could not make the benchmark certificate"
+}
+
+# Portico with TURN on TCP (turn.listen), TLS (turn.listen_tls) and the proxy's HTTPS port
+# with proxy.turn_on_https; sets tcp_port, tls_port, https_port.
+start_portico_turn_tcp() {
+    local tag=$1 port api dir
+    port=$("$perf" free-port)
+    api=$("$perf" free-port)
+    tls_port=$("$perf" free-port)
+    https_port=$("$perf" free-port)
+    dir=$work/portico-$tag
+    mkdir -p "$dir"
+    cat >"$dir/portico.toml" <<EOF
+state_dir = "$dir/state"
+log_level = "info"
+
+[turn]
+listen = ["127.0.0.1:$port"]
+listen_tls = ["127.0.0.1:$tls_port"]
+workers = $workers
+io = "io_uring"
+realm = "$turn_realm"
+users = [{ name = "$turn_user", password = "$turn_password" }]
+allow_peers = ["127.0.0.0/8"]
+relay_ports = "$relay_ports"
+max_allocations = 100000
+max_allocations_per_user = 100000
+
+[api]
+listen = "127.0.0.1:$api"
+
+[proxy]
+turn_on_https = true
+
+[proxy.listen]
+https = "127.0.0.1:$https_port"
+
+[proxy.tls]
+cert = "$bench_cert"
+key = "$bench_key"
+
+[proxy.limits]
+max_connections = 8192
+max_connections_per_ip = 8192
+EOF
+    target=127.0.0.1:$port
+    tcp_port=$port
+    launch_portico "$dir" io_uring
+    wait_turn "$target" "${stop_pids[0]}" ||
+        die "portico does not relay TURN: $(strip_ansi "$dir/log" | tail -5)"
+}
+
+coturn_tcp_flags=(-n --listening-ip 127.0.0.1 --relay-ip 127.0.0.1 --relay-threads "$workers"
+    --lt-cred-mech --user "$turn_user:$turn_password" --realm "$turn_realm"
+    --allow-loopback-peers --no-cli --no-dtls --simple-log
+    --min-port "${relay_ports%-*}" --max-port "${relay_ports#*-}")
+start_coturn_turn_tcp() {
+    local tag=$1 port dir pid
+    port=$("$perf" free-port)
+    tls_port=$("$perf" free-port)
+    dir=$work/coturn-$tag
+    mkdir -p "$dir"
+    turnserver "${coturn_tcp_flags[@]}" --listening-port "$port" --tls-listening-port "$tls_port" \
+        --cert "$bench_cert" --pkey "$bench_key" --log-file "$dir/turn.log" \
+        --pidfile "$dir/turnserver.pid" --userdb "$dir/turndb" >"$dir/stdout" 2>&1 &
+    pid=$!
+    stop_pids=("$pid")
+    measure_pids=("$pid")
+    target=127.0.0.1:$port
+    tcp_port=$port
+    wait_turn "$target" "$pid" || die "coturn does not relay TURN: $(tail -5 "$dir/stdout")"
+}
+
+run_turn_tcp() {
+    local rounds=${TURN_TCP_ROUNDS:-2} rate=50 streams=${TURN_TCP_STREAMS:-1000}
+    local secs=${TURN_TCP_DURATION:-20} threads=${TURN_TCP_THREADS:-2}
+    local points=${TURN_TCP_POINTS:-"tcp tls tls-443-alpn tls-443-plain"}
+    local round point server name started_at load_before port transport extra
+    turn_results=$work/turn-tcp-results
+    mkdir -p "$turn_results"
+    turn_t0=$SECONDS
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    make_bench_cert
+    say "TURN over TCP/TLS: points '$points', $rounds rounds, $streams streams × $rate pkt/s × $secs s"
+    for round in $(seq "$rounds"); do
+        for point in $points; do
+            for server in portico coturn; do
+                # The one-port-443 points exist only for Portico.
+                [[ $point == tls-443-* && $server == coturn ]] && continue
+                name=${server}__${point}__r${round}
+                case $server in
+                portico) start_portico_turn_tcp "$name" ;;
+                coturn) start_coturn_turn_tcp "$name" ;;
+                esac
+                extra=()
+                case $point in
+                tcp) port=$tcp_port transport=tcp ;;
+                tls) port=$tls_port transport=tls ;;
+                tls-443-alpn) port=$https_port transport=tls extra=(--alpn) ;;
+                tls-443-plain) port=$https_port transport=tls ;;
+                *) die "unknown point $point" ;;
+                esac
+                target=127.0.0.1:$port
+                turn_run "$name" --transport "$transport" "${extra[@]}" --clients "$streams" \
+                    --rate "$rate" --duration "$secs" --threads "$threads" --setup-window 256
+                stop_servers
+            done
+        done
+    done
+    say "writing the TURN over TCP/TLS section of $out"
+    common_facts
+    "$perf" bench-report --kind turn-tcp --dir "$turn_results" --out "$out" \
+        --command "$(command_line turn-tcp TURN_TCP_ROUNDS TURN_TCP_STREAMS TURN_TCP_DURATION TURN_TCP_THREADS TURN_TCP_POINTS)" \
+        --fact "date=$started_at, $((SECONDS - turn_t0)) s of runs" "${facts[@]}" \
+        --fact "load average (1/5/15 min)=before: $load_before; after: $(cut -d' ' -f1-3 /proc/loadavg)" \
+        --fact "portico=\`portico run\`, $workers UDP workers + the one TCP/TLS thread, \`turn.listen\` (TCP), \`turn.listen_tls\`, and the proxy's https listener with \`proxy.turn_on_https = true\`; ECDSA P-256 certificate; CPU and RSS = controlplane + dataplane" \
+        --fact "coturn=$(turnserver --version 2>/dev/null | head -1) \`turnserver ${coturn_tcp_flags[*]} --tls-listening-port … --cert … --pkey …\` (same certificate)" \
+        --fact "generator=\`portico-perf turn --transport tcp|tls\`, $threads client threads (mio), 1 peer thread; a TCP connection per client from its own loopback address, TLS without certificate check (rustls; the handshake signature is still verified); 401 round trip, CreatePermission + ChannelBind, 172-byte payload, ChannelData padded to 4 bytes; $rate pkt/s per stream each way, the UDP peer echoes" \
+        --fact "points=tcp: TURN over TCP on the TURN port; tls: TURN over TLS on turn.listen_tls / coturn's tls-listening-port; tls-443-alpn: Portico's proxy https port, ClientHello with ALPN stun.turn (the socket is handed to the dataplane); tls-443-plain: the same port without ALPN (TLS ends in the control plane, plaintext relayed to the dataplane over a unix socket)" \
+        --fact "RSS per 1000 allocations=(server RSS after setup − RSS idle) ÷ ready allocations × 1000, i.e. with their TCP/TLS connections" \
+        --server portico --server coturn --ratio portico/coturn
+}
+
+# ---------------------------------------------------------------------------------------
 # Reverse proxy
 # ---------------------------------------------------------------------------------------
 
@@ -849,6 +1005,167 @@ run_profile() {
         die "callgrind profile failed (see $work/callgrind-*)"
 }
 
+# ---------------------------------------------------------------------------------------
+# Scale
+# ---------------------------------------------------------------------------------------
+
+# Largest multiple of 1000 allocations a server holds within `fds` descriptors at `per`
+# descriptors per allocation, after `reserve` for everything else.
+scale_fit() {
+    local fds=$1 per=$2 reserve=$3
+    echo $((((fds - reserve) / per) / 1000 * 1000))
+}
+
+# The levels of the list `$2` that fit under `fit` (comma-separated), plus `fit` itself
+# when some did not.
+scale_levels() {
+    local fit=$1 l out=() dropped=0
+    for l in $2; do
+        if ((l <= fit)); then out+=("$l"); else dropped=1; fi
+    done
+    if ((dropped)) && ((${#out[@]} == 0 || out[${#out[@]} - 1] < fit)); then
+        out+=("$fit")
+    fi
+    local IFS=,
+    echo "${out[*]}"
+}
+
+run_scale() {
+    local levels=${SCALE_LEVELS:-"10000 50000 100000"} hold=${SCALE_HOLD:-30}
+    local lifetime=${SCALE_LIFETIME:-60} refresh=${SCALE_REFRESH:-30} data=${SCALE_DATA:-5}
+    local churn_level=${SCALE_CHURN_LEVEL:-50000} churn_s=${SCALE_CHURN_DURATION:-20}
+    local servers=${SCALE_SERVERS:-"portico coturn"}
+    local max=0 l hard_before hard fit server list churn ips i relay_toml relay_flags=()
+    local results=$work/scale notes=$work/scale-notes.md t0=$SECONDS started_at tcp=256
+    # Allocations beyond the top level for the latency probes and the churn clients, which
+    # must not find the box full.
+    local headroom=200
+    local port api dir pids
+    started_at=$(date -u +%Y-%m-%dT%H:%MZ)
+    mkdir -p "$results"
+    for l in $levels; do ((l > max)) && max=$l; done
+    # Servers inherit this shell's limit (Portico raises its own further when it may).
+    hard_before=$(ulimit -Hn)
+    ulimit -Hn $((2 * max + 4096)) 2>/dev/null || true
+    hard=$(ulimit -Hn)
+    ulimit -Sn "$hard"
+    # Enough relay addresses for the largest level: 16384 ports each.
+    ips=$((max / 14000 + 1))
+    relay_toml='"127.0.0.1"'
+    relay_flags=(--relay-ip 127.0.0.1)
+    for ((i = 2; i <= ips; i++)); do
+        relay_toml+=", \"127.0.0.$i\""
+        relay_flags+=(--relay-ip "127.0.0.$i")
+    done
+    if ((hard > hard_before)); then
+        echo "Descriptor limit: RLIMIT_NOFILE hard limit $hard_before at the start, raised to $hard for the servers." >"$notes"
+    else
+        echo "Descriptor limit: RLIMIT_NOFILE hard limit $hard_before, and raising it to $((2 * max + 4096)) failed (no CAP_SYS_RESOURCE here, although uid $(id -u)), so every server ran with $hard descriptors at most; the levels below were cut to fit:" >"$notes"
+    fi
+    echo >>"$notes"
+    for server in $servers; do
+        case $server in
+        # One relay socket per allocation; TCP connections, the probes' and churn's
+        # allocations and the rest reserved.
+        portico) fit=$(scale_fit "$hard" 1 $((tcp + headroom + 600))) ;;
+        # coturn, UDP clients on a UDP listener: one relay socket per allocation too
+        # (checked: 1000 allocations, +1000 descriptors; the table's descriptor column).
+        coturn) fit=$(scale_fit "$hard" 1 $((headroom + 600))) ;;
+        *) die "SCALE_SERVERS: unknown server $server" ;;
+        esac
+        list=$(scale_levels "$fit" "$levels")
+        churn=$churn_level
+        [[ ",$list," == *",$churn,"* ]] || churn=${list##*,}
+        if [[ $list != "${levels// /,}" ]]; then
+            echo "- $server: levels $list instead of ${levels// /,} ($hard descriptors hold about $fit allocations); churn at $churn." >>"$notes"
+        fi
+        port=$("$perf" free-port)
+        dir=$work/$server-scale
+        mkdir -p "$dir"
+        case $server in
+        portico)
+            api=$("$perf" free-port)
+            cat >"$dir/portico.toml" <<TOML
+state_dir = "$dir/state"
+log_level = "info"
+
+[turn]
+listen = ["127.0.0.1:$port"]
+workers = $workers
+io = "io_uring"
+realm = "$turn_realm"
+users = [{ name = "$turn_user", password = "$turn_password" }]
+allow_peers = ["127.0.0.0/8"]
+relay_ip = [$relay_toml]
+relay_ports = "16384-32767"
+default_lifetime = $lifetime
+max_allocations = $((${list##*,} + headroom))
+max_allocations_per_user = $((${list##*,} + headroom))
+tcp_max_connections = $tcp
+
+[api]
+listen = "127.0.0.1:$api"
+TOML
+            target=127.0.0.1:$port
+            # Info level for the start lines launch_portico checks (driver, workers, the
+            # descriptor limit), without a line per allocation created and ended.
+            RUST_LOG="info,portico_dataplane::turn=warn" launch_portico "$dir" io_uring
+            wait_turn "$target" "${stop_pids[0]}" ||
+                die "portico does not relay TURN: $(strip_ansi "$dir/log" | tail -5)"
+            echo "- portico's start log: \`$(strip_ansi "$dir/log" | grep -o 'file descriptor limit.*' | head -1)\`" >>"$notes"
+            ;;
+        coturn)
+            turnserver -n --listening-ip 127.0.0.1 "${relay_flags[@]}" --relay-threads "$workers" \
+                --lt-cred-mech --user "$turn_user:$turn_password" --realm "$turn_realm" \
+                --allow-loopback-peers --no-cli --no-tls --no-dtls --simple-log \
+                --min-port 16384 --max-port 32767 --max-allocate-lifetime 3600 \
+                --listening-port "$port" --log-file "$dir/turn.log" \
+                --pidfile "$dir/turnserver.pid" --userdb "$dir/turndb" >"$dir/stdout" 2>&1 &
+            stop_pids=("$!")
+            measure_pids=("$!")
+            target=127.0.0.1:$port
+            wait_turn "$target" "${stop_pids[0]}" ||
+                die "coturn does not relay TURN: $(tail -5 "$dir/stdout")"
+            ;;
+        esac
+        say "scale: $server, levels $list, churn at $churn"
+        pids=$(
+            IFS=,
+            echo "${measure_pids[*]}"
+        )
+        timeout 1800 "$perf" turn-scale --target "$target" --user "$turn_user" \
+            --password "$turn_password" --levels "$list" --hold-secs "$hold" \
+            --lifetime "$lifetime" --refresh-secs "$refresh" --data-secs "$data" \
+            --churn-level "$churn" --churn-secs "$churn_s" --pids "$pids" --server "$server" \
+            --expiry-max-secs "${SCALE_EXPIRY_MAX:-700}" --time-limit 1700 --json "$results/$server.json" | tee "$work/$server-scale.txt" >&2 ||
+            die "turn-scale against $server failed"
+        stop_servers
+    done
+    # The descriptor-free design's feasibility on this kernel (docs/DESIGN.md): a relay port
+    # range steered to one socket by sk_lookup, answers from the relayed port by raw socket.
+    local probe
+    if probe=$(timeout 60 "$perf" sk-lookup-probe --packets 20000 2>&1); then
+        {
+            echo
+            echo "Relays without a descriptor each (\`portico-perf sk-lookup-probe --packets 20000\`, a feasibility probe, not the dataplane): $(echo "$probe" | tr -d '\n ' | sed 's/[{}"]//g; s/,/, /g')."
+        } >>"$notes"
+    else
+        echo "sk_lookup probe failed or not permitted here: $probe" >&2
+        printf '\nRelays without a descriptor each: the sk_lookup probe could not run here: %s\n' "$(echo "$probe" | head -1)" >>"$notes"
+    fi
+    common_facts
+    "$perf" bench-report --kind scale --dir "$results" --markdown "$notes" --out "$out" \
+        --command "$(command_line "$@" SCALE_LEVELS SCALE_HOLD SCALE_LIFETIME SCALE_REFRESH SCALE_DATA SCALE_CHURN_LEVEL SCALE_CHURN_DURATION SCALE_SERVERS)" \
+        "${facts[@]}" \
+        --fact "date=$started_at, $((SECONDS - t0)) s of runs, one run per server; the 2 cores were shared with other agents' builds and tests during the runs" \
+        --fact "portico=\`portico run\`, $workers workers, io_uring, listen 127.0.0.1, one user, \`allow_peers = [\"127.0.0.0/8\"]\`, relay_ip 127.0.0.1 to 127.0.0.$ips, relay ports 16384-32767 on each, default_lifetime $lifetime s, max_allocations = the top level + $headroom (probes, churn), tcp_max_connections $tcp, log level info without the per-allocation lines (RUST_LOG=info,portico_dataplane::turn=warn); CPU and RSS = controlplane + dataplane" \
+        --fact "coturn=coturn $(turnserver --version 2>/dev/null | head -1), $workers relay threads, no default-lifetime option (a LIFETIME $lifetime request gets its 600 s default, RFC 8656 §7.2), so its expiry wait is longer, the same relay addresses and ports, lt-cred-mech, --max-allocate-lifetime 3600, log to a file (its default level: a few lines per allocation)" \
+        --fact "generator=\`portico-perf turn-scale\`, 1 thread, one IP_PKTINFO socket, one loopback source address per client (127.128.0.0/9); per allocation Allocate (401, then with credentials, LIFETIME $lifetime), CreatePermission, ChannelBind to a peer socket of the generator; keep-alive: Refresh every $refresh s, ChannelBind every 240 s, one 64-byte ChannelData every $data s; Allocate latency = round trip of the authenticated Allocate of a fresh client every 100 ms while holding (deleted at once); churn = 16 clients cycling Allocate (401, authenticated) and Refresh 0 from fresh addresses for $churn_s s" \
+        --fact "kernel memory=machine-wide /proc/meminfo and /proc/net/sockstat minus the figures with the server idle before its first allocation; other agents' work moves them too" \
+        --server portico --server coturn
+    say "wrote $out"
+}
+
 # Media relay: MEDIA_SESSIONS sessions (1000) at 50 RTP packets/s each way per session for
 # MEDIA_SECONDS (10), two endpoints per session on loopback, interleaved in MEDIA_ROUNDS (2)
 # rounds of: Portico media relay, Portico TURN ChannelData (as many allocations, same rate,
@@ -922,10 +1239,12 @@ case $scenario in
 stun) run_stun 5 ;;
 media) run_media ;;
 turn) run_turn ;;
+turn-tcp) run_turn_tcp ;;
 proxy) run_proxy ;;
 fraud) run_fraud ;;
 register) run_register ;;
 profile) run_profile ;;
+scale) run_scale ;;
 all)
     t_all=$SECONDS
     run_stun 3

@@ -15,6 +15,7 @@ pub mod fraud;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod state;
 pub mod supervisor;

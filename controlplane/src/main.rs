@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tracing_subscriber::EnvFilter;
 
 use portico::control::{Control, LogReload};
-use portico::{api, config, fleet, fraud, proxy, state, supervisor};
+use portico::{api, config, fleet, fraud, probe, proxy, state, supervisor};
 use supervisor::Dataplane;
 
 #[derive(Parser)]
@@ -43,6 +43,10 @@ enum Cmd {
         #[arg(value_name = "FILE")]
         config: PathBuf,
     },
+    /// Test a TURN/STUN server from here: host, server-reflexive and relayed candidates over
+    /// UDP, TCP and TLS, a round trip through the relay, the NAT type (RFC 5780), and a
+    /// one-line conclusion. Exit status 0 on success, 1 on failure, 2 for bad arguments.
+    Probe(probe::ProbeArgs),
     /// Run the packet engine (normally started by `portico run` itself).
     Dataplane {
         #[arg(long)]
@@ -95,6 +99,7 @@ fn main() {
         Some(Cmd::Check { config }) => config::load_file(&config).map(|_| {
             println!("{}: ok", config.display());
         }),
+        Some(Cmd::Probe(args)) => std::process::exit(probe::main(&args)),
         Some(Cmd::Dataplane { shm, log_level }) => {
             init_logging(&log_level);
             portico_dataplane::runtime::run(&shm)
@@ -228,6 +233,7 @@ async fn serve(
             let fraud = Arc::clone(&control.fraud);
             Arc::new(move |ip| fraud.is_blocked(ip))
         },
+        portico_shared::handoff::socket_path(&state.dir),
     ));
     {
         let fraud = Arc::clone(&control.fraud);

@@ -7,6 +7,7 @@
 //! its counts, allocations and events to shared memory; [`runtime`] starts them and looks up
 //! what the core needs from the system (default routes, random secrets).
 
+pub mod fdlimit;
 pub mod io;
 pub mod media;
 pub mod runtime;

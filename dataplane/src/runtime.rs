@@ -20,6 +20,7 @@ use portico_shared::config::{Config, IoMode};
 use portico_shared::counters::Counter;
 use portico_shared::shm::{Driver, SharedMemory, MAX_WORKERS};
 
+use crate::fdlimit;
 use crate::io::{self, relay, Shared};
 use crate::server::Settings;
 use crate::turn::{DefaultRoutes, TurnShared};
@@ -105,6 +106,67 @@ fn pin_to_core(worker: usize) {
     }
 }
 
+/// Raises `RLIMIT_NOFILE` to what `turn.max_allocations` and the TCP limits need (see
+/// [`fdlimit`]), logging what was set in one line; refuses the start when not even one relay
+/// socket per allocation can be had.
+fn raise_fd_limit(
+    config: &Config,
+    settings: &Settings,
+    workers: usize,
+    listen: usize,
+) -> Result<(), String> {
+    let t = &config.turn;
+    let dual = settings.turn.relay_ip(true).is_some() && settings.turn.relay_ip(false).is_some();
+    let budget = fdlimit::FdBudget::new(
+        t.max_allocations,
+        dual,
+        t.tcp_max_connections,
+        listen,
+        t.listen_tls.len(),
+        workers,
+    )
+    .with_media(media_sockets(config));
+    let r = fdlimit::raise(&budget, t.max_allocations)?;
+    if r.all_wanted {
+        tracing::info!(
+            soft = r.after.0,
+            hard = r.after.1,
+            was = format!("{}/{}", r.before.0, r.before.1),
+            needed = budget.wanted(),
+            max_allocations = t.max_allocations,
+            "file descriptor limit (RLIMIT_NOFILE) set"
+        );
+    } else {
+        tracing::warn!(
+            soft = r.after.0,
+            hard = r.after.1,
+            was = format!("{}/{}", r.before.0, r.before.1),
+            needed = budget.wanted(),
+            max_allocations = t.max_allocations,
+            "file descriptor limit (RLIMIT_NOFILE) covers one relay per allocation but not {} more for dual-family allocations and EVEN-PORT reservations: past {} descriptors those get 508",
+            budget.second_relays,
+            r.after.0
+        );
+    }
+    Ok(())
+}
+
+/// Sockets the media relay and the static NAT maps may hold at once: four per media session
+/// (never more than `media.ports` has), and per NAT map its public ports and its bindings.
+fn media_sockets(config: &Config) -> usize {
+    let media = match config.media.ports {
+        Some(p) => (config.media.max_sessions * 4).min(p.len()),
+        None => 0,
+    };
+    let nat: usize = config
+        .nat
+        .maps
+        .iter()
+        .map(|m| m.public_ports.len() + m.max_bindings)
+        .sum();
+    media + nat
+}
+
 /// Runs the dataplane attached to the named segment until SIGTERM or SIGINT.
 pub fn run(shm_name: &str) -> Result<(), String> {
     // Block the signals before any thread starts so that only the signalfd sees them.
@@ -143,8 +205,24 @@ pub fn run(shm_name: &str) -> Result<(), String> {
     let meter_seed = u64::from_ne_bytes(io::random_bytes().map_err(|e| e.to_string())?);
     let settings = settings_for(&config, &secret);
     let addrs = settings.endpoints.addrs().to_vec();
+    if serving {
+        raise_fd_limit(&config, &settings, workers, addrs.len())?;
+    }
     // Bind everything before starting any thread, so a bad address fails the start cleanly.
     let tcp_listeners = io::tcp::bind_listeners(&addrs, &config.turn.listen_tls)?;
+    // Where the proxy hands over TURN connections from its HTTPS port (proxy.turn_on_https);
+    // bound whenever TURN is served, so the switch works without restarting the dataplane.
+    let handoff = if serving {
+        match io::handoff::bind(&config.state_dir) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::error!("{e}; proxy.turn_on_https cannot hand connections over");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut sockets: Vec<Vec<UdpSocket>> = Vec::with_capacity(workers);
     for _ in 0..workers {
         sockets.push(io::bind_all(&addrs)?);
@@ -218,12 +296,7 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         let h = thread::Builder::new()
             .name("portico-tcp".into())
             .spawn(move || {
-                if let Err(e) = io::tcp::run(
-                    MAX_WORKERS,
-                    Arc::clone(&sh),
-                    tcp_listeners,
-                    Default::default(),
-                ) {
+                if let Err(e) = io::tcp::run(MAX_WORKERS, Arc::clone(&sh), tcp_listeners, handoff) {
                     tracing::error!("tcp thread failed: {e}");
                     sh.stop.store(true, Ordering::Relaxed);
                 }
@@ -299,6 +372,13 @@ fn apply(shared: &Shared, started_with: &Config, new: &Config, generation: u64) 
     let mut settings = settings_for(new, &shared.secret);
     // Keep the socket table the workers were started with.
     settings.endpoints = shared.current_settings().endpoints.clone();
+    if shared.workers > 0 && new.turn.max_allocations > started_with.turn.max_allocations {
+        // A raised quota needs its descriptors now; the limit is never lowered.
+        let listen = settings.endpoints.addrs().len();
+        if let Err(e) = raise_fd_limit(new, &settings, shared.workers, listen) {
+            tracing::error!(generation, "{e}; Allocates past the limit will get 508");
+        }
+    }
     shared.publish_settings(settings);
     let seg = shared.shm.segment();
     seg.counters(MAX_WORKERS).incr(Counter::ConfigApplied);

@@ -28,6 +28,13 @@ pub enum Kind {
     /// H.323 and SIP registrations through the reverse proxy (`portico-perf register`
     /// reports in `--dir`), see [`crate::register_report`].
     Register,
+    /// Allocations held at scale: `portico-perf turn-scale` JSON reports in `--dir` (one
+    /// per server), and `--markdown` notes appended (the limits met), see
+    /// [`crate::turn_scale::section`].
+    Scale,
+    /// TURN over TCP and TLS vs coturn (`portico-perf turn --transport tcp|tls` reports in
+    /// `--dir`), see [`crate::turn_tcp_report`].
+    TurnTcp,
 }
 
 impl Kind {
@@ -38,6 +45,8 @@ impl Kind {
             Kind::Proxy => "proxy",
             Kind::Fraud => "fraud",
             Kind::Register => "register",
+            Kind::Scale => "scale",
+            Kind::TurnTcp => "turn-tcp",
         }
     }
 }
@@ -667,6 +676,16 @@ pub fn run(args: &BenchReportArgs) -> Result<(), String> {
             fraud_section(args, &text)?
         }
         Kind::Register => crate::register_report::render(args, &load(dir()?)?),
+        Kind::Scale => {
+            let notes = match &args.markdown {
+                Some(p) => {
+                    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?
+                }
+                None => String::new(),
+            };
+            crate::turn_scale::section(args, dir()?, &notes)?
+        }
+        Kind::TurnTcp => crate::turn_tcp_report::render(args, &load(dir()?)?),
     };
     let existing = match std::fs::read_to_string(&args.out) {
         Ok(t) => t,

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use portico_perf::{
-    bench_report, echo_server, media_load, register_load, stun_load, turn_load, uclient_run, udp,
+    bench_report, echo_server, media_load, register_load, sk_lookup_probe, stun_load, turn_load,
+    turn_scale, uclient_run, udp,
 };
 
 #[derive(Parser)]
@@ -29,6 +30,15 @@ enum Cmd {
     /// one-way latency, server CPU per relayed packet and RSS per allocation.
     /// Exit status 3 when not a single allocation succeeded.
     Turn(turn_load::TurnArgs),
+    /// TURN at scale: grows the allocations held through levels (10k, 50k, 100k) with a
+    /// light keep-alive, measures the server's RSS, kernel memory, CPU, Allocate latency
+    /// and failed refreshes at each, churn at one level, then CPU while everything expires.
+    TurnScale(turn_scale::ScaleArgs),
+    /// Feasibility of relays without a descriptor each: an eBPF sk_lookup program steers a
+    /// whole relay port range on loopback addresses to one socket (IP_RECVORIGDSTADDR), and
+    /// answers leave from the relayed port through a raw socket. Needs CAP_BPF/CAP_SYS_ADMIN,
+    /// CAP_NET_ADMIN and CAP_NET_RAW.
+    SkLookupProbe(sk_lookup_probe::ProbeArgs),
     /// H.323 RRQ / SIP REGISTER through the reverse proxy (a new connection each, or kept),
     /// against a fake PBX in this process: registrations/s, latency, proxy CPU per
     /// registration. Exit status 3 when not a single registration succeeded.
@@ -75,6 +85,32 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::from(EXIT_NOTHING_COMPLETED)
             }
+        }),
+        Cmd::TurnScale(args) => turn_scale::run(&args).and_then(|r| {
+            let json = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
+            if let Some(p) = &args.json {
+                std::fs::write(p, &json).map_err(|e| format!("{}: {e}", p.display()))?;
+            }
+            for row in turn_scale::markdown_rows(&r) {
+                println!("{row}");
+            }
+            println!("{}", turn_scale::expiry_line(&r));
+            Ok(if r.levels.iter().any(|l| l.held > 0) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_NOTHING_COMPLETED)
+            })
+        }),
+        Cmd::SkLookupProbe(args) => sk_lookup_probe::run(&args).and_then(|r| {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+            );
+            Ok(if r.orig_dst_ok > 0 && r.orig_dst_ok == r.sent {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }),
         Cmd::Register(args) => register_load::run(&args).map(|r| {
             print!("{}", r.text());

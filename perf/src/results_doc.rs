@@ -9,12 +9,15 @@ use std::collections::BTreeMap;
 pub const SECTIONS: &[(&str, &str)] = &[
     ("stun", "STUN Binding"),
     ("turn", "TURN relay"),
+    ("turn-tcp", "TURN over TCP and TLS"),
     ("proxy", "Reverse proxy"),
     (
         "register",
         "H.323 and SIP registrations through the reverse proxy",
     ),
     ("fraud", "Fraud detection reaction"),
+    ("scale", "TURN at scale: allocations held"),
+    ("media", "Media relay"),
 ];
 
 fn open(name: &str) -> String {

@@ -32,6 +32,7 @@ pub use crate::turn_plan::{
     client_addr, Control, Mode, Plan, PHASE_DATA, PHASE_SETUP, PHASE_TEARDOWN, REACHED_DATA,
     REACHED_EXIT, REACHED_SETUP,
 };
+use crate::turn_stream::{Streams, Transport};
 use crate::udp::{MsgBatch, BATCH};
 
 /// Granted lifetime when a success response carries none (RFC 8656 default).
@@ -206,6 +207,11 @@ struct Gen<'a> {
     /// Running totals for the progress line.
     live_sent: u64,
     live_down: u64,
+    /// TCP or TLS: a connection per client ([`crate::turn_stream`]); `None` over UDP.
+    streams: Option<Streams>,
+    /// Frames read off the streams in one pass, and a copy of the datagram being handled.
+    frames: Vec<(usize, std::ops::Range<usize>)>,
+    frame_data: Vec<u8>,
 }
 
 /// Runs one client thread over `sock`; ids `thread`, `thread + threads`, ... up to
@@ -267,6 +273,12 @@ pub fn run(
         in_setup: 0,
         live_sent: 0,
         live_down: 0,
+        streams: match plan.transport {
+            Transport::Udp => None,
+            t => Some(Streams::new(t, plan.alpn, ids.len()).map_err(|e| e.to_string())?),
+        },
+        frames: Vec::new(),
+        frame_data: Vec::new(),
     };
     g.t.clients = g.clients.len() as u64;
     let r = g.drive();
@@ -331,6 +343,13 @@ impl Gen<'_> {
                             self.t.setup_first_ns = now.max(1);
                         }
                         self.clients[i].step = Step::Allocating;
+                        if let Some(st) = self.streams.as_mut() {
+                            let src = self.clients[i].src;
+                            if let Err(e) = st.open(i, src, plan.server) {
+                                self.fail(i, format!("connect: {e}"));
+                                continue;
+                            }
+                        }
                         self.request(
                             i,
                             Request::Allocate {
@@ -565,7 +584,22 @@ impl Gen<'_> {
         self.tx.n
     }
 
-    fn commit(&mut self, i: usize, len: usize, src: Ipv4Addr, data_of: Option<u32>) {
+    /// Sends slot `i` (`len` bytes) for client `client`: into the batch over UDP, onto the
+    /// client's connection over a stream.
+    fn commit(&mut self, i: usize, len: usize, client: usize, data_of: Option<u32>) {
+        let src = self.clients[client].src;
+        if let Some(st) = self.streams.as_mut() {
+            let queued = st.queue(client, &self.tx.batch.slot_mut(i)[..len]);
+            match (queued, data_of) {
+                (true, Some(d)) => {
+                    self.clients[d as usize].sent += 1;
+                    self.live_sent += 1;
+                }
+                (false, _) => self.t.send_errors += 1,
+                _ => {}
+            }
+            return;
+        }
         self.tx.batch.set_len(i, len);
         self.tx.batch.set_peer(i, self.plan.server);
         self.tx.batch.set_source(i, Some(src));
@@ -576,7 +610,7 @@ impl Gen<'_> {
     fn send_data(&mut self, i: usize, now: u64) -> Result<(), String> {
         let plan = self.plan;
         let c = &mut self.clients[i];
-        let (id, seq, channel, src) = (c.id, c.tx_seq, c.channel, c.src);
+        let (id, seq, channel) = (c.id, c.tx_seq, c.channel);
         c.tx_seq = c.tx_seq.wrapping_add(1);
         stamp::write(&mut self.payload, plan.nonce, id, seq, now);
         let s = self.slot();
@@ -600,11 +634,15 @@ impl Gen<'_> {
                 }
             }
         };
-        self.commit(s, len, src, Some(i as u32));
+        self.commit(s, len, i, Some(i as u32));
         Ok(())
     }
 
     fn flush(&mut self) {
+        if let Some(st) = self.streams.as_mut() {
+            st.flush();
+            return;
+        }
         let n = self.tx.n;
         let mut at = 0;
         while at < n {
@@ -677,8 +715,7 @@ impl Gen<'_> {
                 _ => turn_msg::write_request(buf, &p.tid, p.req, None)?,
             }
         };
-        let src = self.clients[i].src;
-        self.commit(s, len, src, None);
+        self.commit(s, len, i, None);
         Ok(())
     }
 
@@ -740,8 +777,11 @@ impl Gen<'_> {
                         pp.tries += 1;
                         pp.sent_ns = now;
                     }
-                    self.t.retransmits += 1;
-                    self.transmit(i)?;
+                    // A stream does not lose a request: only the timeout applies.
+                    if self.streams.is_none() {
+                        self.t.retransmits += 1;
+                        self.transmit(i)?;
+                    }
                 }
                 continue;
             }
@@ -770,6 +810,25 @@ impl Gen<'_> {
     }
 
     fn wait_and_receive(&mut self, wait_ns: u64) -> Result<(), String> {
+        if let Some(mut st) = self.streams.take() {
+            let (mut frames, mut data) = (
+                std::mem::take(&mut self.frames),
+                std::mem::take(&mut self.frame_data),
+            );
+            frames.clear();
+            data.clear();
+            let r = st.receive(wait_ns, &mut frames, &mut data);
+            self.streams = Some(st);
+            r.map_err(|e| format!("poll: {e}"))?;
+            let now = self.plan.now_ns();
+            for (i, range) in frames.drain(..) {
+                let src = self.clients.get(i).map(|c| c.src);
+                self.on_message(&data[range], src, now)?;
+            }
+            self.frames = frames;
+            self.frame_data = data;
+            return Ok(());
+        }
         let mut pfd = libc::pollfd {
             fd: self.fd,
             events: libc::POLLIN,
@@ -803,9 +862,18 @@ impl Gen<'_> {
     }
 
     fn on_datagram(&mut self, k: usize, now: u64) -> Result<(), String> {
-        let plan = self.plan;
         let dest = self.rx.dest(k);
-        let dg = self.rx.datagram(k);
+        let mut dg = std::mem::take(&mut self.frame_data);
+        dg.clear();
+        dg.extend_from_slice(self.rx.datagram(k));
+        let r = self.on_message(&dg, dest, now);
+        self.frame_data = dg;
+        r
+    }
+
+    /// One message from the server, to client `dest` (its source address).
+    fn on_message(&mut self, dg: &[u8], dest: Option<Ipv4Addr>, now: u64) -> Result<(), String> {
+        let plan = self.plan;
         if turn_msg::is_channel_data(dg) {
             let Some(number) = dg.get(..2).map(|h| u16::from_be_bytes([h[0], h[1]])) else {
                 self.t.bad += 1;

@@ -37,13 +37,20 @@ use crate::turn_client::{
 };
 use crate::turn_msg::Credentials;
 use crate::turn_peer::{self, PeerTally};
+pub use crate::turn_stream::Transport;
 use crate::udp;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TurnArgs {
-    /// TURN server (UDP, IPv4 loopback), e.g. 127.0.0.1:3478.
+    /// TURN server (IPv4 loopback), e.g. 127.0.0.1:3478.
     #[arg(long)]
     pub server: SocketAddr,
+    /// Client transport: UDP, or a TCP or TLS connection per client (RFC 8656 §3.1).
+    #[arg(long, value_enum, default_value = "udp")]
+    pub transport: Transport,
+    /// TLS: offer ALPN `stun.turn` (RFC 7443).
+    #[arg(long)]
+    pub alpn: bool,
     /// Long-term credentials: user name (with --password).
     #[arg(long, requires = "password", conflicts_with = "secret")]
     pub user: Option<String>,
@@ -115,6 +122,8 @@ impl TurnArgs {
     pub fn new(server: SocketAddr, user: &str, password: &str) -> TurnArgs {
         TurnArgs {
             server,
+            transport: Transport::Udp,
+            alpn: false,
             user: Some(user.into()),
             password: Some(password.into()),
             secret: None,
@@ -183,6 +192,12 @@ impl TurnArgs {
         }
         if !(1..=10).contains(&self.max_tries) {
             return Err("--max-tries must be 1..=10".into());
+        }
+        if self.transport != Transport::Udp && self.mode == Mode::Churn {
+            return Err("--mode churn is UDP only".into());
+        }
+        if self.alpn && self.transport != Transport::Tls {
+            return Err("--alpn needs --transport tls".into());
         }
         if self.user.is_none() && self.secret.is_none() {
             return Err("give --user and --password, or --secret".into());
@@ -321,6 +336,7 @@ pub struct TurnServerUsage {
 pub struct TurnReport {
     pub scenario: &'static str,
     pub server: SocketAddr,
+    pub transport: Transport,
     pub mode: Mode,
     pub clients: usize,
     pub threads: usize,
@@ -484,6 +500,8 @@ pub fn run(args: &TurnArgs) -> Result<TurnReport, String> {
         max_tries: args.max_tries,
         threads: args.threads,
         clients: args.clients,
+        transport: args.transport,
+        alpn: args.alpn,
     };
     let control = Control::new(args.threads);
     let rss_idle = rss_sum(&args.server_pids)?;
@@ -614,6 +632,7 @@ fn build_report(
     let server_cpu = server_usage.as_ref().map_or(0.0, |s| s.cpu_s);
     TurnReport {
         scenario: "turn",
+        transport: args.transport,
         server: args.server,
         mode: args.mode,
         clients: args.clients,

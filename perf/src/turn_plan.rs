@@ -99,6 +99,10 @@ pub struct Plan {
     /// Client threads, and the total client count (ids are spread over the threads).
     pub threads: usize,
     pub clients: usize,
+    /// UDP, or a connection per client (TCP, TLS; see [`crate::turn_stream`]).
+    pub transport: crate::turn_stream::Transport,
+    /// TLS: offer ALPN `stun.turn`.
+    pub alpn: bool,
 }
 
 impl Plan {

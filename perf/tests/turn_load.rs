@@ -354,3 +354,53 @@ fn stale_nonce_is_retried_with_the_new_nonce() {
     assert_eq!(d.up.received, 0);
     assert_eq!(d.round_trip_loss_ratio, 1.0);
 }
+
+#[test]
+fn stream_transports_against_portico_and_coturn() {
+    use portico_perf::turn_load::Transport;
+    let tls_port = free_port("127.0.0.1".parse().unwrap()).unwrap();
+    let site = Portico::start(
+        "perf-turn-tcp",
+        Spec::new()
+            .log_level("warn")
+            .turn(&format!(
+                "realm = \"perf\"\nusers = [{{ name = \"{USER}\", password = \"{PASSWORD}\" }}]\n\
+                 listen_tls = [\"127.0.0.1:{tls_port}\"]"
+            ))
+            .loopback_peers(),
+    );
+    let server = site.udp4();
+    wait_ready(server, Some((USER, PASSWORD)), None);
+    for (transport, port, alpn) in [
+        (Transport::Tcp, server.port(), false),
+        (Transport::Tls, tls_port, false),
+        (Transport::Tls, tls_port, true),
+    ] {
+        let mut a = args(SocketAddr::from(([127, 0, 0, 1], port)), 10, 1.0);
+        a.transport = transport;
+        a.alpn = alpn;
+        let r = turn_load::run(&a).unwrap();
+        assert_lossless(&r, 10);
+        assert_eq!(
+            r.setup.retransmits, 0,
+            "nothing is retransmitted on a stream"
+        );
+    }
+    // Churn is UDP only; --alpn needs TLS.
+    let mut a = args(server, 1, 1.0);
+    a.transport = Transport::Tcp;
+    a.mode = Mode::Churn;
+    assert!(turn_load::run(&a).is_err());
+    let mut a = args(server, 1, 1.0);
+    a.alpn = true;
+    assert!(turn_load::run(&a).is_err());
+
+    // coturn over TCP, same generator.
+    let user = format!("{USER}:{PASSWORD}");
+    let (_p, server, _dir) = coturn(&["--lt-cred-mech", "--user", &user]);
+    wait_ready(server, Some((USER, PASSWORD)), None);
+    let mut a = args(server, 10, 1.0);
+    a.transport = Transport::Tcp;
+    let r = turn_load::run(&a).unwrap();
+    assert_lossless(&r, 10);
+}

@@ -51,6 +51,9 @@ pub const REDACTED: &str = "<redacted>";
 /// Most `turn.alternate_servers` addresses: a 300 carries one per family, so more only
 /// spreads clients wider.
 pub const MAX_ALTERNATE_SERVERS: usize = 32;
+/// Most `turn.relay_ip` addresses: 64 addresses × 64k ports is over four million relays,
+/// four times the `turn.max_allocations` cap.
+pub const MAX_RELAY_IPS: usize = 64;
 
 fn err(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError {
@@ -108,9 +111,11 @@ pub struct TurnConfig {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub listen_tls: Vec<SocketAddr>,
     pub realm: String,
-    /// Local addresses relay sockets bind to, at most one per family (a string or a list).
-    /// Unset: a specific listen address of each family, else the address of the interface
-    /// the default route leaves from.
+    /// Local addresses relay sockets bind to (a string or a list, up to [`MAX_RELAY_IPS`]).
+    /// Several of a family share out the allocations: each address has the whole
+    /// `relay_ports` range, so a box past ~64k allocations needs more than one. Unset: a
+    /// specific listen address of each family, else the address of the interface the
+    /// default route leaves from.
     #[serde(
         deserialize_with = "one_or_many_ip",
         skip_serializing_if = "Vec::is_empty"
@@ -160,6 +165,20 @@ pub struct TurnConfig {
     /// 300 Try Alternate with ALTERNATE-SERVER naming one of them instead of 508.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub alternate_servers: Vec<SocketAddr>,
+    /// TURN over TCP and TLS: open client connections in total (read at dataplane start).
+    pub tcp_max_connections: usize,
+    /// Open client connections per source IP address.
+    pub tcp_max_connections_per_source: usize,
+    /// Time for the TLS handshake and the first complete message of a connection.
+    pub tcp_handshake_timeout: Duration,
+    /// A connection without a message for this long is closed (a bound RFC 6062 data
+    /// connection: without a byte in either direction).
+    pub tcp_idle_timeout: Duration,
+    /// Bytes queued towards one connection (and, on an RFC 6062 data connection, towards its
+    /// peer) before relayed data is dropped or the other side is no longer read.
+    pub tcp_output_buffer: usize,
+    /// RFC 6062 data connections (Connect and ConnectionAttempt) per TCP allocation.
+    pub tcp_relay_connections: usize,
 }
 
 impl Default for TurnConfig {
@@ -191,6 +210,12 @@ impl Default for TurnConfig {
             max_bandwidth: 0,
             error_rate: 100,
             alternate_servers: Vec::new(),
+            tcp_max_connections: 4096,
+            tcp_max_connections_per_source: 64,
+            tcp_handshake_timeout: Duration::from_secs(10),
+            tcp_idle_timeout: Duration::from_secs(300),
+            tcp_output_buffer: 64 * 1024,
+            tcp_relay_connections: 32,
         }
     }
 }
@@ -539,9 +564,36 @@ impl Config {
                 return Err(err(&key, format!("user \"{}\" is listed twice", u.name)));
             }
         }
-        let v4 = t.relay_ip.iter().filter(|ip| ip.is_ipv4()).count();
-        if v4 > 1 || t.relay_ip.len() - v4 > 1 {
-            return Err(err("turn.relay_ip", "at most one address per family"));
+        // Several addresses of a family multiply the relay ports (each address has the whole
+        // `relay_ports` range): one address caps a box near 64k allocations.
+        if t.relay_ip.len() > MAX_RELAY_IPS {
+            return Err(err(
+                "turn.relay_ip",
+                format!(
+                    "{} addresses is more than {MAX_RELAY_IPS}",
+                    t.relay_ip.len()
+                ),
+            ));
+        }
+        for (i, ip) in t.relay_ip.iter().enumerate() {
+            if t.relay_ip[..i].contains(ip) {
+                return Err(err("turn.relay_ip", format!("{ip} is listed twice")));
+            }
+        }
+        if let Some(ext) = t.external_ip {
+            let same = t
+                .relay_ip
+                .iter()
+                .filter(|ip| ip.is_ipv4() == ext.is_ipv4())
+                .count();
+            if same > 1 {
+                return Err(err(
+                    "turn.external_ip",
+                    format!(
+                        "a static NAT map names one relay address, but turn.relay_ip has {same} of its family"
+                    ),
+                ));
+            }
         }
         if let Some(ip) = t
             .relay_ip
@@ -581,6 +633,52 @@ impl Config {
         if t.error_rate == 0 {
             return Err(err("turn.error_rate", "must be at least 1 per second"));
         }
+        for (key, v, min, max) in [
+            (
+                "turn.tcp_max_connections",
+                t.tcp_max_connections,
+                1,
+                1 << 20,
+            ),
+            (
+                "turn.tcp_max_connections_per_source",
+                t.tcp_max_connections_per_source,
+                1,
+                1 << 20,
+            ),
+            (
+                "turn.tcp_output_buffer",
+                t.tcp_output_buffer,
+                4096,
+                16 << 20,
+            ),
+            (
+                "turn.tcp_relay_connections",
+                t.tcp_relay_connections,
+                1,
+                1024,
+            ),
+        ] {
+            if v < min || v > max {
+                return Err(err(key, format!("{v} is not between {min} and {max}")));
+            }
+        }
+        if t.tcp_max_connections_per_source > t.tcp_max_connections {
+            return Err(err(
+                "turn.tcp_max_connections_per_source",
+                format!(
+                    "{} is more than turn.tcp_max_connections ({})",
+                    t.tcp_max_connections_per_source, t.tcp_max_connections
+                ),
+            ));
+        }
+        check_duration(
+            "turn.tcp_handshake_timeout",
+            t.tcp_handshake_timeout,
+            1,
+            300,
+        )?;
+        check_duration("turn.tcp_idle_timeout", t.tcp_idle_timeout, 1, 86_400)?;
         if t.alternate_servers.len() > MAX_ALTERNATE_SERVERS {
             return Err(err(
                 "turn.alternate_servers",
@@ -1134,6 +1232,46 @@ mod tests {
     }
 
     #[test]
+    fn stream_limits_are_typed_and_checked_naming_the_key() {
+        let c = Config::from_toml(
+            "[turn]\ntcp_max_connections = 20000\ntcp_max_connections_per_source = 100\n\
+             tcp_handshake_timeout = \"2s\"\ntcp_idle_timeout = \"1m\"\n\
+             tcp_output_buffer = 8192\ntcp_relay_connections = 4\n",
+        )
+        .unwrap();
+        assert_eq!(c.turn.tcp_max_connections, 20000);
+        assert_eq!(c.turn.tcp_max_connections_per_source, 100);
+        assert_eq!(c.turn.tcp_handshake_timeout.as_secs(), 2);
+        assert_eq!(c.turn.tcp_idle_timeout.as_secs(), 60);
+        assert_eq!(c.turn.tcp_output_buffer, 8192);
+        assert_eq!(c.turn.tcp_relay_connections, 4);
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        for (bad, key) in [
+            ("tcp_max_connections = 0", "turn.tcp_max_connections"),
+            (
+                "tcp_max_connections_per_source = 0",
+                "turn.tcp_max_connections_per_source",
+            ),
+            (
+                "tcp_max_connections = 10\ntcp_max_connections_per_source = 11",
+                "turn.tcp_max_connections_per_source",
+            ),
+            ("tcp_handshake_timeout = 0", "turn.tcp_handshake_timeout"),
+            (
+                "tcp_handshake_timeout = \"1h\"",
+                "turn.tcp_handshake_timeout",
+            ),
+            ("tcp_idle_timeout = \"soon\"", "turn.tcp_idle_timeout"),
+            ("tcp_output_buffer = 100", "turn.tcp_output_buffer"),
+            ("tcp_output_buffer = -1", "turn.tcp_output_buffer"),
+            ("tcp_relay_connections = 0", "turn.tcp_relay_connections"),
+        ] {
+            let e = Config::from_toml(&format!("[turn]\n{bad}\n")).unwrap_err();
+            assert_eq!(e.key, key, "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn io_mode_names() {
         let c = Config::from_toml("[turn]\nio = \"io_uring\"\n").unwrap();
         assert_eq!(c.turn.io, IoMode::IoUring);
@@ -1157,5 +1295,24 @@ mod example_file {
             key: None,
         }];
         assert_eq!(Config::from_toml(text).unwrap(), expected);
+    }
+
+    #[test]
+    fn several_relay_ips_are_accepted_and_checked_naming_the_key() {
+        let c = Config::from_toml("[turn]\nrelay_ip = [\"127.0.0.2\", \"127.0.0.3\", \"::1\"]\n")
+            .unwrap();
+        assert_eq!(c.turn.relay_ip.len(), 3);
+        let e =
+            Config::from_toml("[turn]\nrelay_ip = [\"127.0.0.2\", \"127.0.0.2\"]\n").unwrap_err();
+        assert_eq!(e.to_string(), "turn.relay_ip: 127.0.0.2 is listed twice");
+        let e = Config::from_toml(
+            "[turn]\nrelay_ip = [\"127.0.0.2\", \"127.0.0.3\"]\nexternal_ip = \"203.0.113.9\"\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("turn.external_ip: "), "{e}");
+        let many: Vec<String> = (1..=65).map(|i| format!("\"10.0.0.{i}\"")).collect();
+        let e =
+            Config::from_toml(&format!("[turn]\nrelay_ip = [{}]\n", many.join(", "))).unwrap_err();
+        assert_eq!(e.to_string(), "turn.relay_ip: 65 addresses is more than 64");
     }
 }

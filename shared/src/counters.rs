@@ -100,6 +100,16 @@ counters! {
     DropBlacklisted => "dataplane_drops" ["reason" = "blacklisted"] "Packets dropped, by reason.";
     ConfigApplied => "dataplane_config_applied" [] "Configuration generations the dataplane applied.";
     LoopTurns => "dataplane_loop_turns" [] "Turns of the worker event loops.";
+    TcpRelayConnected => "turn_tcp_relay_connections" ["result" = "connected"] "RFC 6062 TCP relay data connections, by outcome.";
+    TcpRelayConnectFailed => "turn_tcp_relay_connections" ["result" = "connect_failed"] "RFC 6062 TCP relay data connections, by outcome.";
+    TcpRelayAttempt => "turn_tcp_relay_connections" ["result" = "peer_accepted"] "RFC 6062 TCP relay data connections, by outcome.";
+    TcpRelayRefused => "turn_tcp_relay_connections" ["result" = "peer_refused"] "RFC 6062 TCP relay data connections, by outcome.";
+    TcpRelayBound => "turn_tcp_relay_connections" ["result" = "bound"] "RFC 6062 TCP relay data connections, by outcome.";
+    TcpRelayClosedUnbound => "turn_tcp_relay_closed" ["reason" = "unbound_timeout"] "RFC 6062 TCP relay data connections the server closed, by reason.";
+    TcpRelayClosedAllocation => "turn_tcp_relay_closed" ["reason" = "allocation_ended"] "RFC 6062 TCP relay data connections the server closed, by reason.";
+    TcpRelayClosedEnd => "turn_tcp_relay_closed" ["reason" = "closed"] "RFC 6062 TCP relay data connections the server closed, by reason.";
+    TcpRelayClosedIdle => "turn_tcp_relay_closed" ["reason" = "idle"] "RFC 6062 TCP relay data connections the server closed, by reason.";
+    TcpRelayPaused => "turn_tcp_relay_backpressure" [] "Times an RFC 6062 data connection stopped reading one side because the other side's buffer was full.";
     MediaSessionsActive => "media_sessions_active" [] "Media relay sessions now active.";
     MediaSessionsCreated => "media_sessions_created" [] "Media relay sessions created.";
     MediaSessionsEndedIdle => "media_sessions_ended" ["reason" = "idle"] "Media relay sessions ended, by reason.";

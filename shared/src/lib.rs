@@ -17,6 +17,7 @@
 pub mod addr;
 pub mod config;
 pub mod counters;
+pub mod handoff;
 pub mod media_config;
 pub mod proxy_config;
 pub mod shm;

@@ -169,7 +169,21 @@ pub struct ProxyConfig {
     pub limits: ProxyLimits,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ProxyService>,
+    /// One port for HTTPS and TURN over TLS: a connection on the `https` listener that offers
+    /// ALPN `stun.turn` (RFC 7443), or whose first decrypted bytes are a STUN header with the
+    /// magic cookie or a ChannelData header, is handed to the dataplane's TURN engine instead
+    /// of being served as HTTPS. Off by default.
+    #[serde(skip_serializing_if = "is_false")]
+    pub turn_on_https: bool,
 }
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The unix datagram socket in `state_dir` on which the dataplane takes TURN connections the
+/// proxy hands over (`proxy.turn_on_https`); owner-only, like the directory.
+pub const TURN_HANDOFF_SOCKET: &str = "turn-handoff.sock";
 
 /// `[proxy.tls]`: the certificate clients see, and the trust store for targets.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -359,20 +373,32 @@ impl ProxyConfig {
     /// that verification back on, and one with `true` now asks clients for certificates.
     /// A service that sets both keys was written for the new meaning: no warning.
     pub fn warnings(&self) -> Vec<String> {
-        self.services
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.check_certificate.is_some() && s.verify_target_certificate.is_none())
-            .map(|(i, s)| {
-                format!(
-                    "proxy.services[{i}].check_certificate ({}) now means Check Certificate \
+        let mut out: Vec<String> = Vec::new();
+        if self.turn_on_https && self.listen.https.is_none() {
+            out.push(
+                "proxy.turn_on_https is on but proxy.listen.https is not set: no connection \
+                 can be handed to TURN"
+                    .to_string(),
+            );
+        }
+        out.extend(
+            self.services
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| {
+                    s.check_certificate.is_some() && s.verify_target_certificate.is_none()
+                })
+                .map(|(i, s)| {
+                    format!(
+                        "proxy.services[{i}].check_certificate ({}) now means Check Certificate \
                      (client certificates of H.323/TLS and SIPS registrations); verifying the \
                      target's certificate moved to verify_target_certificate (default true): \
                      set it to say which you mean",
-                    s.name
-                )
-            })
-            .collect()
+                        s.name
+                    )
+                }),
+        );
+        out
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -212,6 +212,11 @@ impl TcpStun {
         Ok(TcpStun { stream })
     }
 
+    /// The connection itself (to watch the server close it).
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     /// One Binding request: true when its success answer arrives within `wait`, false when
     /// nothing does or the connection is closed.
     pub fn binding(&mut self, wait: Duration) -> bool {

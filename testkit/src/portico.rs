@@ -712,6 +712,7 @@ impl Portico {
     }
 
     /// Waits (bounded) until counter `c` reaches `at_least`; returns its value then.
+    #[must_use = "wait_counter does not fail by itself: assert on the value it returns"]
     pub fn wait_counter(&self, c: Counter, at_least: u64) -> u64 {
         let mut v = 0;
         wait_until(Duration::from_secs(5), || {

@@ -21,6 +21,10 @@ pub const SEND: u16 = 0x006;
 pub const DATA_METHOD: u16 = 0x007;
 pub const CREATE_PERMISSION: u16 = 0x008;
 pub const CHANNEL_BIND: u16 = 0x009;
+/// RFC 6062 TCP relays.
+pub const CONNECT: u16 = 0x00A;
+pub const CONNECTION_BIND: u16 = 0x00B;
+pub const CONNECTION_ATTEMPT: u16 = 0x00C;
 
 /// The message class, encoded in two bits spread over the type (RFC 8489 §5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +74,8 @@ pub const REQUESTED_ADDRESS_FAMILY: u16 = 0x0017;
 pub const REQUESTED_TRANSPORT: u16 = 0x0019;
 pub const XOR_MAPPED_ADDRESS: u16 = 0x0020;
 pub const RESPONSE_PORT: u16 = 0x0027;
+/// RFC 6062 §6.2.1.
+pub const CONNECTION_ID: u16 = 0x002A;
 /// RFC 8656 §18.11, §18.12: a dual allocation's request, and why one family was not given.
 pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
 pub const ADDRESS_ERROR_CODE: u16 = 0x8001;

@@ -445,6 +445,113 @@ impl Drop for EchoPeer {
     }
 }
 
+/// A TCP peer for RFC 6062 relays: accepts connections on `ip` and sends every byte back on
+/// the connection it came on, a thread per connection, for at most a minute and at most
+/// [`TcpEchoPeer::MAX_CONNECTIONS`] connections.
+pub struct TcpEchoPeer {
+    pub addr: SocketAddr,
+    /// Bytes echoed, over all connections.
+    pub echoed: Arc<AtomicUsize>,
+    /// Where each connection came from, in order.
+    pub sources: Arc<Mutex<Vec<SocketAddr>>>,
+    /// Connections that ended (EOF or error from the other side).
+    pub closed: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpEchoPeer {
+    pub const MAX_CONNECTIONS: usize = 64;
+
+    pub fn start(ip: IpAddr) -> TcpEchoPeer {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
+            .unwrap_or_else(|e| panic!("TCP echo peer bind on {ip}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("nonblocking: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local_addr: {e}"));
+        let echoed = Arc::new(AtomicUsize::new(0));
+        let sources = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (e, s, c, st) = (
+            echoed.clone(),
+            sources.clone(),
+            closed.clone(),
+            stop.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut accepted = 0;
+            while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let (mut conn, from) = match listener.accept() {
+                    Ok(x) => x,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                if accepted == Self::MAX_CONNECTIONS {
+                    continue;
+                }
+                accepted += 1;
+                if let Ok(mut v) = s.lock() {
+                    v.push(from);
+                }
+                let (e, c, st) = (e.clone(), c.clone(), st.clone());
+                std::thread::spawn(move || {
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+                    let mut buf = [0u8; 16384];
+                    while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        match conn.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                e.fetch_add(n, Ordering::SeqCst);
+                                if conn.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(err)
+                                if matches!(
+                                    err.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    c.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        TcpEchoPeer {
+            addr,
+            echoed,
+            sources,
+            closed,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections the other side ended.
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TcpEchoPeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// coturn's `turnutils_peer` (a UDP echo peer) on `addr`, stopped on drop.
 pub struct CoturnPeer {
     _proc: Proc,

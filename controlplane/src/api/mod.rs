@@ -7,8 +7,10 @@
 //! Errors are always `{"error": "..."}`, axum's own rejections (a body over [`BODY_LIMIT`], a
 //! path parameter that does not decode) included. The routes are one table,
 //! [`routes`], so the OpenAPI document (`openapi.json`, served at `/api/v1/openapi.json`) can
-//! be checked against it.
+//! be checked against it. The admin page ([`admin`], at `/admin/`) is served beside them; its
+//! session cookie is the alternative to the bearer token (with a CSRF token on every change).
 
+mod admin;
 mod allocations;
 mod config;
 mod credentials;
@@ -188,11 +190,17 @@ pub fn router(control: AppState) -> Router {
         r = r.route(route.path, route.handler);
     }
     let limiter = Arc::new(AuthLimiter::default());
+    let sessions = Arc::new(admin::Sessions::default());
+    r = r.merge(admin::router(
+        Arc::clone(&control),
+        Arc::clone(&sessions),
+        Arc::clone(&limiter),
+    ));
     r.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
-            (Arc::clone(&control), limiter),
+            (Arc::clone(&control), limiter, sessions),
             auth,
         ))
         .layer(middleware::from_fn(json_errors))
@@ -359,12 +367,14 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+type AuthState = (AppState, Arc<AuthLimiter>, Arc<admin::Sessions>);
+
 async fn auth(
-    State((control, limiter)): State<(AppState, Arc<AuthLimiter>)>,
+    State((control, limiter, sessions)): State<AuthState>,
     req: Request,
     next: Next,
 ) -> Response {
-    if PUBLIC.contains(&req.uri().path()) {
+    if PUBLIC.contains(&req.uri().path()) || admin::is_public(req.uri().path()) {
         return next.run(req).await;
     }
     let peer = req
@@ -387,6 +397,24 @@ async fn auth(
     if presented.is_some_and(|t| same_secret(t.as_bytes(), control.token.as_bytes())) {
         return next.run(req).await;
     }
+    // Without a bearer token, the admin page's session cookie (and CSRF token) will do.
+    let cookie = match presented {
+        Some(_) => admin::CookieAuth::Absent,
+        None => admin::check(&sessions, req.method(), req.headers(), now),
+    };
+    match cookie {
+        admin::CookieAuth::Valid => return next.run(req).await,
+        admin::CookieAuth::Forbidden(why) => {
+            tracing::warn!(
+                source = %peer.map(|a| a.to_string()).unwrap_or_else(|| "unknown".into()),
+                method = %req.method(),
+                path = req.uri().path(),
+                "API change refused: {why}"
+            );
+            return ApiError::new(StatusCode::FORBIDDEN, why).into_response();
+        }
+        admin::CookieAuth::Absent | admin::CookieAuth::Unknown => {}
+    }
     control.metrics.api_auth_failures.inc();
     if let Some(p) = peer {
         if limiter.failed(p.ip(), now) == AUTH_FAILURES {
@@ -400,10 +428,10 @@ async fn auth(
     let source = peer
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into());
-    let reason = if presented.is_some() {
-        "wrong token"
-    } else {
-        "no bearer token"
+    let reason = match (presented, cookie) {
+        (Some(_), _) => "wrong token",
+        (None, admin::CookieAuth::Unknown) => "unknown or expired admin page session",
+        (None, _) => "no bearer token",
     };
     tracing::warn!(
         %source,

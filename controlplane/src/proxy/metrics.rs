@@ -53,6 +53,11 @@ pub struct ProxyMetrics {
     pub refused_blocked: Counter,
     /// Certificate reloads by result.
     pub cert_reloads: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Connections on the HTTPS port handed to the dataplane's TURN engine
+    /// (`proxy.turn_on_https`), by how: `alpn` (the socket itself, TLS still to do),
+    /// `plaintext` (decrypted here, relayed over a unix socket), `failed` (closed: no
+    /// dataplane to take it).
+    pub turn_handoffs: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 fn ty(t: ServiceType) -> TypeLabel {
@@ -108,6 +113,15 @@ impl ProxyMetrics {
             "Loads of the proxy's TLS certificate and key, by result",
             self.cert_reloads.clone(),
         );
+        registry.register(
+            "proxy_turn_handoffs",
+            "Connections on the HTTPS port handed to the dataplane's TURN engine (proxy.turn_on_https), by how (alpn, plaintext) or failed",
+            self.turn_handoffs.clone(),
+        );
+    }
+
+    pub fn turn_handoff(&self, how: &'static str) {
+        self.turn_handoffs.get_or_create(&[("result", how)]).inc();
     }
 
     pub fn accepted(&self, t: ServiceType) {

@@ -22,6 +22,7 @@ pub mod route;
 pub mod sniff;
 pub mod stream;
 pub mod tls;
+pub mod turn;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -64,10 +65,16 @@ pub struct Snapshot {
     /// the server side that asks for them (SIPS, H.323/TLS).
     pub client_trust: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     server_asking: Option<Arc<ServerConfig>>,
+    /// `proxy.turn_on_https`: where TURN clients on the HTTPS port are handed over.
+    turn_handoff: Option<PathBuf>,
 }
 
 impl Snapshot {
-    fn build(c: &ProxyConfig, resolver: &Arc<CertResolver>) -> Result<Snapshot, String> {
+    fn build(
+        c: &ProxyConfig,
+        resolver: &Arc<CertResolver>,
+        handoff: &std::path::Path,
+    ) -> Result<Snapshot, String> {
         let (roots, _) = tls::root_store(c.tls.ca_file.as_deref())?;
         let (client_tls, client_tls_unverified) = tls::client_configs(roots, &[])?;
         let client_trust = c
@@ -91,6 +98,7 @@ impl Snapshot {
             server_other: tls::server_config(Arc::clone(resolver), &[])?,
             client_trust,
             server_asking,
+            turn_handoff: c.turn_on_https.then(|| handoff.to_path_buf()),
         })
     }
 
@@ -141,6 +149,7 @@ pub async fn run<F>(
     events: mpsc::Sender<SuspiciousEvent>,
     metrics: Arc<ProxyMetrics>,
     blocked: Blocked,
+    turn_handoff: PathBuf,
 ) where
     F: Fn() -> ProxyConfig + Send + 'static,
 {
@@ -179,7 +188,7 @@ pub async fn run<F>(
         for w in cfg.warnings() {
             tracing::warn!("{w}");
         }
-        let snap = match Snapshot::build(&cfg, &resolver) {
+        let snap = match Snapshot::build(&cfg, &resolver, &turn_handoff) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 tracing::error!("proxy configuration not applied: {e}");
@@ -304,6 +313,17 @@ async fn handle(
     let charged = (!snap.trusted.contains(source)).then_some(source);
     let first_deadline = tokio::time::Instant::now() + snap.limits.first_message_timeout.get();
     let mut client_cert = None;
+    let turn_handoff = match stype {
+        ServiceType::Https => snap.turn_handoff.clone(),
+        _ => None,
+    };
+    if let Some(socket) = &turn_handoff {
+        // A TURN client that says so in its ClientHello goes to the dataplane untouched.
+        if turn::peek_hello(&tcp, first_deadline).await == sniff::turn::Verdict::Turn {
+            turn::hand_over_socket(tcp, peer, socket, events.metrics(), first_deadline).await;
+            return;
+        }
+    }
     let client: BoxStream = if stype.is_tls() {
         let acceptor = tokio_rustls::TlsAcceptor::from(snap.server_tls(stype));
         match tokio::time::timeout_at(first_deadline, acceptor.accept(tcp)).await {
@@ -331,6 +351,17 @@ async fn handle(
         }
     } else {
         Box::new(tcp)
+    };
+    let client = match &turn_handoff {
+        Some(socket) => {
+            let Some(client) =
+                turn_after_tls(client, peer, socket, &events, &blocked, first_deadline).await
+            else {
+                return;
+            };
+            client
+        }
+        None => client,
     };
     match stype {
         ServiceType::Http | ServiceType::Https => {
@@ -362,6 +393,51 @@ async fn handle(
             }
         }
     }
+}
+
+/// With `proxy.turn_on_https`: reads the first decrypted bytes; a TURN client's go to the
+/// dataplane (and `None` is returned when it is done), anything else is given back with
+/// those bytes in front. A client that sends nothing in time or closes is given back too:
+/// the HTTP loop reports it as before.
+async fn turn_after_tls(
+    mut client: BoxStream,
+    peer: SocketAddr,
+    socket: &std::path::Path,
+    events: &Events,
+    blocked: &Blocked,
+    deadline: tokio::time::Instant,
+) -> Option<BoxStream> {
+    use tokio::io::AsyncReadExt;
+    let mut first = [0u8; 8];
+    let mut n = 0;
+    while n < first.len() {
+        match tokio::time::timeout_at(deadline, client.read(&mut first[n..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(k)) => n += k,
+        }
+        match sniff::turn::first_bytes(&first[..n]) {
+            sniff::turn::Verdict::NeedMore => continue,
+            sniff::turn::Verdict::Turn => {
+                turn::relay_plaintext(
+                    client,
+                    &first[..n],
+                    peer,
+                    socket,
+                    events.metrics(),
+                    blocked,
+                    deadline,
+                )
+                .await;
+                return None;
+            }
+            sniff::turn::Verdict::NotTurn => break,
+        }
+    }
+    Some(Box::new(turn::Prefixed {
+        prefix: first[..n].to_vec(),
+        at: 0,
+        inner: client,
+    }))
 }
 
 /// Counts a connection as open in the metrics for exactly as long as it lives.

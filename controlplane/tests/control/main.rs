@@ -1,12 +1,14 @@
-//! The control plane against the real `portico`: the REST API (authentication, status,
-//! configuration, TURN users and credentials, hardening against nonsense), the configuration
-//! store under `kill -9`, validation at every door, redacted secrets, the example
-//! configuration, comments in the operator's file kept across API changes, process life
-//! (signals, `check`, SIGHUP), supervision of the dataplane with traffic flowing, Prometheus
-//! and the Grafana dashboard, and the Debian package (installed, upgraded, purged; as root).
+//! The control plane against the real `portico`: the admin page (in headless Chromium), the
+//! REST API (authentication, status, configuration, TURN users and credentials, hardening
+//! against nonsense), the configuration store under `kill -9`, validation at every door,
+//! redacted secrets, the example configuration, comments in the operator's file kept across
+//! API changes, process life (signals, `check`, SIGHUP), supervision of the dataplane with
+//! traffic flowing, Prometheus and the Grafana dashboard, and the Debian package (installed,
+//! upgraded, purged; as root).
 
 use portico_testkit::{Portico, Spec};
 
+mod admin_page;
 mod api;
 mod api_hardening;
 mod config_comments;

@@ -6,6 +6,15 @@
 //! TURN over TCP and TLS (RFC 8656 §3.1): `turnutils_uclient -t` and `-t -S`, the framing
 //! with an own stream client, bad input on a stream, a TLS alert mid-stream, a stalled TLS
 //! handshake.
+//! `portico probe` (probe.rs): SUCCESS against Portico and coturn; the failing step and
+//! transport named for a wrong password, a refused peer, and UDP blocked in a namespace; the
+//! NAT type behind a masquerading router in namespaces.
+//! Two independent ICE stacks relay-to-relay through Portico over UDP, TCP and TLS: aioice
+//! agents and headless Chromium's RTCPeerConnections with a data channel.
+//! Scale: the descriptor limit raised for `turn.max_allocations` (or the start refused), relays
+//! spread over several `turn.relay_ip` addresses.
+//! One port for HTTPS and TURN over TLS (`proxy.turn_on_https`): curl routed by Host and
+//! TURN clients (uclient without ALPN, a client with ALPN `stun.turn`) on the same port.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -15,13 +24,22 @@ use portico_testkit::process::require;
 use portico_testkit::turn::CoturnPeer;
 use portico_testkit::{free_port_on, Portico, Spec, LOCAL4};
 
+mod aioice;
 mod alternate;
 mod api;
 mod channel_range;
+mod ice;
 mod interop;
 mod ipv6;
+mod port443;
+mod probe;
 mod relay;
+mod scale;
+mod stream_burst;
 mod tcp;
+mod tcp_idle;
+mod tcp_relay;
+mod webrtc;
 
 /// A server on driver `io` (listening on 127.0.0.1 and [::1]) with the kit's TURN users and
 /// REST API secrets; with `loopback_peers` the test's own loopback peers are allowed (they

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use portico_shared::counters::Counter;
 use portico_testkit::net::{expect_closed, tcp_connect};
-use portico_testkit::process::run;
+use portico_testkit::process::{alone, run};
 use portico_testkit::stun::{
     new_tid, Msg, ALLOCATE, BINDING, CHANNEL_BIND, CHANNEL_NUMBER, NONCE, REALM,
     XOR_MAPPED_ADDRESS, XOR_PEER_ADDRESS, XOR_RELAYED_ADDRESS,
@@ -26,7 +26,7 @@ use portico_testkit::{free_port, Portico, Spec, LOCAL4};
 use crate::{coturn_peer, totals, turn_spec, uclient, CLIENTS, LIMIT, MESSAGES};
 
 /// A TURN spec with a TLS listener on a free port of 127.0.0.1; returns it and the port.
-fn tls_spec(io: &'static str) -> (Spec, u16) {
+pub(crate) fn tls_spec(io: &'static str) -> (Spec, u16) {
     let port = free_port();
     let spec = turn_spec(io, true).turn(&format!("listen_tls = [\"127.0.0.1:{port}\"]"));
     (spec, port)
@@ -85,6 +85,9 @@ fn uclient_without_loss(p: &Portico, port: u16, flags: &[&str]) {
 
 #[test]
 fn uclient_over_tcp_channel_data() {
+    // uclient counts an echo that comes late as lost: under the CPU load of the browser
+    // and ICE tests of this binary (2 cores) it did, with Portico relaying every packet.
+    let _alone = alone();
     let p = Portico::start("turn-tcp", turn_spec("auto", true));
     uclient_without_loss(&p, p.port, &["-t"]);
     // The allocations end with their connections.
@@ -97,12 +100,18 @@ fn uclient_over_tcp_channel_data() {
 
 #[test]
 fn uclient_over_tcp_send_indications_without_rtcp() {
+    // uclient counts an echo that comes late as lost: under the CPU load of the browser
+    // and ICE tests of this binary (2 cores) it did, with Portico relaying every packet.
+    let _alone = alone();
     let p = Portico::start("turn-tcp-s", turn_spec("epoll", true));
     uclient_without_loss(&p, p.port, &["-t", "-s", "-c"]);
 }
 
 #[test]
 fn uclient_over_tls_channel_data() {
+    // uclient counts an echo that comes late as lost: under the CPU load of the browser
+    // and ICE tests of this binary (2 cores) it did, with Portico relaying every packet.
+    let _alone = alone();
     let (spec, port) = tls_spec("auto");
     let p = Portico::start("turn-tls", spec);
     uclient_without_loss(&p, port, &["-t", "-S"]);
@@ -111,19 +120,22 @@ fn uclient_over_tls_channel_data() {
 
 #[test]
 fn uclient_over_tls_send_indications() {
+    // uclient counts an echo that comes late as lost: under the CPU load of the browser
+    // and ICE tests of this binary (2 cores) it did, with Portico relaying every packet.
+    let _alone = alone();
     let (spec, port) = tls_spec("auto");
     let p = Portico::start("turn-tls-s", spec);
     uclient_without_loss(&p, port, &["-t", "-S", "-s"]);
 }
 
 /// A stream to the server: plain TCP or TLS (trusting the generated certificate).
-enum Stream {
+pub(crate) enum Stream {
     Tcp(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl Stream {
-    fn tls(to: SocketAddr, cert: &Path) -> Stream {
+    pub(crate) fn tls(to: SocketAddr, cert: &Path) -> Stream {
         use rustls_pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pki_types::CertificateDer::pem_file_iter(cert)
@@ -142,14 +154,14 @@ impl Stream {
         Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp_connect(to))))
     }
 
-    fn tcp(&self) -> &TcpStream {
+    pub(crate) fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Tcp(s) => s,
             Stream::Tls(s) => &s.sock,
         }
     }
 
-    fn write(&mut self, b: &[u8]) {
+    pub(crate) fn write(&mut self, b: &[u8]) {
         let r = match self {
             Stream::Tcp(s) => s.write_all(b).and_then(|_| s.flush()),
             Stream::Tls(s) => s.write_all(b).and_then(|_| s.flush()),
@@ -157,7 +169,7 @@ impl Stream {
         r.unwrap_or_else(|e| panic!("write: {e}"));
     }
 
-    fn read_exact(&mut self, b: &mut [u8]) -> std::io::Result<()> {
+    pub(crate) fn read_exact(&mut self, b: &mut [u8]) -> std::io::Result<()> {
         match self {
             Stream::Tcp(s) => s.read_exact(b),
             Stream::Tls(s) => s.read_exact(b),
@@ -166,7 +178,7 @@ impl Stream {
 
     /// One frame: a STUN message or a ChannelData message with its padding, which must be
     /// there over a stream.
-    fn read_frame(&mut self) -> Vec<u8> {
+    pub(crate) fn read_frame(&mut self) -> Vec<u8> {
         let mut head = [0u8; 4];
         self.read_exact(&mut head)
             .unwrap_or_else(|e| panic!("reading a frame: {e}"));
@@ -197,7 +209,7 @@ impl Stream {
 }
 
 /// Allocates over `s` (401 round trip first) and binds channel 0x4001 to `peer`.
-fn allocate_and_bind(s: &mut Stream, peer: SocketAddr) -> SocketAddr {
+pub(crate) fn allocate_and_bind(s: &mut Stream, peer: SocketAddr) -> SocketAddr {
     // The client only builds messages; its UDP socket is not used.
     let mut c = TurnClient::new(SocketAddr::new(LOCAL4, 9), USER, PASSWORD);
     let m = parse(&s.transact(&c.build(ALLOCATE, &new_tid(), &udp_transport)));
@@ -225,11 +237,11 @@ fn allocate_and_bind(s: &mut Stream, peer: SocketAddr) -> SocketAddr {
     relayed
 }
 
-fn parse(frame: &[u8]) -> Msg {
+pub(crate) fn parse(frame: &[u8]) -> Msg {
     Msg::parse(frame).unwrap_or_else(|e| panic!("not STUN ({e}): {frame:02x?}"))
 }
 
-fn error_code(m: &Msg) -> Option<u16> {
+pub(crate) fn error_code(m: &Msg) -> Option<u16> {
     m.error_code().map(|(code, _)| code)
 }
 
@@ -243,7 +255,7 @@ fn channel_data(data: &[u8]) -> Vec<u8> {
 
 /// ChannelData both ways over the stream, with every length mod 4: the padding is there
 /// on the wire and the peer gets exactly the data.
-fn echo_over(s: &mut Stream, peer: &EchoPeer) {
+pub(crate) fn echo_over(s: &mut Stream, peer: &EchoPeer) {
     for n in [1usize, 2, 3, 4, 5, 7, 100, 1001] {
         let data: Vec<u8> = (0..n).map(|i| (i * 7 + n) as u8).collect();
         s.write(&channel_data(&data));
@@ -262,7 +274,7 @@ fn echo_over(s: &mut Stream, peer: &EchoPeer) {
 
 /// A UDP client relaying to an echo peer through Portico the whole time; returns how many
 /// of `n` datagrams came back (counted as they arrive, so no socket buffer overflows).
-fn udp_stream_during(p: &Portico, n: usize, during: impl FnOnce()) -> usize {
+pub(crate) fn udp_stream_during(p: &Portico, n: usize, during: impl FnOnce()) -> usize {
     let peer = EchoPeer::start(LOCAL4);
     let mut c = TurnClient::new(p.udp4(), USER, PASSWORD);
     c.allocate();
@@ -318,7 +330,7 @@ fn expect_closed_after_alert(t: &mut TcpStream, what: &str) {
     }
 }
 
-fn cert_of(p: &Portico) -> PathBuf {
+pub(crate) fn cert_of(p: &Portico) -> PathBuf {
     p.state_dir.join("cert.pem")
 }
 
@@ -335,7 +347,7 @@ fn framing_over_tcp_and_bad_input_close_cleanly() {
         echo_over(&mut s, &peer);
         let deleted = p.counter(Counter::TurnAllocationsDeleted);
         drop(s);
-        p.wait_counter(Counter::TurnAllocationsDeleted, deleted + 1);
+        assert!(p.wait_counter(Counter::TurnAllocationsDeleted, deleted + 1) > deleted);
 
         // Garbage after a valid message: the message is answered, then the connection is
         // closed and counted.
@@ -354,7 +366,7 @@ fn framing_over_tcp_and_bad_input_close_cleanly() {
         let mut rest = vec![0u8; usize::from(u16::from_be_bytes([head[2], head[3]]))];
         s.read_exact(&mut rest).unwrap();
         expect_closed(&mut s, Duration::from_secs(5), "garbage after a message");
-        p.wait_counter(Counter::DropTcpFraming, framing + 1);
+        assert!(p.wait_counter(Counter::DropTcpFraming, framing + 1) > framing);
 
         // A frame longer than the limit (a ChannelData claiming 60000 bytes): closed.
         let mut s = Stream::Tcp(tcp_connect(server));
@@ -367,9 +379,9 @@ fn framing_over_tcp_and_bad_input_close_cleanly() {
         };
         let _ = t.write_all(&big);
         expect_closed(&mut t, Duration::from_secs(5), "an oversized frame");
-        p.wait_counter(Counter::DropTcpFraming, framing + 2);
+        assert!(p.wait_counter(Counter::DropTcpFraming, framing + 2) >= framing + 2);
         // Its allocation went with it.
-        p.wait_counter(Counter::TurnAllocationsDeleted, deleted + 1);
+        assert!(p.wait_counter(Counter::TurnAllocationsDeleted, deleted + 1) > deleted);
 
         // A truncated frame, then the client goes away: its allocation ends.
         let mut s = Stream::Tcp(tcp_connect(server));
@@ -378,7 +390,7 @@ fn framing_over_tcp_and_bad_input_close_cleanly() {
         s.write(&channel_data(b"whole")[..6]);
         let Stream::Tcp(t) = s else { unreachable!() };
         t.shutdown(std::net::Shutdown::Both).unwrap();
-        p.wait_counter(Counter::TurnAllocationsDeleted, deleted + 1);
+        assert!(p.wait_counter(Counter::TurnAllocationsDeleted, deleted + 1) > deleted);
     });
     assert_eq!(got, 400, "the UDP relay stream lost datagrams meanwhile");
     assert_eq!(
@@ -411,15 +423,15 @@ fn framing_over_tls_and_an_alert_mid_stream() {
             .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])
             .unwrap();
         expect_closed_after_alert(&mut t.sock, "an alert mid-stream");
-        p.wait_counter(Counter::TcpClosedTlsError, errors + 1);
-        p.wait_counter(Counter::TurnAllocationsDeleted, deleted + 1);
+        assert!(p.wait_counter(Counter::TcpClosedTlsError, errors + 1) > errors);
+        assert!(p.wait_counter(Counter::TurnAllocationsDeleted, deleted + 1) > deleted);
 
         // Plain STUN on the TLS port is not a handshake: closed and counted.
         let mut t = tcp_connect(tls_addr);
         let b = TurnClient::new(tls_addr, USER, PASSWORD).build(BINDING, &new_tid(), &|b| b);
         t.write_all(&b).unwrap();
         expect_closed_after_alert(&mut t, "plain STUN on the TLS port");
-        p.wait_counter(Counter::TcpClosedTlsError, errors + 2);
+        assert!(p.wait_counter(Counter::TcpClosedTlsError, errors + 2) >= errors + 2);
     });
     assert_eq!(got, 300, "the UDP relay stream lost datagrams meanwhile");
 }

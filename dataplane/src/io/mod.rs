@@ -14,6 +14,7 @@
 
 pub mod bufring;
 pub mod epoll;
+pub mod handoff;
 pub mod media;
 pub mod relay;
 pub mod sockaddr;

@@ -23,7 +23,7 @@ use portico_shared::shm::EventKind;
 use crate::media::{Media, MediaControl, MediaCtx, MediaSettings};
 use crate::stun::{self, Class, Message, ParseError};
 use crate::turn::{
-    ControlPlane, Ctx, Datagram, DefaultRoutes, RelayIo, Turn, TurnSettings, TurnShared,
+    ControlPlane, Ctx, Datagram, DefaultRoutes, RelayIo, TcpEvent, Turn, TurnSettings, TurnShared,
 };
 pub use endpoints::Endpoints;
 pub use stats::Stats;
@@ -283,6 +283,59 @@ impl Server {
         );
     }
 
+    /// RFC 6062: an outgoing data connection ended its handshake or failed (see
+    /// [`Turn::tcp_connected`]).
+    pub fn tcp_connected(&mut self, now: Now, io: &mut dyn RelayIo, socket: usize, ok: bool) {
+        let settings: &Settings = &self.settings;
+        let mut cx = Ctx {
+            settings: &settings.turn,
+            software: &settings.software,
+            now,
+            io,
+            stats: &mut self.stats,
+        };
+        self.turn.tcp_connected(&mut cx, socket, ok);
+    }
+
+    /// RFC 6062: a peer connected to a TCP relay (see [`Turn::tcp_accepted`]); false: close
+    /// it.
+    pub fn tcp_accepted(
+        &mut self,
+        now: Now,
+        io: &mut dyn RelayIo,
+        listener: usize,
+        peer: SocketAddr,
+        socket: usize,
+    ) -> bool {
+        let settings: &Settings = &self.settings;
+        let mut cx = Ctx {
+            settings: &settings.turn,
+            software: &settings.software,
+            now,
+            io,
+            stats: &mut self.stats,
+        };
+        self.turn.tcp_accepted(&mut cx, listener, peer, socket)
+    }
+
+    /// RFC 6062: a data connection closed in the driver.
+    pub fn tcp_closed(&mut self, now: Now, io: &mut dyn RelayIo, socket: usize) {
+        let settings: &Settings = &self.settings;
+        let mut cx = Ctx {
+            settings: &settings.turn,
+            software: &settings.software,
+            now,
+            io,
+            stats: &mut self.stats,
+        };
+        self.turn.tcp_closed(&mut cx, socket);
+    }
+
+    /// RFC 6062: what the driver must send or do besides the replies (see [`TcpEvent`]).
+    pub fn take_tcp_events(&mut self, out: &mut Vec<TcpEvent>) {
+        self.turn.take_tcp_events(out);
+    }
+
     fn dispatch(
         &mut self,
         now: Now,
@@ -332,6 +385,7 @@ impl Server {
         // Binding answers as from the listen socket; TURN keys the client by its connection.
         let binding_d = Datagram {
             socket,
+            stream: transport == Transport::Tcp,
             from,
             start,
             len,
@@ -402,7 +456,9 @@ impl Server {
                 stun::method::ALLOCATE
                 | stun::method::REFRESH
                 | stun::method::CREATE_PERMISSION
-                | stun::method::CHANNEL_BIND,
+                | stun::method::CHANNEL_BIND
+                | stun::method::CONNECT
+                | stun::method::CONNECTION_BIND,
             ) => self.turn.on_request(&mut cx, d, buf),
             (Class::Request | Class::Indication, _) => {
                 cx.stats.incr(Counter::DropUnknownMethod);

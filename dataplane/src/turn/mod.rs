@@ -17,6 +17,7 @@ pub mod random;
 pub mod ratelimit;
 mod requests;
 pub mod settings;
+pub mod tcp_relay;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -32,7 +33,8 @@ use crate::server::{Action, Now, Stats};
 use crate::stun::{self, attr};
 use allocation::{Allocation, Table};
 use random::Random;
-pub use settings::{DefaultRoutes, TurnSettings};
+pub use settings::{DefaultRoutes, StreamLimits, TurnSettings};
+pub use tcp_relay::{TcpEvent, TcpRelays};
 
 /// Channel numbers accepted in ChannelBind and in ChannelData. RFC 8656 allows
 /// 0x4000-0x4FFF; RFC 5766 (§11) allowed the whole 0x4000-0x7FFF, and clients of that era
@@ -58,8 +60,22 @@ pub trait RelayIo {
     fn adopt(&mut self, reserved: Reserved, dont_fragment: bool) -> io::Result<usize>;
     /// Closes a reserved socket nobody redeemed.
     fn release(&mut self, reserved: Reserved);
-    /// Stops receiving on a relay socket and closes it.
+    /// Stops receiving on a relay socket and closes it (also a TCP relay's listener or
+    /// data connection; closing a bound data connection closes its client side too).
     fn close(&mut self, socket: usize);
+    /// RFC 6062: binds a listening TCP socket to `addr` for a TCP allocation; returns its
+    /// socket index. Drivers without TCP relays refuse.
+    fn listen_tcp(&mut self, addr: SocketAddr) -> io::Result<usize> {
+        let _ = addr;
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    /// RFC 6062: starts a TCP connection to `peer` from the address of TCP relay `relay`;
+    /// returns the data connection's socket index. The driver reports the outcome with
+    /// [`Turn::tcp_connected`].
+    fn connect_tcp(&mut self, relay: usize, peer: SocketAddr) -> io::Result<usize> {
+        let _ = (relay, peer);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
 }
 
 /// Where the core lists its allocations so the control plane can show them, and where it
@@ -229,6 +245,8 @@ pub struct Ctx<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Datagram {
     pub socket: usize,
+    /// Came over a stream connection (TCP or TLS), where `socket` names the connection.
+    pub stream: bool,
     pub from: SocketAddr,
     pub start: usize,
     pub len: usize,
@@ -248,11 +266,15 @@ pub struct Turn {
     pub first_relay_socket: usize,
     pub(crate) control: ControlPlane,
     kills: Vec<u64>,
+    /// Scratch list of slots (timers due, traffic touched), kept to reuse its memory.
+    due: Vec<usize>,
     last_control: Option<Instant>,
     blacklist_seen: u64,
     /// Set when the configuration changed: permissions and channels are checked against the
     /// (possibly narrower) peer policy at the next sweep.
     pub recheck_peers: bool,
+    /// RFC 6062 data connections.
+    tcp: TcpRelays,
 }
 
 impl Turn {
@@ -275,9 +297,11 @@ impl Turn {
             first_relay_socket,
             control,
             kills: Vec::new(),
+            due: Vec::new(),
             last_control: None,
             blacklist_seen: 0,
             recheck_peers: false,
+            tcp: TcpRelays::default(),
         }
     }
 
@@ -329,7 +353,9 @@ impl Turn {
             cx.stats.incr(Counter::DropNoChannel);
             return Action::Drop;
         };
-        to_peer(a, cx, d.start + 4, len, peer, socket)
+        let action = to_peer(a, cx, d.start + 4, len, peer, socket);
+        self.table.touch(slot);
+        action
     }
 
     /// A Send indication (RFC 8656 §11.2): DATA goes to XOR-PEER-ADDRESS if permitted.
@@ -377,7 +403,9 @@ impl Turn {
             cx.stats.incr(Counter::DropNoPermission);
             return Action::Drop;
         };
-        to_peer(a, cx, d.start + off, len, peer, socket)
+        let action = to_peer(a, cx, d.start + off, len, peer, socket);
+        self.table.touch(slot);
+        action
     }
 
     /// A datagram from a peer on a relay socket: to the client as ChannelData when a
@@ -418,13 +446,15 @@ impl Turn {
         };
         a.traffic.packets_to_client += 1;
         a.traffic.bytes_to_client += d.len as u64;
+        let (socket, to) = (a.listen_socket, a.client);
+        self.table.touch(slot);
         stats.incr(Counter::RelayPeerToClientPackets);
         stats.add(Counter::RelayPeerToClientBytes, d.len as u64);
         Action::Send {
             offset,
             len: total,
-            socket: a.listen_socket,
-            to: a.client,
+            socket,
+            to,
         }
     }
 
@@ -437,6 +467,8 @@ impl Turn {
 
     /// Ends an allocation: closes its relay socket and gives back its quota.
     fn end(&mut self, cx: &mut Ctx<'_>, slot: usize, reason: Counter) -> Option<Allocation> {
+        let a = self.table.get(slot).map(|a| a.id)?;
+        self.tcp_end(cx, slot, a);
         let a = self.table.remove(slot)?;
         for r in a.relays() {
             cx.io.close(r.socket);
@@ -470,6 +502,7 @@ impl Turn {
             self.recheck_peers = false;
             self.drop_refused_peers(cx);
         }
+        self.tcp_sweep(cx);
         // Control-plane requests are looked at every 50 ms, not every loop turn: under load a
         // turn is one datagram, and scanning the request slots each time cost more than the
         // packet itself.
@@ -484,8 +517,7 @@ impl Turn {
         self.control.allocations.deletes(&mut self.kills);
         for i in 0..self.kills.len() {
             let id = self.kills[i];
-            let slot = self.table.slots().find(|(_, a)| a.id == id).map(|(s, _)| s);
-            if let Some(slot) = slot {
+            if let Some(slot) = self.table.by_id(id) {
                 self.end(cx, slot, Counter::TurnAllocationsDeleted);
                 self.control.allocations.deleted(id);
             }
@@ -513,29 +545,35 @@ impl Turn {
             return;
         }
         self.last_sweep = Some(now.mono);
-        let expired: Vec<usize> = self
-            .table
-            .slots()
-            .filter(|(_, a)| a.expires <= now.mono)
-            .map(|(i, _)| i)
-            .collect();
-        for slot in expired {
-            self.end(cx, slot, Counter::TurnAllocationsExpired);
-        }
-        for slot in 0..self.table.slot_count() {
-            if let Some(a) = self.table.get_mut(slot) {
-                let p = a.permissions.len();
-                a.permissions.retain(|p| p.expires > now.mono);
-                let c = a.channels.len();
-                a.channels.retain(|c| c.expires > now.mono);
-                cx.stats.sub(
-                    Counter::TurnPermissionsActive,
-                    (p - a.permissions.len()) as u64,
-                );
-                cx.stats
-                    .sub(Counter::TurnChannelsActive, (c - a.channels.len()) as u64);
+        // Only the allocations whose next deadline passed (the timer wheel): expiry costs
+        // per expiring allocation, permission or channel, never a walk of the table.
+        self.due.clear();
+        self.table.due(now.mono, &mut self.due);
+        for i in 0..self.due.len() {
+            let slot = self.due[i];
+            let Some(a) = self.table.get_mut(slot) else {
+                continue;
+            };
+            if a.expires <= now.mono {
+                self.end(cx, slot, Counter::TurnAllocationsExpired);
+                continue;
             }
-            // Traffic figures and counts for the API, once a second.
+            let (p, c) = (a.permissions.len(), a.channels.len());
+            a.permissions.retain(|p| p.expires > now.mono);
+            a.channels.retain(|c| c.expires > now.mono);
+            let (gone_p, gone_c) = (p - a.permissions.len(), c - a.channels.len());
+            cx.stats.sub(Counter::TurnPermissionsActive, gone_p as u64);
+            cx.stats.sub(Counter::TurnChannelsActive, gone_c as u64);
+            if gone_p + gone_c > 0 {
+                self.table.touch(slot);
+            }
+            self.table.reschedule(slot);
+        }
+        // Traffic figures and counts for the API, once a second, of the allocations whose
+        // figures moved.
+        self.due.clear();
+        self.table.take_touched(&mut self.due);
+        for &slot in &self.due {
             if let Some(a) = self.table.get(slot) {
                 self.control.allocations.publish(a, now);
             }

@@ -15,12 +15,14 @@ use super::allocation::{
 };
 use super::auth::{AuthError, Authed, Integrity, NONCE_BYTES};
 use super::policy::{self, Denied};
+use super::tcp_relay::Refusal;
 use super::{Ctx, Datagram, Reservation, Turn, TurnSettings};
 use crate::server::{Action, Now, Stats};
 use crate::stun::{attr, method, Class, Message, MessageWriter};
 
 const MAX_PEERS: usize = 8;
 const UDP: u8 = 17;
+const TCP: u8 = 6;
 const FAMILY_V4: u8 = 0x01;
 const FAMILY_V6: u8 = 0x02;
 /// How long an EVEN-PORT reservation is held (RFC 8656 §7.2 suggests about 30 s).
@@ -41,6 +43,7 @@ struct Req {
     family: Option<u8>,
     additional_family: Option<u8>,
     channel: Option<u16>,
+    connection_id: Option<u32>,
     peers: [Option<SocketAddr>; MAX_PEERS],
     n_peers: usize,
 }
@@ -61,6 +64,7 @@ impl Req {
             family: None,
             additional_family: None,
             channel: None,
+            connection_id: None,
             peers: [None; MAX_PEERS],
             n_peers: 0,
         };
@@ -95,6 +99,10 @@ impl Req {
                 },
                 attr::CHANNEL_NUMBER => match attr::decode_channel_number(a.value) {
                     Ok(c) => r.channel = Some(c),
+                    Err(_) => r.malformed = true,
+                },
+                attr::CONNECTION_ID => match attr::decode_u32(a.value) {
+                    Ok(c) => r.connection_id = Some(c),
                     Err(_) => r.malformed = true,
                 },
                 attr::XOR_PEER_ADDRESS => match attr::decode_xor_address(a.value, &tid) {
@@ -140,6 +148,8 @@ enum Success {
         lifetime: u32,
     },
     Empty,
+    /// Answered later (a Connect waits for the peer's TCP handshake).
+    Deferred,
 }
 
 /// An error response: code and reason phrase.
@@ -153,6 +163,8 @@ const WRONG_CREDENTIALS: Failure = Failure(441, "Wrong Credentials");
 const UNSUPPORTED_TRANSPORT: Failure = Failure(442, "Unsupported Transport Protocol");
 const FAMILY_NOT_SUPPORTED: Failure = Failure(440, "Address Family not Supported");
 const FAMILY_MISMATCH: Failure = Failure(443, "Peer Address Family Mismatch");
+const CONNECTION_EXISTS: Failure = Failure(446, "Connection Already Exists");
+const CONNECTION_FAILURE: Failure = Failure(447, "Connection Timeout or Failure");
 const QUOTA: Failure = Failure(486, "Allocation Quota Reached");
 const CAPACITY: Failure = Failure(508, "Insufficient Capacity");
 /// The box is full and `turn.alternate_servers` names another (RFC 8656 §7.2, RFC 8489 §10).
@@ -236,10 +248,14 @@ impl Turn {
                 method::REFRESH => self.refresh(cx, &req, &authed, d),
                 method::CREATE_PERMISSION => self.create_permission(cx, &req, &authed, d),
                 method::CHANNEL_BIND => self.channel_bind(cx, &req, &authed, d),
+                method::CONNECT => self.connect(cx, &req, &authed, d),
+                method::CONNECTION_BIND => self.connection_bind(cx, &req, &authed, d),
                 _ => Err(BAD_REQUEST),
             }
         };
         match result {
+            // Counted when it is answered.
+            Ok(Success::Deferred) => Action::Drop,
             Ok(success) => {
                 cx.stats.incr(Counter::TurnRequestsOk);
                 write_success(cx.software, &req, d, buf, &success, &authed)
@@ -307,11 +323,24 @@ impl Turn {
                 _ => Err(MISMATCH),
             };
         }
-        match req.transport {
+        let tcp = match req.transport {
             None => return Err(BAD_REQUEST),
-            Some(UDP) => {}
+            Some(UDP) => false,
+            // RFC 6062 §5.1: only over a TCP or TLS connection, and without the attributes
+            // that only mean something for UDP relays (a dual allocation too: one listener).
+            Some(TCP) => {
+                if !d.stream
+                    || req.dont_fragment
+                    || req.even_port.is_some()
+                    || req.token.is_some()
+                    || req.additional_family.is_some()
+                {
+                    return Err(BAD_REQUEST);
+                }
+                true
+            }
             Some(_) => return Err(UNSUPPORTED_TRANSPORT),
-        }
+        };
         // RFC 8656 §7.2: a reservation is one socket of one family, so RESERVATION-TOKEN
         // goes with neither EVEN-PORT nor a family attribute; ADDITIONAL-ADDRESS-FAMILY may
         // only name IPv6 (the IPv4 relay being the default) and never comes with
@@ -363,7 +392,7 @@ impl Turn {
             cx.stats.incr(Counter::TurnQuotaRejected);
             return Err(QUOTA);
         }
-        let opened = self.open_relay(cx, req, v4, true);
+        let opened = self.open_relay(cx, req, v4, true, tcp);
         let (socket, local, token) = match opened {
             Ok(x) => x,
             Err(f) => {
@@ -391,7 +420,7 @@ impl Turn {
         } else if s.relay_ip(false).is_none() {
             (None, Some(FAMILY_NOT_SUPPORTED))
         } else {
-            match self.open_relay(cx, req, false, false) {
+            match self.open_relay(cx, req, false, false, false) {
                 Ok((socket, local, _)) => {
                     let public = s.public_address(local);
                     (
@@ -414,6 +443,7 @@ impl Turn {
             listen_socket: d.socket,
             relay,
             second,
+            tcp,
             family_error: family_error.map(|f| f.0),
             created: now.mono,
             expires: now.mono + lifetime,
@@ -473,6 +503,7 @@ impl Turn {
         req: &Req,
         v4: bool,
         first: bool,
+        tcp: bool,
     ) -> Result<(usize, SocketAddr, Option<[u8; 8]>), Failure> {
         let (s, now, io) = (cx.settings, cx.now, &mut *cx.io);
         let even_port = if first { req.even_port } else { None };
@@ -490,11 +521,20 @@ impl Turn {
                 .map_err(|_| CAPACITY)?;
             return Ok((socket, addr, None));
         }
-        let ip = s.relay_ip(v4).ok_or(FAMILY_NOT_SUPPORTED)?;
+        let ips = s.relay_ip_count(v4) as u32;
+        if ips == 0 {
+            return Err(FAMILY_NOT_SUPPORTED);
+        }
         let (low, high) = (s.ports.low(), s.ports.high());
         let span = u32::from(high - low) + 1;
         for _ in 0..PORT_TRIES {
-            let mut port = (u32::from(low) + self.random.next_u32() % span) as u16;
+            // A random port of a random relay address of the family: the addresses share
+            // the allocations evenly, each with the whole range.
+            let r = self.random.next_u32();
+            let Some(ip) = s.relay_ip_nth(v4, ((r / span) % ips) as usize) else {
+                return Err(FAMILY_NOT_SUPPORTED);
+            };
+            let mut port = (u32::from(low) + r % span) as u16;
             if even_port.is_some() {
                 port &= !1;
                 if port < low || port.checked_add(1).is_none_or(|p| p > high) {
@@ -511,7 +551,12 @@ impl Turn {
             } else {
                 None
             };
-            let Ok(socket) = io.open(addr, req.dont_fragment) else {
+            let opened = if tcp {
+                io.listen_tcp(addr)
+            } else {
+                io.open(addr, req.dont_fragment)
+            };
+            let Ok(socket) = opened else {
                 if let Some(r) = odd {
                     io.release(r);
                 }
@@ -584,6 +629,9 @@ impl Turn {
         if let Some(a) = self.table.get_mut(slot) {
             a.expires = now.mono + lifetime;
         }
+        // A shorter lifetime than before moves the timer forward; a longer one leaves it,
+        // and the earlier timer reschedules when it fires.
+        self.table.schedule_earlier(slot, now.mono + lifetime);
         if let Some(a) = self.table.get(slot) {
             self.control.allocations.publish(a, now);
         }
@@ -669,6 +717,8 @@ impl Turn {
             Self::permit(s, a, ip, now, stats)?;
         }
         self.control.allocations.publish(a, now);
+        self.table
+            .schedule_earlier(slot, now.mono + PERMISSION_LIFETIME);
         Ok(Success::Empty)
     }
 
@@ -716,7 +766,70 @@ impl Turn {
         }
         Self::permit(s, a, peer.ip(), now, stats)?;
         self.control.allocations.publish(a, now);
+        // The permission (300 s) expires before the channel (600 s).
+        self.table
+            .schedule_earlier(slot, now.mono + PERMISSION_LIFETIME);
         Ok(Success::Empty)
+    }
+}
+
+impl Turn {
+    /// Connect (RFC 6062 §5.2): to XOR-PEER-ADDRESS, which must pass the peer policy and
+    /// have a permission. The answer waits for the TCP handshake.
+    fn connect(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        req: &Req,
+        authed: &Authed,
+        d: Datagram,
+    ) -> Result<Success, Failure> {
+        if !d.stream {
+            return Err(BAD_REQUEST);
+        }
+        let slot = self.own_allocation(d, authed)?;
+        let a = self.table.get(slot).ok_or(MISMATCH)?;
+        let (Some(peer), 1) = (req.peers[0], req.n_peers) else {
+            return Err(BAD_REQUEST);
+        };
+        if !a.tcp {
+            return Err(BAD_REQUEST);
+        }
+        let peer = Self::check_peer(cx.settings, a, peer, cx.stats)?;
+        self.tcp_connect(cx, slot, peer, req.tid)
+            .map(|()| Success::Deferred)
+            .map_err(refusal)
+    }
+
+    /// ConnectionBind (RFC 6062 §5.4), on a new connection of the client: it becomes the
+    /// data connection of CONNECTION-ID.
+    fn connection_bind(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        req: &Req,
+        authed: &Authed,
+        d: Datagram,
+    ) -> Result<Success, Failure> {
+        let Some(id) = req.connection_id.filter(|_| d.stream) else {
+            return Err(BAD_REQUEST);
+        };
+        // A control connection cannot become a data connection.
+        if self.table.by_client(d.from, d.socket).is_some() {
+            return Err(BAD_REQUEST);
+        }
+        self.tcp_bind(cx, id, d.socket, &authed.username)
+            .map(|()| Success::Empty)
+            .map_err(refusal)
+    }
+}
+
+fn refusal(r: Refusal) -> Failure {
+    match r {
+        Refusal::BadRequest => BAD_REQUEST,
+        Refusal::Forbidden => FORBIDDEN,
+        Refusal::Exists => CONNECTION_EXISTS,
+        Refusal::Failure => CONNECTION_FAILURE,
+        Refusal::Capacity => CAPACITY,
+        Refusal::WrongCredentials => WRONG_CREDENTIALS,
     }
 }
 
@@ -792,7 +905,7 @@ fn write_success(
                 }
             }
             Success::Refresh { lifetime } => w.add_u32(attr::LIFETIME, lifetime).ok()?,
-            Success::Empty => {}
+            Success::Empty | Success::Deferred => {}
         }
         seal(w, software, Some(authed))
     })();

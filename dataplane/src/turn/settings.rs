@@ -14,6 +14,9 @@ pub struct TurnSettings {
     /// Address relay sockets bind to, per family.
     pub relay_v4: Option<IpAddr>,
     pub relay_v6: Option<IpAddr>,
+    /// The further `turn.relay_ip` addresses of either family, after `relay_v4`/`relay_v6`:
+    /// relays are spread over all addresses of their family, each with the whole port range.
+    pub relay_more: Vec<IpAddr>,
     /// Advertised relay address when a static NAT map sits in front (same family only).
     pub external_ip: Option<IpAddr>,
     pub ports: PortRange,
@@ -27,6 +30,45 @@ pub struct TurnSettings {
     pub error_rate: u32,
     /// Other boxes a full box sends clients to (300 Try Alternate), in configuration order.
     pub alternate_servers: Vec<SocketAddr>,
+    /// TURN over TCP and TLS: the stream driver's limits and the RFC 6062 bound.
+    pub stream: StreamLimits,
+}
+
+/// Bounds of TURN over TCP and TLS (`turn.tcp_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Client connections in total; fixed when the stream thread starts (it sizes the
+    /// socket index space).
+    pub max_connections: usize,
+    pub per_source: usize,
+    /// Time for the TLS handshake and the first complete message.
+    pub first_message: Duration,
+    pub idle: Duration,
+    /// Bytes queued for a connection that does not read fast enough (and per direction of
+    /// an RFC 6062 data connection).
+    pub max_output: usize,
+    /// RFC 6062 data connections per TCP allocation.
+    pub relay_connections: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> StreamLimits {
+        StreamLimits::from_config(&Config::default())
+    }
+}
+
+impl StreamLimits {
+    pub fn from_config(config: &Config) -> StreamLimits {
+        let t = &config.turn;
+        StreamLimits {
+            max_connections: t.tcp_max_connections,
+            per_source: t.tcp_max_connections_per_source,
+            first_message: t.tcp_handshake_timeout.get(),
+            idle: t.tcp_idle_timeout.get(),
+            max_output: t.tcp_output_buffer,
+            relay_connections: t.tcp_relay_connections,
+        }
+    }
 }
 
 /// The source address of each family's default route, as the runtime found it (the core
@@ -74,9 +116,16 @@ impl TurnSettings {
         let relay_v4 = pick_relay(config, routes, true);
         let relay_v6 = pick_relay(config, routes, false);
         let ports = t.relay_ports;
+        let relay_more: Vec<IpAddr> = t
+            .relay_ip
+            .iter()
+            .filter(|ip| Some(**ip) != relay_v4 && Some(**ip) != relay_v6)
+            .copied()
+            .collect();
         let mut own: Vec<IpAddr> = [relay_v4, relay_v6, t.external_ip]
             .into_iter()
             .flatten()
+            .chain(relay_more.iter().copied())
             .collect();
         own.dedup();
         TurnSettings {
@@ -89,6 +138,7 @@ impl TurnSettings {
             ),
             relay_v4,
             relay_v6,
+            relay_more,
             external_ip: t.external_ip,
             ports,
             default_lifetime: t.default_lifetime.get(),
@@ -100,6 +150,7 @@ impl TurnSettings {
             max_bandwidth: t.max_bandwidth,
             error_rate: t.error_rate,
             alternate_servers: t.alternate_servers.clone(),
+            stream: StreamLimits::from_config(config),
         }
     }
 
@@ -108,6 +159,33 @@ impl TurnSettings {
             self.relay_v4
         } else {
             self.relay_v6
+        }
+    }
+
+    /// How many relay addresses a family has (each with the whole port range).
+    pub fn relay_ip_count(&self, v4: bool) -> usize {
+        match self.relay_ip(v4) {
+            None => 0,
+            Some(_) => {
+                1 + self
+                    .relay_more
+                    .iter()
+                    .filter(|ip| ip.is_ipv4() == v4)
+                    .count()
+            }
+        }
+    }
+
+    /// The `n`th relay address of a family (`n` below [`TurnSettings::relay_ip_count`]).
+    pub fn relay_ip_nth(&self, v4: bool, n: usize) -> Option<IpAddr> {
+        match n {
+            0 => self.relay_ip(v4),
+            n => self
+                .relay_more
+                .iter()
+                .filter(|ip| ip.is_ipv4() == v4)
+                .nth(n - 1)
+                .copied(),
         }
     }
 

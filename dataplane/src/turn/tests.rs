@@ -88,6 +88,9 @@ struct FakeIo {
     fail_all: bool,
     /// Every IPv6 bind fails (a dual allocation's second relay cannot be had).
     fail_v6: bool,
+    /// RFC 6062: listeners opened, and outgoing connections started (socket, peer).
+    tcp_listeners: Vec<(usize, SocketAddr)>,
+    connects: Vec<(usize, SocketAddr)>,
 }
 
 impl FakeIo {
@@ -148,6 +151,24 @@ impl RelayIo for FakeIo {
             .remove(&reserved)
             .unwrap_or_else(|| panic!("the core released {reserved:?}, which is not held"));
         self.released.push(addr);
+    }
+
+    fn listen_tcp(&mut self, addr: SocketAddr) -> io::Result<usize> {
+        let i = self.open(addr, false)?;
+        self.tcp_listeners.push((i, addr));
+        Ok(i)
+    }
+
+    fn connect_tcp(&mut self, relay: usize, peer: SocketAddr) -> io::Result<usize> {
+        assert!(
+            self.tcp_listeners.iter().any(|(i, _)| *i == relay),
+            "a connection from {relay}, which is not a TCP relay"
+        );
+        let i = self.next;
+        self.next += 1;
+        self.live.insert(i, peer);
+        self.connects.push((i, peer));
+        Ok(i)
     }
 
     fn close(&mut self, socket: usize) {
@@ -392,6 +413,41 @@ impl H {
         }
     }
 
+    /// A message framed from stream connection `conn` (TCP), as the stream driver hands it.
+    fn recv_stream(&mut self, conn: usize, from: SocketAddr, msg: &[u8]) -> Option<Out> {
+        let mut buf = vec![0xEEu8; BUF];
+        buf[HEADROOM..HEADROOM + msg.len()].copy_from_slice(msg);
+        let now = self.now();
+        let rx = Received {
+            transport: Transport::Tcp,
+            socket: LISTEN4,
+            from,
+            buf: &mut buf,
+            start: HEADROOM,
+            len: msg.len(),
+        };
+        match self.server.handle_stream(now, &mut self.io, rx, conn) {
+            Action::Drop => None,
+            Action::Send {
+                offset,
+                len,
+                socket,
+                to,
+            } => Some(Out {
+                bytes: buf[offset..offset + len].to_vec(),
+                offset,
+                socket,
+                to,
+            }),
+        }
+    }
+
+    fn tcp_events(&mut self) -> Vec<crate::turn::TcpEvent> {
+        let mut v = Vec::new();
+        self.server.take_tcp_events(&mut v);
+        v
+    }
+
     /// A datagram from `peer` arriving on relay socket `relay`.
     fn peer_sends(&mut self, relay: usize, peer: SocketAddr, data: &[u8]) -> Option<Out> {
         self.recv(relay, peer, data)
@@ -440,6 +496,8 @@ struct Client {
     realm: Option<Vec<u8>>,
     nonce: Option<Vec<u8>>,
     algorithms: Option<Vec<u8>>,
+    /// Over a stream connection of this index (else UDP on `socket`).
+    conn: Option<usize>,
 }
 
 fn new_tid() -> [u8; 12] {
@@ -461,7 +519,14 @@ impl Client {
             realm: None,
             nonce: None,
             algorithms: None,
+            conn: None,
         }
+    }
+
+    /// The same client over stream connection `conn` (the stream driver's index for it).
+    fn over_stream(mut self, conn: usize) -> Client {
+        self.conn = Some(conn);
+        self
     }
 
     fn auth(mut self, auth: Auth) -> Client {
@@ -523,7 +588,10 @@ impl Client {
 
     /// Sends one request as is; the raw answer.
     fn send_raw(&self, h: &mut H, bytes: &[u8]) -> Option<Out> {
-        h.recv(self.socket, self.addr, bytes)
+        match self.conn {
+            Some(conn) => h.recv_stream(conn, self.addr, bytes),
+            None => h.recv(self.socket, self.addr, bytes),
+        }
     }
 
     /// A request with credentials: the 401 round trip first if no nonce is known yet, and
@@ -537,7 +605,7 @@ impl Client {
                 .send_raw(h, &req)
                 .unwrap_or_else(|| panic!("no answer to method {method:#x}"));
             assert_eq!(r.to, self.addr);
-            assert_eq!(r.socket, self.socket);
+            assert_eq!(r.socket, self.conn.unwrap_or(self.socket));
             assert_eq!(
                 r.offset, 0,
                 "responses are written at the start of the buffer"
@@ -894,11 +962,17 @@ fn allocate_without_requested_transport_is_400() {
 }
 
 #[test]
-fn allocate_for_tcp_is_442() {
+fn allocate_for_tcp_over_udp_is_400_and_other_transports_442() {
     let mut h = H::new();
     let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+    // RFC 6062 §5.1: a TCP relay is only for a client over TCP or TLS.
     let r = c.allocate_with(&mut h, &|w| {
         w.add_attribute(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0])
+            .unwrap();
+    });
+    r.expect_error(400);
+    let r = c.allocate_with(&mut h, &|w| {
+        w.add_attribute(attr::REQUESTED_TRANSPORT, &[132, 0, 0, 0])
             .unwrap();
     });
     r.expect_error(442);
@@ -2629,4 +2703,238 @@ fn relay_ports_and_tokens_come_from_the_drivers_seed() {
     assert_eq!(run(1), run(1));
     let (a, b) = (run(1), run(2));
     assert_ne!(a.1, b.1, "another seed, another token");
+}
+
+// ---------------------------------------------------------------------------------------
+// RFC 6062 TCP relays (the core's part; the sockets are the stream driver's)
+// ---------------------------------------------------------------------------------------
+
+fn tcp(w: &mut MessageWriter<'_>) {
+    w.add_attribute(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0])
+        .unwrap();
+}
+
+fn peer_attr(peer: SocketAddr) -> impl Fn(&mut MessageWriter<'_>) {
+    move |w| w.add_xor_address(attr::XOR_PEER_ADDRESS, peer).unwrap()
+}
+
+/// The Connect answer the core queued for the control connection `conn`.
+fn connect_answer(h: &mut H, conn: usize) -> Vec<u8> {
+    let events = h.tcp_events();
+    events
+        .into_iter()
+        .find_map(|e| match e {
+            crate::turn::TcpEvent::Message { conn: c, bytes, .. } if c == conn => Some(bytes),
+            _ => None,
+        })
+        .expect("a queued Connect answer")
+}
+
+#[test]
+fn tcp_relay_connect_waits_for_the_handshake_and_unbound_connections_time_out() {
+    let mut h = H::new();
+    let mut c = h
+        .client("198.51.100.7:5000", "alice", "secret")
+        .over_stream(10_000);
+    let r = c.allocate_with(&mut h, &tcp);
+    assert!(r.is_success(), "{:?}", r.code());
+    assert_eq!(h.io.tcp_listeners.len(), 1, "the relay is a TCP listener");
+    // Permission first (403 without), then the TCP connection starts; no answer yet.
+    c.request(&mut h, method::CONNECT, &peer_attr(sa(PEER1)))
+        .expect_error(403);
+    c.permit(&mut h, &[sa(PEER1)]);
+    let req = c.build(method::CONNECT, &new_tid(), &peer_attr(sa(PEER1)));
+    assert!(
+        c.send_raw(&mut h, &req).is_none(),
+        "answered after the handshake"
+    );
+    let (sock, peer) = h.io.connects[0];
+    assert_eq!(peer, sa(PEER1));
+    // The handshake ends: success with CONNECTION-ID, signed with the allocation's key.
+    let now = h.now();
+    h.server.tcp_connected(now, &mut h.io, sock, true);
+    let bytes = connect_answer(&mut h, 10_000);
+    let m = stun::Message::parse(&bytes).expect("a STUN message");
+    assert_eq!(m.class(), Class::SuccessResponse);
+    stun::verify_message_integrity(&m, &c.key()).expect("MESSAGE-INTEGRITY");
+    assert!(m.attributes().any(|a| a.typ == attr::CONNECTION_ID));
+    // Nobody binds it: closed after 30 s, counted.
+    h.advance_and_tick(29);
+    assert!(h.io.live.contains_key(&sock));
+    h.advance_and_tick(2);
+    assert!(h.io.closed.contains(&sock));
+    assert_eq!(h.stat(Counter::TcpRelayClosedUnbound), 1);
+
+    // A handshake that never ends: 447 after 30 s, and the socket closed.
+    let req = c.build(method::CONNECT, &new_tid(), &peer_attr(sa(PEER1)));
+    assert!(c.send_raw(&mut h, &req).is_none());
+    let (sock2, _) = h.io.connects[1];
+    h.advance_and_tick(31);
+    assert!(h.io.closed.contains(&sock2));
+    let bytes = connect_answer(&mut h, 10_000);
+    let m = stun::Message::parse(&bytes).expect("a STUN message");
+    assert_eq!(m.class(), Class::ErrorResponse);
+    let code = m
+        .get(attr::ERROR_CODE)
+        .map(|v| attr::decode_error_code(v).unwrap().0);
+    assert_eq!(code, Some(447));
+    assert_eq!(h.stat(Counter::TcpRelayConnectFailed), 1);
+}
+
+#[test]
+fn tcp_relay_refusals_and_data_connections_end_with_the_allocation() {
+    let mut h = H::new();
+    let mut c = h
+        .client("198.51.100.7:5000", "alice", "secret")
+        .over_stream(10_000);
+    // Attributes only UDP relays know: 400.
+    c.allocate_with(&mut h, &|w| {
+        tcp(w);
+        w.add_attribute(attr::EVEN_PORT, &[0x80]).unwrap();
+    })
+    .expect_error(400);
+    let r = c.allocate_with(&mut h, &tcp);
+    assert!(r.is_success());
+    let (listener, _) = h.io.tcp_listeners[0];
+    // Connect on a UDP allocation: 400.
+    let mut u = h.client("198.51.100.8:5000", "alice", "secret");
+    u.allocate(&mut h);
+    u.permit(&mut h, &[sa(PEER1)]);
+    u.request(&mut h, method::CONNECT, &peer_attr(sa(PEER1)))
+        .expect_error(400);
+    // A peer without a permission is refused; with one, the client is told.
+    let now = h.now();
+    assert!(!h
+        .server
+        .tcp_accepted(now, &mut h.io, listener, sa(PEER1), 7777));
+    assert_eq!(h.stat(Counter::TcpRelayRefused), 1);
+    c.permit(&mut h, &[sa(PEER1)]);
+    assert!(h
+        .server
+        .tcp_accepted(now, &mut h.io, listener, sa(PEER1), 7777));
+    let events = h.tcp_events();
+    let Some(crate::turn::TcpEvent::Message { bytes, conn, .. }) = events.first() else {
+        panic!("no ConnectionAttempt: {events:?}");
+    };
+    assert_eq!(*conn, 10_000);
+    let m = stun::Message::parse(bytes).unwrap();
+    assert_eq!(m.class(), Class::Indication);
+    assert_eq!(m.method(), method::CONNECTION_ATTEMPT);
+    let id = m
+        .attributes()
+        .find(|a| a.typ == attr::CONNECTION_ID)
+        .map(|a| u32::from_be_bytes(a.value.try_into().unwrap()))
+        .unwrap();
+    // ConnectionBind: by another user 441, over UDP 400, then on a new connection.
+    let bind = move |w: &mut MessageWriter<'_>| w.add_u32(attr::CONNECTION_ID, id).unwrap();
+    let mut bob = h
+        .client("198.51.100.7:5002", "bob", "hunter2")
+        .over_stream(10_002);
+    bob.request(&mut h, method::CONNECTION_BIND, &bind)
+        .expect_error(441);
+    let mut over_udp = h.client("198.51.100.7:5003", "alice", "secret");
+    over_udp
+        .request(&mut h, method::CONNECTION_BIND, &bind)
+        .expect_error(400);
+    let mut d = h
+        .client("198.51.100.7:5001", "alice", "secret")
+        .over_stream(10_001);
+    let r = d.request(&mut h, method::CONNECTION_BIND, &bind);
+    assert!(r.is_success(), "{:?}", r.code());
+    assert_eq!(
+        h.tcp_events(),
+        vec![crate::turn::TcpEvent::Pipe {
+            conn: 10_001,
+            peer: 7777
+        }]
+    );
+    // Bound: no timeout any more.
+    h.advance_and_tick(40);
+    assert_eq!(h.stat(Counter::TcpRelayClosedUnbound), 0);
+    // The control connection closes: the allocation, its listener and the data connection
+    // end.
+    h.io.live.insert(7777, sa(PEER1));
+    let now = h.now();
+    h.server
+        .stream_closed(now, &mut h.io, 10_000, sa("198.51.100.7:5000"));
+    assert!(h.io.closed.contains(&7777));
+    assert!(h.io.closed.contains(&listener));
+    assert_eq!(h.stat(Counter::TcpRelayClosedAllocation), 1);
+    assert!(h.server.turn().tcp_relays().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Scale: several relay addresses, timers
+// ---------------------------------------------------------------------------------------
+
+/// Several `turn.relay_ip` addresses of a family share out the relays (each has the whole
+/// port range, so the box holds more than one address's 64k ports); the address a relay is
+/// bound to is the one advertised.
+#[test]
+fn relays_spread_over_every_relay_ip_of_the_family() {
+    let mut h = H::with(|c| {
+        c.turn.relay_ip = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "::1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+    });
+    let mut seen = std::collections::BTreeMap::new();
+    for i in 0..60 {
+        let mut c = h.client(&format!("198.51.100.{}:5000", i + 1), "alice", "secret");
+        let r = c.allocate_with(&mut h, &udp);
+        assert!(r.is_success(), "{:?}", r.code());
+        let relayed = r.xor(attr::XOR_RELAYED_ADDRESS).unwrap();
+        let bound = h.io.opened.last().unwrap().1;
+        assert_eq!(bound, relayed);
+        *seen.entry(relayed.ip()).or_insert(0) += 1;
+    }
+    let v4: Vec<IpAddr> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), v4, "{seen:?}");
+    // Roughly even: 60 over 3 addresses, none starved.
+    assert!(seen.values().all(|n| *n >= 8), "{seen:?}");
+}
+
+/// A Refresh to a shorter lifetime than the allocation had must bring its expiry timer
+/// forward: the allocation ends at the new time, not at the old one.
+#[test]
+fn a_refresh_to_a_shorter_lifetime_expires_at_the_new_time() {
+    let mut h = H::new();
+    let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+    let r = c.allocate_with(&mut h, &|w| {
+        udp(w);
+        w.add_u32(attr::LIFETIME, 3600).unwrap();
+    });
+    assert!(r.is_success());
+    h.advance_and_tick(10);
+    let r = c.refresh(&mut h, Some(600));
+    assert!(r.is_success());
+    h.advance_and_tick(599);
+    assert_eq!(h.allocations(), 1);
+    h.advance_and_tick(2);
+    assert_eq!(h.allocations(), 0);
+    assert_eq!(h.stat(Counter::TurnAllocationsExpired), 1);
+}
+
+/// The control plane's delete of one allocation among many finds it by id.
+#[test]
+fn a_control_plane_delete_ends_the_allocation_with_that_id() {
+    let mut h = H::new();
+    let mut relays = Vec::new();
+    for i in 0..50 {
+        let mut c = h.client(&format!("198.51.100.{}:5000", i + 1), "alice", "secret");
+        relays.push(c.allocate(&mut h).1);
+    }
+    let (id, relay) = {
+        let t = h.server.turn().table();
+        let (_, a) = t.slots().nth(17).unwrap();
+        (a.id, a.relay.socket)
+    };
+    h.control.0.borrow_mut().deletes.push(id);
+    h.advance_and_tick(1);
+    assert_eq!(h.allocations(), 49);
+    assert_eq!(h.io.closed, vec![relay]);
+    assert!(h.server.turn().table().by_id(id).is_none());
 }

@@ -12,6 +12,7 @@ pub mod h323;
 pub mod http;
 pub mod ldap;
 pub mod sip;
+pub mod turn;
 
 use portico_shared::proxy_config::ServiceType;
 
