@@ -17,6 +17,8 @@
 //! * natmap.rs: a static NAT map reaches an internal endpoint.
 //! * ice.rs: ICE agents (aioice) connect directly where STUN suffices, fail behind two
 //!   symmetric NATs with STUN alone, and connect through Portico's TURN relay.
+//! * probe.rs (ignored until fixed): `portico probe` behind each NAT type; it concludes
+//!   FAILURE behind a symmetric NAT and misreads a restricted cone's filtering.
 //!
 //! Network namespaces need root. Where they cannot be created (not root, no `ip netns`),
 //! every test says so loudly on stderr and passes without running; anything else missing
@@ -46,6 +48,7 @@ use portico_testkit::TempDir;
 mod ice;
 mod media;
 mod natmap;
+mod probe;
 mod stun;
 mod turn;
 
