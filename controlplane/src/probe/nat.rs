@@ -99,7 +99,8 @@ fn answered(c: &mut Client, to: SocketAddr, flags: u8) -> Result<bool, Failure> 
 const CHANGE_IP: u8 = 0x04;
 const CHANGE_PORT: u8 = 0x02;
 
-/// Runs the RFC 5780 tests against `server` from a fresh UDP socket.
+/// Runs the RFC 5780 tests against `server` from fresh UDP sockets: one for the mapping
+/// tests, another for the filtering tests.
 pub fn classify(server: SocketAddr, timeout: Duration) -> Nat {
     match run(server, timeout) {
         Ok(n) => n,
@@ -144,9 +145,15 @@ fn run(server: SocketAddr, timeout: Duration) -> Result<Nat, Failure> {
             }
         }
     };
-    let filtering = if answered(&mut c, server, CHANGE_IP | CHANGE_PORT)? {
+    // The filtering tests need a mapping that has talked to the primary address only
+    // (RFC 5780 §4.4): the one above has sent to the alternate address, which opened the
+    // NAT's filter for it, so they run on a fresh socket after its own Test I.
+    let conn = Conn::udp(server).map_err(|e| Failure::wire(e, "Binding", 0.0))?;
+    let mut f = Client::new(conn, timeout);
+    binding(&mut f, server, None)?;
+    let filtering = if answered(&mut f, server, CHANGE_IP | CHANGE_PORT)? {
         Behaviour::EndpointIndependent
-    } else if answered(&mut c, server, CHANGE_PORT)? {
+    } else if answered(&mut f, server, CHANGE_PORT)? {
         Behaviour::AddressDependent
     } else {
         Behaviour::AddressAndPortDependent
