@@ -176,10 +176,14 @@ struct Session {
 
 /// Something received on the control connection that is not a response.
 pub enum Inbound {
-    /// Data from a peer (ChannelData or a Data indication): the data.
-    Data(Vec<u8>),
+    /// Data from a peer: the data, and for a Data indication the peer's address as the
+    /// relay saw it (XOR-PEER-ADDRESS; ChannelData does not carry one).
+    Data(Vec<u8>, Option<SocketAddr>),
     Other,
 }
+
+/// Peer data and, from a Data indication, the peer's address as the relay saw it.
+pub type PeerData = (Vec<u8>, Option<SocketAddr>);
 
 /// A STUN/TURN client on one connection.
 pub struct Client {
@@ -560,6 +564,12 @@ impl Client {
     /// The next peer data (ChannelData on [`CHANNEL`] or a Data indication) before
     /// `deadline`; `Ok(None)` when the time is up.
     pub fn recv_data(&mut self, deadline: Instant) -> Result<Option<Vec<u8>>, Failure> {
+        Ok(self.recv_peer_data(deadline)?.map(|(d, _)| d))
+    }
+
+    /// As [`Client::recv_data`], with the peer's address as the relay saw it when the data
+    /// came in a Data indication.
+    pub fn recv_peer_data(&mut self, deadline: Instant) -> Result<Option<PeerData>, Failure> {
         loop {
             let frame = if self.pending.is_empty() {
                 match self
@@ -574,8 +584,8 @@ impl Client {
             } else {
                 self.pending.remove(0)
             };
-            if let Inbound::Data(d) = decode_inbound(&frame) {
-                return Ok(Some(d));
+            if let Inbound::Data(d, peer) = decode_inbound(&frame) {
+                return Ok(Some((d, peer)));
             }
         }
     }
@@ -621,7 +631,7 @@ pub fn decode_inbound(frame: &[u8]) -> Inbound {
             let len = usize::from(u16::from_be_bytes([l0, l1]));
             if u16::from_be_bytes([c0, c1]) == CHANNEL {
                 if let Some(d) = frame.get(4..4 + len) {
-                    return Inbound::Data(d.to_vec());
+                    return Inbound::Data(d.to_vec(), None);
                 }
             }
             return Inbound::Other;
@@ -629,8 +639,11 @@ pub fn decode_inbound(frame: &[u8]) -> Inbound {
     }
     match Message::parse(frame) {
         Ok(m) if m.class() == Class::Indication && m.method() == method::DATA => {
+            let peer = m
+                .get(attr::XOR_PEER_ADDRESS)
+                .and_then(|v| attr::decode_xor_address(v, &m.transaction_id()).ok());
             match m.get(attr::DATA) {
-                Some(d) => Inbound::Data(d.to_vec()),
+                Some(d) => Inbound::Data(d.to_vec(), peer),
                 None => Inbound::Other,
             }
         }
@@ -656,5 +669,52 @@ fn peer_refusal(e: Failure, peer: SocketAddr) -> Failure {
             hint: format!("the relay cannot reach the family of peer {}", peer.ip()),
         },
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_indication(peer: Option<SocketAddr>, data: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; 256];
+        let mut w =
+            MessageWriter::new(&mut buf, Class::Indication, method::DATA, &[7; 12]).unwrap();
+        if let Some(p) = peer {
+            w.add_xor_address(attr::XOR_PEER_ADDRESS, p).unwrap();
+        }
+        w.add_attribute(attr::DATA, data).unwrap();
+        let n = w.finish();
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn data_indications_name_the_peer_channel_data_does_not() {
+        let peer: SocketAddr = "198.18.0.104:42450".parse().unwrap();
+        match decode_inbound(&data_indication(Some(peer), b"hi")) {
+            Inbound::Data(d, p) => assert_eq!((d.as_slice(), p), (&b"hi"[..], Some(peer))),
+            Inbound::Other => panic!("not data"),
+        }
+        let v6: SocketAddr = "[2001:db8::1]:9".parse().unwrap();
+        match decode_inbound(&data_indication(Some(v6), b"x")) {
+            Inbound::Data(_, p) => assert_eq!(p, Some(v6)),
+            Inbound::Other => panic!("not data"),
+        }
+        match decode_inbound(&data_indication(None, b"x")) {
+            Inbound::Data(_, p) => assert_eq!(p, None),
+            Inbound::Other => panic!("not data"),
+        }
+        let mut cd = CHANNEL.to_be_bytes().to_vec();
+        cd.extend_from_slice(&[0, 2, b'o', b'k']);
+        match decode_inbound(&cd) {
+            Inbound::Data(d, p) => assert_eq!((d.as_slice(), p), (&b"ok"[..], None)),
+            Inbound::Other => panic!("not data"),
+        }
+        // Another channel's data is not the probe's.
+        assert!(matches!(
+            decode_inbound(&[0x40, 0x01, 0, 1, 9]),
+            Inbound::Other
+        ));
     }
 }

@@ -35,6 +35,8 @@ const MAX_COUNT: u32 = 1000;
 const GIVE_UP_AFTER: u32 = 3;
 /// Longest `--timeout`.
 const MAX_TIMEOUT: f64 = 60.0;
+/// First wait for the peer's opening packet to come through the relay (doubled each resend).
+const OPEN_RESEND: Duration = Duration::from_millis(250);
 /// How long a REST API credential made from `--secret` lives.
 const REST_LIFETIME_SECS: u64 = 3600;
 
@@ -502,22 +504,31 @@ fn round_trip(
     client
         .create_permission(peer_addr)
         .map_err(|f| (None, prefixed("CreatePermission", f)))?;
+    let token: u64 = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     // A NAT in front of the peer lets the relay's packets in only once the peer has sent to
-    // the relayed address (as an ICE agent's checks would): one packet opens the way. The
-    // relay hands it to the client as data, which the probe ignores.
-    peer.send_to(b"portico-probe: open the NAT", relayed)
-        .map_err(wire)?;
+    // the relayed address (as an ICE agent's checks would). A NAT that maps per destination
+    // (symmetric) gives that packet another source than the peer's STUN-mapped address, so,
+    // as an ICE agent learns a peer-reflexive candidate, the probe takes the peer's address
+    // from the Data indication the relay makes of that packet (its XOR-PEER-ADDRESS).
+    let learnt = learn_peer(client, &mut peer, relayed, token, ctx)?;
+    let via = learnt.unwrap_or(peer_addr);
+    // Permissions are per IP address: only a NAT that also changes the address needs one
+    // more.
+    if via.ip() != peer_addr.ip() {
+        client
+            .create_permission(via)
+            .map_err(|f| (None, prefixed("CreatePermission", f)))?;
+    }
     client
-        .channel_bind(peer_addr)
+        .channel_bind(via)
         .map_err(|f| (None, prefixed("ChannelBind", f)))?;
 
     let mut rtts: Vec<f64> = Vec::new();
     let mut reached_peer = 0u32;
     let mut relay_source = None;
-    let token: u64 = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
     let mut sent = 0u32;
     for seq in 0..ctx.count {
         // Nothing through after the first few: the path is closed, waiting on is no use.
@@ -568,8 +579,13 @@ fn round_trip(
     }
     if received == 0 {
         let f = if reached_peer == 0 {
+            let opened = if learnt.is_none() {
+                "; nor did the peer's own packet to the relayed address come through"
+            } else {
+                ""
+            };
             Failure::Lost(format!(
-                "timeout: the relay delivered none of {sent} packets to the peer {peer_addr} within {} s each",
+                "timeout: the relay delivered none of {sent} packets to the peer {via} within {} s each{opened}",
                 secs_text(secs)
             ))
         } else {
@@ -581,7 +597,7 @@ fn round_trip(
         return Err((Some(rtt), f));
     }
     let mut detail = format!(
-        "{received}/{sent} back via peer {peer_addr}, RTT min/avg/max {:.2}/{:.2}/{:.2} ms, loss {:.0}%",
+        "{received}/{sent} back via peer {via}, RTT min/avg/max {:.2}/{:.2}/{:.2} ms, loss {:.0}%",
         rtt.min_ms.unwrap_or(0.0),
         rtt.avg_ms.unwrap_or(0.0),
         rtt.max_ms.unwrap_or(0.0),
@@ -590,7 +606,46 @@ fn round_trip(
     if let Some(src) = relay_source.filter(|s| *s != relayed) {
         detail.push_str(&format!(" (relay sends from {src})"));
     }
+    if via != peer_addr {
+        let known = if udp_works { "STUN-mapped" } else { "host" };
+        detail.push_str(&format!(
+            " (the relay sees the peer there, not at its {known} address {peer_addr}: the NAT maps per destination)"
+        ));
+    }
     Ok((rtt, detail))
+}
+
+/// Sends a marked packet from the peer to the relayed address (again at growing intervals
+/// until the timeout, as it may be lost) and returns the peer's address as the relay saw it,
+/// from the Data indication that brings the packet to the client; `None` when none came.
+fn learn_peer(
+    client: &mut Client,
+    peer: &mut Conn,
+    relayed: SocketAddr,
+    token: u64,
+    ctx: &Ctx,
+) -> Result<Option<SocketAddr>, (Option<Rtt>, Failure)> {
+    let secs = ctx.timeout.as_secs_f64();
+    let mut opener = b"portico-probe: open the NAT ".to_vec();
+    opener.extend_from_slice(&token.to_be_bytes());
+    let deadline = Instant::now() + ctx.timeout;
+    let mut interval = OPEN_RESEND;
+    loop {
+        peer.send_to(&opener, relayed)
+            .map_err(|e| (None, Failure::wire(e, "the peer's packet", secs)))?;
+        let resend = (Instant::now() + interval).min(deadline);
+        interval *= 2;
+        while let Some((data, from)) = client.recv_peer_data(resend).map_err(|f| (None, f))? {
+            if data == opener {
+                if let Some(a) = from {
+                    return Ok(Some(a));
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+    }
 }
 
 fn prefixed(step: &str, f: Failure) -> Failure {

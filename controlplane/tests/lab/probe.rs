@@ -4,16 +4,14 @@
 //! mapping and filtering as the lab built them (coturn's natdiscovery and the lab's own
 //! classifier agree with the lab: stun.rs).
 //!
-//! Ignored until `portico probe` is fixed; found by this lab (the probe is not in this
-//! branch's scope). Two defects, reproducible with `scripts/lab/lab.sh up X zoo` and
-//! `lab.sh exec X phoneN portico probe 198.18.0.10 --user alice --password secret`:
-//! * behind the symmetric NAT (phone4) the round trip times out and the conclusion is
-//!   FAILURE: the relay sends to the peer socket's STUN-mapped address, which a symmetric
-//!   NAT does not use towards the relay (the peer's own packet to the relayed address, or a
-//!   Data indication's source, gives the right one);
-//! * behind the restricted cone (phone2) it reports endpoint-independent filtering instead of
-//!   address-dependent: the filtering tests run on a binding that has already sent to the
-//!   alternate address (RFC 5780 §4.4 wants a fresh one).
+//! Found two defects of the probe, fixed since: behind the symmetric NAT (phone4) the round
+//! trip timed out (the relay sent to the peer socket's STUN-mapped address, which a
+//! symmetric NAT does not use towards the relay; the probe now takes the peer's address from
+//! the Data indication of the peer's own packet to the relayed address), and behind the
+//! restricted cone (phone2) it reported endpoint-independent filtering (the filtering tests
+//! ran on a binding that had already sent to the alternate address; they now use a fresh
+//! one, RFC 5780 §4.4). Reproduce by hand with `scripts/lab/lab.sh up X zoo` and
+//! `lab.sh exec X phoneN portico probe 198.18.0.10 --user alice --password secret`.
 
 use std::time::Duration;
 
@@ -23,7 +21,6 @@ use portico_testkit::turn::{PASSWORD, USER};
 use crate::{join, Boxed, Lab, Nat, ALL_NATS, BOX, BOX_ALT, NET};
 
 #[test]
-#[ignore = "portico probe: FAILURE behind a symmetric NAT, wrong filtering behind a restricted cone (see the module docs)"]
 fn portico_probe_behind_each_nat_type() {
     let Some(lab) = Lab::new("probe") else {
         return;
@@ -81,6 +78,15 @@ fn portico_probe_behind_each_nat_type() {
         assert!(
             r.text.contains(&want),
             "behind {nat:?}: missing {want:?}:\n{}",
+            r.text
+        );
+        // Behind the symmetric NAT the relay reaches the peer at the address it saw the
+        // peer's own packet come from, not at the peer's STUN-mapped address.
+        let learnt = r.text.contains("not at its STUN-mapped address");
+        assert_eq!(
+            learnt,
+            !nat.endpoint_independent_mapping(),
+            "behind {nat:?}:\n{}",
             r.text
         );
         assert!(
