@@ -378,7 +378,7 @@ realm = "$turn_realm"
 users = [{ name = "$turn_user", password = "$turn_password" }]
 allow_peers = ["127.0.0.0/8"]
 relay_ports = "$relay_ports"
-max_allocations = 100000
+max_allocations = 8192
 max_allocations_per_user = 100000
 
 [api]
@@ -588,7 +588,7 @@ realm = "$turn_realm"
 users = [{ name = "$turn_user", password = "$turn_password" }]
 allow_peers = ["127.0.0.0/8"]
 relay_ports = "$relay_ports"
-max_allocations = 100000
+max_allocations = 8192
 max_allocations_per_user = 100000
 
 [api]
@@ -1335,7 +1335,7 @@ run_media() {
         echo 'relay_ports = "20000-29999"'
         echo "realm = \"$turn_realm\""
         echo "users = [{ name = \"$turn_user\", password = \"$turn_password\" }]"
-        echo 'max_allocations = 100000'
+        echo 'max_allocations = 8192'
         echo 'max_allocations_per_user = 100000'
         echo '[api]'
         echo "listen = \"127.0.0.1:$api\""
