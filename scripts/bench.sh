@@ -1335,13 +1335,15 @@ run_media() {
         echo 'relay_ports = "20000-29999"'
         echo "realm = \"$turn_realm\""
         echo "users = [{ name = \"$turn_user\", password = \"$turn_password\" }]"
-        echo 'max_allocations = 8192'
+        # Within the descriptor budget the dataplane checks at start (20,000 here).
+        echo 'max_allocations = 2048'
         echo 'max_allocations_per_user = 100000'
+        echo 'tcp_max_connections = 256'
         echo '[api]'
         echo "listen = \"127.0.0.1:$api\""
         echo '[media]'
         echo 'ports = "30000-39999"'
-        echo 'max_sessions = 4000'
+        echo 'max_sessions = 1500'
     } >"$dir/portico.toml"
     for round in $(seq "${MEDIA_ROUNDS:-2}"); do
         launch_portico "$dir" io_uring
