@@ -18,6 +18,7 @@ pub const SECTIONS: &[(&str, &str)] = &[
     ("fraud", "Fraud detection reaction"),
     ("scale", "TURN at scale: allocations held"),
     ("media", "Media relay"),
+    ("fastpath", "TURN kernel fast path"),
 ];
 
 fn open(name: &str) -> String {
