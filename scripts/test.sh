@@ -80,6 +80,11 @@ if ! python3 -c 'import aioice' 2>/dev/null; then
     python3 -m pip install --quiet --break-system-packages 'aioice==0.13.0' ||
         echo "warning: pip could not install aioice; the aioice interop tests will fail" >&2
 fi
+# cryptography: AES-CTR for the media test's independent SRTP tag computation.
+if ! python3 -c 'import cryptography.hazmat.primitives.ciphers' 2>/dev/null; then
+    python3 -m pip install --quiet --break-system-packages 'cryptography>=3.1' ||
+        echo "warning: pip could not install cryptography; the media SRTP test will fail" >&2
+fi
 
 section "Environment"
 uname -srm

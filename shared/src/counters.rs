@@ -121,6 +121,7 @@ counters! {
     DropMediaForeignSource => "dataplane_drops" ["reason" = "media_foreign_source"] "Packets dropped, by reason.";
     DropMediaNoRemote => "dataplane_drops" ["reason" = "media_no_remote"] "Packets dropped, by reason.";
     DropMediaPeerDenied => "dataplane_drops" ["reason" = "media_peer_denied"] "Packets dropped, by reason.";
+    DropMediaSrtpAuth => "dataplane_drops" ["reason" = "media_srtp_auth"] "Packets dropped, by reason.";
     NatBindingsActive => "nat_bindings_active" [] "Static NAT map bindings (external sources) now held.";
     NatBindingsCreated => "nat_bindings_created" [] "Static NAT map bindings created.";
     NatInboundPackets => "nat_packets" ["direction" = "inbound"] "Packets forwarded through static NAT maps, by direction.";

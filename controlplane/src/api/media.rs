@@ -15,9 +15,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use base64::Engine as _;
 use portico_shared::config::PortRange;
 use portico_shared::media_config::NatMap;
-use portico_shared::shm::{MediaFailure, MediaInfo, MEDIA_ACTIVE, MEDIA_FAILED};
+use portico_shared::shm::{MediaFailure, MediaInfo, SrtpMaster, MEDIA_ACTIVE, MEDIA_FAILED};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -39,7 +40,22 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 struct LegRequest {
     #[serde(default)]
     address: Option<String>,
+    #[serde(default)]
+    srtp: Option<SrtpRequest>,
 }
+
+/// A leg's SRTP master key: a new source is learned only when its packets' authentication
+/// tag verifies with it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SrtpRequest {
+    suite: String,
+    /// base64 of the 16-byte master key and 14-byte master salt (SDP `a=crypto` `inline:`).
+    key: String,
+}
+
+/// The one SRTP suite the relay checks.
+const SRTP_SUITE: &str = "AES_CM_128_HMAC_SHA1_80";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +82,8 @@ fn describe(m: &MediaInfo) -> Value {
                 "rtcp_local": opt(rtcp),
                 "address": opt(l.address),
                 "latched": opt(l.latched),
+                // The key is never shown: only that the leg checks SRTP.
+                "srtp": if l.srtp { json!({"suite": SRTP_SUITE}) } else { Value::Null },
                 "packets_in": l.counters.packets_in,
                 "bytes_in": l.counters.bytes_in,
                 "packets_out": l.counters.packets_out,
@@ -108,7 +126,9 @@ fn check_on(control: &AppState) -> Result<(usize, u64), ApiError> {
     Ok((config.media.max_sessions, u64::from(workers)))
 }
 
-fn parse(body: &[u8]) -> Result<(String, [Option<SocketAddr>; 2]), ApiError> {
+type Parsed = (String, [Option<SocketAddr>; 2], [Option<SrtpMaster>; 2]);
+
+fn parse(body: &[u8]) -> Result<Parsed, ApiError> {
     let req: SessionRequest =
         serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body))
             .map_err(|e| {
@@ -143,18 +163,39 @@ fn parse(body: &[u8]) -> Result<(String, [Option<SocketAddr>; 2]), ApiError> {
             addresses[i] = Some(SocketAddr::new(ip, a.port()));
         }
     }
+    let mut srtp = [None, None];
+    for (i, leg) in req.legs.iter().enumerate() {
+        if let Some(k) = &leg.srtp {
+            if k.suite != SRTP_SUITE {
+                return Err(ApiError::bad_request(format!(
+                    "legs[{i}].srtp.suite: \"{}\" is not supported (only {SRTP_SUITE})",
+                    k.suite
+                )));
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(k.key.trim())
+                .ok()
+                .and_then(|b| SrtpMaster::try_from(b.as_slice()).ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "legs[{i}].srtp.key: not base64 of 30 bytes (16-byte master key and 14-byte master salt)"
+                    ))
+                })?;
+            srtp[i] = Some(bytes);
+        }
+    }
     let label = req.label.unwrap_or_default();
     if label.len() > LABEL_MAX || label.chars().any(char::is_control) {
         return Err(ApiError::bad_request(format!(
             "label: at most {LABEL_MAX} bytes, no control characters"
         )));
     }
-    Ok((label, addresses))
+    Ok((label, addresses, srtp))
 }
 
 pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let (max, workers) = check_on(&control)?;
-    let (label, addresses) = parse(&body)?;
+    let (label, addresses, srtp) = parse(&body)?;
     let seg = control.shm.segment();
     let (index, id) = {
         let _one = CREATING.lock().await;
@@ -169,7 +210,7 @@ pub async fn create(State(control): State<AppState>, body: Bytes) -> Result<Resp
         let id = (unix_ms() << 16 | (n & 0xffff)).max(1);
         let worker = n % workers;
         let index = seg
-            .media_request(id, worker, unix_ms() / 1000, &label, addresses)
+            .media_request(id, worker, unix_ms() / 1000, &label, addresses, srtp)
             .ok_or_else(|| {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -140,3 +140,42 @@ pub fn endpoint() -> (UdpSocket, UdpSocket) {
     }
     panic!("no free UDP port pair on 127.0.0.1");
 }
+
+/// An SRTP packet's 80-bit tag for `master` (16-byte key ‖ 14-byte salt), rollover counter 0,
+/// computed by python3's `cryptography` (AES-CTR key derivation) and `hmac`: an
+/// implementation independent of the relay's.
+pub fn srtp_tag(master: &[u8; 30], packet: &[u8]) -> Vec<u8> {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let script = r#"
+import sys, hmac, hashlib
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+m = bytes.fromhex(sys.argv[1]); p = bytes.fromhex(sys.argv[2])
+iv = bytearray(m[16:] + b"\0\0"); iv[7] ^= 0x01
+enc = Cipher(algorithms.AES(m[:16]), modes.CTR(bytes(iv))).encryptor()
+k = enc.update(b"\0" * 20) + enc.finalize()
+print(hmac.new(k, p + b"\0\0\0\0", hashlib.sha1).hexdigest()[:20])
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &hex(master), &hex(packet)])
+        .output()
+        .expect("python3 runs (required by scripts/test.sh)");
+    assert!(
+        out.status.success(),
+        "python3 with the cryptography module is required for the SRTP test: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (0..t.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&t[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// `rtp(seq, ssrc)` with its SRTP tag for `master` appended (the payload is taken as already
+/// encrypted: the relay only authenticates).
+pub fn srtp(master: &[u8; 30], seq: u16, ssrc: u32) -> Vec<u8> {
+    let mut p = rtp(seq, ssrc);
+    let tag = srtp_tag(master, &p);
+    p.extend(tag);
+    p
+}

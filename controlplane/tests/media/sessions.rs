@@ -301,3 +301,131 @@ fn bad_media_and_nat_values_are_refused_naming_the_key() {
         assert!(err.contains(key), "{extra}: {err}");
     }
 }
+
+/// A leg created with an SRTP key learns only a source whose packets carry a valid
+/// authentication tag: an attacker racing the phone with forged tags is never learned nor
+/// forwarded, and is counted; the phone's authenticated stream latches. The key never comes
+/// back from the API. A leg without a key still learns as before.
+#[test]
+fn a_leg_with_an_srtp_key_learns_only_an_authenticated_source() {
+    use base64::Engine as _;
+    let p = Portico::start("media-srtp", media_spec("epoll", "learn_window = \"5s\""));
+    let a = udp_on(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let b = udp_on(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    }
+    let mut master = [0u8; 30];
+    for (i, x) in master.iter_mut().enumerate() {
+        *x = (i as u8).wrapping_mul(37).wrapping_add(11);
+    }
+    let key = base64::engine::general_purpose::STANDARD.encode(master);
+    let body = serde_json::json!({"legs": [
+        {"address": a.local_addr().unwrap().to_string(),
+         "srtp": {"suite": "AES_CM_128_HMAC_SHA1_80", "key": key}},
+        {"address": b.local_addr().unwrap().to_string()},
+    ]});
+    let (code, v) = p.call("POST", "/api/v1/media/sessions", &body.to_string());
+    assert_eq!(code, 201, "{v}");
+    assert!(!v.to_string().contains(&key), "key echoed: {v}");
+    assert_eq!(
+        v["legs"][0]["srtp"]["suite"], "AES_CM_128_HMAC_SHA1_80",
+        "{v}"
+    );
+    assert_eq!(v["legs"][1]["srtp"], serde_json::Value::Null, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let local = [
+        v["legs"][0]["local"]
+            .as_str()
+            .unwrap()
+            .parse::<SocketAddr>()
+            .unwrap(),
+        v["legs"][1]["local"]
+            .as_str()
+            .unwrap()
+            .parse::<SocketAddr>()
+            .unwrap(),
+    ];
+    // The attacker sends first: plain RTP, a forged tag, a tag under another key.
+    let attacker = udp_on(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 66)));
+    let mut other = master;
+    other[0] ^= 1;
+    let mut forged = rtp(1, 0xBAD);
+    forged.extend([0u8; 10]);
+    for pkt in [rtp(0, 0xBAD), forged, srtp(&other, 2, 0xBAD)] {
+        attacker.send_to(&pkt, local[0]).unwrap();
+    }
+    expect_silence(
+        &b,
+        Duration::from_millis(400),
+        "unauthenticated RTP must not reach B",
+    );
+    // Media from B goes to leg 0's signalled address (A), never to the attacker.
+    b.send_to(&rtp(0, 0xB), local[1]).unwrap();
+    assert!(
+        recv(&a, Duration::from_secs(2)).is_some(),
+        "B→A before latching"
+    );
+    expect_silence(
+        &attacker,
+        Duration::from_millis(300),
+        "the attacker was not learned",
+    );
+    // A's authenticated packets latch leg 0 and are relayed unchanged.
+    for seq in 0..3 {
+        let pkt = srtp(&master, seq, 0xA);
+        a.send_to(&pkt, local[0]).unwrap();
+        let (got, from) = recv(&b, Duration::from_secs(2)).expect("SRTP A→B relayed");
+        assert_eq!((got, from), (pkt, local[1]));
+    }
+    let v = wait_session(&p, &id, "leg 0 latched to A, 3 packets in", |v| {
+        v["legs"][0]["latched"] == a.local_addr().unwrap().to_string()
+            && v["legs"][0]["packets_in"] == 3
+    });
+    assert!(!v.to_string().contains(&key), "key echoed: {v}");
+    let (_, list) = p.call("GET", "/api/v1/media/sessions", "");
+    assert!(!list.to_string().contains(&key), "key echoed: {list}");
+    // Within the learn window the attacker still cannot take the leg over.
+    attacker.send_to(&srtp(&other, 3, 0xBAD), local[0]).unwrap();
+    b.send_to(&rtp(1, 0xB), local[1]).unwrap();
+    assert!(recv(&a, Duration::from_secs(2)).is_some(), "B→A still to A");
+    expect_silence(
+        &attacker,
+        Duration::from_millis(300),
+        "not learned in the window",
+    );
+    // Leg 1 has no key: it learns B's plain RTP as before.
+    let v = wait_session(&p, &id, "leg 1 latched to B", |v| {
+        v["legs"][1]["latched"] == b.local_addr().unwrap().to_string()
+    });
+    assert_eq!(v["legs"][0]["latched"], a.local_addr().unwrap().to_string());
+    let m = p.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "portico_dataplane_drops_total",
+            &[("reason", "media_srtp_auth")]
+        ),
+        4.0
+    );
+    // Bad keys are refused naming the field.
+    for (leg, needle) in [
+        (
+            serde_json::json!({"srtp": {"suite": "AES_CM_128_HMAC_SHA1_32", "key": key}}),
+            "legs[0].srtp.suite",
+        ),
+        (
+            serde_json::json!({"srtp": {"suite": "AES_CM_128_HMAC_SHA1_80", "key": "AAAA"}}),
+            "legs[0].srtp.key",
+        ),
+        (
+            serde_json::json!({"srtp": {"suite": "AES_CM_128_HMAC_SHA1_80", "key": "not base64!"}}),
+            "legs[0].srtp.key",
+        ),
+    ] {
+        let body = serde_json::json!({"legs": [leg, {}]});
+        let (c, v) = p.call("POST", "/api/v1/media/sessions", &body.to_string());
+        assert_eq!(c, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(needle), "{v}");
+    }
+}

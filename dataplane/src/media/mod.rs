@@ -9,7 +9,10 @@
 //! dropped, counted per leg (`foreign_dropped`) and reported as suspicious events. That is
 //! the fix to the RTP-bleed class of bugs (CVE-2017-14099): a relay that keeps learning lets
 //! a third party who guesses a port take the stream over. A new source must also pass the
-//! TURN peer policy before it is learned.
+//! TURN peer policy before it is learned, and on a leg created with an SRTP key, carry a
+//! valid SRTP (SRTCP) authentication tag ([`srtp`]): a third party without the key can then
+//! neither take the stream over nor inject into it while the leg is learning. The check runs
+//! on the learning path only; a latched source's packets are forwarded unchecked.
 //!
 //! Like the TURN core, this module never touches a socket or shared memory: sockets are opened
 //! and closed through [`RelayIo`] and named by socket index, requests arrive and sessions are
@@ -18,6 +21,7 @@
 //! forwarded datagram is sent from the buffer it arrived in.
 
 pub mod nat;
+pub mod srtp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -128,6 +132,8 @@ struct Leg {
     learn_until: Option<Instant>,
     counters: LegCounters,
     last_event: Option<Instant>,
+    /// Authentication keys a new source's packets must verify with (derived at creation).
+    srtp: Option<Box<srtp::LegKey>>,
 }
 
 impl Leg {
@@ -232,19 +238,22 @@ impl Media {
 
     /// A datagram on one of this core's sockets (the caller checked [`Media::owns`], the
     /// blacklist and the buffer bounds). `from` is canonical (IPv4-mapped turned to IPv4).
+    /// The datagram is `buf[start..start + len]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn handle(
         &mut self,
         cx: &mut MediaCtx<'_>,
         events: &mut dyn Events,
         socket: usize,
         from: SocketAddr,
+        buf: &[u8],
         start: usize,
         len: usize,
     ) -> Action {
         match self.roles.get(socket).copied().unwrap_or(Role::None) {
             Role::None => Action::Drop,
             Role::Leg { session, leg, rtcp } => {
-                self.on_leg(cx, events, session, leg, rtcp, from, start, len)
+                self.on_leg(cx, events, session, leg, rtcp, from, buf, start, len)
             }
             Role::NatPublic { map, offset } => {
                 let (nat, roles) = (&mut self.nat, &mut self.roles);
@@ -265,6 +274,7 @@ impl Media {
         leg: u8,
         rtcp: bool,
         from: SocketAddr,
+        packet: &[u8],
         start: usize,
         len: usize,
     ) -> Action {
@@ -296,6 +306,15 @@ impl Media {
                 if cx.turn.policy.check(from.ip(), from.port()).is_err() {
                     cx.stats.incr(Counter::DropMediaPeerDenied);
                     return Action::Drop;
+                }
+                if let Some(key) = &this.srtp {
+                    let ok = packet
+                        .get(start..start.saturating_add(len))
+                        .is_some_and(|p| key.verify(p, rtcp));
+                    if !ok {
+                        cx.stats.incr(Counter::DropMediaSrtpAuth);
+                        return Action::Drop;
+                    }
                 }
                 this.latched[kind] = Some(from);
                 if this.learn_until.is_none() {
@@ -475,6 +494,24 @@ impl Media {
                     learn_until: None,
                     counters: LegCounters::default(),
                     last_event: None,
+                    srtp: match &req.srtp[l] {
+                        Some(m) => match srtp::LegKey::new(m) {
+                            Some(k) => Some(Box::new(k)),
+                            None => {
+                                // The derivation does not fail on a 30-byte master; if it
+                                // did, refusing beats relaying unauthenticated.
+                                for leg in &legs {
+                                    cx.io.close(leg.rtp);
+                                    cx.io.close(leg.rtcp);
+                                }
+                                cx.io.close(rtp);
+                                cx.io.close(rtcp);
+                                self.free.push(index);
+                                return Err(MediaFailure::NoPorts);
+                            }
+                        },
+                        None => None,
+                    },
                 }),
                 None => {
                     for leg in &legs {

@@ -150,8 +150,36 @@ impl Rig {
             stats: &mut self.stats,
             io: &mut self.io,
         };
-        self.media
-            .handle(&mut cx, &mut self.events, socket, a(from), 80, 172)
+        self.media.handle(
+            &mut cx,
+            &mut self.events,
+            socket,
+            a(from),
+            &[0; 252],
+            80,
+            172,
+        )
+    }
+
+    /// A datagram of `bytes` (at offset 0).
+    fn datagram(&mut self, ms: u64, socket: usize, from: &str, bytes: &[u8]) -> Action {
+        let now = self.now(ms);
+        let mut cx = MediaCtx {
+            settings: &self.settings.media,
+            turn: &self.settings.turn,
+            now,
+            stats: &mut self.stats,
+            io: &mut self.io,
+        };
+        self.media.handle(
+            &mut cx,
+            &mut self.events,
+            socket,
+            a(from),
+            bytes,
+            0,
+            bytes.len(),
+        )
     }
 
     fn socket_of(&self, addr: SocketAddr) -> usize {
@@ -174,6 +202,7 @@ fn latching_follows_within_the_window_then_drops_and_reports_foreign_sources() {
         index: 7,
         id: 1,
         addresses: [Some(a("127.0.0.1:5000")), Some(a("127.0.0.2:6000"))],
+        srtp: [None, None],
     }));
     r.tick(0);
     let (record, locals) = r.control.created[0];
@@ -255,6 +284,7 @@ fn a_denied_address_or_no_free_pair_fails_the_request() {
         index: 1,
         id: 1,
         addresses: [None, Some(a("10.0.0.1:4000"))],
+        srtp: [None, None],
     }));
     r.tick(0);
     assert_eq!(r.control.failed, vec![(1, MediaFailure::Leg1Denied)]);
@@ -264,6 +294,7 @@ fn a_denied_address_or_no_free_pair_fails_the_request() {
             index: i,
             id: i as u64,
             addresses: [None, None],
+            srtp: [None, None],
         }));
     }
     r.tick(1);
@@ -333,4 +364,98 @@ fn a_nat_map_binds_per_source_and_replies_from_the_public_port() {
     r.media.recheck = true;
     r.tick(6001);
     assert!(r.io.open.is_empty());
+}
+
+/// An SRTP packet (RTP header, 20 bytes of payload) with its tag for `master`, computed here
+/// from the derived authentication key (the derivation itself is checked against RFC 3711
+/// B.3 in `srtp::tests`).
+fn srtp_packet(master: &[u8; 30], seq: u16, rtcp: bool) -> Vec<u8> {
+    use aws_lc_rs::hmac;
+    let mut auth = [0u8; 20];
+    let label = if rtcp {
+        srtp::LABEL_RTCP_AUTH
+    } else {
+        srtp::LABEL_RTP_AUTH
+    };
+    srtp::derive(master, label, &mut auth).unwrap();
+    let k = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &auth);
+    let mut p = if rtcp {
+        // RR header, SSRC, E flag and SRTCP index 1.
+        vec![0x80, 201, 0, 1, 0, 0, 0, 0xA, 0x80, 0, 0, 1]
+    } else {
+        let mut p = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xA];
+        p[2..4].copy_from_slice(&seq.to_be_bytes());
+        p.extend([seq as u8; 20]);
+        p
+    };
+    let mut signed = p.clone();
+    if !rtcp {
+        signed.extend([0, 0, 0, 0]);
+    }
+    p.extend(&hmac::sign(&k, &signed).as_ref()[..10]);
+    p
+}
+
+#[test]
+fn a_leg_with_an_srtp_key_learns_only_sources_whose_tag_verifies() {
+    let mut r = Rig::new(MEDIA);
+    let master = [5u8; 30];
+    let mut other = master;
+    other[29] ^= 0x80;
+    r.control.queue.push(Command::Create(MediaRequest {
+        index: 3,
+        id: 3,
+        addresses: [Some(a("127.0.0.1:5000")), Some(a("127.0.0.2:6000"))],
+        srtp: [Some(master), None],
+    }));
+    r.tick(0);
+    let (_, locals) = r.control.created[0];
+    let leg0 = r.socket_of(locals[0]);
+    let leg0_rtcp = r.socket_of(SocketAddr::new(locals[0].ip(), locals[0].port() + 1));
+    let leg1 = r.socket_of(locals[1]);
+    let good = srtp_packet(&master, 1, false);
+    let forged = srtp_packet(&other, 1, false);
+    // Plain RTP, a tag under another key, a cut packet: dropped, counted, nothing learned.
+    for p in [&good[..good.len() - 10], &forged[..], &good[..5]] {
+        assert_eq!(r.datagram(10, leg0, "127.0.0.66:7000", p), Action::Drop);
+    }
+    assert_eq!(r.stats.get(Counter::DropMediaSrtpAuth), 3);
+    assert_eq!(r.stats.get(Counter::MediaLatched), 0);
+    // The SRTCP key is not the SRTP one.
+    let rtcp_good = srtp_packet(&master, 0, true);
+    assert_eq!(
+        r.datagram(10, leg0, "127.0.0.1:5555", &rtcp_good),
+        Action::Drop
+    );
+    assert_eq!(r.stats.get(Counter::DropMediaSrtpAuth), 4);
+    // A valid tag latches and is forwarded; so is a valid SRTCP packet on the RTCP port.
+    assert!(matches!(
+        r.datagram(20, leg0, "127.0.0.1:5555", &good),
+        Action::Send { socket, .. } if socket == leg1
+    ));
+    assert!(matches!(
+        r.datagram(20, leg0_rtcp, "127.0.0.1:5556", &rtcp_good),
+        Action::Send { .. }
+    ));
+    assert_eq!(r.stats.get(Counter::MediaLatched), 2);
+    // Once latched, the source's packets are not checked (any bytes pass).
+    assert!(matches!(
+        r.datagram(30, leg0, "127.0.0.1:5555", &[0x80; 40]),
+        Action::Send { .. }
+    ));
+    // In the learn window a forged source is still refused; the latch stays.
+    assert_eq!(
+        r.datagram(40, leg0, "127.0.0.66:7000", &forged),
+        Action::Drop
+    );
+    assert_eq!(r.stats.get(Counter::DropMediaSrtpAuth), 5);
+    assert!(matches!(
+        r.datagram(50, leg1, "127.0.0.2:6000", &[0x80; 40]),
+        Action::Send { to, .. } if to == a("127.0.0.1:5555")
+    ));
+    // Leg 1 has no key: plain RTP from a new source is learned there as before.
+    assert!(matches!(
+        r.datagram(60, leg1, "127.0.0.2:6001", &[0x80; 40]),
+        Action::Send { .. }
+    ));
 }

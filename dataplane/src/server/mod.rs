@@ -383,6 +383,7 @@ impl Server {
                 &mut *self.turn.control.events,
                 socket,
                 from,
+                buf,
                 start,
                 len,
             );

@@ -71,6 +71,48 @@ pub struct MediaLegRecord {
     local: [AtomicU64; 3],
     latched: [AtomicU64; 3],
     counters: [AtomicU64; 5],
+    /// SRTP: byte 0 the suite (0 none, 1 AES_CM_128_HMAC_SHA1_80), bytes 1..31 master key and
+    /// salt. The worker zeroes the key when it takes the request up; the suite stays.
+    srtp: [AtomicU64; 4],
+}
+
+/// The SRTP suite code of AES_CM_128_HMAC_SHA1_80 in a record.
+pub const SRTP_AES_CM_128_HMAC_SHA1_80: u8 = 1;
+/// Master key (16 bytes) and master salt (14 bytes) of a leg.
+pub type SrtpMaster = [u8; 30];
+
+fn store_srtp(slots: &[AtomicU64; 4], m: Option<&SrtpMaster>) {
+    let mut b = [0u8; 32];
+    if let Some(m) = m {
+        b[0] = SRTP_AES_CM_128_HMAC_SHA1_80;
+        b[1..31].copy_from_slice(m);
+    }
+    for (i, s) in slots.iter().enumerate() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+        s.store(u64::from_le_bytes(w), Ordering::Relaxed);
+    }
+}
+
+fn load_srtp(slots: &[AtomicU64; 4]) -> Option<SrtpMaster> {
+    let mut b = [0u8; 32];
+    for (i, s) in slots.iter().enumerate() {
+        b[i * 8..i * 8 + 8].copy_from_slice(&s.load(Ordering::Relaxed).to_le_bytes());
+    }
+    (b[0] == SRTP_AES_CM_128_HMAC_SHA1_80).then(|| {
+        let mut m = [0u8; 30];
+        m.copy_from_slice(&b[1..31]);
+        m
+    })
+}
+
+/// Keeps the suite byte, zeroes the key.
+fn forget_srtp_key(slots: &[AtomicU64; 4]) {
+    let suite = slots[0].load(Ordering::Relaxed) & 0xff;
+    slots[0].store(suite, Ordering::Relaxed);
+    for s in &slots[1..] {
+        s.store(0, Ordering::Relaxed);
+    }
 }
 
 #[repr(C, align(64))]
@@ -103,6 +145,8 @@ pub struct LegInfo {
     pub address: Option<SocketAddr>,
     pub latched: Option<SocketAddr>,
     pub counters: LegCounters,
+    /// The leg checks SRTP authentication before learning (the key itself is never copied).
+    pub srtp: bool,
 }
 
 /// A copy of a session record.
@@ -124,6 +168,8 @@ pub struct MediaRequest {
     pub index: usize,
     pub id: u64,
     pub addresses: [Option<SocketAddr>; 2],
+    /// Per leg: SRTP master key and salt to authenticate a new source with.
+    pub srtp: [Option<SrtpMaster>; 2],
 }
 
 fn store_addr(slots: &[AtomicU64; 3], a: Option<SocketAddr>) {
@@ -172,6 +218,12 @@ impl MediaRecord {
         self.state
             .compare_exchange(REQUESTED, TAKEN, Ordering::AcqRel, Ordering::Relaxed)
             .ok()?;
+        let srtp = [load_srtp(&self.legs[0].srtp), load_srtp(&self.legs[1].srtp)];
+        let seq = self.write_begin();
+        for leg in &self.legs {
+            forget_srtp_key(&leg.srtp);
+        }
+        self.write_end(seq);
         Some(MediaRequest {
             index,
             id: self.id(),
@@ -179,6 +231,7 @@ impl MediaRecord {
                 load_addr(&self.legs[0].address),
                 load_addr(&self.legs[1].address),
             ],
+            srtp,
         })
     }
 
@@ -223,6 +276,9 @@ impl MediaRecord {
     /// Frees the record (owning worker after a delete or an idle expiry; control plane after
     /// reading a failure or giving up on a request).
     pub fn free(&self) {
+        for leg in &self.legs {
+            store_srtp(&leg.srtp, None);
+        }
         self.state.store(FREE, Ordering::Release);
     }
 
@@ -260,6 +316,7 @@ impl MediaRecord {
                     local: load_addr(&l.local),
                     address: load_addr(&l.address),
                     latched: load_addr(&l.latched),
+                    srtp: l.srtp[0].load(Ordering::Relaxed) & 0xff != 0,
                     counters: LegCounters {
                         packets_in: c[0],
                         bytes_in: c[1],
@@ -309,6 +366,7 @@ impl Segment {
         created_unix: u64,
         label: &str,
         addresses: [Option<SocketAddr>; 2],
+        srtp: [Option<SrtpMaster>; 2],
     ) -> Option<usize> {
         let index = self.media.iter().position(|r| {
             r.state
@@ -330,8 +388,9 @@ impl Segment {
             }
             slot.store(u64::from_le_bytes(w), Ordering::Relaxed);
         }
-        for (leg, a) in r.legs.iter().zip(addresses) {
+        for ((leg, a), k) in r.legs.iter().zip(addresses).zip(&srtp) {
             store_addr(&leg.address, a);
+            store_srtp(&leg.srtp, k.as_ref());
             store_addr(&leg.local, None);
             store_addr(&leg.latched, None);
             for c in &leg.counters {
@@ -367,9 +426,16 @@ impl Segment {
     /// still only requested, and the record is free again.
     pub fn media_withdraw(&self, index: usize) -> bool {
         self.media.get(index).is_some_and(|r| {
-            r.state
+            let ok = r
+                .state
                 .compare_exchange(REQUESTED, FREE, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+                .is_ok();
+            if ok {
+                for leg in &r.legs {
+                    store_srtp(&leg.srtp, None);
+                }
+            }
+            ok
         })
     }
 
@@ -409,7 +475,7 @@ mod tests {
         let p0 = cp.segment().media_pending();
         let i = cp
             .segment()
-            .media_request(77, 1, 5, "call-1", [Some(a), None])
+            .media_request(77, 1, 5, "call-1", [Some(a), None], [None, Some([7; 30])])
             .unwrap();
         assert!(dp.segment().media_pending() > p0);
         let req = dp.segment().media_record(i).unwrap().take(i).unwrap();
@@ -420,6 +486,7 @@ mod tests {
         assert!(dp.segment().media_record(i).unwrap().take(i).is_none());
         assert_eq!(req.addresses, [Some(a), None]);
         assert_eq!(req.id, 77);
+        assert_eq!(req.srtp, [None, Some([7; 30])]);
         let l0: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let l1: SocketAddr = "[::1]:40002".parse().unwrap();
         let r = dp.segment().media_record(i).unwrap();
@@ -440,6 +507,12 @@ mod tests {
         assert_eq!(got[0].legs[0].latched, Some(a));
         assert_eq!(got[0].legs[0].counters, c);
         assert_eq!(got[0].legs[1].address, None);
+        assert_eq!((got[0].legs[0].srtp, got[0].legs[1].srtp), (false, true));
+        assert_eq!(
+            load_srtp(&r.legs[1].srtp),
+            Some([0; 30]),
+            "the key is gone from the record once taken up"
+        );
         assert!(!cp.segment().media_delete(i, 78));
         assert!(cp.segment().media_delete(i, 77));
         assert!(r.deleting());
@@ -449,7 +522,7 @@ mod tests {
         // A request nobody took up can be withdrawn.
         let j = cp
             .segment()
-            .media_request(78, 0, 5, "", [None, None])
+            .media_request(78, 0, 5, "", [None, None], [None, None])
             .unwrap();
         assert!(cp.segment().media_withdraw(j));
         assert_eq!(cp.segment().media_in_use(), 0);

@@ -50,7 +50,7 @@ pub use config::{ConfigBlock, ConfigWriteError};
 pub use counters::WorkerCounters;
 pub use events::{Event, EventKind, EventRing};
 pub use media::{
-    LegCounters, LegInfo, MediaFailure, MediaInfo, MediaRecord, MediaRequest,
+    LegCounters, LegInfo, MediaFailure, MediaInfo, MediaRecord, MediaRequest, SrtpMaster,
     ACTIVE as MEDIA_ACTIVE, DELETING as MEDIA_DELETING, FAILED as MEDIA_FAILED,
     REQUESTED as MEDIA_REQUESTED, TAKEN as MEDIA_TAKEN,
 };
@@ -61,7 +61,7 @@ use mapping::{Mapping, ShmObject};
 /// "PORTICO" and a format byte, as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PORTICO\x01");
 /// Bump on every change to the layout of [`Segment`].
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 pub const MAX_WORKERS: usize = 64;
 /// Counter blocks: one per worker plus one for the TCP thread, which also writes counters.
 pub const COUNTER_BLOCKS: usize = MAX_WORKERS + 1;
@@ -349,7 +349,7 @@ mod tests {
     fn the_layout_is_pinned_to_its_version() {
         use std::mem::{align_of, offset_of};
         assert_eq!(
-            LAYOUT_VERSION, 7,
+            LAYOUT_VERSION, 8,
             "update the figures below with the version"
         );
         let header = [
@@ -383,7 +383,7 @@ mod tests {
             segment,
             [
                 0, 64, 262_272, 328_832, 329_344, 3_475_072, 7_669_568, 14_071_808, 14_071_872,
-                16_693_312
+                17_217_600
             ]
         );
         let parts = [
@@ -397,7 +397,7 @@ mod tests {
         ];
         assert_eq!(
             parts,
-            [262_208, 1024, 192, 2_097_216, 4_194_496, 98_496, 320]
+            [262_208, 1024, 192, 2_097_216, 4_194_496, 98_496, 384]
         );
         assert_eq!(align_of::<Segment>(), 64);
     }
