@@ -18,7 +18,6 @@ use portico_shared::handoff::{header, socket_path, KIND_PLAIN};
 use portico_testkit::fixtures::Nginx;
 use portico_testkit::http::curl;
 use portico_testkit::net::{expect_closed, tcp_connect, tcp_from};
-use portico_testkit::process::run;
 use portico_testkit::stun::{
     new_tid, Builder, Msg, ALLOCATE, CHANNEL_BIND, CHANNEL_NUMBER, NONCE, REALM,
     XOR_MAPPED_ADDRESS, XOR_PEER_ADDRESS,
@@ -28,7 +27,7 @@ use portico_testkit::turn::{
 };
 use portico_testkit::{free_port, Portico, LOCAL4};
 
-use crate::{coturn_peer, totals, turn_spec, uclient, CLIENTS, LIMIT, MESSAGES};
+use crate::{totals, turn_spec, CLIENTS, MESSAGES};
 
 /// TURN with loopback peers plus the proxy's HTTPS listener on a free port, routing
 /// `alpha.test` to nginx; returns the installation and the HTTPS port.
@@ -190,35 +189,7 @@ fn echo(s: &mut (impl Read + Write)) {
 
 /// `turnutils_uclient -t -S` (TLS; coturn's client offers ALPN `stun.turn`) to `port`, relaying to a `turnutils_peer`.
 fn uclient_tls_without_loss(p: &Portico, port: u16) {
-    let peer = coturn_peer(p);
-    let (n, m, port, peer_port) = (
-        MESSAGES.to_string(),
-        CLIENTS.to_string(),
-        port.to_string(),
-        peer.addr.port().to_string(),
-    );
-    let args = [
-        "-t",
-        "-S",
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-p",
-        &port,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &peer_port,
-        "-n",
-        &n,
-        "-m",
-        &m,
-        "-l",
-        "172",
-        "127.0.0.1",
-    ];
-    let r = run(&uclient(), &args, &[], LIMIT);
+    let r = crate::tcp::uclient_run(p, port, &["-t", "-S"]);
     assert!(!r.timed_out, "uclient did not finish:\n{}", r.text);
     assert_eq!(r.code, Some(0), "uclient failed:\n{}", r.text);
     assert!(

@@ -34,7 +34,9 @@ pub(crate) fn tls_spec(io: &'static str) -> (Spec, u16) {
 
 /// `turnutils_uclient` with `flags` to `port`, relaying to a `turnutils_peer`: every
 /// message comes back, and the traffic went through Portico's TCP thread.
-fn uclient_without_loss(p: &Portico, port: u16, flags: &[&str]) {
+/// Runs `turnutils_uclient` with `flags` against `port`, relaying to a `turnutils_peer`:
+/// `CLIENTS` clients × `MESSAGES` messages of 172 bytes.
+pub(crate) fn uclient_run(p: &Portico, port: u16, flags: &[&str]) -> portico_testkit::process::Run {
     let peer = coturn_peer(p);
     let mut args: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
     let n = MESSAGES.to_string();
@@ -63,7 +65,11 @@ fn uclient_without_loss(p: &Portico, port: u16, flags: &[&str]) {
         ]
         .map(String::from),
     );
-    let r = run(&uclient(), &args, &[], LIMIT);
+    run(&uclient(), &args, &[], LIMIT)
+}
+
+fn uclient_without_loss(p: &Portico, port: u16, flags: &[&str]) {
+    let r = uclient_run(p, port, flags);
     let what = format!("turnutils_uclient {flags:?}");
     assert!(!r.timed_out, "{what} did not finish:\n{}", r.text);
     assert_eq!(r.code, Some(0), "{what} failed:\n{}", r.text);
