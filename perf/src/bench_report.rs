@@ -138,10 +138,12 @@ pub(crate) fn pct(x: f64) -> String {
 }
 
 /// One figure of a run report.
-struct Metric {
-    title: &'static str,
-    get: fn(&Value) -> Option<f64>,
-    fmt: fn(f64) -> String,
+/// A column of a server × metric table: its title, how to read it from a run's JSON, how to
+/// print it.
+pub(crate) struct Metric {
+    pub(crate) title: &'static str,
+    pub(crate) get: fn(&Value) -> Option<f64>,
+    pub(crate) fmt: fn(f64) -> String,
 }
 
 pub(crate) fn num(v: &Value, path: &[&str]) -> Option<f64> {
@@ -294,9 +296,38 @@ pub(crate) fn server_order(runs: &Runs, preferred: &[String]) -> Vec<String> {
     out
 }
 
-fn spread(runs: &[Value], m: &Metric) -> Option<Spread> {
+pub(crate) fn spread(runs: &[Value], m: &Metric) -> Option<Spread> {
     let v: Vec<f64> = runs.iter().filter_map(|r| (m.get)(r)).collect();
     Spread::of(&v)
+}
+
+/// One load point's table: a row per server (in `servers` order) with its run count and the
+/// median (min–max) of each of `metrics`, then a blank line.
+pub(crate) fn server_table(
+    md: &mut String,
+    servers: &[String],
+    by_server: &BTreeMap<String, Vec<Value>>,
+    metrics: &[Metric],
+) {
+    let _ = write!(md, "| server | runs |");
+    for m in metrics {
+        let _ = write!(md, " {} |", m.title);
+    }
+    let _ = write!(md, "\n|---|---|");
+    for _ in metrics {
+        md.push_str("---|");
+    }
+    md.push('\n');
+    for s in servers {
+        let Some(rs) = by_server.get(s) else { continue };
+        let _ = write!(md, "| {s} | {} |", rs.len());
+        for m in metrics {
+            let cell = spread(rs, m).map_or("–".to_string(), |sp| sp.show(m.fmt));
+            let _ = write!(md, " {cell} |");
+        }
+        md.push('\n');
+    }
+    md.push('\n');
 }
 
 fn point_title(by_server: &BTreeMap<String, Vec<Value>>) -> String {
@@ -350,25 +381,7 @@ pub fn render(args: &BenchReportArgs, runs: &Runs) -> String {
         };
         let _ = writeln!(md, "### {}\n", point_title(by_server));
         let _ = writeln!(md, "Median (min–max) over the rounds.\n");
-        let _ = write!(md, "| server | runs |");
-        for m in METRICS {
-            let _ = write!(md, " {} |", m.title);
-        }
-        let _ = write!(md, "\n|---|---|");
-        for _ in METRICS {
-            let _ = write!(md, "---|");
-        }
-        md.push('\n');
-        for s in &servers {
-            let Some(rs) = by_server.get(s) else { continue };
-            let _ = write!(md, "| {s} | {} |", rs.len());
-            for m in METRICS {
-                let cell = spread(rs, m).map_or("–".to_string(), |sp| sp.show(m.fmt));
-                let _ = write!(md, " {cell} |");
-            }
-            md.push('\n');
-        }
-        md.push('\n');
+        server_table(&mut md, &servers, by_server, METRICS);
     }
 
     if !args.ratios.is_empty() {

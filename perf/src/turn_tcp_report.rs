@@ -8,13 +8,10 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use crate::bench_report::{int, num, one, pct, server_order, two, BenchReportArgs, Runs, Spread};
-
-struct Metric {
-    title: &'static str,
-    get: fn(&Value) -> Option<f64>,
-    fmt: fn(f64) -> String,
-}
+use crate::bench_report::{
+    int, num, one, pct, server_order, server_table, spread, two, BenchReportArgs, Metric, Runs,
+    Spread,
+};
 
 const METRICS: &[Metric] = &[
     Metric {
@@ -63,11 +60,6 @@ const CPU: usize = 5;
 const RSS: usize = 6;
 const P99_DOWN: usize = 3;
 
-fn spread(runs: &[Value], m: &Metric) -> Option<Spread> {
-    let v: Vec<f64> = runs.iter().filter_map(|r| (m.get)(r)).collect();
-    Spread::of(&v)
-}
-
 pub fn render(args: &BenchReportArgs, runs: &Runs) -> String {
     let servers = server_order(runs, &args.servers);
     let mut md = String::new();
@@ -85,25 +77,7 @@ pub fn render(args: &BenchReportArgs, runs: &Runs) -> String {
     md.push('\n');
     for (point, by_server) in runs {
         let _ = writeln!(md, "### {point}\n\nMedian (min–max) over the rounds.\n");
-        let _ = write!(md, "| server | runs |");
-        for m in METRICS {
-            let _ = write!(md, " {} |", m.title);
-        }
-        let _ = write!(md, "\n|---|---|");
-        for _ in METRICS {
-            md.push_str("---|");
-        }
-        md.push('\n');
-        for s in &servers {
-            let Some(rs) = by_server.get(s) else { continue };
-            let _ = write!(md, "| {s} | {} |", rs.len());
-            for m in METRICS {
-                let cell = spread(rs, m).map_or("–".to_string(), |sp| sp.show(m.fmt));
-                let _ = write!(md, " {cell} |");
-            }
-            md.push('\n');
-        }
-        md.push('\n');
+        server_table(&mut md, &servers, by_server, METRICS);
     }
     if !args.ratios.is_empty() {
         let _ = writeln!(
