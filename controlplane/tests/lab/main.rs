@@ -1,4 +1,4 @@
-//! The NAT lab: the scenarios of the reference (/work/shared/reference, "Media and NAT" to
+//! The NAT lab: the scenarios of the field manual Portico is built from ("Media and NAT" to
 //! "Internal TURN Server") built from network namespaces, veth pairs and nftables NAT by
 //! `scripts/lab/lab.sh`, with Portico running inside the box's namespace and real RTP from
 //! `scripts/lab/rtp.py`. Each scenario shows the failure without Portico's help and the fix
