@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -22,14 +22,14 @@ use crate::ice::{expect_no_allocations, expect_relayed_through, ice_portico, Tra
 
 /// Datagrams each way, and their sizes in the script (100 and 200 bytes of payload after
 /// an 11-byte header).
-const COUNT: u64 = 300;
-const A_TO_B: u64 = 111;
-const B_TO_A: u64 = 211;
+pub(crate) const COUNT: u64 = 300;
+pub(crate) const A_TO_B: u64 = 111;
+pub(crate) const B_TO_A: u64 = 211;
 /// The whole exchange, from start to the report, on a loaded machine.
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// The script's process, killed (and reaped) when dropped, whatever happened.
-struct Agents {
+pub(crate) struct Agents {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
@@ -46,18 +46,6 @@ impl Drop for Agents {
 
 impl Agents {
     fn start(p: &Portico, vias: [Via; 2], server: IpAddr, tls_port: u16) -> Agents {
-        let python = require("python3", "python3");
-        let check = Command::new(&python)
-            .args(["-c", "import aioice; print(aioice.__version__)"])
-            .output()
-            .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
-        assert!(
-            check.status.success(),
-            "the Python package aioice is not installed (scripts/test.sh installs it: \
-             python3 -m pip install --break-system-packages aioice==0.13.0): {}",
-            String::from_utf8_lossy(&check.stderr)
-        );
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/turn/aioice_pair.py");
         let name = |v: Via| match v {
             Via::Udp => "udp",
             Via::Tcp => "tcp",
@@ -71,14 +59,52 @@ impl Agents {
             [a, b] if a == b => (ip.as_str(), p.port, name(a).to_string()),
             [a, b] => (ip.as_str(), p.port, format!("{},{}", name(a), name(b))),
         };
+        Agents::spawn(
+            None,
+            (host, port),
+            &transport,
+            &p.state_dir.join("cert.pem"),
+            tls_port,
+        )
+    }
+
+    /// The script in network namespace `netns` (or this one), to the TURN server `server`
+    /// over `transport` (as the script takes it).
+    pub(crate) fn spawn(
+        netns: Option<&str>,
+        server: (&str, u16),
+        transport: &str,
+        cafile: &Path,
+        tls_port: u16,
+    ) -> Agents {
+        let python = require("python3", "python3");
+        let check = Command::new(&python)
+            .args(["-c", "import aioice; print(aioice.__version__)"])
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+        assert!(
+            check.status.success(),
+            "the Python package aioice is not installed (scripts/test.sh installs it: \
+             python3 -m pip install --break-system-packages aioice==0.13.0): {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/turn/aioice_pair.py");
+        let (host, port) = server;
         let dir = portico_testkit::TempDir::new("aioice");
         let stderr = dir.join("aioice.log");
-        let mut cmd = Command::new(&python);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new(require("ip", "iproute2"));
+                c.args(["netns", "exec", ns]).arg(&python);
+                c
+            }
+            None => Command::new(&python),
+        };
         cmd.arg("-u")
             .arg(&script)
-            .args([host, &port.to_string(), &transport, USER, PASSWORD])
+            .args([host, &port.to_string(), transport, USER, PASSWORD])
             .arg(COUNT.to_string())
-            .arg(p.state_dir.join("cert.pem"))
+            .arg(cafile)
             .arg(tls_port.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -105,7 +131,7 @@ impl Agents {
     }
 
     /// The next line starting with `tag` (its rest), within `limit`.
-    fn expect(&mut self, tag: &str, limit: Duration) -> String {
+    pub(crate) fn expect(&mut self, tag: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -127,8 +153,13 @@ impl Agents {
         }
     }
 
+    /// The script's `READY` report.
+    pub(crate) fn report(&mut self) -> Value {
+        serde_json::from_str(&self.expect("READY", LIMIT)).unwrap_or_else(|e| panic!("report: {e}"))
+    }
+
     /// Lets the script close its agents, and waits for it to end.
-    fn close(&mut self) {
+    pub(crate) fn close(&mut self) {
         if let Some(mut stdin) = self.stdin.take() {
             let _ = stdin.write_all(b"\n");
         }
@@ -151,9 +182,38 @@ fn addr(v: &Value) -> SocketAddr {
         .unwrap_or_else(|| panic!("not an address: {v}"))
 }
 
-/// The agents through Portico via `via`; they close after `hold` (their Refresh with
-/// lifetime 0 is answered 438 Stale Nonce once the nonce is older than `nonce_lifetime`,
-/// and they retry with the new one).
+/// Checks the script's report for agents reaching the server via `vias`: each has one relay
+/// candidate, received every datagram intact, and nominated its relay to the other's; its
+/// TURN client socket is of the expected kind. Returns the relayed addresses (a's, b's).
+pub(crate) fn check_report(report: &Value, vias: [Via; 2]) -> Vec<SocketAddr> {
+    let mut relayed = Vec::new();
+    for (i, (me, other)) in [("a", "b"), ("b", "a")].into_iter().enumerate() {
+        let r = &report[me];
+        let cands = r["candidates"].as_array().cloned().unwrap_or_default();
+        assert_eq!(cands.len(), 1, "{me}: one candidate: {r}");
+        assert_eq!(cands[0]["type"], "relay", "{me}: {r}");
+        relayed.push(addr(&cands[0]["addr"]));
+        assert_eq!(r["received"].as_u64(), Some(COUNT), "{me} received: {r}");
+        assert_eq!(r["intact"], true, "{me}: every datagram intact: {r}");
+        // The nominated pair is this agent's relay to the other's.
+        assert_eq!(r["pair"]["local"], cands[0]["addr"], "{me}: {r}");
+        assert_eq!(
+            r["pair"]["remote"], report[other]["candidates"][0]["addr"],
+            "{me}: {r}"
+        );
+        assert_eq!(r["pair"]["remote_type"], "relay", "{me}: {r}");
+        let client = &r["client"];
+        let (socket, tls) = match vias[i] {
+            Via::Udp => ("datagram", false),
+            Via::Tcp => ("stream", false),
+            Via::Tls => ("stream", true),
+        };
+        assert_eq!(client["socket"], socket, "{me}: {r}");
+        assert_eq!(client["tls"], tls, "{me}: {r}");
+    }
+    relayed
+}
+
 /// One run of the agents.
 struct Case {
     tag: &'static str,
@@ -192,33 +252,8 @@ fn relay_to_relay(case: Case) {
         .unwrap_or_default();
     let (p, tls_port) = ice_portico(case.tag, &extra, !case.own_relays_only);
     let mut agents = Agents::start(&p, case.vias, case.server, tls_port);
-    let report: Value = serde_json::from_str(&agents.expect("READY", LIMIT))
-        .unwrap_or_else(|e| panic!("report: {e}"));
-    let mut relayed = Vec::new();
-    for (i, (me, other)) in [("a", "b"), ("b", "a")].into_iter().enumerate() {
-        let r = &report[me];
-        let cands = r["candidates"].as_array().cloned().unwrap_or_default();
-        assert_eq!(cands.len(), 1, "{me}: one candidate: {r}");
-        assert_eq!(cands[0]["type"], "relay", "{me}: {r}");
-        relayed.push(addr(&cands[0]["addr"]));
-        assert_eq!(r["received"].as_u64(), Some(COUNT), "{me} received: {r}");
-        assert_eq!(r["intact"], true, "{me}: every datagram intact: {r}");
-        // The nominated pair is this agent's relay to the other's.
-        assert_eq!(r["pair"]["local"], cands[0]["addr"], "{me}: {r}");
-        assert_eq!(
-            r["pair"]["remote"], report[other]["candidates"][0]["addr"],
-            "{me}: {r}"
-        );
-        assert_eq!(r["pair"]["remote_type"], "relay", "{me}: {r}");
-        let client = &r["client"];
-        let (socket, tls) = match case.vias[i] {
-            Via::Udp => ("datagram", false),
-            Via::Tcp => ("stream", false),
-            Via::Tls => ("stream", true),
-        };
-        assert_eq!(client["socket"], socket, "{me}: {r}");
-        assert_eq!(client["tls"], tls, "{me}: {r}");
-    }
+    let report = agents.report();
+    let relayed = check_report(&report, case.vias);
     let list = expect_relayed_through(
         &p,
         case.vias,

@@ -36,13 +36,13 @@ const CHANNEL: u16 = 0x4001;
 const API_PORT: u16 = 8080;
 
 /// Client, Portico and peer namespaces; removed on drop.
-struct Lab {
-    client_ns: String,
+pub(crate) struct Lab {
+    pub(crate) client_ns: String,
     portico_ns: String,
     peer_ns: String,
     client: Ipv4Addr,
-    listen: Ipv4Addr,
-    relay: Ipv4Addr,
+    pub(crate) listen: Ipv4Addr,
+    pub(crate) relay: Ipv4Addr,
     peer: Ipv4Addr,
     /// A second peer address with no permission.
     stranger: Ipv4Addr,
@@ -236,7 +236,7 @@ impl Drop for Lab {
 }
 
 /// Runs `f` on a thread inside namespace `ns`: sockets it creates stay in that namespace.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = PathBuf::from("/var/run/netns").join(ns);
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
@@ -251,9 +251,9 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) ->
 
 /// Portico inside the lab's namespace. Field order: the process stops before its
 /// directory goes.
-struct NsPortico {
+pub(crate) struct NsPortico {
     proc: Proc,
-    dir: TempDir,
+    pub(crate) dir: TempDir,
     ns: String,
 }
 
@@ -313,7 +313,7 @@ impl NsPortico {
     }
 
     /// One API request over a connection opened inside Portico's namespace.
-    fn api(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    pub(crate) fn api(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
         let api = SocketAddr::from(([127, 0, 0, 1], API_PORT));
         let mut s = in_ns(&self.ns, move || {
             TcpStream::connect_timeout(&api, Duration::from_secs(2))
@@ -333,7 +333,7 @@ impl NsPortico {
         Some((r.status, String::from_utf8_lossy(&r.body).into_owned()))
     }
 
-    fn metrics(&self) -> String {
+    pub(crate) fn metrics(&self) -> String {
         match self.api("GET", "/metrics", "") {
             Some((200, text)) => text,
             other => panic!("/metrics: {other:?}\nlog:\n{}", self.log()),
@@ -359,7 +359,7 @@ impl NsPortico {
     }
 }
 
-fn counter(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+pub(crate) fn counter(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     let v = metric(text, name, labels);
     if v == 0.0 {
         // Counters may carry the OpenMetrics suffix.
@@ -484,7 +484,7 @@ fn forwards(s: &Session, wait: Duration) -> (usize, usize) {
     (up, down)
 }
 
-fn lab_or_skip(test: &str) -> Option<Lab> {
+pub(crate) fn lab_or_skip(test: &str) -> Option<Lab> {
     match Lab::create() {
         Ok(l) => Some(l),
         Err(e) => {
@@ -498,7 +498,7 @@ fn lab_or_skip(test: &str) -> Option<Lab> {
 }
 
 /// Portico with the fast path on, or `None` (loudly) where this kernel or build refuses it.
-fn fast_portico(lab: &Lab, test: &str) -> Option<NsPortico> {
+pub(crate) fn fast_portico(lab: &Lab, test: &str) -> Option<NsPortico> {
     fast_portico_on(lab, "auto", test)
 }
 

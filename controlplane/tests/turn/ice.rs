@@ -81,6 +81,7 @@ pub fn allocations(p: &Portico) -> Vec<Value> {
 
 /// What the agents report: their relayed candidates (`sides[0]` agent a's, `sides[1]`
 /// agent b's) and how many bytes each agent sent at least.
+#[derive(Clone, Copy)]
 pub struct Traffic<'a> {
     pub sides: [&'a [SocketAddr]; 2],
     pub bytes: u64,
@@ -104,48 +105,8 @@ pub fn expect_relayed_through(
     user: &str,
     traffic: Traffic<'_>,
 ) -> Vec<Value> {
-    let Traffic { sides, bytes } = traffic;
-    let gathered: Vec<SocketAddr> = sides.iter().flat_map(|s| s.iter().copied()).collect();
-    let deadline = Instant::now() + Duration::from_secs(6);
-    let total = |list: &[Value], side: &[SocketAddr], way: &str| -> u64 {
-        list.iter()
-            .filter(|a| side.iter().any(|r| a["relayed"] == r.to_string()))
-            .map(|a| a[way]["bytes"].as_u64().unwrap_or(0))
-            .sum()
-    };
-    let list = loop {
-        let list = allocations(p);
-        let all = sides.iter().all(|side| {
-            total(&list, side, "to_peer") >= bytes && total(&list, side, "to_client") >= bytes
-        });
-        if all {
-            break list;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Portico does not show {bytes} bytes each way through each of {sides:?}: {list:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let mut served: Vec<String> = list.iter().map(|a| a["relayed"].to_string()).collect();
-    let mut expected: Vec<String> = gathered.iter().map(|r| format!("\"{r}\"")).collect();
-    served.sort();
-    expected.sort();
-    assert_eq!(
-        served, expected,
-        "an allocation for each relayed candidate and no other: {list:#?}"
-    );
-    for a in &list {
-        assert_eq!(a["user"], user, "{a}");
-    }
-    for side in sides {
-        assert!(
-            list.iter()
-                .any(|a| side.iter().any(|r| a["relayed"] == r.to_string())
-                    && a["permissions"].as_u64() == Some(1)),
-            "a relay of {side:?} has a permission for the other side's: {list:#?}"
-        );
-    }
+    let sides = traffic.sides;
+    let list = carried(|| allocations(p), user, &traffic);
     let via_of = |relayed: &Value| -> Via {
         if sides[1].iter().any(|r| *relayed == r.to_string()) {
             vias[1]
@@ -210,6 +171,57 @@ pub fn expect_relayed_through(
         assert_eq!(handshakes, 0, "no TLS over plain TCP and UDP");
     }
     assert!(handshakes >= count(Via::Tls), "handshakes {handshakes}");
+    list
+}
+
+/// Polls `list` (the allocations the API lists; the dataplane republishes traffic each
+/// second) for a few seconds until each side's allocations together sent at least
+/// `traffic.bytes` to their peers and passed as many to their client; then checks that the
+/// relayed candidates are exactly the allocations served, all of `user`, and that a relay
+/// of each side has a permission for the other side's. Returns the list.
+pub fn carried(list: impl Fn() -> Vec<Value>, user: &str, traffic: &Traffic<'_>) -> Vec<Value> {
+    let Traffic { sides, bytes } = *traffic;
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let total = |list: &[Value], side: &[SocketAddr], way: &str| -> u64 {
+        list.iter()
+            .filter(|a| side.iter().any(|r| a["relayed"] == r.to_string()))
+            .map(|a| a[way]["bytes"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let list = loop {
+        let list = list();
+        let all = sides.iter().all(|side| {
+            total(&list, side, "to_peer") >= bytes && total(&list, side, "to_client") >= bytes
+        });
+        if all {
+            break list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Portico does not show {bytes} bytes each way through each of {sides:?}: {list:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let gathered: Vec<SocketAddr> = sides.iter().flat_map(|s| s.iter().copied()).collect();
+    let mut served: Vec<String> = list.iter().map(|a| a["relayed"].to_string()).collect();
+    let mut expected: Vec<String> = gathered.iter().map(|r| format!("\"{r}\"")).collect();
+    served.sort();
+    expected.sort();
+    assert_eq!(
+        served, expected,
+        "an allocation for each relayed candidate and no other: {list:#?}"
+    );
+    for a in &list {
+        assert_eq!(a["user"], user, "{a}");
+    }
+    for side in sides {
+        assert!(
+            list.iter()
+                .any(|a| side.iter().any(|r| a["relayed"] == r.to_string())
+                    && a["permissions"].as_u64() == Some(1)),
+            "a relay of {side:?} has a permission for the other side's: {list:#?}"
+        );
+    }
     list
 }
 

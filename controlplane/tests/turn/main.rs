@@ -17,7 +17,8 @@
 //! TURN clients (uclient without ALPN, a client with ALPN `stun.turn`) on the same port.
 //! The kernel fast path (fast_path.rs) with client, Portico and peer in namespaces of their
 //! own: a recorded stream identical to the user-space relay's, counters, removal within a
-//! second, no permission no forwarding, fallback, uclient.
+//! second, no permission no forwarding, fallback, uclient; aioice's agents and headless
+//! Chromium relay-to-relay through it (fast_path_ice.rs).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -32,6 +33,7 @@ mod alternate;
 mod api;
 mod channel_range;
 mod fast_path;
+mod fast_path_ice;
 mod ice;
 mod interop;
 mod ipv6;

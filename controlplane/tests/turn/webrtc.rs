@@ -32,8 +32,8 @@ use crate::ice::{
 const PAGE: &str = include_str!("webrtc_pair.html");
 /// Messages each way and their size: each one fills most of a datagram, so the bytes each
 /// allocation carries bound the messages from below whatever SCTP bundles.
-const COUNT: u64 = 500;
-const SIZE: u64 = 1000;
+pub(crate) const COUNT: u64 = 500;
+pub(crate) const SIZE: u64 = 1000;
 /// From Chromium's start to the page's report, on a loaded machine.
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -43,7 +43,7 @@ static ONE_BROWSER: Mutex<()> = Mutex::new(());
 /// A tiny HTTP server on 127.0.0.1: `GET /` answers the page with its configuration,
 /// `POST /result` and `POST /closed` hand the body to the test, `GET /close` is answered
 /// when the test sends on `release` (or after a minute); anything else is 404.
-struct PageServer {
+pub(crate) struct PageServer {
     addr: SocketAddr,
     results: mpsc::Receiver<(String, String)>,
     release: mpsc::Sender<()>,
@@ -52,8 +52,13 @@ struct PageServer {
 }
 
 impl PageServer {
-    fn start(config: Value) -> PageServer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    /// The server on 127.0.0.1 of network namespace `netns` (or this one).
+    fn start(config: Value, netns: Option<&str>) -> PageServer {
+        let bind = || TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+        let listener = match netns {
+            Some(ns) => crate::fast_path::in_ns(ns, bind),
+            None => bind(),
+        };
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let page = PAGE.replace("/*CONFIG*/null", &config.to_string());
@@ -91,7 +96,7 @@ impl PageServer {
 
 impl PageServer {
     /// The body the page POSTs to `path` next, within `limit`.
-    fn next(&self, path: &str, limit: Duration, browser: &Browser) -> String {
+    pub(crate) fn next(&self, path: &str, limit: Duration, browser: &Browser) -> String {
         match self.results.recv_timeout(limit) {
             Ok((p, body)) if p == path => body,
             other => panic!(
@@ -100,6 +105,14 @@ impl PageServer {
                 browser.console()
             ),
         }
+    }
+}
+
+impl PageServer {
+    /// Lets the page close its connections and waits for it to say so.
+    pub(crate) fn close(&self, browser: &Browser) {
+        let _ = self.release.send(());
+        self.next("/closed", Duration::from_secs(20), browser);
     }
 }
 
@@ -177,14 +190,15 @@ fn serve(
 
 /// Headless Chromium in its own process group with a fresh profile; the group is killed
 /// (and the browser reaped) when dropped.
-struct Browser {
+pub(crate) struct Browser {
     child: Child,
     log: std::path::PathBuf,
     _dir: TempDir,
 }
 
 impl Browser {
-    fn open(url: &str, extra: &[String]) -> Browser {
+    /// Chromium in network namespace `netns` (or this one).
+    fn open(url: &str, extra: &[String], netns: Option<&str>) -> Browser {
         let chromium = require("chromium", "chromium");
         let dir = TempDir::new("chromium");
         let profile = dir.join("profile");
@@ -192,7 +206,15 @@ impl Browser {
         let log = dir.join("chromium.log");
         let out = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
         let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new(chromium)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new(require("ip", "iproute2"));
+                c.args(["netns", "exec", ns]).arg(chromium);
+                c
+            }
+            None => Command::new(chromium),
+        };
+        let child = cmd
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -223,7 +245,7 @@ impl Browser {
     }
 
     /// The page's console lines and Chromium's errors, for a failure message.
-    fn console(&self) -> String {
+    pub(crate) fn console(&self) -> String {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()
@@ -241,19 +263,28 @@ impl Drop for Browser {
     }
 }
 
-/// Opens the page in Chromium with the TURN server `url` and returns the page's report
-/// (the browser is still running, its connections open).
-fn run_page(urls: [&str; 2], creds: &Creds, extra: &[String]) -> (Value, Browser, PageServer) {
-    let server = PageServer::start(json!({
-        "urls": urls,
-        "user": creds.user,
-        "password": creds.password,
-        "count": COUNT,
-        "size": SIZE,
-        "wait_ms": 15000,
-        "timeout_ms": 45000,
-    }));
-    let browser = Browser::open(&format!("http://{}/", server.addr), extra);
+/// Opens the page in Chromium (in network namespace `netns`, or this one) with the TURN
+/// server `url` and returns the page's report (the browser is still running, its
+/// connections open).
+pub(crate) fn run_page(
+    urls: [&str; 2],
+    creds: &Creds,
+    extra: &[String],
+    netns: Option<&str>,
+) -> (Value, Browser, PageServer) {
+    let server = PageServer::start(
+        json!({
+            "urls": urls,
+            "user": creds.user,
+            "password": creds.password,
+            "count": COUNT,
+            "size": SIZE,
+            "wait_ms": 15000,
+            "timeout_ms": 45000,
+        }),
+        netns,
+    );
+    let browser = Browser::open(&format!("http://{}/", server.addr), extra, netns);
     let started = Instant::now();
     let body = server.next("/result", LIMIT, &browser);
     let report: Value =
@@ -288,7 +319,35 @@ fn data_channel_through(
         Via::Tls => format!("turns:localhost:{tls_port}?transport=tcp"),
     };
     let urls = vias.map(url);
-    let (report, browser, server) = run_page([&urls[0], &urls[1]], creds, extra);
+    let (report, browser, server) = run_page([&urls[0], &urls[1]], creds, extra, None);
+    let (side_a, side_b) = check_report(&report, vias, &browser);
+    expect_relayed_through(
+        p,
+        vias,
+        turn_ip,
+        tls_port,
+        &creds.user,
+        Traffic {
+            sides: [&side_a, &side_b],
+            bytes: COUNT * SIZE,
+        },
+    );
+    // Closing the connections releases the allocations (Refresh with lifetime 0, which
+    // Portico must accept over every transport).
+    server.close(&browser);
+    expect_no_allocations(p, "after the page closed its connections");
+    drop(browser);
+}
+
+/// Checks the page's report for connections reaching the server via `vias`: every message
+/// arrived intact both ways, relay candidates only, and each selected pair is one of its
+/// relays to one of the other side's over the expected protocol. Returns the relayed
+/// candidates of a and of b.
+pub(crate) fn check_report(
+    report: &Value,
+    vias: [Via; 2],
+    browser: &Browser,
+) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
     let context = || format!("{report:#}\nChromium's console:\n{}", browser.console());
     assert_eq!(report["ok"], true, "{}", context());
     for name in ["a", "b"] {
@@ -342,23 +401,7 @@ fn data_channel_through(
         assert!(me.contains(&addr(&pair["local"])), "{}", context());
         assert!(other.contains(&addr(&pair["remote"])), "{}", context());
     }
-    expect_relayed_through(
-        p,
-        vias,
-        turn_ip,
-        tls_port,
-        &creds.user,
-        Traffic {
-            sides: [&side_a, &side_b],
-            bytes: COUNT * SIZE,
-        },
-    );
-    // Closing the connections releases the allocations (Refresh with lifetime 0, which
-    // Portico must accept over every transport).
-    let _ = server.release.send(());
-    server.next("/closed", Duration::from_secs(20), &browser);
-    expect_no_allocations(p, "after the page closed its connections");
-    drop(browser);
+    (side_a, side_b)
 }
 
 /// SHA-256 of the generated certificate's public key (SubjectPublicKeyInfo), base64: what
@@ -371,7 +414,7 @@ fn spki_of(p: &Portico) -> String {
     base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
 }
 
-fn one_browser() -> std::sync::MutexGuard<'static, ()> {
+pub(crate) fn one_browser() -> std::sync::MutexGuard<'static, ()> {
     ONE_BROWSER.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -451,7 +494,7 @@ fn chromium_data_channel_relay_to_relay_over_tls() {
 
     // Chromium verifies a TURNS server's certificate: the generated one is self-signed, so
     // without an exception gathering fails (701) and no allocation is made.
-    let (report, browser, _server) = run_page(urls, &Creds::kit(), &[]);
+    let (report, browser, _server) = run_page(urls, &Creds::kit(), &[], None);
     assert_eq!(report["ok"], false, "{report:#}");
     assert_eq!(report["why"], "no relayed candidate", "{report:#}");
     let errors = report["errors"].as_array().cloned().unwrap_or_default();

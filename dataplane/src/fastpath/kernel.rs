@@ -28,6 +28,11 @@ pub struct Counts {
 const CHAN_KEY: usize = 16;
 const PEER_KEY: usize = 12;
 const VALUE: usize = 40;
+/// `struct fwd`'s flags: the destination is an address of this host.
+const FLAG_LOCAL_PEER: u16 = 1;
+/// The loopback interface's index in every network namespace (Linux 3.18+).
+#[cfg_attr(not(portico_fastpath), allow(dead_code))]
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The loaded and attached program and its maps.
 pub struct FastPath {
@@ -38,6 +43,12 @@ pub struct FastPath {
     peers: RawFd,
     /// Interface index of each local IPv4 address on an attached interface.
     ifindex: HashMap<Ipv4Addr, u32>,
+    /// Every IPv4 address of this namespace when the program was loaded (127.0.0.0/8 is
+    /// local without being listed), and the loopback interface's index: a peer that is a
+    /// local address (another relayed address of this Portico, say) is reached through
+    /// loopback, as the kernel's own routing would, never out of the relay's interface.
+    local: Vec<Ipv4Addr>,
+    loopback: u32,
     /// Names of the interfaces the program is attached to.
     pub interfaces: Vec<String>,
     pub max_entries: u32,
@@ -52,7 +63,8 @@ impl FastPath {
         use aya::EbpfLoader;
         use std::os::fd::{AsFd, AsRawFd};
 
-        let (interfaces, ifindex) = interfaces_of(addrs)?;
+        let (interfaces, ifindex, local) = interfaces_of(addrs)?;
+        let loopback = nix::net::if_::if_nametoindex("lo").unwrap_or(LOOPBACK_IFINDEX);
         let mut loader = EbpfLoader::new();
         loader
             .set_max_entries("CHANNELS", max_entries)
@@ -95,6 +107,8 @@ impl FastPath {
             channels: cfd,
             peers: pfd,
             ifindex,
+            local,
+            loopback,
             interfaces,
             max_entries,
         })
@@ -114,9 +128,14 @@ impl FastPath {
         self.ifindex.get(&ip).copied()
     }
 
+    /// Whether `ip` is an address of this namespace (as of loading).
+    pub fn is_local(&self, ip: Ipv4Addr) -> bool {
+        ip.is_loopback() || self.local.contains(&ip)
+    }
+
     /// Installs both directions of a channel, counters at zero.
     pub fn install(&self, f: &Flow) -> io::Result<()> {
-        let (Some(to_peer_if), Some(to_client_if)) =
+        let (Some(relay_if), Some(to_client_if)) =
             (self.ifindex(*f.relay.ip()), self.ifindex(*f.listen.ip()))
         else {
             return Err(io::Error::new(
@@ -124,8 +143,17 @@ impl FastPath {
                 "no attached interface holds the relay or listen address",
             ));
         };
-        let up = value(f.relay, f.peer, 0, to_peer_if);
-        let down = value(f.listen, f.client, f.channel, to_client_if);
+        // A local peer (typically another relayed address of this server: two WebRTC
+        // clients relay-only through it) is reached through loopback; sent out of the
+        // relay's interface the packet would leave the host and be lost. The program first
+        // tries to hand such a packet straight to the other allocation's client.
+        let (to_peer_if, flags) = if self.is_local(*f.peer.ip()) {
+            (self.loopback, FLAG_LOCAL_PEER)
+        } else {
+            (relay_if, 0)
+        };
+        let up = value(f.relay, f.peer, 0, to_peer_if, flags);
+        let down = value(f.listen, f.client, f.channel, to_client_if, 0);
         update(self.channels, &chan_key(f), &up)?;
         if let Err(e) = update(self.peers, &peer_key(f), &down) {
             let _ = delete(self.channels, &chan_key(f));
@@ -160,9 +188,13 @@ fn take_hash(ebpf: &mut aya::Ebpf, name: &str) -> Result<aya::maps::MapData, Str
     }
 }
 
-/// The interfaces holding `addrs`, and the index of every IPv4 address on them.
+/// The interfaces holding `addrs`, the index of every IPv4 address on them, and all IPv4
+/// addresses of the namespace.
 #[cfg_attr(not(portico_fastpath), allow(dead_code))]
-fn interfaces_of(addrs: &[Ipv4Addr]) -> Result<(Vec<String>, HashMap<Ipv4Addr, u32>), String> {
+#[allow(clippy::type_complexity)]
+fn interfaces_of(
+    addrs: &[Ipv4Addr],
+) -> Result<(Vec<String>, HashMap<Ipv4Addr, u32>, Vec<Ipv4Addr>), String> {
     let mut names: Vec<String> = Vec::new();
     let mut by_ip: Vec<(String, Ipv4Addr)> = Vec::new();
     let all = nix::ifaddrs::getifaddrs().map_err(|e| format!("listing interfaces: {e}"))?;
@@ -189,7 +221,8 @@ fn interfaces_of(addrs: &[Ipv4Addr]) -> Result<(Vec<String>, HashMap<Ipv4Addr, u
             ifindex.insert(*ip, idx);
         }
     }
-    Ok((names, ifindex))
+    let local = by_ip.iter().map(|(_, ip)| *ip).collect();
+    Ok((names, ifindex, local))
 }
 
 fn chan_key(f: &Flow) -> [u8; CHAN_KEY] {
@@ -217,6 +250,7 @@ fn value(
     to: std::net::SocketAddrV4,
     channel: u16,
     ifindex: u32,
+    flags: u16,
 ) -> [u8; VALUE] {
     let mut v = [0u8; VALUE];
     v[0..4].copy_from_slice(&from.ip().octets());
@@ -224,6 +258,7 @@ fn value(
     v[8..10].copy_from_slice(&from.port().to_be_bytes());
     v[10..12].copy_from_slice(&to.port().to_be_bytes());
     v[12..14].copy_from_slice(&channel.to_be_bytes());
+    v[14..16].copy_from_slice(&flags.to_ne_bytes());
     v[16..20].copy_from_slice(&ifindex.to_ne_bytes());
     v
 }

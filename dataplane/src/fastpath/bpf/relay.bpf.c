@@ -9,6 +9,12 @@
 //   (b) A UDP datagram from a peer to a relayed address:port installed in PEERS: the
 //       ChannelData header is put in front and the datagram leaves from the TURN listen
 //       address:port to the client (no padding over UDP, RFC 8656 §12.5).
+//   (c) (a) to a peer that is an address of this host (FWD_LOCAL_PEER, set by user space):
+//       when that peer is another relayed address with the reverse channel installed in
+//       PEERS (two clients relay-to-relay through this server, as WebRTC's relay-only
+//       policy does), the datagram becomes that channel's ChannelData to the other client
+//       at once; otherwise (a) sends it through loopback (the entry's ifindex), or, when it
+//       is padded, user space relays it.
 //
 // Everything else -- not IPv4, IP options, fragments, GSO aggregates, STUN messages, Send and
 // Data indications, unknown tuples, bad lengths, too large for the egress MTU -- is passed to
@@ -30,7 +36,7 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
-// Map keys and values; the Rust side (dataplane/src/fastpath/maps.rs) has the same layout.
+// Map keys and values; the Rust side (dataplane/src/fastpath/kernel.rs) has the same layout.
 // Addresses and ports are in network byte order, the channel number too.
 struct chan_key {
     __u32 client_ip;
@@ -55,7 +61,7 @@ struct fwd {
     __u16 sport;   // new source port
     __u16 dport;   // new destination port
     __u16 channel; // (b): channel number to put in front; (a): unused
-    __u16 pad;
+    __u16 flags;   // FWD_LOCAL_PEER
     __u32 ifindex; // egress interface (bpf_redirect_neigh resolves the next hop's MAC)
     __u32 pad2;
     __u64 packets; // relayed packets
@@ -76,6 +82,9 @@ struct {
     __type(key, struct peer_key);
     __type(value, struct fwd);
 } PEERS SEC(".maps");
+
+// (a): the peer is an address of this host; ifindex is the loopback interface.
+#define FWD_LOCAL_PEER 1
 
 #define ETH_LEN 14
 #define IP_OFF ETH_LEN
@@ -291,6 +300,28 @@ static __always_inline int to_client(struct __sk_buff *skb, struct fwd *v, struc
     return bpf_redirect_neigh(v->ifindex, 0, 0, 0);
 }
 
+// (c) ChannelData from client A to a peer that is relayed address B of this server, whose
+// client has a channel to A's relayed address (`w`): only the channel number and the
+// headers change. `clen + 4` is the whole UDP payload (no padding).
+static __always_inline int hairpin(struct __sk_buff *skb, struct fwd *v, struct fwd *w,
+                                   struct iphdr ip, struct udphdr udp, __u32 chanhdr,
+                                   __u32 clen)
+{
+    __u16 hdr[2] = {w->channel, bpf_htons(clen)};
+    __u32 newhdr = *(__u32 *)hdr;
+    // As in to_client: the checksum field makes up for the new header.
+    if (bpf_skb_store_bytes(skb, DATA_OFF, hdr, 4, 0) < 0 ||
+        bpf_l4_csum_replace(skb, UDP_CSUM_OFF, chanhdr, newhdr, BPF_F_MARK_MANGLED_0 | 4) < 0)
+        return TC_ACT_SHOT;
+    if (rewrite_headers(skb, w, &ip, &udp, 8 + 4 + clen) < 0)
+        return TC_ACT_SHOT;
+    __sync_fetch_and_add(&v->packets, 1);
+    __sync_fetch_and_add(&v->bytes, clen);
+    __sync_fetch_and_add(&w->packets, 1);
+    __sync_fetch_and_add(&w->bytes, clen);
+    return bpf_redirect_neigh(w->ifindex, 0, 0, 0);
+}
+
 SEC("classifier")
 int portico_relay(struct __sk_buff *skb)
 {
@@ -345,6 +376,19 @@ int portico_relay(struct __sk_buff *skb)
                 // Padding only up to the next multiple of 4.
                 if (pad > 3 || (pad && ((clen + pad) & 3)))
                     return TC_ACT_OK;
+                if (v->flags & FWD_LOCAL_PEER) {
+                    struct peer_key back = {
+                        .peer_ip = v->saddr,
+                        .relay_ip = v->daddr,
+                        .peer_port = v->sport,
+                        .relay_port = v->dport,
+                    };
+                    struct fwd *w = bpf_map_lookup_elem(&PEERS, &back);
+                    if (w && !pad)
+                        return hairpin(skb, v, w, ip, udp, chanhdr, clen);
+                    if (w)
+                        return TC_ACT_OK;
+                }
                 return to_peer(skb, v, ip, udp, chanhdr, clen, pad);
             }
         }
