@@ -17,11 +17,16 @@
 #            TURN_TCP_DURATION (20) s, TURN_TCP_ROUNDS (2) rounds, servers interleaved; plus
 #            Portico's one port 443 (`proxy.turn_on_https`) with and without ALPN stun.turn.
 #   fastpath TURN relay with the kernel fast path (`turn.fast_path = "on"`) vs Portico's
-#            user-space relay vs coturn, 1000 streams × 50 pkt/s (`portico-perf turn`), all in a
-#            network namespace this script creates (the TC program is attached to that
-#            namespace's `lo` only, never to the host's interfaces) and deletes; machine-wide
-#            CPU per million relayed packets from /proc/stat, with and without the
-#            generator's own CPU.
+#            user-space relay vs coturn (`portico-perf turn`), 1000 streams × 50 pkt/s and
+#            flat out, in network namespaces this script creates and deletes (the TC program
+#            is attached only to their interfaces, never to the host's). FP_TOPOLOGY=veth
+#            (default): servers in one namespace, generator (clients from 10.78.0.0/16, peers
+#            on 10.77.0.2) in another, joined by a veth pair; with 2+ cores the generator is
+#            pinned to CPU 0 and the servers to CPU 1, and each veth end's receive work
+#            steered to its side's CPU (RPS), so CPU 1's busy time is the servers' side,
+#            softirq included. FP_TOPOLOGY=lo: everything on one namespace's `lo`.
+#            Machine-wide CPU per million relayed packets from /proc/stat, with and without
+#            the generator's own CPU.
 #   proxy    scripts/bench-proxy.sh (Portico vs HAProxy, HTTP/HTTPS/TLS handshakes), merged.
 #   fraud    brute-force reaction: the fraud tests' brute forces (TURN over UDP, HTTP Basic,
 #            SIP digest, LDAP bind; thresholds 5 and 20), built with --release and run
@@ -62,7 +67,10 @@
 #          TURN_CHURN_CLIENTS [32], TURN_CHURN_DURATION s [10], TURN_UCLIENT_CLIENTS [100],
 #          TURN_UCLIENT_MESSAGES per client [400]
 #   fastpath: FP_ROUNDS [3], FP_STREAMS [1000], FP_RATE pkt/s per stream [50],
-#          FP_DURATION s [60], FP_SERVERS ["portico-fastpath portico coturn"]
+#          FP_DURATION s [60], FP_SERVERS ["portico-fastpath portico coturn"], FP_TOPOLOGY
+#          [veth; or lo], FP_FLAT_CLIENTS [100], FP_FLAT_WINDOW [8], FP_FLAT_DURATION s [10]
+#          (FP_FLAT_DURATION=0: no flat-out runs), FP_PIN_SERVERS [1; 0: servers on any CPU,
+#          the generator still on CPU 0]
 #   proxy: PROXY_DURATION s per measurement [10], PROXY_CONNS [50]
 #   fraud: FRAUD_ROUNDS [3]
 #   register: REGISTER_ROUNDS [3], REGISTER_DURATION s per run [4], REGISTER_RATE reg/s [500],
@@ -105,7 +113,16 @@ say() { echo "== $*" >&2; }
 stop_pids=()
 # `ip netns exec NS` when servers and generator run in a namespace (fastpath), else empty.
 in_ns=()
+# Namespaces this script created (deleted on exit).
 bench_ns=""
+# The generator's prefix (namespace, CPU) and extra `portico-perf turn` arguments, and the
+# servers' CPU prefix; the TURN servers' address and the peers' network. Loopback unless the
+# fastpath scenario's veth topology sets them.
+gen_ns=()
+gen_args=()
+srv_pin=()
+turn_ip=127.0.0.1
+turn_peers=127.0.0.0/8
 work=$(mktemp -d "${TMPDIR:-/tmp}/portico-bench.XXXXXX")
 
 stop_pid() {
@@ -128,7 +145,10 @@ stop_servers() {
 cleanup() {
     local rc=$?
     stop_servers
-    [[ -z $bench_ns ]] || ip netns del "$bench_ns" 2>/dev/null || true
+    local ns
+    for ns in $bench_ns; do
+        ip netns del "$ns" 2>/dev/null || true
+    done
     if [[ -n ${KEEP_WORK:-} ]]; then
         echo "bench.sh: kept $work" >&2
     else
@@ -204,7 +224,7 @@ wait_stun() {
 # Starts `portico run` with the config in "$dir/portico.toml"; sets stop_pids, measure_pids.
 launch_portico() {
     local dir=$1 io=$2 main dp driver i
-    NO_COLOR=1 "${in_ns[@]}" "$bin/portico" run --config "$dir/portico.toml" >"$dir/log" 2>&1 &
+    NO_COLOR=1 "${srv_pin[@]}" "${in_ns[@]}" "$bin/portico" run --config "$dir/portico.toml" >"$dir/log" 2>&1 &
     main=$!
     stop_pids=("$main")
     dp=""
@@ -349,8 +369,8 @@ wait_turn() {
     local target=$1 pid=$2 i
     for i in $(seq 50); do
         kill -0 "$pid" 2>/dev/null || return 1
-        if "${in_ns[@]}" "$perf" turn --quiet --server "$target" --user "$turn_user" \
-            --password "$turn_password" --clients 1 --rate 20 --duration 0.2 \
+        if "${gen_ns[@]}" "$perf" turn --quiet --server "$target" --user "$turn_user" \
+            --password "$turn_password" "${gen_args[@]}" --clients 1 --rate 20 --duration 0.2 \
             --timeout-ms 200 --setup-timeout 2 >/dev/null 2>&1; then
             return 0
         fi
@@ -370,13 +390,14 @@ state_dir = "$dir/state"
 log_level = "info"
 
 [turn]
-listen = ["127.0.0.1:$port"]
+listen = ["$turn_ip:$port"]
+relay_ip = ["$turn_ip"]
 workers = $workers
 io = "io_uring"
 fast_path = "${turn_fast_path:-off}"
 realm = "$turn_realm"
 users = [{ name = "$turn_user", password = "$turn_password" }]
-allow_peers = ["127.0.0.0/8"]
+allow_peers = ["$turn_peers"]
 relay_ports = "$relay_ports"
 max_allocations = 8192
 max_allocations_per_user = 100000
@@ -384,13 +405,13 @@ max_allocations_per_user = 100000
 [api]
 listen = "127.0.0.1:$api"
 EOF
-    target=127.0.0.1:$port
+    target=$turn_ip:$port
     launch_portico "$dir" io_uring
     wait_turn "$target" "${stop_pids[0]}" ||
         die "portico does not relay TURN: $(strip_ansi "$dir/log" | tail -5)"
 }
 
-coturn_turn_flags=(-n --listening-ip 127.0.0.1 --relay-ip 127.0.0.1 --relay-threads "$workers"
+coturn_turn_flags=(-n --relay-threads "$workers"
     --lt-cred-mech --user "$turn_user:$turn_password" --realm "$turn_realm"
     --allow-loopback-peers --no-cli --no-tls --no-dtls --simple-log
     --min-port "${relay_ports%-*}" --max-port "${relay_ports#*-}")
@@ -399,13 +420,14 @@ start_coturn_turn() {
     port=$("$perf" free-port)
     dir=$work/coturn-$tag
     mkdir -p "$dir"
-    "${in_ns[@]}" turnserver "${coturn_turn_flags[@]}" --listening-port "$port" \
+    "${srv_pin[@]}" "${in_ns[@]}" turnserver "${coturn_turn_flags[@]}" \
+        --listening-ip "$turn_ip" --relay-ip "$turn_ip" --listening-port "$port" \
         --log-file "$dir/turn.log" --pidfile "$dir/turnserver.pid" --userdb "$dir/turndb" \
         >"$dir/stdout" 2>&1 &
     pid=$!
     stop_pids=("$pid")
     measure_pids=("$pid")
-    target=127.0.0.1:$port
+    target=$turn_ip:$port
     wait_turn "$target" "$pid" || die "coturn does not relay TURN: $(tail -5 "$dir/stdout")"
 }
 
@@ -436,8 +458,8 @@ turn_run() {
     for p in "${measure_pids[@]}"; do
         pid_args+=(--server-pid "$p")
     done
-    "${in_ns[@]}" "$perf" turn --quiet --server "$target" --user "$turn_user" \
-        --password "$turn_password" "${pid_args[@]}" --json "$turn_results/$name.json" "$@" >"$work/$name.txt" 2>&1 || rc=$?
+    "${gen_ns[@]}" "$perf" turn --quiet --server "$target" --user "$turn_user" \
+        --password "$turn_password" "${gen_args[@]}" "${pid_args[@]}" --json "$turn_results/$name.json" "$@" >"$work/$name.txt" 2>&1 || rc=$?
     ((rc == 0)) || die "$name: portico-perf turn exited $rc: $(cat "$work/$name.txt")"
     printf '[%4ds] %-28s %s | %s | %s\n' $((SECONDS - turn_t0)) "$name" \
         "$(grep -o 'relayed .*loss [0-9.]*%' "$work/$name.txt" || grep -o 'churn .*allocations/s' "$work/$name.txt")" \
@@ -543,7 +565,7 @@ run_turn() {
         --fact "date=$started_at, $((SECONDS - turn_t0)) s of runs" "${facts[@]}" \
         --fact "load average (1/5/15 min)=before: $load_before; after: $(cut -d' ' -f1-3 /proc/loadavg)" \
         --fact "portico=\`portico run\`, $workers workers, \`turn.io = \"io_uring\"\` (verified in the log), listen 127.0.0.1, \`[turn] users\` (one user), realm \`$turn_realm\`, \`allow_peers = [\"127.0.0.0/8\"]\`, relay ports $relay_ports, allocation quotas raised to 100000; log level info; CPU and RSS = controlplane + dataplane" \
-        --fact "coturn=$(turnserver --version 2>/dev/null | head -1) \`turnserver ${coturn_turn_flags[*]}\` (lt-cred-mech, same user and realm, loopback only)" \
+        --fact "coturn=$(turnserver --version 2>/dev/null | head -1) \`turnserver ${coturn_turn_flags[*]} --listening-ip 127.0.0.1 --relay-ip 127.0.0.1\` (lt-cred-mech, same user and realm, loopback only)" \
         --fact "turn-stub=\`portico-perf echo-server --turn --threads $workers\`: answers every TURN request with success, forwards ChannelData/Send to the peer and back, nothing else (the generator's ceiling)" \
         --fact "generator=\`portico-perf turn\`: 1 client thread, 1 peer thread; every client its own loopback source address (distinct 5-tuples), batched recvmmsg/sendmmsg; 401 round trip per client, CreatePermission + ChannelBind, 172-byte payload with sequence number and send stamp; $rate pkt/s per stream each way; the peer echoes" \
         --fact "load points=ramp: $steps streams × $ramp_s s, one server per round across its steps, stopped after the first step with loss > 0.1%; flat out: $flat_clients streams × $flat_window in flight, $flat_s s; sustained: $streams streams × $sustained_s s; churn: $churn_clients clients × $churn_s s; uclient: \`${uc[*]}\`" \
@@ -691,54 +713,134 @@ run_turn_tcp() {
 # TURN kernel fast path
 # ---------------------------------------------------------------------------------------
 
-# Servers and generator inside one network namespace this script creates: the fast path's
-# TC program is attached to that namespace's `lo` only. CPU: /proc/stat is machine-wide, so
-# the runs see everything the kernel does for the relay (softirq included), for every server
-# alike; "minus generator" subtracts the generator process's own CPU.
-run_fastpath() {
-    local rounds=${FP_ROUNDS:-3} streams=${FP_STREAMS:-1000} rate=${FP_RATE:-50}
-    local duration=${FP_DURATION:-60} servers=${FP_SERVERS:-"portico-fastpath portico coturn"}
-    local results=$work/fastpath-results round server name started_at load_before t0=$SECONDS
-    mkdir -p "$results"
+# FP_TOPOLOGY=lo: servers and generator inside one network namespace this script creates,
+# on its `lo` (the fast path's TC program is attached to that `lo` only).
+fastpath_lo() {
     bench_ns=portico-bench-fp-$$
     ip netns add "$bench_ns" || die "cannot create a network namespace (needs root)"
     ip -n "$bench_ns" link set lo up
     in_ns=(ip netns exec "$bench_ns")
+    gen_ns=("${in_ns[@]}")
+    fp_topology="servers and \`portico-perf turn\` in one network namespace created for the run, on its \`lo\`; the fast path's TC program attached to that \`lo\` only"
+}
+
+# FP_TOPOLOGY=veth: the servers in one namespace on 10.77.0.1 (listen and relay address; the
+# TC program is attached to that veth), the generator in another joined by a veth pair: its
+# clients' source addresses from 10.78.0.0/16 (a `local` route there, a route back in the
+# servers' namespace), its peers on 10.77.0.2. With 2+ cores the generator runs on CPU 0 and
+# the servers on CPU 1, and each veth end's receive processing is steered (RPS) to its own
+# side's CPU, as two machines' NICs would: the fast path's work (softirq, charged to no
+# process) lands on CPU 1, and CPU 1's busy time is the servers' side of the relay.
+fastpath_veth() {
+    local srv=portico-bench-fps-$$ gen=portico-bench-fpg-$$ vs=fpbs$$ vg=fpbg$$ dev ns
+    ip netns add "$srv" || die "cannot create a network namespace (needs root)"
+    bench_ns=$srv
+    ip netns add "$gen" || die "cannot create a second network namespace"
+    bench_ns="$srv $gen"
+    ip link add "$vs" netns "$srv" type veth peer name "$vg" netns "$gen" ||
+        die "cannot create a veth pair"
+    ip -n "$srv" addr add 10.77.0.1/24 dev "$vs"
+    ip -n "$gen" addr add 10.77.0.2/24 dev "$vg"
+    for ns in "$srv" "$gen"; do
+        ip -n "$ns" link set lo up
+    done
+    ip -n "$srv" link set "$vs" up
+    ip -n "$gen" link set "$vg" up
+    ip -n "$gen" route add local 10.78.0.0/16 dev lo
+    ip -n "$srv" route add 10.78.0.0/16 via 10.77.0.2
+    in_ns=(ip netns exec "$srv")
+    gen_ns=(ip netns exec "$gen")
+    gen_args=(--client-net 10.78.0.0/16 --peer-ip 10.77.0.2)
+    turn_ip=10.77.0.1
+    turn_peers=10.77.0.0/24
+    fp_topology="servers in one network namespace on 10.77.0.1, \`portico-perf turn\` in another (clients from 10.78.0.0/16, peers on 10.77.0.2), joined by a veth pair created for the run; the fast path's TC program attached to the servers' veth only"
+    if (($(nproc) >= 2)); then
+        for dev in "$srv:$vs:2" "$gen:$vg:1"; do
+            IFS=: read -r ns dev mask <<<"$dev"
+            ip netns exec "$ns" sh -c "echo $mask > /sys/class/net/$dev/queues/rx-0/rps_cpus" ||
+                die "cannot steer $dev's receive work (RPS)"
+        done
+        gen_ns=(taskset -c 0 "${gen_ns[@]}")
+        if [[ ${FP_PIN_SERVERS:-1} == 1 ]]; then
+            srv_pin=(taskset -c 1)
+            gen_args+=(--server-cpus 1)
+            fp_topology="$fp_topology; generator pinned to CPU 0, servers to CPU 1, each veth end's receive work steered to its side's CPU (RPS), so CPU 1's busy time is the servers' side, softirq included"
+        else
+            fp_topology="$fp_topology; generator pinned to CPU 0, servers on any CPU (FP_PIN_SERVERS=0), the servers' veth receive work steered to CPU 1 and the generator's to CPU 0 (RPS)"
+        fi
+    fi
+}
+
+run_fastpath() {
+    local rounds=${FP_ROUNDS:-3} streams=${FP_STREAMS:-1000} rate=${FP_RATE:-50}
+    local duration=${FP_DURATION:-60} servers=${FP_SERVERS:-"portico-fastpath portico coturn"}
+    local topology=${FP_TOPOLOGY:-veth} flat_clients=${FP_FLAT_CLIENTS:-100}
+    local flat_window=${FP_FLAT_WINDOW:-8} flat_s=${FP_FLAT_DURATION:-10}
+    local results=$work/fastpath-results round server name started_at load_before t0=$SECONDS
+    local api kind ns
+    mkdir -p "$results"
+    case $topology in
+    lo) fastpath_lo ;;
+    veth) fastpath_veth ;;
+    *) die "FP_TOPOLOGY must be veth or lo" ;;
+    esac
     turn_results=$results
     turn_t0=$SECONDS
     load_before=$(cut -d' ' -f1-3 /proc/loadavg)
     started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-    say "TURN fast path: $servers, $rounds rounds of $streams streams × $rate pkt/s × $duration s in namespace $bench_ns"
+    say "TURN fast path ($topology): $servers, $rounds rounds of $streams streams × $rate pkt/s × $duration s, flat out $flat_clients × window $flat_window × $flat_s s"
     for round in $(seq "$rounds"); do
-        for server in $servers; do
-            name=${server}__fp${streams}__r${round}
-            start_turn_server "$server" "$name"
-            turn_run "$name" --clients "$streams" --rate "$rate" --duration "$duration"
-            if [[ $server == portico-fastpath ]]; then
-                # The kernel's share, from the server's own counters.
-                "${in_ns[@]}" curl -s "http://$(grep -o '127.0.0.1:[0-9]*' \
-                    "$work/portico-$name/portico.toml" | tail -1)/metrics" \
-                    >"$results/$name.metrics" 2>/dev/null || true
-            fi
-            stop_servers
+        for kind in sustained flat; do
+            [[ $kind == flat && $flat_s == 0 ]] && continue
+            for server in $servers; do
+                if [[ $kind == sustained ]]; then
+                    name=${server}__fp${streams}__r${round}
+                else
+                    name=${server}__flat__r${round}
+                fi
+                start_turn_server "$server" "$name"
+                if [[ $kind == sustained ]]; then
+                    turn_run "$name" --clients "$streams" --rate "$rate" --duration "$duration"
+                else
+                    turn_run "$name" --clients "$flat_clients" --flat-out --window "$flat_window" \
+                        --duration "$flat_s"
+                fi
+                if [[ $server == portico-fastpath ]]; then
+                    # The kernel's share, from the server's own counters.
+                    api=$(grep -o '127.0.0.1:[0-9]*' "$work/portico-$name/portico.toml" | tail -1)
+                    "${in_ns[@]}" curl -s "http://$api/metrics" >"$results/$name.metrics" \
+                        2>/dev/null || true
+                fi
+                stop_servers
+            done
         done
     done
     in_ns=()
-    ip netns del "$bench_ns" || true
+    gen_ns=()
+    gen_args=()
+    srv_pin=()
+    turn_ip=127.0.0.1
+    turn_peers=127.0.0.0/8
+    for ns in $bench_ns; do
+        ip netns del "$ns" || true
+    done
     bench_ns=""
     say "writing the fast-path section of $out"
     common_facts
-    FP_CMD=$(command_line fastpath FP_ROUNDS FP_STREAMS FP_RATE FP_DURATION FP_SERVERS) \
+    FP_CMD=$(command_line fastpath FP_ROUNDS FP_STREAMS FP_RATE FP_DURATION FP_SERVERS \
+        FP_TOPOLOGY FP_FLAT_CLIENTS FP_FLAT_WINDOW FP_FLAT_DURATION FP_PIN_SERVERS) \
         FP_FACTS="date=$started_at, $((SECONDS - t0)) s of runs; load average before: $load_before, after: $(cut -d' ' -f1-3 /proc/loadavg)" \
-        FP_MACHINE="$(nproc) cores, $(uname -r)" \
+        FP_MACHINE="$(nproc) cores, $(uname -r)" FP_TOPO="$fp_topology" \
+        FP_LOADS="sustained: $streams streams × $rate pkt/s each way for $duration s; flat out: $flat_clients streams, $flat_window packets in flight each, for $flat_s s" \
         python3 - "$results" "$out" <<'PY'
-import glob, json, os, re, statistics, sys
+import glob, json, os, statistics, sys
 
 results, out = sys.argv[1], sys.argv[2]
 runs = {}
 for path in sorted(glob.glob(os.path.join(results, "*.json"))):
     name = os.path.basename(path)[:-5]
     server = name.split("__")[0]
+    kind = "flat" if "__flat__" in name else "sustained"
     with open(path) as f:
         v = json.load(f)
     d = v.get("data") or {}
@@ -748,22 +850,26 @@ for path in sorted(glob.glob(os.path.join(results, "*.json"))):
     machine = v["machine_busy_cpu_s"]
     gen = v["generator_cpu_s"]
     su = v.get("server_usage") or {}
+    cpus = v.get("server_cpus_busy_s")
     kern = ""
     mp = os.path.join(results, name + ".metrics")
     if os.path.exists(mp):
         fp = sum(float(l.split()[-1]) for l in open(mp) if l.startswith("portico_fastpath_packets"))
         rp = sum(float(l.split()[-1]) for l in open(mp) if l.startswith("portico_relay_packets"))
         kern = f"{100 * fp / rp:.1f}%" if rp else ""
-    runs.setdefault(server, []).append({
+    runs.setdefault((kind, server), []).append({
         "pps": d.get("relayed_pps", 0),
         "loss": d.get("round_trip_loss_ratio", float("nan")),
         "p99": max(up.get("latency_us", {}).get("p99", 0), down.get("latency_us", {}).get("p99", 0)),
         "machine": machine / m,
         "minus_gen": (machine - gen) / m,
+        # The servers' CPU (FP_TOPOLOGY=veth on 2+ cores): busy time of the CPU the servers
+        # and their veth end's receive work are pinned to, softirq included.
+        "cpus": cpus / m if cpus is not None else float("nan"),
         "server": su.get("cpu_s_per_million_relayed") or float("nan"),
-        # Generator and server processes together: on `lo` (no IRQ time accounting) the
-        # softirq work of a send, the fast path's included, is charged to the sender, so
-        # this sum holds the whole relay even when other work keeps the machine busy.
+        # Generator and server processes together: without IRQ time accounting the softirq
+        # work done in a process's context (on `lo`, a send's whole receive side) is charged
+        # to that process, so this sum holds the whole relay on `lo`.
         "procs": (gen + su.get("cpu_s", float("nan"))) / m,
         "gen": v.get("generator_cpu_us_per_packet") or float("nan"),
         "others": v.get("others_cpu_s", 0) / v["window_s"] if v.get("window_s") else 0,
@@ -774,38 +880,48 @@ def med(xs):
     xs = [x for x in xs if x == x]
     return statistics.median(xs) if xs else float("nan")
 
+def num(x, fmt):
+    return "–" if x != x else format(x, fmt)
+
 lines = ["## TURN kernel fast path: fast path vs user-space relay vs coturn", "",
          "From the runs of the command below; rerun it to refresh this section.", "",
          "| | |", "|---|---|",
          f"| command | `{os.environ['FP_CMD']}` |",
          f"| runs | {os.environ['FP_FACTS']} |",
          f"| machine | {os.environ['FP_MACHINE']} |",
-         "| topology | servers and `portico-perf turn` in one network namespace created for the run, on its `lo`; the fast path's TC program attached to that `lo` only |",
-         "", "Median over the rounds.", "",
-         "| server | runs | relayed pkt/s | loss | p99 µs (worse direction) | machine CPU-s / M pkt | machine − generator CPU-s / M pkt | generator + server processes CPU-s / M pkt | server processes CPU-s / M pkt | generator µs / pkt | others' CPU, cores | kernel share |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-for server in ["portico-fastpath", "portico", "coturn", "turn-stub"]:
-    r = runs.get(server)
-    if not r:
+         f"| topology | {os.environ['FP_TOPO']} |",
+         f"| loads | {os.environ['FP_LOADS']} |",
+         "", "Median over the rounds; CPU-s per million relayed packets (each way counts).", ""]
+for kind, title in [("sustained", "Sustained"), ("flat", "Flat out")]:
+    if not any(k == kind for k, _ in runs):
         continue
-    g = lambda k: med([x[k] for x in r])
-    kern = ", ".join(x["kern"] for x in r if x["kern"]) or "–"
-    lines.append(f"| {server} | {len(r)} | {g('pps'):,.0f} | {100 * g('loss'):.3f}% | {g('p99'):.1f} | {g('machine'):.2f} | {g('minus_gen'):.2f} | {g('procs'):.2f} | {g('server'):.2f} | {g('gen'):.2f} | {g('others'):.2f} | {kern} |")
-if "coturn" in runs:
+    lines += [f"**{title}.**", "",
+              "| server | runs | relayed pkt/s | loss | p99 µs (worse direction) | machine | machine − generator | servers' CPU (pinned, softirq included) | generator + server processes | server processes | generator µs / pkt | others' CPU, cores | kernel share |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for server in ["portico-fastpath", "portico", "coturn", "turn-stub"]:
+        r = runs.get((kind, server))
+        if not r:
+            continue
+        g = lambda k: med([x[k] for x in r])
+        kern = ", ".join(x["kern"] for x in r if x["kern"]) or "–"
+        lines.append(f"| {server} | {len(r)} | {g('pps'):,.0f} | {100 * g('loss'):.3f}% | {g('p99'):.1f} | {g('machine'):.2f} | {g('minus_gen'):.2f} | {num(g('cpus'), '.2f')} | {g('procs'):.2f} | {g('server'):.2f} | {g('gen'):.2f} | {g('others'):.2f} | {kern} |")
+    if (kind, "coturn") in runs:
+        lines.append("")
+        for k, what in [("minus_gen", "machine − generator CPU"), ("cpus", "servers' CPU"),
+                        ("procs", "generator + server processes CPU")]:
+            c = med([x[k] for x in runs[(kind, "coturn")]])
+            for s in ["portico-fastpath", "portico"]:
+                if (kind, s) in runs:
+                    x = med([y[k] for y in runs[(kind, s)]])
+                    if x > 0 and c == c:
+                        lines.append(f"- {title.lower()}, {s} / coturn, {what} per M packets: {c / x:.2f}× less")
     lines.append("")
-    for k, what in [("minus_gen", "machine − generator"), ("procs", "generator + server processes")]:
-        c = med([x[k] for x in runs["coturn"]])
-        for s in ["portico-fastpath", "portico"]:
-            if s in runs:
-                x = med([y[k] for y in runs[s]])
-                if x > 0:
-                    lines.append(f"- {s} / coturn, {what} CPU per M packets: {c / x:.2f}× less")
-section = "\n".join(lines) + "\n"
+section = "\n".join(lines).rstrip("\n") + "\n"
 text = open(out).read() if os.path.exists(out) else ""
 start = text.find("## TURN kernel fast path")
 if start >= 0:
     nxt = text.find("\n## ", start + 1)
-    text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
+    text = text[:start] + section + (text[nxt:] if nxt >= 0 else "")
 else:
     text = text.rstrip("\n") + "\n\n" + section
 open(out, "w").write(text)

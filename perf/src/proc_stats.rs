@@ -89,6 +89,36 @@ fn parse_machine_idle_ticks(stat: &str) -> Option<(u64, usize)> {
     Some((idle + iowait, cores.max(1)))
 }
 
+/// Idle (+ iowait) seconds since boot of the CPUs numbered `cpus`, from their `cpuN` lines
+/// of `/proc/stat` (an error names a CPU that is not listed). With the servers' processes and
+/// their interface's receive work pinned to these CPUs, their busy time is the servers' side
+/// of a run, softirq included, whatever process the kernel would have charged it to.
+pub fn cpus_idle_seconds(cpus: &[usize]) -> io::Result<f64> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    parse_cpus_idle_ticks(&stat, cpus)
+        .map(|t| t as f64 / ticks_per_second() as f64)
+        .map_err(io::Error::other)
+}
+
+fn parse_cpus_idle_ticks(stat: &str, cpus: &[usize]) -> Result<u64, String> {
+    let mut sum = 0;
+    for cpu in cpus {
+        let tag = format!("cpu{cpu}");
+        let line = stat
+            .lines()
+            .find(|l| l.split_ascii_whitespace().next() == Some(tag.as_str()))
+            .ok_or_else(|| format!("/proc/stat has no {tag}"))?;
+        let mut f = line.split_ascii_whitespace().skip(4);
+        let mut next = || -> Result<u64, String> {
+            f.next()
+                .and_then(|x| x.parse().ok())
+                .ok_or_else(|| format!("/proc/stat: unexpected {tag} line"))
+        };
+        sum += next()? + next()?;
+    }
+    Ok(sum)
+}
+
 /// CPU seconds (user + system) this process has used so far, all threads.
 pub fn self_cpu_seconds() -> f64 {
     // SAFETY: rusage is plain old data and getrusage only writes into it.
@@ -104,6 +134,16 @@ pub fn self_cpu_seconds() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_of_chosen_cpus() {
+        let stat = "cpu  10 0 5 900 7 0 0 0 0 0\ncpu0 5 0 2 400 3 0 0 0 0 0\n\
+                    cpu1 5 0 3 500 4 0 1 0 0 0\nintr 1\n";
+        assert_eq!(parse_cpus_idle_ticks(stat, &[1]), Ok(504));
+        assert_eq!(parse_cpus_idle_ticks(stat, &[0, 1]), Ok(907));
+        assert!(parse_cpus_idle_ticks(stat, &[2]).is_err());
+        assert!(parse_cpus_idle_ticks("cpu1 5 0\n", &[1]).is_err());
+    }
 
     #[test]
     fn parses_stat_with_awkward_command_names() {

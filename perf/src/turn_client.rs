@@ -29,8 +29,8 @@ use crate::histogram::Histogram;
 use crate::stamp::{self, SeqTrack, STAMP_LEN};
 use crate::turn_msg::{self, Auth, Reply, Request};
 pub use crate::turn_plan::{
-    client_addr, Control, Mode, Plan, PHASE_DATA, PHASE_SETUP, PHASE_TEARDOWN, REACHED_DATA,
-    REACHED_EXIT, REACHED_SETUP,
+    Control, Mode, Plan, PHASE_DATA, PHASE_SETUP, PHASE_TEARDOWN, REACHED_DATA, REACHED_EXIT,
+    REACHED_SETUP,
 };
 use crate::turn_stream::{Streams, Transport};
 use crate::udp::{MsgBatch, BATCH};
@@ -230,7 +230,7 @@ pub fn run(
         .iter()
         .map(|&id| Client {
             id,
-            src: client_addr(id),
+            src: plan.client_net.addr(id),
             step: Step::Idle,
             nonce: None,
             stale: 0,
@@ -738,7 +738,7 @@ impl Gen<'_> {
             self.plan.clients as u32 + self.fresh * self.plan.threads as u32 + self.thread as u32;
         self.fresh += 1;
         let c = &mut self.clients[i];
-        c.src = client_addr(n);
+        c.src = self.plan.client_net.addr(n);
         c.nonce = None;
         c.stale = 0;
         c.started_ns = now;

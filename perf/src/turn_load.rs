@@ -21,7 +21,7 @@
 //! gives the memory each allocation costs.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,14 +37,25 @@ use crate::turn_client::{
 };
 use crate::turn_msg::Credentials;
 use crate::turn_peer::{self, PeerTally};
+use crate::turn_plan::ClientNet;
 pub use crate::turn_stream::Transport;
 use crate::udp;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TurnArgs {
-    /// TURN server (IPv4 loopback), e.g. 127.0.0.1:3478.
+    /// TURN server (IPv4 loopback, or any IPv4 address with --client-net), e.g.
+    /// 127.0.0.1:3478.
     #[arg(long)]
     pub server: SocketAddr,
+    /// Clients' source addresses from this IPv4 network (len 8..=24) instead of
+    /// 127.128.0.0/9; the generator's namespace must hold it as local, e.g. `ip route add
+    /// local 10.78.0.0/16 dev lo` (the servers then need a route back to it).
+    #[arg(long, value_parser = ClientNet::parse)]
+    pub client_net: Option<ClientNet>,
+    /// The peers' address (every relayed stream's far end); with --client-net usually the
+    /// generator namespace's own address on the link to the servers.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub peer_ip: Ipv4Addr,
     /// Client transport: UDP, or a TCP or TLS connection per client (RFC 8656 §3.1).
     #[arg(long, value_enum, default_value = "udp")]
     pub transport: Transport,
@@ -106,6 +117,11 @@ pub struct TurnArgs {
     /// Peer threads (SO_REUSEPORT sockets on one address).
     #[arg(long, default_value_t = 1)]
     pub peer_threads: usize,
+    /// CPUs whose busy time (from their /proc/stat lines, softirq included) is reported
+    /// as the servers' side, e.g. `--server-cpus 1` with the servers and their interface's
+    /// receive work (RPS) pinned there and this generator elsewhere (repeatable).
+    #[arg(long = "server-cpus", value_delimiter = ',')]
+    pub server_cpus: Vec<usize>,
     /// Server process to charge CPU time and read RSS of (repeatable).
     #[arg(long = "server-pid")]
     pub server_pids: Vec<u32>,
@@ -122,6 +138,8 @@ impl TurnArgs {
     pub fn new(server: SocketAddr, user: &str, password: &str) -> TurnArgs {
         TurnArgs {
             server,
+            client_net: None,
+            peer_ip: Ipv4Addr::LOCALHOST,
             transport: Transport::Udp,
             alpn: false,
             user: Some(user.into()),
@@ -143,6 +161,7 @@ impl TurnArgs {
             max_tries: 5,
             threads: 1,
             peer_threads: 1,
+            server_cpus: Vec::new(),
             server_pids: Vec::new(),
             json: None,
             quiet: true,
@@ -150,12 +169,25 @@ impl TurnArgs {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if !self.server.is_ipv4() || !self.server.ip().is_loopback() {
+        let net = self.client_net.unwrap_or(ClientNet::LOOPBACK);
+        if !self.server.is_ipv4() || (net.is_loopback() && !self.server.ip().is_loopback()) {
             return Err(
                 "--server must be an IPv4 loopback address (clients use 127.128.0.0/9 \
-                        source addresses)"
+                        source addresses), or any IPv4 address with --client-net"
                     .into(),
             );
+        }
+        if (self.clients as u64) > u64::from(net.addresses()) {
+            return Err("--client-net has fewer addresses than --clients".into());
+        }
+        if self.client_net.is_some() && self.transport != Transport::Udp {
+            return Err("--client-net works over UDP only".into());
+        }
+        if self.server_cpus.len() > 64 {
+            return Err("--server-cpus: at most 64 CPUs".into());
+        }
+        if self.peer_ip.is_unspecified() || self.peer_ip.is_multicast() {
+            return Err("--peer-ip must be a unicast IPv4 address".into());
         }
         if !(1..=100_000).contains(&self.clients) {
             return Err("--clients must be 1..=100000".into());
@@ -364,6 +396,9 @@ pub struct TurnReport {
     pub machine_busy_cpu_s: f64,
     /// CPU neither the generator nor the named servers used: other people's work.
     pub others_cpu_s: f64,
+    /// `--server-cpus` and their busy CPU-seconds over the window.
+    pub server_cpus: Vec<usize>,
+    pub server_cpus_busy_s: Option<f64>,
 }
 
 fn run_nonce() -> u32 {
@@ -386,6 +421,7 @@ struct Window {
     wall_s: f64,
     generator_cpu_s: f64,
     machine_busy_cpu_s: f64,
+    server_cpus_busy_s: Option<f64>,
     rss_after_setup: u64,
     rss_after_data: u64,
 }
@@ -425,6 +461,16 @@ fn orchestrate(
     let probe = UsageProbe::start(&args.server_pids)?;
     let cpu_before = proc_stats::self_cpu_seconds();
     let (idle_before, cores) = proc_stats::machine_idle_seconds().map_err(|e| e.to_string())?;
+    let cpus = &args.server_cpus;
+    let cpus_idle = |cpus: &[usize]| -> Result<Option<f64>, String> {
+        if cpus.is_empty() {
+            return Ok(None);
+        }
+        proc_stats::cpus_idle_seconds(cpus)
+            .map(Some)
+            .map_err(|e| format!("--server-cpus: {e}"))
+    };
+    let cpus_idle_before = cpus_idle(cpus)?;
     let t0 = Instant::now();
     control
         .data_start_ns
@@ -453,12 +499,17 @@ fn orchestrate(
     let generator_cpu_s = proc_stats::self_cpu_seconds() - cpu_before;
     let wall_s = t0.elapsed().as_secs_f64();
     let (idle_after, _) = proc_stats::machine_idle_seconds().map_err(|e| e.to_string())?;
+    let server_cpus_busy_s = match (cpus_idle_before, cpus_idle(cpus)?) {
+        (Some(b), Some(a)) => Some((cpus.len() as f64 * wall_s - (a - b)).max(0.0)),
+        _ => None,
+    };
     let rss_after_data = rss_sum(&args.server_pids)?;
     Ok(Window {
         processes,
         wall_s,
         generator_cpu_s,
         machine_busy_cpu_s: (cores as f64 * wall_s - (idle_after - idle_before)).max(0.0),
+        server_cpus_busy_s,
         rss_after_setup,
         rss_after_data,
     })
@@ -471,14 +522,15 @@ pub fn run(args: &TurnArgs) -> Result<TurnReport, String> {
     args.validate()?;
     let start = Instant::now();
     let nonce = run_nonce();
+    let client_net = args.client_net.unwrap_or(ClientNet::LOOPBACK);
     let (peer_socks, peer) = udp::reuseport_sockets(
-        "127.0.0.1:0".parse().map_err(|_| "address")?,
+        SocketAddr::from((args.peer_ip, 0)),
         args.peer_threads,
         Duration::from_millis(50),
     )
     .map_err(|e| format!("peer sockets: {e}"))?;
     let client_socks = (0..args.threads)
-        .map(|_| udp::pktinfo_socket().map(|(s, _)| s))
+        .map(|_| udp::pktinfo_socket_on(client_net.is_loopback()).map(|(s, _)| s))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("client socket: {e}"))?;
     let plan = Plan {
@@ -502,6 +554,7 @@ pub fn run(args: &TurnArgs) -> Result<TurnReport, String> {
         clients: args.clients,
         transport: args.transport,
         alpn: args.alpn,
+        client_net,
     };
     let control = Control::new(args.threads);
     let rss_idle = rss_sum(&args.server_pids)?;
@@ -657,6 +710,8 @@ fn build_report(
         server_usage,
         machine_busy_cpu_s: w.machine_busy_cpu_s,
         others_cpu_s: (w.machine_busy_cpu_s - w.generator_cpu_s - server_cpu).max(0.0),
+        server_cpus: args.server_cpus.clone(),
+        server_cpus_busy_s: w.server_cpus_busy_s,
     }
 }
 
@@ -740,6 +795,12 @@ impl TurnReport {
             "  machine busy    {:.2} CPU-s over {:.1} s, of which {:.2} by other processes\n",
             self.machine_busy_cpu_s, self.window_s, self.others_cpu_s
         );
+        if let Some(b) = self.server_cpus_busy_s {
+            s += &format!(
+                "  server CPUs {:?} busy {b:.2} CPU-s (softirq included)\n",
+                self.server_cpus
+            );
+        }
         if let Some(u) = &self.server_usage {
             let pids: Vec<String> = u.processes.iter().map(|p| p.pid.to_string()).collect();
             s += &format!("  server CPU      {:.2} s", u.cpu_s);
@@ -788,6 +849,15 @@ mod tests {
         a = ok.clone();
         a.server = "192.0.2.1:3478".parse().unwrap();
         assert!(a.validate().is_err(), "loopback only");
+        a.client_net = Some(ClientNet::parse("10.78.0.0/16").unwrap());
+        a.peer_ip = "10.77.0.2".parse().unwrap();
+        assert!(a.validate().is_ok(), "any IPv4 server with --client-net");
+        a.client_net = Some(ClientNet::parse("10.78.0.0/24").unwrap());
+        a.clients = 300;
+        assert!(a.validate().is_err(), "more clients than addresses");
+        a = ok.clone();
+        a.peer_ip = Ipv4Addr::UNSPECIFIED;
+        assert!(a.validate().is_err(), "a peer address to send to");
         a = ok.clone();
         a.size = 16;
         assert!(a.validate().is_err(), "room for the stamp");

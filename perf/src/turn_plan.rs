@@ -103,6 +103,8 @@ pub struct Plan {
     pub transport: crate::turn_stream::Transport,
     /// TLS: offer ALPN `stun.turn`.
     pub alpn: bool,
+    /// Where the clients' source addresses come from.
+    pub client_net: ClientNet,
 }
 
 impl Plan {
@@ -118,9 +120,58 @@ const ADDR_SPACE: u32 = 254 * 256 * 127;
 
 /// Loopback source address number `n` (skips .0 and .255 last octets).
 pub fn client_addr(n: u32) -> Ipv4Addr {
-    let n = n % ADDR_SPACE;
-    let host = n / 254;
-    Ipv4Addr::from(ADDR_BASE + (host << 8) + n % 254 + 1)
+    ClientNet::LOOPBACK.addr(n)
+}
+
+/// The network the clients' source addresses are drawn from: 127.128.0.0/9 on loopback by
+/// default, or (`--client-net`) an IPv4 network the generator's namespace treats as local
+/// (e.g. `ip route add local 10.78.0.0/16 dev lo`), so that clients and server can sit in
+/// different namespaces joined by a veth pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientNet {
+    base: u32,
+    /// Usable addresses: 254 per /24 (last octet 1..=254).
+    space: u32,
+}
+
+impl ClientNet {
+    pub const LOOPBACK: ClientNet = ClientNet {
+        base: ADDR_BASE,
+        space: ADDR_SPACE,
+    };
+
+    /// `a.b.c.d/len` with `len` 8..=24 (host bits are ignored).
+    pub fn parse(s: &str) -> Result<ClientNet, String> {
+        let bad = || format!("{s:?}: expected an IPv4 network a.b.c.d/len, len 8..=24");
+        let (ip, len) = s.split_once('/').ok_or_else(bad)?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+        let len: u32 = len.parse().map_err(|_| bad())?;
+        if !(8..=24).contains(&len) || ip.is_unspecified() || ip.is_multicast() {
+            return Err(bad());
+        }
+        let mask = u32::MAX << (32 - len);
+        Ok(ClientNet {
+            base: u32::from(ip) & mask,
+            space: (1u32 << (24 - len)) * 254,
+        })
+    }
+
+    /// Source address number `n` (wraps; skips .0 and .255 last octets).
+    pub fn addr(&self, n: u32) -> Ipv4Addr {
+        let n = n % self.space;
+        let host = n / 254;
+        Ipv4Addr::from(self.base + (host << 8) + n % 254 + 1)
+    }
+
+    /// Whether the addresses are on loopback (127.0.0.0/8).
+    pub fn is_loopback(&self) -> bool {
+        Ipv4Addr::from(self.base).is_loopback()
+    }
+
+    /// How many distinct addresses it has.
+    pub fn addresses(&self) -> u32 {
+        self.space
+    }
 }
 
 #[cfg(test)]
@@ -141,5 +192,32 @@ mod tests {
             }
         }
         assert_eq!(client_addr(ADDR_SPACE), client_addr(0), "wraps");
+    }
+
+    #[test]
+    fn client_networks_parse_and_stay_inside() {
+        let n = ClientNet::parse("10.78.3.9/16").unwrap();
+        assert!(!n.is_loopback());
+        assert_eq!(n.addresses(), 256 * 254);
+        assert_eq!(n.addr(0), Ipv4Addr::new(10, 78, 0, 1));
+        assert_eq!(n.addr(254), Ipv4Addr::new(10, 78, 1, 1));
+        let last = n.addr(n.addresses() - 1);
+        assert_eq!(last, Ipv4Addr::new(10, 78, 255, 254));
+        assert_eq!(n.addr(n.addresses()), n.addr(0), "wraps");
+        let small = ClientNet::parse("10.79.5.0/24").unwrap();
+        assert_eq!(small.addresses(), 254);
+        assert_eq!(small.addr(253), Ipv4Addr::new(10, 79, 5, 254));
+        for bad in [
+            "10.78.0.0",
+            "10.78.0.0/25",
+            "10.78.0.0/7",
+            "x/16",
+            "0.0.0.0/16",
+            "::1/64",
+        ] {
+            assert!(ClientNet::parse(bad).is_err(), "{bad}");
+        }
+        assert!(ClientNet::LOOPBACK.is_loopback());
+        assert_eq!(ClientNet::LOOPBACK.addr(7), client_addr(7));
     }
 }

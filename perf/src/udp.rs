@@ -85,12 +85,21 @@ pub fn reuseport_sockets(
 /// 127.x.y.z on its port, and [`MsgBatch::new_pktinfo`] batches choose the source address of
 /// each datagram they send. Returns the socket and its port.
 pub fn pktinfo_socket() -> io::Result<(Socket, u16)> {
+    pktinfo_socket_on(true)
+}
+
+/// [`pktinfo_socket`]; with `loopback` false it is not restricted to the loopback device,
+/// for source addresses of a network the namespace holds as local (a `local` route) whose
+/// replies arrive on another interface.
+pub fn pktinfo_socket_on(loopback: bool) -> io::Result<(Socket, u16)> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     // Best effort (unprivileged since Linux 5.7): keeps the wildcard port off the other
     // interfaces. Nothing is ever sent anywhere but loopback either way.
-    let _ = s.bind_device(Some(b"lo"));
+    if loopback {
+        let _ = s.bind_device(Some(b"lo"));
+    }
     let on: libc::c_int = 1;
     // SAFETY: a valid fd and a pointer to an int of the length given.
     let r = unsafe {
