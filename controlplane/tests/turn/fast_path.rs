@@ -14,6 +14,8 @@
 //!   within one second; a peer without a permission is never forwarded.
 //! * `fast_path = "off"` never loads it; `"auto"` with a missing object falls back with one
 //!   log line; `"on"` with a missing object refuses to start.
+//! * Two allocations relaying to each other's relayed address are joined in the kernel:
+//!   ChannelData in, the other channel's ChannelData out, checksums verified on the wire.
 //! * Both packet drivers (io_uring and epoll) install and remove entries.
 //! * coturn's `turnutils_uclient` relays through it to `turnutils_peer` without loss.
 
@@ -201,6 +203,17 @@ impl Lab {
         let v = if on { "on" } else { "off" };
         in_ns_cmd(&self.client_ns, &[&e, "-K", &self.veths[0], "tx", v])?;
         in_ns_cmd(&self.peer_ns, &[&e, "-K", &self.veths[1], "tx", v])?;
+        Ok(())
+    }
+
+    /// Transmit checksum offload of Portico's veth towards the client: off, what user space
+    /// sends there carries a complete checksum too (a capture can check every datagram).
+    fn set_portico_tx_checksum(&self, on: bool) -> Result<(), String> {
+        let ethtool = require("ethtool", "ethtool");
+        let e = ethtool.to_string_lossy();
+        let v = if on { "on" } else { "off" };
+        let dev = format!("{}p", self.veths[0]);
+        in_ns_cmd(&self.portico_ns, &[&e, "-K", &dev, "tx", v])?;
         Ok(())
     }
 
@@ -666,6 +679,200 @@ fn fast_path_relays_a_recorded_stream_like_user_space_without_waking_it() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// IPv4 packets captured in a namespace below the socket layer (AF_PACKET), so their IPv4 and
+/// UDP checksums can be checked as they arrived.
+struct Capture {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Capture {
+    fn start(ns: &str) -> Capture {
+        in_ns(ns, || {
+            use std::os::fd::FromRawFd;
+            let proto = (libc::ETH_P_IP as u16).to_be() as libc::c_int;
+            // SAFETY: a plain socket(2) call; the descriptor is owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+            // SAFETY: fd is a new descriptor nobody else owns.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            let size: libc::c_int = 16 << 20;
+            // SAFETY: a valid descriptor and a pointer to an int of the length given.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            Capture { fd }
+        })
+    }
+
+    /// The IPv4 packets of the UDP datagrams from `from` to `to_ip` captured so far.
+    fn udp(&self, from: SocketAddr, to_ip: Ipv4Addr) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            // SAFETY: buf is valid for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                return out;
+            }
+            let Some(ip) = buf.get(14..n as usize) else {
+                continue;
+            };
+            if ip.len() < 28 || ip[0] != 0x45 || ip[9] != 17 {
+                continue;
+            }
+            let src = SocketAddr::from((
+                Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+                u16::from_be_bytes([ip[20], ip[21]]),
+            ));
+            if src == from && ip[16..20] == to_ip.octets() {
+                out.push(ip.to_vec());
+            }
+        }
+    }
+}
+
+/// Whether an IPv4 packet (no options) carrying UDP has a correct header checksum and a
+/// present, correct UDP checksum.
+fn checksums_ok(ip: &[u8]) -> bool {
+    let sum = |words: &mut dyn Iterator<Item = u16>| -> u16 {
+        let mut s: u32 = 0;
+        for w in words {
+            s += u32::from(w);
+        }
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s as u16
+    };
+    let be = |b: &[u8]| {
+        b.chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))
+            .collect::<Vec<u16>>()
+    };
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if total != ip.len() || sum(&mut be(&ip[..20]).into_iter()) != 0xffff {
+        return false;
+    }
+    let udp = &ip[20..];
+    if udp[6..8] == [0, 0] {
+        return false;
+    }
+    let mut pseudo = be(&ip[12..20]);
+    pseudo.push(17);
+    pseudo.push(udp.len() as u16);
+    pseudo.extend(be(udp));
+    sum(&mut pseudo.into_iter()) == 0xffff
+}
+
+/// Two clients whose channels lead to each other's relayed address (relay-only ICE through
+/// one server): the kernel turns one's ChannelData straight into the other's, byte for byte,
+/// with checksums that verify on the wire; padded ChannelData takes the user-space path;
+/// either way `/metrics` counts every packet once out of one allocation and once into the
+/// other.
+#[test]
+fn fast_path_joins_two_allocations_that_relay_to_each_other() {
+    const T: &str = "fast_path_joins_two_allocations_that_relay_to_each_other";
+    let Some(lab) = lab_or_skip(T) else { return };
+    let Some(fast) = fast_portico(&lab, T) else {
+        return;
+    };
+    let (c, server) = (lab.client, lab.server());
+    let client = move || TurnClient::from(IpAddr::V4(c), server, USER, PASSWORD);
+    let mut a = in_ns(&lab.client_ns, client);
+    let mut b = in_ns(&lab.client_ns, client);
+    let (ra, rb) = (a.allocate(), b.allocate());
+    assert!(a.bind(CHANNEL, rb).is_success(), "ChannelBind a -> b");
+    assert!(b.bind(CHANNEL + 1, ra).is_success(), "ChannelBind b -> a");
+    std::thread::sleep(Duration::from_millis(500));
+    let stream = recorded_stream();
+    let n = stream.len() as u64;
+    // Padded ChannelData (every other packet, unless its length is a multiple of 4) goes to
+    // user space; the rest is joined in the kernel.
+    let padded = |i: usize, p: &[u8]| i.is_multiple_of(2) && !p.len().is_multiple_of(4);
+    let joined = stream
+        .iter()
+        .enumerate()
+        .filter(|(i, p)| !padded(*i, p))
+        .count() as u64;
+    let wait = Duration::from_secs(2);
+    let one_way = |from: &TurnClient, to: &TurnClient, out: u16, back: u16| {
+        for (i, p) in stream.iter().enumerate() {
+            from.channel_data(out, p, i % 2 == 0);
+            match to.recv_relayed(wait) {
+                Some(Relayed::Channel { number, data }) => {
+                    assert_eq!((number, &data), (back, p), "packet {i} ({} bytes)", p.len())
+                }
+                other => panic!("packet {i} ({} bytes) did not arrive: {other:?}", p.len()),
+            }
+        }
+    };
+
+    // The padded datagrams come from user space's socket: with offload off on Portico's
+    // side their checksums are complete on the wire too.
+    lab.set_portico_tx_checksum(false).unwrap();
+    let capture = Capture::start(&lab.client_ns);
+    let csum_before = lab.checksum_errors();
+    let before = fast.metrics();
+    one_way(&a, &b, CHANNEL, CHANNEL + 1);
+    one_way(&b, &a, CHANNEL + 1, CHANNEL);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let after = loop {
+        let m = fast.metrics();
+        let d = counter(&m, "portico_fastpath_packets", &[])
+            - counter(&before, "portico_fastpath_packets", &[]);
+        if d >= 4 * joined || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let d = |name: &str, labels: &[(&str, &str)]| {
+        counter(&after, name, labels) - counter(&before, name, labels)
+    };
+    // Each packet: once out of the sender's allocation, once into the receiver's.
+    assert_eq!(d("portico_fastpath_packets", &[]), 4 * joined, "{after}");
+    let up = [("direction", "client_to_peer")];
+    let down = [("direction", "peer_to_client")];
+    assert_eq!(d("portico_relay_packets", &up), 2 * n, "{after}");
+    assert_eq!(d("portico_relay_packets", &down), 2 * n, "{after}");
+    let bytes: u64 = stream.iter().map(|p| p.len() as u64).sum();
+    assert_eq!(d("portico_relay_bytes", &up), 2 * bytes);
+    assert_eq!(d("portico_relay_bytes", &down), 2 * bytes);
+    // As they arrived at the clients' namespace: every datagram from the listen address,
+    // checksums correct.
+    let seen = capture.udp(lab.server(), lab.client);
+    assert_eq!(
+        seen.len() as u64,
+        2 * n,
+        "captured datagrams to the clients"
+    );
+    for (i, ip) in seen.iter().enumerate() {
+        assert!(
+            checksums_ok(ip),
+            "datagram {i} to a client: bad checksum {ip:02x?}"
+        );
+    }
+    assert_eq!(lab.checksum_errors(), csum_before, "UDP checksum errors");
+
+    // With transmit checksum offload on (CHECKSUM_PARTIAL packets), the same.
+    lab.set_portico_tx_checksum(true).unwrap();
+    lab.set_tx_checksum(true).unwrap();
+    one_way(&a, &b, CHANNEL, CHANNEL + 1);
+    one_way(&b, &a, CHANNEL + 1, CHANNEL);
 }
 
 #[test]

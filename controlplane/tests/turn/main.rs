@@ -16,8 +16,9 @@
 //! One port for HTTPS and TURN over TLS (`proxy.turn_on_https`): curl routed by Host and
 //! TURN clients (uclient without ALPN, a client with ALPN `stun.turn`) on the same port.
 //! The kernel fast path (fast_path.rs) with client, Portico and peer in namespaces of their
-//! own: a recorded stream identical to the user-space relay's, counters, removal within a
-//! second, no permission no forwarding, fallback, uclient; aioice's agents and headless
+//! own: a recorded stream identical to the user-space relay's, two allocations relaying to
+//! each other joined in the kernel, counters, removal within a second, no permission no
+//! forwarding, fallback, uclient; aioice's agents and headless
 //! Chromium relay-to-relay through it (fast_path_ice.rs).
 
 use std::net::{IpAddr, SocketAddr};
