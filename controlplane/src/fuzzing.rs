@@ -1,5 +1,5 @@
-//! Entry points of the reverse proxy's fuzz targets (`fuzz/fuzz_targets/{http,sip,ldap,h323}_sniff.rs`,
-//! run by `scripts/fuzz.sh`). They live in the library so that `tests/proxy/fuzz_regressions.rs`
+//! Entry points of the reverse proxy's fuzz targets (`fuzz/fuzz_targets/{http,sip,ldap,h323}_sniff.rs`
+//! and `tls_hello.rs`, run by `scripts/fuzz.sh`). They live in the library so that `tests/proxy/fuzz_regressions.rs`
 //! replays the committed seed corpus and every input a fuzzer crashed on with a plain
 //! `cargo test`.
 //!
@@ -14,6 +14,7 @@ use crate::proxy::sniff::http::{
 };
 use crate::proxy::sniff::ldap::Ldap;
 use crate::proxy::sniff::sip::Sip;
+use crate::proxy::sniff::turn::{client_hello, first_bytes, Verdict, ALPN_TURN, HELLO_PEEK};
 use crate::proxy::sniff::{Check, Guard, Monitor, Refusal, Sniffed, Sniffer, Step};
 
 const REFUSALS: [Refusal; 5] = [
@@ -282,4 +283,87 @@ pub fn h323_sniff(data: &[u8]) {
     stream_sniff(&H323, data, |r| {
         panic!("H.323 has no refusal in the stream, got {r:02x?}")
     });
+}
+
+/// What rustls makes of a TLS record holding a ClientHello: `Some(offers stun.turn)` when it
+/// accepts the hello, `None` when it refuses it or wants more.
+fn rustls_offers_turn(record: &[u8]) -> Option<bool> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rd = record;
+    while !rd.is_empty() {
+        match acceptor.read_tls(&mut rd) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+    let accepted = acceptor.accept().ok()??;
+    let hello = accepted.client_hello();
+    let offers = hello
+        .alpn()
+        .is_some_and(|mut names| names.any(|n| n == ALPN_TURN));
+    Some(offers)
+}
+
+/// TURN on the HTTPS port: the ClientHello peek (ALPN `stun.turn`) and the first decrypted
+/// bytes check (`proxy/sniff/turn.rs`). The first byte picks the peek sizes, the rest is
+/// what the client sends. Checks: a peek of any length answers "need more" or the verdict
+/// of the whole input, never another; "need more" only while the first record is
+/// incomplete and fits `HELLO_PEEK`; a hello taken for TURN names `stun.turn`; and whenever
+/// rustls accepts the first record as a ClientHello, the verdict is TURN exactly when
+/// rustls sees `stun.turn` among the offered protocols.
+pub fn tls_hello(data: &[u8]) {
+    let Some((sel, stream)) = split(data) else {
+        return;
+    };
+    let step = read_size(sel, stream.len());
+    for (check, name) in [
+        (client_hello as fn(&[u8]) -> Verdict, "client_hello"),
+        (first_bytes, "first_bytes"),
+    ] {
+        let whole = check(stream);
+        let mut n = 0;
+        while n < stream.len() {
+            n = (n + step).min(stream.len());
+            let v = check(&stream[..n]);
+            assert!(
+                v == Verdict::NeedMore || v == whole,
+                "{name}: {v:?} after {n} bytes, {whole:?} for all"
+            );
+        }
+        if name == "first_bytes" {
+            // The proxy decides on 8 bytes at most.
+            assert!(
+                stream.len() < 8 || whole != Verdict::NeedMore,
+                "first_bytes"
+            );
+        }
+    }
+    let verdict = client_hello(stream);
+    if stream.len() < 5 {
+        return;
+    }
+    let record_end = 5 + usize::from(u16::from_be_bytes([stream[3], stream[4]]));
+    if verdict == Verdict::NeedMore {
+        assert!(
+            stream.len() < record_end && record_end <= HELLO_PEEK,
+            "need more with {} bytes of a {record_end}-byte record",
+            stream.len()
+        );
+    }
+    if verdict == Verdict::Turn {
+        let record = &stream[5..record_end];
+        assert!(
+            record.windows(ALPN_TURN.len()).any(|w| w == ALPN_TURN),
+            "TURN without stun.turn"
+        );
+    }
+    if let Some(record) = stream.get(..record_end) {
+        if let Some(offers) = rustls_offers_turn(record) {
+            assert_eq!(
+                verdict == Verdict::Turn,
+                offers,
+                "rustls accepts the hello and says stun.turn offered: {offers}, we say {verdict:?}"
+            );
+        }
+    }
 }
