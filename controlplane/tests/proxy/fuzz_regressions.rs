@@ -16,6 +16,7 @@ use ldap3_proto::proto::{
 };
 use ldap3_proto::LdapCodec;
 use portico::fuzzing;
+use portico::proxy::sniff::turn::Verdict;
 use tokio_util::codec::Encoder;
 
 use portico_testkit::fuzz::{fuzz_dir, replay};
@@ -49,7 +50,7 @@ fn tls_hello_inputs() {
 /// captured, and rustls') are TURN, the others not.
 #[test]
 fn tls_hello_seeds_are_real_hellos() {
-    use portico::proxy::sniff::turn::{client_hello, Verdict};
+    use portico::proxy::sniff::turn::client_hello;
     let dir = fuzz_dir().join("corpus/tls_hello");
     for (name, want) in [
         ("seed-openssl-alpn-stun-turn", Verdict::Turn),
@@ -319,11 +320,95 @@ fn tls_hello_seeds() -> Seeds {
             b"GET / HTTP/1.1\r\nHost: pbx.example.com\r\n\r\n".to_vec(),
         ),
     ];
-    hellos
+    let mut out: Seeds = hellos
         .into_iter()
         .enumerate()
         .map(|(i, (name, m))| (name.to_string(), with_sel(sel(1 + (i as u8 * 5 % 16)), &m)))
-        .collect()
+        .collect();
+    out.extend(
+        built_hellos()
+            .into_iter()
+            .map(|(name, spec, _)| (name.to_string(), spec)),
+    );
+    out
+}
+
+/// `tls_hello` seeds in its building mode (selector bit 6: the harness builds the
+/// ClientHello from extension items, see `portico::fuzzing::tls_hello`), with the verdict
+/// rustls and the peek must agree on.
+fn built_hellos() -> Vec<(&'static str, Vec<u8>, bool)> {
+    let item = |t: u8, body: &[u8]| {
+        let mut v = vec![t, body.len() as u8];
+        v.extend_from_slice(body);
+        v
+    };
+    // server_name "turn.example.com", supported_versions TLS 1.3 and 1.2,
+    // signature_algorithms rsa_pss_rsae_sha256 (rustls accepts no hello without it).
+    let mut sni = vec![0, 19, 0, 0, 16];
+    sni.extend_from_slice(b"turn.example.com");
+    let versions = [4, 3, 4, 3, 3];
+    let sigalgs = [0, 2, 8, 4];
+    let spec = |sel: u8, items: &[Vec<u8>]| {
+        let mut v = vec![0x40 | sel];
+        for i in items {
+            v.extend_from_slice(i);
+        }
+        v
+    };
+    vec![
+        (
+            "built-sni-alpn-h2-stun-turn",
+            spec(
+                0x03,
+                &[
+                    item(0x80, &sni),
+                    item(0, b"h2,stun.turn"),
+                    item(0x80 | 43, &versions),
+                    item(0x80 | 13, &sigalgs),
+                ],
+            ),
+            true,
+        ),
+        (
+            "built-alpn-stun-turn-first",
+            spec(
+                0x00,
+                &[item(0, b"stun.turn,http/1.1"), item(0x80 | 13, &sigalgs)],
+            ),
+            true,
+        ),
+        (
+            "built-alpn-near-miss",
+            spec(
+                0x07,
+                &[
+                    item(0x80, &sni),
+                    item(0, b"stun.tur,stun.turn2,h2"),
+                    item(0x80 | 13, &sigalgs),
+                ],
+            ),
+            false,
+        ),
+        (
+            "built-no-alpn",
+            spec(0x0f, &[item(0x80 | 13, &sigalgs)]),
+            false,
+        ),
+    ]
+}
+
+/// The building mode reaches rustls: it accepts every built seed, and the peek agrees.
+#[test]
+fn tls_hello_built_seeds_reach_rustls() {
+    for (name, spec, turn) in built_hellos() {
+        let want = if turn {
+            Verdict::Turn
+        } else {
+            Verdict::NotTurn
+        };
+        let (verdict, rustls) = fuzzing::tls_hello_verdicts(&spec);
+        assert_eq!((verdict, rustls), (want, Some(turn)), "{name}");
+    }
 }
 
 /// Writes the seed corpora under `fuzz/corpus/`:
