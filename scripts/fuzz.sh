@@ -14,6 +14,12 @@
 #   sip_sniff      proxy: SIP first-message sniffer, refusals, monitor   (max_len 4096)
 #   ldap_sniff     proxy: LDAP first-message sniffer, refusals, monitor  (max_len 4096)
 #   h323_sniff     proxy: H.323 first-message sniffer, guard, monitor    (max_len 4096)
+#   tls_hello      proxy port 443: ClientHello ALPN stun.turn peek and the
+#                  first decrypted bytes, peeks of any length, against rustls (max_len 4096)
+#   handoff_header the fd hand-off header proxy -> dataplane, round trip  (max_len 64)
+#   tcp_framing    TURN over TCP/TLS: STUN/ChannelData framing of a stream read
+#                  in chunks of any size, frames into the core (RFC 6062) (max_len 4096)
+#   media_srtp     media relay: SRTP/SRTCP tag check before latching, legs  (max_len 4096)
 #   (sip, ldap and h323 also run the per-message guard on the stream, and
 #   check that reads of any size give the same answers as the whole stream)
 #
@@ -37,6 +43,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 ALL="stun_parse server_handle turn_auth config_load http_sniff sip_sniff ldap_sniff h323_sniff"
+ALL="$ALL tls_hello handoff_header tcp_framing media_srtp"
 TARGET=${1:-all}
 RUNS=${2:-10000000}
 SANITIZER=${FUZZ_SANITIZER:-none}
@@ -47,6 +54,7 @@ max_len() {
     case $1 in
         stun_parse) echo 1500 ;;
         config_load) echo 12288 ;;
+        handoff_header) echo 64 ;;
         *) echo 4096 ;;
     esac
 }

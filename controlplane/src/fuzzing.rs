@@ -1,5 +1,5 @@
-//! Entry points of the reverse proxy's fuzz targets (`fuzz/fuzz_targets/{http,sip,ldap,h323}_sniff.rs`,
-//! run by `scripts/fuzz.sh`). They live in the library so that `tests/proxy/fuzz_regressions.rs`
+//! Entry points of the reverse proxy's fuzz targets (`fuzz/fuzz_targets/{http,sip,ldap,h323}_sniff.rs`
+//! and `tls_hello.rs`, run by `scripts/fuzz.sh`). They live in the library so that `tests/proxy/fuzz_regressions.rs`
 //! replays the committed seed corpus and every input a fuzzer crashed on with a plain
 //! `cargo test`.
 //!
@@ -14,6 +14,7 @@ use crate::proxy::sniff::http::{
 };
 use crate::proxy::sniff::ldap::Ldap;
 use crate::proxy::sniff::sip::Sip;
+use crate::proxy::sniff::turn::{client_hello, first_bytes, Verdict, ALPN_TURN, HELLO_PEEK};
 use crate::proxy::sniff::{Check, Guard, Monitor, Refusal, Sniffed, Sniffer, Step};
 
 const REFUSALS: [Refusal; 5] = [
@@ -282,4 +283,142 @@ pub fn h323_sniff(data: &[u8]) {
     stream_sniff(&H323, data, |r| {
         panic!("H.323 has no refusal in the stream, got {r:02x?}")
     });
+}
+
+/// What rustls makes of a TLS record holding a ClientHello: `Some(offers stun.turn)` when it
+/// accepts the hello, `None` when it refuses it or wants more.
+fn rustls_offers_turn(record: &[u8]) -> Option<bool> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rd = record;
+    while !rd.is_empty() {
+        match acceptor.read_tls(&mut rd) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+    let accepted = acceptor.accept().ok()??;
+    let hello = accepted.client_hello();
+    let offers = hello
+        .alpn()
+        .is_some_and(|mut names| names.any(|n| n == ALPN_TURN));
+    Some(offers)
+}
+
+/// A ClientHello record built from `spec`, so that the fuzzer reaches the extensions
+/// without having to keep four nested lengths right. `spec` is items of a type byte, a
+/// length byte and that many bytes: type bit 7 clear, an ALPN extension whose protocol
+/// names are the bytes split at `,`; set, an extension of type `type & 0x7f` with the bytes
+/// as its data. The lengths around them are written right.
+fn build_hello(spec: &[u8]) -> Vec<u8> {
+    let mut exts = Vec::new();
+    let mut input = spec;
+    while let [t, n, rest @ ..] = input {
+        let (body, more) = rest.split_at(usize::from(*n).min(rest.len()));
+        input = more;
+        if t & 0x80 == 0 {
+            let mut list = Vec::new();
+            for name in body.split(|&b| b == b',') {
+                list.push(name.len() as u8); // at most 255 bytes
+                list.extend_from_slice(name);
+            }
+            exts.extend_from_slice(&16u16.to_be_bytes());
+            exts.extend_from_slice(&(list.len() as u16 + 2).to_be_bytes());
+            exts.extend_from_slice(&(list.len() as u16).to_be_bytes());
+            exts.extend_from_slice(&list);
+        } else {
+            exts.extend_from_slice(&u16::from(t & 0x7f).to_be_bytes());
+            exts.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            exts.extend_from_slice(body);
+        }
+    }
+    // TLS 1.2 legacy version, random, no session id, TLS_AES_128_GCM_SHA256, null compression.
+    let mut hello = vec![3, 3];
+    hello.extend_from_slice(&[0x5a; 32]);
+    hello.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    hello.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    hello.extend_from_slice(&exts);
+    let mut record = vec![0x16, 3, 1, 0, 0, 1];
+    record.extend_from_slice(&(hello.len() as u32).to_be_bytes()[1..]);
+    record.extend_from_slice(&hello);
+    let len = (record.len() - 5) as u16;
+    record[3..5].copy_from_slice(&len.to_be_bytes());
+    record
+}
+
+/// TURN on the HTTPS port: the ClientHello peek (ALPN `stun.turn`) and the first decrypted
+/// bytes check (`proxy/sniff/turn.rs`). The first byte picks the peek sizes (bits 0-3) and,
+/// with bit 6, that the rest is a [`build_hello`] spec rather than what the client sends.
+/// Checks: a peek of any length answers "need more" or the verdict
+/// of the whole input, never another; "need more" only while the first record is
+/// incomplete and fits `HELLO_PEEK`; a hello taken for TURN names `stun.turn`; and whenever
+/// rustls accepts the first record as a ClientHello, the verdict is TURN exactly when
+/// rustls sees `stun.turn` among the offered protocols.
+pub fn tls_hello(data: &[u8]) {
+    tls_hello_verdicts(data);
+}
+
+/// [`tls_hello`], returning the ClientHello verdict and what rustls made of the first
+/// record (`None`: refused, incomplete or no record).
+pub fn tls_hello_verdicts(data: &[u8]) -> (Verdict, Option<bool>) {
+    let Some((sel, rest)) = split(data) else {
+        return (Verdict::NeedMore, None);
+    };
+    let built;
+    let stream = if sel & 0x40 != 0 {
+        built = build_hello(rest);
+        &built[..]
+    } else {
+        rest
+    };
+    let step = read_size(sel, stream.len());
+    for (check, name) in [
+        (client_hello as fn(&[u8]) -> Verdict, "client_hello"),
+        (first_bytes, "first_bytes"),
+    ] {
+        let whole = check(stream);
+        let mut n = 0;
+        while n < stream.len() {
+            n = (n + step).min(stream.len());
+            let v = check(&stream[..n]);
+            assert!(
+                v == Verdict::NeedMore || v == whole,
+                "{name}: {v:?} after {n} bytes, {whole:?} for all"
+            );
+        }
+        if name == "first_bytes" {
+            // The proxy decides on 8 bytes at most.
+            assert!(
+                stream.len() < 8 || whole != Verdict::NeedMore,
+                "first_bytes"
+            );
+        }
+    }
+    let verdict = client_hello(stream);
+    if stream.len() < 5 {
+        return (verdict, None);
+    }
+    let record_end = 5 + usize::from(u16::from_be_bytes([stream[3], stream[4]]));
+    if verdict == Verdict::NeedMore {
+        assert!(
+            stream.len() < record_end && record_end <= HELLO_PEEK,
+            "need more with {} bytes of a {record_end}-byte record",
+            stream.len()
+        );
+    }
+    if verdict == Verdict::Turn {
+        let record = &stream[5..record_end];
+        assert!(
+            record.windows(ALPN_TURN.len()).any(|w| w == ALPN_TURN),
+            "TURN without stun.turn"
+        );
+    }
+    let rustls = stream.get(..record_end).and_then(rustls_offers_turn);
+    if let Some(offers) = rustls {
+        assert_eq!(
+            verdict == Verdict::Turn,
+            offers,
+            "rustls accepts the hello and says stun.turn offered: {offers}, we say {verdict:?}"
+        );
+    }
+    (verdict, rustls)
 }

@@ -14,12 +14,19 @@ use std::time::{Duration, Instant};
 
 use portico_shared::config::Config;
 
-use crate::server::{Action, Now, Received, Server, Settings, Transport, HEADROOM};
+use portico_shared::counters::Counter;
+use portico_shared::shm::{EventKind, MediaFailure, MediaRequest};
+
+use crate::io::tcp::{stream_frame, StreamFrame};
+use crate::io::uring::PAYLOAD_CAPACITY;
+use crate::media::srtp::{self, LegKey, MASTER_LEN};
+use crate::media::{Command, Media, MediaControl, MediaCtx, PublishedLegs};
+use crate::server::{Action, Now, Received, Server, Settings, Stats, Transport, HEADROOM};
 use crate::stun::integrity::{ALGORITHM_SHA256, DEFAULT_PASSWORD_ALGORITHMS};
 use crate::stun::MessageWriter;
 use crate::stun::{attr, integrity, message_len_from_header, method, Class, Message};
 use crate::turn::auth::{rest_key, NONCE_BYTES};
-use crate::turn::{ControlPlane, DefaultRoutes, RelayIo, Reserved, TurnShared};
+use crate::turn::{ControlPlane, DefaultRoutes, Events, RelayIo, Reserved, TcpEvent, TurnShared};
 
 /// STUN parsing, every attribute decoder and the integrity checks.
 pub fn stun_parse(data: &[u8]) {
@@ -114,22 +121,27 @@ struct Shared {
     turn: Arc<TurnShared>,
 }
 
-fn new_shared() -> Shared {
+/// `conns`: stream connection indices between the listen sockets and the relay sockets.
+fn new_shared(conns: usize) -> Shared {
     let config = Config::from_toml(CONFIG).unwrap_or_else(|e| panic!("fuzz config: {e}"));
     let routes = DefaultRoutes::default();
     let settings = Arc::new(Settings::from_config(&config, &[5u8; 32], &routes));
     let turn = Arc::new(TurnShared::new(1));
-    let server = Server::new(
+    let first_relay = settings.endpoints.len() + conns;
+    let server = Server::with_first_relay(
         settings,
         Arc::clone(&turn),
         &[1; 32],
         ControlPlane::detached(),
+        first_relay,
     );
     Shared { server, turn }
 }
 
 thread_local! {
     static SHARED: RefCell<Option<Shared>> = const { RefCell::new(None) };
+    /// The same with room for stream connections (the TCP driver's indices).
+    static STREAM_SHARED: RefCell<Option<Shared>> = const { RefCell::new(None) };
 }
 
 /// The protocol core for one input: the server, its clock and its relay sockets. Building a
@@ -197,14 +209,52 @@ impl Core<'_> {
         }
     }
 
+    /// Hands a message framed from stream connection `conn` to the server, as the TCP
+    /// driver does; returns the Pipe event when a ConnectionBind made it a data connection.
+    fn handle_stream(&mut self, conn: usize, from: SocketAddr, frame: &[u8]) -> bool {
+        let mut buf = vec![0u8; 2048];
+        let n = frame.len().min(buf.len() - HEADROOM);
+        buf[HEADROOM..HEADROOM + n].copy_from_slice(&frame[..n]);
+        let now = self.now();
+        let rx = Received {
+            transport: Transport::Tcp,
+            socket: 0,
+            from,
+            buf: &mut buf,
+            start: HEADROOM,
+            len: n,
+        };
+        if let Action::Send { offset, len, .. } =
+            self.server.handle_stream(now, &mut self.io, rx, conn)
+        {
+            assert!(
+                offset.checked_add(len).is_some_and(|end| end <= buf.len()),
+                "reply at {offset}+{len} outside the buffer"
+            );
+        }
+        let mut events = Vec::new();
+        self.server.take_tcp_events(&mut events);
+        events
+            .iter()
+            .any(|e| matches!(e, TcpEvent::Pipe { conn: k, .. } if *k == conn))
+    }
+
     fn relay_socket(&self, b: u8) -> usize {
         self.first_relay + usize::from(b % 4)
     }
 }
 
 fn with_core(f: impl FnOnce(&mut Core<'_>)) {
-    SHARED.with_borrow_mut(|s| {
-        let Shared { server, turn } = s.get_or_insert_with(new_shared);
+    with_core_in(&SHARED, 0, f)
+}
+
+fn with_core_in(
+    slot: &'static std::thread::LocalKey<RefCell<Option<Shared>>>,
+    conns: usize,
+    f: impl FnOnce(&mut Core<'_>),
+) {
+    slot.with_borrow_mut(|s| {
+        let Shared { server, turn } = s.get_or_insert_with(|| new_shared(conns));
         let first_relay = server.turn().first_relay_socket;
         let mut core = Core {
             server,
@@ -561,4 +611,454 @@ pub fn turn_auth_replies(data: &[u8]) -> Vec<Vec<u8>> {
         }
     });
     replies
+}
+
+// ---- The hand-off header -------------------------------------------------------------------
+
+/// The fd hand-off header (`portico_shared::handoff::parse_header`), as the dataplane's
+/// hand-off reader (`io/handoff.rs`) reads each datagram. Any bytes give a header or
+/// nothing; a header read is the one the control plane writes for its kind and client
+/// (but for the unused bytes behind an IPv4 address); and a header written from the input's
+/// bytes (any kind, family, port, address) reads back as written, or is refused only for
+/// port 0 or an unspecified address.
+pub fn handoff_header(data: &[u8]) {
+    use portico_shared::handoff::{header, parse_header, HEADER_LEN, MAGIC};
+    if let Some((kind, client)) = parse_header(data) {
+        assert_eq!(data.len(), HEADER_LEN);
+        assert_eq!(&data[..4], MAGIC);
+        assert!(
+            client.port() != 0 && !client.ip().is_unspecified(),
+            "{client}"
+        );
+        let again = header(kind, client);
+        let used = if client.is_ipv4() { 12 } else { HEADER_LEN };
+        assert_eq!(
+            again[..used],
+            data[..used],
+            "header rewritten for {kind} {client}"
+        );
+        assert_eq!(parse_header(&again), Some((kind, client)));
+    }
+    let mut b = [0u8; 20];
+    for (d, s) in b.iter_mut().zip(data) {
+        *d = *s;
+    }
+    let port = u16::from_be_bytes([b[1], b[2]]);
+    let ip = if b[3] & 1 == 0 {
+        IpAddr::V4(Ipv4Addr::new(b[4], b[5], b[6], b[7]))
+    } else {
+        let mut o = [0u8; 16];
+        o.copy_from_slice(&b[4..20]);
+        IpAddr::V6(Ipv6Addr::from(o))
+    };
+    let client = SocketAddr::new(ip, port);
+    let want = (port != 0 && !ip.is_unspecified()).then_some((b[0], client));
+    assert_eq!(parse_header(&header(b[0], client)), want, "{client}");
+}
+
+// ---- TURN over a stream ----------------------------------------------------------------------
+
+/// Read sizes from a selector byte: up to 1, 2, ... 4096 bytes (the low nibble), varied by
+/// a generator the byte seeds, but at most 256 reads per stream.
+struct ReadSizes {
+    max: usize,
+    min: usize,
+    rng: u32,
+}
+
+impl ReadSizes {
+    fn new(sel: u8, len: usize) -> ReadSizes {
+        const MAX: [usize; 16] = [
+            1, 2, 3, 4, 5, 7, 8, 13, 20, 64, 100, 512, 1000, 1500, 2048, 4096,
+        ];
+        ReadSizes {
+            max: MAX[usize::from(sel & 0x0f)],
+            min: len / 256,
+            rng: u32::from(sel) | 0x100,
+        }
+    }
+
+    fn next(&mut self) -> usize {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 17;
+        self.rng ^= self.rng << 5;
+        (1 + self.rng as usize % self.max).max(self.min)
+    }
+}
+
+/// `stream` framed at once: its frames, where the framing stopped, and whether it stopped
+/// at bytes that are no frame (the connection closes there).
+fn frames_at_once(stream: &[u8]) -> (Vec<&[u8]>, usize, bool) {
+    let mut frames = Vec::new();
+    let mut start = 0;
+    loop {
+        match stream_frame(&stream[start..]) {
+            StreamFrame::NeedMore => return (frames, start, false),
+            StreamFrame::Bad => return (frames, start, true),
+            StreamFrame::Frame(t) => {
+                assert!(
+                    t >= 4 && t <= stream.len() - start && t <= PAYLOAD_CAPACITY,
+                    "frame of {t} bytes at {start}"
+                );
+                frames.push(&stream[start..start + t]);
+                start += t;
+            }
+        }
+    }
+}
+
+/// TURN over TCP and TLS (RFC 8656 §12.5, RFC 6062): a client's byte stream read in chunks
+/// of any size into a connection's input buffer (the TCP driver's size) and cut into STUN
+/// messages and padded ChannelData by the driver's framer (`io/tcp/conn.rs`,
+/// `stream_frame`); the frames then go to the protocol core as the messages of one stream
+/// connection (Allocate, Connect, ConnectionBind, ChannelData over TCP). The first byte picks
+/// the read sizes and the client, the rest is the stream. Reads of any size must give the
+/// same frames as the stream at once, stop at the same framing error, and leave the same
+/// bytes unframed; the buffer never fills up without a frame in it (a frame always fits).
+pub fn tcp_framing(data: &[u8]) {
+    tcp_framing_frames(data);
+}
+
+/// [`tcp_framing`], returning the lengths of the frames and whether the stream was refused.
+pub fn tcp_framing_frames(data: &[u8]) -> (Vec<usize>, bool) {
+    let Some((&sel, stream)) = data.split_first() else {
+        return (Vec::new(), false);
+    };
+    let (whole, end, bad) = frames_at_once(stream);
+    let mut reads = ReadSizes::new(sel, stream.len());
+    let mut buf = vec![0u8; PAYLOAD_CAPACITY];
+    let (mut in_len, mut pos) = (0, 0);
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    let mut closed = false;
+    while pos < stream.len() && !closed {
+        assert!(
+            in_len < buf.len(),
+            "the input buffer filled up without a frame in it"
+        );
+        let n = reads.next().min(buf.len() - in_len).min(stream.len() - pos);
+        buf[in_len..in_len + n].copy_from_slice(&stream[pos..pos + n]);
+        in_len += n;
+        pos += n;
+        let mut start = 0;
+        loop {
+            match stream_frame(&buf[start..in_len]) {
+                StreamFrame::NeedMore => break,
+                StreamFrame::Bad => {
+                    closed = true;
+                    break;
+                }
+                StreamFrame::Frame(t) => {
+                    frames.push(buf[start..start + t].to_vec());
+                    start += t;
+                }
+            }
+        }
+        buf.copy_within(start..in_len, 0);
+        in_len -= start;
+    }
+    assert_eq!(frames.len(), whole.len(), "frames in reads and at once");
+    for (i, (a, b)) in frames.iter().zip(&whole).enumerate() {
+        assert_eq!(a.as_slice(), *b, "frame {i}");
+    }
+    assert_eq!(closed, bad, "a framing error in reads and at once");
+    if !closed {
+        assert_eq!(in_len, stream.len() - end, "bytes left unframed");
+    }
+    with_core_in(&STREAM_SHARED, 4, |core| {
+        let conn = core.first_relay - 1;
+        let from = client(sel >> 4);
+        for f in &whole {
+            if core.handle_stream(conn, from, f) {
+                // A data connection now: what follows is the peer's.
+                break;
+            }
+        }
+        let now = core.now();
+        core.server.stream_closed(now, &mut core.io, conn, from);
+    });
+    (whole.iter().map(|f| f.len()).collect(), bad)
+}
+
+// ---- Media: the SRTP check and the relay's legs ---------------------------------------------
+
+/// Media relay sockets: indices from 100, by local address.
+#[derive(Default)]
+struct MediaIo {
+    open: Vec<(usize, SocketAddr)>,
+    next: usize,
+}
+
+impl RelayIo for MediaIo {
+    fn open(&mut self, addr: SocketAddr, _: bool) -> io::Result<usize> {
+        if self.open.iter().any(|(_, a)| *a == addr) {
+            return Err(io::Error::from(io::ErrorKind::AddrInUse));
+        }
+        self.next += 1;
+        let i = 100 + self.next;
+        self.open.push((i, addr));
+        Ok(i)
+    }
+    fn reserve(&mut self, _: SocketAddr) -> io::Result<Reserved> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    fn adopt(&mut self, _: Reserved, _: bool) -> io::Result<usize> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    fn release(&mut self, _: Reserved) {}
+    fn close(&mut self, socket: usize) {
+        self.open.retain(|(i, _)| *i != socket);
+    }
+}
+
+/// One session request, and what became of it.
+#[derive(Default)]
+struct MediaCtl {
+    queue: Vec<Command>,
+    created: Option<[SocketAddr; 2]>,
+}
+
+impl MediaControl for MediaCtl {
+    fn worker(&self) -> (usize, usize) {
+        (0, 1)
+    }
+    fn commands(&mut self, out: &mut Vec<Command>) {
+        out.append(&mut self.queue);
+    }
+    fn created(&mut self, _: usize, locals: [SocketAddr; 2]) {
+        self.created = Some(locals);
+    }
+    fn failed(&mut self, _: usize, why: MediaFailure) {
+        panic!("the fuzz session was refused: {why:?}");
+    }
+    fn publish(&mut self, _: usize, _: PublishedLegs) {}
+    fn ended(&mut self, _: usize) {}
+}
+
+struct NoEvents;
+
+impl Events for NoEvents {
+    fn report(&mut self, _: EventKind, _: IpAddr, _: u64) {}
+}
+
+const MEDIA_CONFIG: &str = r#"
+[turn]
+relay_ip = "127.0.0.1"
+allow_peers = ["127.0.0.0/8"]
+[media]
+ports = "40000-40009"
+learn_window = "2s"
+idle_timeout = "10s"
+"#;
+
+/// RFC 3711 Appendix B.3's master key and salt: leg 0's SRTP key.
+const MASTER: [u8; MASTER_LEN] = [
+    0xE1, 0xF9, 0x7A, 0x0D, 0x3E, 0x01, 0x8B, 0xE0, 0xD6, 0x4F, 0xA3, 0x2C, 0x06, 0xDE, 0x41, 0x39,
+    0x0E, 0xC6, 0x75, 0xAD, 0x49, 0x8A, 0xFE, 0xEB, 0xB6, 0x96, 0x0B, 0x3A, 0xAB, 0xE6,
+];
+/// Its SRTP authentication key (RFC 3711 B.3, label 0x01, the first 20 bytes).
+const RTP_AUTH: [u8; 20] = [
+    0xCE, 0xBE, 0x32, 0x1F, 0x6F, 0xF7, 0x71, 0x6B, 0x6F, 0xD4, 0xAB, 0x49, 0xAF, 0x25, 0x6A, 0x15,
+    0x6D, 0x38, 0xBA, 0xA4,
+];
+
+/// What the media harness keeps between inputs: settings and the leg keys.
+struct MediaShared {
+    settings: Settings,
+    key: LegKey,
+    rtp: aws_lc_rs::hmac::Key,
+    rtcp: aws_lc_rs::hmac::Key,
+}
+
+fn new_media_shared() -> MediaShared {
+    use aws_lc_rs::hmac;
+    let config = Config::from_toml(MEDIA_CONFIG).unwrap_or_else(|e| panic!("media config: {e}"));
+    let routes = DefaultRoutes::default();
+    let settings = Settings::from_config(&config, &[6u8; 32], &routes);
+    let key = LegKey::new(&MASTER).unwrap_or_else(|| panic!("SRTP key"));
+    let mut rtcp = [0u8; 20];
+    srtp::derive(&MASTER, srtp::LABEL_RTCP_AUTH, &mut rtcp).unwrap_or_else(|_| panic!("SRTCP key"));
+    let alg = hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY;
+    MediaShared {
+        settings,
+        key,
+        rtp: hmac::Key::new(alg, &RTP_AUTH),
+        rtcp: hmac::Key::new(alg, &rtcp),
+    }
+}
+
+thread_local! {
+    static MEDIA: RefCell<Option<MediaShared>> = const { RefCell::new(None) };
+}
+
+/// The tag an SRTP (rollover counter 0) or SRTCP packet without its tag should carry.
+fn srtp_tag(m: &MediaShared, body: &[u8], rtcp: bool) -> [u8; 10] {
+    use aws_lc_rs::hmac;
+    let full = if rtcp {
+        hmac::sign(&m.rtcp, body)
+    } else {
+        let mut c = hmac::Context::with_key(&m.rtp);
+        c.update(body);
+        c.update(&[0; 4]);
+        c.sign()
+    };
+    let mut tag = [0u8; 10];
+    tag.copy_from_slice(&full.as_ref()[..10]);
+    tag
+}
+
+/// Whether `packet` is SRTP (SRTCP) that leg 0's key authenticates, computed here from the
+/// RFC 3711 test vector's key rather than by the code under test.
+fn srtp_valid(m: &MediaShared, packet: &[u8], rtcp: bool) -> bool {
+    if packet.len() < 22 || packet[0] >> 6 != 2 {
+        return false;
+    }
+    let (body, tag) = packet.split_at(packet.len() - 10);
+    srtp_tag(m, body, rtcp) == tag
+}
+
+/// The SRTP/SRTCP authentication check (`media/srtp.rs`) and the media relay's learning
+/// path, which runs it on every packet from a new source of a leg with a key. One session:
+/// leg 0 with the RFC 3711 B.3 SRTP key, leg 1 without. Per datagram: a control byte (bits
+/// 0-1: leg 0 RTP, leg 0 RTCP, leg 1 RTP, leg 1 RTCP; bits 2-4: the source, one outside
+/// `allow_peers`; bit 5: the harness appends the right tag; bit 6: one bit of the packet is
+/// flipped after signing; bit 7: time passes and the timers run), a length byte and the
+/// bytes. Checks: a packet verifies exactly when its tag is right (computed independently),
+/// a flipped bit never verifies, leg 0 learns a source only from a packet that verifies,
+/// and what is forwarded leaves from the other leg's socket of the same kind, unchanged.
+pub fn media_srtp(data: &[u8]) {
+    media_srtp_forwarded(data);
+}
+
+/// [`media_srtp`], returning per datagram whether it was forwarded.
+pub fn media_srtp_forwarded(data: &[u8]) -> Vec<bool> {
+    let mut forwarded = Vec::new();
+    MEDIA.with_borrow_mut(|slot| {
+        let m = slot.get_or_insert_with(new_media_shared);
+        let mut media = Media::new(0);
+        let mut io = MediaIo::default();
+        let mut stats = Stats::default();
+        let mut control = MediaCtl::default();
+        let t0 = Instant::now();
+        let mut elapsed = Duration::ZERO;
+        let loopback = |last: u8, port: u16| SocketAddr::from(([127, 0, 0, last], port));
+        control.queue.push(Command::Create(MediaRequest {
+            index: 0,
+            id: 1,
+            addresses: [Some(loopback(1, 5000)), Some(loopback(2, 6000))],
+            srtp: [Some(MASTER), None],
+        }));
+        let now = |elapsed: Duration| Now {
+            mono: t0 + elapsed,
+            unix: 1_700_000_000 + elapsed.as_secs(),
+        };
+        media.tick(
+            &mut MediaCtx {
+                settings: &m.settings.media,
+                turn: &m.settings.turn,
+                now: now(elapsed),
+                stats: &mut stats,
+                io: &mut io,
+            },
+            &mut control,
+        );
+        let Some(locals) = control.created else {
+            panic!("no session");
+        };
+        let socket_of = |io: &MediaIo, a: SocketAddr| {
+            io.open
+                .iter()
+                .find(|(_, x)| *x == a)
+                .map(|(i, _)| *i)
+                .unwrap_or_else(|| panic!("no socket for {a}"))
+        };
+        // Leg 0 RTP, leg 0 RTCP, leg 1 RTP, leg 1 RTCP.
+        let sockets: Vec<usize> = locals
+            .iter()
+            .flat_map(|l| [*l, SocketAddr::new(l.ip(), l.port() + 1)])
+            .map(|a| socket_of(&io, a))
+            .collect();
+        let mut input = Input(data);
+        while !input.is_empty() {
+            let ctl = input.byte();
+            let len = usize::from(input.byte());
+            let mut packet = input.bytes(len).to_vec();
+            let which = usize::from(ctl & 3);
+            let rtcp = which & 1 == 1;
+            if ctl & 0x20 != 0 {
+                let tag = srtp_tag(m, &packet, rtcp);
+                packet.extend_from_slice(&tag);
+            }
+            let valid = srtp_valid(m, &packet, rtcp);
+            assert_eq!(m.key.verify(&packet, rtcp), valid, "verify {packet:02x?}");
+            if ctl & 0x40 != 0 && !packet.is_empty() {
+                let bit = usize::from(input.byte()) % (packet.len() * 8).min(256);
+                packet[bit / 8] ^= 1 << (bit % 8);
+                if valid {
+                    assert!(
+                        !m.key.verify(&packet, rtcp),
+                        "bit {bit} flipped still verifies"
+                    );
+                }
+            }
+            let valid = srtp_valid(m, &packet, rtcp);
+            let from = match (ctl >> 2) & 7 {
+                7 => SocketAddr::from(([192, 0, 2, 1], 5000)),
+                k => loopback(1 + k % 3, 5000 + u16::from(k)),
+            };
+            if ctl & 0x80 != 0 {
+                elapsed += Duration::from_millis(u64::from(ctl & 0x3f) * 100);
+                media.tick(
+                    &mut MediaCtx {
+                        settings: &m.settings.media,
+                        turn: &m.settings.turn,
+                        now: now(elapsed),
+                        stats: &mut stats,
+                        io: &mut io,
+                    },
+                    &mut control,
+                );
+            }
+            let mut buf = vec![0u8; HEADROOM + packet.len()];
+            buf[HEADROOM..].copy_from_slice(&packet);
+            let latched = stats.get(Counter::MediaLatched);
+            let socket = sockets[which];
+            let action = media.handle(
+                &mut MediaCtx {
+                    settings: &m.settings.media,
+                    turn: &m.settings.turn,
+                    now: now(elapsed),
+                    stats: &mut stats,
+                    io: &mut io,
+                },
+                &mut NoEvents,
+                socket,
+                from,
+                &buf,
+                HEADROOM,
+                packet.len(),
+            );
+            if which < 2 && stats.get(Counter::MediaLatched) > latched {
+                assert!(
+                    valid,
+                    "leg 0 learned {from} from a packet without a valid tag"
+                );
+            }
+            forwarded.push(action != Action::Drop);
+            if let Action::Send {
+                offset,
+                len,
+                socket: out,
+                ..
+            } = action
+            {
+                assert_eq!(
+                    (offset, len),
+                    (HEADROOM, packet.len()),
+                    "forwarded in place"
+                );
+                assert_eq!(out, sockets[which ^ 2], "leaves from the other leg");
+            }
+        }
+    });
+    forwarded
 }

@@ -79,6 +79,72 @@ fn config_load_inputs() {
     replay("config_load", fuzzing::config_load);
 }
 
+#[test]
+fn handoff_header_inputs() {
+    replay("handoff_header", fuzzing::handoff_header);
+}
+
+#[test]
+fn tcp_framing_inputs() {
+    replay("tcp_framing", fuzzing::tcp_framing);
+}
+
+#[test]
+fn media_srtp_inputs() {
+    replay("media_srtp", fuzzing::media_srtp);
+}
+
+/// The `tcp_framing` seeds reach the core frame by frame: a session's seven messages read
+/// one byte at a time, the largest ChannelData a connection takes, and the refusals.
+#[test]
+fn tcp_framing_cuts_the_seed_streams() {
+    let seeds = tcp_framing_seeds(&stun_messages());
+    let get = |n: &str| &seeds.iter().find(|(name, _)| name == n).unwrap().1;
+    let (frames, bad) = fuzzing::tcp_framing_frames(get("session-reads-1"));
+    assert_eq!((frames.len(), bad), (7, false));
+    assert_eq!(frames[5..], [12, 68]);
+    assert_eq!(
+        fuzzing::tcp_framing_frames(get("channel-data-largest")),
+        (vec![1968], false)
+    );
+    for refused in [
+        "channel-data-too-large",
+        "http-on-turn-port",
+        "rfc3489-no-cookie",
+    ] {
+        assert_eq!(
+            fuzzing::tcp_framing_frames(get(refused)),
+            (Vec::new(), true),
+            "{refused}"
+        );
+    }
+    let (frames, bad) = fuzzing::tcp_framing_frames(get("binding-then-partial"));
+    assert_eq!((frames.len(), bad), (1, false), "a partial message waits");
+}
+
+/// The `media_srtp` target is only worth its name if a packet with the right tag gets past
+/// the SRTP check: the real SRTP packet latches leg 0 and is forwarded, the same packet
+/// without its tag is not, and the session seed goes as `fuzzing::media_srtp` describes.
+#[test]
+fn media_srtp_gets_past_the_srtp_check() {
+    let seeds = media_srtp_seeds();
+    let get = |n: &str| &seeds.iter().find(|(name, _)| name == n).unwrap().1;
+    assert_eq!(fuzzing::media_srtp_forwarded(get("srtp-valid")), [true]);
+    assert_eq!(
+        fuzzing::media_srtp_forwarded(get("srtp-plain-rtp")),
+        [false]
+    );
+    assert_eq!(fuzzing::media_srtp_forwarded(get("srtcp-signed")), [true]);
+    assert_eq!(
+        fuzzing::media_srtp_forwarded(get("srtp-denied-source")),
+        [false]
+    );
+    assert_eq!(
+        fuzzing::media_srtp_forwarded(get("session")),
+        [true, true, true, false, false, false, true]
+    );
+}
+
 // ---- Seed corpus -------------------------------------------------------------------------
 
 /// Named seed inputs of one target.
@@ -450,6 +516,158 @@ fn config_seeds() -> Seeds {
     ]
 }
 
+fn handoff_seeds() -> Seeds {
+    use portico_shared::handoff::{header, KIND_PLAIN, KIND_TLS};
+    let tls = header(KIND_TLS, sa("198.51.100.7:40123"));
+    let plain = header(KIND_PLAIN, sa("[2001:db8::7]:443"));
+    let mapped = header(KIND_PLAIN, sa("[::ffff:192.0.2.1]:5000"));
+    let mut unknown_family = tls;
+    unknown_family[5] = 5;
+    vec![
+        ("tls-v4".into(), tls.to_vec()),
+        ("plain-v6".into(), plain.to_vec()),
+        ("plain-v4-mapped".into(), mapped.to_vec()),
+        ("unknown-family".into(), unknown_family.to_vec()),
+        ("short".into(), tls[..12].to_vec()),
+        (
+            "port-zero".into(),
+            header(KIND_TLS, sa("192.0.2.1:0")).to_vec(),
+        ),
+    ]
+}
+
+/// ChannelData as a client sends it over a stream: padded to 4 bytes.
+fn channel_data_padded(channel: u16, data: &[u8]) -> Vec<u8> {
+    let mut v = channel.to_be_bytes().to_vec();
+    v.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    v.extend_from_slice(data);
+    v.resize(4 + data.len().div_ceil(4) * 4, 0);
+    v
+}
+
+/// `tcp_framing`: a read-size selector byte, then a client's stream.
+fn tcp_framing_seeds(messages: &[(&'static str, Vec<u8>)]) -> Seeds {
+    let get = |n: &str| {
+        messages
+            .iter()
+            .find(|(name, _)| *name == n)
+            .unwrap()
+            .1
+            .clone()
+    };
+    let with = |sel: u8, parts: &[Vec<u8>]| {
+        let mut v = vec![sel];
+        for p in parts {
+            v.extend_from_slice(p);
+        }
+        v
+    };
+    let allocate_tcp = msg(Class::Request, method::ALLOCATE, |w| {
+        w.add_attribute(attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0])
+            .unwrap();
+        w.add_fingerprint().unwrap();
+    });
+    let connect = msg(Class::Request, method::CONNECT, |w| {
+        w.add_xor_address(attr::XOR_PEER_ADDRESS, sa("8.8.8.8:80"))
+            .unwrap();
+    });
+    let connection_bind = msg(Class::Request, method::CONNECTION_BIND, |w| {
+        w.add_attribute(attr::CONNECTION_ID, &[0, 0, 0, 1]).unwrap();
+    });
+    let session = [
+        get("allocate-unauthenticated"),
+        get("allocate-md5"),
+        get("create-permission"),
+        get("channel-bind"),
+        get("send-indication"),
+        channel_data_padded(0x4000, b"hello"),
+        channel_data_padded(0x4000, &[7; 64]),
+    ];
+    vec![
+        ("session-reads-1".into(), with(0x00, &session)),
+        ("session-reads-13".into(), with(0x17, &session)),
+        ("session-at-once".into(), with(0x0f, &session)),
+        (
+            "rfc6062-connect".into(),
+            with(0x29, &[allocate_tcp, connect.clone()]),
+        ),
+        (
+            "rfc6062-connection-bind".into(),
+            with(0x33, &[connection_bind, b"peer bytes".to_vec()]),
+        ),
+        (
+            "binding-then-partial".into(),
+            with(
+                0x05,
+                &[get("binding-request"), get("allocate-md5")[..30].to_vec()],
+            ),
+        ),
+        (
+            "channel-data-largest".into(),
+            with(0x0e, &[channel_data_padded(0x7fff, &[1; 1964])]),
+        ),
+        (
+            "channel-data-too-large".into(),
+            with(0x0b, &[channel_data_padded(0x4001, &[2; 2000])]),
+        ),
+        (
+            "http-on-turn-port".into(),
+            with(0x03, &[b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()]),
+        ),
+        (
+            "rfc3489-no-cookie".into(),
+            with(0x02, &[get("binding-rfc3489"), connect]),
+        ),
+    ]
+}
+
+/// The SRTP authentication key of RFC 3711 B.3's master key (label 0x01), which the
+/// `media_srtp` target gives leg 0.
+const RFC3711_RTP_AUTH: &str = "CE BE 32 1F 6F F7 71 6B 6F D4 AB 49 AF 25 6A 15 6D 38 BA A4";
+
+/// `media_srtp` records: control byte, length byte, bytes (see `fuzzing::media_srtp`).
+fn media_record(ctl: u8, packet: &[u8]) -> Vec<u8> {
+    let mut v = vec![ctl, packet.len() as u8];
+    v.extend_from_slice(packet);
+    v
+}
+
+fn media_srtp_seeds() -> Seeds {
+    use aws_lc_rs::hmac;
+    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &hex(RFC3711_RTP_AUTH));
+    // A complete SRTP packet (PCMU, 160 bytes of payload) with its tag, as a client with
+    // the key sends it: RTP header, payload, HMAC-SHA1-80 over packet and ROC 0.
+    let mut rtp = vec![
+        0x80, 0x00, 0x12, 0x34, 0, 0, 0x0f, 0xa0, 0xde, 0xad, 0xbe, 0xef,
+    ];
+    rtp.extend([0xd5; 160]);
+    let mut signed = rtp.clone();
+    signed.extend([0, 0, 0, 0]);
+    let mut srtp = rtp.clone();
+    srtp.extend(&hmac::sign(&key, &signed).as_ref()[..10]);
+    let rr = vec![0x80, 201, 0, 1, 0xde, 0xad, 0xbe, 0xef, 0x80, 0, 0, 1];
+    let mut session = Vec::new();
+    // Leg 0 from its signalled address: a real SRTP packet, latched.
+    session.extend(media_record(0x00, &srtp));
+    // Leg 1 (no key) answers with plain RTP.
+    session.extend(media_record(0x02 | (1 << 2), &rtp));
+    // Leg 0 RTCP, tagged by the harness; then a forged tag from another source.
+    session.extend(media_record(0x21, &rr));
+    session.extend(media_record(0x08, &srtp[..srtp.len() - 1]));
+    // Time passes past the learn window; a foreign source; a bit flipped.
+    session.extend(media_record(0x80 | 0x3f, &[]));
+    session.extend(media_record(0x0c, &srtp));
+    session.extend(media_record(0x60, &rtp[..100]));
+    session.push(77);
+    vec![
+        ("srtp-valid".into(), media_record(0x00, &srtp)),
+        ("srtp-plain-rtp".into(), media_record(0x00, &rtp)),
+        ("srtcp-signed".into(), media_record(0x21, &rr)),
+        ("srtp-denied-source".into(), media_record(0x1c, &srtp)),
+        ("session".into(), session),
+    ]
+}
+
 /// Writes the seed corpora under `fuzz/corpus/`:
 /// `cargo test -p portico-dataplane --test fuzz_regressions -- --ignored write_seed_corpus`.
 #[test]
@@ -466,6 +684,9 @@ fn write_seed_corpus() {
     sets.push(("server_handle", server_handle_seeds(&messages)));
     sets.push(("turn_auth", turn_auth_seeds()));
     sets.push(("config_load", config_seeds()));
+    sets.push(("handoff_header", handoff_seeds()));
+    sets.push(("tcp_framing", tcp_framing_seeds(&messages)));
+    sets.push(("media_srtp", media_srtp_seeds()));
     for (target, seeds) in sets {
         let dir = fuzz_dir().join("corpus").join(target);
         fs::create_dir_all(&dir).unwrap();

@@ -16,6 +16,7 @@ use ldap3_proto::proto::{
 };
 use ldap3_proto::LdapCodec;
 use portico::fuzzing;
+use portico::proxy::sniff::turn::Verdict;
 use tokio_util::codec::Encoder;
 
 use portico_testkit::fuzz::{fuzz_dir, replay};
@@ -38,6 +39,29 @@ fn ldap_sniff_inputs() {
 #[test]
 fn h323_sniff_inputs() {
     replay("h323_sniff", fuzzing::h323_sniff);
+}
+
+#[test]
+fn tls_hello_inputs() {
+    replay("tls_hello", fuzzing::tls_hello);
+}
+
+/// The seeds are what the target needs: the ClientHellos offering `stun.turn` (openssl's,
+/// captured, and rustls') are TURN, the others not.
+#[test]
+fn tls_hello_seeds_are_real_hellos() {
+    use portico::proxy::sniff::turn::client_hello;
+    let dir = fuzz_dir().join("corpus/tls_hello");
+    for (name, want) in [
+        ("seed-openssl-alpn-stun-turn", Verdict::Turn),
+        ("seed-rustls-alpn-stun-turn", Verdict::Turn),
+        ("seed-rustls-alpn-h2-stun-turn", Verdict::Turn),
+        ("seed-rustls-alpn-http11", Verdict::NotTurn),
+        ("seed-rustls-no-alpn", Verdict::NotTurn),
+    ] {
+        let seed = fs::read(dir.join(name)).expect(name);
+        assert_eq!(client_hello(&seed[1..]), want, "{name}");
+    }
 }
 
 // ---- Seed corpus -------------------------------------------------------------------------
@@ -249,6 +273,144 @@ fn h323_seeds() -> Seeds {
     out
 }
 
+/// A real ClientHello from rustls offering `alpn`, for `server_name`.
+fn client_hello(alpn: &[&[u8]], server_name: &str) -> Vec<u8> {
+    use std::sync::Arc;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).expect("name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(c), name).expect("client");
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).expect("hello");
+    out
+}
+
+/// `tls_hello`: the selector byte (peek sizes), then what a client sends on port 443.
+/// `seed-openssl-alpn-stun-turn` (captured from `openssl s_client -alpn stun.turn`) is
+/// committed as it is and not written here.
+fn tls_hello_seeds() -> Seeds {
+    let hellos: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "rustls-alpn-stun-turn",
+            client_hello(&[b"stun.turn"], "turn.example.com"),
+        ),
+        (
+            "rustls-alpn-h2-stun-turn",
+            client_hello(&[b"h2", b"stun.turn"], "pbx.example.com"),
+        ),
+        (
+            "rustls-alpn-http11",
+            client_hello(&[b"http/1.1"], "pbx.example.com"),
+        ),
+        ("rustls-no-alpn", client_hello(&[], "pbx.example.com")),
+        (
+            "stun-binding",
+            vec![
+                0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+            ],
+        ),
+        ("channel-data", vec![0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4]),
+        (
+            "http-get",
+            b"GET / HTTP/1.1\r\nHost: pbx.example.com\r\n\r\n".to_vec(),
+        ),
+    ];
+    let mut out: Seeds = hellos
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, m))| (name.to_string(), with_sel(sel(1 + (i as u8 * 5 % 16)), &m)))
+        .collect();
+    out.extend(
+        built_hellos()
+            .into_iter()
+            .map(|(name, spec, _)| (name.to_string(), spec)),
+    );
+    out
+}
+
+/// `tls_hello` seeds in its building mode (selector bit 6: the harness builds the
+/// ClientHello from extension items, see `portico::fuzzing::tls_hello`), with the verdict
+/// rustls and the peek must agree on.
+fn built_hellos() -> Vec<(&'static str, Vec<u8>, bool)> {
+    let item = |t: u8, body: &[u8]| {
+        let mut v = vec![t, body.len() as u8];
+        v.extend_from_slice(body);
+        v
+    };
+    // server_name "turn.example.com", supported_versions TLS 1.3 and 1.2,
+    // signature_algorithms rsa_pss_rsae_sha256 (rustls accepts no hello without it).
+    let mut sni = vec![0, 19, 0, 0, 16];
+    sni.extend_from_slice(b"turn.example.com");
+    let versions = [4, 3, 4, 3, 3];
+    let sigalgs = [0, 2, 8, 4];
+    let spec = |sel: u8, items: &[Vec<u8>]| {
+        let mut v = vec![0x40 | sel];
+        for i in items {
+            v.extend_from_slice(i);
+        }
+        v
+    };
+    vec![
+        (
+            "built-sni-alpn-h2-stun-turn",
+            spec(
+                0x03,
+                &[
+                    item(0x80, &sni),
+                    item(0, b"h2,stun.turn"),
+                    item(0x80 | 43, &versions),
+                    item(0x80 | 13, &sigalgs),
+                ],
+            ),
+            true,
+        ),
+        (
+            "built-alpn-stun-turn-first",
+            spec(
+                0x00,
+                &[item(0, b"stun.turn,http/1.1"), item(0x80 | 13, &sigalgs)],
+            ),
+            true,
+        ),
+        (
+            "built-alpn-near-miss",
+            spec(
+                0x07,
+                &[
+                    item(0x80, &sni),
+                    item(0, b"stun.tur,stun.turn2,h2"),
+                    item(0x80 | 13, &sigalgs),
+                ],
+            ),
+            false,
+        ),
+        (
+            "built-no-alpn",
+            spec(0x0f, &[item(0x80 | 13, &sigalgs)]),
+            false,
+        ),
+    ]
+}
+
+/// The building mode reaches rustls: it accepts every built seed, and the peek agrees.
+#[test]
+fn tls_hello_built_seeds_reach_rustls() {
+    for (name, spec, turn) in built_hellos() {
+        let want = if turn {
+            Verdict::Turn
+        } else {
+            Verdict::NotTurn
+        };
+        let (verdict, rustls) = fuzzing::tls_hello_verdicts(&spec);
+        assert_eq!((verdict, rustls), (want, Some(turn)), "{name}");
+    }
+}
+
 /// Writes the seed corpora under `fuzz/corpus/`:
 /// `cargo test -p portico --test proxy -- --ignored write_seed_corpus`.
 #[test]
@@ -259,6 +421,7 @@ fn write_seed_corpus() {
         ("sip_sniff", sip_seeds()),
         ("ldap_sniff", ldap_seeds()),
         ("h323_sniff", h323_seeds()),
+        ("tls_hello", tls_hello_seeds()),
     ] {
         let dir = fuzz_dir().join("corpus").join(target);
         fs::create_dir_all(&dir).unwrap();

@@ -364,38 +364,61 @@ fn read_tls_and_answer(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
     }
 }
 
+/// What the bytes at the start of a TURN stream's input are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamFrame {
+    /// Not yet a complete message: read more.
+    NeedMore,
+    /// A complete STUN message or ChannelData (with its padding) of this many bytes.
+    Frame(usize),
+    /// Neither STUN nor ChannelData, or larger than a frame can be: the connection closes.
+    Bad,
+}
+
+/// Frames the start of a TURN stream (RFC 8656 §12.5, RFC 6062): what
+/// [`frame_all`] cuts off, and `fuzz/fuzz_targets/tcp_framing.rs` checks read by read.
+pub(crate) fn stream_frame(pending: &[u8]) -> StreamFrame {
+    if pending.len() < 4 {
+        return StreamFrame::NeedMore;
+    }
+    let total = if pending[0] & 0xC0 == 0x40 {
+        // ChannelData, padded to 4 bytes over a stream (RFC 8656 §12.5).
+        let len = usize::from(u16::from_be_bytes([pending[2], pending[3]]));
+        4 + len.div_ceil(4) * 4
+    } else {
+        // Refuse what is not STUN as early as its first bytes say so (a TLS ClientHello
+        // on the plain port, an HTTP request): only RFC 5389+ clients exist over TCP, so
+        // the magic cookie must follow.
+        if pending.len() >= 8 && pending[4..8] != stun::MAGIC_COOKIE.to_be_bytes() {
+            return StreamFrame::Bad;
+        }
+        match stun::message_len_from_header(pending) {
+            Some(t) => t,
+            None => return StreamFrame::Bad,
+        }
+    };
+    if total > PAYLOAD_CAPACITY {
+        StreamFrame::Bad
+    } else if pending.len() < total {
+        StreamFrame::NeedMore
+    } else {
+        StreamFrame::Frame(total)
+    }
+}
+
 /// Cuts the complete messages off the input and answers them. Returns true to close.
 fn frame_all(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
     let mut start = 0;
-    while c.in_len - start >= 4 {
+    loop {
         let pending = &c.input[start..c.in_len];
-        let total = if pending[0] & 0xC0 == 0x40 {
-            // ChannelData, padded to 4 bytes over a stream (RFC 8656 §12.5).
-            let len = usize::from(u16::from_be_bytes([pending[2], pending[3]]));
-            4 + len.div_ceil(4) * 4
-        } else {
-            // Refuse what is not STUN as early as its first bytes say so (a TLS ClientHello
-            // on the plain port, an HTTP request): only RFC 5389+ clients exist over TCP, so
-            // the magic cookie must follow.
-            if pending.len() >= 8 && pending[4..8] != stun::MAGIC_COOKIE.to_be_bytes() {
+        let total = match stream_frame(pending) {
+            StreamFrame::NeedMore => break,
+            StreamFrame::Bad => {
                 cx.stats().incr(Counter::DropTcpFraming);
                 return true;
             }
-            match stun::message_len_from_header(pending) {
-                Some(t) => t,
-                None => {
-                    cx.stats().incr(Counter::DropTcpFraming);
-                    return true;
-                }
-            }
+            StreamFrame::Frame(total) => total,
         };
-        if total > PAYLOAD_CAPACITY {
-            cx.stats().incr(Counter::DropTcpFraming);
-            return true;
-        }
-        if pending.len() < total {
-            break;
-        }
         cx.work[HEADROOM..HEADROOM + total].copy_from_slice(&pending[..total]);
         start += total;
         c.last_message = Some(cx.now.mono);

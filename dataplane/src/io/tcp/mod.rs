@@ -40,6 +40,7 @@ use super::{fold, SettingsWatch, Shared, BUF_SIZE, TICK};
 use crate::server::{Action, Now, Received, Server, Stats, Transport, HEADROOM};
 use crate::turn::{StreamLimits, TcpEvent};
 use conn::{flush, queue, serve, Conns};
+pub(crate) use conn::{stream_frame, StreamFrame};
 pub use listen::{bind_listeners, load_tls, Listener};
 use relays::{RelaySock, StreamRelays};
 
