@@ -171,7 +171,7 @@ pub fn program(ports: RawFd, sockets: RawFd) -> Vec<[u8; 8]> {
     p
 }
 
-fn setsockopt_int(
+pub fn setsockopt_int(
     fd: RawFd,
     level: libc::c_int,
     opt: libc::c_int,
