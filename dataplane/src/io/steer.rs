@@ -37,6 +37,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// IPv4 and UDP headers written in front of a steered relay's payload.
 pub const HEADERS: usize = 28;
 
+/// Receive queue of a worker's steered socket (the kernel doubles it for bookkeeping).
+const STEERED_RCVBUF: libc::c_int = 16 << 20;
+
 /// Room in the receive buffer for the peer's address (`sockaddr_in`, padded).
 pub const NAME_LEN: usize = 32;
 /// Room for the `IP_ORIGDSTADDR` control message: `CMSG_SPACE(sizeof(sockaddr_in))`.
@@ -350,8 +353,19 @@ impl Steering {
 fn steered_socket(ip: Ipv4Addr) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     s.set_nonblocking(true)?;
-    // Every relay of the worker arrives here: a deep queue absorbs bursts.
-    let _ = s.set_recv_buffer_size(8 << 20);
+    // Every relay of the worker arrives here, where a socket per relay had a queue each: a
+    // deep queue absorbs bursts. Past net.core.rmem_max with CAP_NET_ADMIN (which loading
+    // the program needs anyway), else up to it.
+    if setsockopt_int(
+        s.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        STEERED_RCVBUF,
+    )
+    .is_err()
+    {
+        let _ = s.set_recv_buffer_size(STEERED_RCVBUF as usize);
+    }
     s.bind(&SocketAddr::from((ip, 0)).into())?;
     setsockopt_int(s.as_raw_fd(), libc::SOL_IP, libc::IP_RECVORIGDSTADDR, 1)?;
     Ok(s.into())
