@@ -40,7 +40,8 @@
 #   profile  where Portico's relay spends CPU: `perf record -e cpu-clock` of Portico and of
 #            coturn under the same TURN load, and callgrind of Portico's dataplane; written
 #            to perf/profile/ (linked from the TURN section).
-#   scale    allocations held: `portico-perf turn-scale` grows Portico, then coturn, through
+#   scale    allocations held: `portico-perf turn-scale` grows Portico with relay_mode =
+#            "shared" (no descriptor per relay), Portico with a socket per relay, then coturn, through
 #            10k, 50k and 100k allocations (one loopback source address per client), each
 #            with a light keep-alive (Refresh, ChannelBind, a ChannelData packet every few
 #            seconds); per level RSS, kernel Slab/SUnreclaim and UDP socket memory, CPU,
@@ -79,7 +80,7 @@
 #   profile: PROFILE_DURATION s of sampling [15], PROFILE_STREAMS [1000]
 #   scale: SCALE_LEVELS ["10000 50000 100000"], SCALE_HOLD s per level [30], SCALE_LIFETIME s
 #          [60], SCALE_REFRESH s [30], SCALE_DATA s between packets [5], SCALE_CHURN_LEVEL
-#          [50000], SCALE_CHURN_DURATION s [20], SCALE_SERVERS ["portico coturn"],
+#          [50000], SCALE_CHURN_DURATION s [20], SCALE_SERVERS ["portico-shared portico coturn"],
 #          SCALE_EXPIRY_MAX s [700] (coturn grants at least its 600 s default lifetime)
 #   BENCH_OUT [perf/RESULTS.md]; KEEP_WORK=1 keeps the temporary directory (per-run JSON and
 #   text reports, server logs). A quick TURN run: TURN_ROUNDS=1 TURN_DURATION=10
@@ -1295,7 +1296,7 @@ run_scale() {
     local levels=${SCALE_LEVELS:-"10000 50000 100000"} hold=${SCALE_HOLD:-30}
     local lifetime=${SCALE_LIFETIME:-60} refresh=${SCALE_REFRESH:-30} data=${SCALE_DATA:-5}
     local churn_level=${SCALE_CHURN_LEVEL:-50000} churn_s=${SCALE_CHURN_DURATION:-20}
-    local servers=${SCALE_SERVERS:-"portico coturn"}
+    local servers=${SCALE_SERVERS:-"portico-shared portico coturn"} relay_mode
     local max=0 l hard_before hard fit server list churn ips i relay_toml relay_flags=()
     local results=$work/scale notes=$work/scale-notes.md t0=$SECONDS started_at tcp=256
     # Allocations beyond the top level for the latency probes and the churn clients, which
@@ -1329,6 +1330,9 @@ run_scale() {
         # One relay socket per allocation; TCP connections, the probes' and churn's
         # allocations and the rest reserved.
         portico) fit=$(scale_fit "$hard" 1 $((tcp + headroom + 600))) ;;
+        # turn.relay_mode = "shared": IPv4 UDP relays hold no descriptor; only the TCP
+        # clients' relays and connections count.
+        portico-shared) fit=$max ;;
         # coturn, UDP clients on a UDP listener: one relay socket per allocation too
         # (checked: 1000 allocations, +1000 descriptors; the table's descriptor column).
         coturn) fit=$(scale_fit "$hard" 1 $((headroom + 600))) ;;
@@ -1344,7 +1348,9 @@ run_scale() {
         dir=$work/$server-scale
         mkdir -p "$dir"
         case $server in
-        portico)
+        portico | portico-shared)
+            relay_mode=socket
+            [[ $server == portico-shared ]] && relay_mode=shared
             api=$("$perf" free-port)
             cat >"$dir/portico.toml" <<TOML
 state_dir = "$dir/state"
@@ -1363,6 +1369,7 @@ default_lifetime = $lifetime
 max_allocations = $((${list##*,} + headroom))
 max_allocations_per_user = $((${list##*,} + headroom))
 tcp_max_connections = $tcp
+relay_mode = "$relay_mode"
 
 [api]
 listen = "127.0.0.1:$api"
@@ -1373,7 +1380,11 @@ TOML
             RUST_LOG="info,portico_dataplane::turn=warn" launch_portico "$dir" io_uring
             wait_turn "$target" "${stop_pids[0]}" ||
                 die "portico does not relay TURN: $(strip_ansi "$dir/log" | tail -5)"
-            echo "- portico's start log: \`$(strip_ansi "$dir/log" | grep -o 'file descriptor limit.*' | head -1)\`" >>"$notes"
+            echo "- $server's start log: \`$(strip_ansi "$dir/log" | grep -o 'file descriptor limit.*' | head -1)\`" >>"$notes"
+            if [[ $server == portico-shared ]]; then
+                strip_ansi "$dir/log" | grep -q 'relay ports steered by sk_lookup' ||
+                    die "portico-shared: relay_mode = \"shared\" did not start: $(strip_ansi "$dir/log" | grep -i 'relay_mode' | head -2)"
+            fi
             ;;
         coturn)
             turnserver -n --listening-ip 127.0.0.1 "${relay_flags[@]}" --relay-threads "$workers" \
@@ -1419,11 +1430,12 @@ TOML
         --command "$(command_line "$@" SCALE_LEVELS SCALE_HOLD SCALE_LIFETIME SCALE_REFRESH SCALE_DATA SCALE_CHURN_LEVEL SCALE_CHURN_DURATION SCALE_SERVERS)" \
         "${facts[@]}" \
         --fact "date=$started_at, $((SECONDS - t0)) s of runs, one run per server; the 2 cores were shared with other agents' builds and tests during the runs" \
+        --fact "portico-shared=the same as portico with \`turn.relay_mode = \"shared\"\` (IPv4 UDP relays steered by sk_lookup to one socket per worker, sent through a raw socket: no descriptor per allocation)" \
         --fact "portico=\`portico run\`, $workers workers, io_uring, listen 127.0.0.1, one user, \`allow_peers = [\"127.0.0.0/8\"]\`, relay_ip 127.0.0.1 to 127.0.0.$ips, relay ports 16384-32767 on each, default_lifetime $lifetime s, max_allocations = the top level + $headroom (probes, churn), tcp_max_connections $tcp, log level info without the per-allocation lines (RUST_LOG=info,portico_dataplane::turn=warn); CPU and RSS = controlplane + dataplane" \
         --fact "coturn=coturn $(turnserver --version 2>/dev/null | head -1), $workers relay threads, no default-lifetime option (a LIFETIME $lifetime request gets its 600 s default, RFC 8656 §7.2), so its expiry wait is longer, the same relay addresses and ports, lt-cred-mech, --max-allocate-lifetime 3600, log to a file (its default level: a few lines per allocation)" \
         --fact "generator=\`portico-perf turn-scale\`, 1 thread, one IP_PKTINFO socket, one loopback source address per client (127.128.0.0/9); per allocation Allocate (401, then with credentials, LIFETIME $lifetime), CreatePermission, ChannelBind to a peer socket of the generator; keep-alive: Refresh every $refresh s, ChannelBind every 240 s, one 64-byte ChannelData every $data s; Allocate latency = round trip of the authenticated Allocate of a fresh client every 100 ms while holding (deleted at once); churn = 16 clients cycling Allocate (401, authenticated) and Refresh 0 from fresh addresses for $churn_s s" \
         --fact "kernel memory=machine-wide /proc/meminfo and /proc/net/sockstat minus the figures with the server idle before its first allocation; other agents' work moves them too" \
-        --server portico --server coturn
+        --server portico-shared --server portico --server coturn
     say "wrote $out"
 }
 

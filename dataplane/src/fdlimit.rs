@@ -70,6 +70,18 @@ impl FdBudget {
         }
     }
 
+    /// With `turn.relay_mode = "shared"` an IPv4 UDP relay holds no descriptor: only the
+    /// relays of TCP/TLS clients (at most one per connection) are bound sockets, plus two
+    /// sockets per worker (steered and raw) and the program's four. IPv6 relays stay
+    /// sockets; with an IPv6 relay address they are wanted, one per allocation, not required.
+    pub fn steered(mut self, workers: usize, v6_relays: bool) -> FdBudget {
+        let max = self.allocations;
+        self.allocations = max.min(self.tcp_connections);
+        self.second_relays = if v6_relays { max } else { 0 };
+        self.fixed += 2 * workers as u64 + 4;
+        self
+    }
+
     /// Adds the media relay's and the NAT maps' sockets: `media_sockets` of them.
     pub fn with_media(mut self, media_sockets: usize) -> FdBudget {
         self.media = media_sockets as u64;
@@ -202,6 +214,20 @@ mod tests {
         assert_eq!(b.wanted(), b.required());
         let d = budget(100_000, true);
         assert_eq!(d.wanted(), d.required() + 100_000);
+    }
+
+    #[test]
+    fn steered_relays_need_descriptors_only_for_tcp_clients_and_ipv6() {
+        let b = budget(100_000, false).steered(2, false);
+        assert_eq!(b.allocations, 4096, "TCP clients' relays only");
+        assert_eq!(b.required(), 4096 + 4096 + 6 + 272 + 8);
+        assert!(
+            b.required() < 20_000,
+            "100,000 allocations fit a 20,000 limit"
+        );
+        assert_eq!(b.wanted(), b.required());
+        let v6 = budget(100_000, true).steered(2, true);
+        assert_eq!(v6.wanted(), v6.required() + 100_000);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use portico_shared::config::{Config, IoMode};
+use portico_shared::config::{Config, IoMode, RelayMode};
 use portico_shared::counters::Counter;
 use portico_shared::shm::{Driver, SharedMemory, MAX_WORKERS};
 
@@ -114,10 +114,12 @@ fn raise_fd_limit(
     settings: &Settings,
     workers: usize,
     listen: usize,
+    steered: bool,
 ) -> Result<(), String> {
     let t = &config.turn;
-    let dual = settings.turn.relay_ip(true).is_some() && settings.turn.relay_ip(false).is_some();
-    let budget = fdlimit::FdBudget::new(
+    let v6 = settings.turn.relay_ip(false).is_some();
+    let dual = settings.turn.relay_ip(true).is_some() && v6;
+    let mut budget = fdlimit::FdBudget::new(
         t.max_allocations,
         dual,
         t.tcp_max_connections,
@@ -126,6 +128,9 @@ fn raise_fd_limit(
         workers,
     )
     .with_media(media_sockets(config));
+    if steered {
+        budget = budget.steered(workers, v6);
+    }
     let r = fdlimit::raise(&budget, t.max_allocations)?;
     if r.all_wanted {
         tracing::info!(
@@ -149,6 +154,46 @@ fn raise_fd_limit(
         );
     }
     Ok(())
+}
+
+/// Sets up `turn.relay_mode = "shared"` (see [`crate::io::steer`]): `"shared"` refuses the
+/// start when it cannot, `"auto"` says why in one line and relays with a socket each.
+fn start_steering(
+    config: &Config,
+    settings: &Settings,
+    driver: Driver,
+    workers: usize,
+) -> Result<Option<Arc<io::steer::Steering>>, String> {
+    let mode = config.turn.relay_mode;
+    if mode == RelayMode::Socket {
+        return Ok(None);
+    }
+    let attempt = || -> Result<io::steer::Steering, String> {
+        if driver != Driver::IoUring {
+            return Err("it needs the io_uring driver".into());
+        }
+        let Some(IpAddr::V4(ip)) = settings.turn.relay_ip(true) else {
+            return Err("it needs an IPv4 relay address".into());
+        };
+        io::steer::Steering::start(workers, config.turn.max_allocations, ip)
+    };
+    match (attempt(), mode) {
+        (Ok(s), _) => {
+            tracing::info!(
+                workers,
+                capacity = config.turn.max_allocations,
+                "relay ports steered by sk_lookup (turn.relay_mode): IPv4 UDP relays hold no descriptor"
+            );
+            Ok(Some(Arc::new(s)))
+        }
+        (Err(e), RelayMode::Shared) => Err(format!("turn.relay_mode = \"shared\": {e}")),
+        (Err(e), _) => {
+            tracing::warn!(
+                "turn.relay_mode = \"auto\": steered relays unavailable ({e}); a socket per relay"
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// Sockets the media relay and the static NAT maps may hold at once: four per media session
@@ -205,8 +250,13 @@ pub fn run(shm_name: &str) -> Result<(), String> {
     let meter_seed = u64::from_ne_bytes(io::random_bytes().map_err(|e| e.to_string())?);
     let settings = settings_for(&config, &secret);
     let addrs = settings.endpoints.addrs().to_vec();
+    let steering = if serving {
+        start_steering(&config, &settings, driver, workers)?
+    } else {
+        None
+    };
     if serving {
-        raise_fd_limit(&config, &settings, workers, addrs.len())?;
+        raise_fd_limit(&config, &settings, workers, addrs.len(), steering.is_some())?;
     }
     // Bind everything before starting any thread, so a bad address fails the start cleanly.
     let tcp_listeners = io::tcp::bind_listeners(&addrs, &config.turn.listen_tls)?;
@@ -252,7 +302,10 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         settings_generation: AtomicU64::new(0),
         settings: Mutex::new(Arc::new(settings)),
         turn: Arc::new(TurnShared::new(meter_seed)),
-        reservations: Arc::new(relay::Reservations::default()),
+        reservations: Arc::new(match steering {
+            Some(s) => relay::Reservations::with_steering(s),
+            None => relay::Reservations::default(),
+        }),
         secret,
         workers,
         fast_path,
@@ -369,12 +422,13 @@ fn apply(shared: &Shared, started_with: &Config, new: &Config, generation: u64) 
         || started_with.turn.pin_workers != new.turn.pin_workers
         || started_with.turn.io != new.turn.io
         || started_with.turn.fast_path != new.turn.fast_path
+        || started_with.turn.relay_mode != new.turn.relay_mode
         || started_with.stun.alternate_ip != new.stun.alternate_ip
         || started_with.stun.alternate_port != new.stun.alternate_port;
     if needs_restart {
         tracing::warn!(
             generation,
-            "turn.listen, turn.listen_tls, turn.workers, turn.pin_workers, turn.io, turn.fast_path and stun.alternate_* take effect when the dataplane restarts"
+            "turn.listen, turn.listen_tls, turn.workers, turn.pin_workers, turn.io, turn.fast_path, turn.relay_mode and stun.alternate_* take effect when the dataplane restarts"
         );
     }
     let mut settings = settings_for(new, &shared.secret);
@@ -383,7 +437,8 @@ fn apply(shared: &Shared, started_with: &Config, new: &Config, generation: u64) 
     if shared.workers > 0 && new.turn.max_allocations > started_with.turn.max_allocations {
         // A raised quota needs its descriptors now; the limit is never lowered.
         let listen = settings.endpoints.addrs().len();
-        if let Err(e) = raise_fd_limit(new, &settings, shared.workers, listen) {
+        let steered = shared.reservations.steering().is_some();
+        if let Err(e) = raise_fd_limit(new, &settings, shared.workers, listen, steered) {
             tracing::error!(generation, "{e}; Allocates past the limit will get 508");
         }
     }

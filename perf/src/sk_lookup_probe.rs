@@ -16,7 +16,9 @@
 use std::io;
 use std::mem;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
+
+use portico_dataplane::io::steer::{bpf, insn, owned, put32, put64, setsockopt_int};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -57,39 +59,6 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_MAP_TYPE_SOCKMAP: u32 = 15;
 const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
 const BPF_SK_LOOKUP: u32 = 36;
-
-fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> io::Result<RawFd> {
-    // SAFETY: the bpf syscall reads (and for some commands writes) at most `size` bytes of
-    // the attribute buffer we own.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(r as RawFd)
-}
-
-fn put32(a: &mut [u8; 128], off: usize, v: u32) {
-    a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
-}
-
-fn put64(a: &mut [u8; 128], off: usize, v: u64) {
-    a[off..off + 8].copy_from_slice(&v.to_ne_bytes());
-}
-
-fn owned(fd: RawFd) -> OwnedFd {
-    // SAFETY: `fd` was just returned by a successful syscall and is owned by nobody else.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-/// One eBPF instruction.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
-    let mut b = [0u8; 8];
-    b[0] = code;
-    b[1] = (src << 4) | (dst & 0x0f);
-    b[2..4].copy_from_slice(&off.to_ne_bytes());
-    b[4..8].copy_from_slice(&imm.to_ne_bytes());
-    b
-}
 
 /// The program: UDP, local port in [low, high], local address one of `ips` → the socket in
 /// slot 0 of the sockmap; anything else → the normal lookup.
@@ -152,28 +121,6 @@ fn program(map_fd: RawFd, ips: &[Ipv4Addr], low: u16, high: u16) -> Vec<[u8; 8]>
     set_off(goto_pass, pass);
     set_off(null_check, pass);
     p
-}
-
-fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    opt: libc::c_int,
-    v: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: a valid fd and a pointer to an int of the length given.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (&v as *const libc::c_int).cast(),
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// One datagram and its original destination (`IP_ORIGDSTADDR`).

@@ -144,6 +144,12 @@ pub struct TurnConfig {
     /// listen and relay addresses): `"auto"` loads it when it can and otherwise runs without
     /// it (one log line), `"on"` refuses to start without it, `"off"` never loads it.
     pub fast_path: FastPathMode,
+    /// How UDP relays over IPv4 hold their ports: `"socket"` (a bound socket each, the
+    /// default), `"shared"` (no descriptor per allocation: an eBPF `sk_lookup` program steers
+    /// the relay ports to one socket per worker and answers leave through a raw socket;
+    /// needs io_uring, `CAP_BPF`/`CAP_NET_ADMIN` and `CAP_NET_RAW`, refuses to start
+    /// without them) or `"auto"` (shared where it can be had, else sockets, one log line).
+    pub relay_mode: RelayMode,
     /// How long a nonce stays valid before a request gets 438 Stale Nonce (plain numbers:
     /// seconds).
     pub nonce_lifetime: Duration,
@@ -205,6 +211,7 @@ impl Default for TurnConfig {
             pin_workers: false,
             io: IoMode::Auto,
             fast_path: FastPathMode::Off,
+            relay_mode: RelayMode::Socket,
             nonce_lifetime: Duration::from_secs(600),
             default_lifetime: Duration::from_secs(600),
             max_lifetime: Duration::from_secs(3600),
@@ -259,6 +266,20 @@ pub enum FastPathMode {
     On,
     /// Never load it (the default: attaching a TC program changes the box's interfaces).
     Off,
+}
+
+/// `turn.relay_mode`: a descriptor per relay, or the relay port range steered to a few
+/// sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    /// One bound UDP socket per relayed address.
+    Socket,
+    /// Relay ports steered by `sk_lookup` to one socket per worker, sent through a raw
+    /// socket; refuse to start where that cannot be set up.
+    Shared,
+    /// Shared where it can be set up, else sockets.
+    Auto,
 }
 
 impl fmt::Display for IoMode {
@@ -1310,6 +1331,21 @@ mod tests {
         }
         let e = Config::from_toml("[turn]\nfast_path = \"maybe\"\n").unwrap_err();
         assert_eq!(e.key, "turn.fast_path");
+    }
+
+    #[test]
+    fn relay_modes_default_socket_and_a_bad_one_names_the_key() {
+        assert_eq!(Config::default().turn.relay_mode, RelayMode::Socket);
+        for (text, mode) in [
+            ("socket", RelayMode::Socket),
+            ("shared", RelayMode::Shared),
+            ("auto", RelayMode::Auto),
+        ] {
+            let c = Config::from_toml(&format!("[turn]\nrelay_mode = \"{text}\"\n")).unwrap();
+            assert_eq!(c.turn.relay_mode, mode);
+        }
+        let e = Config::from_toml("[turn]\nrelay_mode = \"descriptorless\"\n").unwrap_err();
+        assert_eq!(e.key, "turn.relay_mode");
     }
 }
 

@@ -42,6 +42,7 @@ mod port443;
 mod probe;
 mod relay;
 mod scale;
+mod steered;
 mod stream_burst;
 mod tcp;
 mod tcp_idle;

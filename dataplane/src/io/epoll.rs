@@ -40,7 +40,7 @@ impl Relays<'_> {
 
 impl RelayIo for Relays<'_> {
     fn open(&mut self, addr: SocketAddr, dont_fragment: bool) -> io::Result<usize> {
-        let s = relay::bind(addr)?;
+        let s = self.reservations.bind(addr)?;
         self.start(s, dont_fragment)
     }
 

@@ -19,6 +19,7 @@ pub mod media;
 pub mod relay;
 pub mod sockaddr;
 pub mod sockopt;
+pub mod steer;
 pub mod tcp;
 pub mod uring;
 

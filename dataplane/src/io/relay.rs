@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::sockopt;
+use super::steer::Steering;
 use crate::turn::Reserved;
 
 /// Binds a relay socket.
@@ -38,15 +39,40 @@ pub fn prepare(sock: &UdpSocket, dont_fragment: bool) -> io::Result<()> {
 /// Sockets bound for EVEN-PORT reservations and not yet adopted. Shared by all workers,
 /// because a reservation made on one may be redeemed on another; touched only by Allocate
 /// and by expiry, never per packet, so a lock is fine.
+///
+/// Also the process's one door to relay binds: with `turn.relay_mode = "shared"` it holds the
+/// [`Steering`], and every bound relay ([`Reservations::bind`]) checks the steered ports
+/// first.
 #[derive(Default)]
 pub struct Reservations {
     next: AtomicU64,
     sockets: Mutex<HashMap<u64, UdpSocket>>,
+    steering: Option<Arc<Steering>>,
 }
 
 impl Reservations {
+    /// Reservations for a process whose IPv4 relay ports are steered.
+    pub fn with_steering(steering: Arc<Steering>) -> Reservations {
+        Reservations {
+            steering: Some(steering),
+            ..Reservations::default()
+        }
+    }
+
+    pub fn steering(&self) -> Option<&Arc<Steering>> {
+        self.steering.as_ref()
+    }
+
+    /// Binds a relay socket ([`bind`]), never onto a steered port.
+    pub fn bind(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        match &self.steering {
+            Some(s) => s.bind(addr),
+            None => bind(addr),
+        }
+    }
+
     pub fn reserve(&self, addr: SocketAddr) -> io::Result<Reserved> {
-        let s = bind(addr)?;
+        let s = self.bind(addr)?;
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         self.lock().insert(id, s);
         Ok(Reserved(id))

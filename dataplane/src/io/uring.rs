@@ -8,8 +8,9 @@
 //! single `io_uring_enter` that also waits for the next completions. Nothing on this path
 //! allocates or locks: the `msghdr`s the kernel reads live in per-buffer slots allocated once.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use portico_shared::counters::Counter;
 use super::bufring::BufRing;
 use super::relay::{self, Reservations, Slots};
 use super::sockaddr::{self, SOCKADDR_LEN};
+use super::steer::{self, Steering, WorkerSockets};
 use super::{fold, SettingsWatch, Shared, BUF_SIZE, MEDIA_TICK, TICK};
 use crate::server::{Action, Now, Received, Server, Stats, Transport, HEADROOM};
 use crate::turn::{RelayIo, Reserved};
@@ -48,6 +50,14 @@ const KIND_SEND: u64 = 2 << 56;
 const KIND_CANCEL: u64 = 3 << 56;
 const KIND_MASK: u64 = 0xff << 56;
 
+/// The socket index of a worker's steered socket (`turn.relay_mode = "shared"`), past any
+/// real one.
+const STEERED_INDEX: usize = u32::MAX as usize;
+
+// A steered receive splits the name area between the peer's address and the control
+// message carrying the original destination; the payload stays at HEADROOM.
+const _: () = assert!(steer::NAME_LEN + steer::CONTROL_LEN == NAME_AREA);
+
 fn recv_data(index: usize, generation: u16) -> u64 {
     KIND_RECV | u64::from(generation) << 32 | index as u64
 }
@@ -58,13 +68,34 @@ struct SendSlot {
     hdr: libc::msghdr,
     iov: libc::iovec,
     name: [u8; SOCKADDR_LEN],
+    /// Header bytes written in front of the payload (a steered relay's IPv4 + UDP), not
+    /// counted as sent bytes.
+    extra: usize,
+}
+
+/// A relay: a bound socket, or a steered port with no descriptor of its own.
+enum RelaySock {
+    Bound(UdpSocket),
+    Steered {
+        addr: SocketAddrV4,
+        dont_fragment: bool,
+    },
+}
+
+/// This worker's part of the steering: its sockets and its steered relays by address.
+struct Steered {
+    steering: Arc<Steering>,
+    worker: usize,
+    sockets: WorkerSockets,
+    by_addr: HashMap<SocketAddrV4, usize>,
 }
 
 /// Relay sockets plus the ring work their opening and closing needs, queued by the core
 /// (through [`RelayIo`]) and submitted by the loop.
 struct Relays {
-    slots: Slots<UdpSocket>,
+    slots: Slots<RelaySock>,
     reservations: Arc<Reservations>,
+    steered: Option<Steered>,
     to_arm: Vec<usize>,
     to_cancel: Vec<u64>,
 }
@@ -73,7 +104,7 @@ impl Relays {
     /// Stores a bound relay socket and queues its first receive.
     fn start(&mut self, socket: UdpSocket, dont_fragment: bool) -> io::Result<usize> {
         relay::prepare(&socket, dont_fragment)?;
-        let (index, _) = self.slots.insert(socket);
+        let (index, _) = self.slots.insert(RelaySock::Bound(socket));
         self.to_arm.push(index);
         Ok(index)
     }
@@ -81,7 +112,16 @@ impl Relays {
 
 impl RelayIo for Relays {
     fn open(&mut self, addr: SocketAddr, dont_fragment: bool) -> io::Result<usize> {
-        let s = relay::bind(addr)?;
+        if let (Some(st), SocketAddr::V4(a)) = (self.steered.as_mut(), addr) {
+            st.steering.open(a, st.worker)?;
+            let (index, _) = self.slots.insert(RelaySock::Steered {
+                addr: a,
+                dont_fragment,
+            });
+            st.by_addr.insert(a, index);
+            return Ok(index);
+        }
+        let s = self.reservations.bind(addr)?;
         self.start(s, dont_fragment)
     }
 
@@ -102,12 +142,21 @@ impl RelayIo for Relays {
     }
 
     fn close(&mut self, index: usize) {
-        if let Some((sock, generation)) = self.slots.remove(index) {
-            // The pending multishot receive holds its own reference to the socket; cancel it
-            // so the kernel lets go. Its last completion carries the old generation and is
-            // ignored.
-            self.to_cancel.push(recv_data(index, generation));
-            drop(sock);
+        match self.slots.remove(index) {
+            Some((RelaySock::Bound(sock), generation)) => {
+                // The pending multishot receive holds its own reference to the socket; cancel
+                // it so the kernel lets go. Its last completion carries the old generation and
+                // is ignored.
+                self.to_cancel.push(recv_data(index, generation));
+                drop(sock);
+            }
+            Some((RelaySock::Steered { addr, .. }, _)) => {
+                if let Some(st) = self.steered.as_mut() {
+                    st.by_addr.remove(&addr);
+                    st.steering.close(addr);
+                }
+            }
+            None => {}
         }
     }
 }
@@ -120,8 +169,11 @@ struct Worker {
     relays: Relays,
     /// One `msghdr` for every receive: the kernel only reads its name and control lengths.
     recv_hdr: Box<libc::msghdr>,
+    /// The same for the steered socket: a shorter name area, then the control message.
+    steered_hdr: Box<libc::msghdr>,
     send_slots: Box<[SendSlot]>,
     rearm_listen: Vec<bool>,
+    rearm_steered: bool,
 }
 
 fn zeroed_msghdr() -> libc::msghdr {
@@ -164,12 +216,27 @@ fn build_ring() -> io::Result<IoUring> {
 }
 
 impl Worker {
-    fn new(listen: Vec<UdpSocket>, reservations: Arc<Reservations>) -> io::Result<Worker> {
+    fn new(
+        index: usize,
+        listen: Vec<UdpSocket>,
+        reservations: Arc<Reservations>,
+    ) -> io::Result<Worker> {
         let ring = build_ring()?;
         let bufs = BufRing::new(BUFFERS, BUF_SIZE, BUFFER_GROUP)?;
         bufs.register(&ring)?;
         let mut recv_hdr = Box::new(zeroed_msghdr());
         recv_hdr.msg_namelen = NAME_AREA as u32;
+        let mut steered_hdr = Box::new(zeroed_msghdr());
+        steered_hdr.msg_namelen = steer::NAME_LEN as u32;
+        steered_hdr.msg_controllen = steer::CONTROL_LEN;
+        let steered = reservations.steering().and_then(|s| {
+            s.take_worker(index).map(|sockets| Steered {
+                steering: Arc::clone(s),
+                worker: index,
+                sockets,
+                by_addr: HashMap::new(),
+            })
+        });
         let send_slots = (0..BUFFERS)
             .map(|_| SendSlot {
                 hdr: zeroed_msghdr(),
@@ -178,6 +245,7 @@ impl Worker {
                     iov_len: 0,
                 },
                 name: [0; SOCKADDR_LEN],
+                extra: 0,
             })
             .collect();
         let rearm_listen = vec![true; listen.len()];
@@ -186,22 +254,29 @@ impl Worker {
             ring,
             bufs,
             listen,
+            rearm_steered: steered.is_some(),
             relays: Relays {
                 slots: Slots::new(first),
                 reservations,
+                steered,
                 to_arm: Vec::with_capacity(64),
                 to_cancel: Vec::with_capacity(64),
             },
             recv_hdr,
+            steered_hdr,
             send_slots,
             rearm_listen,
         })
     }
 
+    /// The descriptor a receive on socket `index` is armed on.
     fn fd(&self, index: usize) -> Option<i32> {
         match self.listen.get(index) {
             Some(s) => Some(s.as_raw_fd()),
-            None => self.relays.slots.get(index).map(|s| s.as_raw_fd()),
+            None => match self.relays.slots.get(index) {
+                Some(RelaySock::Bound(s)) => Some(s.as_raw_fd()),
+                _ => None,
+            },
         }
     }
 
@@ -235,6 +310,19 @@ impl Worker {
 
     /// Submits the ring work queued this turn: receives to (re-)arm, receives to cancel.
     fn queue_ring_work(&mut self) -> io::Result<()> {
+        if self.rearm_steered {
+            if let Some(st) = &self.relays.steered {
+                let fd = st.sockets.recv.as_raw_fd();
+                let e =
+                    opcode::RecvMsgMulti::new(types::Fd(fd), &*self.steered_hdr, self.bufs.group())
+                        .build()
+                        .user_data(recv_data(STEERED_INDEX, 0));
+                // SAFETY: `steered_hdr` is boxed and lives as long as the ring (field order);
+                // the buffer group is registered.
+                unsafe { self.push(&e)? };
+            }
+            self.rearm_steered = false;
+        }
         for i in 0..self.listen.len() {
             if self.rearm_listen[i] {
                 self.arm(i, 0)?;
@@ -264,10 +352,13 @@ impl Worker {
         let generation = ((data >> 32) & 0xffff) as u16;
         let flags = cqe.flags();
         let is_listen = index < self.listen.len();
-        let current = is_listen || self.relays.slots.is_current(index, generation);
+        let is_steered = index == STEERED_INDEX;
+        let current = is_listen || is_steered || self.relays.slots.is_current(index, generation);
         if !cqueue::more(flags) && current {
             if is_listen {
                 self.rearm_listen[index] = true;
+            } else if is_steered {
+                self.rearm_steered = true;
             } else {
                 self.relays.to_arm.push(index);
             }
@@ -306,15 +397,38 @@ impl Worker {
             self.bufs.give_back(bid);
             return;
         }
-        let Some(from) = sockaddr::decode(&buf[RECVMSG_OUT_LEN..PAYLOAD_OFFSET]) else {
+        let name_end = if is_steered {
+            RECVMSG_OUT_LEN + steer::NAME_LEN
+        } else {
+            PAYLOAD_OFFSET
+        };
+        let Some(from) = sockaddr::decode(&buf[RECVMSG_OUT_LEN..name_end]) else {
             stats.incr(Counter::DropBadSource);
             self.bufs.give_back(bid);
             return;
         };
+        let mut socket = index;
+        if is_steered {
+            // Which relay the peer sent to: the original destination, then this worker's
+            // relay at that address.
+            let relay = self.relays.steered.as_ref().and_then(|st| {
+                let control_len = (field(4) as usize).min(steer::CONTROL_LEN);
+                let dst = steer::orig_dst(&buf[name_end..name_end + control_len])?;
+                st.by_addr.get(&dst).copied()
+            });
+            match relay {
+                Some(r) => socket = r,
+                None => {
+                    stats.incr(Counter::DropNoAllocation);
+                    self.bufs.give_back(bid);
+                    return;
+                }
+            }
+        }
         let len = (filled - PAYLOAD_OFFSET).min(payload_len);
         let rx = Received {
             transport: Transport::Udp,
-            socket: index,
+            socket,
             from,
             buf,
             start: PAYLOAD_OFFSET,
@@ -345,14 +459,44 @@ impl Worker {
         socket: usize,
         to: SocketAddr,
     ) -> io::Result<()> {
-        let fd = self
-            .fd(socket)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         if offset + len > BUF_SIZE {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
+        let (fd, offset, len, extra) = match self.relays.slots.get(socket) {
+            Some(RelaySock::Steered {
+                addr,
+                dont_fragment,
+            }) => {
+                // From a port with no socket: the headers go in front of the payload, and
+                // the raw socket sends the whole datagram.
+                let (SocketAddr::V4(dst), Some(st)) = (to, self.relays.steered.as_ref()) else {
+                    return Err(io::Error::from(io::ErrorKind::InvalidInput));
+                };
+                let start = offset
+                    .checked_sub(steer::HEADERS)
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+                // SAFETY: `bid` is ours until the send completes; the slice is dropped before
+                // the send is queued.
+                let buf = unsafe { self.bufs.buf_mut(bid) };
+                let (head, payload) = buf[start..offset + len].split_at_mut(steer::HEADERS);
+                steer::write_headers(head, *addr, dst, payload, *dont_fragment);
+                (
+                    st.sockets.raw.as_raw_fd(),
+                    start,
+                    len + steer::HEADERS,
+                    steer::HEADERS,
+                )
+            }
+            _ => {
+                let fd = self
+                    .fd(socket)
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+                (fd, offset, len, 0)
+            }
+        };
         let base = self.bufs.buf_ptr(bid);
         let slot = &mut self.send_slots[usize::from(bid)];
+        slot.extra = extra;
         let namelen = sockaddr::encode(to, &mut slot.name);
         // SAFETY: offset + len <= BUF_SIZE (checked above), inside buffer `bid`.
         slot.iov.iov_base = unsafe { base.add(offset) }.cast();
@@ -375,8 +519,9 @@ impl Worker {
         if res < 0 {
             stats.incr(Counter::SendErrors);
         } else {
+            let extra = self.send_slots[usize::from(bid)].extra;
             stats.incr(Counter::TxPackets);
-            stats.add(Counter::TxBytes, res as u64);
+            stats.add(Counter::TxBytes, (res as u64).saturating_sub(extra as u64));
         }
         self.bufs.give_back(bid);
     }
@@ -384,7 +529,7 @@ impl Worker {
 
 /// Runs one worker until the dataplane stops.
 pub fn run(index: usize, shared: Arc<Shared>, sockets: Vec<UdpSocket>) -> io::Result<()> {
-    let mut w = Worker::new(sockets, Arc::clone(&shared.reservations))?;
+    let mut w = Worker::new(index, sockets, Arc::clone(&shared.reservations))?;
     let mut server = shared.new_server(index)?;
     let mut watch = SettingsWatch::new(&shared);
     let block = shared.shm.segment().counters(index);

@@ -100,7 +100,7 @@ impl StreamRelays<'_> {
 
 impl RelayIo for StreamRelays<'_> {
     fn open(&mut self, addr: SocketAddr, dont_fragment: bool) -> io::Result<usize> {
-        let s = relay::bind(addr)?;
+        let s = self.reservations.bind(addr)?;
         self.start(s, dont_fragment)
     }
 

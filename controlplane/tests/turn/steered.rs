@@ -1,0 +1,276 @@
+//! Relays without a descriptor each (`turn.relay_mode = "shared"`): an `sk_lookup` program
+//! steers the relay ports to one socket per worker and relayed packets leave through a raw
+//! socket. Against the real `portico`:
+//!
+//! * hundreds of allocations relay ChannelData and Send indications both ways, the peer
+//!   seeing each come from the relayed address the client was told, while the dataplane's
+//!   descriptor count does not grow with them;
+//! * a deleted allocation's port stops relaying at once (the peer's datagram meets no socket);
+//! * steered ports and bound ones (EVEN-PORT reservations hold a socket) never coincide, in a
+//!   port range so small that they must meet;
+//! * coturn's `turnutils_uclient` relays through steered relays without loss;
+//! * `"shared"` on the epoll driver refuses to start naming the key; `"auto"` falls back with
+//!   one log line.
+//!
+//! Loading the program needs CAP_BPF (or CAP_SYS_ADMIN), CAP_NET_ADMIN and CAP_NET_RAW; where
+//! this process has none of them the tests say so loudly and stop.
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use portico_testkit::portico::run_portico;
+use portico_testkit::process::run;
+use portico_testkit::stun::XOR_RELAYED_ADDRESS;
+use portico_testkit::turn::{udp_transport, EchoPeer, Relayed, TurnClient, PASSWORD, USER};
+use portico_testkit::{Portico, Spec, LOCAL4};
+
+use crate::{coturn_peer, totals, turn_spec, uclient, CLIENTS, LIMIT, MESSAGES};
+
+const EVEN_PORT: u16 = 0x0018;
+const RESERVATION_TOKEN: u16 = 0x0022;
+
+/// Whether this process may load BPF and open raw sockets (the capabilities the mode needs).
+fn privileged() -> bool {
+    // SAFETY: socket(2) with constant arguments; the descriptor is closed at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `fd` is ours.
+    unsafe { libc::close(fd) };
+    true
+}
+
+/// Portico with steered relays, or `None` (said loudly) where the process lacks the rights.
+fn start(name: &str, spec: Spec) -> Option<Portico> {
+    if !privileged() {
+        eprintln!(
+            "SKIPPED {name}: no CAP_NET_RAW/CAP_BPF here, turn.relay_mode = \"shared\" cannot load"
+        );
+        return None;
+    }
+    let p = Portico::start(name, spec.turn("relay_mode = \"shared\""));
+    p.wait_log("relay ports steered by sk_lookup");
+    Some(p)
+}
+
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+}
+
+/// 400 allocations, each with a permission and a channel to an echo peer: ChannelData and a
+/// Send indication go out from the relayed address and the echoes come back; the dataplane
+/// holds no more descriptors than before the first one.
+#[test]
+fn steered_relays_carry_both_ways_from_the_relayed_address_without_a_descriptor_each() {
+    let Some(p) = start(
+        "turn-steered",
+        turn_spec("io_uring", true)
+            .turn("relay_ip = [\"127.0.0.1\", \"127.0.0.2\"]\nmax_allocations_per_user = 1000"),
+    ) else {
+        return;
+    };
+    let peer = EchoPeer::start(LOCAL4);
+    let pid = p.dataplane_pid();
+    let before = descriptors(pid);
+    let mut clients = Vec::new();
+    let mut relays = BTreeSet::new();
+    for i in 0..400u32 {
+        let mut c = TurnClient::new(p.udp4(), USER, PASSWORD);
+        let relayed = c.allocate();
+        assert!(relays.insert(relayed), "relay {relayed} handed out twice");
+        assert!(c.permit(&[peer.addr]).is_success());
+        assert!(c.bind(0x4000, peer.addr).is_success());
+        let payload = format!("steered {i}");
+        c.channel_data(0x4000, payload.as_bytes(), i % 2 == 0);
+        match c.recv_relayed(Duration::from_secs(2)) {
+            Some(Relayed::Channel { number, data }) => {
+                assert_eq!(number, 0x4000);
+                assert_eq!(data, payload.as_bytes(), "client {i}");
+            }
+            other => panic!("client {i}: no echo through {relayed}: {other:?}"),
+        }
+        let from = *peer.sources.lock().unwrap().last().unwrap();
+        assert_eq!(from, relayed, "client {i}: the peer saw another source");
+        clients.push((c, relayed));
+    }
+    let after = descriptors(pid);
+    assert!(
+        after <= before + 8,
+        "400 steered allocations grew the dataplane from {before} to {after} descriptors"
+    );
+    // Send indications (Data indications back) on a sample, large and odd-sized payloads.
+    for (i, (c, relayed)) in clients.iter().enumerate().step_by(40) {
+        let payload: Vec<u8> = (0..1201 + i).map(|b| (b * 7 + i) as u8).collect();
+        c.send_indication(peer.addr, &payload);
+        match c.recv_relayed(Duration::from_secs(2)) {
+            // The peer has a channel: the echo comes back as ChannelData.
+            Some(Relayed::Channel { data, .. }) | Some(Relayed::Indication { data, .. }) => {
+                assert_eq!(data, payload, "client {i} through {relayed}")
+            }
+            other => panic!("client {i}: no echo of a Send indication: {other:?}"),
+        }
+    }
+    let seen: BTreeSet<_> = relays.iter().map(|r| r.ip()).collect();
+    assert_eq!(seen.len(), 2, "both relay addresses steered: {seen:?}");
+
+    // A deleted allocation stops relaying: a datagram to its port reaches nobody (no socket:
+    // the kernel answers port unreachable) and nothing comes out at the client.
+    let (mut c, relayed) = clients.pop().unwrap();
+    assert!(c.refresh(0).is_success());
+    let s = UdpSocket::bind((LOCAL4, 0)).unwrap();
+    s.connect(relayed).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let _ = s.send(b"after delete");
+    let mut buf = [0u8; 64];
+    let second = s.send(b"after delete").and_then(|_| s.recv(&mut buf));
+    assert!(
+        second.is_err(),
+        "a datagram to the deleted relay {relayed} was answered"
+    );
+    assert!(
+        c.recv_relayed(Duration::from_millis(300)).is_none(),
+        "the deleted relay still forwards"
+    );
+}
+
+/// Ports 40000-40015: four EVEN-PORT allocations reserve their odd neighbours with bound
+/// sockets, plain steered allocations fill the rest, the four tokens are redeemed, and every
+/// relayed address is different; the seventeenth Allocate finds the range full.
+#[test]
+fn steered_and_bound_relays_never_share_a_port() {
+    let Some(p) = start(
+        "turn-steered-ports",
+        turn_spec("io_uring", true).turn("relay_ports = \"40000-40015\""),
+    ) else {
+        return;
+    };
+    let mut held = Vec::new();
+    let mut ports = BTreeSet::new();
+    let mut tokens = Vec::new();
+    let mut take = |c: TurnClient, relayed: SocketAddr| {
+        assert!(
+            ports.insert(relayed.port()),
+            "port {} handed out twice",
+            relayed.port()
+        );
+        held.push(c);
+    };
+    for _ in 0..4 {
+        let mut c = TurnClient::new(p.udp4(), USER, PASSWORD);
+        let r = c.allocate_with(&|b| udp_transport(b).attr(EVEN_PORT, &[0x80]));
+        assert!(r.is_success(), "EVEN-PORT Allocate: {:?}", r.code());
+        let relayed = r.xor(XOR_RELAYED_ADDRESS).unwrap();
+        assert_eq!(relayed.port() % 2, 0);
+        tokens.push(r.get(RESERVATION_TOKEN).expect("RESERVATION-TOKEN"));
+        take(c, relayed);
+    }
+    for _ in 0..8 {
+        let mut c = TurnClient::new(p.udp4(), USER, PASSWORD);
+        let relayed = c.allocate();
+        take(c, relayed);
+    }
+    for t in &tokens {
+        let mut c = TurnClient::new(p.udp4(), USER, PASSWORD);
+        let r = c.allocate_with(&|b| udp_transport(b).attr(RESERVATION_TOKEN, t));
+        assert!(r.is_success(), "redeeming a reservation: {:?}", r.code());
+        let relayed = r.xor(XOR_RELAYED_ADDRESS).unwrap();
+        take(c, relayed);
+    }
+    assert_eq!(ports.len(), 16, "{ports:?}");
+    let mut c = TurnClient::new(p.udp4(), USER, PASSWORD);
+    let r = c.allocate_with(&udp_transport);
+    assert_eq!(r.code(), Some(508), "a full range must answer 508");
+    // The redeemed (bound) relays relay too, beside steered ones.
+    let peer = EchoPeer::start(LOCAL4);
+    for (i, c) in held.iter_mut().enumerate() {
+        assert!(c.permit(&[peer.addr]).is_success());
+        c.send_indication(peer.addr, format!("p{i}").as_bytes());
+        match c.recv_relayed(Duration::from_secs(2)) {
+            Some(Relayed::Indication { data, .. }) => assert_eq!(data, format!("p{i}").as_bytes()),
+            other => panic!("relay {i}: {other:?}"),
+        }
+    }
+}
+
+/// coturn's client relays through steered relays to `turnutils_peer` without loss.
+#[test]
+fn uclient_relays_through_steered_relays_without_loss() {
+    let Some(p) = start("turn-steered-uclient", turn_spec("io_uring", true)) else {
+        return;
+    };
+    let peer = coturn_peer(&p);
+    let (port, peer_port, n, m) = (
+        p.port.to_string(),
+        peer.addr.port().to_string(),
+        MESSAGES.to_string(),
+        CLIENTS.to_string(),
+    );
+    let args = [
+        "-c",
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-p",
+        &port,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer_port,
+        "-n",
+        &n,
+        "-m",
+        &m,
+        "-l",
+        "172",
+        "127.0.0.1",
+    ];
+    let r = run(&uclient(), &args, &[], LIMIT);
+    assert!(!r.timed_out, "uclient did not finish:\n{}", r.text);
+    assert_eq!(r.code, Some(0), "uclient failed:\n{}", r.text);
+    let (sent, received) = totals(&r.text).expect("uclient totals");
+    assert!(sent > 0, "uclient sent nothing:\n{}", r.text);
+    assert_eq!(sent, received, "uclient lost packets:\n{}", r.text);
+}
+
+/// `"shared"` needs io_uring: on epoll the start is refused naming the key; `"auto"` starts
+/// with a socket per relay and says why.
+#[test]
+fn shared_on_epoll_is_refused_and_auto_falls_back() {
+    let p = Portico::new(
+        "turn-steered-epoll",
+        turn_spec("epoll", false).turn("relay_mode = \"shared\""),
+    );
+    let out = run_portico(
+        &[
+            OsStr::new("run"),
+            OsStr::new("--config"),
+            p.config_path.as_os_str(),
+        ],
+        &p.dir,
+        Duration::from_secs(20),
+    );
+    assert!(!out.status.success(), "started with shared relays on epoll");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("turn.relay_mode = \"shared\": it needs the io_uring driver"),
+        "refusal lacks the key:\n{text}"
+    );
+    let p = Portico::start(
+        "turn-steered-auto",
+        turn_spec("epoll", true).turn("relay_mode = \"auto\""),
+    );
+    p.wait_log("steered relays unavailable (it needs the io_uring driver)");
+    let mut c = TurnClient::new(p.udp4(), USER, PASSWORD);
+    c.allocate();
+}
