@@ -139,14 +139,16 @@ fn steered_relays_carry_both_ways_from_the_relayed_address_without_a_descriptor_
     );
 }
 
-/// Ports 40000-40015: four EVEN-PORT allocations reserve their odd neighbours with bound
-/// sockets, plain steered allocations fill the rest, the four tokens are redeemed, and every
-/// relayed address is different; the seventeenth Allocate finds the range full.
+/// Ports 61200-61215 of 127.0.0.77 (above the ephemeral range, so no other test's socket
+/// sits there): four EVEN-PORT allocations reserve their odd neighbours with bound sockets,
+/// plain steered allocations fill the rest, the four tokens are redeemed, and every relayed
+/// address is different; the seventeenth Allocate finds the range full.
 #[test]
 fn steered_and_bound_relays_never_share_a_port() {
     let Some(p) = start(
         "turn-steered-ports",
-        turn_spec("io_uring", true).turn("relay_ports = \"40000-40015\""),
+        turn_spec("io_uring", true)
+            .turn("relay_ports = \"61200-61215\"\nrelay_ip = \"127.0.0.77\""),
     ) else {
         return;
     };
