@@ -10,13 +10,19 @@
 //! closes. Connections are named to the core by socket indices between the listen sockets
 //! and the first relay socket, so the core's tables need no notion of a connection.
 //!
-//! Each connection is bounded: a fixed input buffer (a message larger than a UDP one is a
+//! Each connection is bounded: an input buffer of one frame (a message larger than a UDP one is a
 //! framing error), a capped output queue (relayed data for a client that does not read is
 //! dropped and counted, not queued), a deadline for the TLS handshake and first message, an
 //! idle timeout, a cap on connections in total and per source address. The listeners are
 //! bound without `SO_REUSEPORT`, so a second dataplane on the same addresses fails at start
 //! instead of silently sharing the UDP ports. TLS is rustls (aws-lc-rs) with the proxy's
 //! certificate, loaded again whenever the configuration changes.
+//!
+//! System calls per packet are few: a connection read that comes back short ends the read
+//! (edge-triggered polling reports every later arrival), relay sockets are read several
+//! datagrams per `recvmmsg` ([`batch`]), and what peers sent to a client in one loop turn
+//! leaves in one write. An idle connection holds no buffers: input and output buffers are
+//! lent from per-thread spare lists and kept only while bytes are pending.
 
 mod batch;
 mod conn;
