@@ -240,3 +240,107 @@ fn pipelined_requests_are_all_answered() {
     );
     assert_eq!(answered, N);
 }
+
+/// Numbered datagrams from a peer, many per loop turn of the TCP thread (read several per
+/// system call and written to the connection once per turn): the client gets every one, in
+/// the order the peer sent them.
+#[test]
+fn relayed_data_keeps_its_order() {
+    const N: u32 = 2000;
+    let p = Portico::start("turn-tcp-order", turn_spec("auto", true));
+    let mut s = tcp_connect(p.udp4());
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let peer = UdpSocket::bind((LOCAL4, 0)).unwrap();
+    let relayed = allocate_and_bind(&mut s, peer.local_addr().unwrap());
+    let sender = {
+        let peer = peer.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for i in 0..N {
+                // 5..8 bytes: the padding to 4 bytes varies from frame to frame.
+                let mut d = i.to_be_bytes().to_vec();
+                d.resize(5 + (i % 4) as usize, 0xEE);
+                peer.send_to(&d, relayed).unwrap();
+                if i % 100 == 99 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        })
+    };
+    let mut next = 0u32;
+    let mut head = [0u8; 4];
+    let mut body = [0u8; 16];
+    while next < N && s.read_exact(&mut head).is_ok() {
+        assert_eq!(head[..2], [0x40, 0x01], "only ChannelData expected");
+        let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+        assert_eq!(len, 5 + (next % 4) as usize, "datagram {next}: its length");
+        s.read_exact(&mut body[..len.div_ceil(4) * 4])
+            .unwrap_or_else(|e| panic!("datagram {next}: {e}"));
+        let got = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+        assert_eq!(got, next, "datagrams out of order");
+        next += 1;
+    }
+    sender.join().unwrap();
+    assert_eq!(
+        next,
+        N,
+        "datagrams lost (none dropped: {})",
+        p.counter(Counter::DropStreamBacklog)
+    );
+}
+
+/// Partial frames on several connections at once: each connection keeps its own bytes
+/// until the frame is whole (a connection holds an input buffer only while it has a partial
+/// frame), whatever the other connections send in between.
+#[test]
+fn partial_frames_on_many_connections_at_once() {
+    const CONNS: usize = 6;
+    let p = Portico::start("turn-tcp-partial", turn_spec("auto", true));
+    let peer = UdpSocket::bind((LOCAL4, 0)).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut clients: Vec<_> = (0..CONNS)
+        .map(|_| {
+            let mut s = tcp_connect(p.udp4());
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.set_nodelay(true).unwrap();
+            allocate_and_bind(&mut s, peer.local_addr().unwrap());
+            s
+        })
+        .collect();
+    let frame = |k: usize, round: usize| {
+        let payload = vec![(k * 16 + round) as u8; 300 + k];
+        let mut f = vec![0x40, 0x01];
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        f.extend_from_slice(&payload);
+        f.resize(f.len().div_ceil(4) * 4, 0);
+        f
+    };
+    let mut buf = [0u8; 2048];
+    for round in 0..4 {
+        // Every connection sends the first part of a frame (cut at a different place
+        // each round, the header itself included), then the rest in reverse order.
+        let cut = [2, 3, 150, 301][round];
+        for (k, s) in clients.iter_mut().enumerate() {
+            s.write_all(&frame(k, round)[..cut]).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        for (k, s) in clients.iter_mut().enumerate().rev() {
+            s.write_all(&frame(k, round)[cut..]).unwrap();
+        }
+        let mut got = Vec::new();
+        for _ in 0..CONNS {
+            let (n, _) = peer
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            got.push(buf[..n].to_vec());
+        }
+        got.sort_by_key(Vec::len);
+        for (k, d) in got.iter().enumerate() {
+            assert_eq!(d.len(), 300 + k, "round {round}: a datagram's length");
+            assert!(
+                d.iter().all(|b| *b == (k * 16 + round) as u8),
+                "round {round}: connection {k}'s bytes mixed with another's"
+            );
+        }
+    }
+    assert_eq!(p.counter(Counter::DropTcpFraming), 0);
+}

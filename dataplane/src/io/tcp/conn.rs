@@ -27,6 +27,9 @@ pub(super) struct Conn {
     /// The endpoint Binding answers as from; a TLS connection answers as itself.
     pub(super) endpoint: Option<usize>,
     pub(super) tls: Option<Box<ServerConnection>>,
+    /// Bytes read and not yet consumed (a partial frame, or a data connection's bytes its
+    /// peer cannot take yet). Empty (no allocation) while nothing is pending: a connection
+    /// borrows one of the thread's spare buffers for the length of a read ([`lend_input`]).
     pub(super) input: Box<[u8]>,
     pub(super) in_len: usize,
     pub(super) output: Vec<u8>,
@@ -42,9 +45,22 @@ pub(super) struct Conn {
     pub(super) drain_close: bool,
 }
 
+/// Output queues a thread keeps for reuse: a connection holds one only while it has
+/// something unwritten ([`flush`] takes it back), so a few cover the connections being
+/// written at the same time.
+const SPARE_OUTPUTS: usize = 16;
+/// A queue grown larger than this (a burst) is freed when it empties, not kept.
+const SPARE_OUTPUT_CAPACITY: usize = 4096;
+
 /// Appends a message to a connection's output, ChannelData padded to 4 bytes (RFC 8656
-/// §12.5). False when it does not fit under the cap.
-pub(super) fn queue(c: &mut Conn, msg: &[u8], cap: usize) -> bool {
+/// §12.5), in a spare queue if the connection holds none. False when it does not fit
+/// under the cap.
+pub(super) fn queue(c: &mut Conn, msg: &[u8], cap: usize, spare: &mut Vec<Vec<u8>>) -> bool {
+    if c.output.capacity() == 0 {
+        if let Some(v) = spare.pop() {
+            c.output = v;
+        }
+    }
     let pad = if msg.first().is_some_and(|b| b & 0xC0 == 0x40) {
         (4 - msg.len() % 4) % 4
     } else {
@@ -193,7 +209,7 @@ impl Conns {
             peer,
             endpoint,
             tls: session,
-            input: vec![0u8; PAYLOAD_CAPACITY].into_boxed_slice(),
+            input: Box::default(),
             in_len: 0,
             output: Vec::new(),
             opened: now.mono,
@@ -226,21 +242,61 @@ impl Conns {
     }
 }
 
+/// Spare input buffers a thread keeps beyond the one in use: a connection holds one only
+/// while it has a partial frame, so a few cover the connections that do at the same time.
+const SPARE_INPUTS: usize = 16;
+
+/// Gives the connection an input buffer for a read: one of the thread's spares.
+fn lend_input(c: &mut Conn, spare: &mut Vec<Box<[u8]>>) {
+    if c.input.is_empty() {
+        c.input = spare
+            .pop()
+            .unwrap_or_else(|| vec![0u8; PAYLOAD_CAPACITY].into_boxed_slice());
+    }
+}
+
+/// Takes the input buffer back when nothing in it is pending (at most [`SPARE_INPUTS`]
+/// are kept; more are freed).
+fn return_input(c: &mut Conn, spare: &mut Vec<Box<[u8]>>) {
+    if c.in_len == 0 && !c.input.is_empty() {
+        let buf = std::mem::take(&mut c.input);
+        if spare.len() < SPARE_INPUTS {
+            spare.push(buf);
+        }
+    }
+}
+
 /// Reads what is there, answers every complete message, flushes. Returns true to close.
-pub(super) fn serve(c: &mut Conn, cx: &mut Cx<'_, '_>, token: usize, idx: usize) -> bool {
+///
+/// `edge`: called for a readiness event that did not report the peer's end (FIN, error).
+/// Polling is edge-triggered and the kernel reports every arrival, so a read that returns
+/// less than it asked for has emptied the socket: the read after it, which would only hear
+/// `EAGAIN`, is skipped. Without that guarantee (a connection served again after a pause,
+/// an event that also reported the end, a data connection) the socket is read until
+/// `EAGAIN` or end of stream.
+pub(super) fn serve(
+    c: &mut Conn,
+    cx: &mut Cx<'_, '_>,
+    token: usize,
+    idx: usize,
+    edge: bool,
+) -> bool {
+    lend_input(c, cx.spare);
+    let stop_short = edge && c.pipe.is_none();
     let close = if c.tls.is_some() {
-        read_tls_and_answer(c, cx, idx)
+        read_tls_and_answer(c, cx, idx, stop_short)
     } else {
-        read_and_answer(c, cx, idx)
+        read_and_answer(c, cx, idx, stop_short)
     };
     cx.fold();
     // Answers to the messages before a framing error still leave, best effort.
     let failed = flush(c, cx, token);
+    return_input(c, cx.spare);
     close || failed
 }
 
 /// Reads and answers into the output queue. Returns true to close.
-fn read_and_answer(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
+fn read_and_answer(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize, stop_short: bool) -> bool {
     loop {
         if c.in_len == c.input.len() {
             match full(c, cx, idx) {
@@ -249,20 +305,25 @@ fn read_and_answer(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
                 Full::Room => {}
             }
         }
-        match c.stream.read(&mut c.input[c.in_len..]) {
+        let room = c.input.len() - c.in_len;
+        let short = match c.stream.read(&mut c.input[c.in_len..]) {
             Ok(0) => return true,
             Ok(n) => {
                 c.in_len += n;
                 cx.stats().add(Counter::RxBytes, n as u64);
+                n < room
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return true,
-        }
+        };
         // Frame as we go so a client that pipelines many requests is served without the
         // buffer filling up.
         if consume(c, cx, idx) {
             return true;
+        }
+        if short && stop_short {
+            return false;
         }
     }
     consume(c, cx, idx)
@@ -311,8 +372,9 @@ fn consume(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
 
 /// The same over TLS: records in, plaintext framed. A TLS error (a bad record, an alert
 /// from the client) closes the connection, after our alert if rustls has one to send.
-fn read_tls_and_answer(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
+fn read_tls_and_answer(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize, stop_short: bool) -> bool {
     let mut eof = false;
+    let mut drained = false;
     loop {
         // Plaintext rustls holds first (records read before a pause are there).
         loop {
@@ -341,12 +403,22 @@ fn read_tls_and_answer(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
         if eof || consume(c, cx, idx) {
             return true;
         }
+        if drained && stop_short {
+            return false;
+        }
         let Some(tls) = c.tls.as_mut() else {
             return true;
         };
-        match tls.read_tls(&mut c.stream) {
+        let mut rd = ShortRead {
+            inner: &mut c.stream,
+            short: false,
+        };
+        match tls.read_tls(&mut rd) {
             Ok(0) => eof = true,
-            Ok(n) => cx.stats().add(Counter::RxBytes, n as u64),
+            Ok(n) => {
+                drained = rd.short;
+                cx.stats().add(Counter::RxBytes, n as u64);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return true,
@@ -406,6 +478,21 @@ pub(crate) fn stream_frame(pending: &[u8]) -> StreamFrame {
     }
 }
 
+/// The socket under rustls's `read_tls`, telling whether its last read came back short
+/// (the socket emptied).
+struct ShortRead<'a> {
+    inner: &'a mut Stream,
+    short: bool,
+}
+
+impl Read for ShortRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.short = n < buf.len();
+        Ok(n)
+    }
+}
+
 /// Cuts the complete messages off the input and answers them. Returns true to close.
 fn frame_all(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
     let mut start = 0;
@@ -445,14 +532,24 @@ fn frame_all(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
                 cx.send_to_peer(socket, offset, len, to);
                 continue;
             }
-            let mut fits = queue(c, &cx.work[offset..offset + len], cx.limits.max_output);
+            let mut fits = queue(
+                c,
+                &cx.work[offset..offset + len],
+                cx.limits.max_output,
+                cx.out_spare,
+            );
             if !fits {
                 // A client that pipelines requests may have more answers waiting than fit:
                 // they are written out first (a failed write closes the connection).
                 if flush(c, cx, cx.token_base + idx) {
                     return true;
                 }
-                fits = queue(c, &cx.work[offset..offset + len], cx.limits.max_output);
+                fits = queue(
+                    c,
+                    &cx.work[offset..offset + len],
+                    cx.limits.max_output,
+                    cx.out_spare,
+                );
             }
             if !fits {
                 // The client sends requests faster than it reads their answers.
@@ -512,6 +609,12 @@ pub(super) fn flush(c: &mut Conn, cx: &mut Cx<'_, '_>, token: usize) -> bool {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return true,
+        }
+    }
+    if c.output.is_empty() && c.output.capacity() > 0 {
+        let v = std::mem::take(&mut c.output);
+        if v.capacity() <= SPARE_OUTPUT_CAPACITY && cx.out_spare.len() < SPARE_OUTPUTS {
+            cx.out_spare.push(v);
         }
     }
     let want_write = !c.output.is_empty() || c.tls.as_ref().is_some_and(|t| t.wants_write());

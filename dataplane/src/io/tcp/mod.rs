@@ -10,14 +10,21 @@
 //! closes. Connections are named to the core by socket indices between the listen sockets
 //! and the first relay socket, so the core's tables need no notion of a connection.
 //!
-//! Each connection is bounded: a fixed input buffer (a message larger than a UDP one is a
+//! Each connection is bounded: an input buffer of one frame (a message larger than a UDP one is a
 //! framing error), a capped output queue (relayed data for a client that does not read is
 //! dropped and counted, not queued), a deadline for the TLS handshake and first message, an
 //! idle timeout, a cap on connections in total and per source address. The listeners are
 //! bound without `SO_REUSEPORT`, so a second dataplane on the same addresses fails at start
 //! instead of silently sharing the UDP ports. TLS is rustls (aws-lc-rs) with the proxy's
 //! certificate, loaded again whenever the configuration changes.
+//!
+//! System calls per packet are few: a connection read that comes back short ends the read
+//! (edge-triggered polling reports every later arrival), relay sockets are read several
+//! datagrams per `recvmmsg` ([`batch`]), and what peers sent to a client in one loop turn
+//! leaves in one write. An idle connection holds no buffers: input and output buffers are
+//! lent from per-thread spare lists and kept only while bytes are pending.
 
+mod batch;
 mod conn;
 mod listen;
 mod pipe;
@@ -26,6 +33,7 @@ mod relays;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,10 +43,10 @@ use portico_shared::shm::WorkerCounters;
 
 use super::handoff::Handoff;
 use super::relay::Slots;
-use super::uring::PAYLOAD_CAPACITY;
 use super::{fold, SettingsWatch, Shared, BUF_SIZE, TICK};
 use crate::server::{Action, Now, Received, Server, Stats, Transport, HEADROOM};
 use crate::turn::{StreamLimits, TcpEvent};
+use batch::{RecvBatch, BATCH};
 use conn::{flush, queue, serve, Conns};
 pub(crate) use conn::{stream_frame, StreamFrame};
 pub use listen::{bind_listeners, load_tls, Listener};
@@ -74,6 +82,14 @@ struct Cx<'a, 'r> {
     events: &'a mut Vec<TcpEvent>,
     /// Data connections whose paused input may go on (connection slots).
     resume: &'a mut Vec<usize>,
+    /// Input buffers no connection holds (see `conn::serve`).
+    spare: &'a mut Vec<Box<[u8]>>,
+    /// Connections (slots) given relayed data this turn, to be flushed at its end.
+    dirty: &'a mut Vec<usize>,
+    /// Where relay sockets are read into.
+    batch: &'a mut RecvBatch,
+    /// Output queues no connection holds (see `conn::flush`).
+    out_spare: &'a mut Vec<Vec<u8>>,
 }
 
 impl Cx<'_, '_> {
@@ -148,6 +164,10 @@ pub fn run(
     };
     let mut tcp_events = Vec::new();
     let mut resume = Vec::new();
+    let mut spare = Vec::new();
+    let mut dirty = Vec::new();
+    let mut batch = RecvBatch::new();
+    let mut out_spare = Vec::new();
     let mut conns = Conns {
         base,
         slots: Vec::new(),
@@ -199,6 +219,10 @@ pub fn run(
             token_base: base,
             events: &mut tcp_events,
             resume: &mut resume,
+            spare: &mut spare,
+            dirty: &mut dirty,
+            batch: &mut batch,
+            out_spare: &mut out_spare,
         };
         relay_ready.clear();
         relay_ready.append(&mut cx.relays.pending);
@@ -222,8 +246,9 @@ pub fn run(
                 conns.accept_all(&mut cx, l, tls, blacklist);
             } else {
                 let idx = t - base;
+                let edge = !ev.is_read_closed() && !ev.is_error();
                 let close = match conns.slots.get_mut(idx).and_then(|c| c.as_mut()) {
-                    Some(c) => serve(c, &mut cx, t, idx),
+                    Some(c) => serve(c, &mut cx, t, idx, edge),
                     None => false,
                 };
                 if close {
@@ -240,9 +265,10 @@ pub fn run(
             }
         }
         pipe::deliver(&mut conns, &mut cx);
-        // Flush what peers sent to clients this turn.
-        for idx in 0..conns.slots.len() {
-            let close = match conns.slots[idx].as_mut() {
+        // Flush what peers sent to clients this turn: one write per connection, however
+        // many datagrams it was given.
+        while let Some(idx) = cx.dirty.pop() {
+            let close = match conns.slots.get_mut(idx).and_then(|c| c.as_mut()) {
                 Some(c) if !c.output.is_empty() => flush(c, &mut cx, base + idx),
                 _ => false,
             };
@@ -287,73 +313,105 @@ pub fn run(
 
 /// Reads what peers sent to relay socket `r` and queues it for the clients.
 fn from_peers(r: usize, conns: &mut Conns, cx: &mut Cx<'_, '_>) {
-    for n in 0..=BUDGET {
-        if n == BUDGET {
+    let mut read = 0;
+    loop {
+        if read >= BUDGET {
             cx.relays.pending.push(r);
             return;
         }
-        let received = match cx.relays.slots.get(r) {
-            Some(RelaySock::Udp(s)) => s.recv_from(&mut cx.work[HEADROOM..]),
+        let fd = match cx.relays.slots.get(r) {
+            Some(RelaySock::Udp(s)) => s.as_raw_fd(),
             _ => return,
         };
-        let (len, from) = match received {
-            Ok(x) => x,
+        let n = match cx.batch.recv(fd) {
+            Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return,
         };
-        if len > PAYLOAD_CAPACITY {
-            cx.stats().incr(Counter::DropTruncated);
-            continue;
-        }
-        let rx = Received {
-            transport: Transport::Udp,
-            socket: r,
-            from,
-            buf: &mut cx.work[..BUF_SIZE],
-            start: HEADROOM,
-            len,
-        };
-        let action = cx.server.handle(cx.now, &mut *cx.relays, rx);
-        let Action::Send {
-            offset,
-            len,
-            socket,
-            to,
-        } = action
-        else {
-            continue;
-        };
-        let Some(idx) = socket.checked_sub(cx.conn_base) else {
-            cx.stats().incr(Counter::SendErrors);
-            continue;
-        };
-        let conn = conns
-            .slots
-            .get_mut(idx)
-            .and_then(|c| c.as_mut())
-            .filter(|c| c.peer.ip().to_canonical() == to.ip() && c.peer.port() == to.port());
-        let Some(c) = conn else {
-            cx.stats().incr(Counter::SendErrors);
-            continue;
-        };
-        let mut fits = queue(c, &cx.work[offset..offset + len], cx.limits.max_output);
-        if !fits {
-            // The queue may hold only this turn's batch from the relay sockets: write it
-            // out before dropping anything, so a client that reads loses nothing.
-            if flush(c, cx, cx.token_base + idx) {
-                cx.stats().incr(Counter::DropStreamBacklog);
-                conns.close(idx, cx);
+        read += n;
+        for i in 0..n {
+            let Some(d) = cx.batch.get(i) else { break };
+            if d.truncated {
+                cx.stats().incr(Counter::DropTruncated);
                 continue;
             }
-            fits = queue(c, &cx.work[offset..offset + len], cx.limits.max_output);
+            let Some(from) = d.from else {
+                continue;
+            };
+            let len = d.payload.len();
+            cx.work[HEADROOM..HEADROOM + len].copy_from_slice(d.payload);
+            from_peer(r, from, len, conns, cx);
         }
-        if fits {
-            cx.stats().incr(Counter::TxPackets);
-        } else {
-            // A client that does not read loses data, as it would over UDP; its queue
-            // does not grow.
+        if n < BATCH {
+            // The socket is empty (see `batch`).
+            return;
+        }
+    }
+}
+
+/// Relays one datagram a peer sent to relay socket `r` (in `work` at `HEADROOM`).
+fn from_peer(r: usize, from: SocketAddr, len: usize, conns: &mut Conns, cx: &mut Cx<'_, '_>) {
+    let rx = Received {
+        transport: Transport::Udp,
+        socket: r,
+        from,
+        buf: &mut cx.work[..BUF_SIZE],
+        start: HEADROOM,
+        len,
+    };
+    let action = cx.server.handle(cx.now, &mut *cx.relays, rx);
+    let Action::Send {
+        offset,
+        len,
+        socket,
+        to,
+    } = action
+    else {
+        return;
+    };
+    let Some(idx) = socket.checked_sub(cx.conn_base) else {
+        cx.stats().incr(Counter::SendErrors);
+        return;
+    };
+    let conn = conns
+        .slots
+        .get_mut(idx)
+        .and_then(|c| c.as_mut())
+        .filter(|c| c.peer.ip().to_canonical() == to.ip() && c.peer.port() == to.port());
+    let Some(c) = conn else {
+        cx.stats().incr(Counter::SendErrors);
+        return;
+    };
+    if c.output.is_empty() {
+        cx.dirty.push(idx);
+    }
+    let mut fits = queue(
+        c,
+        &cx.work[offset..offset + len],
+        cx.limits.max_output,
+        cx.out_spare,
+    );
+    if !fits {
+        // The queue may hold only this turn's batch from the relay sockets: write it
+        // out before dropping anything, so a client that reads loses nothing.
+        if flush(c, cx, cx.token_base + idx) {
             cx.stats().incr(Counter::DropStreamBacklog);
+            conns.close(idx, cx);
+            return;
         }
+        fits = queue(
+            c,
+            &cx.work[offset..offset + len],
+            cx.limits.max_output,
+            cx.out_spare,
+        );
+    }
+    if fits {
+        cx.stats().incr(Counter::TxPackets);
+    } else {
+        // A client that does not read loses data, as it would over UDP; its queue
+        // does not grow.
+        cx.stats().incr(Counter::DropStreamBacklog);
     }
 }

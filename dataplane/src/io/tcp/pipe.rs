@@ -304,7 +304,7 @@ pub(super) fn deliver(conns: &mut Conns, cx: &mut Cx<'_, '_>) {
     }
     while let Some(idx) = cx.resume.pop() {
         let close = match conns.slots.get_mut(idx).and_then(|c| c.as_mut()) {
-            Some(c) => super::conn::serve(c, cx, conns.base + idx, idx),
+            Some(c) => super::conn::serve(c, cx, conns.base + idx, idx, false),
             None => false,
         };
         if close {
