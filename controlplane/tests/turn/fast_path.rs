@@ -34,18 +34,18 @@ use portico_testkit::portico::portico_bin;
 use portico_testkit::process::{require, Proc};
 use portico_testkit::turn::{Relayed, TurnClient, PASSWORD, REALM_NAME, USER};
 
-const CHANNEL: u16 = 0x4001;
+pub(crate) const CHANNEL: u16 = 0x4001;
 const API_PORT: u16 = 8080;
 
 /// Client, Portico and peer namespaces; removed on drop.
 pub(crate) struct Lab {
     pub(crate) client_ns: String,
     portico_ns: String,
-    peer_ns: String,
+    pub(crate) peer_ns: String,
     client: Ipv4Addr,
     pub(crate) listen: Ipv4Addr,
     pub(crate) relay: Ipv4Addr,
-    peer: Ipv4Addr,
+    pub(crate) peer: Ipv4Addr,
     /// A second peer address with no permission.
     stranger: Ipv4Addr,
     veths: [String; 2],
@@ -276,6 +276,17 @@ impl NsPortico {
     }
 
     fn start_on(lab: &Lab, mode: &str, io: &str, env: &[(&str, &str)]) -> NsPortico {
+        NsPortico::start_with(lab, mode, io, "", env)
+    }
+
+    /// Portico in the lab's namespace with `extra` lines added to `[turn]`.
+    pub(crate) fn start_with(
+        lab: &Lab,
+        mode: &str,
+        io: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> NsPortico {
         let dir = TempDir::new("fast-path");
         let state = dir.join("state");
         std::fs::create_dir_all(&state).unwrap();
@@ -284,7 +295,7 @@ impl NsPortico {
             &config,
             format!(
                 "state_dir = \"{}\"\n\n[turn]\nlisten = [\"{}:3478\"]\nrelay_ip = [\"{}\"]\n\
-                 allow_peers = [\"{}/24\"]\nfast_path = \"{mode}\"\nworkers = 1\nio = \"{io}\"\n\
+                 allow_peers = [\"{}/24\"]\nfast_path = \"{mode}\"\nworkers = 1\nio = \"{io}\"\n{extra}\
                  realm = \"{REALM_NAME}\"\nusers = [{{ name = \"{USER}\", password = \"{PASSWORD}\" }}]\n\n\
                  [api]\nlisten = \"127.0.0.1:{API_PORT}\"\n",
                 state.display(),
@@ -314,7 +325,7 @@ impl NsPortico {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("portico.log")).unwrap_or_default()
     }
 
@@ -354,7 +365,7 @@ impl NsPortico {
     }
 
     /// Waits until the API answers (the dataplane is up when /metrics shows a worker).
-    fn wait_ready(&mut self) {
+    pub(crate) fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some((200, text)) = self.api("GET", "/metrics", "") {
@@ -384,7 +395,7 @@ pub(crate) fn counter(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
 
 /// The recorded stream: every length from 0 to 1400 bytes in a shuffled order, payloads that
 /// look like ChannelData (0x40...) and STUN (0x00...) among them.
-fn recorded_stream() -> Vec<Vec<u8>> {
+pub(crate) fn recorded_stream() -> Vec<Vec<u8>> {
     let mut seed: u32 = 0x9e37_79b9;
     let mut next = move || {
         seed ^= seed << 13;
@@ -413,13 +424,13 @@ fn recorded_stream() -> Vec<Vec<u8>> {
 }
 
 /// An allocation from the client namespace with a channel to the peer; the peer socket.
-struct Session {
-    client: TurnClient,
-    peer: UdpSocket,
-    relayed: SocketAddr,
+pub(crate) struct Session {
+    pub(crate) client: TurnClient,
+    pub(crate) peer: UdpSocket,
+    pub(crate) relayed: SocketAddr,
 }
 
-fn session(lab: &Lab) -> Session {
+pub(crate) fn session(lab: &Lab) -> Session {
     let (c, server) = (lab.client, lab.server());
     let mut client = in_ns(&lab.client_ns, move || {
         TurnClient::from(IpAddr::V4(c), server, USER, PASSWORD)
@@ -441,12 +452,12 @@ fn session(lab: &Lab) -> Session {
 /// What the peer and the client received for the stream, in order: the peer's datagrams
 /// (with their source) and the client's ChannelData.
 #[derive(Clone, Debug, PartialEq)]
-struct Received {
-    at_peer: Vec<(SocketAddr, Vec<u8>)>,
-    at_client: Vec<(u16, Vec<u8>)>,
+pub(crate) struct Received {
+    pub(crate) at_peer: Vec<(SocketAddr, Vec<u8>)>,
+    pub(crate) at_client: Vec<(u16, Vec<u8>)>,
 }
 
-fn relay_stream(s: &Session, stream: &[Vec<u8>]) -> Received {
+pub(crate) fn relay_stream(s: &Session, stream: &[Vec<u8>]) -> Received {
     let wait = Duration::from_secs(2);
     s.peer.set_read_timeout(Some(wait)).unwrap();
     let mut buf = vec![0u8; 2048];
@@ -516,7 +527,12 @@ pub(crate) fn fast_portico(lab: &Lab, test: &str) -> Option<NsPortico> {
 }
 
 fn fast_portico_on(lab: &Lab, io: &str, test: &str) -> Option<NsPortico> {
-    let mut p = NsPortico::start_on(lab, "on", io, &[]);
+    fast_portico_with(lab, io, "", test)
+}
+
+/// [`fast_portico`] with `extra` lines in `[turn]`.
+pub(crate) fn fast_portico_with(lab: &Lab, io: &str, extra: &str, test: &str) -> Option<NsPortico> {
+    let mut p = NsPortico::start_with(lab, "on", io, extra, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let log = p.log();
@@ -683,12 +699,12 @@ fn fast_path_relays_a_recorded_stream_like_user_space_without_waking_it() {
 
 /// IPv4 packets captured in a namespace below the socket layer (AF_PACKET), so their IPv4 and
 /// UDP checksums can be checked as they arrived.
-struct Capture {
+pub(crate) struct Capture {
     fd: std::os::fd::OwnedFd,
 }
 
 impl Capture {
-    fn start(ns: &str) -> Capture {
+    pub(crate) fn start(ns: &str) -> Capture {
         in_ns(ns, || {
             use std::os::fd::FromRawFd;
             let proto = (libc::ETH_P_IP as u16).to_be() as libc::c_int;
@@ -713,7 +729,7 @@ impl Capture {
     }
 
     /// The IPv4 packets of the UDP datagrams from `from` to `to_ip` captured so far.
-    fn udp(&self, from: SocketAddr, to_ip: Ipv4Addr) -> Vec<Vec<u8>> {
+    pub(crate) fn udp(&self, from: SocketAddr, to_ip: Ipv4Addr) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 65536];
         loop {
@@ -748,7 +764,7 @@ impl Capture {
 
 /// Whether an IPv4 packet (no options) carrying UDP has a correct header checksum and a
 /// present, correct UDP checksum.
-fn checksums_ok(ip: &[u8]) -> bool {
+pub(crate) fn checksums_ok(ip: &[u8]) -> bool {
     let sum = |words: &mut dyn Iterator<Item = u16>| -> u16 {
         let mut s: u32 = 0;
         for w in words {
