@@ -7,10 +7,11 @@
 pub const ALPN_TURN: &[u8] = b"stun.turn";
 /// STUN's magic cookie (RFC 8489 §5).
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
-/// Largest ChannelData payload taken for TURN: what the dataplane frames on a stream. An
-/// HTTP request never looks like a smaller one: its bytes 3 and 4 are printable, a length of
-/// at least 0x2020.
-const MAX_CHANNEL_DATA: usize = 2048;
+/// Largest ChannelData payload taken for TURN: what the dataplane frames on a stream (its
+/// 2048-byte buffers less 80 bytes of headroom hold a 4-byte header and 1964 bytes). An HTTP
+/// request never looks like a smaller one: its bytes 3 and 4 are printable, a length of at
+/// least 0x2020.
+const MAX_CHANNEL_DATA: usize = 1964;
 /// How much of a ClientHello is looked at (one TLS record at most).
 pub const HELLO_PEEK: usize = 5 + 16 * 1024;
 
@@ -188,6 +189,9 @@ mod tests {
         assert_eq!(first_bytes(&binding[..7]), Verdict::NeedMore);
         assert_eq!(first_bytes(&[0x40, 0x01, 0x00, 0x64]), Verdict::Turn);
         assert_eq!(first_bytes(&[0x40, 0x01]), Verdict::NeedMore);
+        // The largest frame the dataplane takes, and one byte more.
+        assert_eq!(first_bytes(&[0x40, 0x01, 0x07, 0xAC]), Verdict::Turn);
+        assert_eq!(first_bytes(&[0x40, 0x01, 0x07, 0xAD]), Verdict::NotTurn);
         for m in [
             "GET / HTTP/1.1",
             "HEAD /",
