@@ -18,7 +18,10 @@ use std::mem;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 
-use portico_dataplane::io::steer::{bpf, insn, owned, put32, put64, setsockopt_int};
+use portico_dataplane::io::steer::{
+    attach_sk_lookup, insn, load_sk_lookup, map_create, map_update, owned, setsockopt_int,
+    BPF_MAP_TYPE_SOCKMAP,
+};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -51,14 +54,6 @@ pub struct ProbeReport {
     pub slab_kib_delta: i64,
     pub elapsed_secs: f64,
 }
-
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_MAP_TYPE_SOCKMAP: u32 = 15;
-const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
-const BPF_SK_LOOKUP: u32 = 36;
 
 /// The program: UDP, local port in [low, high], local address one of `ips` → the socket in
 /// slot 0 of the sockmap; anything else → the normal lookup.
@@ -212,48 +207,14 @@ pub fn run(args: &ProbeArgs) -> Result<ProbeReport, String> {
     let relay = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     setsockopt_int(relay.as_raw_fd(), libc::SOL_IP, libc::IP_RECVORIGDSTADDR, 1)
         .map_err(|e| format!("IP_RECVORIGDSTADDR: {e}"))?;
-    let mut a = [0u8; 128];
-    put32(&mut a, 0, BPF_MAP_TYPE_SOCKMAP);
-    put32(&mut a, 4, 4);
-    put32(&mut a, 8, 8);
-    put32(&mut a, 12, 1);
-    let map =
-        owned(bpf(BPF_MAP_CREATE, &mut a).map_err(|e| format!("BPF_MAP_CREATE sockmap: {e}"))?);
-    let key: u32 = 0;
+    let map = map_create(BPF_MAP_TYPE_SOCKMAP, 4, 8, 1)
+        .map_err(|e| format!("BPF_MAP_CREATE sockmap: {e}"))?;
     let value: u64 = relay.as_raw_fd() as u64;
-    let mut a = [0u8; 128];
-    put32(&mut a, 0, map.as_raw_fd() as u32);
-    put64(&mut a, 8, &key as *const u32 as u64);
-    put64(&mut a, 16, &value as *const u64 as u64);
-    bpf(BPF_MAP_UPDATE_ELEM, &mut a).map_err(|e| format!("sockmap update: {e}"))?;
+    map_update(map.as_raw_fd(), &0u32.to_ne_bytes(), &value.to_ne_bytes())
+        .map_err(|e| format!("sockmap update: {e}"))?;
     let insns = program(map.as_raw_fd(), &args.ips, args.low, args.high);
-    let license = b"GPL\0";
-    let mut log = vec![0u8; 65536];
-    let mut a = [0u8; 128];
-    put32(&mut a, 0, BPF_PROG_TYPE_SK_LOOKUP);
-    put32(&mut a, 4, insns.len() as u32);
-    put64(&mut a, 8, insns.as_ptr() as u64);
-    put64(&mut a, 16, license.as_ptr() as u64);
-    put32(&mut a, 24, 1);
-    put32(&mut a, 28, log.len() as u32);
-    put64(&mut a, 32, log.as_mut_ptr() as u64);
-    put32(&mut a, 68, BPF_SK_LOOKUP);
-    let prog = match bpf(BPF_PROG_LOAD, &mut a) {
-        Ok(fd) => owned(fd),
-        Err(e) => {
-            let end = log.iter().position(|b| *b == 0).unwrap_or(0);
-            return Err(format!(
-                "BPF_PROG_LOAD sk_lookup: {e}\n{}",
-                String::from_utf8_lossy(&log[..end])
-            ));
-        }
-    };
-    let netns = std::fs::File::open("/proc/self/ns/net").map_err(|e| format!("netns: {e}"))?;
-    let mut a = [0u8; 128];
-    put32(&mut a, 0, prog.as_raw_fd() as u32);
-    put32(&mut a, 4, netns.as_raw_fd() as u32);
-    put32(&mut a, 8, BPF_SK_LOOKUP);
-    let link = owned(bpf(BPF_LINK_CREATE, &mut a).map_err(|e| format!("BPF_LINK_CREATE: {e}"))?);
+    let prog = load_sk_lookup(&insns)?;
+    let link = attach_sk_lookup(&prog)?;
     // SAFETY: socket(2) with constant arguments.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     if raw < 0 {

@@ -52,6 +52,26 @@ mod webrtc;
 /// A server on driver `io` (listening on 127.0.0.1 and [::1]) with the kit's TURN users and
 /// REST API secrets; with `loopback_peers` the test's own loopback peers are allowed (they
 /// are denied by default).
+/// Runs `portico run` on `p`'s configuration, which must refuse to start (`what` says what
+/// it was started with); returns its output.
+pub fn refused_start(p: &Portico, what: &str) -> String {
+    let out = portico_testkit::portico::run_portico(
+        &[
+            std::ffi::OsStr::new("run"),
+            std::ffi::OsStr::new("--config"),
+            p.config_path.as_os_str(),
+        ],
+        &p.dir,
+        Duration::from_secs(20),
+    );
+    assert!(!out.status.success(), "started with {what}");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 pub fn turn_spec(io: &'static str, loopback_peers: bool) -> Spec {
     let spec = Spec::new().ipv6().io(io).turn_users();
     if loopback_peers {

@@ -3,11 +3,9 @@
 //! `turn.relay_ip` addresses of a family, each relaying real packets from its own address.
 
 use std::collections::BTreeSet;
-use std::ffi::OsStr;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use portico_testkit::portico::run_portico;
 use portico_testkit::turn::{EchoPeer, Relayed, TurnClient, PASSWORD, USER};
 use portico_testkit::{Portico, LOCAL4};
 
@@ -79,21 +77,7 @@ fn the_descriptor_limit_follows_max_allocations_or_the_start_is_refused() {
         "turn-fdlimit-refused",
         turn_spec("auto", false).turn("max_allocations = 1000000\ntcp_max_connections = 1000000"),
     );
-    let out = run_portico(
-        &[
-            OsStr::new("run"),
-            OsStr::new("--config"),
-            p.config_path.as_os_str(),
-        ],
-        &p.dir,
-        Duration::from_secs(20),
-    );
-    assert!(!out.status.success(), "started with 2M descriptors needed");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = crate::refused_start(&p, "2M descriptors needed");
     assert!(
         text.contains("turn.max_allocations = 1000000 needs 2000"),
         "refusal lacks the key and the numbers:\n{text}"

@@ -18,12 +18,9 @@
 //! this process has none of them the tests say so loudly and stop.
 
 use std::collections::BTreeSet;
-use std::ffi::OsStr;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use portico_testkit::portico::run_portico;
-use portico_testkit::process::run;
 use portico_testkit::stun::XOR_RELAYED_ADDRESS;
 use portico_testkit::turn::{udp_transport, EchoPeer, Relayed, TurnClient, PASSWORD, USER};
 use portico_testkit::{Portico, Spec, LOCAL4};
@@ -32,7 +29,7 @@ use crate::fast_path::{
     checksums_ok, counter, fast_portico_with, lab_or_skip, recorded_stream, relay_stream, session,
     Capture, NsPortico,
 };
-use crate::{coturn_peer, totals, turn_spec, uclient, CLIENTS, LIMIT, MESSAGES};
+use crate::{totals, turn_spec};
 
 const EVEN_PORT: u16 = 0x0018;
 const RESERVATION_TOKEN: u16 = 0x0022;
@@ -212,34 +209,7 @@ fn uclient_relays_through_steered_relays_without_loss() {
     let Some(p) = start("turn-steered-uclient", turn_spec("io_uring", true)) else {
         return;
     };
-    let peer = coturn_peer(&p);
-    let (port, peer_port, n, m) = (
-        p.port.to_string(),
-        peer.addr.port().to_string(),
-        MESSAGES.to_string(),
-        CLIENTS.to_string(),
-    );
-    let args = [
-        "-c",
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-p",
-        &port,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &peer_port,
-        "-n",
-        &n,
-        "-m",
-        &m,
-        "-l",
-        "172",
-        "127.0.0.1",
-    ];
-    let r = run(&uclient(), &args, &[], LIMIT);
+    let r = crate::tcp::uclient_run(&p, p.port, &["-c"]);
     assert!(!r.timed_out, "uclient did not finish:\n{}", r.text);
     assert_eq!(r.code, Some(0), "uclient failed:\n{}", r.text);
     let (sent, received) = totals(&r.text).expect("uclient totals");
@@ -255,21 +225,7 @@ fn shared_on_epoll_is_refused_and_auto_falls_back() {
         "turn-steered-epoll",
         turn_spec("epoll", false).turn("relay_mode = \"shared\""),
     );
-    let out = run_portico(
-        &[
-            OsStr::new("run"),
-            OsStr::new("--config"),
-            p.config_path.as_os_str(),
-        ],
-        &p.dir,
-        Duration::from_secs(20),
-    );
-    assert!(!out.status.success(), "started with shared relays on epoll");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = crate::refused_start(&p, "shared relays on epoll");
     assert!(
         text.contains("turn.relay_mode = \"shared\": it needs the io_uring driver"),
         "refusal lacks the key:\n{text}"

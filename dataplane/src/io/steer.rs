@@ -51,7 +51,7 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_MAP_TYPE_HASH: u32 = 1;
-const BPF_MAP_TYPE_SOCKMAP: u32 = 15;
+pub const BPF_MAP_TYPE_SOCKMAP: u32 = 15;
 const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
 const BPF_SK_LOOKUP: u32 = 36;
 
@@ -89,7 +89,7 @@ pub fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
     b
 }
 
-fn map_create(kind: u32, key: u32, value: u32, entries: u32) -> io::Result<OwnedFd> {
+pub fn map_create(kind: u32, key: u32, value: u32, entries: u32) -> io::Result<OwnedFd> {
     let mut a = [0u8; 128];
     put32(&mut a, 0, kind);
     put32(&mut a, 4, key);
@@ -98,7 +98,7 @@ fn map_create(kind: u32, key: u32, value: u32, entries: u32) -> io::Result<Owned
     bpf(BPF_MAP_CREATE, &mut a).map(owned)
 }
 
-fn map_update(map: RawFd, key: &[u8], value: &[u8]) -> io::Result<()> {
+pub fn map_update(map: RawFd, key: &[u8], value: &[u8]) -> io::Result<()> {
     let mut a = [0u8; 128];
     put32(&mut a, 0, map as u32);
     put64(&mut a, 8, key.as_ptr() as u64);
@@ -111,6 +111,42 @@ fn map_delete(map: RawFd, key: &[u8]) -> io::Result<()> {
     put32(&mut a, 0, map as u32);
     put64(&mut a, 8, key.as_ptr() as u64);
     bpf(BPF_MAP_DELETE_ELEM, &mut a).map(|_| ())
+}
+
+/// Loads an `sk_lookup` program; the verifier's log is in the error.
+pub fn load_sk_lookup(insns: &[[u8; 8]]) -> Result<OwnedFd, String> {
+    let license = b"GPL\0";
+    let mut log = vec![0u8; 16384];
+    let mut a = [0u8; 128];
+    put32(&mut a, 0, BPF_PROG_TYPE_SK_LOOKUP);
+    put32(&mut a, 4, insns.len() as u32);
+    put64(&mut a, 8, insns.as_ptr() as u64);
+    put64(&mut a, 16, license.as_ptr() as u64);
+    put32(&mut a, 24, 1);
+    put32(&mut a, 28, log.len() as u32);
+    put64(&mut a, 32, log.as_mut_ptr() as u64);
+    put32(&mut a, 68, BPF_SK_LOOKUP);
+    bpf(BPF_PROG_LOAD, &mut a).map(owned).map_err(|e| {
+        let end = log.iter().position(|b| *b == 0).unwrap_or(0);
+        format!(
+            "BPF_PROG_LOAD sk_lookup: {e} {}",
+            String::from_utf8_lossy(&log[..end]).trim()
+        )
+    })
+}
+
+/// Attaches an `sk_lookup` program to this process's network namespace; it stays attached
+/// while the returned link is open.
+pub fn attach_sk_lookup(prog: &OwnedFd) -> Result<OwnedFd, String> {
+    let netns =
+        std::fs::File::open("/proc/self/ns/net").map_err(|e| format!("/proc/self/ns/net: {e}"))?;
+    let mut a = [0u8; 128];
+    put32(&mut a, 0, prog.as_raw_fd() as u32);
+    put32(&mut a, 4, netns.as_raw_fd() as u32);
+    put32(&mut a, 8, BPF_SK_LOOKUP);
+    bpf(BPF_LINK_CREATE, &mut a)
+        .map(owned)
+        .map_err(|e| format!("BPF_LINK_CREATE sk_lookup: {e}"))
 }
 
 /// The hash map's key: the local address as the program reads it (network order) and the
@@ -240,36 +276,8 @@ impl Steering {
             pairs.push(Some(WorkerSockets { recv, raw }));
         }
         let insns = program(ports.as_raw_fd(), sockets.as_raw_fd());
-        let license = b"GPL\0";
-        let mut log = vec![0u8; 16384];
-        let mut a = [0u8; 128];
-        put32(&mut a, 0, BPF_PROG_TYPE_SK_LOOKUP);
-        put32(&mut a, 4, insns.len() as u32);
-        put64(&mut a, 8, insns.as_ptr() as u64);
-        put64(&mut a, 16, license.as_ptr() as u64);
-        put32(&mut a, 24, 1);
-        put32(&mut a, 28, log.len() as u32);
-        put64(&mut a, 32, log.as_mut_ptr() as u64);
-        put32(&mut a, 68, BPF_SK_LOOKUP);
-        let prog = match bpf(BPF_PROG_LOAD, &mut a) {
-            Ok(fd) => owned(fd),
-            Err(e) => {
-                let end = log.iter().position(|b| *b == 0).unwrap_or(0);
-                return Err(format!(
-                    "BPF_PROG_LOAD sk_lookup: {e} {}",
-                    String::from_utf8_lossy(&log[..end]).trim()
-                ));
-            }
-        };
-        let netns = std::fs::File::open("/proc/self/ns/net")
-            .map_err(|e| format!("/proc/self/ns/net: {e}"))?;
-        let mut a = [0u8; 128];
-        put32(&mut a, 0, prog.as_raw_fd() as u32);
-        put32(&mut a, 4, netns.as_raw_fd() as u32);
-        put32(&mut a, 8, BPF_SK_LOOKUP);
-        let link = owned(
-            bpf(BPF_LINK_CREATE, &mut a).map_err(|e| format!("BPF_LINK_CREATE sk_lookup: {e}"))?,
-        );
+        let prog = load_sk_lookup(&insns)?;
+        let link = attach_sk_lookup(&prog)?;
         // The workers' own sockets hold ports too: no allocation may be steered onto them.
         let mut held = HashSet::new();
         for p in pairs.iter().flatten() {
