@@ -129,9 +129,13 @@ counters! {
     DropNatBindingsFull => "dataplane_drops" ["reason" = "nat_bindings_full"] "Packets dropped, by reason.";
     DropNatForeignReply => "dataplane_drops" ["reason" = "nat_foreign_reply"] "Packets dropped, by reason.";
     DropNatPeerDenied => "dataplane_drops" ["reason" = "nat_peer_denied"] "Packets dropped, by reason.";
-    FastPathClientToPeerPackets => "fastpath_packets" ["direction" = "client_to_peer"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets).";
-    FastPathPeerToClientPackets => "fastpath_packets" ["direction" = "peer_to_client"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets).";
+    FastPathClientToPeerPackets => "fastpath_packets" ["direction" = "client_to_peer"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets, media_relay_packets or nat_packets).";
+    FastPathPeerToClientPackets => "fastpath_packets" ["direction" = "peer_to_client"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets, media_relay_packets or nat_packets).";
     FastPathEntries => "fastpath_entries_active" [] "Channels installed in the kernel fast path.";
+    FastPathMediaPackets => "fastpath_packets" ["direction" = "media"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets, media_relay_packets or nat_packets).";
+    FastPathNatInboundPackets => "fastpath_packets" ["direction" = "nat_inbound"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets, media_relay_packets or nat_packets).";
+    FastPathNatOutboundPackets => "fastpath_packets" ["direction" = "nat_outbound"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets, media_relay_packets or nat_packets).";
+    FastPathMediaEntries => "fastpath_media_entries_active" [] "Media leg and NAT map directions installed in the kernel fast path.";
 }
 
 /// Slots reserved per worker; more than [`Counter::ALL`] so counters can be added without

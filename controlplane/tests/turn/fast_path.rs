@@ -40,18 +40,18 @@ const API_PORT: u16 = 8080;
 /// Client, Portico and peer namespaces; removed on drop.
 pub(crate) struct Lab {
     pub(crate) client_ns: String,
-    portico_ns: String,
+    pub(crate) portico_ns: String,
     pub(crate) peer_ns: String,
-    client: Ipv4Addr,
+    pub(crate) client: Ipv4Addr,
     pub(crate) listen: Ipv4Addr,
     pub(crate) relay: Ipv4Addr,
     pub(crate) peer: Ipv4Addr,
     /// A second peer address with no permission.
-    stranger: Ipv4Addr,
+    pub(crate) stranger: Ipv4Addr,
     veths: [String; 2],
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+pub(crate) fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new(require("ip", "iproute2"))
         .args(args)
         .output()
@@ -222,7 +222,7 @@ impl Lab {
     }
 
     /// UDP checksum errors the receiving stacks of client and peer counted.
-    fn checksum_errors(&self) -> u64 {
+    pub(crate) fn checksum_errors(&self) -> u64 {
         [&self.client_ns, &self.peer_ns]
             .iter()
             .map(|ns| {
@@ -287,6 +287,21 @@ impl NsPortico {
         extra: &str,
         env: &[(&str, &str)],
     ) -> NsPortico {
+        let allow = format!("\"{}/24\"", lab.relay);
+        NsPortico::start_full(lab, mode, io, extra, &allow, "", env)
+    }
+
+    /// [`NsPortico::start_with`] with `turn.allow_peers` = `allow` (TOML array items) and
+    /// whole `tables` (`[media]`, `[[nat.maps]]`) at the end.
+    pub(crate) fn start_full(
+        lab: &Lab,
+        mode: &str,
+        io: &str,
+        extra: &str,
+        allow: &str,
+        tables: &str,
+        env: &[(&str, &str)],
+    ) -> NsPortico {
         let dir = TempDir::new("fast-path");
         let state = dir.join("state");
         std::fs::create_dir_all(&state).unwrap();
@@ -295,12 +310,11 @@ impl NsPortico {
             &config,
             format!(
                 "state_dir = \"{}\"\n\n[turn]\nlisten = [\"{}:3478\"]\nrelay_ip = [\"{}\"]\n\
-                 allow_peers = [\"{}/24\"]\nfast_path = \"{mode}\"\nworkers = 1\nio = \"{io}\"\n{extra}\
+                 allow_peers = [{allow}]\nfast_path = \"{mode}\"\nworkers = 1\nio = \"{io}\"\n{extra}\
                  realm = \"{REALM_NAME}\"\nusers = [{{ name = \"{USER}\", password = \"{PASSWORD}\" }}]\n\n\
-                 [api]\nlisten = \"127.0.0.1:{API_PORT}\"\n",
+                 [api]\nlisten = \"127.0.0.1:{API_PORT}\"\n\n{tables}\n",
                 state.display(),
                 lab.listen,
-                lab.relay,
                 lab.relay,
             ),
         )
@@ -532,7 +546,20 @@ fn fast_portico_on(lab: &Lab, io: &str, test: &str) -> Option<NsPortico> {
 
 /// [`fast_portico`] with `extra` lines in `[turn]`.
 pub(crate) fn fast_portico_with(lab: &Lab, io: &str, extra: &str, test: &str) -> Option<NsPortico> {
-    let mut p = NsPortico::start_with(lab, "on", io, extra, &[]);
+    let allow = format!("\"{}/24\"", lab.relay);
+    fast_portico_full(lab, io, extra, &allow, "", test)
+}
+
+/// [`fast_portico_with`] with `turn.allow_peers` and whole tables ([`NsPortico::start_full`]).
+pub(crate) fn fast_portico_full(
+    lab: &Lab,
+    io: &str,
+    extra: &str,
+    allow: &str,
+    tables: &str,
+    test: &str,
+) -> Option<NsPortico> {
+    let mut p = NsPortico::start_full(lab, "on", io, extra, allow, tables, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let log = p.log();

@@ -35,6 +35,7 @@ mod api;
 mod channel_range;
 mod fast_path;
 mod fast_path_ice;
+mod fast_path_media;
 mod ice;
 mod interop;
 mod ipv6;

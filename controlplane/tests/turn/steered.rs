@@ -320,3 +320,71 @@ fn steered_relays_over_veth_match_the_socket_relay_with_valid_checksums() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Media relay sessions and a static NAT map on a steered Portico: a leg's ports are steered
+/// like relays (no descriptor each); a NAT binding's socket is a wildcard with a port of the
+/// kernel's choosing, which cannot be steered and is bound. Both relay both ways, a binding
+/// per external source.
+#[test]
+fn media_legs_and_nat_map_bindings_relay_with_steered_relays() {
+    const T: &str = "media_legs_and_nat_map_bindings_relay_with_steered_relays";
+    let internal = UdpSocket::bind("127.0.0.1:0").unwrap();
+    internal
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let internal_addr = internal.local_addr().unwrap();
+    let public_port = portico_testkit::free_port();
+    let spec = turn_spec("io_uring", true)
+        .turn("relay_ip = \"127.0.0.1\"")
+        .tables(&format!(
+            "[media]\nports = \"41000-41099\"\n\n[[nat.maps]]\n\
+             public_ports = \"{public_port}-{public_port}\"\ninternal = \"{internal_addr}\"\n"
+        ));
+    let Some(p) = start(T, spec) else { return };
+    let public = SocketAddr::from(([127, 0, 0, 1], public_port));
+    let mut buf = [0u8; 2048];
+    let mut bindings = BTreeSet::new();
+    for src in ["127.0.0.1", "127.0.0.2"] {
+        let x = UdpSocket::bind((src, 0)).unwrap();
+        x.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        x.send_to(b"to the inside", public).unwrap();
+        let (n, binding) = internal
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("{src} -> the internal host: {e}\n{}", p.log()));
+        assert_eq!(&buf[..n], b"to the inside");
+        assert!(
+            binding.port() != 0 && !binding.ip().is_unspecified(),
+            "{binding}"
+        );
+        bindings.insert(binding);
+        internal.send_to(b"back", binding).unwrap();
+        let (n, from) = x
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("the reply to {src}: {e}"));
+        assert_eq!((&buf[..n], from), (&b"back"[..], public));
+    }
+    assert_eq!(bindings.len(), 2, "a binding per source: {bindings:?}");
+
+    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    }
+    let body = format!(
+        "{{\"legs\":[{{\"address\":\"{}\"}},{{\"address\":\"{}\"}}]}}",
+        a.local_addr().unwrap(),
+        b.local_addr().unwrap()
+    );
+    let (code, v) = p.call("POST", "/api/v1/media/sessions", &body);
+    assert_eq!(code, 201, "{v}");
+    let local =
+        |i: usize| -> SocketAddr { v["legs"][i]["local"].as_str().unwrap().parse().unwrap() };
+    let (l0, l1) = (local(0), local(1));
+    for (tx, to, rx, from) in [(&a, l0, &b, l1), (&b, l1, &a, l0)] {
+        tx.send_to(b"rtp", to).unwrap();
+        let (n, src) = rx
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("media {to} -> {from}: {e}\n{}", p.log()));
+        assert_eq!((&buf[..n], src), (&b"rtp"[..], from));
+    }
+}

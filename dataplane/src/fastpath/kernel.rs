@@ -12,11 +12,14 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::RawFd;
 use std::sync::Mutex;
 
 use super::Flow;
+
+/// Attaches the program to one more interface's ingress (by name).
+type Attach = Box<dyn FnMut(&str) -> Result<(), String> + Send>;
 
 /// Per-entry counters read back from a map value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -30,6 +33,8 @@ const PEER_KEY: usize = 12;
 const VALUE: usize = 40;
 /// `struct fwd`'s flags: the destination is an address of this host.
 const FLAG_LOCAL_PEER: u16 = 1;
+/// `struct fwd`'s flags: a plain UDP forward (media leg, NAT map), no ChannelData.
+const FLAG_PLAIN: u16 = 2;
 /// The loopback interface's index in every network namespace (Linux 3.18+).
 #[cfg_attr(not(portico_fastpath), allow(dead_code))]
 const LOOPBACK_IFINDEX: u32 = 1;
@@ -39,6 +44,8 @@ pub struct FastPath {
     /// The program, its links and the maps' owners: dropping them detaches the program.
     #[allow(dead_code)]
     keep: Mutex<Box<dyn Send>>,
+    /// Attaches the program to more interfaces, and the names it is attached to.
+    attach: Mutex<(Attach, Vec<String>)>,
     channels: RawFd,
     peers: RawFd,
     /// Interface index of each local IPv4 address on an attached interface.
@@ -102,8 +109,25 @@ impl FastPath {
             channels.fd().as_fd().as_raw_fd(),
             peers.fd().as_fd().as_raw_fd(),
         );
+        // Media legs and NAT maps may face interfaces without a TURN address (a NAT map's
+        // internal side): the program is attached there when a path first needs it.
+        let attach: Attach = Box::new(move |name: &str| {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut("portico_relay")
+                .ok_or("the object has no program portico_relay")?
+                .try_into()
+                .map_err(|e| format!("portico_relay: {e}"))?;
+            prog.attach_with_options(
+                name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map(|_| ())
+            .map_err(|e| format!("attaching to {name} (TCX, Linux 6.6+): {e}"))
+        });
         Ok(FastPath {
-            keep: Mutex::new(Box::new((ebpf, channels, peers))),
+            keep: Mutex::new(Box::new((channels, peers))),
+            attach: Mutex::new((attach, interfaces.clone())),
             channels: cfd,
             peers: pfd,
             ifindex,
@@ -162,6 +186,43 @@ impl FastPath {
         Ok(())
     }
 
+    /// Installs one plain direction (a media leg's or a NAT binding's), counters at zero.
+    pub fn install_plain(&self, p: &Plain) -> io::Result<()> {
+        let v = value(p.out, p.to, 0, p.ifindex, FLAG_PLAIN);
+        update(self.peers, &plain_key(p), &v)
+    }
+
+    /// Removes a plain direction; returns its last counters (read and deleted in one step).
+    pub fn remove_plain(&self, p: &Plain) -> Counts {
+        take(self.peers, &plain_key(p)).unwrap_or_default()
+    }
+
+    /// The counters of a plain direction.
+    pub fn counts_plain(&self, p: &Plain) -> Counts {
+        lookup(self.peers, &plain_key(p)).unwrap_or_default()
+    }
+
+    /// Makes sure the program sees the ingress of interface `name`.
+    pub fn attach(&self, name: &str) -> Result<(), String> {
+        let mut g = self.attach.lock().unwrap_or_else(|p| p.into_inner());
+        let (attach, names) = &mut *g;
+        if names.iter().any(|n| n == name) {
+            return Ok(());
+        }
+        attach(name)?;
+        names.push(name.to_string());
+        tracing::info!(
+            interface = name,
+            "kernel fast path: attached for a media or NAT map path"
+        );
+        Ok(())
+    }
+
+    /// The loopback interface's index.
+    pub fn loopback(&self) -> u32 {
+        self.loopback
+    }
+
     /// Removes both directions of a channel; returns their last counters (read and deleted
     /// in one step, so no packet counted in between is lost).
     pub fn remove(&self, f: &Flow) -> (Counts, Counts) {
@@ -178,6 +239,53 @@ impl FastPath {
             lookup(self.peers, &peer_key(f)).unwrap_or_default(),
         )
     }
+}
+
+/// One plain direction as the kernel sees it: a datagram from `from` to `at` leaves from
+/// `out` to `to` on interface `ifindex`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plain {
+    pub from: SocketAddrV4,
+    pub at: SocketAddrV4,
+    pub out: SocketAddrV4,
+    pub to: SocketAddrV4,
+    pub ifindex: u32,
+}
+
+fn plain_key(p: &Plain) -> [u8; PEER_KEY] {
+    let mut k = [0u8; PEER_KEY];
+    k[0..4].copy_from_slice(&p.from.ip().octets());
+    k[4..8].copy_from_slice(&p.at.ip().octets());
+    k[8..10].copy_from_slice(&p.from.port().to_be_bytes());
+    k[10..12].copy_from_slice(&p.at.port().to_be_bytes());
+    k
+}
+
+/// The source address this host's routing picks towards `dst` (a connected UDP socket's
+/// local address; nothing is sent).
+pub fn route_source(dst: Ipv4Addr) -> Option<Ipv4Addr> {
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    s.connect((dst, 9)).ok()?;
+    match s.local_addr().ok()? {
+        std::net::SocketAddr::V4(a) if !a.ip().is_unspecified() => Some(*a.ip()),
+        _ => None,
+    }
+}
+
+/// The interface holding local address `ip`: its name and index.
+pub fn interface_of(ip: Ipv4Addr) -> Option<(String, u32)> {
+    let all = nix::ifaddrs::getifaddrs().ok()?;
+    for i in all {
+        if i.address
+            .as_ref()
+            .and_then(|a| a.as_sockaddr_in())
+            .is_some_and(|sin| sin.ip() == ip)
+        {
+            let idx = nix::net::if_::if_nametoindex(i.interface_name.as_str()).ok()?;
+            return Some((i.interface_name, idx));
+        }
+    }
+    None
 }
 
 #[cfg(portico_fastpath)]

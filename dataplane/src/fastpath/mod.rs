@@ -20,6 +20,14 @@
 //! `fastpath_packets`) and the allocation's traffic figures about once a second (and at
 //! removal, read and deleted in one step), so
 //! `/metrics` and the API show the same totals with and without the fast path.
+//!
+//! The media relay's latched legs and the static NAT maps' bindings are taken over the same
+//! way ([`crate::media::offload`] says which paths, from the media core's tables): plain UDP
+//! forwards, addresses and ports rewritten, in the same map as the channels' peer side. The
+//! program is attached to the interface facing each path's source when the path first needs
+//! it (a NAT map's internal side has no TURN address). Their counts are credited to the
+//! session's legs or the binding, and to `media_relay_packets` or `nat_packets`, often
+//! enough that no idle timer ends a session whose packets only the kernel sees.
 
 pub mod kernel;
 
@@ -31,9 +39,15 @@ use std::time::{Duration, Instant};
 use portico_shared::config::{Config, FastPathMode};
 use portico_shared::counters::Counter;
 
+use crate::media::offload::{KernelFlow, Owner, Part};
+use crate::media::Media;
 use crate::server::{Now, Server, Settings};
 use crate::turn::Turn;
 pub use kernel::FastPath;
+use kernel::Plain;
+
+/// Routes and interfaces looked up, at most (they are looked up again after a full check).
+const ROUTES_MAX: usize = 4096;
 
 /// How often a worker reads the counters of its entries (two `bpf(2)` calls per channel;
 /// allocation records are republished once a second anyway).
@@ -209,8 +223,24 @@ struct Entry {
     down: kernel::Counts,
 }
 
-/// A worker's share of the fast path: the entries of its allocations.
+/// An installed media or NAT direction and the counts already credited.
+struct PlainEntry {
+    flow: KernelFlow,
+    plain: Plain,
+    done: kernel::Counts,
+}
+
+/// A worker's share of the fast path: the entries of its allocations, media sessions and
+/// NAT bindings.
 pub struct Worker {
+    media: HashMap<Owner, Vec<PlainEntry>>,
+    media_changed: Vec<Owner>,
+    media_desired: Vec<KernelFlow>,
+    media_fold: Option<Instant>,
+    /// Source address towards a destination, and the interface (name, index) holding a
+    /// local address: looked up once, forgotten at each full check.
+    routes: HashMap<std::net::Ipv4Addr, Option<std::net::Ipv4Addr>>,
+    interfaces: HashMap<std::net::Ipv4Addr, Option<(String, u32)>>,
     fp: Arc<FastPath>,
     /// Installed entries by allocation (client address, listen socket).
     installed: HashMap<(SocketAddr, usize), Vec<Entry>>,
@@ -225,7 +255,14 @@ impl Worker {
     /// Starts following the core's changes.
     pub fn new(fp: Arc<FastPath>, server: &mut Server) -> Worker {
         server.turn_mut().changes.enable();
+        server.media_offload().enable();
         Worker {
+            media: HashMap::new(),
+            media_changed: Vec::new(),
+            media_desired: Vec::new(),
+            media_fold: None,
+            routes: HashMap::new(),
+            interfaces: HashMap::new(),
             fp,
             installed: HashMap::new(),
             changed: Vec::new(),
@@ -275,11 +312,177 @@ impl Worker {
             self.last_fold = Some(now.mono);
             self.fold_all(server);
         }
+        self.sync_media(server, all, now);
+    }
+
+    /// The media sessions' and NAT bindings' share of [`Worker::sync`].
+    fn sync_media(&mut self, server: &mut Server, all: bool, now: Now) {
+        let mut changed = std::mem::take(&mut self.media_changed);
+        if server.media_offload().drain(&mut changed) || all {
+            changed.clear();
+            changed.extend(self.media.keys().copied());
+            server.media().owners(&mut changed);
+            self.routes.clear();
+            self.interfaces.clear();
+        }
+        if !changed.is_empty() {
+            changed.sort_unstable();
+            changed.dedup();
+            for owner in &changed {
+                self.reconcile_media(server, *owner, now);
+            }
+            changed.clear();
+        }
+        self.media_changed = changed;
+        let every = Media::credit_every(&server.settings().media);
+        if !self.media.is_empty()
+            && self
+                .media_fold
+                .is_none_or(|t| now.mono.saturating_duration_since(t) >= every)
+        {
+            self.media_fold = Some(now.mono);
+            for entries in self.media.values_mut() {
+                for e in entries.iter_mut() {
+                    let c = self.fp.counts_plain(&e.plain);
+                    credit_plain(server, e, c, now.mono);
+                }
+            }
+        }
+    }
+
+    fn reconcile_media(&mut self, server: &mut Server, owner: Owner, now: Now) {
+        self.media_desired.clear();
+        {
+            let turn = server.turn();
+            let blocked = |ip: IpAddr| turn.blocked(ip, now.unix);
+            server
+                .media()
+                .kernel_flows(owner, &blocked, &mut self.media_desired);
+        }
+        let mut cur = self.media.remove(&owner).unwrap_or_default();
+        let mut i = 0;
+        while i < cur.len() {
+            if self.media_desired.contains(&cur[i].flow) {
+                i += 1;
+                continue;
+            }
+            let mut e = cur.swap_remove(i);
+            let c = self.fp.remove_plain(&e.plain);
+            credit_plain(server, &mut e, c, now.mono);
+            server.stats_mut().sub(Counter::FastPathMediaEntries, 1);
+        }
+        let desired = std::mem::take(&mut self.media_desired);
+        for f in &desired {
+            if cur.iter().any(|e| e.flow == *f) {
+                continue;
+            }
+            let Some(plain) = self.resolve(f) else {
+                continue;
+            };
+            match self.fp.install_plain(&plain) {
+                Ok(()) => {
+                    cur.push(PlainEntry {
+                        flow: *f,
+                        plain,
+                        done: kernel::Counts::default(),
+                    });
+                    server.stats_mut().add(Counter::FastPathMediaEntries, 1);
+                }
+                Err(e) => {
+                    self.install_errors += 1;
+                    if self.install_errors.is_power_of_two() {
+                        tracing::warn!(
+                            errors = self.install_errors,
+                            "kernel fast path: cannot install a media or NAT map path ({e}); it is relayed in user space"
+                        );
+                    }
+                }
+            }
+        }
+        self.media_desired = desired;
+        if !cur.is_empty() {
+            self.media.insert(owner, cur);
+        }
+    }
+
+    /// The kernel's view of a path: wildcard local addresses filled in with the routing's
+    /// source address towards the other side, the program attached to the interface the
+    /// packets come in on, and the interface they leave by. `None`: it stays in user space
+    /// (IPv6, no route, an interface the program cannot be attached to).
+    fn resolve(&mut self, f: &KernelFlow) -> Option<Plain> {
+        let (SocketAddr::V4(from), SocketAddr::V4(at), SocketAddr::V4(out), SocketAddr::V4(to)) =
+            (f.from, f.at, f.out, f.to)
+        else {
+            return None;
+        };
+        let towards_from = self.route(*from.ip())?;
+        let at_ip = if at.ip().is_unspecified() {
+            towards_from
+        } else {
+            *at.ip()
+        };
+        let out_ip = if out.ip().is_unspecified() {
+            self.route(*to.ip())?
+        } else {
+            *out.ip()
+        };
+        let (in_name, _) = self.interface(towards_from)?;
+        if let Err(e) = self.fp.attach(&in_name) {
+            self.install_errors += 1;
+            if self.install_errors.is_power_of_two() {
+                tracing::warn!(
+                    errors = self.install_errors,
+                    "kernel fast path: {e}; media and NAT map paths there stay in user space"
+                );
+            }
+            return None;
+        }
+        let ifindex = if self.fp.is_local(*to.ip()) {
+            self.fp.loopback()
+        } else {
+            let via = self.route(*to.ip())?;
+            self.interface(via)?.1
+        };
+        Some(Plain {
+            from,
+            at: SocketAddrV4::new(at_ip, at.port()),
+            out: SocketAddrV4::new(out_ip, out.port()),
+            to,
+            ifindex,
+        })
+    }
+
+    fn route(&mut self, dst: std::net::Ipv4Addr) -> Option<std::net::Ipv4Addr> {
+        if self.routes.len() >= ROUTES_MAX {
+            self.routes.clear();
+        }
+        *self
+            .routes
+            .entry(dst)
+            .or_insert_with(|| kernel::route_source(dst))
+    }
+
+    fn interface(&mut self, ip: std::net::Ipv4Addr) -> Option<(String, u32)> {
+        if self.interfaces.len() >= ROUTES_MAX {
+            self.interfaces.clear();
+        }
+        self.interfaces
+            .entry(ip)
+            .or_insert_with(|| kernel::interface_of(ip))
+            .clone()
     }
 
     /// The worker stops: every entry leaves the kernel, its last counts credited, so the
     /// gauge and the totals are right for the next dataplane.
     pub fn shutdown(&mut self, server: &mut Server) {
+        let now = Instant::now();
+        for (_, entries) in std::mem::take(&mut self.media) {
+            for mut e in entries {
+                let c = self.fp.remove_plain(&e.plain);
+                credit_plain(server, &mut e, c, now);
+                server.stats_mut().sub(Counter::FastPathMediaEntries, 1);
+            }
+        }
         for (key, entries) in std::mem::take(&mut self.installed) {
             for mut e in entries {
                 let (up, down) = self.fp.remove(&e.flow);
@@ -350,6 +553,27 @@ impl Worker {
             }
         }
     }
+}
+
+/// Credits what the kernel relayed on a media or NAT direction since the last call.
+fn credit_plain(server: &mut Server, e: &mut PlainEntry, c: kernel::Counts, now: Instant) {
+    let (dp, db) = (
+        c.packets.saturating_sub(e.done.packets),
+        c.bytes.saturating_sub(e.done.bytes),
+    );
+    if dp == 0 {
+        return;
+    }
+    e.done = c;
+    server.stats_mut().add(
+        match e.flow.part {
+            Part::Leg { .. } => Counter::FastPathMediaPackets,
+            Part::NatIn { .. } => Counter::FastPathNatInboundPackets,
+            Part::NatOut { .. } => Counter::FastPathNatOutboundPackets,
+        },
+        dp,
+    );
+    server.credit_media(&e.flow, dp, db, now);
 }
 
 /// Adds what the kernel relayed for `e` since the last fold to the worker's counters and to

@@ -68,6 +68,10 @@ impl RelayIo for Relays<'_> {
             *p = false;
         }
     }
+
+    fn local_addr(&self, index: usize) -> Option<SocketAddr> {
+        self.slots.get(index)?.local_addr().ok()
+    }
 }
 
 impl Relays<'_> {

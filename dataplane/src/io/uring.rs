@@ -112,7 +112,13 @@ impl Relays {
 
 impl RelayIo for Relays {
     fn open(&mut self, addr: SocketAddr, dont_fragment: bool) -> io::Result<usize> {
+        // Only a specific address and port can be steered: a wildcard socket (a NAT map
+        // binding's, port 0) is bound.
         if let (Some(st), SocketAddr::V4(a)) = (self.steered.as_mut(), addr) {
+            if a.ip().is_unspecified() || a.port() == 0 {
+                let s = self.reservations.bind(addr)?;
+                return self.start(s, dont_fragment);
+            }
             st.steering.open(a, st.worker)?;
             let (index, _) = self.slots.insert(RelaySock::Steered {
                 addr: a,
@@ -157,6 +163,13 @@ impl RelayIo for Relays {
                 }
             }
             None => {}
+        }
+    }
+
+    fn local_addr(&self, index: usize) -> Option<SocketAddr> {
+        match self.slots.get(index)? {
+            RelaySock::Bound(sock) => sock.local_addr().ok(),
+            RelaySock::Steered { addr, .. } => Some(SocketAddr::V4(*addr)),
         }
     }
 }

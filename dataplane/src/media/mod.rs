@@ -21,6 +21,7 @@
 //! forwarded datagram is sent from the buffer it arrived in.
 
 pub mod nat;
+pub mod offload;
 pub mod srtp;
 
 use std::net::{IpAddr, SocketAddr};
@@ -34,6 +35,7 @@ use portico_shared::shm::{EventKind, LegCounters, MediaFailure, MediaRequest};
 use crate::server::{Action, Now, Stats};
 use crate::turn::policy::PeerPolicy;
 use crate::turn::{Events, RelayIo, TurnSettings};
+use offload::{KernelFlow, Offload, Owner, Part};
 
 /// How often idle sessions are looked for and counters published, at most.
 const SCAN_EVERY: Duration = Duration::from_millis(100);
@@ -162,6 +164,8 @@ impl Leg {
 #[derive(Debug)]
 struct Session {
     record: usize,
+    /// Tells this session from a later one in the same slot ([`Owner`]).
+    serial: u64,
     legs: [Leg; 2],
     last_packet: Instant,
     dirty: bool,
@@ -183,6 +187,9 @@ pub struct Media {
     /// The settings changed: NAT maps and latched sources are checked again at the next tick.
     pub recheck: bool,
     pub nat: nat::Nat,
+    /// Owners whose kernel paths changed, for a driver with a fast path.
+    pub offload: Offload,
+    serial: u64,
 }
 
 /// Everything a media call needs from the server besides the packet.
@@ -208,6 +215,8 @@ impl Media {
             next_scan: None,
             recheck: true,
             nat: nat::Nat::default(),
+            offload: Offload::default(),
+            serial: 0,
         }
     }
 
@@ -257,10 +266,11 @@ impl Media {
             }
             Role::NatPublic { map, offset } => {
                 let (nat, roles) = (&mut self.nat, &mut self.roles);
-                nat.inbound(cx, roles, map, offset, from, start, len)
+                nat.inbound(cx, roles, &mut self.offload, map, offset, from, start, len)
             }
             Role::NatBinding { map, binding } => {
-                self.nat.outbound(cx, map, binding, from, start, len)
+                self.nat
+                    .outbound(cx, &mut self.offload, map, binding, from, start, len)
             }
         }
     }
@@ -317,6 +327,10 @@ impl Media {
                     }
                 }
                 this.latched[kind] = Some(from);
+                self.offload.mark(Owner::Session {
+                    index: session,
+                    serial: s.serial,
+                });
                 if this.learn_until.is_none() {
                     this.learn_until = Some(now.mono + cx.settings.learn_window);
                 }
@@ -348,8 +362,9 @@ impl Media {
     pub fn tick(&mut self, cx: &mut MediaCtx<'_>, control: &mut dyn MediaControl) {
         if self.recheck {
             self.recheck = false;
+            self.offload.mark_all();
             let (nat, roles) = (&mut self.nat, &mut self.roles);
-            nat.reconcile(cx, roles, control.worker());
+            nat.reconcile(cx, roles, &mut self.offload, control.worker());
         }
         let mut commands = std::mem::take(&mut self.commands);
         control.commands(&mut commands);
@@ -405,7 +420,7 @@ impl Media {
             }
         }
         let (nat, roles) = (&mut self.nat, &mut self.roles);
-        nat.expire(cx, roles);
+        nat.expire(cx, roles, &mut self.offload);
     }
 
     /// Closes everything (shutdown); the records are freed.
@@ -418,7 +433,7 @@ impl Media {
             }
         }
         let (nat, roles) = (&mut self.nat, &mut self.roles);
-        nat.reconcile(cx, roles, (0, 0));
+        nat.reconcile(cx, roles, &mut self.offload, (0, 0));
     }
 
     fn find(&self, record: usize) -> Option<usize> {
@@ -431,6 +446,10 @@ impl Media {
         let Some(s) = self.sessions.get_mut(i).and_then(Option::take) else {
             return;
         };
+        self.offload.mark(Owner::Session {
+            index: i as u32,
+            serial: s.serial,
+        });
         for leg in &s.legs {
             self.close(cx.io, leg.rtp);
             self.close(cx.io, leg.rtcp);
@@ -547,8 +566,10 @@ impl Media {
                 },
             );
         }
+        self.serial += 1;
         self.sessions[index as usize] = Some(Session {
             record: req.index,
+            serial: self.serial,
             legs: [a, b],
             last_packet: cx.now.mono,
             dirty: false,
@@ -594,6 +615,128 @@ impl Media {
             }
         }
         None
+    }
+}
+
+impl Media {
+    /// Every session and NAT binding that may have kernel paths (a full check).
+    pub fn owners(&self, out: &mut Vec<Owner>) {
+        for (i, s) in self.sessions.iter().enumerate() {
+            if let Some(s) = s {
+                out.push(Owner::Session {
+                    index: i as u32,
+                    serial: s.serial,
+                });
+            }
+        }
+        self.nat.owners(out);
+    }
+
+    /// The paths of `owner` the kernel may relay now (none once it is gone); `blocked` says
+    /// whether a source is blacklisted.
+    pub fn kernel_flows(
+        &self,
+        owner: Owner,
+        blocked: &dyn Fn(IpAddr) -> bool,
+        out: &mut Vec<KernelFlow>,
+    ) {
+        let Owner::Session { index, serial } = owner else {
+            self.nat.kernel_flows(owner, blocked, out);
+            return;
+        };
+        let Some(Some(s)) = self.sessions.get(index as usize) else {
+            return;
+        };
+        if s.serial != serial {
+            return;
+        }
+        for l in 0..2 {
+            let (this, other) = (&s.legs[l], &s.legs[1 - l]);
+            for rtcp in [false, true] {
+                let by = u16::from(rtcp);
+                let (Some(from), Some(to), Some(at), Some(from_out)) = (
+                    this.latched[usize::from(rtcp)],
+                    other.remote(rtcp),
+                    offload::port_plus(this.local, by),
+                    offload::port_plus(other.local, by),
+                ) else {
+                    continue;
+                };
+                if blocked(from.ip()) {
+                    continue;
+                }
+                out.push(KernelFlow {
+                    owner,
+                    part: Part::Leg { leg: l as u8, rtcp },
+                    from,
+                    at,
+                    out: from_out,
+                    to,
+                });
+            }
+        }
+    }
+
+    /// Credits what the kernel relayed on `flow` since the last call: the core's counters
+    /// always, the session's or binding's figures and idle timer if it still exists.
+    pub fn credit(
+        &mut self,
+        flow: &KernelFlow,
+        packets: u64,
+        bytes: u64,
+        now: Instant,
+        stats: &mut Stats,
+    ) {
+        if packets == 0 {
+            return;
+        }
+        match (flow.owner, flow.part) {
+            (Owner::Session { index, serial }, Part::Leg { leg, rtcp: _ }) => {
+                stats.add(Counter::MediaPackets, packets);
+                stats.add(Counter::MediaBytes, bytes);
+                let Some(Some(s)) = self.sessions.get_mut(index as usize) else {
+                    return;
+                };
+                if s.serial != serial {
+                    return;
+                }
+                let l = usize::from(leg & 1);
+                let this = &mut s.legs[l].counters;
+                this.packets_in += packets;
+                this.bytes_in += bytes;
+                let other = &mut s.legs[1 - l].counters;
+                other.packets_out += packets;
+                other.bytes_out += bytes;
+                s.last_packet = s.last_packet.max(now);
+                s.dirty = true;
+            }
+            (Owner::Binding { .. }, part) => {
+                stats.add(
+                    if matches!(part, Part::NatIn { .. }) {
+                        Counter::NatInboundPackets
+                    } else {
+                        Counter::NatOutboundPackets
+                    },
+                    packets,
+                );
+                self.nat.touch(flow.owner, now);
+            }
+            _ => {}
+        }
+    }
+
+    /// How often a driver should credit kernel counts so that no idle timer ends a session
+    /// or binding whose packets the kernel relays: a quarter of the shortest idle timeout,
+    /// at most a second.
+    pub fn credit_every(settings: &MediaSettings) -> Duration {
+        let shortest = settings
+            .nat_maps
+            .iter()
+            .map(|m| m.idle_timeout.get())
+            .chain(std::iter::once(settings.idle_timeout))
+            .min()
+            .unwrap_or(Duration::from_secs(60));
+        (shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::Instant;
 use portico_shared::counters::Counter;
 use portico_shared::media_config::NatMap;
 
+use super::offload::{self, KernelFlow, Offload, Owner, Part, MAX_OFFSETS};
 use super::{MediaCtx, Role};
 use crate::server::Action;
 
@@ -22,11 +23,30 @@ struct Binding {
     source: SocketAddr,
     socket: usize,
     last: Instant,
+    /// Tells this binding from a later one in the same slot ([`Owner`]).
+    serial: u64,
+    /// The binding socket's port (a wildcard socket), if the driver could say.
+    port: Option<u16>,
+    /// Port offsets this binding carried, offered to a kernel fast path.
+    offsets: Vec<u16>,
+}
+
+impl Binding {
+    /// Records that offset `k` carried a packet; true when that is new.
+    fn used(&mut self, k: u16) -> bool {
+        if self.offsets.contains(&k) || self.offsets.len() >= MAX_OFFSETS {
+            return false;
+        }
+        self.offsets.push(k);
+        true
+    }
 }
 
 #[derive(Debug)]
 struct MapState {
     map: NatMap,
+    /// The public ports' address (`turn.relay_ip`).
+    ip: Option<IpAddr>,
     /// Public socket per port offset (`None`: that port could not be bound).
     public: Vec<Option<usize>>,
     bindings: Vec<Option<Binding>>,
@@ -44,6 +64,7 @@ impl MapState {
 #[derive(Debug, Default)]
 pub struct Nat {
     maps: Vec<Option<MapState>>,
+    serial: u64,
 }
 
 fn set_role(roles: &mut Vec<Role>, socket: usize, role: Role) {
@@ -81,6 +102,7 @@ impl Nat {
         &mut self,
         cx: &mut MediaCtx<'_>,
         roles: &mut Vec<Role>,
+        offload: &mut Offload,
         worker: (usize, usize),
     ) {
         let (me, workers) = worker;
@@ -96,7 +118,7 @@ impl Nat {
                 .is_some_and(|s| wanted.contains(&&s.map));
             if !keep {
                 if let Some(s) = self.maps[i].take() {
-                    close_map(cx, roles, s);
+                    close_map(cx, roles, offload, i as u16, s);
                 }
             }
         }
@@ -137,6 +159,7 @@ impl Nat {
             }
             self.maps[slot] = Some(MapState {
                 map: m.clone(),
+                ip,
                 public,
                 bindings: Vec::new(),
                 free: Vec::new(),
@@ -144,7 +167,8 @@ impl Nat {
             });
         }
         // The peer policy may have narrowed.
-        for s in self.maps.iter_mut().flatten() {
+        for (map_no, s) in self.maps.iter_mut().enumerate() {
+            let Some(s) = s else { continue };
             let denied: Vec<u32> = s
                 .by_source
                 .iter()
@@ -152,7 +176,7 @@ impl Nat {
                 .map(|(_, b)| *b)
                 .collect();
             for b in denied {
-                drop_binding(cx, roles, s, b);
+                drop_binding(cx, roles, offload, map_no as u16, s, b);
             }
         }
     }
@@ -163,6 +187,7 @@ impl Nat {
         &mut self,
         cx: &mut MediaCtx<'_>,
         roles: &mut Vec<Role>,
+        offload: &mut Offload,
         map: u16,
         offset: u16,
         from: SocketAddr,
@@ -192,10 +217,14 @@ impl Nat {
                     cx.stats.incr(Counter::DropNatBindingsFull);
                     return Action::Drop;
                 };
+                self.serial += 1;
                 let binding = Binding {
                     source: from,
                     socket,
                     last: cx.now.mono,
+                    serial: self.serial,
+                    port: cx.io.local_addr(socket).map(|a| a.port()),
+                    offsets: Vec::new(),
                 };
                 let b = match s.free.pop() {
                     Some(b) => {
@@ -218,6 +247,13 @@ impl Nat {
             return Action::Drop;
         };
         binding.last = cx.now.mono;
+        if binding.used(offset) {
+            offload.mark(Owner::Binding {
+                map,
+                binding: b,
+                serial: binding.serial,
+            });
+        }
         let internal = s.map.internal;
         cx.stats.incr(Counter::NatInboundPackets);
         Action::Send {
@@ -229,9 +265,11 @@ impl Nat {
     }
 
     /// A datagram to a binding socket: from the internal host, back to the binding's source.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn outbound(
         &mut self,
         cx: &mut MediaCtx<'_>,
+        offload: &mut Offload,
         map: u16,
         binding: u32,
         from: SocketAddr,
@@ -251,6 +289,13 @@ impl Nat {
             return Action::Drop;
         };
         b.last = cx.now.mono;
+        if b.used(offset) {
+            offload.mark(Owner::Binding {
+                map,
+                binding,
+                serial: b.serial,
+            });
+        }
         cx.stats.incr(Counter::NatOutboundPackets);
         Action::Send {
             offset: start,
@@ -261,9 +306,15 @@ impl Nat {
     }
 
     /// Closes bindings idle longer than their map's `idle_timeout`.
-    pub(super) fn expire(&mut self, cx: &mut MediaCtx<'_>, roles: &mut [Role]) {
+    pub(super) fn expire(
+        &mut self,
+        cx: &mut MediaCtx<'_>,
+        roles: &mut [Role],
+        offload: &mut Offload,
+    ) {
         let now = cx.now.mono;
-        for s in self.maps.iter_mut().flatten() {
+        for (map_no, s) in self.maps.iter_mut().enumerate() {
+            let Some(s) = s else { continue };
             let idle = s.map.idle_timeout.get();
             let old: Vec<u32> = s
                 .bindings
@@ -276,14 +327,130 @@ impl Nat {
                 })
                 .collect();
             for b in old {
-                drop_binding(cx, roles, s, b);
+                drop_binding(cx, roles, offload, map_no as u16, s, b);
+            }
+        }
+    }
+
+    /// Every binding (a full check of the kernel's paths).
+    pub(super) fn owners(&self, out: &mut Vec<Owner>) {
+        for (m, s) in self.maps.iter().enumerate() {
+            let Some(s) = s else { continue };
+            for (i, b) in s.bindings.iter().enumerate() {
+                if let Some(b) = b {
+                    out.push(Owner::Binding {
+                        map: m as u16,
+                        binding: i as u32,
+                        serial: b.serial,
+                    });
+                }
+            }
+        }
+    }
+
+    fn binding(&self, owner: Owner) -> Option<(&MapState, &Binding)> {
+        let Owner::Binding {
+            map,
+            binding,
+            serial,
+        } = owner
+        else {
+            return None;
+        };
+        let s = self.maps.get(usize::from(map))?.as_ref()?;
+        let b = s.bindings.get(binding as usize)?.as_ref()?;
+        (b.serial == serial).then_some((s, b))
+    }
+
+    /// A binding's paths, both directions on each port offset it carried.
+    pub(super) fn kernel_flows(
+        &self,
+        owner: Owner,
+        blocked: &dyn Fn(IpAddr) -> bool,
+        out: &mut Vec<KernelFlow>,
+    ) {
+        let Some((s, b)) = self.binding(owner) else {
+            return;
+        };
+        let (Some(ip), Some(port)) = (s.ip, b.port) else {
+            return;
+        };
+        let internal = s.map.internal;
+        let local = SocketAddr::new(offload::any_like(internal.ip()), port);
+        for &k in &b.offsets {
+            let (Some(public), Some(inside)) = (
+                s.map
+                    .public_ports
+                    .low()
+                    .checked_add(k)
+                    .map(|p| SocketAddr::new(ip, p)),
+                offload::port_plus(internal, k),
+            ) else {
+                continue;
+            };
+            if s.public.get(usize::from(k)).copied().flatten().is_none() {
+                continue;
+            }
+            if !blocked(b.source.ip()) {
+                out.push(KernelFlow {
+                    owner,
+                    part: Part::NatIn { offset: k },
+                    from: b.source,
+                    at: public,
+                    out: local,
+                    to: inside,
+                });
+            }
+            if !blocked(inside.ip()) {
+                out.push(KernelFlow {
+                    owner,
+                    part: Part::NatOut { offset: k },
+                    from: inside,
+                    at: local,
+                    out: public,
+                    to: b.source,
+                });
+            }
+        }
+    }
+
+    /// The kernel relayed packets of `owner`'s binding: it is not idle.
+    pub(super) fn touch(&mut self, owner: Owner, now: Instant) {
+        let Owner::Binding {
+            map,
+            binding,
+            serial,
+        } = owner
+        else {
+            return;
+        };
+        if let Some(Some(b)) = self
+            .maps
+            .get_mut(usize::from(map))
+            .and_then(Option::as_mut)
+            .and_then(|s| s.bindings.get_mut(binding as usize))
+        {
+            if b.serial == serial {
+                b.last = b.last.max(now);
             }
         }
     }
 }
 
-fn drop_binding(cx: &mut MediaCtx<'_>, roles: &mut [Role], s: &mut MapState, b: u32) {
+fn drop_binding(
+    cx: &mut MediaCtx<'_>,
+    roles: &mut [Role],
+    offload: &mut Offload,
+    map: u16,
+    s: &mut MapState,
+    b: u32,
+) {
     if let Some(binding) = s.bindings.get_mut(b as usize).and_then(Option::take) {
+        offload.mark(Owner::Binding {
+            map,
+            binding: b,
+            serial: binding.serial,
+        });
         s.by_source.remove(&binding.source);
         clear_role(roles, binding.socket);
         cx.io.close(binding.socket);
@@ -292,9 +459,15 @@ fn drop_binding(cx: &mut MediaCtx<'_>, roles: &mut [Role], s: &mut MapState, b: 
     }
 }
 
-fn close_map(cx: &mut MediaCtx<'_>, roles: &mut [Role], mut s: MapState) {
+fn close_map(
+    cx: &mut MediaCtx<'_>,
+    roles: &mut [Role],
+    offload: &mut Offload,
+    map: u16,
+    mut s: MapState,
+) {
     for b in 0..s.bindings.len() as u32 {
-        drop_binding(cx, roles, &mut s, b);
+        drop_binding(cx, roles, offload, map, &mut s, b);
     }
     for sock in s.public.iter().flatten() {
         clear_role(roles, *sock);

@@ -46,6 +46,15 @@ impl RelayIo for FakeIo {
     fn close(&mut self, socket: usize) {
         self.open.retain(|(i, _)| *i != socket);
     }
+    fn local_addr(&self, socket: usize) -> Option<SocketAddr> {
+        let (_, a) = self.open.iter().find(|(i, _)| *i == socket)?;
+        // A wildcard socket gets a port of its own, as bind(2) would give it.
+        Some(if a.port() == 0 {
+            SocketAddr::new(a.ip(), 50_000 + socket as u16)
+        } else {
+            *a
+        })
+    }
 }
 
 #[derive(Default)]
@@ -457,5 +466,216 @@ fn a_leg_with_an_srtp_key_learns_only_sources_whose_tag_verifies() {
     assert!(matches!(
         r.datagram(60, leg1, "127.0.0.2:6001", &[0x80; 40]),
         Action::Send { .. }
+    ));
+}
+
+impl Rig {
+    /// The owners whose kernel paths changed since the last call, and their paths now
+    /// (`blocked` sources excluded); `None` when the core asks for a full check.
+    fn kernel(&mut self, blocked: &[&str]) -> (bool, Vec<offload::KernelFlow>) {
+        let mut owners = Vec::new();
+        let all = self.media.offload.drain(&mut owners);
+        if all {
+            owners.clear();
+            self.media.owners(&mut owners);
+        }
+        owners.sort_unstable();
+        owners.dedup();
+        let blocked: Vec<IpAddr> = blocked.iter().map(|b| b.parse().unwrap()).collect();
+        let mut flows = Vec::new();
+        for o in owners {
+            self.media
+                .kernel_flows(o, &|ip| blocked.contains(&ip), &mut flows);
+        }
+        (all, flows)
+    }
+}
+
+#[test]
+fn kernel_paths_follow_latching_and_credited_counts_keep_a_session_alive() {
+    use offload::{KernelFlow, Owner, Part};
+    let mut r = Rig::new(MEDIA);
+    r.media.offload.enable();
+    r.control.queue.push(Command::Create(MediaRequest {
+        index: 7,
+        id: 1,
+        addresses: [Some(a("127.0.0.1:5000")), Some(a("127.0.0.2:6000"))],
+        srtp: [None, None],
+    }));
+    r.tick(0);
+    let (_, locals) = r.control.created[0];
+    let (leg0, leg1) = (r.socket_of(locals[0]), r.socket_of(locals[1]));
+    // A full check first; nothing latched, nothing for the kernel.
+    assert_eq!(r.kernel(&[]), (true, vec![]));
+    assert!(matches!(
+        r.packet(10, leg0, "127.0.0.1:5555"),
+        Action::Send { .. }
+    ));
+    let (all, flows) = r.kernel(&[]);
+    assert!(!all);
+    let owner = Owner::Session {
+        index: 0,
+        serial: 1,
+    };
+    let up = KernelFlow {
+        owner,
+        part: Part::Leg {
+            leg: 0,
+            rtcp: false,
+        },
+        from: a("127.0.0.1:5555"),
+        at: locals[0],
+        out: locals[1],
+        to: a("127.0.0.2:6000"),
+    };
+    assert_eq!(flows, vec![up]);
+    // Leg 1 latches: its path back to leg 0's latched source; RTCP derived from RTP.
+    assert!(matches!(
+        r.packet(20, leg1, "127.0.0.2:6000"),
+        Action::Send { .. }
+    ));
+    assert!(matches!(
+        r.packet(30, leg0 + 1, "127.0.0.1:5556"),
+        Action::Send { .. }
+    ));
+    let (_, flows) = r.kernel(&[]);
+    let plus1 = |x: SocketAddr| SocketAddr::new(x.ip(), x.port() + 1);
+    assert_eq!(flows.len(), 3, "{flows:?}");
+    assert!(flows.contains(&KernelFlow {
+        owner,
+        part: Part::Leg {
+            leg: 1,
+            rtcp: false
+        },
+        from: a("127.0.0.2:6000"),
+        at: locals[1],
+        out: locals[0],
+        to: a("127.0.0.1:5555"),
+    }));
+    assert!(flows.contains(&KernelFlow {
+        owner,
+        part: Part::Leg { leg: 0, rtcp: true },
+        from: a("127.0.0.1:5556"),
+        at: plus1(locals[0]),
+        out: plus1(locals[1]),
+        to: a("127.0.0.2:6001"),
+    }));
+    // A blacklisted source is not offered.
+    r.media.offload.mark_all();
+    let (_, flows) = r.kernel(&["127.0.0.1"]);
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    // What the kernel relayed is credited to the legs and keeps the session from idling.
+    r.media.credit(
+        &up,
+        40,
+        40 * 160,
+        r.t0 + Duration::from_secs(9),
+        &mut r.stats,
+    );
+    assert_eq!(r.stats.get(Counter::MediaPackets), 43);
+    r.tick(12_000);
+    assert!(r.control.ended.is_empty(), "credited traffic is not idle");
+    let (_, legs) = r.control.published.last().copied().unwrap();
+    assert_eq!(legs[0].1.packets_in, 42);
+    assert_eq!(legs[0].1.bytes_in, 2 * 172 + 40 * 160);
+    assert_eq!(legs[1].1.packets_out, 42);
+    // Re-latched within the window: the old path goes, the new one comes.
+    r.media.offload.mark_all();
+    r.kernel(&[]);
+    let mut r2 = Rig::new(MEDIA);
+    r2.media.offload.enable();
+    r2.control.queue.push(Command::Create(MediaRequest {
+        index: 1,
+        id: 1,
+        addresses: [Some(a("127.0.0.1:5000")), Some(a("127.0.0.2:6000"))],
+        srtp: [None, None],
+    }));
+    r2.tick(0);
+    let l0 = r2.socket_of(r2.control.created[0].1[0]);
+    r2.packet(10, l0, "127.0.0.1:5555");
+    r2.kernel(&[]);
+    r2.packet(500, l0, "127.0.0.1:7777");
+    let (_, flows) = r2.kernel(&[]);
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].from, a("127.0.0.1:7777"));
+    // Ended: the owner is reported and has no path left; a credit after the end only
+    // counts globally.
+    r.tick(12_000 + 10_100);
+    assert_eq!(r.control.ended, vec![7]);
+    let (_, flows) = r.kernel(&[]);
+    assert!(flows.is_empty());
+    r.media
+        .credit(&up, 1, 160, r.t0 + Duration::from_secs(23), &mut r.stats);
+    assert_eq!(r.stats.get(Counter::MediaPackets), 44);
+}
+
+#[test]
+fn kernel_paths_of_a_nat_binding_cover_the_offsets_it_carried() {
+    use offload::{Owner, Part};
+    let mut r = Rig::new(
+        "[[nat.maps]]\npublic_ports = \"5004-5006\"\ninternal = \"127.0.0.9:6004\"\nidle_timeout = \"5s\"\n",
+    );
+    r.media.offload.enable();
+    r.tick(0);
+    assert_eq!(r.kernel(&[]), (true, vec![]));
+    let p5005 = r.socket_of(a("127.0.0.1:5005"));
+    let Action::Send { socket: bx, .. } = r.packet(1, p5005, "127.0.0.20:1000") else {
+        panic!("not forwarded");
+    };
+    let port = r.io.local_addr(bx).unwrap().port();
+    let wild = SocketAddr::new("0.0.0.0".parse().unwrap(), port);
+    let (_, flows) = r.kernel(&[]);
+    assert_eq!(flows.len(), 2, "{flows:?}");
+    let inbound = flows[0];
+    assert_eq!(inbound.part, Part::NatIn { offset: 1 });
+    assert_eq!(
+        (inbound.from, inbound.at, inbound.out, inbound.to),
+        (
+            a("127.0.0.20:1000"),
+            a("127.0.0.1:5005"),
+            wild,
+            a("127.0.0.9:6005")
+        )
+    );
+    let outbound = flows[1];
+    assert_eq!(outbound.part, Part::NatOut { offset: 1 });
+    assert_eq!(
+        (outbound.from, outbound.at, outbound.out, outbound.to),
+        (
+            a("127.0.0.9:6005"),
+            wild,
+            a("127.0.0.1:5005"),
+            a("127.0.0.20:1000")
+        )
+    );
+    // A reply on another offset adds that offset's pair.
+    assert!(matches!(
+        r.packet(2, bx, "127.0.0.9:6006"),
+        Action::Send { .. }
+    ));
+    let (_, flows) = r.kernel(&[]);
+    assert_eq!(flows.len(), 4, "{flows:?}");
+    // Credited kernel traffic keeps the binding; without it, it expires.
+    r.media.credit(
+        &outbound,
+        10,
+        1000,
+        r.t0 + Duration::from_secs(4),
+        &mut r.stats,
+    );
+    assert_eq!(r.stats.get(Counter::NatOutboundPackets), 11);
+    r.tick(6000);
+    assert_eq!(r.media.nat.bindings(), 1);
+    r.tick(9500);
+    assert_eq!(r.media.nat.bindings(), 0);
+    let (_, flows) = r.kernel(&[]);
+    assert!(flows.is_empty());
+    assert!(matches!(
+        inbound.owner,
+        Owner::Binding {
+            map: 0,
+            binding: 0,
+            serial: 1
+        }
     ));
 }

@@ -172,6 +172,23 @@ impl Server {
         &self.media
     }
 
+    /// The media core's record of changed kernel paths ([`crate::fastpath`]).
+    pub fn media_offload(&mut self) -> &mut crate::media::offload::Offload {
+        &mut self.media.offload
+    }
+
+    /// Credits what a kernel fast path relayed on a media or NAT map path.
+    pub fn credit_media(
+        &mut self,
+        flow: &crate::media::offload::KernelFlow,
+        packets: u64,
+        bytes: u64,
+        now: Instant,
+    ) {
+        self.media
+            .credit(flow, packets, bytes, now, &mut self.stats);
+    }
+
     pub fn settings(&self) -> &Arc<Settings> {
         &self.settings
     }

@@ -63,6 +63,12 @@ pub trait RelayIo {
     /// Stops receiving on a relay socket and closes it (also a TCP relay's listener or
     /// data connection; closing a bound data connection closes its client side too).
     fn close(&mut self, socket: usize);
+    /// The local address a relay socket is bound to (a wildcard socket's port), where the
+    /// driver can say.
+    fn local_addr(&self, socket: usize) -> Option<SocketAddr> {
+        let _ = socket;
+        None
+    }
     /// RFC 6062: binds a listening TCP socket to `addr` for a TCP allocation; returns its
     /// socket index. Drivers without TCP relays refuse.
     fn listen_tcp(&mut self, addr: SocketAddr) -> io::Result<usize> {

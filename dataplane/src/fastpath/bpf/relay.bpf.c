@@ -15,6 +15,10 @@
 //       policy does), the datagram becomes that channel's ChannelData to the other client
 //       at once; otherwise (a) sends it through loopback (the entry's ifindex), or, when it
 //       is padded, user space relays it.
+//   (d) A UDP datagram whose 5-tuple is installed in PEERS with FWD_PLAIN: a latched media
+//       relay leg or a static NAT map binding. Only addresses and ports change: it leaves
+//       from the other leg's (the binding's, the public port's) address:port to the entry's
+//       destination, payload untouched.
 //
 // Everything else -- not IPv4, IP options, fragments, GSO aggregates, STUN messages, Send and
 // Data indications, unknown tuples, bad lengths, too large for the egress MTU -- is passed to
@@ -85,6 +89,8 @@ struct {
 
 // (a): the peer is an address of this host; ifindex is the loopback interface.
 #define FWD_LOCAL_PEER 1
+// (d): a plain UDP forward (media leg, NAT map), no ChannelData header.
+#define FWD_PLAIN 2
 
 #define ETH_LEN 14
 #define IP_OFF ETH_LEN
@@ -322,6 +328,20 @@ static __always_inline int hairpin(struct __sk_buff *skb, struct fwd *v, struct 
     return bpf_redirect_neigh(w->ifindex, 0, 0, 0);
 }
 
+// (d) UDP in, UDP out: addresses and ports rewritten, the payload as it came.
+static __always_inline int forward(struct __sk_buff *skb, struct fwd *v, struct iphdr ip,
+                                   struct udphdr udp, __u32 dlen)
+{
+    __u32 mtu_len = 0;
+    if (bpf_check_mtu(skb, v->ifindex, &mtu_len, 0, 0) != 0)
+        return TC_ACT_OK;
+    if (rewrite_headers(skb, v, &ip, &udp, 8 + dlen) < 0)
+        return TC_ACT_SHOT;
+    __sync_fetch_and_add(&v->packets, 1);
+    __sync_fetch_and_add(&v->bytes, dlen);
+    return bpf_redirect_neigh(v->ifindex, 0, 0, 0);
+}
+
 SEC("classifier")
 int portico_relay(struct __sk_buff *skb)
 {
@@ -384,6 +404,10 @@ int portico_relay(struct __sk_buff *skb)
                         .relay_port = v->dport,
                     };
                     struct fwd *w = bpf_map_lookup_elem(&PEERS, &back);
+                    // A media leg or NAT map port of this host: through loopback, as the
+                    // user-space relay would send it.
+                    if (w && (w->flags & FWD_PLAIN))
+                        w = NULL;
                     if (w && !pad)
                         return hairpin(skb, v, w, ip, udp, chanhdr, clen);
                     if (w)
@@ -400,6 +424,8 @@ int portico_relay(struct __sk_buff *skb)
         .relay_port = udp.dest,
     };
     struct fwd *v = bpf_map_lookup_elem(&PEERS, &pk);
+    if (v && (v->flags & FWD_PLAIN))
+        return forward(skb, v, ip, udp, dlen);
     if (v)
         return to_client(skb, v, ip, udp, dlen);
     return TC_ACT_OK;
