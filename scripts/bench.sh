@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/bench.sh [stun|turn|turn-tcp|fastpath|proxy|fraud|register|media|profile|scale|all]   (default: stun)
+# scripts/bench.sh [stun|turn|turn-tcp|fastpath|media-fastpath|proxy|fraud|register|media|profile|scale|all]   (default: stun)
 #
 # Side-by-side benchmarks on the machine this runs on, written into perf/RESULTS.md (one
 # section per scenario; running one scenario replaces only its own section):
@@ -27,6 +27,15 @@
 #            softirq included. FP_TOPOLOGY=lo: everything on one namespace's `lo`.
 #            Machine-wide CPU per million relayed packets from /proc/stat, with and without
 #            the generator's own CPU.
+#   media-fastpath
+#            media relay sessions with the kernel fast path vs Portico's user-space media
+#            relay vs rtpengine (userspace; its kernel module needs a DKMS build for this
+#            kernel), in fastpath's veth topology: `portico-perf media` in the generator
+#            namespace (endpoints on 10.77.0.2) creates MFP_SESSIONS (1000) sessions through
+#            Portico's API or rtpengine's ng protocol on 10.77.0.1 and sends RTP at 50 pkt/s
+#            each way for MFP_SECONDS (20) s, MFP_ROUNDS (2) rounds, servers interleaved;
+#            machine-wide CPU per million relayed packets, minus the generator, and the
+#            pinned servers' CPU (scripts/media_fastpath_report.py writes the section).
 #   proxy    scripts/bench-proxy.sh (Portico vs HAProxy, HTTP/HTTPS/TLS handshakes), merged.
 #   fraud    brute-force reaction: the fraud tests' brute forces (TURN over UDP, HTTP Basic,
 #            SIP digest, LDAP bind; thresholds 5 and 20), built with --release and run
@@ -88,13 +97,13 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [stun|turn|turn-tcp|fastpath|proxy|fraud|register|media|profile|scale|all]" >&2
+    echo "usage: $0 [stun|turn|turn-tcp|fastpath|media-fastpath|proxy|fraud|register|media|profile|scale|all]" >&2
     exit 2
 }
 (($# <= 1)) || usage
 scenario=${1:-stun}
 case $scenario in
-stun | turn | turn-tcp | fastpath | proxy | fraud | register | media | profile | scale | all) ;;
+stun | turn | turn-tcp | fastpath | media-fastpath | proxy | fraud | register | media | profile | scale | all) ;;
 *) usage ;;
 esac
 
@@ -169,6 +178,7 @@ proxy | all) tools="$tools nginx:nginx haproxy:haproxy wrk:wrk openssl:openssl p
 esac
 [[ $scenario == profile ]] && tools="$tools valgrind:valgrind linux-perf:perf"
 [[ $scenario == turn-tcp ]] && tools="$tools openssl:openssl"
+[[ $scenario == media-fastpath ]] && tools="$tools rtpengine-daemon:rtpengine curl:curl"
 # Installs without starting services (coturn's would take port 3478): see lib/install.sh.
 install_missing_tools "$tools" >&2 || die "could not install the tools this benchmark needs"
 
@@ -1510,12 +1520,127 @@ run_media() {
     done
 }
 
+# ---------------------------------------------------------------------------------------
+# Media relay with the kernel fast path (veth topology)
+# ---------------------------------------------------------------------------------------
+
+# start_media_server SERVER NAME: Portico (fast path on or off) or rtpengine in the servers'
+# namespace; sets media_target (the generator's --api/--token-file or --rtpengine
+# arguments), measure_pid and stop_pids.
+media_target=()
+start_media_server() {
+    local server=$1 name=$2 dir=$work/$2 fp=off pid i
+    mkdir -p "$dir"
+    case $server in
+    portico-fastpath | portico)
+        [[ $server == portico-fastpath ]] && fp=on
+        cat >"$dir/portico.toml" <<EOF
+state_dir = "$dir/state"
+log_level = "info"
+
+[turn]
+listen = ["$turn_ip:3478"]
+relay_ip = ["$turn_ip"]
+workers = $workers
+io = "io_uring"
+fast_path = "$fp"
+allow_peers = ["$turn_peers"]
+max_allocations = 2048
+tcp_max_connections = 256
+
+[api]
+listen = "$turn_ip:8088"
+
+[media]
+ports = "50000-59999"
+max_sessions = 4000
+idle_timeout = "60s"
+EOF
+        launch_portico "$dir" io_uring
+        if [[ $fp == on ]]; then
+            strip_ansi "$dir/log" | grep -q 'kernel fast path loaded' ||
+                die "the fast path did not load: $(strip_ansi "$dir/log" | grep -i 'fast' | head -3)"
+        fi
+        for i in $(seq 50); do
+            [[ -s $dir/state/admin.token ]] && break
+            sleep 0.1
+        done
+        media_target=(--api "$turn_ip:8088" --token-file "$dir/state/admin.token")
+        measure_pid=${stop_pids[1]}
+        ;;
+    rtpengine)
+        "${srv_pin[@]}" "${in_ns[@]}" rtpengine --table=-1 --interface="$turn_ip" \
+            --listen-ng="$turn_ip:2223" --listen-cli="127.0.0.1:9900" --foreground \
+            --log-stderr --log-level=4 --port-min=40000 --port-max=49999 \
+            --num-threads="$workers" >"$dir/rtpengine.log" 2>&1 &
+        pid=$!
+        stop_pids=("$pid")
+        measure_pid=$pid
+        sleep 2
+        kill -0 "$pid" 2>/dev/null || die "rtpengine did not start: $(tail -5 "$dir/rtpengine.log")"
+        media_target=(--rtpengine "$turn_ip:2223")
+        ;;
+    *) die "unknown media server $server" ;;
+    esac
+}
+
+run_media_fastpath() {
+    local rounds=${MFP_ROUNDS:-2} sessions=${MFP_SESSIONS:-1000} secs=${MFP_SECONDS:-20}
+    local servers=${MFP_SERVERS:-"portico-fastpath portico rtpengine"}
+    local results=$work/media-fastpath-results round server name started_at load_before t0=$SECONDS
+    local cpus=() ns
+    if ! command -v rtpengine >/dev/null; then
+        echo "bench.sh: rtpengine is not installed (Debian rtpengine-daemon): no comparison" >&2
+        servers=${servers//rtpengine/}
+    fi
+    mkdir -p "$results"
+    fastpath_veth
+    ((${#srv_pin[@]})) && cpus=(--server-cpus 1)
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    say "media relay fast path: $servers, $rounds rounds of $sessions sessions × 50 pkt/s each way × $secs s"
+    for round in $(seq "$rounds"); do
+        for server in $servers; do
+            name=media-${server}__r${round}
+            start_media_server "$server" "$name"
+            "${gen_ns[@]}" "$perf" media "${media_target[@]}" --server-pid "$measure_pid" \
+                --bind 10.77.0.2 --sessions "$sessions" --rate 50 --duration "$secs" \
+                "${cpus[@]}" --json "$results/$name.json" | tee "$results/$name.txt" ||
+                die "the media run against $server failed"
+            if [[ $server == portico* ]]; then
+                "${in_ns[@]}" curl -s -H "Authorization: Bearer $(cat "$work/$name/state/admin.token")" \
+                    "http://$turn_ip:8088/metrics" >"$results/$name.metrics" 2>/dev/null || true
+            fi
+            stop_servers
+        done
+    done
+    in_ns=()
+    gen_ns=()
+    gen_args=()
+    srv_pin=()
+    turn_ip=127.0.0.1
+    turn_peers=127.0.0.0/8
+    for ns in $bench_ns; do
+        ip netns del "$ns" || true
+    done
+    bench_ns=""
+    say "writing the media fast-path section of $out"
+    common_facts
+    MFP_CMD=$(command_line media-fastpath MFP_ROUNDS MFP_SESSIONS MFP_SECONDS MFP_SERVERS FP_PIN_SERVERS) \
+        MFP_FACTS="date=$started_at, $((SECONDS - t0)) s of runs; load average before: $load_before, after: $(cut -d' ' -f1-3 /proc/loadavg)" \
+        MFP_MACHINE="$(nproc) cores, $(uname -r), source $(git rev-parse --short HEAD 2>/dev/null)" \
+        MFP_TOPO="$fp_topology" MFP_WORKERS="$workers" \
+        MFP_RTPENGINE="$(rtpengine --version 2>&1 | head -1)" \
+        python3 "$root/scripts/media_fastpath_report.py" "$results" "$out"
+}
+
 case $scenario in
 stun) run_stun 5 ;;
 media) run_media ;;
 turn) run_turn ;;
 turn-tcp) run_turn_tcp ;;
 fastpath) run_fastpath ;;
+media-fastpath) run_media_fastpath ;;
 proxy) run_proxy ;;
 fraud) run_fraud ;;
 register) run_register ;;

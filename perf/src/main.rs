@@ -122,6 +122,11 @@ fn main() -> ExitCode {
         }),
         Cmd::Media(args) => media_load::run(&args).map(|r| {
             println!("{}", r.text());
+            if let Some(path) = &args.json {
+                if let Err(e) = std::fs::write(path, r.json().to_string()) {
+                    eprintln!("portico-perf media: {}: {e}", path.display());
+                }
+            }
             if r.received == 0 {
                 ExitCode::from(EXIT_NOTHING_COMPLETED)
             } else {

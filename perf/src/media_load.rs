@@ -33,6 +33,17 @@ pub struct MediaArgs {
     pub rate: u32,
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
+    /// Address the endpoints' sockets are bound to (each on its own port).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: std::net::IpAddr,
+    /// CPUs whose busy time (their /proc/stat lines, softirq included) is reported as the
+    /// server's side, e.g. `--server-cpus 1` with the server and its interface's receive
+    /// work pinned there and this generator elsewhere.
+    #[arg(long = "server-cpus", value_delimiter = ',')]
+    pub server_cpus: Vec<usize>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -47,9 +58,40 @@ pub struct MediaReport {
     pub rss_after_kib: u64,
     /// Seconds to create all sessions through the API.
     pub create_seconds: f64,
+    /// Over the data phase: the whole machine's busy CPU time (from /proc/stat idle time,
+    /// so softirq work no process is charged for counts), this generator's own, and that of
+    /// `--server-cpus`.
+    pub machine_busy_cpu_s: f64,
+    pub generator_cpu_s: f64,
+    pub server_cpus_busy_s: Option<f64>,
 }
 
 impl MediaReport {
+    pub fn json(&self) -> serde_json::Value {
+        let per_m = |cpu: f64| cpu / (self.received.max(1) as f64 / 1e6);
+        serde_json::json!({
+            "sessions": self.sessions,
+            "sent": self.sent,
+            "received": self.received,
+            "lost": self.sent.saturating_sub(self.received),
+            "out_of_order": self.out_of_order,
+            "seconds": self.seconds,
+            "relayed_pps": self.received as f64 / self.seconds.max(1e-3),
+            "server_cpu_s": self.cpu_seconds,
+            "machine_busy_cpu_s": self.machine_busy_cpu_s,
+            "generator_cpu_s": self.generator_cpu_s,
+            "server_cpus_busy_s": self.server_cpus_busy_s,
+            "cpu_s_per_million": {
+                "server_process": per_m(self.cpu_seconds),
+                "machine": per_m(self.machine_busy_cpu_s),
+                "machine_minus_generator": per_m(self.machine_busy_cpu_s - self.generator_cpu_s),
+                "server_cpus": self.server_cpus_busy_s.map(per_m),
+            },
+            "rss_kib": [self.rss_before_kib, self.rss_after_kib],
+            "create_seconds": self.create_seconds,
+        })
+    }
+
     pub fn text(&self) -> String {
         let lost = self.sent.saturating_sub(self.received);
         format!(
@@ -101,7 +143,9 @@ enum Target {
 
 /// One ng request (bencode dictionary text) and its answer, with a cookie in front.
 fn ng_call(ng: SocketAddr, dict: &str) -> Result<String, String> {
-    let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let s = UdpSocket::bind((ng.ip(), 0))
+        .or_else(|_| UdpSocket::bind("0.0.0.0:0"))
+        .map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
     // rtpengine answers a repeated cookie from its cache: one per request of this process.
@@ -179,7 +223,8 @@ fn create(
                     bstr(&sdp(b))
                 ),
             )?;
-            let ip = a.ip();
+            // rtpengine's ports are on its own interface address (where ng listens).
+            let ip = ng.ip();
             return Ok((
                 call,
                 SocketAddr::new(ip, ng_port(&answer)?),
@@ -243,7 +288,7 @@ pub fn run(args: &MediaArgs) -> Result<MediaReport, String> {
     // create waits for a worker to bind the legs).
     let mut socks = Vec::with_capacity(2 * sessions);
     for _ in 0..2 * sessions {
-        socks.push(UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?);
+        socks.push(UdpSocket::bind((args.bind, 0)).map_err(|e| e.to_string())?);
     }
     let addrs: Vec<SocketAddr> = socks
         .iter()
@@ -289,6 +334,18 @@ pub fn run(args: &MediaArgs) -> Result<MediaReport, String> {
     let interval = Duration::from_secs(1) / args.rate.clamp(1, 1000);
     let (mut sent, mut received, mut out_of_order) = (0u64, 0u64, 0u64);
     let cpu0 = proc_stats::cpu_seconds(args.server_pid).map_err(|e| e.to_string())?;
+    let cpus = &args.server_cpus;
+    let cpus_idle = || -> Result<Option<f64>, String> {
+        if cpus.is_empty() {
+            return Ok(None);
+        }
+        proc_stats::cpus_idle_seconds(cpus)
+            .map(Some)
+            .map_err(|e| format!("--server-cpus: {e}"))
+    };
+    let gen0 = proc_stats::self_cpu_seconds();
+    let (idle0, cores) = proc_stats::machine_idle_seconds().map_err(|e| e.to_string())?;
+    let cpus_idle0 = cpus_idle()?;
     let start = Instant::now();
     let mut next = start;
     let mut buf = [0u8; 2048];
@@ -331,6 +388,13 @@ pub fn run(args: &MediaArgs) -> Result<MediaReport, String> {
     }
     let seconds = start.elapsed().as_secs_f64();
     let cpu = proc_stats::cpu_seconds(args.server_pid).map_err(|e| e.to_string())? - cpu0;
+    let generator_cpu_s = proc_stats::self_cpu_seconds() - gen0;
+    let (idle1, _) = proc_stats::machine_idle_seconds().map_err(|e| e.to_string())?;
+    let server_cpus_busy_s = match (cpus_idle0, cpus_idle()?) {
+        (Some(b), Some(a)) => Some((cpus.len() as f64 * seconds - (a - b)).max(0.0)),
+        _ => None,
+    };
+    let machine_busy_cpu_s = (cores as f64 * seconds - (idle1 - idle0)).max(0.0);
     for id in ids {
         match target {
             Target::Portico(api) => {
@@ -360,5 +424,8 @@ pub fn run(args: &MediaArgs) -> Result<MediaReport, String> {
         rss_before_kib: rss_before,
         rss_after_kib: rss_after,
         create_seconds,
+        machine_busy_cpu_s,
+        generator_cpu_s,
+        server_cpus_busy_s,
     })
 }
