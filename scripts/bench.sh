@@ -1558,6 +1558,11 @@ idle_timeout = "60s"
 EOF
         launch_portico "$dir" io_uring
         if [[ $fp == on ]]; then
+            # The dataplane logs it after its driver line.
+            for i in $(seq 50); do
+                strip_ansi "$dir/log" | grep -q 'kernel fast path loaded' && break
+                sleep 0.1
+            done
             strip_ansi "$dir/log" | grep -q 'kernel fast path loaded' ||
                 die "the fast path did not load: $(strip_ansi "$dir/log" | grep -i 'fast' | head -3)"
         fi
