@@ -16,6 +16,9 @@
 #            loopback address), TURN_TCP_STREAMS (1000) streams × 50 pkt/s for
 #            TURN_TCP_DURATION (20) s, TURN_TCP_ROUNDS (2) rounds, servers interleaved; plus
 #            Portico's one port 443 (`proxy.turn_on_https`) with and without ALPN stun.turn.
+#            TURN_TCP_SERVERS ("portico coturn") may add `portico-epoll`: Portico with
+#            `turn.io = "epoll"`, whose TCP thread then writes without io_uring (a system
+#            call per write), for an A/B within the same rounds.
 #   fastpath TURN relay with the kernel fast path (`turn.fast_path = "on"`) vs Portico's
 #            user-space relay vs coturn (`portico-perf turn`), 1000 streams × 50 pkt/s and
 #            flat out, in network namespaces this script creates and deletes (the TC program
@@ -606,7 +609,7 @@ log_level = "info"
 listen = ["127.0.0.1:$port"]
 listen_tls = ["127.0.0.1:$tls_port"]
 workers = $workers
-io = "io_uring"
+io = "${portico_io:-io_uring}"
 realm = "$turn_realm"
 users = [{ name = "$turn_user", password = "$turn_password" }]
 allow_peers = ["127.0.0.0/8"]
@@ -633,7 +636,7 @@ max_connections_per_ip = 8192
 EOF
     target=127.0.0.1:$port
     tcp_port=$port
-    launch_portico "$dir" io_uring
+    launch_portico "$dir" "${portico_io:-io_uring}"
     wait_turn "$target" "${stop_pids[0]}" ||
         die "portico does not relay TURN: $(strip_ansi "$dir/log" | tail -5)"
 }
@@ -673,13 +676,15 @@ run_turn_tcp() {
     say "TURN over TCP/TLS: points '$points', $rounds rounds, $streams streams × $rate pkt/s × $secs s"
     for round in $(seq "$rounds"); do
         for point in $points; do
-            for server in portico coturn; do
+            for server in ${TURN_TCP_SERVERS:-portico coturn}; do
                 # The one-port-443 points exist only for Portico.
-                [[ $point == tls-443-* && $server == coturn ]] && continue
+                [[ $point == tls-443-* && $server != portico ]] && continue
                 name=${server}__${point}__r${round}
                 case $server in
                 portico) start_portico_turn_tcp "$name" ;;
+                portico-epoll) portico_io=epoll start_portico_turn_tcp "$name" ;;
                 coturn) start_coturn_turn_tcp "$name" ;;
+                *) die "TURN_TCP_SERVERS: unknown server $server" ;;
                 esac
                 extra=()
                 case $point in
@@ -699,7 +704,7 @@ run_turn_tcp() {
     say "writing the TURN over TCP/TLS section of $out"
     common_facts
     "$perf" bench-report --kind turn-tcp --dir "$turn_results" --out "$out" \
-        --command "$(command_line turn-tcp TURN_TCP_ROUNDS TURN_TCP_STREAMS TURN_TCP_DURATION TURN_TCP_THREADS TURN_TCP_POINTS)" \
+        --command "$(command_line turn-tcp TURN_TCP_ROUNDS TURN_TCP_STREAMS TURN_TCP_DURATION TURN_TCP_THREADS TURN_TCP_POINTS TURN_TCP_SERVERS)" \
         --fact "date=$started_at, $((SECONDS - turn_t0)) s of runs" "${facts[@]}" \
         --fact "load average (1/5/15 min)=before: $load_before; after: $(cut -d' ' -f1-3 /proc/loadavg)" \
         --fact "portico=\`portico run\`, $workers UDP workers + the one TCP/TLS thread, \`turn.listen\` (TCP), \`turn.listen_tls\`, and the proxy's https listener with \`proxy.turn_on_https = true\`; ECDSA P-256 certificate; CPU and RSS = controlplane + dataplane" \
