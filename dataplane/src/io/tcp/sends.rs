@@ -236,8 +236,12 @@ impl Sends {
         }
         let mut got = 0;
         let mut failures = 0;
+        // Every send completes inside the submission (`MSG_DONTWAIT`); the timeout only
+        // guards against a kernel that would wait on a full socket instead.
+        let ts = types::Timespec::new().sec(1);
+        let args = types::SubmitArgs::new().timespec(&ts);
         while got < want {
-            match self.ring.submit_and_wait(want - got) {
+            match self.ring.submitter().submit_with_args(want - got, &args) {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
@@ -248,7 +252,14 @@ impl Sends {
                     failures += 1;
                 }
                 Err(e) => {
-                    tracing::error!("TCP thread: io_uring submission failed ({e}); writing directly from now on");
+                    let why = if e.raw_os_error() == Some(libc::ETIME) {
+                        "a send did not complete at once".to_string()
+                    } else {
+                        e.to_string()
+                    };
+                    tracing::error!(
+                        "TCP thread: io_uring submission failed ({why}); writing directly from now on"
+                    );
                     self.broken = true;
                     break;
                 }
