@@ -202,7 +202,12 @@ command_line() {
     local cmd="scripts/bench.sh $scenario" v
     shift
     for v in "$@"; do
-        [[ -z ${!v:-} ]] || cmd="$v=${!v} $cmd"
+        [[ -z ${!v:-} ]] && continue
+        if [[ ${!v} == *" "* ]]; then
+            cmd="$v=\"${!v}\" $cmd"
+        else
+            cmd="$v=${!v} $cmd"
+        fi
     done
     echo "$cmd"
 }
@@ -703,12 +708,16 @@ run_turn_tcp() {
     done
     say "writing the TURN over TCP/TLS section of $out"
     common_facts
+    local epoll_fact=()
+    [[ " ${TURN_TCP_SERVERS:-} " == *" portico-epoll "* ]] &&
+        epoll_fact=(--fact "portico-epoll=the same with \`turn.io = \"epoll\"\`: the TCP/TLS thread makes a system call per write instead of submitting a loop turn's writes through io_uring (the A/B of docs/DESIGN.md, \"Writes through io_uring\")")
     "$perf" bench-report --kind turn-tcp --dir "$turn_results" --out "$out" \
         --command "$(command_line turn-tcp TURN_TCP_ROUNDS TURN_TCP_STREAMS TURN_TCP_DURATION TURN_TCP_THREADS TURN_TCP_POINTS TURN_TCP_SERVERS)" \
         --fact "date=$started_at, $((SECONDS - turn_t0)) s of runs" "${facts[@]}" \
         --fact "load average (1/5/15 min)=before: $load_before; after: $(cut -d' ' -f1-3 /proc/loadavg)" \
         --fact "portico=\`portico run\`, $workers UDP workers + the one TCP/TLS thread, \`turn.listen\` (TCP), \`turn.listen_tls\`, and the proxy's https listener with \`proxy.turn_on_https = true\`; ECDSA P-256 certificate; CPU and RSS = controlplane + dataplane" \
         --fact "coturn=$(turnserver --version 2>/dev/null | head -1) \`turnserver ${coturn_tcp_flags[*]} --tls-listening-port … --cert … --pkey …\` (same certificate)" \
+        "${epoll_fact[@]}" \
         --fact "generator=\`portico-perf turn --transport tcp|tls\`, $threads client threads (mio), 1 peer thread; a TCP connection per client from its own loopback address, TLS without certificate check (rustls; the handshake signature is still verified); 401 round trip, CreatePermission + ChannelBind, 172-byte payload, ChannelData padded to 4 bytes; $rate pkt/s per stream each way, the UDP peer echoes" \
         --fact "points=tcp: TURN over TCP on the TURN port; tls: TURN over TLS on turn.listen_tls / coturn's tls-listening-port; tls-443-alpn: Portico's proxy https port, ClientHello with ALPN stun.turn (the socket is handed to the dataplane); tls-443-plain: the same port without ALPN (TLS ends in the control plane, plaintext relayed to the dataplane over a unix socket)" \
         --fact "RSS per 1000 allocations=(server RSS after setup − RSS idle) ÷ ready allocations × 1000, i.e. with their TCP/TLS connections" \
