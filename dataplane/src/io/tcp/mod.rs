@@ -196,14 +196,9 @@ pub fn run(
     let mut batch = RecvBatch::new();
     let mut out_spare = Vec::new();
     let mut sends = if uring {
-        match Sends::new(poll.as_raw_fd()) {
+        match Sends::new() {
             Ok(s) => {
-                let how = if s.waits() {
-                    "; it waits for readiness in the same call"
-                } else {
-                    ""
-                };
-                tracing::info!("TCP thread: writes through io_uring{how}");
+                tracing::info!("TCP thread: writes through io_uring");
                 Some(s)
             }
             Err(e) => {
@@ -226,44 +221,17 @@ pub fn run(
     let mut work = vec![0u8; BUF_SIZE + 1];
     let mut last_sweep = Instant::now();
     let mut relay_ready: Vec<usize> = Vec::new();
-    // Readiness of the turn: (token, whether the event is a plain edge: no end, no error).
-    let mut ready: Vec<(usize, bool)> = Vec::new();
-    let mut raw: Vec<(u64, u32)> = Vec::new();
     while !shared.stopping() {
         let timeout = if relays.pending.is_empty() {
             TICK
         } else {
             Duration::ZERO
         };
-        ready.clear();
-        let mut finished = Vec::new();
-        match sends.as_mut().filter(|s| s.waits()) {
-            Some(s) => {
-                // The last turn's writes leave and the next events are waited for in one call.
-                finished = s.wait(server.stats_mut(), timeout);
-                raw.clear();
-                s.take_events(&mut raw);
-                for &(data, ev) in &raw {
-                    let ev = ev as i32;
-                    let closed = ev & libc::EPOLLHUP != 0
-                        || (ev & libc::EPOLLIN != 0 && ev & libc::EPOLLRDHUP != 0);
-                    let error = ev & libc::EPOLLERR != 0;
-                    ready.push((data as usize, !closed && !error));
-                }
-            }
-            None => {
-                if let Err(e) = poll.poll(&mut events, Some(timeout)) {
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-                for ev in events.iter() {
-                    ready.push((ev.token().0, !ev.is_read_closed() && !ev.is_error()));
-                }
+        if let Err(e) = poll.poll(&mut events, Some(timeout)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
             }
         }
-        // Every send that named them has been submitted.
-        relays.closing.clear();
         let before = Arc::as_ptr(server.settings());
         watch.refresh(&shared, &mut server);
         let changed = !std::ptr::eq(before, Arc::as_ptr(server.settings()));
@@ -300,11 +268,10 @@ pub fn run(
             out_spare: &mut out_spare,
             sends: &mut sends,
         };
-        // The last turn's writes to clients, submitted with the wait.
-        finish_sends(&mut conns, &mut cx, finished);
         relay_ready.clear();
         relay_ready.append(&mut cx.relays.pending);
-        for &(t, edge) in &ready {
+        for ev in events.iter() {
+            let t = ev.token().0;
             if t & RELAY_TOKEN != 0 {
                 relay_ready.push(t & !RELAY_TOKEN);
             } else if t == HANDOFF_TOKEN {
@@ -323,6 +290,7 @@ pub fn run(
                 conns.accept_all(&mut cx, l, tls, blacklist);
             } else {
                 let idx = t - base;
+                let edge = !ev.is_read_closed() && !ev.is_error();
                 let close = match conns.slots.get_mut(idx).and_then(|c| c.as_mut()) {
                     Some(c) => serve(c, &mut cx, t, idx, edge),
                     None => false,
@@ -343,7 +311,7 @@ pub fn run(
         pipe::deliver(&mut conns, &mut cx);
         // Flush what peers sent to clients this turn: one write per connection, however
         // many datagrams it was given.
-        flush_turn(&mut conns, &mut cx, false);
+        flush_turn(&mut conns, &mut cx);
         let now = cx.now.mono;
         if now.duration_since(last_sweep) >= TICK {
             last_sweep = now;
@@ -372,13 +340,10 @@ pub fn run(
         let now = cx.now;
         cx.server.tick(now, &mut *cx.relays);
         pipe::deliver(&mut conns, &mut cx);
-        // Where the ring waits, what is staged now leaves with the next wait.
-        flush_turn(&mut conns, &mut cx, true);
+        flush_turn(&mut conns, &mut cx);
+        // Every send that named them has been submitted.
+        cx.relays.closing.clear();
         fold(server.stats_mut(), block);
-    }
-    if let Some(s) = sends.as_mut() {
-        let done = s.submit(server.stats_mut());
-        s.done(done);
     }
     server.shutdown(super::now(), &mut relays);
     fold(server.stats_mut(), block);
@@ -388,7 +353,7 @@ pub fn run(
 /// Writes what the turn left for clients (the connections in `dirty`) and sends the queued
 /// datagrams: with io_uring, all in one submission (per [`sends::TCP_BATCH`] connections);
 /// without, a write per connection.
-fn flush_turn(conns: &mut Conns, cx: &mut Cx<'_, '_>, last: bool) {
+fn flush_turn(conns: &mut Conns, cx: &mut Cx<'_, '_>) {
     let base = cx.token_base;
     loop {
         while let Some(idx) = cx.dirty.pop() {
@@ -416,33 +381,22 @@ fn flush_turn(conns: &mut Conns, cx: &mut Cx<'_, '_>, last: bool) {
         let Some(s) = cx.sends.as_mut().filter(|s| s.queued()) else {
             return;
         };
-        if last && cx.dirty.is_empty() && s.waits() {
-            // Nothing runs before the wait submits them.
-            return;
-        }
         let done = s.submit(cx.server.stats_mut());
-        finish_sends(conns, cx, done);
+        for t in &done {
+            let close = match conns.slots.get_mut(t.idx).and_then(|c| c.as_mut()) {
+                Some(c) => finish_batched(c, cx, base + t.idx, t),
+                None => false,
+            };
+            if close {
+                conns.close(t.idx, cx);
+            }
+        }
+        if let Some(s) = cx.sends.as_mut() {
+            s.done(done);
+        }
         if cx.dirty.is_empty() {
             return;
         }
-    }
-}
-
-/// Finishes the client writes of a submission ([`conn::finish_batched`]) and hands the list
-/// back.
-fn finish_sends(conns: &mut Conns, cx: &mut Cx<'_, '_>, done: Vec<sends::TcpSend>) {
-    let base = cx.token_base;
-    for t in &done {
-        let close = match conns.slots.get_mut(t.idx).and_then(|c| c.as_mut()) {
-            Some(c) => finish_batched(c, cx, base + t.idx, t),
-            None => false,
-        };
-        if close {
-            conns.close(t.idx, cx);
-        }
-    }
-    if let Some(s) = cx.sends.as_mut() {
-        s.done(done);
     }
 }
 

@@ -1,9 +1,5 @@
 //! A loop turn's writes through io_uring: the UDP datagrams to peers and the end-of-turn
-//! writes to clients leave in one `io_uring_enter` instead of a system call each. Where the
-//! kernel has `IORING_OP_EPOLL_WAIT` (6.15), that same call also waits for the thread's next
-//! readiness events ([`Sends::wait`]), so a loop turn costs one `io_uring_enter` and no
-//! `epoll_wait`; the writes of a turn's last flush are then finished at the start of the next
-//! turn, before anything else touches the connections.
+//! writes to clients leave in one `io_uring_enter` instead of a system call each.
 //!
 //! Every byte the kernel reads belongs to this struct: a datagram is copied into one of
 //! [`UDP_SLOTS`] slots, a connection's output (for TLS, its records) into the arena. Sends
@@ -20,7 +16,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring};
 use portico_shared::counters::Counter;
@@ -40,9 +35,6 @@ const SQ_ENTRIES: u32 = 256;
 const _: () = assert!(UDP_SLOTS + TCP_BATCH <= SQ_ENTRIES as usize);
 
 const KIND_TCP: u64 = 1 << 63;
-const KIND_EPOLL: u64 = 1 << 62;
-/// Readiness events one wait returns.
-const EVENTS: usize = 256;
 
 /// A datagram's kernel-visible arguments.
 struct UdpSlot {
@@ -82,22 +74,13 @@ pub(super) struct Sends {
     udp: usize,
     tcp: Vec<TcpSend>,
     arena: Vec<u8>,
-    /// The thread's epoll instance when the ring waits for it (`IORING_OP_EPOLL_WAIT`): the
-    /// turn's writes and the wait for the next events are then one `io_uring_enter`.
-    epoll: Option<RawFd>,
-    /// Where that wait's events land: written by the kernel only while `epoll_armed`.
-    events: Box<[libc::epoll_event]>,
-    epoll_armed: bool,
-    /// The wait's result, until [`take_events`](Self::take_events).
-    epoll_ready: Option<i32>,
     /// An `io_uring_enter` failed with sends possibly still queued: nothing of ours is
     /// handed to the ring again (the thread writes directly from then on).
     broken: bool,
 }
 
 impl Sends {
-    /// `epoll`: the thread's epoll instance, for the ring to wait on where the kernel can.
-    pub(super) fn new(epoll: RawFd) -> io::Result<Sends> {
+    pub(super) fn new() -> io::Result<Sends> {
         let mut b = IoUring::builder();
         b.setup_single_issuer().setup_defer_taskrun();
         let ring = match b.build(SQ_ENTRIES) {
@@ -124,7 +107,6 @@ impl Sends {
                 len: 0,
             })
             .collect();
-        let epoll = p.is_supported(opcode::EpollWait::CODE).then_some(epoll);
         Ok(Sends {
             ring,
             slots,
@@ -132,22 +114,12 @@ impl Sends {
             udp: 0,
             tcp: Vec::with_capacity(TCP_BATCH),
             arena: Vec::with_capacity(ARENA),
-            epoll,
-            events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS].into_boxed_slice(),
-            epoll_armed: false,
-            epoll_ready: None,
             broken: false,
         })
     }
 
     pub(super) fn usable(&self) -> bool {
         !self.broken
-    }
-
-    /// Whether the loop waits for its events here ([`wait`](Self::wait)) instead of in
-    /// `epoll_wait`.
-    pub(super) fn waits(&self) -> bool {
-        self.epoll.is_some() && !self.broken
     }
 
     /// Sends waiting for [`submit`](Self::submit).
@@ -257,75 +229,19 @@ impl Sends {
     /// Datagrams are counted in `stats`; the client writes' results are in the returned
     /// list, to be finished by the caller, then handed back with [`done`](Self::done).
     pub(super) fn submit(&mut self, stats: &mut Stats) -> Vec<TcpSend> {
-        self.submit_inner(stats, None)
-    }
-
-    /// [`submit`](Self::submit), then waits in the same `io_uring_enter` for the thread's
-    /// epoll instance to have events, at most `timeout` (not at all for zero); the events
-    /// are then in [`take_events`](Self::take_events).
-    pub(super) fn wait(&mut self, stats: &mut Stats, timeout: Duration) -> Vec<TcpSend> {
-        self.submit_inner(stats, Some(timeout))
-    }
-
-    /// The readiness events of the last wait, as `(token, events)`; none when they were
-    /// already taken or the wait timed out.
-    pub(super) fn take_events(&mut self, out: &mut Vec<(u64, u32)>) {
-        if let Some(n) = self.epoll_ready.take() {
-            let n = usize::try_from(n).unwrap_or(0).min(EVENTS);
-            for e in &self.events[..n] {
-                // Copies out of the (packed) struct.
-                let (data, events) = (e.u64, e.events);
-                out.push((data, events));
-            }
-        }
-    }
-
-    fn submit_inner(&mut self, stats: &mut Stats, wait: Option<Duration>) -> Vec<TcpSend> {
-        let sends = self.udp + self.tcp.len();
+        let want = self.udp + self.tcp.len();
         let mut tcp = std::mem::take(&mut self.tcp);
-        let wait = wait.filter(|_| self.waits());
-        if let Some(fd) = self.epoll.filter(|_| wait.is_some()) {
-            if !self.epoll_armed && self.epoll_ready.is_none() {
-                let e = opcode::EpollWait::new(
-                    types::Fd(fd),
-                    self.events.as_mut_ptr().cast(),
-                    EVENTS as u32,
-                )
-                .build()
-                .user_data(KIND_EPOLL);
-                // SAFETY: the events array belongs to this struct, outlives the ring, and is
-                // read only after this wait's completion, before the next one is queued.
-                if unsafe { self.ring.submission().push(&e) }.is_ok() {
-                    self.epoll_armed = true;
-                }
-            }
-        }
-        if sends == 0 && wait.is_none() {
+        if want == 0 {
             return tcp;
         }
         let mut got = 0;
         let mut failures = 0;
         // Every send completes inside the submission (`MSG_DONTWAIT`); the timeout only
         // guards against a kernel that would wait on a full socket instead.
-        let limit = match wait {
-            Some(t) if !t.is_zero() => t,
-            _ => Duration::from_secs(1),
-        };
-        let ts = types::Timespec::from(limit);
+        let ts = types::Timespec::new().sec(1);
         let args = types::SubmitArgs::new().timespec(&ts);
-        let mut timed_out = false;
-        loop {
-            let events = usize::from(
-                !timed_out
-                    && wait.is_some_and(|t| !t.is_zero())
-                    && self.epoll_armed
-                    && self.epoll_ready.is_none(),
-            );
-            let need = (sends - got) + events;
-            if need == 0 && self.ring.submission().is_empty() {
-                break;
-            }
-            match self.ring.submitter().submit_with_args(need, &args) {
+        while got < want {
+            match self.ring.submitter().submit_with_args(want - got, &args) {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
@@ -334,10 +250,6 @@ impl Sends {
                     ) && failures < 100 =>
                 {
                     failures += 1;
-                }
-                // The wait for events timed out: a tick, unless a send is still out.
-                Err(e) if e.raw_os_error() == Some(libc::ETIME) && events == 1 => {
-                    timed_out = true;
                 }
                 Err(e) => {
                     let why = if e.raw_os_error() == Some(libc::ETIME) {
@@ -352,17 +264,10 @@ impl Sends {
                     break;
                 }
             }
-            let mut woke = false;
             for cqe in self.ring.completion() {
+                got += 1;
                 let data = cqe.user_data();
                 let res = cqe.result();
-                if data == KIND_EPOLL {
-                    self.epoll_armed = false;
-                    self.epoll_ready = Some(res);
-                    woke = true;
-                    continue;
-                }
-                got += 1;
                 if data & KIND_TCP != 0 {
                     if let Some(t) = tcp.get_mut((data & !KIND_TCP) as usize) {
                         t.result = res;
@@ -373,10 +278,6 @@ impl Sends {
                     stats.incr(Counter::TxPackets);
                     stats.add(Counter::TxBytes, res as u64);
                 }
-            }
-            if got >= sends && (events == 0 || woke || timed_out) {
-                // Every send is in; the events came, or the wait timed out.
-                break;
             }
         }
         if self.broken {
@@ -419,8 +320,7 @@ mod tests {
     /// completions said were written, in order.
     #[test]
     fn one_submission_sends_datagrams_and_never_waits_on_a_full_socket() {
-        let poll = mio::Poll::new().unwrap();
-        let Ok(mut sends) = Sends::new(poll.as_raw_fd()) else {
+        let Ok(mut sends) = Sends::new() else {
             eprintln!("LOUD SKIP: io_uring is not available here");
             return;
         };
@@ -472,30 +372,5 @@ mod tests {
             got.len(),
             expect.len()
         );
-
-        // Waiting for readiness in the ring: a quiet poll times out, a datagram to a
-        // registered socket comes back as its token.
-        if !sends.waits() {
-            eprintln!("LOUD SKIP: this kernel has no IORING_OP_EPOLL_WAIT");
-            return;
-        }
-        let mut events = Vec::new();
-        let mut sock = mio::net::UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        poll.registry()
-            .register(&mut sock, mio::Token(7), mio::Interest::READABLE)
-            .unwrap();
-        let t0 = std::time::Instant::now();
-        let done = sends.wait(&mut stats, Duration::from_millis(50));
-        sends.done(done);
-        sends.take_events(&mut events);
-        assert!(events.is_empty(), "{events:?}");
-        assert!(t0.elapsed() >= Duration::from_millis(40));
-        tx.send_to(b"x", sock.local_addr().unwrap()).unwrap();
-        let done = sends.wait(&mut stats, Duration::from_secs(2));
-        sends.done(done);
-        sends.take_events(&mut events);
-        assert_eq!(events.len(), 1);
-        assert_eq!(events[0].0, 7);
-        assert!(events[0].1 & libc::EPOLLIN as u32 != 0);
     }
 }
