@@ -16,6 +16,9 @@
 #            loopback address), TURN_TCP_STREAMS (1000) streams × 50 pkt/s for
 #            TURN_TCP_DURATION (20) s, TURN_TCP_ROUNDS (2) rounds, servers interleaved; plus
 #            Portico's one port 443 (`proxy.turn_on_https`) with and without ALPN stun.turn.
+#            TURN_TCP_SERVERS ("portico coturn") may add `portico-epoll`: Portico with
+#            `turn.io = "epoll"`, whose TCP thread then writes without io_uring (a system
+#            call per write), for an A/B within the same rounds.
 #   fastpath TURN relay with the kernel fast path (`turn.fast_path = "on"`) vs Portico's
 #            user-space relay vs coturn (`portico-perf turn`), 1000 streams × 50 pkt/s and
 #            flat out, in network namespaces this script creates and deletes (the TC program
@@ -209,7 +212,12 @@ command_line() {
     local cmd="scripts/bench.sh $scenario" v
     shift
     for v in "$@"; do
-        [[ -z ${!v:-} ]] || cmd="$v=${!v} $cmd"
+        [[ -z ${!v:-} ]] && continue
+        if [[ ${!v} == *" "* ]]; then
+            cmd="$v=\"${!v}\" $cmd"
+        else
+            cmd="$v=${!v} $cmd"
+        fi
     done
     echo "$cmd"
 }
@@ -616,7 +624,7 @@ log_level = "info"
 listen = ["127.0.0.1:$port"]
 listen_tls = ["127.0.0.1:$tls_port"]
 workers = $workers
-io = "io_uring"
+io = "${portico_io:-io_uring}"
 realm = "$turn_realm"
 users = [{ name = "$turn_user", password = "$turn_password" }]
 allow_peers = ["127.0.0.0/8"]
@@ -643,7 +651,7 @@ max_connections_per_ip = 8192
 EOF
     target=127.0.0.1:$port
     tcp_port=$port
-    launch_portico "$dir" io_uring
+    launch_portico "$dir" "${portico_io:-io_uring}"
     wait_turn "$target" "${stop_pids[0]}" ||
         die "portico does not relay TURN: $(strip_ansi "$dir/log" | tail -5)"
 }
@@ -683,13 +691,15 @@ run_turn_tcp() {
     say "TURN over TCP/TLS: points '$points', $rounds rounds, $streams streams × $rate pkt/s × $secs s"
     for round in $(seq "$rounds"); do
         for point in $points; do
-            for server in portico coturn; do
+            for server in ${TURN_TCP_SERVERS:-portico coturn}; do
                 # The one-port-443 points exist only for Portico.
-                [[ $point == tls-443-* && $server == coturn ]] && continue
+                [[ $point == tls-443-* && $server != portico ]] && continue
                 name=${server}__${point}__r${round}
                 case $server in
                 portico) start_portico_turn_tcp "$name" ;;
+                portico-epoll) portico_io=epoll start_portico_turn_tcp "$name" ;;
                 coturn) start_coturn_turn_tcp "$name" ;;
+                *) die "TURN_TCP_SERVERS: unknown server $server" ;;
                 esac
                 extra=()
                 case $point in
@@ -708,12 +718,16 @@ run_turn_tcp() {
     done
     say "writing the TURN over TCP/TLS section of $out"
     common_facts
+    local epoll_fact=()
+    [[ " ${TURN_TCP_SERVERS:-} " == *" portico-epoll "* ]] &&
+        epoll_fact=(--fact "portico-epoll=the same with \`turn.io = \"epoll\"\`: the TCP/TLS thread makes a system call per write instead of submitting a loop turn's writes through io_uring (the A/B of docs/DESIGN.md, \"Writes through io_uring\")")
     "$perf" bench-report --kind turn-tcp --dir "$turn_results" --out "$out" \
-        --command "$(command_line turn-tcp TURN_TCP_ROUNDS TURN_TCP_STREAMS TURN_TCP_DURATION TURN_TCP_THREADS TURN_TCP_POINTS)" \
+        --command "$(command_line turn-tcp TURN_TCP_ROUNDS TURN_TCP_STREAMS TURN_TCP_DURATION TURN_TCP_THREADS TURN_TCP_POINTS TURN_TCP_SERVERS)" \
         --fact "date=$started_at, $((SECONDS - turn_t0)) s of runs" "${facts[@]}" \
         --fact "load average (1/5/15 min)=before: $load_before; after: $(cut -d' ' -f1-3 /proc/loadavg)" \
         --fact "portico=\`portico run\`, $workers UDP workers + the one TCP/TLS thread, \`turn.listen\` (TCP), \`turn.listen_tls\`, and the proxy's https listener with \`proxy.turn_on_https = true\`; ECDSA P-256 certificate; CPU and RSS = controlplane + dataplane" \
         --fact "coturn=$(turnserver --version 2>/dev/null | head -1) \`turnserver ${coturn_tcp_flags[*]} --tls-listening-port … --cert … --pkey …\` (same certificate)" \
+        "${epoll_fact[@]}" \
         --fact "generator=\`portico-perf turn --transport tcp|tls\`, $threads client threads (mio), 1 peer thread; a TCP connection per client from its own loopback address, TLS without certificate check (rustls; the handshake signature is still verified); 401 round trip, CreatePermission + ChannelBind, 172-byte payload, ChannelData padded to 4 bytes; $rate pkt/s per stream each way, the UDP peer echoes" \
         --fact "points=tcp: TURN over TCP on the TURN port; tls: TURN over TLS on turn.listen_tls / coturn's tls-listening-port; tls-443-alpn: Portico's proxy https port, ClientHello with ALPN stun.turn (the socket is handed to the dataplane); tls-443-plain: the same port without ALPN (TLS ends in the control plane, plaintext relayed to the dataplane over a unix socket)" \
         --fact "RSS per 1000 allocations=(server RSS after setup − RSS idle) ÷ ready allocations × 1000, i.e. with their TCP/TLS connections" \

@@ -356,7 +356,10 @@ pub fn run(shm_name: &str) -> Result<(), String> {
         let h = thread::Builder::new()
             .name("portico-tcp".into())
             .spawn(move || {
-                if let Err(e) = io::tcp::run(MAX_WORKERS, Arc::clone(&sh), tcp_listeners, handoff) {
+                let uring = driver == Driver::IoUring;
+                if let Err(e) =
+                    io::tcp::run(MAX_WORKERS, Arc::clone(&sh), tcp_listeners, handoff, uring)
+                {
                     tracing::error!("tcp thread failed: {e}");
                     sh.stop.store(true, Ordering::Relaxed);
                 }

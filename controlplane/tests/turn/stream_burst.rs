@@ -344,3 +344,154 @@ fn partial_frames_on_many_connections_at_once() {
     }
     assert_eq!(p.counter(Counter::DropTcpFraming), 0);
 }
+
+/// The TCP thread's writes through io_uring (`turn.io = "io_uring"`: a loop turn's datagrams
+/// to peers and writes to clients in one submission) and without (`"epoll"`: a system call
+/// each), over TCP and TLS: a client that stops reading fills its socket and its queue (short
+/// and refused writes, then drops, counted), and when it reads again it gets whole frames
+/// (over TLS, records that decrypt) in the order the peer sent them, and everything sent
+/// after it caught up; what it sends reaches the peer in order.
+#[test]
+fn writes_keep_their_order_through_full_sockets_with_and_without_io_uring() {
+    for io in ["io_uring", "epoll"] {
+        for tls in [false, true] {
+            late_reader_gets_every_byte_in_order(io, tls);
+        }
+    }
+}
+
+fn late_reader_gets_every_byte_in_order(io: &'static str, tls: bool) {
+    let what = format!("io = {io}, {}", if tls { "TLS" } else { "TCP" });
+    let port = free_port();
+    let p = Portico::start(
+        "turn-tcp-late",
+        turn_spec(io, true).turn(&format!("listen_tls = [\"127.0.0.1:{port}\"]")),
+    );
+    let batched = p.log().contains("TCP thread: writes through io_uring");
+    assert_eq!(batched, io == "io_uring", "{what}: {}", p.log());
+    let tcp = if tls {
+        tcp_connect(SocketAddr::new(LOCAL4, port))
+    } else {
+        tcp_connect(p.udp4())
+    };
+    tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut s: Box<dyn ReadWrite> = if tls {
+        Box::new(tls_client(&p, tcp))
+    } else {
+        Box::new(tcp)
+    };
+    let peer = UdpSocket::bind((LOCAL4, 0)).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let relayed = allocate_and_bind(&mut s, peer.local_addr().unwrap());
+    // Numbered datagrams while the client does not read, until the server drops some.
+    let mut data = vec![0xC3u8; SIZE];
+    let mut sent = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.counter(Counter::DropStreamBacklog) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: nothing dropped after {sent}"
+        );
+        for _ in 0..32 {
+            data[..4].copy_from_slice(&sent.to_be_bytes());
+            peer.send_to(&data, relayed).unwrap();
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let stalled = sent;
+    // Then 200 more, paced, while the client reads.
+    let sender = {
+        let peer = peer.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut data = vec![0xC3u8; SIZE];
+            for i in stalled..stalled + 200 {
+                data[..4].copy_from_slice(&i.to_be_bytes());
+                peer.send_to(&data, relayed).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let mut last: Option<u32> = None;
+    let mut head = [0u8; 4];
+    let mut body = vec![0u8; 2048];
+    let mut after = 0;
+    while last.is_none_or(|l| l + 1 < stalled + 200) {
+        s.read_exact(&mut head).unwrap_or_else(|e| {
+            panic!(
+                "{what}: after {last:?} (stalled at {stalled}; drops {}, to clients {}): {e}",
+                p.counter(Counter::DropStreamBacklog),
+                p.counter(Counter::RelayPeerToClientPackets)
+            )
+        });
+        assert_eq!(
+            head[..2],
+            [0x40, 0x01],
+            "{what}: after {last:?}: not ChannelData"
+        );
+        let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+        assert_eq!(len, SIZE, "{what}: after {last:?}: a frame's length");
+        s.read_exact(&mut body[..len.div_ceil(4) * 4])
+            .unwrap_or_else(|e| panic!("{what}: after {last:?}: {e}"));
+        assert!(
+            body[4..len].iter().all(|&b| b == 0xC3),
+            "{what}: bytes changed"
+        );
+        let n = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+        assert!(last.is_none_or(|l| n > l), "{what}: {n} after {last:?}");
+        // The first of them may still meet the full queue; the last 100 come when the
+        // client has long caught up.
+        if n >= stalled + 100 {
+            assert_eq!(last, Some(n - 1), "{what}: lost after the client caught up");
+            after += 1;
+        }
+        last = Some(n);
+    }
+    sender.join().unwrap();
+    assert_eq!(after, 100, "{what}");
+    // The client's own data still reaches the peer, in order.
+    for i in 0u32..50 {
+        let mut frame = vec![0x40, 0x01, 0, 8];
+        frame.extend_from_slice(&i.to_be_bytes());
+        frame.extend_from_slice(&[0x77; 4]);
+        s.write_all(&frame).unwrap();
+    }
+    s.flush().unwrap();
+    let mut buf = [0u8; 64];
+    for i in 0u32..50 {
+        let (n, _) = peer
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("{what}: datagram {i} to the peer: {e}"));
+        assert_eq!(
+            &buf[..n],
+            &[&i.to_be_bytes()[..], &[0x77; 4]].concat(),
+            "{what}"
+        );
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+fn tls_client(
+    p: &Portico,
+    tcp: std::net::TcpStream,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let cert = p.state_dir.join("cert.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(&cert)
+        .unwrap_or_else(|e| panic!("{}: {e}", cert.display()))
+    {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use rustls::{ServerConfig, ServerConnection};
 
 use super::listen::Listener;
 use super::pipe;
+use super::sends::{Sends, TcpSend};
 use super::Cx;
 use crate::io::handoff::{Handoff, Stream};
 use crate::io::uring::PAYLOAD_CAPACITY;
@@ -33,6 +35,11 @@ pub(super) struct Conn {
     pub(super) input: Box<[u8]>,
     pub(super) in_len: usize,
     pub(super) output: Vec<u8>,
+    /// TLS records taken out of rustls for a batched write ([`super::sends`]) that the
+    /// socket did not take all of: written before anything rustls still holds.
+    pub(super) tls_pending: Vec<u8>,
+    /// Its output is staged in the submission being prepared: not staged twice.
+    pub(super) staged: bool,
     pub(super) opened: Instant,
     pub(super) last_message: Option<Instant>,
     pub(super) writable_interest: bool,
@@ -212,6 +219,8 @@ impl Conns {
             input: Box::default(),
             in_len: 0,
             output: Vec::new(),
+            tls_pending: Vec::new(),
+            staged: false,
             opened: now.mono,
             last_message: None,
             writable_interest: false,
@@ -578,6 +587,23 @@ fn frame_all(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
 
 /// Writes what is queued (through TLS when the connection has it). Returns true to close.
 pub(super) fn flush(c: &mut Conn, cx: &mut Cx<'_, '_>, token: usize) -> bool {
+    write_out(c, cx) || settle(c, cx, token)
+}
+
+/// The writing part of [`flush`]. Returns true to close.
+fn write_out(c: &mut Conn, cx: &mut Cx<'_, '_>) -> bool {
+    while !c.tls_pending.is_empty() {
+        match c.stream.write(&c.tls_pending) {
+            Ok(0) => return true,
+            Ok(n) => {
+                c.tls_pending.drain(..n);
+                cx.stats().add(Counter::TxBytes, n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
     loop {
         let wrote = match c.tls.as_mut() {
             Some(tls) => {
@@ -611,13 +637,24 @@ pub(super) fn flush(c: &mut Conn, cx: &mut Cx<'_, '_>, token: usize) -> bool {
             Err(_) => return true,
         }
     }
+    false
+}
+
+/// After a write: queues back to the spare lists, a drained data connection closed, a paused
+/// peer resumed, write interest as the output needs. Returns true to close.
+fn settle(c: &mut Conn, cx: &mut Cx<'_, '_>, token: usize) -> bool {
     if c.output.is_empty() && c.output.capacity() > 0 {
         let v = std::mem::take(&mut c.output);
         if v.capacity() <= SPARE_OUTPUT_CAPACITY && cx.out_spare.len() < SPARE_OUTPUTS {
             cx.out_spare.push(v);
         }
     }
-    let want_write = !c.output.is_empty() || c.tls.as_ref().is_some_and(|t| t.wants_write());
+    if c.tls_pending.is_empty() && c.tls_pending.capacity() > 0 {
+        c.tls_pending = Vec::new();
+    }
+    let want_write = !c.output.is_empty()
+        || !c.tls_pending.is_empty()
+        || c.tls.as_ref().is_some_and(|t| t.wants_write());
     if c.drain_close && !want_write {
         return true;
     }
@@ -647,4 +684,123 @@ pub(super) fn flush(c: &mut Conn, cx: &mut Cx<'_, '_>, token: usize) -> bool {
         c.writable_interest = want_write;
     }
     false
+}
+
+/// Whether a connection has anything to write.
+pub(super) fn has_output(c: &Conn) -> bool {
+    !c.output.is_empty()
+        || !c.tls_pending.is_empty()
+        || c.tls.as_ref().is_some_and(|t| t.wants_write())
+}
+
+/// Stages what a client connection has to write for the turn's batched submission
+/// ([`Sends`]): its output, or over TLS the records rustls makes of it (after any left from
+/// the last batched write). False when nothing was staged: the caller writes directly.
+pub(super) fn stage(c: &mut Conn, sends: &mut Sends, idx: usize) -> bool {
+    if c.staged {
+        // Given more data after a direct write this turn: already in this submission.
+        return true;
+    }
+    let room = sends.arena_room();
+    let fd = match &c.stream {
+        Stream::Tcp(s) => s.as_raw_fd(),
+        Stream::Unix(s) => s.as_raw_fd(),
+    };
+    match c.tls.as_mut() {
+        None => {
+            if c.output.len() > room {
+                return false;
+            }
+            c.staged = sends.queue_tcp(idx, fd, |arena| arena.extend_from_slice(&c.output));
+            c.staged
+        }
+        Some(tls) => {
+            if c.tls_pending.len() >= room {
+                return false;
+            }
+            if !tls.wants_write() && !c.output.is_empty() {
+                match tls.writer().write(&c.output) {
+                    Ok(n) => {
+                        c.output.drain(..n);
+                    }
+                    // rustls refuses plaintext only once closed: the direct path closes.
+                    Err(_) => return false,
+                }
+            }
+            let pending = &mut c.tls_pending;
+            let staged = sends.queue_tcp(idx, fd, |arena| {
+                arena.extend_from_slice(pending);
+                let mut w = Bounded {
+                    out: arena,
+                    limit: arena_limit(room, pending.len()),
+                };
+                while tls.wants_write() && w.limit > 0 {
+                    match tls.write_tls(&mut w) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            });
+            if staged {
+                c.tls_pending.clear();
+            }
+            c.staged = staged;
+            staged
+        }
+    }
+}
+
+fn arena_limit(room: usize, pending: usize) -> usize {
+    room.saturating_sub(pending)
+}
+
+/// A writer into the arena that takes at most `limit` more bytes (rustls keeps the rest).
+struct Bounded<'a> {
+    out: &'a mut Vec<u8>,
+    limit: usize,
+}
+
+impl Write for Bounded<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.limit);
+        if n == 0 && !buf.is_empty() {
+            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        }
+        self.out.extend_from_slice(&buf[..n]);
+        self.limit -= n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Finishes a batched write to a client connection: what the socket took leaves the queue,
+/// the rest stays ahead of anything later (over TLS, the records go to `tls_pending`), and
+/// what the connection still holds is written directly. Returns true to close.
+pub(super) fn finish_batched(
+    c: &mut Conn,
+    cx: &mut Cx<'_, '_>,
+    token: usize,
+    send: &TcpSend,
+) -> bool {
+    c.staged = false;
+    let Some(written) = send.written() else {
+        return true;
+    };
+    cx.stats().add(Counter::TxBytes, written as u64);
+    if c.tls.is_some() {
+        if let Some(s) = cx.sends.as_ref() {
+            c.tls_pending.extend_from_slice(s.rest(send, written));
+        }
+    } else {
+        c.output.drain(..written.min(c.output.len()));
+    }
+    if written < send.len {
+        // The socket is full: write interest, and the rest when it drains.
+        settle(c, cx, token)
+    } else {
+        flush(c, cx, token)
+    }
 }

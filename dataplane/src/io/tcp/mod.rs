@@ -21,14 +21,18 @@
 //! System calls per packet are few: a connection read that comes back short ends the read
 //! (edge-triggered polling reports every later arrival), relay sockets are read several
 //! datagrams per `recvmmsg` ([`batch`]), and what peers sent to a client in one loop turn
-//! leaves in one write. An idle connection holds no buffers: input and output buffers are
-//! lent from per-thread spare lists and kept only while bytes are pending.
+//! leaves in one write. Where the dataplane runs on io_uring (`turn.io`), a turn's writes —
+//! datagrams to peers and the end-of-turn writes to clients — go to the kernel together in
+//! one `io_uring_enter` ([`sends`]); on epoll, each is a system call. An idle connection holds
+//! no buffers: input and output buffers are lent from per-thread spare lists and kept only
+//! while bytes are pending.
 
 mod batch;
 mod conn;
 mod listen;
 mod pipe;
 mod relays;
+mod sends;
 
 use std::collections::HashMap;
 use std::io;
@@ -47,10 +51,11 @@ use super::{fold, SettingsWatch, Shared, BUF_SIZE, TICK};
 use crate::server::{Action, Now, Received, Server, Stats, Transport, HEADROOM};
 use crate::turn::{StreamLimits, TcpEvent};
 use batch::{RecvBatch, BATCH};
-use conn::{flush, queue, serve, Conns};
+use conn::{finish_batched, flush, has_output, queue, serve, stage, Conns};
 pub(crate) use conn::{stream_frame, StreamFrame};
 pub use listen::{bind_listeners, load_tls, Listener};
 use relays::{RelaySock, StreamRelays};
+use sends::Sends;
 
 /// Tokens of relay sockets carry this bit; below it are listeners, then connections.
 const RELAY_TOKEN: usize = 1 << (usize::BITS - 2);
@@ -90,6 +95,8 @@ struct Cx<'a, 'r> {
     batch: &'a mut RecvBatch,
     /// Output queues no connection holds (see `conn::flush`).
     out_spare: &'a mut Vec<Vec<u8>>,
+    /// The io_uring the turn's writes go through, where the kernel allows it ([`sends`]).
+    sends: &'a mut Option<Sends>,
 }
 
 impl Cx<'_, '_> {
@@ -105,8 +112,26 @@ impl Cx<'_, '_> {
 
     /// Sends client data from a relay socket to a peer.
     fn send_to_peer(&mut self, socket: usize, offset: usize, len: usize, to: SocketAddr) {
+        let fd = match self.relays.slots.get(socket) {
+            Some(RelaySock::Udp(s)) => s.as_raw_fd(),
+            _ => {
+                self.stats().incr(Counter::SendErrors);
+                return;
+            }
+        };
+        let payload = &self.work[offset..offset + len];
+        if let Some(s) = self.sends.as_mut().filter(|s| s.usable()) {
+            if s.udp_full() {
+                // Counted now; no client write is staged outside `flush_turn`.
+                let none = s.submit(self.server.stats_mut());
+                s.done(none);
+            }
+            if s.queue_udp(fd, payload, to) {
+                return;
+            }
+        }
         let sent = match self.relays.slots.get(socket) {
-            Some(RelaySock::Udp(s)) => s.send_to(&self.work[offset..offset + len], to),
+            Some(RelaySock::Udp(s)) => s.send_to(payload, to),
             _ => Err(io::Error::from(io::ErrorKind::NotFound)),
         };
         let stats = self.server.stats_mut();
@@ -125,6 +150,7 @@ pub fn run(
     shared: Arc<Shared>,
     mut listeners: Vec<Listener>,
     mut handoff: Option<Handoff>,
+    uring: bool,
 ) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let registry = poll.registry().try_clone()?;
@@ -161,6 +187,7 @@ pub fn run(
         registry: &registry,
         pending: Vec::new(),
         orphans: Vec::new(),
+        closing: Vec::new(),
     };
     let mut tcp_events = Vec::new();
     let mut resume = Vec::new();
@@ -168,6 +195,22 @@ pub fn run(
     let mut dirty = Vec::new();
     let mut batch = RecvBatch::new();
     let mut out_spare = Vec::new();
+    let mut sends = if uring {
+        match Sends::new() {
+            Ok(s) => {
+                tracing::info!("TCP thread: writes through io_uring");
+                Some(s)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "TCP thread: io_uring unavailable for writes ({e}); one system call per write"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut conns = Conns {
         base,
         slots: Vec::new(),
@@ -223,6 +266,7 @@ pub fn run(
             dirty: &mut dirty,
             batch: &mut batch,
             out_spare: &mut out_spare,
+            sends: &mut sends,
         };
         relay_ready.clear();
         relay_ready.append(&mut cx.relays.pending);
@@ -267,15 +311,7 @@ pub fn run(
         pipe::deliver(&mut conns, &mut cx);
         // Flush what peers sent to clients this turn: one write per connection, however
         // many datagrams it was given.
-        while let Some(idx) = cx.dirty.pop() {
-            let close = match conns.slots.get_mut(idx).and_then(|c| c.as_mut()) {
-                Some(c) if !c.output.is_empty() => flush(c, &mut cx, base + idx),
-                _ => false,
-            };
-            if close {
-                conns.close(idx, &mut cx);
-            }
-        }
+        flush_turn(&mut conns, &mut cx);
         let now = cx.now.mono;
         if now.duration_since(last_sweep) >= TICK {
             last_sweep = now;
@@ -304,11 +340,64 @@ pub fn run(
         let now = cx.now;
         cx.server.tick(now, &mut *cx.relays);
         pipe::deliver(&mut conns, &mut cx);
+        flush_turn(&mut conns, &mut cx);
+        // Every send that named them has been submitted.
+        cx.relays.closing.clear();
         fold(server.stats_mut(), block);
     }
     server.shutdown(super::now(), &mut relays);
     fold(server.stats_mut(), block);
     Ok(())
+}
+
+/// Writes what the turn left for clients (the connections in `dirty`) and sends the queued
+/// datagrams: with io_uring, all in one submission (per [`sends::TCP_BATCH`] connections);
+/// without, a write per connection.
+fn flush_turn(conns: &mut Conns, cx: &mut Cx<'_, '_>) {
+    let base = cx.token_base;
+    loop {
+        while let Some(idx) = cx.dirty.pop() {
+            let Some(c) = conns.slots.get_mut(idx).and_then(|c| c.as_mut()) else {
+                continue;
+            };
+            if !has_output(c) {
+                continue;
+            }
+            // RFC 6062 data connections and the batch-less path write directly.
+            let batchable = c.pipe.is_none() && !c.drain_close;
+            let staged = match cx.sends.as_mut().filter(|s| s.usable() && batchable) {
+                Some(s) if !s.tcp_room() => {
+                    // This submission is full: the rest go in the next one.
+                    cx.dirty.push(idx);
+                    break;
+                }
+                Some(s) => stage(c, s, idx),
+                None => false,
+            };
+            if !staged && flush(c, cx, base + idx) {
+                conns.close(idx, cx);
+            }
+        }
+        let Some(s) = cx.sends.as_mut().filter(|s| s.queued()) else {
+            return;
+        };
+        let done = s.submit(cx.server.stats_mut());
+        for t in &done {
+            let close = match conns.slots.get_mut(t.idx).and_then(|c| c.as_mut()) {
+                Some(c) => finish_batched(c, cx, base + t.idx, t),
+                None => false,
+            };
+            if close {
+                conns.close(t.idx, cx);
+            }
+        }
+        if let Some(s) = cx.sends.as_mut() {
+            s.done(done);
+        }
+        if cx.dirty.is_empty() {
+            return;
+        }
+    }
 }
 
 /// Reads what peers sent to relay socket `r` and queues it for the clients.
@@ -400,6 +489,10 @@ fn from_peer(r: usize, from: SocketAddr, len: usize, conns: &mut Conns, cx: &mut
             conns.close(idx, cx);
             return;
         }
+        // A queue that waited for the socket to drain may have been written out whole:
+        // without write interest now, what goes in next leaves with this turn's flush.
+        // (Listed twice at most; the flush skips a connection with nothing to write.)
+        cx.dirty.push(idx);
         fits = queue(
             c,
             &cx.work[offset..offset + len],

@@ -47,6 +47,9 @@ pub(super) struct StreamRelays<'r> {
     /// Client connections whose piped data connection the core closed (`(slot, peer
     /// socket)`): the driver closes them after the call.
     pub(super) orphans: Vec<(usize, usize)>,
+    /// UDP relay sockets closed this turn, kept open until the turn's queued sends (which
+    /// name their descriptors) are submitted ([`super::sends`]).
+    pub(super) closing: Vec<mio::net::UdpSocket>,
 }
 
 impl StreamRelays<'_> {
@@ -125,6 +128,7 @@ impl RelayIo for StreamRelays<'_> {
             match s {
                 RelaySock::Udp(mut s) => {
                     let _ = self.registry.deregister(&mut s);
+                    self.closing.push(s);
                 }
                 RelaySock::Listen(mut l) => {
                     let _ = self.registry.deregister(&mut l);
