@@ -796,13 +796,28 @@ fastpath_veth() {
     fi
 }
 
+# Undoes fastpath_veth / fastpath_lo: the namespaces go, later scenarios run on loopback.
+fastpath_teardown() {
+    local ns
+    in_ns=()
+    gen_ns=()
+    gen_args=()
+    srv_pin=()
+    turn_ip=127.0.0.1
+    turn_peers=127.0.0.0/8
+    for ns in $bench_ns; do
+        ip netns del "$ns" || true
+    done
+    bench_ns=""
+}
+
 run_fastpath() {
     local rounds=${FP_ROUNDS:-3} streams=${FP_STREAMS:-1000} rate=${FP_RATE:-50}
     local duration=${FP_DURATION:-60} servers=${FP_SERVERS:-"portico-fastpath portico coturn"}
     local topology=${FP_TOPOLOGY:-veth} flat_clients=${FP_FLAT_CLIENTS:-100}
     local flat_window=${FP_FLAT_WINDOW:-8} flat_s=${FP_FLAT_DURATION:-10}
     local results=$work/fastpath-results round server name started_at load_before t0=$SECONDS
-    local api kind ns
+    local api kind
     mkdir -p "$results"
     case $topology in
     lo) fastpath_lo ;;
@@ -840,16 +855,7 @@ run_fastpath() {
             done
         done
     done
-    in_ns=()
-    gen_ns=()
-    gen_args=()
-    srv_pin=()
-    turn_ip=127.0.0.1
-    turn_peers=127.0.0.0/8
-    for ns in $bench_ns; do
-        ip netns del "$ns" || true
-    done
-    bench_ns=""
+    fastpath_teardown
     say "writing the fast-path section of $out"
     common_facts
     FP_CMD=$(command_line fastpath FP_ROUNDS FP_STREAMS FP_RATE FP_DURATION FP_SERVERS \
@@ -1607,7 +1613,7 @@ run_media_fastpath() {
     local rounds=${MFP_ROUNDS:-2} sessions=${MFP_SESSIONS:-1000} secs=${MFP_SECONDS:-20}
     local servers=${MFP_SERVERS:-"portico-fastpath portico rtpengine"}
     local results=$work/media-fastpath-results round server name started_at load_before t0=$SECONDS
-    local cpus=() ns
+    local cpus=()
     if ! command -v rtpengine >/dev/null; then
         echo "bench.sh: rtpengine is not installed (Debian rtpengine-daemon): no comparison" >&2
         servers=${servers//rtpengine/}
@@ -1633,16 +1639,7 @@ run_media_fastpath() {
             stop_servers
         done
     done
-    in_ns=()
-    gen_ns=()
-    gen_args=()
-    srv_pin=()
-    turn_ip=127.0.0.1
-    turn_peers=127.0.0.0/8
-    for ns in $bench_ns; do
-        ip netns del "$ns" || true
-    done
-    bench_ns=""
+    fastpath_teardown
     say "writing the media fast-path section of $out"
     common_facts
     MFP_CMD=$(command_line media-fastpath MFP_ROUNDS MFP_SESSIONS MFP_SECONDS MFP_SERVERS FP_PIN_SERVERS) \

@@ -781,16 +781,17 @@ pub fn tcp_framing_frames(data: &[u8]) -> (Vec<usize>, bool) {
 
 // ---- Media: the SRTP check and the relay's legs ---------------------------------------------
 
-/// Media relay sockets: indices from 100, by local address.
+/// Media relay sockets: indices from 100, by local address (also the media core's unit
+/// tests' driver). Binding a taken address fails, as bind(2) would; port 0 is never taken.
 #[derive(Default)]
-struct MediaIo {
-    open: Vec<(usize, SocketAddr)>,
+pub(crate) struct MediaIo {
+    pub(crate) open: Vec<(usize, SocketAddr)>,
     next: usize,
 }
 
 impl RelayIo for MediaIo {
     fn open(&mut self, addr: SocketAddr, _: bool) -> io::Result<usize> {
-        if self.open.iter().any(|(_, a)| *a == addr) {
+        if addr.port() != 0 && self.open.iter().any(|(_, a)| *a == addr) {
             return Err(io::Error::from(io::ErrorKind::AddrInUse));
         }
         self.next += 1;
@@ -807,6 +808,15 @@ impl RelayIo for MediaIo {
     fn release(&mut self, _: Reserved) {}
     fn close(&mut self, socket: usize) {
         self.open.retain(|(i, _)| *i != socket);
+    }
+    fn local_addr(&self, socket: usize) -> Option<SocketAddr> {
+        let (_, a) = self.open.iter().find(|(i, _)| *i == socket)?;
+        // A wildcard socket gets a port of its own, as bind(2) would give it.
+        Some(if a.port() == 0 {
+            SocketAddr::new(a.ip(), 50_000 + socket as u16)
+        } else {
+            *a
+        })
     }
 }
 

@@ -9,7 +9,7 @@
 //! kernel relayed most of it (`portico_fastpath_packets` against `portico_relay_packets`).
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -34,18 +34,7 @@ fn allocations(p: &NsPortico) -> Vec<Value> {
 }
 
 fn expect_no_allocations(p: &NsPortico, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let list = allocations(p);
-        if list.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: allocations remain: {list:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::ice::expect_emptied(what, || allocations(p));
 }
 
 /// Relayed candidates on Portico's relay address; the allocations carried the traffic; the

@@ -228,9 +228,14 @@ pub fn carried(list: impl Fn() -> Vec<Value>, user: &str, traffic: &Traffic<'_>)
 /// Waits (bounded) until Portico serves no allocation: a stream client's allocations end
 /// with its connection, and a UDP client deletes its own when it closes.
 pub fn expect_no_allocations(p: &Portico, what: &str) {
+    expect_emptied(what, || allocations(p));
+}
+
+/// Waits (bounded, 5 s) until `list` returns no allocation.
+pub fn expect_emptied(what: &str, list: impl Fn() -> Vec<Value>) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let list = allocations(p);
+        let list = list();
         if list.is_empty() {
             return;
         }

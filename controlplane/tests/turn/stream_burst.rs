@@ -10,7 +10,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portico_shared::counters::Counter;
@@ -133,30 +132,14 @@ fn a_burst_to_a_reading_tcp_client_is_not_dropped() {
 
 #[test]
 fn a_burst_to_a_reading_tls_client_is_not_dropped() {
-    use rustls_pki_types::pem::PemObject;
     let port = free_port();
     let p = Portico::start(
         "turn-tls-burst",
         turn_spec("auto", true).turn(&format!("listen_tls = [\"127.0.0.1:{port}\"]")),
     );
-    let cert = p.state_dir.join("cert.pem");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(&cert)
-        .unwrap_or_else(|e| panic!("{}: {e}", cert.display()))
-    {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
     let tcp = tcp_connect(SocketAddr::new(LOCAL4, port));
     tcp.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut s = tls_client(&p, tcp);
     burst_to_a_reading_client(&p, &mut s);
 }
 
@@ -477,21 +460,5 @@ fn tls_client(
     p: &Portico,
     tcp: std::net::TcpStream,
 ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
-    use rustls_pki_types::pem::PemObject;
-    let cert = p.state_dir.join("cert.pem");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(&cert)
-        .unwrap_or_else(|e| panic!("{}: {e}", cert.display()))
-    {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    rustls::StreamOwned::new(conn, tcp)
+    crate::tcp::tls_client(&p.state_dir.join("cert.pem"), tcp)
 }

@@ -140,24 +140,32 @@ pub(crate) enum Stream {
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
+/// A TLS client for "localhost" over `tcp`, trusting the certificates in `cert` (PEM).
+pub(crate) fn tls_client(
+    cert: &Path,
+    tcp: TcpStream,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(cert)
+        .unwrap_or_else(|e| panic!("{}: {e}", cert.display()))
+    {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
 impl Stream {
     pub(crate) fn tls(to: SocketAddr, cert: &Path) -> Stream {
-        use rustls_pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pki_types::CertificateDer::pem_file_iter(cert)
-            .unwrap_or_else(|e| panic!("{}: {e}", cert.display()))
-        {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-        Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp_connect(to))))
+        Stream::Tls(Box::new(tls_client(cert, tcp_connect(to))))
     }
 
     pub(crate) fn tcp(&self) -> &TcpStream {

@@ -253,12 +253,7 @@ pub struct Plain {
 }
 
 fn plain_key(p: &Plain) -> [u8; PEER_KEY] {
-    let mut k = [0u8; PEER_KEY];
-    k[0..4].copy_from_slice(&p.from.ip().octets());
-    k[4..8].copy_from_slice(&p.at.ip().octets());
-    k[8..10].copy_from_slice(&p.from.port().to_be_bytes());
-    k[10..12].copy_from_slice(&p.at.port().to_be_bytes());
-    k
+    tuple_key(p.from, p.at)
 }
 
 /// The source address this host's routing picks towards `dst` (a connected UDP socket's
@@ -344,11 +339,16 @@ fn chan_key(f: &Flow) -> [u8; CHAN_KEY] {
 }
 
 fn peer_key(f: &Flow) -> [u8; PEER_KEY] {
+    tuple_key(f.peer, f.relay)
+}
+
+/// A `PEERS` key: a datagram from `from` to local address `to`.
+fn tuple_key(from: SocketAddrV4, to: SocketAddrV4) -> [u8; PEER_KEY] {
     let mut k = [0u8; PEER_KEY];
-    k[0..4].copy_from_slice(&f.peer.ip().octets());
-    k[4..8].copy_from_slice(&f.relay.ip().octets());
-    k[8..10].copy_from_slice(&f.peer.port().to_be_bytes());
-    k[10..12].copy_from_slice(&f.relay.port().to_be_bytes());
+    k[0..4].copy_from_slice(&from.ip().octets());
+    k[4..8].copy_from_slice(&to.ip().octets());
+    k[8..10].copy_from_slice(&from.port().to_be_bytes());
+    k[10..12].copy_from_slice(&to.port().to_be_bytes());
     k
 }
 

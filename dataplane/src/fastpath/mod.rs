@@ -388,15 +388,12 @@ impl Worker {
                     });
                     server.stats_mut().add(Counter::FastPathMediaEntries, 1);
                 }
-                Err(e) => {
-                    self.install_errors += 1;
-                    if self.install_errors.is_power_of_two() {
-                        tracing::warn!(
-                            errors = self.install_errors,
-                            "kernel fast path: cannot install a media or NAT map path ({e}); it is relayed in user space"
-                        );
-                    }
-                }
+                Err(e) => install_failed(
+                    &mut self.install_errors,
+                    format_args!(
+                        "cannot install a media or NAT map path ({e}); it is relayed in user space"
+                    ),
+                ),
             }
         }
         self.media_desired = desired;
@@ -428,13 +425,10 @@ impl Worker {
         };
         let (in_name, _) = self.interface(towards_from)?;
         if let Err(e) = self.fp.attach(&in_name) {
-            self.install_errors += 1;
-            if self.install_errors.is_power_of_two() {
-                tracing::warn!(
-                    errors = self.install_errors,
-                    "kernel fast path: {e}; media and NAT map paths there stay in user space"
-                );
-            }
+            install_failed(
+                &mut self.install_errors,
+                format_args!("{e}; media and NAT map paths there stay in user space"),
+            );
             return None;
         }
         let ifindex = if self.fp.is_local(*to.ip()) {
@@ -529,16 +523,11 @@ impl Worker {
                     });
                     server.stats_mut().add(Counter::FastPathEntries, 1);
                 }
-                Err(e) => {
-                    // A full map (or a vanished interface): this channel stays in user space.
-                    self.install_errors += 1;
-                    if self.install_errors.is_power_of_two() {
-                        tracing::warn!(
-                            errors = self.install_errors,
-                            "kernel fast path: cannot install a channel ({e}); it is relayed in user space"
-                        );
-                    }
-                }
+                // A full map (or a vanished interface): this channel stays in user space.
+                Err(e) => install_failed(
+                    &mut self.install_errors,
+                    format_args!("cannot install a channel ({e}); it is relayed in user space"),
+                ),
             }
         }
         if !cur.is_empty() {
@@ -552,6 +541,15 @@ impl Worker {
                 fold(&self.fp, server, *key, e);
             }
         }
+    }
+}
+
+/// Counts a path left in user space in `errors` and logs it, less and less often (at the
+/// 1st, 2nd, 4th, 8th ... failure).
+fn install_failed(errors: &mut u64, why: std::fmt::Arguments<'_>) {
+    *errors += 1;
+    if errors.is_power_of_two() {
+        tracing::warn!(errors = *errors, "kernel fast path: {why}");
     }
 }
 

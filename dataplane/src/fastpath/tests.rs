@@ -149,7 +149,7 @@ fn changes_are_not_recorded_until_enabled_and_stay_bounded() {
     h.server.turn_mut().changes.enable();
     let _ = changed(&mut h);
     for _ in 0..5000 {
-        h.server.turn_mut().changes.mark(sa(CLIENT), LISTEN4);
+        h.server.turn_mut().changes.mark((sa(CLIENT), LISTEN4));
     }
     assert_eq!(
         changed(&mut h),

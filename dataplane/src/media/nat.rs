@@ -349,16 +349,9 @@ impl Nat {
     }
 
     fn binding(&self, owner: Owner) -> Option<(&MapState, &Binding)> {
-        let Owner::Binding {
-            map,
-            binding,
-            serial,
-        } = owner
-        else {
-            return None;
-        };
-        let s = self.maps.get(usize::from(map))?.as_ref()?;
-        let b = s.bindings.get(binding as usize)?.as_ref()?;
+        let (map, binding, serial) = slot(owner)?;
+        let s = self.maps.get(map)?.as_ref()?;
+        let b = s.bindings.get(binding)?.as_ref()?;
         (b.serial == serial).then_some((s, b))
     }
 
@@ -416,24 +409,31 @@ impl Nat {
 
     /// The kernel relayed packets of `owner`'s binding: it is not idle.
     pub(super) fn touch(&mut self, owner: Owner, now: Instant) {
-        let Owner::Binding {
+        let Some((map, binding, serial)) = slot(owner) else {
+            return;
+        };
+        let b = self
+            .maps
+            .get_mut(map)
+            .and_then(Option::as_mut)
+            .and_then(|s| s.bindings.get_mut(binding))
+            .and_then(Option::as_mut)
+            .filter(|b| b.serial == serial);
+        if let Some(b) = b {
+            b.last = b.last.max(now);
+        }
+    }
+}
+
+/// The map slot, binding slot and serial `owner` names, if it is a NAT binding.
+fn slot(owner: Owner) -> Option<(usize, usize, u64)> {
+    match owner {
+        Owner::Binding {
             map,
             binding,
             serial,
-        } = owner
-        else {
-            return;
-        };
-        if let Some(Some(b)) = self
-            .maps
-            .get_mut(usize::from(map))
-            .and_then(Option::as_mut)
-            .and_then(|s| s.bindings.get_mut(binding as usize))
-        {
-            if b.serial == serial {
-                b.last = b.last.max(now);
-            }
-        }
+        } => Some((usize::from(map), binding as usize, serial)),
+        Owner::Session { .. } => None,
     }
 }
 

@@ -21,8 +21,6 @@ use std::net::{IpAddr, SocketAddr};
 
 /// Port offsets of one NAT binding offered to the kernel, at most.
 pub const MAX_OFFSETS: usize = 16;
-/// Changed owners recorded between two drains before the core asks for a full check.
-const CHANGES_MAX: usize = 4096;
 
 /// Who a kernel path belongs to. The serial tells a session or binding from a later one in
 /// the same slot.
@@ -57,50 +55,8 @@ pub struct KernelFlow {
     pub to: SocketAddr,
 }
 
-/// The owners whose kernel paths may have changed. Recorded only once a driver enabled it.
-#[derive(Debug, Default)]
-pub struct Offload {
-    enabled: bool,
-    all: bool,
-    list: Vec<Owner>,
-}
-
-impl Offload {
-    pub(crate) fn mark(&mut self, owner: Owner) {
-        if !self.enabled || self.all {
-            return;
-        }
-        if self.list.len() >= CHANGES_MAX {
-            self.all = true;
-            self.list.clear();
-        } else {
-            self.list.push(owner);
-        }
-    }
-
-    pub(crate) fn mark_all(&mut self) {
-        if self.enabled {
-            self.all = true;
-            self.list.clear();
-        }
-    }
-
-    /// Starts recording (everything counts as changed).
-    pub fn enable(&mut self) {
-        self.enabled = true;
-        self.all = true;
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.enabled
-    }
-
-    /// Moves the changed owners to `out`; true when all of them must be looked at.
-    pub fn drain(&mut self, out: &mut Vec<Owner>) -> bool {
-        out.append(&mut self.list);
-        std::mem::take(&mut self.all)
-    }
-}
+/// The sessions and NAT bindings whose kernel paths may have changed.
+pub type Offload = crate::turn::Changes<Owner>;
 
 /// `a` with its port moved by `by` (an RTCP socket is the RTP port + 1), if it stays valid.
 pub(super) fn port_plus(a: SocketAddr, by: u16) -> Option<SocketAddr> {

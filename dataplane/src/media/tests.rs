@@ -2,7 +2,6 @@
 //! plane queues requests; latching, the learn window, hijack drops and NAT bindings are
 //! checked on the actions the core returns.
 
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -11,51 +10,9 @@ use portico_shared::counters::Counter;
 use portico_shared::shm::{EventKind, MediaFailure, MediaRequest};
 
 use super::*;
+use crate::fuzzing::MediaIo;
 use crate::server::{Action, Now, Settings, Stats};
-use crate::turn::{DefaultRoutes, Events, RelayIo, Reserved};
-
-#[derive(Default)]
-struct FakeIo {
-    open: Vec<(usize, SocketAddr)>,
-    next: usize,
-    taken: Vec<SocketAddr>,
-}
-
-impl RelayIo for FakeIo {
-    fn open(&mut self, addr: SocketAddr, _: bool) -> io::Result<usize> {
-        if self.taken.contains(&addr)
-            || self
-                .open
-                .iter()
-                .any(|(_, a)| *a == addr && addr.port() != 0)
-        {
-            return Err(io::Error::from(io::ErrorKind::AddrInUse));
-        }
-        self.next += 1;
-        let i = 10 + self.next;
-        self.open.push((i, addr));
-        Ok(i)
-    }
-    fn reserve(&mut self, _: SocketAddr) -> io::Result<Reserved> {
-        Err(io::Error::from(io::ErrorKind::Unsupported))
-    }
-    fn adopt(&mut self, _: Reserved, _: bool) -> io::Result<usize> {
-        Err(io::Error::from(io::ErrorKind::Unsupported))
-    }
-    fn release(&mut self, _: Reserved) {}
-    fn close(&mut self, socket: usize) {
-        self.open.retain(|(i, _)| *i != socket);
-    }
-    fn local_addr(&self, socket: usize) -> Option<SocketAddr> {
-        let (_, a) = self.open.iter().find(|(i, _)| *i == socket)?;
-        // A wildcard socket gets a port of its own, as bind(2) would give it.
-        Some(if a.port() == 0 {
-            SocketAddr::new(a.ip(), 50_000 + socket as u16)
-        } else {
-            *a
-        })
-    }
-}
+use crate::turn::{DefaultRoutes, Events, RelayIo};
 
 #[derive(Default)]
 struct FakeControl {
@@ -111,7 +68,7 @@ fn a(s: &str) -> SocketAddr {
 struct Rig {
     media: Media,
     settings: Settings,
-    io: FakeIo,
+    io: MediaIo,
     control: FakeControl,
     events: FakeEvents,
     stats: Stats,
@@ -123,7 +80,7 @@ impl Rig {
         Rig {
             media: Media::new(0),
             settings: settings(extra),
-            io: FakeIo::default(),
+            io: MediaIo::default(),
             control: FakeControl::default(),
             events: FakeEvents::default(),
             stats: Stats::default(),
@@ -470,8 +427,24 @@ fn a_leg_with_an_srtp_key_learns_only_sources_whose_tag_verifies() {
 }
 
 impl Rig {
-    /// The owners whose kernel paths changed since the last call, and their paths now
-    /// (`blocked` sources excluded); `None` when the core asks for a full check.
+    /// A rig recording kernel paths, with one session (record `index`) between
+    /// 127.0.0.1:5000 and 127.0.0.2:6000; its legs' local addresses.
+    fn offloaded_call(index: usize) -> (Rig, [SocketAddr; 2]) {
+        let mut r = Rig::new(MEDIA);
+        r.media.offload.enable();
+        r.control.queue.push(Command::Create(MediaRequest {
+            index,
+            id: 1,
+            addresses: [Some(a("127.0.0.1:5000")), Some(a("127.0.0.2:6000"))],
+            srtp: [None, None],
+        }));
+        r.tick(0);
+        let locals = r.control.created[0].1;
+        (r, locals)
+    }
+
+    /// The paths now (`blocked` sources excluded) of the owners whose kernel paths changed
+    /// since the last call, and whether the core asked for a full check.
     fn kernel(&mut self, blocked: &[&str]) -> (bool, Vec<offload::KernelFlow>) {
         let mut owners = Vec::new();
         let all = self.media.offload.drain(&mut owners);
@@ -494,16 +467,7 @@ impl Rig {
 #[test]
 fn kernel_paths_follow_latching_and_credited_counts_keep_a_session_alive() {
     use offload::{KernelFlow, Owner, Part};
-    let mut r = Rig::new(MEDIA);
-    r.media.offload.enable();
-    r.control.queue.push(Command::Create(MediaRequest {
-        index: 7,
-        id: 1,
-        addresses: [Some(a("127.0.0.1:5000")), Some(a("127.0.0.2:6000"))],
-        srtp: [None, None],
-    }));
-    r.tick(0);
-    let (_, locals) = r.control.created[0];
+    let (mut r, locals) = Rig::offloaded_call(7);
     let (leg0, leg1) = (r.socket_of(locals[0]), r.socket_of(locals[1]));
     // A full check first; nothing latched, nothing for the kernel.
     assert_eq!(r.kernel(&[]), (true, vec![]));
@@ -582,16 +546,8 @@ fn kernel_paths_follow_latching_and_credited_counts_keep_a_session_alive() {
     // Re-latched within the window: the old path goes, the new one comes.
     r.media.offload.mark_all();
     r.kernel(&[]);
-    let mut r2 = Rig::new(MEDIA);
-    r2.media.offload.enable();
-    r2.control.queue.push(Command::Create(MediaRequest {
-        index: 1,
-        id: 1,
-        addresses: [Some(a("127.0.0.1:5000")), Some(a("127.0.0.2:6000"))],
-        srtp: [None, None],
-    }));
-    r2.tick(0);
-    let l0 = r2.socket_of(r2.control.created[0].1[0]);
+    let (mut r2, locals2) = Rig::offloaded_call(1);
+    let l0 = r2.socket_of(locals2[0]);
     r2.packet(10, l0, "127.0.0.1:5555");
     r2.kernel(&[]);
     r2.packet(500, l0, "127.0.0.1:7777");

@@ -258,24 +258,34 @@ pub struct Datagram {
     pub len: usize,
 }
 
-/// Most allocations remembered as changed between two drains; past it the driver is told
-/// to look at all of them.
+/// Most keys remembered as changed between two drains; past it the driver is told to look
+/// at all of them.
 const CHANGES_MAX: usize = 4096;
 
-/// Which allocations' relayed channels may have changed (channel bound, permission created,
-/// either expired or removed, allocation ended, blacklist or settings changed): the hook a
-/// driver with a kernel fast path drains to keep the kernel's entries to what the core
-/// allows ([`crate::fastpath`]). Recorded only once a driver enabled it.
-#[derive(Default)]
-pub struct Changes {
+/// What may have changed for a kernel fast path ([`crate::fastpath`]), which the driver
+/// drains to keep the kernel's entries to what the core allows. Recorded only once a driver
+/// enabled it. Here the keys are allocations' client 5-tuples (client address, listen
+/// socket) whose relayed channels may have changed (channel bound, permission created,
+/// either expired or removed, allocation ended, blacklist or settings changed); the media
+/// core keeps one of sessions and NAT bindings ([`crate::media::offload::Offload`]).
+pub struct Changes<K = (SocketAddr, usize)> {
     enabled: bool,
     all: bool,
-    /// Client 5-tuples (client address, listen socket) of changed allocations.
-    list: Vec<(SocketAddr, usize)>,
+    list: Vec<K>,
 }
 
-impl Changes {
-    pub(crate) fn mark(&mut self, client: SocketAddr, listen_socket: usize) {
+impl<K> Default for Changes<K> {
+    fn default() -> Self {
+        Changes {
+            enabled: false,
+            all: false,
+            list: Vec::new(),
+        }
+    }
+}
+
+impl<K> Changes<K> {
+    pub(crate) fn mark(&mut self, key: K) {
         if !self.enabled || self.all {
             return;
         }
@@ -283,7 +293,7 @@ impl Changes {
             self.all = true;
             self.list.clear();
         } else {
-            self.list.push((client, listen_socket));
+            self.list.push(key);
         }
     }
 
@@ -300,8 +310,8 @@ impl Changes {
         self.all = true;
     }
 
-    /// Moves the changed allocations to `out`; true when all of them must be looked at.
-    pub fn drain(&mut self, out: &mut Vec<(SocketAddr, usize)>) -> bool {
+    /// Moves the changed keys to `out`; true when all of them must be looked at.
+    pub fn drain(&mut self, out: &mut Vec<K>) -> bool {
         out.append(&mut self.list);
         std::mem::take(&mut self.all)
     }
@@ -538,7 +548,7 @@ impl Turn {
         let a = self.table.get(slot).map(|a| a.id)?;
         self.tcp_end(cx, slot, a);
         let a = self.table.remove(slot)?;
-        self.changes.mark(a.client, a.listen_socket);
+        self.changes.mark((a.client, a.listen_socket));
         for r in a.relays() {
             cx.io.close(r.socket);
         }
@@ -638,7 +648,7 @@ impl Turn {
             cx.stats.sub(Counter::TurnChannelsActive, gone_c as u64);
             if gone_p + gone_c > 0 {
                 // A kernel fast path entry may rest on what expired.
-                self.changes.mark(a.client, a.listen_socket);
+                self.changes.mark((a.client, a.listen_socket));
                 self.table.touch(slot);
             }
             self.table.reschedule(slot);
@@ -681,7 +691,7 @@ impl Turn {
                 .retain(|c| policy.check(c.peer.ip(), c.peer.port()).is_ok());
             let (gone_p, gone_c) = (p - a.permissions.len(), c - a.channels.len());
             if gone_p + gone_c > 0 {
-                self.changes.mark(a.client, a.listen_socket);
+                self.changes.mark((a.client, a.listen_socket));
                 cx.stats.sub(Counter::TurnPermissionsActive, gone_p as u64);
                 cx.stats.sub(Counter::TurnChannelsActive, gone_c as u64);
                 tracing::info!(

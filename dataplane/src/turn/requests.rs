@@ -614,7 +614,7 @@ impl Turn {
                     cx.stats.sub(Counter::TurnPermissionsActive, p as u64);
                     cx.stats.sub(Counter::TurnChannelsActive, c as u64);
                     if let Some(a) = self.table.get(slot) {
-                        self.changes.mark(a.client, a.listen_socket);
+                        self.changes.mark((a.client, a.listen_socket));
                         tracing::info!(id = a.id, relay = %gone.public, "relay of one family deleted");
                         self.control.allocations.publish(a, now);
                     }
@@ -717,7 +717,7 @@ impl Turn {
         for ip in ips.into_iter().flatten() {
             Self::permit(s, a, ip, now, stats)?;
         }
-        self.changes.mark(a.client, a.listen_socket);
+        self.changes.mark((a.client, a.listen_socket));
         self.control.allocations.publish(a, now);
         self.table
             .schedule_earlier(slot, now.mono + PERMISSION_LIFETIME);
@@ -767,7 +767,7 @@ impl Turn {
             }
         }
         Self::permit(s, a, peer.ip(), now, stats)?;
-        self.changes.mark(a.client, a.listen_socket);
+        self.changes.mark((a.client, a.listen_socket));
         self.control.allocations.publish(a, now);
         // The permission (300 s) expires before the channel (600 s).
         self.table

@@ -237,6 +237,20 @@ static __always_inline int rewrite_headers(struct __sk_buff *skb, const struct f
     return 0;
 }
 
+// Counts a relayed packet of `bytes` payload bytes in `v`.
+static __always_inline void count(struct fwd *v, __u32 bytes)
+{
+    __sync_fetch_and_add(&v->packets, 1);
+    __sync_fetch_and_add(&v->bytes, bytes);
+}
+
+// Counts the packet in `v` and sends it out of v's interface.
+static __always_inline int relayed(struct fwd *v, __u32 bytes)
+{
+    count(v, bytes);
+    return bpf_redirect_neigh(v->ifindex, 0, 0, 0);
+}
+
 // (a) ChannelData -> plain UDP to the peer. `dlen` is the UDP payload length, `clen` the
 // ChannelData length field, `pad` = dlen - 4 - clen (0..3).
 static __always_inline int to_peer(struct __sk_buff *skb, struct fwd *v, struct iphdr ip,
@@ -274,9 +288,7 @@ static __always_inline int to_peer(struct __sk_buff *skb, struct fwd *v, struct 
         return TC_ACT_SHOT;
     if (bpf_skb_change_tail(skb, DATA_OFF + clen, 0) < 0)
         return TC_ACT_SHOT;
-    __sync_fetch_and_add(&v->packets, 1);
-    __sync_fetch_and_add(&v->bytes, clen);
-    return bpf_redirect_neigh(v->ifindex, 0, 0, 0);
+    return relayed(v, clen);
 }
 
 // (b) UDP from a peer -> ChannelData to the client.
@@ -301,9 +313,7 @@ static __always_inline int to_client(struct __sk_buff *skb, struct fwd *v, struc
         return TC_ACT_SHOT;
     if (rewrite_headers(skb, v, &ip, &udp, 8 + 4 + dlen) < 0)
         return TC_ACT_SHOT;
-    __sync_fetch_and_add(&v->packets, 1);
-    __sync_fetch_and_add(&v->bytes, dlen);
-    return bpf_redirect_neigh(v->ifindex, 0, 0, 0);
+    return relayed(v, dlen);
 }
 
 // (c) ChannelData from client A to a peer that is relayed address B of this server, whose
@@ -321,11 +331,8 @@ static __always_inline int hairpin(struct __sk_buff *skb, struct fwd *v, struct 
         return TC_ACT_SHOT;
     if (rewrite_headers(skb, w, &ip, &udp, 8 + 4 + clen) < 0)
         return TC_ACT_SHOT;
-    __sync_fetch_and_add(&v->packets, 1);
-    __sync_fetch_and_add(&v->bytes, clen);
-    __sync_fetch_and_add(&w->packets, 1);
-    __sync_fetch_and_add(&w->bytes, clen);
-    return bpf_redirect_neigh(w->ifindex, 0, 0, 0);
+    count(v, clen);
+    return relayed(w, clen);
 }
 
 // (d) UDP in, UDP out: addresses and ports rewritten, the payload as it came.
@@ -337,9 +344,7 @@ static __always_inline int forward(struct __sk_buff *skb, struct fwd *v, struct 
         return TC_ACT_OK;
     if (rewrite_headers(skb, v, &ip, &udp, 8 + dlen) < 0)
         return TC_ACT_SHOT;
-    __sync_fetch_and_add(&v->packets, 1);
-    __sync_fetch_and_add(&v->bytes, dlen);
-    return bpf_redirect_neigh(v->ifindex, 0, 0, 0);
+    return relayed(v, dlen);
 }
 
 SEC("classifier")

@@ -541,24 +541,14 @@ fn frame_all(c: &mut Conn, cx: &mut Cx<'_, '_>, idx: usize) -> bool {
                 cx.send_to_peer(socket, offset, len, to);
                 continue;
             }
-            let mut fits = queue(
-                c,
-                &cx.work[offset..offset + len],
-                cx.limits.max_output,
-                cx.out_spare,
-            );
+            let mut fits = cx.queue_work(c, offset, len);
             if !fits {
                 // A client that pipelines requests may have more answers waiting than fit:
                 // they are written out first (a failed write closes the connection).
                 if flush(c, cx, cx.token_base + idx) {
                     return true;
                 }
-                fits = queue(
-                    c,
-                    &cx.work[offset..offset + len],
-                    cx.limits.max_output,
-                    cx.out_spare,
-                );
+                fits = cx.queue_work(c, offset, len);
             }
             if !fits {
                 // The client sends requests faster than it reads their answers.

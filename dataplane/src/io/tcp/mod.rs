@@ -104,6 +104,17 @@ impl Cx<'_, '_> {
         self.server.stats_mut()
     }
 
+    /// Queues the message at `work[offset..offset + len]` on `c` ([`conn::queue`]); false
+    /// when it does not fit.
+    fn queue_work(&mut self, c: &mut conn::Conn, offset: usize, len: usize) -> bool {
+        queue(
+            c,
+            &self.work[offset..offset + len],
+            self.limits.max_output,
+            self.out_spare,
+        )
+    }
+
     /// Hands the counts over before anything leaves: whoever sees an answer or a refusal
     /// sees it counted.
     fn fold(&mut self) {
@@ -475,12 +486,7 @@ fn from_peer(r: usize, from: SocketAddr, len: usize, conns: &mut Conns, cx: &mut
     if c.output.is_empty() {
         cx.dirty.push(idx);
     }
-    let mut fits = queue(
-        c,
-        &cx.work[offset..offset + len],
-        cx.limits.max_output,
-        cx.out_spare,
-    );
+    let mut fits = cx.queue_work(c, offset, len);
     if !fits {
         // The queue may hold only this turn's batch from the relay sockets: write it
         // out before dropping anything, so a client that reads loses nothing.
@@ -493,12 +499,7 @@ fn from_peer(r: usize, from: SocketAddr, len: usize, conns: &mut Conns, cx: &mut
         // without write interest now, what goes in next leaves with this turn's flush.
         // (Listed twice at most; the flush skips a connection with nothing to write.)
         cx.dirty.push(idx);
-        fits = queue(
-            c,
-            &cx.work[offset..offset + len],
-            cx.limits.max_output,
-            cx.out_spare,
-        );
+        fits = cx.queue_work(c, offset, len);
     }
     if fits {
         cx.stats().incr(Counter::TxPackets);
