@@ -1378,6 +1378,19 @@ fn total_quota_is_508_and_is_given_back() {
     c.allocate(&mut h);
 }
 
+/// A 1024-port range with one free port: random probes alone would miss it almost always
+/// (40 probes: 96%); the walk after them finds it, every time.
+#[test]
+fn the_last_free_relay_port_is_found() {
+    for free in [50000u16, 50511, 51023] {
+        let mut h = H::with(|c| c.turn.relay_ports = PortRange::new(50000, 51023).unwrap());
+        h.io.fail_ports = (50000..=51023).filter(|p| *p != free).collect();
+        let mut c = h.client("198.51.100.7:5000", "alice", "secret");
+        let (relayed, _) = c.allocate(&mut h);
+        assert_eq!(relayed.port(), free);
+    }
+}
+
 #[test]
 fn allocate_is_508_when_every_relay_port_bind_fails() {
     let mut h = H::with(|c| {
