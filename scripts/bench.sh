@@ -18,7 +18,8 @@
 #            Portico's one port 443 (`proxy.turn_on_https`) with and without ALPN stun.turn.
 #            TURN_TCP_SERVERS ("portico coturn") may add `portico-epoll`: Portico with
 #            `turn.io = "epoll"`, whose TCP thread then writes without io_uring (a system
-#            call per write), for an A/B within the same rounds.
+#            call per write), and `portico-uncoalesced`: Portico with
+#            `turn.tcp_coalesce_us = 0` (no interrupt coalescing), for A/Bs within the same rounds.
 #   fastpath TURN relay with the kernel fast path (`turn.fast_path = "on"`) vs Portico's
 #            user-space relay vs coturn (`portico-perf turn`), 1000 streams × 50 pkt/s and
 #            flat out, in network namespaces this script creates and deletes (the TC program
@@ -631,6 +632,7 @@ allow_peers = ["127.0.0.0/8"]
 relay_ports = "$relay_ports"
 max_allocations = 8192
 max_allocations_per_user = 100000
+tcp_coalesce_us = ${portico_coalesce:-500}
 
 [api]
 listen = "127.0.0.1:$api"
@@ -698,6 +700,7 @@ run_turn_tcp() {
                 case $server in
                 portico) start_portico_turn_tcp "$name" ;;
                 portico-epoll) portico_io=epoll start_portico_turn_tcp "$name" ;;
+                portico-uncoalesced) portico_coalesce=0 start_portico_turn_tcp "$name" ;;
                 coturn) start_coturn_turn_tcp "$name" ;;
                 *) die "TURN_TCP_SERVERS: unknown server $server" ;;
                 esac
@@ -721,6 +724,8 @@ run_turn_tcp() {
     local epoll_fact=()
     [[ " ${TURN_TCP_SERVERS:-} " == *" portico-epoll "* ]] &&
         epoll_fact=(--fact "portico-epoll=the same with \`turn.io = \"epoll\"\`: the TCP/TLS thread makes a system call per write instead of submitting a loop turn's writes through io_uring (the A/B of docs/DESIGN.md, \"Writes through io_uring\")")
+    [[ " ${TURN_TCP_SERVERS:-} " == *" portico-uncoalesced "* ]] &&
+        epoll_fact+=(--fact "portico-uncoalesced=the same with \`turn.tcp_coalesce_us = 0\`: the TCP/TLS thread polls again as soon as a turn ends instead of letting 500 µs pass between turns while busy (the A/B of docs/DESIGN.md, \"Interrupt coalescing\")")
     "$perf" bench-report --kind turn-tcp --dir "$turn_results" --out "$out" \
         --command "$(command_line turn-tcp TURN_TCP_ROUNDS TURN_TCP_STREAMS TURN_TCP_DURATION TURN_TCP_THREADS TURN_TCP_POINTS TURN_TCP_SERVERS)" \
         --fact "date=$started_at, $((SECONDS - turn_t0)) s of runs" "${facts[@]}" \

@@ -136,6 +136,8 @@ counters! {
     FastPathNatInboundPackets => "fastpath_packets" ["direction" = "nat_inbound"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets, media_relay_packets or nat_packets).";
     FastPathNatOutboundPackets => "fastpath_packets" ["direction" = "nat_outbound"] "Packets the kernel fast path relayed without user space, by direction (also counted in relay_packets, media_relay_packets or nat_packets).";
     FastPathMediaEntries => "fastpath_media_entries_active" [] "Media leg and NAT map directions installed in the kernel fast path.";
+    TcpTurnsWoken => "dataplane_tcp_loop_turns" ["wait" = "woken"] "Turns of the TCP/TLS thread's loop, by how it waited: woken by the first event (idle), or after letting turn.tcp_coalesce_us pass since the last turn (busy).";
+    TcpTurnsCoalesced => "dataplane_tcp_loop_turns" ["wait" = "coalesced"] "Turns of the TCP/TLS thread's loop, by how it waited: woken by the first event (idle), or after letting turn.tcp_coalesce_us pass since the last turn (busy).";
 }
 
 /// Slots reserved per worker; more than [`Counter::ALL`] so counters can be added without

@@ -46,6 +46,7 @@ mod scale;
 mod steered;
 mod stream_burst;
 mod tcp;
+mod tcp_coalesce;
 mod tcp_idle;
 mod tcp_relay;
 mod webrtc;

@@ -49,6 +49,9 @@ pub struct StreamLimits {
     pub max_output: usize,
     /// RFC 6062 data connections per TCP allocation.
     pub relay_connections: usize,
+    /// While busy, the least time from one loop turn's start to the next poll
+    /// (`turn.tcp_coalesce_us`); zero polls at once.
+    pub coalesce: Duration,
 }
 
 impl Default for StreamLimits {
@@ -67,6 +70,7 @@ impl StreamLimits {
             idle: t.tcp_idle_timeout.get(),
             max_output: t.tcp_output_buffer,
             relay_connections: t.tcp_relay_connections,
+            coalesce: Duration::from_micros(u64::from(t.tcp_coalesce_us)),
         }
     }
 }

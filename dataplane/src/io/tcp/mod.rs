@@ -232,17 +232,26 @@ pub fn run(
     let mut work = vec![0u8; BUF_SIZE + 1];
     let mut last_sweep = Instant::now();
     let mut relay_ready: Vec<usize> = Vec::new();
+    let mut pace = Pace::default();
     while !shared.stopping() {
         let timeout = if relays.pending.is_empty() {
             TICK
         } else {
             Duration::ZERO
         };
+        let coalesced = pace.wait(limits.coalesce);
+        let polled = Instant::now();
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }
         }
+        pace.polled(polled, !events.is_empty(), limits.coalesce);
+        server.stats_mut().incr(if coalesced {
+            Counter::TcpTurnsCoalesced
+        } else {
+            Counter::TcpTurnsWoken
+        });
         let before = Arc::as_ptr(server.settings());
         watch.refresh(&shared, &mut server);
         let changed = !std::ptr::eq(before, Arc::as_ptr(server.settings()));
@@ -359,6 +368,42 @@ pub fn run(
     server.shutdown(super::now(), &mut relays);
     fold(server.stats_mut(), block);
     Ok(())
+}
+
+/// Interrupt coalescing for the loop (`turn.tcp_coalesce_us`). A turn whose wait found
+/// events already waiting means the thread is busy: then the next poll comes no sooner than
+/// `coalesce` after this turn began, and whatever arrived meanwhile is served in one turn.
+/// Each wake-up costs the thread a context switch and its senders an inter-processor
+/// wake-up (on loopback the sender pays for the receiver's wake-up), and each turn a poll
+/// and a submission; at 50,000 packet pairs a second the loop otherwise turned ~39,000
+/// times a second for 1.3 pairs each. Idle, the thread blocks in its poll and wakes for the
+/// first packet at once: no latency is added until packets come faster than `coalesce`.
+#[derive(Default)]
+struct Pace {
+    /// The previous wait found events ready within half the interval.
+    busy: bool,
+    turn_start: Option<Instant>,
+}
+
+impl Pace {
+    /// Sleeps out the rest of the interval when busy; true if it did.
+    fn wait(&self, coalesce: Duration) -> bool {
+        let Some(start) = self.turn_start.filter(|_| self.busy) else {
+            return false;
+        };
+        let rest = coalesce.saturating_sub(start.elapsed());
+        if !rest.is_zero() {
+            std::thread::sleep(rest);
+        }
+        true
+    }
+
+    /// Records a poll begun at `polled` that returned now, with or without `events`.
+    fn polled(&mut self, polled: Instant, events: bool, coalesce: Duration) {
+        let now = Instant::now();
+        self.busy = events && !coalesce.is_zero() && now.duration_since(polled) < coalesce / 2;
+        self.turn_start = Some(now);
+    }
 }
 
 /// Writes what the turn left for clients (the connections in `dirty`) and sends the queued
