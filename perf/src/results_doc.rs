@@ -19,6 +19,7 @@ pub const SECTIONS: &[(&str, &str)] = &[
     ("scale", "TURN at scale: allocations held"),
     ("media", "Media relay"),
     ("fastpath", "TURN kernel fast path"),
+    ("media-fastpath", "Media relay kernel fast path"),
 ];
 
 fn open(name: &str) -> String {
@@ -29,10 +30,18 @@ fn close(name: &str) -> String {
     format!("<!-- /section:{name} -->")
 }
 
-/// The sections found in an existing document (anything outside markers is dropped).
+/// The sections found in an existing document, known or not (anything outside markers is
+/// dropped; a section another script writes survives a refresh of this one).
 pub fn sections(doc: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for (name, _) in SECTIONS {
+    let names = doc
+        .match_indices("<!-- section:")
+        .filter_map(|(i, m)| {
+            let rest = &doc[i + m.len()..];
+            rest.find(" -->").map(|end| &rest[..end])
+        })
+        .filter(|n| !n.is_empty() && !n.contains(char::is_whitespace));
+    for name in names {
         let (o, c) = (open(name), close(name));
         if let (Some(a), Some(b)) = (doc.find(&o), doc.find(&c)) {
             if a + o.len() <= b {
@@ -44,6 +53,17 @@ pub fn sections(doc: &str) -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+/// Section names in document order: the known ones, then any others alphabetically.
+fn order(s: &BTreeMap<String, String>) -> Vec<(&str, &str)> {
+    let mut keys: Vec<(&str, &str)> = SECTIONS.to_vec();
+    for k in s.keys() {
+        if !SECTIONS.iter().any(|(n, _)| n == k) {
+            keys.push((k.as_str(), k.as_str()));
+        }
+    }
+    keys
 }
 
 /// GitHub's anchor for a heading: lower case, spaces to dashes, punctuation dropped.
@@ -69,7 +89,8 @@ pub fn splice(doc: &str, name: &str, body: &str) -> String {
          `scripts/bench.sh`; each section says which command produced it and is replaced \
          when that command runs again (hand edits are overwritten).\n\n",
     );
-    for (key, title) in SECTIONS {
+    let keys = order(&s);
+    for (key, title) in &keys {
         if let Some(text) = s.get(*key) {
             let heading = text
                 .lines()
@@ -80,7 +101,7 @@ pub fn splice(doc: &str, name: &str, body: &str) -> String {
         }
     }
     md.push('\n');
-    for (key, _) in SECTIONS {
+    for (key, _) in &keys {
         if let Some(text) = s.get(*key) {
             md += &format!("{}\n{text}\n{}\n\n", open(key), close(key));
         }
@@ -104,6 +125,31 @@ mod tests {
         assert_eq!(d.matches("# Portico performance results").count(), 1);
         assert_eq!(sections(&d).len(), 2);
         assert_eq!(sections(&d)["stun"], "## STUN Binding\n\nstun v1");
+    }
+
+    /// A section no entry of SECTIONS names (written by another script) is kept, after
+    /// the known ones: refreshing one section never drops another.
+    #[test]
+    fn unknown_sections_survive_a_refresh() {
+        let d = splice(
+            "",
+            "media-fastpath",
+            "## Media relay kernel fast path\n\nmfp",
+        );
+        let d = format!(
+            "{d}<!-- section:later-one -->\n## Later\n\nlater v1\n<!-- /section:later-one -->\n"
+        );
+        let d = splice(&d, "turn-tcp", "## TURN over TCP and TLS\n\ntcp v1");
+        let d = splice(&d, "turn-tcp", "## TURN over TCP and TLS\n\ntcp v2");
+        assert!(
+            d.contains("mfp") && d.contains("later v1") && d.contains("tcp v2"),
+            "{d}"
+        );
+        assert!(!d.contains("tcp v1"));
+        assert!(d.find("tcp v2").unwrap() < d.find("mfp").unwrap());
+        assert!(d.find("mfp").unwrap() < d.find("later v1").unwrap());
+        assert!(d.contains("- [Later](#later)"), "{d}");
+        assert_eq!(sections(&d).len(), 3);
     }
 
     #[test]
