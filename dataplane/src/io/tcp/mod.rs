@@ -388,7 +388,7 @@ struct Pace {
 impl Pace {
     /// Sleeps out the rest of the interval when busy; true if it did.
     fn wait(&self, coalesce: Duration) -> bool {
-        let Some(start) = self.turn_start.filter(|_| self.busy) else {
+        let Some(start) = self.turn_start.filter(|_| self.busy && !coalesce.is_zero()) else {
             return false;
         };
         let rest = coalesce.saturating_sub(start.elapsed());
