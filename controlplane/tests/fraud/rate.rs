@@ -31,21 +31,27 @@ fn site_blocking_after(tag: &str, workers: usize, rate: usize, threshold: usize)
     Portico::start(tag, spec)
 }
 
-/// `bursts` bursts of `2 * RATE + 2` requests, each followed by a pause to 1.1 s: each puts
-/// at least `RATE + 1` requests into one second of its own, so each is one second above the
-/// rate. `ask` sends one
-/// request and says whether it was answered; returns how many were.
+/// `bursts` bursts of `2 * RATE + 2` requests, each started just after a second of the
+/// wall clock begins (the server counts requests per calendar second): each puts at least
+/// `RATE + 1` requests into one second of its own, and, answered within a second, into only
+/// one, so each is exactly one second above the rate. (A burst started at a random moment
+/// could straddle two seconds with more than `RATE` in each, as a busy CI machine once made
+/// it.) `ask` sends one request and says whether it was answered; returns how many were.
 fn bursts(bursts: u32, mut ask: impl FnMut() -> bool) -> usize {
     let mut answered = 0;
     for _ in 0..bursts {
-        let t = Instant::now();
+        let into_second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        std::thread::sleep(Duration::from_nanos(
+            1_000_000_000 - u64::from(into_second) + 20_000_000,
+        ));
         for _ in 0..2 * RATE + 2 {
             if ask() {
                 answered += 1;
             }
         }
-        // The next request (of this call or the caller's next) falls in another second.
-        std::thread::sleep(Duration::from_millis(1100).saturating_sub(t.elapsed()));
     }
     answered
 }
