@@ -4,8 +4,9 @@ media-fastpath`'s run reports (`portico-perf media --json`, Portico's /metrics).
 import glob
 import json
 import os
-import statistics
 import sys
+
+from results_md import med, num, write_section
 
 results, out = sys.argv[1], sys.argv[2]
 runs = {}
@@ -34,15 +35,6 @@ for path in sorted(glob.glob(os.path.join(results, "*.json"))):
         "rss": (v["rss_kib"][1] - v["rss_kib"][0]) / 1024 * 1000 / max(v["sessions"], 1),
         "kern": kern,
     })
-
-
-def med(xs):
-    xs = [x for x in xs if x == x]
-    return statistics.median(xs) if xs else float("nan")
-
-
-def num(x, fmt):
-    return "–" if x != x else format(x, fmt)
 
 
 env = os.environ
@@ -92,19 +84,4 @@ for ref in ["portico", "rtpengine"]:
             if x > 0 and c == c:
                 lines.append(f"- portico-fastpath / {ref}, {what} per M packets: {c / x:.2f}× less")
 lines.append("")
-begin, end = "<!-- section:media-fastpath -->", "<!-- /section:media-fastpath -->"
-section = begin + "\n" + "\n".join(lines).rstrip("\n") + "\n" + end + "\n"
-text = ""
-if os.path.exists(out):
-    with open(out) as f:
-        text = f.read()
-start = text.find(begin)
-if start >= 0:
-    stop = text.find(end, start)
-    stop = text.find("\n", stop) + 1 if stop >= 0 else len(text)
-    text = text[:start] + section + text[stop:]
-else:
-    text = text.rstrip("\n") + "\n\n" + section
-with open(out, "w") as f:
-    f.write(text)
-print(section)
+print(write_section(out, "media-fastpath", "\n".join(lines)))

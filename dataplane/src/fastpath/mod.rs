@@ -360,13 +360,7 @@ impl Worker {
                 .kernel_flows(owner, &blocked, &mut self.media_desired);
         }
         let mut cur = self.media.remove(&owner).unwrap_or_default();
-        let mut i = 0;
-        while i < cur.len() {
-            if self.media_desired.contains(&cur[i].flow) {
-                i += 1;
-                continue;
-            }
-            let mut e = cur.swap_remove(i);
+        for mut e in cur.extract_if(.., |e| !self.media_desired.contains(&e.flow)) {
             let c = self.fp.remove_plain(&e.plain);
             credit_plain(server, &mut e, c, now.mono);
             server.stats_mut().sub(Counter::FastPathMediaEntries, 1);
@@ -498,13 +492,7 @@ impl Worker {
             &mut self.desired,
         );
         let mut cur = self.installed.remove(&key).unwrap_or_default();
-        let mut i = 0;
-        while i < cur.len() {
-            if self.desired.contains(&cur[i].flow) {
-                i += 1;
-                continue;
-            }
-            let mut e = cur.swap_remove(i);
+        for mut e in cur.extract_if(.., |e| !self.desired.contains(&e.flow)) {
             // Counts up to the removal go to the allocation (if it still exists).
             let (up, down) = self.fp.remove(&e.flow);
             credit(server, key, &mut e, up, down);

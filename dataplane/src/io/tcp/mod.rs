@@ -240,13 +240,12 @@ pub fn run(
             Duration::ZERO
         };
         let coalesced = pace.wait(limits.coalesce);
-        let polled = Instant::now();
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }
         }
-        pace.polled(polled, !events.is_empty(), limits.coalesce);
+        pace.polled(!events.is_empty(), limits.coalesce);
         server.stats_mut().incr(if coalesced {
             Counter::TcpTurnsCoalesced
         } else {
@@ -378,31 +377,45 @@ pub fn run(
 /// and a submission; at 50,000 packet pairs a second the loop otherwise turned ~39,000
 /// times a second for 1.3 pairs each. Idle, the thread blocks in its poll and wakes for the
 /// first packet at once: no latency is added until packets come faster than `coalesce`.
-#[derive(Default)]
 struct Pace {
     /// The previous wait found events ready within half the interval.
     busy: bool,
-    turn_start: Option<Instant>,
+    /// When the current poll began (set by `wait`), and when the last turn began.
+    poll_start: Instant,
+    turn_start: Instant,
+}
+
+impl Default for Pace {
+    fn default() -> Pace {
+        let now = Instant::now();
+        Pace {
+            busy: false,
+            poll_start: now,
+            turn_start: now,
+        }
+    }
 }
 
 impl Pace {
-    /// Sleeps out the rest of the interval when busy; true if it did.
-    fn wait(&self, coalesce: Duration) -> bool {
-        let Some(start) = self.turn_start.filter(|_| self.busy && !coalesce.is_zero()) else {
-            return false;
-        };
-        let rest = coalesce.saturating_sub(start.elapsed());
-        if !rest.is_zero() {
-            std::thread::sleep(rest);
+    /// Sleeps out the rest of the interval when busy; true if it did. Then the poll begins.
+    fn wait(&mut self, coalesce: Duration) -> bool {
+        let waited = self.busy && !coalesce.is_zero();
+        if waited {
+            let rest = coalesce.saturating_sub(self.turn_start.elapsed());
+            if !rest.is_zero() {
+                std::thread::sleep(rest);
+            }
         }
-        true
+        self.poll_start = Instant::now();
+        waited
     }
 
-    /// Records a poll begun at `polled` that returned now, with or without `events`.
-    fn polled(&mut self, polled: Instant, events: bool, coalesce: Duration) {
+    /// Records that the poll returned now, with or without `events`: a turn begins.
+    fn polled(&mut self, events: bool, coalesce: Duration) {
         let now = Instant::now();
-        self.busy = events && !coalesce.is_zero() && now.duration_since(polled) < coalesce / 2;
-        self.turn_start = Some(now);
+        self.busy =
+            events && !coalesce.is_zero() && now.duration_since(self.poll_start) < coalesce / 2;
+        self.turn_start = now;
     }
 }
 
