@@ -176,9 +176,10 @@ pub fn expect_relayed_through(
 
 /// Polls `list` (the allocations the API lists; the dataplane republishes traffic each
 /// second) for a few seconds until each side's allocations together sent at least
-/// `traffic.bytes` to their peers and passed as many to their client; then checks that the
-/// relayed candidates are exactly the allocations served, all of `user`, and that a relay
-/// of each side has a permission for the other side's. Returns the list.
+/// `traffic.bytes` to their peers and passed as many to their client; then checks that each
+/// relayed candidate is an allocation served, that any other allocation (a port the browser
+/// pruned) carried nothing, that all are `user`'s, and that a relay of each side has a
+/// permission for the other side's. Returns the list.
 pub fn carried(list: impl Fn() -> Vec<Value>, user: &str, traffic: &Traffic<'_>) -> Vec<Value> {
     let Traffic { sides, bytes } = *traffic;
     let deadline = Instant::now() + Duration::from_secs(6);
@@ -203,14 +204,27 @@ pub fn carried(list: impl Fn() -> Vec<Value>, user: &str, traffic: &Traffic<'_>)
         std::thread::sleep(Duration::from_millis(200));
     };
     let gathered: Vec<SocketAddr> = sides.iter().flat_map(|s| s.iter().copied()).collect();
-    let mut served: Vec<String> = list.iter().map(|a| a["relayed"].to_string()).collect();
-    let mut expected: Vec<String> = gathered.iter().map(|r| format!("\"{r}\"")).collect();
-    served.sort();
-    expected.sort();
+    let expected: Vec<String> = gathered.iter().map(|r| format!("\"{r}\"")).collect();
+    // Chromium may open a second TURN port to the same server and prune it once the first
+    // is ready (seen once over `turns:`: two TLS connections 7 ms apart); the pruned
+    // port's allocation then lives on without a candidate, a permission or a byte.
+    let (served, unused): (Vec<&Value>, Vec<&Value>) = list
+        .iter()
+        .partition(|a| expected.contains(&a["relayed"].to_string()));
     assert_eq!(
-        served, expected,
-        "an allocation for each relayed candidate and no other: {list:#?}"
+        served.len(),
+        expected.len(),
+        "an allocation for each relayed candidate: {list:#?}"
     );
+    for a in unused {
+        assert!(
+            a["permissions"] == 0
+                && a["channels"] == 0
+                && a["to_peer"]["bytes"] == 0
+                && a["to_client"]["bytes"] == 0,
+            "an allocation that is no relayed candidate carried something: {a:#}"
+        );
+    }
     for a in &list {
         assert_eq!(a["user"], user, "{a}");
     }
